@@ -1,0 +1,46 @@
+# The two commands a fresh machine needs: `make demo` and `make test`. Every set-up step lives here.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint services install clean bench bench-quick chaos
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Start any local service that does not answer (commands from the machine's env page).
+services:
+	bash scripts/services.sh
+
+demo: install services
+	$(BIN)/zeroloss demo
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+test: install services lint
+	$(BIN)/pytest -q
+
+# Every fault-injection scenario at full size; prints the table, writes bench/results/chaos.md.
+chaos: install services
+	$(BIN)/python -m tests.chaos
+
+# Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.
+bench: install services
+	mkdir -p bench/results
+	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue; } | tee bench/results/latest.md
+
+# Small counts, to keep the benchmarks from rotting; not a pass/fail on speed.
+bench-quick: install services
+	$(BIN)/python -m bench.relay_throughput --messages 2000 --reps 1
+	$(BIN)/python -m bench.enqueue --txns 100 --reps 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from zeroloss.cli import main
+
+main()

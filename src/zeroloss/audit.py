@@ -1,0 +1,288 @@
+"""``zeroloss audit``: end-to-end reconciliation of the outbox's ``success`` ledger against the
+broker and, optionally, a consumer group's inbox.
+
+* **Broker:** every ``success`` message recorded where the broker put it (``topic/partition/
+  offset``). The audit reads those positions back — per page of the ledger, per partition, one
+  seek to the lowest recorded offset and forward to the highest, with ``assign()`` (no group
+  join, nothing committed) — and confirms the record at each offset carries that ``zeroloss-id``.
+  A message is *missing* when its topic or partition is gone, the partition ends before it, or
+  another record sits at its offset (the broker lost data and reused the offsets).
+* **Inbox:** every ``success`` id against the consumer group's inbox (``seen``). Messages created
+  less than ``grace_s`` ago are not judged (the consumer may not have got to them yet). A message
+  a consumer dead-lettered has no inbox row either: look in the ``.dlq`` topic before repairing.
+* **Repair:** :meth:`~zeroloss.outbox.base.OutboxStore.resend` moves the missing ones back to
+  ``pending``; the relay publishes them again under the same id, so a consumer that did get
+  them drops the copy. A resent message goes out after later messages of its key.
+
+``since_s`` limits the audit to messages *created* in the last ``since_s`` seconds; the ledger
+only reaches back as far as the relay's success retention (7 days by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroloss.errors import ConfigError
+from zeroloss.message import ID_HEADER
+from zeroloss.outbox.base import Delivered, OutboxStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class BrokerFindings:
+    target: str
+    confirmed: int = 0
+    missing: dict[str, str] = field(default_factory=dict)  # id -> why
+
+
+@dataclass(slots=True)
+class InboxFindings:
+    inbox: str
+    group: str
+    consumed: int = 0
+    too_recent: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class AuditReport:
+    checked: int = 0  # success messages examined
+    broker: BrokerFindings | None = None
+    inbox: InboxFindings | None = None
+    repaired: int = 0
+
+    @property
+    def missing(self) -> list[str]:
+        """Every id missing anywhere, in id (= creation) order."""
+        ids = set(self.broker.missing) if self.broker else set()
+        ids.update(self.inbox.missing if self.inbox else ())
+        return sorted(ids)
+
+    def loss_rates(self) -> dict[str, float]:
+        out = {}
+        if self.broker is not None:
+            out["broker"] = len(self.broker.missing) / self.checked if self.checked else 0.0
+        if self.inbox is not None:
+            judged = self.checked - self.inbox.too_recent
+            out["inbox"] = len(self.inbox.missing) / judged if judged else 0.0
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"checked": self.checked, "missing": self.missing, "loss_rate": self.loss_rates(),
+                               "repaired": self.repaired}
+        if self.broker is not None:
+            out["broker"] = {"target": self.broker.target, "delivered": self.checked,
+                             "confirmed": self.broker.confirmed, "missing": self.broker.missing}
+        if self.inbox is not None:
+            out["inbox"] = {"inbox": self.inbox.inbox, "group": self.inbox.group, "delivered": self.checked,
+                            "consumed": self.inbox.consumed, "too_recent": self.inbox.too_recent,
+                            "missing": self.inbox.missing}
+        return out
+
+
+def _pages(store: OutboxStore, since_s: float | None, page: int) -> Iterator[list[Delivered]]:
+    started = time.time()
+    after: str | None = None
+    while True:
+        since = None if since_s is None else since_s + (time.time() - started)  # one fixed floor for all pages
+        got = store.list_success(since, after_id=after, limit=page)
+        if not got:
+            return
+        yield got
+        after = got[-1].message.id
+
+
+def audit(
+    store: OutboxStore,
+    *,
+    target: str | None = None,
+    inbox: Any = None,
+    inbox_url: str = "",
+    group: str | None = None,
+    since_s: float | None = None,
+    grace_s: float = 60.0,
+    page: int = 5000,
+    idle_s: float = 3.0,
+    timeout_s: float = 30.0,
+) -> AuditReport:
+    """Check every ``success`` message (created in the last ``since_s`` seconds) on the broker at
+    ``target`` and/or in ``inbox`` (an :class:`zeroloss.inbox.Inbox`) for consumer ``group``."""
+    if target is None and inbox is None:
+        raise ConfigError("audit needs --target URL (check the broker) and/or --inbox URL --group G")
+    if inbox is not None and not group:
+        raise ConfigError("--inbox needs --group: whose inbox to check")
+    report = AuditReport()
+    reader = _BrokerReader(target, timeout_s=timeout_s, idle_s=idle_s) if target is not None else None
+    if reader is not None:
+        report.broker = BrokerFindings(target or "")
+    if inbox is not None and group:
+        report.inbox = InboxFindings(inbox_url, group)
+    try:
+        for batch in _pages(store, since_s, page):
+            report.checked += len(batch)
+            if reader is not None and report.broker is not None:
+                reader.check(batch, report.broker)
+            if inbox is not None and report.inbox is not None and group:
+                _check_inbox(inbox, group, batch, grace_s, report.inbox)
+    finally:
+        if reader is not None:
+            reader.close()
+    log.info("audit: %d checked, %d missing", report.checked, len(report.missing))
+    return report
+
+
+def repair(store: OutboxStore, ids: Iterable[str], chunk: int = 1000) -> int:
+    """Send the given ``success`` messages again (``success`` → ``pending``)."""
+    todo = list(ids)
+    return sum(store.resend(todo[i : i + chunk]) for i in range(0, len(todo), chunk))
+
+
+# -- the broker ----------------------------------------------------------------------------------
+
+
+def _parse(location: str) -> tuple[str, int, int] | None:
+    parts = location.rsplit("/", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+class _BrokerReader:
+    """Reads recorded positions back with one consumer, assigned (never subscribed)."""
+
+    def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
+        from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+
+        self.ck = _kafka()
+        self.idle_s = idle_s
+        self.timeout_s = timeout_s
+        self.consumer: Any = self.ck.Consumer({
+            "bootstrap.servers": parse_bootstrap(url),
+            "group.id": f"zeroloss-audit-{uuid.uuid4().hex[:8]}",  # required by the client; never joined
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "logger": logging.getLogger("zeroloss.librdkafka"),
+        })
+        try:
+            md = self.consumer.list_topics(timeout=timeout_s)  # all topics: asking for one could auto-create it
+        except self.ck.KafkaException as exc:
+            self.consumer.close()
+            from zeroloss.errors import BrokerError
+
+            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc}") from exc
+        self.partitions = {name: set(t.partitions) for name, t in md.topics.items() if t.error is None}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def check(self, batch: list[Delivered], out: BrokerFindings) -> None:
+        want: dict[tuple[str, int], dict[int, list[str]]] = {}  # several ids can claim one position
+        for d in batch:
+            loc = _parse(d.location)
+            if loc is None:
+                out.missing[d.message.id] = f"no broker position recorded ({d.location!r})"
+            elif loc[0] not in self.partitions:
+                out.missing[d.message.id] = f"topic {loc[0]} does not exist on the broker"
+            elif loc[1] not in self.partitions[loc[0]]:
+                out.missing[d.message.id] = f"partition {loc[0]}/{loc[1]} does not exist on the broker"
+            else:
+                want.setdefault((loc[0], loc[1]), {}).setdefault(loc[2], []).append(d.message.id)
+        if want:
+            self._read(want, out)
+
+    def _read(self, want: dict[tuple[str, int], dict[int, list[str]]], out: BrokerFindings) -> None:
+        ck = self.ck
+        last = {tp: max(offsets) for tp, offsets in want.items()}
+        self.consumer.assign([ck.TopicPartition(t, p, min(offsets)) for (t, p), offsets in want.items()])
+        at_end: set[tuple[str, int]] = set()
+        progress = time.monotonic()
+        deadline = progress + self.timeout_s
+        try:
+            while want:
+                for rec in self.consumer.consume(1000, 0.2):
+                    tp = (rec.topic(), rec.partition())
+                    err = rec.error()
+                    if err is not None:
+                        if err.code() == ck.KafkaError._PARTITION_EOF:
+                            at_end.add(tp)
+                        else:
+                            log.warning("audit read %s/%s: %s", tp[0], tp[1], err)
+                        continue
+                    left = want.get(tp)
+                    if left is None:
+                        continue
+                    progress = time.monotonic()
+                    at_end.discard(tp)
+                    offset = rec.offset()
+                    got = dict(rec.headers() or []).get(ID_HEADER, b"").decode(errors="replace")
+                    for mid in left.pop(offset, ()):
+                        if got == mid:
+                            out.confirmed += 1
+                        else:
+                            out.missing[mid] = (f"offset {offset} of {tp[0]}/{tp[1]} holds "
+                                                f"{got or 'a record without ' + ID_HEADER}")
+                    if not left or offset >= last[tp]:
+                        self._give_up(tp, want.pop(tp), out, "no record at offset {o} of {t}/{p}")
+                if want and (all(tp in at_end for tp in want) or time.monotonic() - progress > self.idle_s):
+                    break
+                if time.monotonic() > deadline:
+                    break
+            for tp in list(want):
+                self._give_up(tp, want.pop(tp), out, "not found: {t}/{p} ends before offset {o}")
+        finally:
+            self.consumer.unassign()
+
+    @staticmethod
+    def _give_up(tp: tuple[str, int], left: dict[int, list[str]], out: BrokerFindings, why: str) -> None:
+        for offset, mids in left.items():
+            for mid in mids:
+                out.missing[mid] = why.format(o=offset, t=tp[0], p=tp[1])
+
+
+# -- the inbox -----------------------------------------------------------------------------------
+
+
+def _check_inbox(inbox: Any, group: str, batch: list[Delivered], grace_s: float, out: InboxFindings) -> None:
+    cutoff = time.time() - grace_s
+    judged = [d.message.id for d in batch if d.message.created_at <= cutoff]
+    out.too_recent += len(batch) - len(judged)
+    seen = _consumed(inbox, group, judged)
+    out.consumed += len(seen)
+    out.missing.extend(mid for mid in judged if mid not in seen)
+
+
+def _consumed(inbox: Any, group: str, ids: list[str]) -> set[str]:
+    """Which of ``ids`` the group's inbox has: one query per 1000 ids for a SQL inbox, else ``seen``."""
+    import sqlalchemy as sa
+
+    table, engine = getattr(inbox, "table", None), getattr(inbox, "engine", None)
+    if isinstance(table, sa.Table) and isinstance(engine, sa.Engine) and {"group_name", "message_id"} <= set(
+        table.c.keys()
+    ):
+        found: set[str] = set()
+        with engine.connect() as conn:
+            for i in range(0, len(ids), 1000):
+                part = ids[i : i + 1000]
+                q = sa.select(table.c.message_id).where(table.c.group_name == group, table.c.message_id.in_(part))
+                found.update(conn.scalars(q))
+        return found
+    return {mid for mid in ids if inbox.seen(group, mid)}
+
+
+def open_inbox(url: str, table: str = "zeroloss_inbox") -> Any:
+    """The consumer group's inbox behind ``url`` (SQL or Redis), from :mod:`zeroloss.inbox`."""
+    try:
+        from zeroloss import inbox as inbox_module
+    except ImportError as exc:
+        raise ConfigError(f"auditing an inbox needs zeroloss.inbox, which cannot be imported: {exc}") from exc
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return inbox_module.open_inbox(url)
+    return inbox_module.SqlInbox(url, table=table)

@@ -1,0 +1,298 @@
+"""Kafka adapter (confluent-kafka / librdkafka): idempotent, transactional, acks=all.
+
+One broker transaction per batch. Errors are classified the way librdkafka documents them:
+
+* per-message, permanent (too large, invalid topic, not authorised) → ``REJECTED``; the
+  transaction is aborted and the rest of the batch is sent again in a new one;
+* per-message, other → ``RETRY`` (an attempt is spent);
+* ``txn_requires_abort`` → abort, and the batch goes again later;
+* fatal, fenced, or a producer that makes no progress within ``timeout_s`` (the
+  UNKNOWN_PRODUCER_ID loop librdkafka can fall into after a broker restart) → the producer is
+  closed and recreated and :class:`BrokerError` tells the relay to put the batch back.
+
+A message is ``DELIVERED`` only after ``commit_transaction`` returned: a timeout never means
+"assume sent"; it means "send again" and the consumer's dedup on ``zeroloss-id`` absorbs the copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+from zeroloss.brokers.base import Outcome, Status
+from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
+from zeroloss.message import ID_HEADER, Message
+
+log = logging.getLogger(__name__)
+
+# Error names (KafkaError.name()) that no retry can fix for this message.
+PERMANENT_ERRORS = frozenset(
+    {
+        "MSG_SIZE_TOO_LARGE",
+        "RECORD_LIST_TOO_LARGE",
+        "INVALID_TOPIC_EXCEPTION",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "INVALID_RECORD",
+        "_INVALID_ARG",
+        "INVALID_REQUIRED_ACKS",
+    }
+)
+
+# Failures of the path to the broker, not of the message: the batch goes back unspent.
+BROKER_WIDE_ERRORS = frozenset(
+    {
+        "_MSG_TIMED_OUT",
+        "_TIMED_OUT",
+        "_TRANSPORT",
+        "_ALL_BROKERS_DOWN",
+        "_RESOLVE",
+        "REQUEST_TIMED_OUT",
+        "NOT_ENOUGH_REPLICAS",
+        "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
+        "NOT_LEADER_FOR_PARTITION",
+        "LEADER_NOT_AVAILABLE",
+        "_PURGE_QUEUE",
+        "_PURGE_INFLIGHT",
+    }
+)
+
+
+def _kafka() -> Any:
+    try:
+        import confluent_kafka
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MissingExtraError("confluent-kafka", "kafka", "the Kafka broker adapter") from exc
+    return confluent_kafka
+
+
+def parse_bootstrap(url: str) -> str:
+    """``kafka://h1:9092,h2:9092`` → ``h1:9092,h2:9092``; ConfigError if it is not such a URL."""
+    if not url.startswith("kafka://"):
+        raise ConfigError(f"not a Kafka URL: {url!r}; write kafka://HOST:PORT[,HOST:PORT...]")
+    hosts = url[len("kafka://") :].rstrip("/")
+    if not hosts:
+        raise ConfigError(f"Kafka URL {url!r} names no broker; write kafka://HOST:PORT")
+    for hp in hosts.split(","):
+        host, sep, port = hp.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"Kafka URL {url!r}: {hp!r} is not HOST:PORT")
+    return hosts
+
+
+def producer_config(
+    bootstrap: str, transactional_id: str | None, timeout_s: float, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The producer settings zeroloss insists on (the design notes' table), plus the caller's."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        "max.in.flight.requests.per.connection": 5,
+        "retries": 2_147_483_647,
+        "linger.ms": 5,
+        "message.timeout.ms": int(timeout_s * 1000),
+        "socket.keepalive.enable": True,
+        "logger": logging.getLogger("zeroloss.librdkafka"),  # not stderr: the app's logging decides
+    }
+    if transactional_id:
+        conf["transactional.id"] = transactional_id
+        # A batch takes at most flush (timeout_s) + commit (timeout_s); past that the coordinator
+        # may abort it. Short, so a dead relay's open transaction stops holding read_committed
+        # consumers back soon (brokers that honour it; a restart with the same id fences at once).
+        conf["transaction.timeout.ms"] = int((2 * timeout_s + 10) * 1000)
+    conf.update(extra or {})
+    for k, must in (("acks", ("all", "-1", -1)), ("enable.idempotence", (True, "true"))):
+        if conf.get(k) not in must:
+            raise ConfigError(
+                f"producer setting {k}={conf.get(k)!r} would allow loss; zeroloss needs {must[0]}"
+            )
+    return conf
+
+
+class KafkaBroker:
+    """Publishes batches to Kafka, one transaction per batch (or idempotent-only when
+    ``transactional_id`` is None)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        transactional_id: str | None = None,
+        timeout_s: float = 30.0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self._ck = _kafka()
+        self.bootstrap = parse_bootstrap(url)
+        self.transactional_id = transactional_id
+        self.timeout_s = timeout_s
+        self._conf = producer_config(self.bootstrap, transactional_id, timeout_s, config)
+        self._producer: Any = None
+        self.producers_created = 0  # how often we had to (re)create the client; tests read it
+
+    # -- producer lifecycle -------------------------------------------------------------
+
+    def _ensure_producer(self) -> Any:
+        if self._producer is not None:
+            return self._producer
+        producer = self._ck.Producer(self._conf)
+        if self.transactional_id:
+            try:
+                producer.init_transactions(self.timeout_s)
+            except self._ck.KafkaException as exc:
+                self._discard(producer)
+                raise BrokerError(f"cannot initialise Kafka transactions at {self.bootstrap}: {exc}") from exc
+        self._producer = producer
+        self.producers_created += 1
+        return producer
+
+    def _discard(self, producer: Any) -> None:
+        """Throw a producer away without waiting for what it still holds: those messages are
+        reported back to the relay as not delivered and will be sent again."""
+        try:
+            producer.purge(in_queue=True, in_flight=True, blocking=False)
+            producer.flush(0)
+        except Exception:  # a broken client may refuse even this; it is being dropped anyway
+            log.debug("purge of a discarded producer failed", exc_info=True)
+
+    def _reset(self, why: str) -> None:
+        log.warning("recreating the Kafka producer: %s", why)
+        if self._producer is not None:
+            self._discard(self._producer)
+        self._producer = None
+
+    def close(self) -> None:
+        if self._producer is not None:
+            if self.transactional_id:
+                self._discard(self._producer)
+            else:
+                self._producer.flush(self.timeout_s)
+            self._producer = None
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        outcomes: dict[str, Outcome] = {}
+        todo = list(messages)
+        # Each round either delivers everything left or removes at least one message from
+        # `todo` (rejected, retry or held), so this ends within len(messages) + 1 rounds.
+        while todo:
+            todo = self._round(todo, outcomes)
+        return [outcomes[m.id] for m in messages]
+
+    def _round(self, todo: list[Message], outcomes: dict[str, Outcome]) -> list[Message]:
+        """One transaction over ``todo``; returns what must go again in a fresh one."""
+        producer = self._ensure_producer()
+        transactional = bool(self.transactional_id)
+        reports: dict[str, tuple[Any, str | None]] = {}
+        blocked: set[bytes] = set()  # keys with a failure in this batch: later ones are held
+        sent: list[Message] = []
+
+        def on_delivery(mid: str, err: Any, msg: Any) -> None:
+            reports[mid] = (err, None if err else f"{msg.topic()}/{msg.partition()}/{msg.offset()}")
+
+        def settle(m: Message, status: Status, error: str | None = None) -> None:
+            outcomes[m.id] = Outcome(m, status, error=error)
+            if status is not Status.HELD and m.key is not None:
+                blocked.add(m.key)
+
+        try:
+            if transactional:
+                producer.begin_transaction()
+            for m in todo:
+                if m.key is not None and m.key in blocked:
+                    settle(m, Status.HELD, "an earlier message of its key failed")
+                    continue
+                err = self._produce(producer, m, on_delivery)
+                if err is None:
+                    sent.append(m)
+                elif err.name() in PERMANENT_ERRORS:
+                    # Refused before it entered the queue: the transaction is unharmed.
+                    settle(m, Status.REJECTED, f"{err.name()}: {err.str()}")
+                else:
+                    raise self._ck.KafkaException(err)
+            left = producer.flush(self.timeout_s)
+        except self._ck.KafkaException as exc:
+            raise self._batch_failed(exc.args[0], "produce") from exc
+        if left:
+            self._reset(f"{left} messages not acknowledged within {self.timeout_s}s")
+            raise BrokerError(f"Kafka at {self.bootstrap} made no progress for {self.timeout_s}s")
+        if any(m.id not in reports for m in sent):  # flush() returned 0, so this is a client bug
+            self._reset("delivery reports missing")
+            raise BrokerError("Kafka producer lost delivery reports; the batch will be sent again")
+
+        failed = {mid: err for mid, (err, _) in reports.items() if err is not None}
+        wide = sorted({e.name() for e in failed.values() if e.name() in BROKER_WIDE_ERRORS})
+        if wide:
+            if transactional:
+                self._abort(producer)
+            raise BrokerError(f"Kafka at {self.bootstrap} did not acknowledge the batch: {', '.join(wide)}")
+        if not failed:
+            if transactional:
+                self._commit(producer)
+            for m in sent:
+                outcomes[m.id] = Outcome(m, Status.DELIVERED, location=reports[m.id][1])
+            return []
+
+        # Some records failed. In a transaction the whole of it is aborted and the innocent
+        # go again; without one, what was acknowledged stays delivered.
+        if transactional:
+            self._abort(producer)
+        again: list[Message] = []
+        for m in sent:
+            err = failed.get(m.id)
+            if err is not None:
+                status = Status.REJECTED if err.name() in PERMANENT_ERRORS else Status.RETRY
+                settle(m, status, f"{err.name()}: {err.str()}")
+            elif not transactional:
+                outcomes[m.id] = Outcome(m, Status.DELIVERED, location=reports[m.id][1])
+            elif m.key is not None and m.key in blocked:
+                settle(m, Status.HELD, "an earlier message of its key failed")
+            else:
+                again.append(m)
+        return again
+
+    def _produce(self, producer: Any, m: Message, on_delivery: Any) -> Any:
+        headers = [*m.headers, (ID_HEADER, m.id.encode())]
+        while True:
+            try:
+                producer.produce(
+                    m.topic, value=m.value, key=m.key, headers=headers, on_delivery=partial(on_delivery, m.id)
+                )
+                return None
+            except BufferError:  # local queue full: let librdkafka drain, then go on
+                producer.poll(0.05)
+            except self._ck.KafkaException as exc:
+                return exc.args[0]
+
+    def _commit(self, producer: Any) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                producer.commit_transaction(max(0.1, deadline - time.monotonic()))
+                return
+            except self._ck.KafkaException as exc:
+                err = exc.args[0]
+                if err.retriable() and not err.txn_requires_abort() and time.monotonic() < deadline:
+                    continue
+                raise self._batch_failed(err, "commit") from exc
+
+    def _abort(self, producer: Any) -> None:
+        try:
+            producer.abort_transaction(self.timeout_s)
+        except self._ck.KafkaException as exc:
+            self._reset(f"abort failed: {exc}")
+            raise BrokerError(f"Kafka transaction abort failed at {self.bootstrap}: {exc}") from exc
+
+    def _batch_failed(self, err: Any, during: str) -> BrokerError:
+        """A failure of the whole transaction: put the producer right; return the error to raise."""
+        if err.txn_requires_abort() and self._producer is not None:
+            try:
+                self._producer.abort_transaction(self.timeout_s)
+            except self._ck.KafkaException:
+                self._reset("abort after a failed transaction did not succeed")
+        else:
+            self._reset(f"{during} failed: {err.name()} (fatal={err.fatal()})")
+        return BrokerError(f"Kafka {during} failed at {self.bootstrap}: {err.name()}: {err.str()}")

@@ -1,0 +1,365 @@
+"""NATS JetStream adapter (nats-py on a private event loop): every publish waits for its stream
+ack; our id travels as ``Nats-Msg-Id`` so the stream itself drops a republished copy.
+
+One stream per topic, created idempotently on first use: name :func:`stream_name` (``orders`` →
+``ZL_orders``; ``.`` and ``_`` escaped, stream names cannot contain dots), subject = the topic,
+file storage, ``duplicate_window`` = ``dedup_window_s``. Publishes name the expected stream
+(``Nats-Expected-Stream``), so a message can never land in some other stream that happens to
+listen on the subject.
+
+**Dedup window.** JetStream drops a message whose ``Nats-Msg-Id`` it saw within the stream's
+duplicate window and answers with the original's ack (``duplicate=True``): that absorbs the
+republish after a relay crash between the ack and ``success``. The window must outlast the
+relay's retry horizon — the lease (a crashed relay's claim comes back after ``lease_s``) plus the
+outage backoff — or a late copy is stored twice (the consumer's inbox still drops it, but the
+stream holds it twice). A copy is republished at the latest ``lease_s`` + ``recover_every_s``
+after the first publish (the relay died; its claim expires), so the default of 5 minutes
+(``dedup_window_s=300``) covers the relay's defaults (120 s + 5 s) with room for its backoff;
+raise it with ``lease_s``. An outage longer than the window can still store a copy twice — the
+inbox is the last line. An existing stream keeps its own window (a warning says when it is
+shorter than ours). JetStream keeps the ids of the window in memory: a longer window costs RAM
+in proportion to the message rate.
+
+**Order.** JetStream stores one subject's messages in the order the server received them, and
+one connection delivers in send order; but each publish is acked on its own, so a later message
+could be stored while an earlier one of its key was refused (e.g. ``maximum messages exceeded``).
+Batches are therefore pipelined in key waves (:mod:`zeroloss.brokers._batch`): all keys
+concurrently (``asyncio.gather``), one key's messages one after another.
+
+Headers are text in NATS: a header value that is printable UTF-8 goes as is, anything else as
+``b64:`` + base64 (:func:`zeroloss.brokers._batch.value_bytes` decodes either); the key goes in
+``zeroloss-key``, always base64. Outcomes: stream ack → ``DELIVERED`` (location ``stream/seq``);
+an API error (limits, wrong stream) → ``RETRY``; no stream answering (deleted behind our back) →
+``RETRY`` and the stream is created again; the topic's subject already owned by another stream,
+a payload over the server's ``max_payload``, a header that cannot be expressed → ``REJECTED``;
+not connected / no answer within ``timeout_s`` → :class:`BrokerError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from zeroloss.brokers._batch import (
+    KEY_HEADER,
+    BrokerWide,
+    duplicate_header,
+    publish_in_waves,
+    text_value,
+    value_bytes,
+)
+from zeroloss.brokers._loop import LoopThread
+from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.subscription import Delivery, check_id
+from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
+from zeroloss.message import ID_HEADER, Message
+from zeroloss.received import Received
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+ERR_SUBJECTS_OVERLAP = 10065
+ERR_STREAM_NAME_IN_USE = 10058
+ERR_STREAM_NOT_FOUND = 10059
+
+
+def _nats() -> Any:
+    try:
+        import nats
+        import nats.js.api
+        import nats.js.errors
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MissingExtraError("nats-py", "nats", "the NATS JetStream broker adapter") from exc
+    return nats
+
+
+def check_url(url: str) -> str:
+    if not url.startswith(("nats://", "tls://")):
+        raise ConfigError(f"not a NATS URL: {url!r}; write nats://HOST:4222")
+    return url
+
+
+def stream_name(topic: str) -> str:
+    """The stream of ``topic``: ``ZL_`` + the topic with ``_`` → ``__`` and ``.`` → ``_d``
+    (injective, so two topics never share a stream)."""
+    return "ZL_" + topic.replace("_", "__").replace(".", "_d")
+
+
+def nats_headers(m: Message) -> dict[str, str]:
+    """The NATS headers of ``m`` (ValueError for a header NATS cannot carry)."""
+    hdrs: dict[str, str] = {}
+    for k, v in m.headers:
+        if not k.isprintable() or any(c in k for c in ": \t") or k.lower() in (MSG_ID_HEADER.lower(), KEY_HEADER):
+            raise ValueError(f"header name {k!r} cannot be carried by NATS")
+        hdrs[k] = text_value(v)
+    hdrs[ID_HEADER] = m.id
+    hdrs[MSG_ID_HEADER] = m.id
+    if m.key is not None:
+        hdrs[KEY_HEADER] = "b64:" + base64.b64encode(m.key).decode()
+    return hdrs
+
+
+class NatsBroker:
+    """Publishes batches to JetStream; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 30.0,
+        dedup_window_s: float = 300.0,
+        replicas: int = 1,
+    ) -> None:
+        self._nats = _nats()
+        self.url = check_url(url)
+        self.timeout_s = timeout_s
+        self.dedup_window_s = dedup_window_s
+        self.replicas = replicas
+        self._loop = LoopThread("zeroloss-nats")
+        self._nc: Any = None
+        self._js: Any = None
+        self._streams: dict[str, str] = {}  # topic → its stream, known to exist
+        self._refused: dict[str, str] = {}  # topic → why no stream can be made for it
+        self.connections_made = 0
+
+    # -- the sync face ------------------------------------------------------------------------
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        if not messages:
+            return []
+        try:
+            return self._loop.run(self._publish(messages), self.timeout_s + 1.0)
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url} did not ack within {self.timeout_s}s") from None
+        except BrokerWide as exc:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url}: {exc}") from exc
+
+    def _drop(self) -> None:
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            self._loop.run(self._disconnect(), 10.0)
+
+    def close(self) -> None:
+        self._drop()
+        self._loop.close()
+
+    # -- on the loop --------------------------------------------------------------------------
+
+    async def _connect(self) -> Any:
+        if self._nc is not None and self._nc.is_connected:
+            return self._js
+        await self._disconnect()
+
+        async def on_error(exc: Exception) -> None:
+            log.debug("NATS client error: %s", exc)
+
+        try:
+            self._nc = await self._nats.connect(
+                servers=[self.url], connect_timeout=min(self.timeout_s, 5.0), allow_reconnect=False,
+                max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=on_error, name="zeroloss-relay",
+            )
+        except (TimeoutError, self._nats.errors.Error, OSError) as exc:
+            self._nc = None
+            raise BrokerWide(f"cannot connect: {type(exc).__name__}: {exc}") from exc
+        self._js = self._nc.jetstream(timeout=self.timeout_s)
+        self.connections_made += 1
+        return self._js
+
+    async def _disconnect(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        self._streams.clear()
+        self._refused.clear()
+        if nc is not None and not nc.is_closed:
+            try:
+                await asyncio.wait_for(nc.close(), 5.0)
+            except Exception:  # being thrown away
+                log.debug("closing a NATS connection failed", exc_info=True)
+
+    async def ensure_stream(self, topic: str) -> None:
+        """Create ``topic``'s stream unless it exists (several relays may race: that is fine)."""
+        if topic in self._streams or topic in self._refused:
+            return
+        nats, name = self._nats, stream_name(topic)
+        try:
+            try:
+                info = await self._js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                config = nats.js.api.StreamConfig(
+                    name=name, subjects=[topic], storage=nats.js.api.StorageType.FILE,
+                    duplicate_window=self.dedup_window_s, num_replicas=self.replicas,
+                )
+                try:
+                    info = await self._js.add_stream(config)
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code == ERR_STREAM_NAME_IN_USE:  # another relay made it just now
+                        info = await self._js.stream_info(name)
+                    elif exc.err_code == ERR_SUBJECTS_OVERLAP:
+                        self._refused[topic] = f"subject {topic!r} already belongs to another stream: {exc}"
+                        return
+                    else:
+                        raise
+        except nats.js.errors.APIError as exc:
+            self._refused[topic] = f"cannot create stream {name!r}: {exc}"
+            return
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
+        window = info.config.duplicate_window or 0
+        if window < self.dedup_window_s:
+            log.warning("stream %s keeps a duplicate window of %.0fs, shorter than dedup_window_s=%.0fs",
+                        name, window, self.dedup_window_s)
+        self._streams[topic] = name
+
+    async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        await self._connect()
+        self._refused.clear()  # looked at again every batch: an operator may have fixed it
+        for topic in sorted({m.topic for m in messages}):
+            await self.ensure_stream(topic)
+        return await publish_in_waves(messages, self._send)
+
+    async def _send(self, m: Message) -> Outcome:
+        nats = self._nats
+        if m.topic in self._refused:
+            return Outcome(m, Status.REJECTED, error=self._refused[m.topic])
+        if (dup := duplicate_header(m.headers)) is not None:
+            return Outcome(m, Status.REJECTED, error=f"header {dup!r} appears twice; NATS headers hold one value")
+        try:
+            headers = nats_headers(m)
+        except ValueError as exc:
+            return Outcome(m, Status.REJECTED, error=str(exc))
+        stream = self._streams.get(m.topic)
+        if stream is None:  # found missing earlier in this batch
+            return Outcome(m, Status.RETRY, error=f"no stream answers on {m.topic!r}")
+        try:
+            ack = await self._js.publish(m.topic, m.value, timeout=self.timeout_s, stream=stream, headers=headers)
+        except nats.errors.MaxPayloadError as exc:
+            return Outcome(m, Status.REJECTED, error=f"larger than the server's max_payload: {exc}")
+        except nats.js.errors.NoStreamResponseError:
+            self._streams.pop(m.topic, None)  # deleted behind our back: made again next batch
+            return Outcome(m, Status.RETRY, error=f"no stream answers on {m.topic!r}")
+        except nats.js.errors.APIError as exc:
+            return Outcome(m, Status.RETRY, error=f"stream {stream} refused it: {exc}")
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
+        return Outcome(m, Status.DELIVERED, location=f"{ack.stream}/{ack.seq}")
+
+
+# -- consuming ----------------------------------------------------------------------------------
+
+
+def durable_name(group: str) -> str:
+    """A consumer group as a JetStream durable name (no dots), escaped like :func:`stream_name`."""
+    return "ZL_" + group.replace("_", "__").replace(".", "_d")
+
+
+class NatsSubscription:
+    """A durable pull consumer per topic's stream (durable = the group): explicit acks,
+    ``ack_wait_s`` before an unacked message is redelivered (``touch`` pushes it back while the
+    handler retries), ``max_deliver`` redeliveries at most. Dead letters are published to the
+    ``<topic>.dlq`` stream (with our error headers, ``Nats-Msg-Id`` = the id, so a repeated dead
+    letter is dropped within the window), then the original is ``term``-inated.
+
+    It shares one :class:`NatsBroker` (connection, event loop, stream creation) for consuming and
+    for publishing dead letters.
+    """
+
+    def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
+                 ack_wait_s: float = 30.0, max_deliver: int = 100, dedup_window_s: float = 300.0) -> None:
+        self._nats = _nats()
+        self.group = group
+        self.topics = list(topics)
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.broker = NatsBroker(url, timeout_s=timeout_s, dedup_window_s=dedup_window_s)
+        self._subs: list[tuple[str, Any]] = []
+        try:
+            self._run(self._open())
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro: Any, timeout_s: float | None = None) -> Any:
+        nats = self._nats
+        try:
+            return self.broker._loop.run(coro, timeout_s or self.broker.timeout_s)
+        except TimeoutError:
+            raise BrokerError(f"NATS at {self.broker.url} did not answer in time") from None
+        except BrokerWide as exc:
+            raise BrokerError(f"NATS at {self.broker.url}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise BrokerError(f"NATS at {self.broker.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def _open(self) -> None:
+        api = self._nats.js.api
+        js = await self.broker._connect()
+        for topic in self.topics:
+            await self.broker.ensure_stream(topic)
+            if topic in self.broker._refused:
+                raise ConfigError(self.broker._refused[topic])
+            config = api.ConsumerConfig(
+                ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=self.max_deliver,
+                deliver_policy=api.DeliverPolicy.ALL,
+            )
+            sub = await js.pull_subscribe(topic, durable=durable_name(self.group), stream=stream_name(topic),
+                                          config=config)
+            self._subs.append((topic, sub))
+
+    async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
+        nats = self._nats
+        if self.broker._nc is None or not self.broker._nc.is_connected:
+            raise BrokerWide("not connected")
+        out: list[Any] = []
+        per = max(0.05, timeout_s / max(1, len(self._subs)))
+        for _, sub in self._subs:
+            if len(out) >= max_messages:
+                break
+            try:
+                out.extend(await sub.fetch(max_messages - len(out), timeout=per))
+            except nats.errors.TimeoutError:
+                continue
+        return out
+
+    def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
+        msgs = self._run(self._fetch(max_messages, timeout_s), timeout_s + self.broker.timeout_s)
+        return [self._delivery(m) for m in msgs]
+
+    def _delivery(self, m: Any) -> Delivery:
+        raw = dict(m.headers or {})
+        key = raw.pop(KEY_HEADER, None)
+        headers = tuple((k, value_bytes(v)) for k, v in raw.items() if not k.startswith("Nats-"))
+        meta = m.metadata
+        seq = meta.sequence.stream
+        mid, poison = check_id(raw.get(ID_HEADER) or raw.get(MSG_ID_HEADER), f"{meta.stream}/{seq}")
+        ts = int(meta.timestamp.timestamp() * 1000) if meta.timestamp else 0
+        received = Received(mid, m.subject, 0, seq, None if key is None else value_bytes(key), m.data,
+                            headers, ts)
+        return Delivery(received, m, poison)
+
+    def ack(self, d: Delivery) -> None:
+        self._run(d.token.ack())
+
+    def touch(self, d: Delivery) -> None:
+        self._run(d.token.in_progress())
+
+    def dead_letter(self, d: Delivery, letter: Message) -> str:
+        (outcome,) = self.broker.publish([letter])
+        if outcome.status is not Status.DELIVERED:
+            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
+                              retriable=outcome.status is not Status.REJECTED)
+        self._run(d.token.term())
+        return outcome.location or letter.topic
+
+    def release(self, ds: Sequence[Delivery]) -> None:
+        async def give_back() -> None:
+            for d in ds:
+                await d.token.nak()
+
+        self._run(give_back())
+
+    def close(self) -> None:
+        self._subs.clear()
+        self.broker.close()

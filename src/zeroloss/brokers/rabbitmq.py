@@ -1,0 +1,359 @@
+"""RabbitMQ adapter (aio-pika on a private event loop): publisher confirms, mandatory routing,
+persistent messages, quorum queues.
+
+Topology, declared idempotently the first time a connection publishes to a topic::
+
+    exchange <topic>        fanout, durable          ← the relay publishes here
+      └─ queue <topic>      quorum, durable, x-dead-letter-exchange=<topic>.dlq,
+                            x-dead-letter-strategy=at-least-once, x-overflow=reject-publish,
+                            x-delivery-limit=<delivery_limit>
+    exchange <topic>.dlq    fanout, durable          ← where the queue dead-letters
+      └─ queue <topic>.dlq  quorum, durable
+
+The queue ``<topic>`` is the consumers' queue (a second, independent consumer group binds its own
+queue to the fanout exchange). A topic that itself ends in ``.dlq`` is declared as a dead-letter
+exchange + queue only.
+
+Every message carries ``message_id`` = our id and the ``zeroloss-id`` header (the consumer's dedup
+key), the key in the ``zeroloss-key`` header, delivery mode 2 (persistent). Outcomes:
+
+* confirm (``basic.ack``) → ``DELIVERED``; a quorum queue confirms once a majority stored it;
+* ``basic.nack`` (queue full under ``reject-publish``, internal error) → ``RETRY``;
+* returned as unroutable (``mandatory``: no queue bound) → ``RETRY`` with the reason, and the
+  topic's topology is declared again before the next publish — never a silent drop;
+* the topology conflicts with what exists (e.g. a classic queue ``<topic>``) → ``REJECTED``;
+* a header name used twice (an AMQP table holds one value per name) → ``REJECTED``; the broker
+  does not keep the order of differently named headers either;
+* connection or channel lost, no answer within ``timeout_s`` → :class:`BrokerError`; the
+  connection is dropped and made again by the next publish.
+
+Batches are pipelined in key waves (:mod:`zeroloss.brokers._batch`), which keeps per-key order
+and the HELD rule without transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
+from zeroloss.brokers._loop import LoopThread
+from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.subscription import Delivery, check_id
+from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
+from zeroloss.message import ID_HEADER, Message
+from zeroloss.received import Received
+
+log = logging.getLogger(__name__)
+
+DLQ_SUFFIX = ".dlq"
+
+
+def _aio_pika() -> Any:
+    try:
+        import aio_pika
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MissingExtraError("aio-pika", "rabbitmq", "the RabbitMQ broker adapter") from exc
+    return aio_pika
+
+
+def check_url(url: str) -> str:
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ConfigError(f"not an AMQP URL: {url!r}; write amqp://USER:PASSWORD@HOST[:PORT]/[VHOST]")
+    return url
+
+
+def queue_arguments(topic: str, delivery_limit: int) -> dict[str, Any]:
+    """The arguments of the quorum queue ``<topic>`` (the consumers' queue)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": topic + DLQ_SUFFIX,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": delivery_limit,
+    }
+
+
+async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> None:
+    """Declare (idempotently) the exchanges and quorum queues of ``topic``; the broker raises a
+    channel error (406 PRECONDITION_FAILED) when something of that name exists differently."""
+    ap = _aio_pika()
+    dead = topic if topic.endswith(DLQ_SUFFIX) else topic + DLQ_SUFFIX
+    dlx = await channel.declare_exchange(dead, ap.ExchangeType.FANOUT, durable=True)
+    dlq = await channel.declare_queue(dead, durable=True, arguments={"x-queue-type": "quorum"})
+    await dlq.bind(dlx)
+    if topic == dead:
+        return
+    ex = await channel.declare_exchange(topic, ap.ExchangeType.FANOUT, durable=True)
+    q = await channel.declare_queue(topic, durable=True, arguments=queue_arguments(topic, delivery_limit))
+    await q.bind(ex)
+
+
+class RabbitBroker:
+    """Publishes batches to RabbitMQ with publisher confirms; see the module docstring."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
+        self._ap = _aio_pika()
+        import aiormq
+
+        self._aiormq = aiormq
+        self.url = check_url(url)
+        self.timeout_s = timeout_s
+        self.delivery_limit = delivery_limit
+        self._loop = LoopThread("zeroloss-rabbitmq")
+        self._conn: Any = None
+        self._channel: Any = None  # the confirm channel publishing goes through
+        self._exchanges: dict[str, Any] = {}  # topic → declared exchange on this connection
+        self._conflicts: dict[str, str] = {}  # topic → why its topology cannot be declared
+        self._stale: set[str] = set()  # topics a message came back from unroutable
+        self.connections_made = 0  # tests read it
+
+    # -- the sync face --------------------------------------------------------------------
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        if not messages:
+            return []
+        try:
+            return self._loop.run(self._publish(messages), self.timeout_s)
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"RabbitMQ at {self._where} did not confirm within {self.timeout_s}s") from None
+        except BrokerWide as exc:
+            self._drop()
+            raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
+
+    def _drop(self) -> None:
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            self._loop.run(self._drop_connection(), 10.0)
+
+    def close(self) -> None:
+        self._drop()
+        self._loop.close()
+
+    @property
+    def _where(self) -> str:
+        return self.url.rpartition("@")[2]  # never the password
+
+    # -- on the loop ------------------------------------------------------------------------
+
+    def _wide_errors(self) -> tuple[type[BaseException], ...]:
+        return (
+            self._aiormq.exceptions.AMQPError,
+            self._aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            OSError,
+            asyncio.TimeoutError,
+        )
+
+    async def _connect(self) -> Any:
+        if self._conn is not None and not self._conn.is_closed and self._channel is not None \
+                and not self._channel.is_closed:
+            return self._channel
+        await self._drop_connection()
+        try:
+            self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
+                                                client_properties={"connection_name": "zeroloss-relay"})
+            self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+        except self._wide_errors() as exc:
+            await self._drop_connection()
+            raise BrokerWide(f"cannot connect: {type(exc).__name__}: {exc}") from exc
+        self.connections_made += 1
+        return self._channel
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn, self._channel = self._conn, None, None
+        self._exchanges.clear()
+        self._conflicts.clear()
+        self._stale.clear()
+        if conn is not None and not conn.is_closed:
+            try:
+                await asyncio.wait_for(conn.close(), 5.0)
+            except Exception:  # it is being thrown away; a broken one may refuse to close cleanly
+                log.debug("closing a RabbitMQ connection failed", exc_info=True)
+
+    async def _declare(self, topics: set[str]) -> None:
+        """Declare the topology of topics not yet declared on this connection, on a channel of
+        its own: a conflict closes that channel, never the confirm channel."""
+        for topic in self._stale:
+            self._exchanges.pop(topic, None)
+        self._stale.clear()
+        self._conflicts.clear()  # looked at again every batch: an operator may have fixed it
+        todo = sorted(t for t in topics if t not in self._exchanges and t not in self._conflicts)
+        for topic in todo:
+            try:
+                async with self._conn.channel(publisher_confirms=False) as ch:
+                    await declare_topology(ch, topic, self.delivery_limit)
+            except self._aiormq.exceptions.ChannelPreconditionFailed as exc:
+                self._conflicts[topic] = f"topology conflict for {topic!r}: {exc}"
+                log.error("RabbitMQ: %s", self._conflicts[topic])
+                continue
+            except self._aiormq.exceptions.ChannelAccessRefused as exc:
+                self._conflicts[topic] = f"access refused declaring {topic!r}: {exc}"
+                continue
+            except self._wide_errors() as exc:
+                raise BrokerWide(f"declaring {topic!r} failed: {type(exc).__name__}: {exc}") from exc
+            self._exchanges[topic] = await self._channel.get_exchange(topic, ensure=False)
+
+    async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        await self._connect()
+        await self._declare({m.topic for m in messages})
+        return await publish_in_waves(messages, self._send)
+
+    async def _send(self, m: Message) -> Outcome:
+        if m.topic in self._conflicts:
+            return Outcome(m, Status.REJECTED, error=self._conflicts[m.topic])
+        if (dup := duplicate_header(m.headers)) is not None:
+            return Outcome(m, Status.REJECTED, error=f"header {dup!r} appears twice; AMQP headers hold one value")
+        exchange = self._exchanges[m.topic]
+        # Bytes travel as AMQP byte arrays ('x'): pamqp encodes bytearray, not bytes.
+        headers: dict[str, Any] = {k: bytearray(v) for k, v in m.headers}
+        headers[ID_HEADER] = m.id
+        if m.key is not None:
+            headers[KEY_HEADER] = bytearray(m.key)
+        body = self._ap.Message(
+            m.value, headers=headers, message_id=m.id, delivery_mode=self._ap.DeliveryMode.PERSISTENT
+        )
+        try:
+            await exchange.publish(body, routing_key=m.topic, mandatory=True, timeout=self.timeout_s)
+        except (TypeError, ValueError) as exc:  # refused by the frame encoder, before sending
+            return Outcome(m, Status.REJECTED, error=f"cannot encode as AMQP: {exc}")
+        except self._aiormq.exceptions.PublishError as exc:  # basic.return: no queue bound
+            self._stale.add(m.topic)  # declared again (re-bound) before the next batch
+            why = exc.args[0] if exc.args else exc
+            return Outcome(m, Status.RETRY, error=f"unroutable: returned by exchange {m.topic!r}: {why}")
+        except self._aiormq.exceptions.DeliveryError as exc:  # basic.nack
+            return Outcome(m, Status.RETRY, error=f"nacked by the broker (queue full or internal error): {exc}")
+        except self._wide_errors() as exc:
+            raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
+        return Outcome(m, Status.DELIVERED, location=m.topic)
+
+
+# -- consuming --------------------------------------------------------------------------------
+
+
+def _header_bytes(v: Any) -> bytes:
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    return v.encode() if isinstance(v, str) else str(v).encode()
+
+
+class RabbitSubscription:
+    """Consumes the quorum queue ``<topic>`` of each topic with manual acks and a prefetch.
+
+    RabbitMQ's consuming group is the queue: every Consumer of a topic shares ``<topic>``
+    whatever its group name (the group names its inbox claims). The id is the ``zeroloss-id``
+    header, else the AMQP ``message_id``; a message with neither is delivered at least once
+    (keyed by its delivery tag, which a redelivery does not keep).
+
+    Dead letters: ``basic.nack`` without requeue — the quorum queue dead-letters the message to
+    ``<topic>.dlq`` itself (at-least-once strategy, with RabbitMQ's ``x-death`` header: reason,
+    count, time); the error is logged with the message id. ``x-delivery-limit`` is the broker's
+    own backstop for a message that keeps killing its consumer: past it, the queue dead-letters
+    it without our help.
+    """
+
+    def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
+                 timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
+        self._ap = _aio_pika()
+        import aiormq
+
+        self._aiormq = aiormq
+        self.url = check_url(url)
+        self.group = group
+        self.topics = list(topics)
+        self.prefetch = prefetch
+        self.timeout_s = timeout_s
+        self.delivery_limit = delivery_limit
+        self._loop = LoopThread("zeroloss-rabbitmq-consumer")
+        self._conn: Any = None
+        self._channel: Any = None  # the consuming channel: the broker may close it alone
+        self._inbox: asyncio.Queue[Any] | None = None
+        try:
+            self._run(self._open())
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return self._loop.run(coro, timeout_s or self.timeout_s)
+        except TimeoutError:
+            raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]} did not answer in time") from None
+        except (self._aiormq.exceptions.AMQPError, self._aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError, OSError) as exc:
+            raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]}: {type(exc).__name__}: {exc}") from exc
+
+    async def _open(self) -> None:
+        self._inbox = asyncio.Queue()
+        self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
+                                            client_properties={"connection_name": f"zeroloss-{self.group}"})
+        for topic in self.topics:
+            async with self._conn.channel(publisher_confirms=False) as ch:
+                await declare_topology(ch, topic, self.delivery_limit)
+        channel = self._channel = await self._conn.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        for topic in self.topics:
+            queue = await channel.declare_queue(topic, passive=True)
+            await queue.consume(self._inbox.put, no_ack=False)
+
+    async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
+        assert self._inbox is not None
+        if self._conn is None or self._conn.is_closed or self._channel is None or self._channel.is_closed:
+            raise ConnectionError("the connection or the consuming channel is closed")
+        try:
+            first = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        except TimeoutError:
+            return []
+        out = [first]
+        while len(out) < max_messages and not self._inbox.empty():
+            out.append(self._inbox.get_nowait())
+        return out
+
+    def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
+        return [self._delivery(m) for m in self._run(self._fetch(max_messages, timeout_s), timeout_s + 10)]
+
+    def _delivery(self, m: Any) -> Delivery:
+        raw = dict(m.headers or {})
+        key = raw.pop(KEY_HEADER, None)
+        headers = tuple((k, _header_bytes(v)) for k, v in raw.items())
+        mid = raw.get(ID_HEADER)
+        mid = _header_bytes(mid).decode("utf-8", "replace") if mid is not None else m.message_id
+        topic = m.routing_key or (self.topics[0] if len(self.topics) == 1 else "")
+        mid, poison = check_id(mid, f"{topic}/{m.delivery_tag}")
+        ts = int(m.timestamp.timestamp() * 1000) if m.timestamp else 0
+        received = Received(mid, topic, 0, m.delivery_tag or 0, None if key is None else _header_bytes(key),
+                            m.body, headers, ts)
+        return Delivery(received, m, poison)
+
+    def ack(self, d: Delivery) -> None:
+        self._run(d.token.ack())
+
+    def touch(self, d: Delivery) -> None:
+        """Nothing to do: RabbitMQ keeps an unacked delivery for as long as the channel lives
+        (up to ``consumer_timeout``, 30 minutes by default)."""
+
+    def dead_letter(self, d: Delivery, letter: Message) -> str:
+        log.error("message %s: rejected to %s: %s", d.received.id, letter.topic,
+                  dict(letter.headers).get("zeroloss-dlq-error-message", b"").decode("utf-8", "replace"))
+        self._run(d.token.nack(requeue=False))
+        return letter.topic
+
+    def release(self, ds: Sequence[Delivery]) -> None:
+        async def give_back() -> None:
+            for d in ds:
+                await d.token.nack(requeue=True)
+
+        self._run(give_back())
+
+    def close(self) -> None:
+        async def shut() -> None:
+            conn, self._conn = self._conn, None
+            if conn is not None and not conn.is_closed:
+                await asyncio.wait_for(conn.close(), 5.0)
+
+        with contextlib.suppress(Exception):
+            self._loop.run(shut(), 10.0)
+        self._loop.close()

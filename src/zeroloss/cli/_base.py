@@ -1,0 +1,90 @@
+"""The ``zeroloss`` click group and what every command shares: source/target options, the
+translation of zeroloss errors into one line and an exit code, and the store as a context.
+
+Exit codes, for every command: 0 ok; 1 the job ran and found a problem (lost messages, a failed
+check, a purge that needs ``--yes``); 2 bad usage or configuration, including a message id that
+is not where the command looks (the message says what to fix). ``status`` is the exception: it
+exits 0/1/2 for its verdict ok/warn/critical, so a 2 there means critical *or* bad usage — the
+message printed says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import click
+
+from zeroloss.errors import ConfigError, UnknownMessageError, ZerolossError
+from zeroloss.outbox.base import OutboxStore
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+
+
+def errors_to_exit_codes(fn: F) -> F:
+    """Turn zeroloss errors into one clear line and an exit code, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, UnknownMessageError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except ZerolossError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_PROBLEM)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def source_option(fn: F) -> F:
+    fn = click.option(
+        "--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True,
+        help="SQL outbox table name [env ZEROLOSS_TABLE]",
+    )(fn)  # fmt: skip
+    return click.option(
+        "--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL",
+        help="Outbox: spool:///DIR, sqlite:///FILE, postgresql://..., mysql://... [env ZEROLOSS_SOURCE]",
+    )(fn)  # fmt: skip
+
+
+def target_option(fn: F) -> F:
+    return click.option(
+        "--target", envvar="ZEROLOSS_TARGET", required=True, metavar="URL",
+        help="Broker: kafka://HOST:PORT [env ZEROLOSS_TARGET]",
+    )(fn)  # fmt: skip
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+
+
+@contextlib.contextmanager
+def opened_store(source: str, table: str) -> Iterator[OutboxStore]:
+    from zeroloss.registry import open_store
+
+    store = open_store(source, table=table)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="zeroloss")
+def main(verbose: int) -> None:
+    """zeroloss: lossless delivery from your database to a broker and on to your handler.
+
+    Exit codes: 0 ok, 1 a problem was found, 2 bad usage or configuration
+    (status: 0/1/2 = ok/warn/critical).
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

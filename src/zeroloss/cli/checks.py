@@ -1,0 +1,130 @@
+"""``zeroloss doctor`` (settings that can lose messages) and ``zeroloss audit`` (reconcile the
+outbox's delivered ledger with the broker and the consumer's inbox)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from zeroloss.cli._base import EXIT_PROBLEM, errors_to_exit_codes, json_option, main, opened_store
+
+if TYPE_CHECKING:
+    from zeroloss.audit import AuditReport
+
+
+@main.command()
+@click.option("--target", envvar="ZEROLOSS_TARGET", metavar="URL", help="kafka://HOST:PORT or redis://HOST:PORT/DB")
+@click.option("--topic", metavar="T", help="Also check this Kafka topic's replication and settings.")
+@click.option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
+@click.option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@click.option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
+              help="Replication factor a topic needs.")
+@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
+@json_option
+@errors_to_exit_codes
+def doctor(target: str | None, topic: str | None, source: str | None, table: str, min_replication: int,
+           timeout_s: float, as_json: bool) -> None:
+    """Check the settings that decide whether messages can be lost; one line per check with its
+    verdict (ok / warn / fail / skip) and the fix. Exit 1 if any check fails."""
+    from zeroloss.doctor import Verdict, overall, run_doctor
+
+    checks = run_doctor(target, topic=topic, source=source, table=table, min_replication=min_replication,
+                        timeout_s=timeout_s)
+    verdict = overall(checks)
+    if as_json:
+        click.echo(json.dumps({"verdict": verdict.value, "checks": [c.as_dict() for c in checks]}, indent=2))
+    else:
+        for c in checks:
+            fix = f"  -> fix: {c.fix}" if c.fix and c.verdict is not Verdict.OK else ""
+            click.echo(f"{c.verdict.value:<5} {c.name}: {c.detail}{fix}")
+        click.echo(f"verdict: {verdict.value}")
+    if verdict is Verdict.FAIL:
+        sys.exit(EXIT_PROBLEM)
+
+
+@main.command()
+@click.option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help="The outbox.")
+@click.option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@click.option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
+              help="Broker to read delivered messages back from: kafka://HOST:PORT")
+@click.option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
+@click.option("--inbox-table", default="zeroloss_inbox", show_default=True)
+@click.option("--group", metavar="G", help="Consumer group whose inbox to check (with --inbox).")
+@click.option("--since", "since_s", type=click.FloatRange(0), metavar="SECONDS",
+              help="Only messages created in the last SECONDS (default: the whole success ledger).")
+@click.option("--grace-s", default=60.0, show_default=True, type=click.FloatRange(0),
+              help="Inbox check: messages younger than this are not judged yet.")
+@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
+              help="Longest wait for the broker per page of the ledger.")
+@click.option("--repair", is_flag=True, help="Send the missing messages again (success -> pending, same ids).")
+@click.option("--prom-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Write the result as Prometheus gauges for node_exporter's textfile collector.")
+@json_option
+@errors_to_exit_codes
+def audit(source: str, table: str, target: str | None, inbox_url: str | None, inbox_table: str, group: str | None,
+          since_s: float | None, grace_s: float, timeout_s: float, repair: bool, prom_file: str | None,
+          as_json: bool) -> None:
+    """Reconcile delivered (success) messages with the broker and/or a consumer group's inbox.
+    Exit 1 while anything is missing (also right after --repair: audit again once the relay has
+    sent them)."""
+    from zeroloss import audit as au
+    from zeroloss import metrics
+
+    with opened_store(source, table) as store:
+        inbox = au.open_inbox(inbox_url, inbox_table) if inbox_url else None
+        try:
+            report = au.audit(store, target=target, inbox=inbox, inbox_url=inbox_url or "", group=group,
+                              since_s=since_s, grace_s=grace_s, timeout_s=timeout_s)
+        finally:
+            if inbox is not None:
+                inbox.close()
+        if repair and report.missing:
+            report.repaired = au.repair(store, report.missing)
+    if prom_file:
+        from prometheus_client import write_to_textfile
+
+        missing = {}
+        if report.broker is not None:
+            missing["broker"] = len(report.broker.missing)
+        if report.inbox is not None:
+            missing["inbox"] = len(report.inbox.missing)
+        metrics.record_audit(report.checked, missing)
+        write_to_textfile(prom_file, metrics.AUDIT_REGISTRY)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print(report, since_s)
+    if report.missing:
+        sys.exit(EXIT_PROBLEM)
+
+
+def _print(report: AuditReport, since_s: float | None) -> None:
+    scope = "" if since_s is None else f" created in the last {since_s:g}s"
+    click.echo(f"audited {report.checked} delivered (success) message(s){scope}")
+    rates = report.loss_rates()
+    if report.broker is not None:
+        b = report.broker
+        click.echo(f"broker {b.target}: {report.checked} delivered, {b.confirmed} confirmed, {len(b.missing)} missing "
+                   f"(loss rate {rates['broker']:.2%})")
+        for mid, why in list(b.missing.items())[:50]:
+            click.echo(f"  missing {mid}: {why}")
+        if len(b.missing) > 50:
+            click.echo(f"  ... and {len(b.missing) - 50} more (--json lists all)")
+    if report.inbox is not None:
+        i = report.inbox
+        click.echo(f"inbox group {i.group}: {report.checked - i.too_recent} delivered, {i.consumed} consumed, "
+                   f"{len(i.missing)} missing (loss rate {rates['inbox']:.2%}), {i.too_recent} too recent to judge")
+        for mid in i.missing[:50]:
+            click.echo(f"  not consumed {mid}")
+        if len(i.missing) > 50:
+            click.echo(f"  ... and {len(i.missing) - 50} more (--json lists all)")
+    if report.repaired:
+        click.echo(f"repair: {report.repaired} message(s) back to pending; the relay sends them again under the "
+                   "same ids. Audit again once it has.")
+    elif report.missing:
+        click.echo("run again with --repair to send the missing ones again")
+    else:
+        click.echo("nothing missing")

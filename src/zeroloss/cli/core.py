@@ -1,0 +1,189 @@
+"""The core commands: ``init``, ``relay``, ``status``, ``broker``, ``demo``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from zeroloss.cli._base import errors_to_exit_codes, json_option, main, opened_store, source_option, target_option
+from zeroloss.errors import ConfigError, ZerolossError
+from zeroloss.outbox.base import Stats
+
+
+@main.command()
+@source_option
+@errors_to_exit_codes
+def init(source: str, table: str) -> None:
+    """Create the outbox (SQL table and indexes, or spool directories)."""
+    from zeroloss.registry import open_store
+
+    store = open_store(source, table=table)
+    create = getattr(store, "create_schema", None)
+    if create is not None:
+        create()
+    store.close()
+    click.echo(f"outbox ready at {source}")
+
+
+@main.command()
+@source_option
+@target_option
+@click.option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1))
+@click.option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
+@click.option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True, type=float)
+@click.option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True, type=float)
+@click.option("--timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True, type=click.FloatRange(1),
+              help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.")
+@click.option("--relay-id", envvar="ZEROLOSS_RELAY_ID", default=None,
+              help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
+                   "Relays sharing one host and outbox need distinct ids.")
+@click.option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
+@click.option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
+              help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
+@click.option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
+              help="Address for --metrics-port.")
+@errors_to_exit_codes
+def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
+          backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
+          metrics_port: int | None, metrics_host: str) -> None:
+    """Publish committed messages from the outbox to the broker until SIGTERM."""
+    # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
+    stopping = threading.Event()
+    relays: list[Any] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("zeroloss.relay").warning("signal %d: draining the batch in flight", signum)
+        stopping.set()
+        for r in relays:
+            r.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from zeroloss.http import HealthServer
+    from zeroloss.registry import default_relay_id, open_broker, open_store
+    from zeroloss.relay import Relay, RelaySettings
+
+    settings = RelaySettings(batch_size=batch_size, max_attempts=max_attempts, lease_s=lease_s,
+                             backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s,
+                             stats_every_s=None if metrics_port is None else 5.0)
+    store = open_store(source, table=table)
+    broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
+    r = Relay(store, broker, settings)
+    relays.append(r)
+    if stopping.is_set():
+        r.stop()
+    server = None
+    if metrics_port is not None:
+        server = HealthServer(metrics_port, host=metrics_host, ready=r.readiness).start()
+        click.echo(f"metrics at http://{metrics_host}:{server.port}/metrics", err=True)
+    try:
+        if drain:
+            r.drain(timeout_s=86400)
+        else:
+            r.run()
+    finally:
+        if server is not None:
+            server.close()
+        broker.close()
+        store.close()
+
+
+@main.command()
+@source_option
+@json_option
+@click.option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+              help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
+@click.option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
+              type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
+@errors_to_exit_codes
+def status(source: str, table: str, as_json: bool, watch: float | None, max_pending_age_s: float) -> None:
+    """Count messages in every state, with the oldest age per state, expired leases, parked and
+    spool disk space, and a verdict with its reasons.
+
+    Exit code = verdict: 0 ok, 1 warn, 2 critical (failed, doubt or malformed messages; disk over
+    90%; oldest pending over 4x --max-pending-age-s; the store cannot be read). Note that 2 also
+    means bad usage (a wrong URL or option), as for every zeroloss command: the message on stderr
+    says which. With --watch, the exit code after Ctrl-C is that of the last verdict.
+    """
+    from zeroloss import status as st
+
+    thresholds = st.Thresholds(max_pending_age_s=max_pending_age_s)
+    with opened_store(source, table) as store:
+
+        def frame() -> tuple[st.Level, str]:
+            stats: Stats | None = None
+            try:
+                stats = store.stats()
+                verdict = st.assess(stats, thresholds)
+            except ConfigError:
+                raise
+            except ZerolossError as exc:
+                verdict = st.unreadable(exc)
+            if as_json:
+                return verdict.level, json.dumps(st.as_dict(stats, verdict), indent=None if watch else 2)
+            return verdict.level, st.render(stats, verdict, store.states)
+
+        if watch is None:
+            level, text = frame()
+            click.echo(text)
+            sys.exit(int(level))
+        level = st.Level.OK
+        try:
+            while True:
+                level, text = frame()
+                if not as_json:
+                    click.clear()
+                    click.echo(f"zeroloss status {source} at {time.strftime('%H:%M:%S')}, every {watch:g}s "
+                               "(Ctrl-C to stop)\n")
+                click.echo(text)
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            pass
+        sys.exit(int(level))
+
+
+@main.command()
+@click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--storage", default="memory://tansu/", show_default=True,
+              help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
+@errors_to_exit_codes
+def broker(port: int, storage: str) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1 until Ctrl-C."""
+    from zeroloss.embedded_broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    b = EmbeddedBroker(port, storage=storage).start()
+    click.echo(f"broker listening at {b.url} (Ctrl-C to stop)")
+    try:
+        while b.alive() and not stop.wait(0.5):
+            pass
+        if not stop.is_set():
+            click.echo("error: the broker exited", err=True)
+            sys.exit(1)
+    finally:
+        b.stop()
+
+
+@main.command()
+@click.option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@errors_to_exit_codes
+def demo(orders: int) -> None:
+    """Shop → outbox → relay (SIGKILLed once) → broker → consumer, then a ledger. Exit 1 on loss."""
+    from zeroloss.demo import run_demo
+
+    sys.exit(run_demo(orders=orders, echo=click.echo))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

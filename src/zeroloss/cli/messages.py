@@ -1,0 +1,275 @@
+"""``zeroloss failed|doubt|malformed list|show|retry|purge``: the messages that wait for a person.
+
+* ``failed``: attempts exhausted or not sendable. ``retry`` = requeue (attempts reset, the key
+  un-parked); ``purge`` deletes (the key un-parks too).
+* ``doubt`` (spool only): committed or not is unknown. Look the transaction id up in the app's
+  database: committed → ``retry``; rolled back → ``purge``.
+* ``malformed`` (spool only): a file that does not decode, quarantined. It cannot be retried;
+  inspect it with ``show`` and ``purge`` it. Its id is its file name in ``malformed/``.
+
+Ids that are not in the state refuse the whole command with exit 2, changing nothing. ``purge``
+without ``--yes`` says what it would delete and exits 1. Bulk work shows a progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from zeroloss.cli._base import (
+    EXIT_PROBLEM,
+    EXIT_USAGE,
+    errors_to_exit_codes,
+    json_option,
+    main,
+    opened_store,
+    source_option,
+)
+from zeroloss.errors import MalformedMessageError, UnknownMessageError
+from zeroloss.message import Message, decode
+from zeroloss.outbox.base import OutboxStore, State
+
+_CHUNK = 100
+_SHOW_BYTES = 1024
+_ALL = 10**9
+
+_HELP = {
+    State.FAILED: "Messages whose attempts ran out or that the broker can never take; each parks its key.",
+    State.DOUBT: "Spool only: tmp files found after a crash whose transaction outcome is unknown. Check the "
+                 "transaction id in your database: committed -> retry, rolled back -> purge.",
+    State.MALFORMED: "Spool only: quarantined files that do not decode (truncated, bit-flipped, foreign). They "
+                     "cannot be retried; show and purge them. A malformed message's id is its file name.",
+}
+
+
+def _not_here(store: OutboxStore, state: State) -> str | None:
+    if state in store.states:
+        return None
+    return (f"this outbox ({type(store).__name__}) never has {state.value} messages: they occur only in a file "
+            "spool (a SQL outbox row commits with the app's transaction and the database keeps it intact)")
+
+
+def _text_or_hex(data: bytes | None, full: bool, limit: int = _SHOW_BYTES) -> tuple[str, str]:
+    """(how it is shown, what it is: 'text' / 'hex' / 'none'), truncated unless ``full``."""
+    if data is None:
+        return "-", "none"
+    cut = data if full else data[:limit]
+    more = "" if full or len(data) <= limit else f"... ({len(data) - limit} more bytes; --full shows all)"
+    try:
+        return cut.decode("utf-8") + more, "text"
+    except UnicodeDecodeError:
+        if not full and len(data) > limit:  # a cut may split a character: decide on the whole
+            try:
+                data.decode("utf-8")
+                return cut.decode("utf-8", errors="replace") + more, "text"
+            except UnicodeDecodeError:
+                pass
+        return cut.hex() + more, "hex"
+
+
+def _when(ts: float) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _row(m: Message, txids: dict[str, str]) -> dict[str, Any]:
+    key, _ = _text_or_hex(m.key, False, 40)
+    return {"id": m.id, "topic": m.topic, "key": key, "attempts": m.attempts, "created_at": _when(m.created_at),
+            "last_error": m.last_error, **({"transaction": txids[m.id]} if m.id in txids else {})}
+
+
+def _txids(store: OutboxStore, state: State) -> dict[str, str]:
+    get: Callable[[State], dict[str, str]] | None = getattr(store, "transaction_ids", None)
+    return get(state) if get is not None and state is State.DOUBT else {}
+
+
+def _malformed_names(store: OutboxStore) -> list[str]:
+    paths: Callable[[], list[str]] | None = getattr(store, "malformed_paths", None)
+    return [os.path.basename(p) for p in paths()] if paths is not None else []
+
+
+def _malformed_path(store: OutboxStore, name: str) -> str:
+    paths: Callable[[], list[str]] = getattr(store, "malformed_paths", list)
+    for p in paths():
+        if os.path.basename(p) == name:
+            return p
+    raise UnknownMessageError(f"no file {name!r} in malformed/; `zeroloss malformed list` shows them")
+
+
+def _why_malformed(data: bytes) -> str:
+    try:
+        decode(data)
+    except MalformedMessageError as exc:
+        return str(exc)
+    return "decodes now; it was quarantined for its name or an id that did not match its file name"
+
+
+def _resolve(store: OutboxStore, state: State, ids: Sequence[str], all_: bool) -> list[str]:
+    """The ids the command acts on, all checked to be in ``state``; exit 2 naming the others."""
+    if bool(ids) == all_:
+        raise click.UsageError("give message ids or --all (not both)")
+    if state is State.MALFORMED:
+        names = _malformed_names(store)
+        if all_:
+            return names
+        wrong = [f"{i} (no such file in malformed/)" for i in ids if i not in set(names)]
+    else:
+        if all_:
+            return [m.id for m in store.list(state, limit=_ALL)] if state in store.states else []
+        wrong = []
+        for mid in dict.fromkeys(ids):
+            try:
+                where = store.get(mid)[0].value
+            except MalformedMessageError:
+                where = "malformed"
+            except UnknownMessageError:
+                where = "no such message"
+            if where != state.value:
+                wrong.append(f"{mid} ({where})")
+    if wrong:
+        note = _not_here(store, state) or f"`zeroloss {state.value} list` shows the {state.value} ones"
+        click.echo(f"error: not {state.value}, so nothing was changed: {', '.join(wrong)}; {note}", err=True)
+        sys.exit(EXIT_USAGE)
+    return list(dict.fromkeys(ids))
+
+
+def _in_chunks(ids: list[str], label: str, fn: Callable[[list[str]], int]) -> int:
+    """``fn`` over chunks of ``ids``; a progress bar on stderr when there is more than one chunk."""
+    if len(ids) <= _CHUNK:
+        return fn(ids)
+    done = 0
+    with click.progressbar(length=len(ids), label=label, file=sys.stderr) as bar:
+        for i in range(0, len(ids), _CHUNK):
+            part = ids[i : i + _CHUNK]
+            done += fn(part)
+            bar.update(len(part))
+    return done
+
+
+def _state_group(state: State) -> click.Group:
+    group = click.Group(state.value, help=_HELP[state], epilog=(
+        "Exit codes: 0 done; 1 purge without --yes (it only says what it would delete); 2 bad usage, or an id "
+        f"that is not {state.value} (the whole command is refused, nothing changes)."))
+
+    @group.command("list")
+    @source_option
+    @json_option
+    @click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+    @errors_to_exit_codes
+    def list_cmd(source: str, table: str, as_json: bool, limit: int) -> None:
+        """List them, oldest first."""
+        with opened_store(source, table) as store:
+            note = _not_here(store, state)
+            if note:
+                click.echo(json.dumps([]) if as_json else note)
+                return
+            total = store.stats().counts.get(state, 0)
+            if state is State.MALFORMED:
+                rows: list[dict[str, Any]] = []
+                for name in _malformed_names(store)[:limit]:
+                    st = os.stat(_malformed_path(store, name))
+                    rows.append({"id": name, "bytes": st.st_size, "quarantined_at": _when(st.st_mtime)})
+            else:
+                txids = _txids(store, state)
+                rows = [_row(m, txids) for m in store.list(state, limit=limit)]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        for r in rows:
+            if state is State.MALFORMED:
+                click.echo(f"{r['id']}  {r['bytes']} bytes  quarantined {r['quarantined_at']}")
+            else:
+                tx = f"  tx={r['transaction']}" if "transaction" in r else ""
+                err = (r["last_error"] or "")[:80]
+                click.echo(f"{r['id']}  {r['topic']}  key={r['key']}  attempts={r['attempts']}  "
+                           f"created {r['created_at']}{tx}  {err}".rstrip())
+        shown = f"showing {len(rows)} of {total}" if len(rows) < total else f"{total}"
+        click.echo(f"{shown} {state.value} message(s)")
+
+    @group.command("show")
+    @source_option
+    @json_option
+    @click.argument("message_id")
+    @click.option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
+    @errors_to_exit_codes
+    def show(source: str, table: str, as_json: bool, message_id: str, full: bool) -> None:
+        """Every field of one message; the value as text if UTF-8, else hex."""
+        with opened_store(source, table) as store:
+            _resolve(store, state, [message_id], False)
+            if state is State.MALFORMED:
+                path = _malformed_path(store, message_id)
+                with open(path, "rb") as f:
+                    data = f.read()
+                shown, kind = _text_or_hex(data, full)
+                doc: dict[str, Any] = {"id": message_id, "state": state.value, "path": path, "bytes": len(data),
+                                       "quarantined_at": _when(os.stat(path).st_mtime),
+                                       "why": _why_malformed(data), f"content_{kind}": shown}
+            else:
+                _, m = store.get(message_id)
+                value, kind = _text_or_hex(m.value, full)
+                key, key_kind = _text_or_hex(m.key, True)
+                doc = {
+                    "id": m.id, "state": state.value, "topic": m.topic, f"key_{key_kind}": key,
+                    "headers": {k: _text_or_hex(v, True)[0] for k, v in m.headers},
+                    "created_at": _when(m.created_at), "attempts": m.attempts, "not_before": _when(m.not_before),
+                    "last_error": m.last_error, "bytes": len(m.value), f"value_{kind}": value,
+                }
+                if (tx := _txids(store, state).get(m.id)) is not None:
+                    doc["transaction"] = tx
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+            return
+        for k, v in doc.items():
+            click.echo(f"{k + ':':<16}{v}")
+
+    if state is not State.MALFORMED:
+
+        @group.command("retry")
+        @source_option
+        @click.argument("message_ids", nargs=-1)
+        @click.option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
+        @errors_to_exit_codes
+        def retry(source: str, table: str, message_ids: tuple[str, ...], all_: bool) -> None:
+            """Back to pending with attempts reset; the relay sends them again, in key order."""
+            with opened_store(source, table) as store:
+                ids = _resolve(store, state, message_ids, all_)
+                if not ids:
+                    click.echo(_not_here(store, state) or f"no {state.value} messages to retry")
+                    return
+                n = _in_chunks(ids, f"retrying {len(ids)}", store.requeue)
+            click.echo(f"{n} message(s) back to pending; the relay will send them")
+
+    @group.command("purge")
+    @source_option
+    @click.argument("message_ids", nargs=-1)
+    @click.option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
+    @click.option("--yes", is_flag=True, help="Really delete. Without it: say what would go, exit 1.")
+    @errors_to_exit_codes
+    def purge(source: str, table: str, message_ids: tuple[str, ...], all_: bool, yes: bool) -> None:
+        """Delete them for good (malformed: the quarantined files). Needs --yes."""
+        with opened_store(source, table) as store:
+            ids = _resolve(store, state, message_ids, all_)
+            if not ids:
+                click.echo(_not_here(store, state) or f"no {state.value} messages to purge")
+                return
+            if not yes:
+                listed = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
+                click.echo(f"would delete {len(ids)} {state.value} message(s): {listed}\n"
+                           "nothing was deleted; run again with --yes to delete them")
+                sys.exit(EXIT_PROBLEM)
+            n = _in_chunks(ids, f"purging {len(ids)}", lambda part: store.purge(state, part))
+        click.echo(f"deleted {n} {state.value} message(s)")
+
+    return group
+
+
+for _state in (State.FAILED, State.DOUBT, State.MALFORMED):
+    main.add_command(_state_group(_state))
+

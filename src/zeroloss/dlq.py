@@ -1,0 +1,263 @@
+"""Dead letters: messages the consumer gave up on, kept on ``<topic>.dlq`` for a person.
+
+A dead letter is the original record (key, value, headers) plus these headers::
+
+    zeroloss-id                       the message id (for foreign records: "topic/partition/offset",
+                                      the same id the inbox deduplicated them by)
+    zeroloss-dlq-error-type           the exception's class, e.g. "ValueError"
+    zeroloss-dlq-error-message        str(exception), at most 2000 characters
+    zeroloss-dlq-attempts             how many times the handler ran (0: undecodable, never ran)
+    zeroloss-dlq-original-topic       where it came from …
+    zeroloss-dlq-original-partition
+    zeroloss-dlq-original-offset
+    zeroloss-dlq-first-failure        epoch seconds of the first failed attempt
+
+The dead-letter topic is an append-only log: a message can appear twice (a consumer crash after
+the dead letter was acknowledged but before its offset was committed). :func:`replay` republishes
+to the original topic *with the original id*, so the consumer's inbox runs it at most once even
+when it is replayed twice. These functions are what ``zeroloss dlq list|show|replay`` calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Generator, Iterable
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from zeroloss.backoff import backoff_s
+from zeroloss.brokers.base import Status
+from zeroloss.brokers.kafka import KafkaBroker, _kafka, parse_bootstrap
+from zeroloss.errors import BrokerError, ConfigError, UnknownMessageError
+from zeroloss.message import ID_HEADER, Headers, Message
+
+log = logging.getLogger(__name__)
+
+DLQ_SUFFIX = ".dlq"
+PREFIX = "zeroloss-dlq-"
+H_ERROR_TYPE = PREFIX + "error-type"
+H_ERROR_MESSAGE = PREFIX + "error-message"
+H_ATTEMPTS = PREFIX + "attempts"
+H_ORIGINAL_TOPIC = PREFIX + "original-topic"
+H_ORIGINAL_PARTITION = PREFIX + "original-partition"
+H_ORIGINAL_OFFSET = PREFIX + "original-offset"
+H_FIRST_FAILURE = PREFIX + "first-failure"
+MAX_ERROR_CHARS = 2000
+
+
+def dlq_topic(topic: str, suffix: str = DLQ_SUFFIX) -> str:
+    """``orders`` → ``orders.dlq``; a name already ending in the suffix is returned as is."""
+    return topic if topic.endswith(suffix) else topic + suffix
+
+
+def dead_letter(
+    *,
+    message_id: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Headers,
+    error: BaseException,
+    attempts: int,
+    first_failure: float,
+    suffix: str = DLQ_SUFFIX,
+) -> Message:
+    """The dead-letter message for a record the consumer gives up on."""
+    kept = tuple((k, v) for k, v in headers if k != ID_HEADER and not k.startswith(PREFIX))
+    ours = (
+        (H_ERROR_TYPE, type(error).__name__.encode()),
+        (H_ERROR_MESSAGE, str(error)[:MAX_ERROR_CHARS].encode("utf-8", "replace")),
+        (H_ATTEMPTS, str(attempts).encode()),
+        (H_ORIGINAL_TOPIC, topic.encode()),
+        (H_ORIGINAL_PARTITION, str(partition).encode()),
+        (H_ORIGINAL_OFFSET, str(offset).encode()),
+        (H_FIRST_FAILURE, repr(first_failure).encode()),
+    )
+    return Message(id=message_id, topic=dlq_topic(topic, suffix), value=value or b"", key=key, headers=kept + ours)
+
+
+class DeadLetterPublisher:
+    """Publishes dead letters with an idempotent, acks=all producer and waits for the delivery
+    report; :meth:`publish` returns only once the broker has the message, else raises."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0, config: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.config = config
+        self._broker: KafkaBroker | None = None
+
+    def publish(self, msg: Message) -> str:
+        if self._broker is None:
+            self._broker = KafkaBroker(self.url, timeout_s=self.timeout_s, config=self.config)
+        (outcome,) = self._broker.publish([msg])
+        if outcome.status is not Status.DELIVERED:
+            raise BrokerError(f"dead letter {msg.id} to {msg.topic} not delivered: {outcome.error}",
+                              retriable=outcome.status is not Status.REJECTED)
+        return outcome.location or ""
+
+    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float) -> str | None:
+        """:meth:`publish` until it succeeds, backing off between tries (the consumer holds the
+        offset meanwhile); the location, or None if ``stop`` was set while waiting."""
+        failures = 0
+        while True:
+            try:
+                return self.publish(msg)
+            except BrokerError as err:
+                failures += 1
+                log.error("message %s: dead letter to %s failed (%s); its offset is held", msg.id, msg.topic, err)
+            if stop.wait(backoff_s(failures, backoff_base_s, max_backoff_s)):
+                return None
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    topic: str  # the dead-letter topic
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: Headers  # the original record's own headers
+    error_type: str
+    error_message: str
+    attempts: int
+    original_topic: str
+    original_partition: int
+    original_offset: int
+    first_failure: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly (bytes as text where they decode, else hex) for ``--json``."""
+
+        def text(b: bytes | None) -> str | None:
+            if b is None:
+                return None
+            try:
+                return b.decode()
+            except UnicodeDecodeError:
+                return "hex:" + b.hex()
+
+        d = asdict(self)
+        d.update(key=text(self.key), value=text(self.value), headers=[[k, text(v)] for k, v in self.headers])
+        return d
+
+
+def _parse(rec: Any) -> DeadLetter:
+    raw = [(k, v or b"") for k, v in rec.headers() or []]
+    h = {k: v.decode("utf-8", "replace") for k, v in reversed(raw)}  # first occurrence wins
+
+    def num(name: str, cast: Any, default: Any) -> Any:
+        try:
+            return cast(h[name])
+        except (KeyError, ValueError):
+            return default
+
+    return DeadLetter(
+        id=h.get(ID_HEADER, f"{rec.topic()}/{rec.partition()}/{rec.offset()}"),
+        topic=rec.topic(),
+        partition=rec.partition(),
+        offset=rec.offset(),
+        key=rec.key(),
+        value=rec.value() or b"",
+        headers=tuple((k, v) for k, v in raw if k != ID_HEADER and not k.startswith(PREFIX)),
+        error_type=h.get(H_ERROR_TYPE, ""),
+        error_message=h.get(H_ERROR_MESSAGE, ""),
+        attempts=num(H_ATTEMPTS, int, 0),
+        original_topic=h.get(H_ORIGINAL_TOPIC, ""),
+        original_partition=num(H_ORIGINAL_PARTITION, int, -1),
+        original_offset=num(H_ORIGINAL_OFFSET, int, -1),
+        first_failure=num(H_FIRST_FAILURE, float, 0.0),
+    )
+
+
+def _scan(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator[DeadLetter, None, None]:
+    """Every record of ``topic`` from the beginning, without joining a group; ends when nothing
+    new arrived for ``idle_s`` (the high watermark is not trusted: Tansu reports it wrongly)."""
+    ck = _kafka()
+    consumer: Any = ck.Consumer({
+        "bootstrap.servers": parse_bootstrap(url),
+        "group.id": f"zeroloss-dlq-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    })
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        parts = meta.topics[topic].partitions if topic in meta.topics else {}
+        if not parts:
+            return
+        consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last_new <= idle_s:
+            batch = consumer.consume(500, 0.2)
+            for rec in batch:
+                if rec.error() is None:
+                    last_new = time.monotonic()
+                    yield _parse(rec)
+    finally:
+        consumer.close()
+
+
+def list_dead_letters(url: str, topic: str, limit: int = 100, *, idle_s: float = 2.0,
+                      timeout_s: float = 60.0) -> list[DeadLetter]:
+    """Up to ``limit`` dead letters of ``topic`` (``orders`` or ``orders.dlq``), oldest failure first."""
+    out: list[DeadLetter] = []
+    with closing(_scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s)) as letters:
+        for dl in letters:
+            out.append(dl)
+            if len(out) >= limit:
+                break
+    return sorted(out, key=lambda d: (d.first_failure, d.id))
+
+
+def show(url: str, topic: str, message_id: str, *, idle_s: float = 2.0, timeout_s: float = 60.0) -> DeadLetter:
+    """The newest dead letter with ``message_id``; UnknownMessageError if there is none."""
+    found: DeadLetter | None = None
+    for dl in _scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s):
+        if dl.id == message_id and (found is None or dl.first_failure >= found.first_failure):
+            found = dl
+    if found is None:
+        raise UnknownMessageError(f"no dead letter {message_id} in {dlq_topic(topic)}")
+    return found
+
+
+def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = None, idle_s: float = 2.0,
+           timeout_s: float = 60.0) -> int:
+    """Republish dead letters to their original topic (or ``to_topic``) with their original key,
+    value, headers and **id**, so the consumer's inbox runs each at most once. All ids must exist
+    (UnknownMessageError names the missing ones; nothing is sent then). Returns how many were
+    delivered; BrokerError if any was not."""
+    want = list(dict.fromkeys(ids))
+    found: dict[str, DeadLetter] = {}
+    for dl in _scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s):
+        if dl.id in want:
+            found[dl.id] = dl  # a later copy replaces an earlier one: either is the same message
+    missing = [i for i in want if i not in found]
+    if missing:
+        raise UnknownMessageError(f"no dead letter with id(s) {', '.join(missing)} in {dlq_topic(topic)}")
+    nowhere = [i for i in want if not (to_topic or found[i].original_topic)]
+    if nowhere:
+        raise ConfigError(f"dead letter(s) {', '.join(nowhere)} name no original topic; pass to_topic")
+    msgs = [Message(id=dl.id, topic=to_topic or dl.original_topic, value=dl.value, key=dl.key, headers=dl.headers)
+            for dl in (found[i] for i in want)]
+    broker = KafkaBroker(url, timeout_s=timeout_s)
+    try:
+        outcomes = broker.publish(msgs)
+    finally:
+        broker.close()
+    failed = [f"{o.message.id}: {o.error}" for o in outcomes if o.status is not Status.DELIVERED]
+    if failed:
+        raise BrokerError(f"{len(failed)} of {len(msgs)} replays not delivered: {'; '.join(failed[:5])}")
+    return len(msgs)

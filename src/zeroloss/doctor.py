@@ -1,0 +1,363 @@
+"""``zeroloss doctor``: check the settings that decide whether a message can be lost, and say
+how to fix each one.
+
+Every check ends in a verdict — ``ok``, ``warn`` (not known to be safe, or safe but fragile),
+``fail`` (can lose or refuse messages) or ``skip`` (could not be checked here, and why) — with
+the fix. What is checked:
+
+* **Kafka producer** (what the relay runs with, from :func:`~zeroloss.brokers.kafka.producer_config`):
+  ``acks=all``, idempotence, retries, ``max.in.flight.requests.per.connection`` ≤ 5, a
+  ``transactional.id``.
+* **Kafka consumer** (from :func:`zeroloss.consumer.consumer_config` when that module is
+  installed): auto commit off, ``isolation.level=read_committed``.
+* **Kafka broker and topic**, through the AdminClient: replication factor (from the metadata)
+  ≥ ``min_replication``; ``min.insync.replicas`` ≥ 2 (else ``acks=all`` means one copy) and below
+  the replication factor (equal: one broker down stops writes; above: no write can succeed);
+  ``unclean.leader.election.enable=false``. A broker that does not report a key (some do not
+  report defaults) gives ``warn`` with the value Kafka would use by default — never a crash.
+* **Redis** (``redis://``): ``appendonly`` and ``appendfsync`` (``no`` → fail; ``everysec`` →
+  warn: up to 1 s of writes lost in a crash; ``always`` → ok) and ``maxmemory-policy``.
+* **Outbox** (``--source``): reachable and initialised; PostgreSQL ``fsync`` and
+  ``synchronous_commit``, MariaDB/MySQL ``innodb_flush_log_at_trx_commit`` (a commit the app saw
+  must survive a crash, or the relay may publish a message whose transaction is then lost).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from zeroloss.errors import ConfigError, ZerolossError
+
+if TYPE_CHECKING:
+    from zeroloss.outbox.base import Stats
+
+log = logging.getLogger(__name__)
+
+KAFKA_DEFAULTS = {"min.insync.replicas": "1", "unclean.leader.election.enable": "false",
+                  "default.replication.factor": "1"}
+"""What Apache Kafka uses when nothing is configured (reported when a broker does not say)."""
+
+
+class Verdict(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    verdict: Verdict
+    detail: str
+    fix: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def overall(checks: list[Check]) -> Verdict:
+    verdicts = {c.verdict for c in checks}
+    return Verdict.FAIL if Verdict.FAIL in verdicts else Verdict.WARN if Verdict.WARN in verdicts else Verdict.OK
+
+
+def run_doctor(
+    target: str | None = None,
+    *,
+    topic: str | None = None,
+    source: str | None = None,
+    table: str = "zeroloss_outbox",
+    min_replication: int = 3,
+    timeout_s: float = 10.0,
+) -> list[Check]:
+    """All checks that apply to the given URLs, in order."""
+    from zeroloss.registry import scheme_of
+
+    checks: list[Check] = []
+    if source is not None:
+        checks += source_checks(source, table)
+    if target is not None:
+        scheme = scheme_of(target)
+        if scheme == "kafka":
+            checks += kafka_checks(target, topic=topic, min_replication=min_replication, timeout_s=timeout_s)
+        elif scheme in ("redis", "rediss"):
+            checks += redis_checks(target, timeout_s=timeout_s)
+        else:
+            raise ConfigError(f"doctor knows kafka:// and redis:// targets, not {scheme!r}")
+    if not checks:
+        raise ConfigError("nothing to check: give --target URL and/or --source URL")
+    return checks
+
+
+# -- Kafka ---------------------------------------------------------------------------------------
+
+
+def producer_checks(bootstrap: str) -> list[Check]:
+    from zeroloss.brokers.kafka import producer_config
+
+    conf = producer_config(bootstrap, "zeroloss-relay-doctor", 30.0)
+    fix = "zeroloss sets this itself; remove the override from the relay's producer config"
+
+    def check(name: str, good: bool, why: str) -> Check:
+        return Check(f"producer {name}", Verdict.OK if good else Verdict.FAIL,
+                     f"{name}={conf.get(name)}{'' if good else ': ' + why}", "" if good else fix)
+
+    inflight = int(conf.get("max.in.flight.requests.per.connection", 1_000_000))
+    return [
+        check("acks", str(conf.get("acks")) in ("all", "-1"), "the leader alone acknowledges; a failover loses it"),
+        check("enable.idempotence", str(conf.get("enable.idempotence")).lower() == "true",
+              "retries can duplicate and reorder"),
+        check("retries", int(conf.get("retries", 0)) > 0, "a transient error fails the message"),
+        check("max.in.flight.requests.per.connection", inflight <= 5, "idempotence keeps order only up to 5"),
+        check("transactional.id", bool(conf.get("transactional.id")), "no fencing of a zombie relay"),
+    ]
+
+
+def consumer_checks() -> list[Check]:
+    try:
+        from zeroloss.consumer import consumer_config
+    except ImportError as exc:
+        return [Check("consumer settings", Verdict.SKIP, f"zeroloss.consumer is not available ({exc})")]
+    conf = consumer_config("doctor:9092", "doctor")
+    auto = str(conf.get("enable.auto.commit")).lower() in ("false", "0")
+    committed = conf.get("isolation.level") == "read_committed"
+    return [
+        Check("consumer enable.auto.commit", Verdict.OK if auto else Verdict.FAIL,
+              f"enable.auto.commit={conf.get('enable.auto.commit')}",
+              "" if auto else "set enable.auto.commit=false: offsets must be committed after the work is done"),
+        Check("consumer isolation.level", Verdict.OK if committed else Verdict.WARN,
+              f"isolation.level={conf.get('isolation.level')}",
+              "" if committed else "set isolation.level=read_committed so aborted relay batches are not consumed"),
+    ]
+
+
+def _admin_module() -> Any:
+    from zeroloss.brokers.kafka import _kafka
+
+    _kafka()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
+    return importlib.import_module("confluent_kafka.admin")
+
+
+def _admin(bootstrap: str, timeout_s: float) -> Any:
+    return _admin_module().AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout_s * 1000),
+                        "logger": logging.getLogger("zeroloss.librdkafka")})
+
+
+def _describe(admin: Any, kind: str, name: str, timeout_s: float) -> tuple[dict[str, str], str | None]:
+    """(key → value of what the broker reports, error) for a topic or broker resource."""
+    resource = _admin_module().ConfigResource
+    res = resource(getattr(resource.Type, kind), name)
+    try:
+        entries = admin.describe_configs([res], request_timeout=timeout_s)[res].result(timeout_s)
+    except Exception as exc:  # translated into a warn line: the check could not read it
+        return {}, f"{type(exc).__name__}: {exc}"
+    return {k: str(e.value) for k, e in entries.items() if e.value is not None}, None
+
+
+def _setting(key: str, topic_conf: dict[str, str], broker_conf: dict[str, str]) -> tuple[str | None, str]:
+    """(value, where it came from) for a topic setting: the topic's, else the broker's default."""
+    if key in topic_conf:
+        return topic_conf[key], "topic"
+    if key in broker_conf:
+        return broker_conf[key], "broker default"
+    return None, "not reported"
+
+
+def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3,
+                 timeout_s: float = 10.0) -> list[Check]:
+    from zeroloss.brokers.kafka import parse_bootstrap
+
+    bootstrap = parse_bootstrap(url)
+    checks = producer_checks(bootstrap) + consumer_checks()
+    admin = _admin(bootstrap, timeout_s)
+    try:
+        md = admin.list_topics(timeout=timeout_s)
+    except Exception as exc:  # the client's own error type; reported, not raised
+        return [*checks, Check("broker reachable", Verdict.FAIL, f"{bootstrap}: {exc}",
+                               "start the broker or fix --target")]
+    checks.append(Check("broker reachable", Verdict.OK, f"{bootstrap}: {len(md.brokers)} broker(s)"))
+    broker_id = str(min(md.brokers)) if md.brokers else None
+    broker_conf: dict[str, str] = {}
+    if broker_id is not None:
+        broker_conf, err = _describe(admin, "BROKER", broker_id, timeout_s)
+        if err:
+            checks.append(Check("broker config", Verdict.WARN, f"cannot read broker {broker_id}'s config: {err}",
+                                "grant DescribeConfigs on the cluster to check the defaults"))
+    rf_default = broker_conf.get("default.replication.factor")
+    checks.append(_min_count_check(
+        "broker default.replication.factor", rf_default, min_replication, "topics the broker auto-creates",
+        f"set default.replication.factor={min_replication} (or disable auto.create.topics.enable)",
+    ))
+    if topic is None:
+        checks.append(Check("topic", Verdict.SKIP, "no --topic given", "pass --topic T to check a topic"))
+        return checks
+    if topic not in md.topics or md.topics[topic].error is not None:
+        return [*checks, Check(f"topic {topic}", Verdict.FAIL, "does not exist",
+                               f"create it with replication factor {min_replication} and min.insync.replicas=2; "
+                               "do not rely on auto-creation")]
+    rf = min((len(p.replicas) for p in md.topics[topic].partitions.values()), default=0)
+    topic_conf, err = _describe(admin, "TOPIC", topic, timeout_s)
+    if err:
+        checks.append(Check(f"topic {topic} config", Verdict.WARN, f"cannot read it: {err}",
+                            "grant DescribeConfigs on the topic"))
+    checks.append(Check(
+        f"topic {topic} replication.factor", Verdict.OK if rf >= min_replication else Verdict.FAIL,
+        f"{rf} (need >= {min_replication})",
+        "" if rf >= min_replication else f"reassign partitions to {min_replication} replicas "
+        "(kafka-reassign-partitions) or recreate the topic",
+    ))
+    mis, src = _setting("min.insync.replicas", topic_conf, broker_conf)
+    checks.append(_min_count_check(f"topic {topic} min.insync.replicas", mis, 2, "acks=all", "set "
+                                   "min.insync.replicas=2 on the topic (kafka-configs --alter)", source=src))
+    if mis is not None and mis.isdigit():
+        n = int(mis)
+        if n > rf:
+            v, why = Verdict.FAIL, f"{n} > replication factor {rf}: every acks=all write is refused"
+        elif n == rf:
+            v, why = Verdict.WARN, f"{n} = replication factor {rf}: one broker down stops all writes"
+        else:
+            v, why = Verdict.OK, f"{n} < replication factor {rf}"
+        checks.append(Check(f"topic {topic} min.insync.replicas < replication.factor", v, why,
+                            "" if v is Verdict.OK else "keep min.insync.replicas = replication.factor - 1"))
+    unclean, src = _setting("unclean.leader.election.enable", topic_conf, broker_conf)
+    name = f"topic {topic} unclean.leader.election.enable"
+    if unclean is None:
+        checks.append(Check(name, Verdict.WARN, f"not reported; Kafka's default is "
+                            f"{KAFKA_DEFAULTS['unclean.leader.election.enable']}",
+                            "set unclean.leader.election.enable=false explicitly to be sure"))
+    elif unclean.lower() == "false":
+        checks.append(Check(name, Verdict.OK, f"false ({src})"))
+    else:
+        checks.append(Check(name, Verdict.FAIL, f"{unclean} ({src}): an out-of-sync replica can become leader and "
+                            "drop acknowledged records", "set unclean.leader.election.enable=false"))
+    return checks
+
+
+def _min_count_check(name: str, value: str | None, minimum: int, what: str, fix: str, *,
+                     source: str = "broker") -> Check:
+    key = name.rsplit(" ", 1)[-1]
+    if value is None or not value.isdigit():
+        default = KAFKA_DEFAULTS.get(key, "?")
+        return Check(name, Verdict.WARN, f"not reported; Kafka's default is {default}" + (
+            f" (need >= {minimum} for {what})" if default.isdigit() and int(default) < minimum else ""), fix)
+    if int(value) >= minimum:
+        return Check(name, Verdict.OK, f"{value} ({source})")
+    return Check(name, Verdict.FAIL, f"{value} ({source}); need >= {minimum} for {what}", fix)
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+
+def redis_checks(url: str, *, timeout_s: float = 10.0) -> list[Check]:
+    try:
+        import redis
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        from zeroloss.errors import MissingExtraError
+
+        raise MissingExtraError("redis", "redis", "checking Redis") from exc
+    client: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    try:
+        conf: dict[str, str] = {}
+        for key in ("appendonly", "appendfsync", "maxmemory-policy"):
+            got = client.config_get(key)
+            conf.update({str(k if isinstance(k, str) else k.decode()): str(v if isinstance(v, str) else v.decode())
+                         for k, v in got.items()})
+    except redis.ResponseError as exc:
+        return [Check("redis config", Verdict.WARN, f"CONFIG GET refused ({exc}); managed Redis often hides it",
+                      "check appendonly=yes and appendfsync=always in the provider's settings")]
+    except redis.RedisError as exc:
+        return [Check("redis reachable", Verdict.FAIL, f"{exc}", "start Redis or fix the URL")]
+    finally:
+        client.close()
+    checks = [Check("redis reachable", Verdict.OK, url.split("@")[-1])]
+    aof = conf.get("appendonly", "?")
+    fix_aof = "CONFIG SET appendonly yes; CONFIG SET appendfsync always (and in redis.conf)"
+    if aof != "yes":
+        checks.append(Check("redis appendonly", Verdict.FAIL, f"appendonly={aof}: a restart loses everything since "
+                            "the last snapshot", fix_aof))
+    else:
+        checks.append(Check("redis appendonly", Verdict.OK, "appendonly=yes"))
+    fsync = conf.get("appendfsync", "?")
+    if aof == "yes" and fsync == "always":
+        checks.append(Check("redis appendfsync", Verdict.OK, "appendfsync=always"))
+    elif fsync == "everysec":
+        checks.append(Check("redis appendfsync", Verdict.WARN, "appendfsync=everysec: a crash can lose up to 1 s of "
+                            "acknowledged writes", "CONFIG SET appendfsync always"))
+    else:
+        checks.append(Check("redis appendfsync", Verdict.FAIL, f"appendfsync={fsync}", fix_aof))
+    policy = conf.get("maxmemory-policy", "?")
+    checks.append(Check("redis maxmemory-policy", Verdict.OK if policy == "noeviction" else Verdict.WARN,
+                        f"maxmemory-policy={policy}" + ("" if policy == "noeviction" else
+                                                        ": at the memory limit Redis evicts keys (inbox marks, "
+                                                        "stream entries)"),
+                        "" if policy == "noeviction" else "CONFIG SET maxmemory-policy noeviction"))
+    return checks
+
+
+# -- the outbox ----------------------------------------------------------------------------------
+
+
+def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
+    from zeroloss.registry import open_store
+
+    store = open_store(url, table=table)
+    try:
+        stats: Stats | None = None
+        try:
+            stats = store.stats()
+        except ZerolossError as exc:
+            checks = [Check("outbox reachable", Verdict.FAIL, str(exc),
+                            f"start the database, or create the outbox: zeroloss init --source {url}")]
+        else:
+            total = sum(stats.counts.values())
+            checks = [Check("outbox reachable", Verdict.OK, f"{type(store).__name__}: {total} message(s)")]
+        if stats is not None and stats.disk_total_bytes and stats.disk_free_bytes is not None:
+            used = 100.0 * (1 - stats.disk_free_bytes / stats.disk_total_bytes)
+            v = Verdict.FAIL if used > 90 else Verdict.WARN if used > 80 else Verdict.OK
+            checks.append(Check("spool disk", v, f"{used:.0f}% used",
+                                "" if v is Verdict.OK else "free space on the spool's filesystem"))
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            checks += _database_checks(engine)
+        return checks
+    finally:
+        store.close()
+
+
+def _database_checks(engine: Any) -> list[Check]:
+    import sqlalchemy as sa
+
+    dialect = engine.dialect.name
+    if dialect == "postgresql":
+        wanted = {"fsync": ("on",), "synchronous_commit": ("on", "remote_write", "remote_apply")}
+        query: Callable[[Any, str], str] = lambda c, k: str(c.execute(sa.text(f"SHOW {k}")).scalar())  # noqa: E731
+    elif dialect in ("mysql", "mariadb"):
+        wanted = {"innodb_flush_log_at_trx_commit": ("1",)}
+        query = lambda c, k: str(c.execute(sa.text(f"SELECT @@{k}")).scalar())  # noqa: E731
+    else:
+        return []
+    checks = []
+    try:
+        conn = engine.connect()
+    except sa.exc.DBAPIError as exc:
+        return [Check("database settings", Verdict.SKIP, f"cannot connect: {exc.orig}")]
+    with conn:
+        for key, good in wanted.items():
+            try:
+                value = query(conn, key)
+            except sa.exc.DBAPIError as exc:
+                checks.append(Check(f"database {key}", Verdict.WARN, f"cannot read it: {exc.orig}"))
+                continue
+            ok = value.lower() in good
+            checks.append(Check(
+                f"database {key}", Verdict.OK if ok else Verdict.FAIL,
+                f"{key}={value}" + ("" if ok else ": a commit the app saw can vanish in a crash after the relay "
+                                    "published its message"),
+                "" if ok else f"set {key}={good[0]}",
+            ))
+    return checks

@@ -1,0 +1,75 @@
+"""Every error zeroloss raises derives from :class:`ZerolossError`.
+
+The tree is shallow on purpose; ``retriable`` tells a caller whether trying the same
+thing again later can succeed, so the decision is one attribute read::
+
+    ZerolossError
+    ├── ConfigError            bad URL, unknown scheme, bad option       (not retriable)
+    │   └── MissingExtraError  an optional dependency is not installed   (not retriable)
+    ├── MessageError           a message that can never be sent          (not retriable)
+    ├── MalformedMessageError  bytes that do not decode to a message     (not retriable)
+    ├── UnknownMessageError    no message with that id in that state     (not retriable)
+    ├── StoreError             the outbox or inbox could not do its work (retriable by flag)
+    │   └── SpoolFullError     no space left for the spool               (retriable)
+    └── BrokerError            the broker refused or could not be reached (retriable by flag)
+
+Client libraries' exceptions are translated into these inside the module that called the
+client; nothing above that module sees ``confluent_kafka.KafkaException`` and friends.
+"""
+
+from __future__ import annotations
+
+
+class ZerolossError(Exception):
+    """Root of every zeroloss error."""
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
+
+
+class ConfigError(ZerolossError):
+    """A URL, option or setting is wrong; the message says what to fix."""
+
+
+class MissingExtraError(ConfigError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the Python package {package!r}, which is not installed; "
+            f"install it with: pip install 'zeroloss[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class MessageError(ZerolossError):
+    """A message that can never be sent as it is (wrong type, bad topic name, too large)."""
+
+
+class MalformedMessageError(ZerolossError):
+    """Bytes that are not a complete, intact zeroloss message (truncated, bit-flipped, foreign)."""
+
+
+class UnknownMessageError(ZerolossError):
+    """No message with the given id exists in the state that was asked for."""
+
+
+class StoreError(ZerolossError):
+    """The outbox or inbox store failed; ``retriable`` says whether trying again can help."""
+
+
+class SpoolFullError(StoreError):
+    """The spool's filesystem is full: nothing was written, the caller's transaction should roll back."""
+
+    retriable = True
+
+
+class BrokerError(ZerolossError):
+    """The broker could not be reached or refused the work."""
+
+    retriable = True

@@ -1,0 +1,394 @@
+"""What a consumer group has already done: the inbox that turns at-least-once delivery into
+exactly-once effects.
+
+The consumer opens ``with inbox.transaction() as tx``, calls ``inbox.claim(tx, group, id)`` and,
+only when that returns True, runs the handler with ``tx``; the transaction commits the claim and
+the handler's effects together. A duplicate delivery finds the claim and skips the handler.
+
+* :class:`SqlInbox` (PostgreSQL, MariaDB/MySQL, SQLite): ``tx`` is a SQLAlchemy ``Connection`` in
+  a transaction. The claim row and the handler's rows commit atomically, so effects written with
+  ``tx`` happen **exactly once**. The claim is one statement: ``INSERT … ON CONFLICT DO NOTHING``
+  (PostgreSQL, SQLite) or ``INSERT IGNORE`` (MariaDB/MySQL), with the row count saying whether it
+  was new; a concurrent claim of the same id waits on the row lock until the first transaction
+  ends, so exactly one of them wins.
+* :class:`RedisInbox`: for effects outside a database. See its docstring for the exact window in
+  which an effect can happen twice.
+
+Message ids are our UUIDv7 ids or, for foreign records without a ``zeroloss-id`` header,
+``"topic/partition/offset"``.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError
+from zeroloss.sqlurl import configure_sqlite, make_engine
+
+MAX_ID_LEN = 255
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
+
+
+@runtime_checkable
+class Inbox(Protocol):
+    """Records which (group, message id) pairs have been processed."""
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A unit of work; what it yields is handed to the handler as ``tx``."""
+        ...
+
+    def claim(self, tx: Any, group: str, message_id: str) -> bool:
+        """Mark the message processed by ``group`` as part of ``tx``; False if it already was."""
+        ...
+
+    def seen(self, group: str, message_id: str) -> bool:
+        """Whether a committed claim exists (tests, audit)."""
+        ...
+
+    def purge(self, older_than_s: float) -> int:
+        """Forget claims older than ``older_than_s``; returns how many. A redelivery older than
+        the retention is no longer recognised as a duplicate, so keep it above the longest
+        possible redelivery delay (consumer downtime plus the broker's retention)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _check(group: str, message_id: str) -> None:
+    for what, v in (("group", group), ("message id", message_id)):
+        if not isinstance(v, str) or not v or len(v) > MAX_ID_LEN:
+            raise MessageError(f"inbox {what} must be a non-empty str of at most {MAX_ID_LEN} characters: {v!r}")
+
+
+def open_inbox(url: str) -> Inbox:
+    """An inbox from a URL: ``redis://…`` / ``rediss://…`` → RedisInbox, any SQL URL → SqlInbox."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisInbox(url)
+    return SqlInbox(url)
+
+
+# -- SQL ------------------------------------------------------------------------------------
+
+
+def _id_type() -> sa.types.TypeEngine[str]:
+    """Case-sensitive, bytewise-compared text (MariaDB's default collation ignores case)."""
+    return (
+        sa.String(MAX_ID_LEN)
+        .with_variant(mysql.VARCHAR(MAX_ID_LEN, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
+        .with_variant(postgresql.VARCHAR(MAX_ID_LEN, collation="C"), "postgresql")
+    )
+
+
+def inbox_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
+    if not _TABLE_RE.match(name):
+        raise ConfigError(f"invalid inbox table name {name!r}: use 1-50 letters, digits or _")
+    return sa.Table(
+        name,
+        metadata if metadata is not None else sa.MetaData(),
+        sa.Column("group_name", _id_type(), primary_key=True),
+        sa.Column("message_id", _id_type(), primary_key=True),
+        sa.Column("processed_at", sa.Double, nullable=False),
+        sa.Index(f"ix_{name}_processed_at", "processed_at"),
+    )
+
+
+class SqlInbox:
+    """The inbox as a table in the handler's own database; effects written with ``tx`` are
+    exactly-once."""
+
+    def __init__(
+        self,
+        url_or_engine: str | sa.Engine,
+        *,
+        table: str = "zeroloss_inbox",
+        clock: Callable[[], float] = time.time,
+        lock_timeout_s: float = 10.0,
+        idle_in_transaction_timeout_s: float = 60.0,
+    ) -> None:
+        if isinstance(url_or_engine, sa.Engine):
+            self.engine, self._owns_engine = url_or_engine, False
+            if self.engine.dialect.name == "sqlite":
+                configure_sqlite(self.engine)
+        else:
+            self.engine, self._owns_engine = make_engine(url_or_engine), True
+        self.table = inbox_table(table)
+        self.clock = clock
+        self.dialect = self.engine.dialect.name
+        self._insert = self._insert_statement()
+        self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
+
+    def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
+        """Why: a consumer frozen mid-handler (SIGSTOP, a GC pause, a hung host) keeps its
+        transaction and the inbox row lock of the message it was on. The group gives the partition
+        to another consumer, whose claim of that message would wait on the lock for as long as the
+        zombie lives. The lock timeout turns that wait into a retriable StoreError (no attempt
+        spent); the idle-in-transaction timeout has the server end the zombie's session, which
+        rolls its work back and frees the row. Keep it above your handler's longest pause."""
+        if self.dialect == "postgresql":
+            return (f"SET LOCAL lock_timeout = {int(lock_s * 1000)}; "
+                    f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_s * 1000)}")
+        if self.dialect in ("mysql", "mariadb"):
+            return (f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_s))}, "
+                    f"wait_timeout = {max(1, round(idle_s))}")
+        return None  # SQLite: one writer at a time, with its busy timeout
+
+    def _insert_statement(self) -> Any:
+        t = self.table
+        if self.dialect == "postgresql":
+            stmt: Any = postgresql.insert(t).on_conflict_do_nothing()
+        elif self.dialect == "sqlite":
+            stmt = sqlite.insert(t).on_conflict_do_nothing()
+        elif self.dialect in ("mysql", "mariadb"):
+            # IGNORE also turns truncation into a warning; _check() keeps values within the columns.
+            stmt = sa.insert(t).prefix_with("IGNORE")
+        else:  # any other dialect: a plain INSERT in a SAVEPOINT, IntegrityError = duplicate
+            return None
+        return stmt.execution_options(preserve_rowcount=True)  # SQLAlchemy keeps it only when asked
+
+    def create_schema(self) -> None:
+        try:
+            self.table.metadata.create_all(self.engine, checkfirst=True)
+        except DBAPIError as exc:
+            raise StoreError(f"cannot create the inbox table {self.table.name}: {exc}", retriable=True) from exc
+
+    def drop_schema(self) -> None:
+        self.table.drop(self.engine, checkfirst=True)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sa.Connection]:
+        """A connection in a transaction: committed when the block ends normally, rolled back when
+        it raises. Failures to begin or commit are StoreError (retriable); the block's own
+        exceptions pass through untouched. A commit whose outcome is unknown is safe to retry:
+        if it did commit, the retry's claim finds the row."""
+        try:
+            conn = self.engine.connect()
+            if self.dialect == "sqlite":  # take the write lock up front: no busy upgrade deadlock
+                conn = conn.execution_options(zeroloss_immediate=True)
+            trans = conn.begin()
+            if self._session_limits is not None:
+                conn.exec_driver_sql(self._session_limits)
+        except DBAPIError as exc:
+            raise StoreError(f"inbox database unavailable: {exc}", retriable=True) from exc
+        try:
+            try:
+                yield conn
+            except BaseException:
+                with suppress(DBAPIError):  # the connection is gone; the server rolls back by itself
+                    trans.rollback()
+                raise
+            try:
+                trans.commit()
+            except DBAPIError as exc:
+                raise StoreError(f"inbox commit failed: {exc}", retriable=True) from exc
+        finally:
+            conn.close()
+
+    def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
+        _check(group, message_id)
+        row = {"group_name": group, "message_id": message_id, "processed_at": self.clock()}
+        try:
+            if self._insert is not None:
+                return bool(tx.execute(self._insert, row).rowcount == 1)
+            try:
+                with tx.begin_nested():
+                    tx.execute(sa.insert(self.table), row)
+                return True
+            except IntegrityError:
+                return False
+        except DBAPIError as exc:
+            raise StoreError(f"inbox claim failed for {group}/{message_id}: {exc}", retriable=True) from exc
+
+    def seen(self, group: str, message_id: str) -> bool:
+        t = self.table
+        q = sa.select(sa.literal(1)).where(t.c.group_name == group, t.c.message_id == message_id)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
+    def purge(self, older_than_s: float) -> int:
+        cutoff = self.clock() - older_than_s
+        with self.engine.begin() as conn:
+            return int(conn.execute(sa.delete(self.table).where(self.table.c.processed_at < cutoff)).rowcount)
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self.engine.dispose()
+
+
+# -- Redis ----------------------------------------------------------------------------------
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_DONE = b"done "
+_PENDING = b"pending "
+
+
+class RedisTx:
+    """What a RedisInbox transaction hands the handler.
+
+    ``client`` is the redis-py client. Commands queued on ``pipeline`` run in one MULTI/EXEC
+    together with the claim's final mark, so Redis effects queued there are exactly-once; anything
+    else the handler does (HTTP calls, other stores) is at-least-once with dedup.
+    """
+
+    def __init__(self, inbox: RedisInbox) -> None:
+        self.client: Any = inbox.client
+        self.token = secrets.token_hex(8).encode()
+        self._pipe: Any = inbox.client.pipeline(transaction=True)
+        self.keys: list[str] = []
+
+    @property
+    def pipeline(self) -> Any:
+        if not self._pipe.explicit_transaction:
+            self._pipe.multi()
+        return self._pipe
+
+
+class RedisInbox:
+    """The inbox as Redis keys ``{prefix}{group}:{message id}`` with a TTL of ``ttl_s``.
+
+    A claim is ``SET key "pending <token>" NX PX lease_s``: atomic, so of concurrent claims
+    exactly one wins; the others wait until the winner commits (→ False) or rolls back (→ they
+    retry the SET). On commit the key becomes ``"done <time>"`` with ``EX ttl_s`` in a
+    MULTI/EXEC guarded by WATCH; on rollback (handler raised) the reservation is deleted, so a
+    retry can claim again.
+
+    **Not atomic with the effect.** The effect and the mark live in different systems, so this is
+    at-least-once with dedup. The window is exactly: *after the handler's outside effect happened
+    and before the commit's EXEC reached Redis* (a crash, a lost connection, or a handler that ran
+    longer than ``lease_s`` so its reservation expired and another consumer claimed the message).
+    A message redelivered after such a failure runs its effect again — once the reservation has
+    expired, i.e. up to ``lease_s`` after the crash, during which a redelivery waits. Effects
+    queued on ``tx.pipeline`` are outside that window: they commit in the same EXEC as the mark.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl_s: float = 7 * 86400.0,
+        prefix: str = "zeroloss:inbox:",
+        lease_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        try:
+            import redis
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise MissingExtraError("redis", "redis", "the Redis inbox") from exc
+        self._redis = redis
+        self.client: Any = redis.Redis.from_url(url)
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        if lease_s < 1.0:
+            raise ConfigError(f"lease_s must be at least 1 second, got {lease_s}")
+        self.lease_s = lease_s
+        self.clock = clock
+        self._release = self.client.register_script(_RELEASE)
+        self._tx = threading.local()
+
+    def key(self, group: str, message_id: str) -> str:
+        return f"{self.prefix}{quote(group, safe='')}:{message_id}"
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        return (self._redis.ConnectionError, self._redis.TimeoutError)
+
+    @contextmanager
+    def transaction(self) -> Iterator[RedisTx]:
+        tx = RedisTx(self)
+        try:
+            try:
+                yield tx
+            except BaseException:
+                tx._pipe.reset()
+                for key in tx.keys:
+                    try:
+                        self._release(keys=[key], args=[_PENDING + tx.token])
+                    except self._errors():  # the reservation expires after lease_s anyway
+                        pass
+                raise
+            self._commit(tx)
+        finally:
+            tx._pipe.reset()
+
+    def _commit(self, tx: RedisTx) -> None:
+        if not tx.keys and not tx._pipe.command_stack:
+            return
+        pipe = tx.pipeline
+        done = _DONE + repr(self.clock()).encode()
+        for key in tx.keys:
+            pipe.set(key, done, ex=max(1, int(self.ttl_s)))
+        try:
+            pipe.execute()
+        except self._redis.WatchError as exc:
+            raise StoreError(
+                f"inbox reservation lost before commit (the handler took longer than lease_s={self.lease_s}s "
+                f"or Redis lost the key); keys {tx.keys}: the message will be retried and deduplicated",
+                retriable=True,
+            ) from exc
+        except self._errors() as exc:
+            raise StoreError(f"inbox commit to Redis failed: {exc}", retriable=True) from exc
+
+    def claim(self, tx: RedisTx, group: str, message_id: str) -> bool:
+        _check(group, message_id)
+        if tx._pipe.explicit_transaction:
+            raise StoreError("claim before using tx.pipeline: Redis cannot WATCH inside MULTI", retriable=False)
+        key = self.key(group, message_id)
+        if key in tx.keys:
+            return False
+        mine = _PENDING + tx.token
+        deadline = time.monotonic() + self.lease_s + 5.0
+        try:
+            while True:
+                if self.client.set(key, mine, nx=True, px=max(1, int(self.lease_s * 1000))):
+                    tx._pipe.watch(key)  # EXEC fails if the reservation expires (or is taken) from here on
+                    tx.keys.append(key)
+                    return True
+                value = self.client.get(key)
+                if value is not None and value.startswith(_DONE):
+                    return False
+                if time.monotonic() > deadline:
+                    raise StoreError(f"inbox key {key} stayed reserved past its lease", retriable=True)
+                time.sleep(0.005)  # another transaction holds it: wait for its commit or rollback
+        except self._errors() as exc:
+            raise StoreError(f"inbox claim on Redis failed: {exc}", retriable=True) from exc
+
+    def seen(self, group: str, message_id: str) -> bool:
+        value = self.client.get(self.key(group, message_id))
+        return value is not None and value.startswith(_DONE)
+
+    def purge(self, older_than_s: float) -> int:
+        """Keys expire by themselves after ``ttl_s``; this removes marks older than
+        ``older_than_s`` now (a SCAN over the prefix; nothing to do when that is ``ttl_s`` or more)."""
+        if older_than_s >= self.ttl_s:
+            return 0
+        cutoff = self.clock() - older_than_s
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"
+        removed = 0
+        batch: list[bytes] = []
+
+        def flush() -> int:
+            if not batch:
+                return 0
+            values = self.client.mget(batch)
+            old = [k for k, v in zip(batch, values, strict=True)
+                   if v is not None and v.startswith(_DONE) and float(v[len(_DONE):]) < cutoff]
+            batch.clear()
+            return int(self.client.delete(*old)) if old else 0
+
+        for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed += flush()
+        return removed + flush()
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,5 @@
+"""Where messages wait between the app's commit and the broker's acknowledgement."""
+
+from zeroloss.outbox.base import Delivered, OutboxStore, RecoveryReport, Resolver, State, Stats
+
+__all__ = ["Delivered", "OutboxStore", "RecoveryReport", "Resolver", "State", "Stats"]

@@ -1,0 +1,552 @@
+"""The SQL outbox: one table in the application's own database (SQLite, PostgreSQL, MariaDB/MySQL).
+
+``add`` inserts on the caller's connection inside the caller's transaction, so the message commits
+or rolls back with the business rows. The relay side claims with ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL and MariaDB (READ COMMITTED, no gap locks) and inside ``BEGIN IMMEDIATE`` on SQLite;
+a claim is a lease (``lease_until``) owned by a random per-instance token (``claimed_by``), and
+retry/fail only touch rows this instance still owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from zeroloss import metrics
+from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
+from zeroloss.message import Message, new_message
+from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
+from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
+from zeroloss.sqlurl import configure_sqlite, make_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+__all__ = ["SqlOutbox", "key_hash", "outbox_table"]
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+HeadersIn = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
+
+_RESENT = "resent: the broker no longer had it (audit --repair)"
+_BLOCKING = (State.PENDING.value, State.SENDING.value, State.FAILED.value)
+_TX_ATTEMPTS = 5
+_CHUNK = 1000  # ids per IN (...) list
+_MAX_CLAIM = 10_000  # keeps a claim's bind parameters under SQLite's limit
+
+
+def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Deadlock / serialization failure / lock wait timeout: the whole transaction may be retried."""
+    if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
+        return True
+    args: tuple[object, ...] = getattr(exc.orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
+
+
+class SqlOutbox:
+    """An :class:`~zeroloss.outbox.base.OutboxStore` in one SQL table (SQLAlchemy Core)."""
+
+    states = frozenset({State.PENDING, State.SENDING, State.SUCCESS, State.FAILED})
+    """No ``tmp``, ``doubt`` or ``malformed``: the row commits with the app's transaction, and
+    the database keeps it intact."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = "zeroloss_outbox",
+        engine: sa.Engine | None = None,
+        max_message_bytes: int = 1_000_000,
+    ) -> None:
+        self.table = outbox_table(table)
+        self._owns_engine = engine is None
+        self.engine = make_engine(url) if engine is None else engine
+        if engine is not None and engine.dialect.name == "sqlite":
+            configure_sqlite(engine)
+        shown = self.engine.url if engine is not None else sa.engine.make_url(url)
+        self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
+        self.max_message_bytes = max_message_bytes
+        name = self.engine.dialect.name
+        self._dialect = "mysql" if name in ("mysql", "mariadb") else name
+        self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
+
+    def __repr__(self) -> str:
+        return f"SqlOutbox({self.url!r}, table={self.table.name!r})"
+
+    # -- schema ---------------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create the table and its indexes if missing (idempotent)."""
+        with self._errors("create the outbox table"):
+            self.table.metadata.create_all(self.engine, checkfirst=True)
+
+    def drop_schema(self) -> None:
+        with self._errors("drop the outbox table"):
+            self.table.metadata.drop_all(self.engine, checkfirst=True)
+
+    # -- producer side --------------------------------------------------------------------------
+
+    @overload
+    def add(
+        self, conn: sa.Connection | Session, *, topic: str, value: bytes,
+        key: bytes | None = None, headers: HeadersIn | None = None,
+    ) -> str: ...
+    @overload
+    def add(
+        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: bytes,
+        key: bytes | None = None, headers: HeadersIn | None = None,
+    ) -> Coroutine[Any, Any, str]: ...
+    def add(
+        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession, *, topic: str,
+        value: bytes, key: bytes | None = None, headers: HeadersIn | None = None,
+    ) -> str | Coroutine[Any, Any, str]:
+        """Insert one message in the caller's transaction (never commits); return its id.
+
+        With an AsyncConnection/AsyncSession this returns a coroutine: ``await outbox.add(...)``.
+        """
+        msg = new_message(topic, value, key, headers, max_bytes=self.max_message_bytes)
+        return self._insert(conn, [row_of(msg)], msg.id)
+
+    @overload
+    def add_many(self, conn: sa.Connection | Session, messages: Sequence[Mapping[str, Any]]) -> list[str]: ...
+    @overload
+    def add_many(
+        self, conn: AsyncConnection | AsyncSession, messages: Sequence[Mapping[str, Any]]
+    ) -> Coroutine[Any, Any, list[str]]: ...
+    def add_many(
+        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession,
+        messages: Sequence[Mapping[str, Any]],
+    ) -> list[str] | Coroutine[Any, Any, list[str]]:
+        """Like :meth:`add` for several messages (dicts of topic, value, key, headers), one statement.
+        All are validated before anything is inserted."""
+        built = []
+        for m in messages:
+            if not {"topic", "value"} <= set(m) <= {"topic", "value", "key", "headers"}:
+                raise MessageError(f"message fields {sorted(m)}: need topic and value, may have key, headers")
+            built.append(new_message(**m, max_bytes=self.max_message_bytes))
+        return self._insert(conn, [row_of(m) for m in built], [m.id for m in built])
+
+    def _insert(self, conn: object, rows: list[dict[str, Any]], result: T) -> T | Coroutine[Any, Any, T]:
+        stmt = sa.insert(self.table)
+        params: Any = rows[0] if len(rows) == 1 else rows
+        if isinstance(conn, (sa.Connection, Session)):
+            if rows:
+                with self._errors("add a message"):
+                    conn.execute(stmt, params)
+                metrics.outbox_added(len(rows))
+            return result
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+        if isinstance(conn, (AsyncConnection, AsyncSession)):
+            return self._insert_async(conn, stmt, params if rows else None, result)
+        raise ConfigError(
+            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession "
+            f"(the one running the business transaction), got {type(conn).__name__}"
+        )
+
+    async def _insert_async(
+        self, conn: AsyncConnection | AsyncSession, stmt: sa.Insert, params: Any, result: T
+    ) -> T:
+        if params is not None:
+            with self._errors("add a message"):
+                await conn.execute(stmt, params)
+            metrics.outbox_added(len(params) if isinstance(params, list) else 1)
+        return result
+
+    # -- relay side -----------------------------------------------------------------------------
+
+    def claim_statement(self, now: float, limit: int, blocked: Sequence[str] = ()) -> sa.Select[Any]:
+        """The candidate scan: due pending rows whose key is not ``blocked``, oldest first,
+        skipping rows other relays lock."""
+        t = self.table
+        stmt = sa.select(t).where(t.c.state == State.PENDING.value, t.c.not_before <= now)
+        for part in _chunks(sorted(blocked)):
+            stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(part)))
+        stmt = stmt.order_by(t.c.id).limit(limit)
+        return stmt if self._dialect == "sqlite" else stmt.with_for_update(skip_locked=True)
+
+    def _blocked_keys(self, conn: sa.Connection, now: float) -> set[str]:
+        """Keys with a message in ``sending``, ``failed`` or waiting out a backoff. Excluding them
+        *before* the LIMIT keeps a parked key's backlog from filling every claim window and
+        starving the other keys. Each part is a small set reached through an index."""
+        t = self.table
+        keyed = t.c.key_hash.is_not(None)
+        busy = sa.select(t.c.key_hash).where(t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
+        backoff = sa.select(t.c.key_hash).where(t.c.state == State.PENDING.value, t.c.not_before > now, keyed)
+        return set(conn.scalars(sa.union(busy, backoff)))
+
+    def claim(self, limit: int, lease_s: float) -> list[Message]:
+        if limit <= 0:
+            return []
+        limit = min(limit, _MAX_CLAIM)
+        t = self.table
+
+        def run(conn: sa.Connection) -> list[Message]:
+            now = time.time()
+            rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
+            # Re-check after locking: another relay may have claimed (or still hold locked) an
+            # earlier message of a candidate's key. The earliest non-candidate row per key that
+            # still has to go first blocks that key's candidates from there on.
+            keyed = [r for r in rows if r.key_hash is not None]
+            blockers: dict[str, str] = {}
+            if keyed:
+                candidates = {r.id for r in rows}
+                q = sa.select(t.c.key_hash, t.c.id).where(
+                    t.c.key_hash.in_({r.key_hash for r in keyed}),
+                    t.c.state.in_(_BLOCKING),
+                    t.c.id <= max(r.id for r in keyed),
+                )
+                for h, i in conn.execute(q):
+                    if i not in candidates and (h not in blockers or i < blockers[h]):
+                        blockers[h] = i
+            chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
+            for part in _chunks([r.id for r in chosen]):
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.id.in_(part), t.c.state == State.PENDING.value)
+                    .values(state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token)
+                )
+            return [message_of(r) for r in chosen]
+
+        got = self._tx(run, "claim messages")
+        if got:
+            log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
+        return got
+
+    def succeed(self, delivered: Sequence[Delivered]) -> None:
+        where = {d.message.id: d.location[:255] for d in delivered}
+        if not where:
+            return
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == sa.bindparam("b_id"), t.c.state != State.SUCCESS.value)
+            .values(state=State.SUCCESS.value, done_at=sa.bindparam("b_now"), lease_until=None,
+                    location=sa.bindparam("b_loc"))
+        )
+
+        def run(conn: sa.Connection) -> None:
+            now = time.time()
+            # One executemany (psycopg pipelines it) instead of a CASE with a branch per id.
+            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in sorted(where)])
+
+        self._tx(run, "mark messages delivered")
+
+    def retry(self, messages: Sequence[Message]) -> None:
+        self._release(messages, State.PENDING)
+
+    def fail(self, messages: Sequence[Message]) -> None:
+        self._release(messages, State.FAILED)
+
+    def _release(self, messages: Sequence[Message], to: State) -> None:
+        """``sending`` → ``to`` for the rows this instance still owns; others are left alone."""
+        by_id = {m.id: m for m in messages}
+        if not by_id:
+            return
+        t = self.table
+
+        def run(conn: sa.Connection) -> set[str]:
+            owned: set[str] = set()
+            for part in _chunks(sorted(by_id)):
+                owned.update(conn.scalars(
+                    sa.select(t.c.id)
+                    .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
+                    .with_for_update()
+                ))
+            if owned:
+                conn.execute(
+                    sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(
+                        state=to.value, attempts=sa.bindparam("b_attempts"),
+                        not_before=sa.bindparam("b_not_before"), last_error=sa.bindparam("b_error"),
+                        lease_until=None, claimed_by=None,
+                    ),
+                    [
+                        {"b_id": i, "b_attempts": by_id[i].attempts, "b_not_before": by_id[i].not_before,
+                         "b_error": by_id[i].last_error}
+                        for i in sorted(owned)
+                    ],
+                )
+            return owned
+
+        owned = self._tx(run, f"move messages to {to.value}")
+        for mid in sorted(set(by_id) - owned):
+            log.warning(
+                "not moving message %s to %s: this relay no longer holds it (its lease expired and it "
+                "was recovered or claimed again)", mid, to.value,
+            )
+
+    def recover(self, resolver: Resolver | None = None) -> RecoveryReport:
+        """Expired leases go back to ``pending``. ``resolver`` is unused: SQL has no ``tmp`` state."""
+        t = self.table
+
+        def run(conn: sa.Connection) -> int:
+            # Find without locking, then update by primary key in id order (re-checking the lease):
+            # the same lock order as succeed/retry, so relays do not deadlock each other.
+            now = time.time()
+            expired = sa.and_(t.c.state == State.SENDING.value, t.c.lease_until < now)
+            ids = sorted(conn.scalars(sa.select(t.c.id).where(expired)))
+            return sum(
+                conn.execute(
+                    sa.update(t).where(t.c.id.in_(part), expired)
+                    .values(state=State.PENDING.value, lease_until=None, claimed_by=None)
+                ).rowcount
+                for part in _chunks(ids)
+            )
+
+        n = self._tx(run, "recover expired leases")
+        if n:
+            log.info("returned %d messages with an expired lease to pending", n)
+        return RecoveryReport(lease_expired=n)
+
+    # -- operators ------------------------------------------------------------------------------
+
+    def get(self, message_id: str) -> tuple[State, Message]:
+        t = self.table
+        row = self._tx(lambda c: c.execute(sa.select(t).where(t.c.id == message_id)).first(),
+                       "read a message", write=False)
+        if row is None:
+            raise UnknownMessageError(f"no message with id {message_id!r} in outbox table {t.name!r}")
+        return State(row.state), message_of(row)
+
+    def requeue(self, message_ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(message_ids))
+        t = self.table
+
+        def run(conn: sa.Connection) -> int:
+            found: set[str] = set()
+            for part in _chunks(ids):
+                found.update(conn.scalars(
+                    sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == State.FAILED.value).with_for_update()
+                ))
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise UnknownMessageError(
+                    f"not requeued (nothing was changed): no failed message with id {', '.join(missing)}"
+                )
+            n = 0
+            for part in _chunks(ids):
+                n += conn.execute(
+                    sa.update(t).where(t.c.id.in_(part), t.c.state == State.FAILED.value).values(
+                        state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None
+                    )
+                ).rowcount
+            return n
+
+        n = self._tx(run, "requeue failed messages")
+        log.info("requeued %d failed messages: %s", n, ", ".join(ids))
+        return n
+
+    def purge_success(self, older_than_s: float, *, chunk: int = 10_000) -> int:
+        """Delete ``success`` rows older than ``older_than_s``, ``chunk`` rows per transaction."""
+        t = self.table
+        cutoff = time.time() - older_than_s
+
+        def run(conn: sa.Connection) -> tuple[int, int]:
+            ids = conn.scalars(
+                sa.select(t.c.id).where(t.c.state == State.SUCCESS.value, t.c.done_at <= cutoff).limit(chunk)
+            ).all()
+            if not ids:
+                return 0, 0
+            res = conn.execute(sa.delete(t).where(t.c.id.in_(ids), t.c.state == State.SUCCESS.value))
+            return len(ids), res.rowcount
+
+        total = 0
+        while True:
+            seen, deleted = self._tx(run, "purge delivered messages")
+            total += deleted
+            if seen < chunk:
+                break
+        if total:
+            log.info("purged %d delivered messages older than %.0f s", total, older_than_s)
+        return total
+
+    def purge(self, state: State, message_ids: Sequence[str] | None = None) -> int:
+        check_purgeable(state)
+        ids = None if message_ids is None else list(dict.fromkeys(message_ids))
+        if state not in self.states:
+            if ids:
+                raise UnknownMessageError(
+                    f"the SQL outbox never holds {state.value} messages (only a file spool does), "
+                    f"so nothing was purged: {', '.join(ids)}"
+                )
+            return 0
+        t = self.table
+        failed = t.c.state == State.FAILED.value
+
+        def run(conn: sa.Connection) -> int:
+            if ids is None:
+                return int(conn.execute(sa.delete(t).where(failed)).rowcount)
+            self._lock_in_state(conn, ids, State.FAILED, "purged")
+            return sum(int(conn.execute(sa.delete(t).where(t.c.id.in_(p), failed)).rowcount) for p in _chunks(ids))
+
+        n = self._tx(run, "purge failed messages")
+        log.info("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
+        return n
+
+    def list_success(
+        self, since_s: float | None = None, *, after_id: str | None = None, limit: int = 1000
+    ) -> list[Delivered]:
+        t = self.table
+        stmt = sa.select(t).where(t.c.state == State.SUCCESS.value)
+        if since_s is not None:
+            stmt = stmt.where(t.c.id >= id_floor(time.time() - since_s))
+        if after_id is not None:
+            stmt = stmt.where(t.c.id > after_id)
+        stmt = stmt.order_by(t.c.id).limit(limit)
+        rows = self._tx(lambda c: c.execute(stmt).all(), "list delivered messages", write=False)
+        return [Delivered(message_of(r), r.location or "") for r in rows]
+
+    def resend(self, message_ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(message_ids))
+        t = self.table
+        success = t.c.state == State.SUCCESS.value
+
+        def run(conn: sa.Connection) -> int:
+            self._lock_in_state(conn, ids, State.SUCCESS, "resent")
+            return sum(
+                int(conn.execute(
+                    sa.update(t).where(t.c.id.in_(part), success).values(
+                        state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None,
+                        location=None, done_at=None, last_error=_RESENT,
+                    )
+                ).rowcount)
+                for part in _chunks(ids)
+            )
+
+        n = self._tx(run, "resend delivered messages")
+        log.info("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
+        return n
+
+    def stats(self) -> Stats:
+        t = self.table
+        f = t.alias("f")
+
+        def run(conn: sa.Connection) -> Stats:
+            now = time.time()
+            counts = dict.fromkeys(State, 0)
+            ages: dict[State, float] = {}
+            unknown: dict[str, int] = {}
+            q = sa.select(t.c.state, sa.func.count(), sa.func.min(t.c.created_at)).group_by(t.c.state)
+            for state, n, first in conn.execute(q):
+                if state in State._value2member_map_:
+                    counts[State(state)] = n
+                    if first is not None:
+                        ages[State(state)] = max(0.0, now - float(first))
+                else:
+                    unknown[state] = n
+            expired = conn.scalar(
+                sa.select(sa.func.count()).where(t.c.state == State.SENDING.value, t.c.lease_until < now)
+            )
+            earlier_failed = sa.exists().where(
+                f.c.key_hash == t.c.key_hash, f.c.state == State.FAILED.value, f.c.id < t.c.id
+            )
+            parked = conn.scalar(
+                sa.select(sa.func.count()).select_from(t)
+                .where(t.c.state == State.PENDING.value, t.c.key_hash.is_not(None), earlier_failed)
+            )
+            extra: dict[str, object] = {"url": self.url, "table": t.name}
+            if unknown:
+                extra["unknown_states"] = unknown
+            return Stats(
+                counts=counts,
+                oldest_pending_age_s=ages.get(State.PENDING),
+                oldest_age_s=ages,
+                expired_leases=int(expired or 0),
+                parked=int(parked or 0),
+                extra=extra,
+            )
+
+        return self._tx(run, "read outbox statistics", write=False)
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def list(self, state: State, limit: int = 100) -> list[Message]:  # last: shadows builtins.list
+        t = self.table
+        rows = self._tx(
+            lambda c: c.execute(
+                sa.select(t).where(t.c.state == State(state).value).order_by(t.c.id).limit(limit)
+            ).all(),
+            "list messages", write=False,
+        )
+        return [message_of(r) for r in rows]
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _lock_in_state(self, conn: sa.Connection, ids: Sequence[str], state: State, verb: str) -> None:
+        """Lock the rows of ``ids``; UnknownMessageError naming those not in ``state``."""
+        t = self.table
+        found: set[str] = set()
+        for part in _chunks(ids):
+            found.update(conn.scalars(
+                sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == state.value).with_for_update()
+            ))
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise UnknownMessageError(
+                f"not {verb} (nothing was changed): no {state.value} message with id {', '.join(missing)}"
+            )
+
+    def _tx(self, fn: Callable[[sa.Connection], T], what: str, *, write: bool = True) -> T:
+        """Run ``fn`` in one transaction of its own; retry it whole on deadlock/serialization failure."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.engine.connect() as conn:
+                    if self._dialect == "sqlite" and write:
+                        conn.execution_options(zeroloss_immediate=True)  # BEGIN IMMEDIATE: see sqlurl
+                    elif self._dialect == "mysql" and not self._owns_engine:
+                        conn.execution_options(isolation_level="READ COMMITTED")
+                    with conn.begin():
+                        return fn(conn)
+            except DBAPIError as exc:
+                if attempt < _TX_ATTEMPTS and _is_transient(exc):
+                    log.info("%s: transient database conflict (%s), retrying", what, exc.orig)
+                    time.sleep(random.uniform(0.002, 0.02) * attempt)
+                    continue
+                raise self._store_error(exc, what) from exc
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            raise self._store_error(exc, what) from exc
+
+    def _store_error(self, exc: DBAPIError, what: str) -> StoreError:
+        detail = str(exc.orig).strip()
+        args: tuple[object, ...] = getattr(exc.orig, "args", ())
+        code = args[0] if args else None
+        if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
+            return StoreError(
+                f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
+                f"create it with: zeroloss init --source {self.url}",
+                retriable=False,
+            )
+        if "unable to open database file" in detail:
+            return StoreError(
+                f"cannot {what}: cannot open the SQLite database {self.url} ({detail}); "
+                f"check that its directory exists and is writable",
+                retriable=False,
+            )
+        if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
+            return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
+        transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
+        return StoreError(f"cannot {what} in {self.url}: {detail}", retriable=transient)

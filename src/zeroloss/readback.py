@@ -1,0 +1,68 @@
+"""Read a topic back from the broker, from the beginning, without joining a group.
+
+Used by the demo, the tests and (later) ``audit``. It assigns every partition explicitly, so
+there is no group join to wait for, and it stops when every expected id was seen or nothing
+new arrived for ``idle_s`` — never by trusting the high watermark (unreliable on Tansu).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+from zeroloss.message import ID_HEADER
+
+
+@dataclass
+class Readback:
+    ids: Counter[str] = field(default_factory=Counter)  # zeroloss-id → copies on the broker
+    order: dict[bytes, list[str]] = field(default_factory=dict)  # key → ids in partition order
+    records: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        return self.records - len(self.ids)
+
+
+def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: float = 3.0,
+               timeout_s: float = 60.0) -> Readback:
+    ck = _kafka()
+    want = set(expect)
+    consumer: Any = ck.Consumer({
+        "bootstrap.servers": parse_bootstrap(url),
+        "group.id": f"zeroloss-readback-{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    })
+    out = Readback()
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        parts = meta.topics[topic].partitions if topic in meta.topics else {}
+        consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
+        deadline = time.monotonic() + timeout_s
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = consumer.consume(1000, 0.2)
+            for rec in batch:
+                if rec.error():
+                    continue
+                mid = dict(rec.headers() or []).get(ID_HEADER, b"").decode()
+                out.records += 1
+                out.ids[mid] += 1
+                if out.ids[mid] == 1 and rec.key() is not None:
+                    out.order.setdefault(rec.key(), []).append(mid)
+            if batch:
+                last_new = time.monotonic()
+            if want and want.issubset(out.ids):
+                break
+            if time.monotonic() - last_new > idle_s:
+                break
+    finally:
+        consumer.close()
+    return out

@@ -1,0 +1,69 @@
+"""What a consumer's handler receives: :class:`Received`, and :class:`PoisonMessage` to refuse it.
+
+:func:`from_record` turns a confluent-kafka record into a :class:`Received`. The message id is the
+``zeroloss-id`` header or, for a foreign record without one, ``"topic/partition/offset"``; a header
+that is not UTF-8 or not 1-255 characters makes the record poison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from zeroloss.errors import MessageError
+from zeroloss.inbox import MAX_ID_LEN
+from zeroloss.message import ID_HEADER, Headers
+
+
+class PoisonMessage(MessageError):
+    """Raise from a handler for a message that no retry can fix: it is dead-lettered at once."""
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One record as the handler sees it. ``attempts`` counts this process's tries, from 1."""
+
+    id: str  # the zeroloss-id header, or "topic/partition/offset" for foreign records
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int = 0  # the record's timestamp, epoch milliseconds
+    attempts: int = 1
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+Handler = Callable[[Received, Any], None]
+
+
+def position(rec: Any) -> str:
+    return f"{rec.topic()}/{rec.partition()}/{rec.offset()}"
+
+
+def record_headers(rec: Any) -> Headers:
+    return tuple((k, v if v is not None else b"") for k, v in rec.headers() or ())
+
+
+def from_record(rec: Any) -> Received:
+    """A Received for a confluent-kafka record; PoisonMessage if its id header is unusable."""
+    headers = record_headers(rec)
+    raw = next((v for k, v in headers if k == ID_HEADER), None)
+    if raw is None:
+        mid = position(rec)
+    else:
+        try:
+            mid = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise PoisonMessage(f"header {ID_HEADER} is not UTF-8: {raw[:80]!r}") from exc
+        if not mid or len(mid) > MAX_ID_LEN:
+            raise PoisonMessage(f"header {ID_HEADER} must be 1-{MAX_ID_LEN} characters, got {len(mid)}")
+    ts = rec.timestamp()[1]
+    return Received(mid, rec.topic(), rec.partition(), rec.offset(), rec.key(), rec.value(), headers, ts)

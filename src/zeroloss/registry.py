@@ -1,0 +1,82 @@
+"""From URLs to parts: the one place that knows which scheme is which store or broker.
+
+Adding a broker or store is one new module and one line here. Imports happen only when a URL
+of that scheme is opened, so a missing optional dependency names its extra and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from typing import Any
+
+from zeroloss.brokers.base import Broker
+from zeroloss.errors import ConfigError
+from zeroloss.outbox.base import OutboxStore
+
+SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
+SOURCE_SCHEMES = ("spool", *SQL_SCHEMES)
+TARGET_SCHEMES = ("kafka", "amqp", "amqps", "nats", "redis", "rediss")
+
+
+def scheme_of(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigError(f"{url!r} is not a URL; write SCHEME://..., e.g. sqlite:///app.db or kafka://host:9092")
+    return scheme.split("+", 1)[0].lower()
+
+
+def spool_path(url: str) -> str:
+    """``spool:///var/lib/app/spool`` or ``spool://relative/dir`` → the directory path."""
+    path = url[len("spool://") :]
+    if not path:
+        raise ConfigError(f"spool URL {url!r} names no directory; write spool:///ABSOLUTE/PATH")
+    return path
+
+
+def open_store(url: str, *, table: str | None = None) -> OutboxStore:
+    """The outbox store behind a source URL (``table``: the SQL outbox table's name)."""
+    scheme = scheme_of(url)
+    if scheme == "spool":
+        from zeroloss.outbox.spool import FileSpool
+
+        return FileSpool(spool_path(url))
+    if scheme in SQL_SCHEMES:
+        from zeroloss.outbox.sql import SqlOutbox
+
+        return SqlOutbox(url, table=table or "zeroloss_outbox")
+    raise ConfigError(f"unknown source scheme {scheme!r} in {url!r}; use one of: {', '.join(SOURCE_SCHEMES)}")
+
+
+def default_relay_id(source: str = "", table: str | None = None) -> str:
+    """Stable across restarts: the host and a digest of the outbox it serves. A relay restarted
+    with the same id fences its dead predecessor (Kafka aborts that one's open transaction,
+    which would otherwise hold read_committed consumers back). Several relays on one host and
+    one outbox need distinct ``--relay-id`` values."""
+    digest = hashlib.sha256(f"{source}|{table or ''}".encode()).hexdigest()[:10]
+    return f"{socket.gethostname()}-{digest}"
+
+
+def open_broker(url: str, *, relay_id: str | None = None, timeout_s: float = 30.0, **options: Any) -> Broker:
+    # relay_id=None: an id for this process only, for callers that are not a long-lived relay.
+    """The broker adapter behind a target URL; ``relay_id`` makes the Kafka transactional.id."""
+    scheme = scheme_of(url)
+    if scheme == "kafka":
+        from zeroloss.brokers.kafka import KafkaBroker
+
+        rid = relay_id or f"{socket.gethostname()}-{os.getpid()}"
+        return KafkaBroker(url, transactional_id=f"zeroloss-relay-{rid}", timeout_s=timeout_s, **options)
+    if scheme in ("amqp", "amqps"):
+        from zeroloss.brokers.rabbitmq import RabbitBroker
+
+        return RabbitBroker(url, timeout_s=timeout_s, **options)
+    if scheme == "nats":
+        from zeroloss.brokers.nats import NatsBroker
+
+        return NatsBroker(url, timeout_s=timeout_s, **options)
+    if scheme in ("redis", "rediss"):
+        from zeroloss.brokers.redis import RedisStreamBroker
+
+        return RedisStreamBroker(url, timeout_s=timeout_s, **options)
+    raise ConfigError(f"unknown target scheme {scheme!r} in {url!r}; use one of: {', '.join(TARGET_SCHEMES)}")

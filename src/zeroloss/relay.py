@@ -1,0 +1,229 @@
+"""The relay: recover → claim → give up on the exhausted → publish → mark, in a loop.
+
+Outcomes map to store moves one to one: DELIVERED → ``success`` (with the broker location),
+RETRY → ``pending`` with attempts+1 and a backoff, REJECTED → ``failed``, HELD → ``pending``
+unchanged (it waits behind its key). A broker-wide failure (BrokerError) puts the whole batch
+back *without* spending attempts — an outage is nobody's fault — and the relay backs off.
+A store failure leaves the claimed messages under their lease; ``recover`` returns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from zeroloss import metrics
+from zeroloss.backoff import backoff_s
+from zeroloss.brokers.base import Broker, Status
+from zeroloss.errors import BrokerError, StoreError
+from zeroloss.message import Message
+from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    batch_size: int = 500
+    max_attempts: int = 10
+    lease_s: float = 120.0
+    idle_wait_s: float = 0.2
+    backoff_base_s: float = 0.5
+    max_backoff_s: float = 60.0
+    recover_every_s: float = 5.0
+    success_retention_s: float | None = 7 * 86400.0
+    stats_every_s: float | None = None
+    """Refresh the outbox gauges of :mod:`zeroloss.metrics` from ``store.stats()`` this often
+    (None: never; ``zeroloss relay --metrics-port`` sets 5 s)."""
+
+
+@dataclass(slots=True)
+class RelayCounters:
+    claimed: int = 0
+    delivered: int = 0
+    retried: int = 0
+    failed: int = 0
+    held: int = 0
+    broker_errors: int = 0
+    store_errors: int = 0
+
+
+class Relay:
+    def __init__(
+        self,
+        store: OutboxStore,
+        broker: Broker,
+        settings: RelaySettings | None = None,
+        *,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.settings = settings or RelaySettings()
+        self.resolver = resolver
+        self.counters = RelayCounters()
+        self._stop = threading.Event()
+        self._outage = 0  # consecutive broker-wide failures, for the relay's own backoff
+        self._next_recover = 0.0
+        self._next_stats = 0.0
+        self._store_problem: str | None = "not started yet"  # for readiness; None once the store answers
+        self._broker_problem: str | None = None
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in flight and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why): the store answered the last iteration and the broker is not in an outage."""
+        if self._store_problem is not None:
+            return False, f"outbox store: {self._store_problem}"
+        if self._broker_problem is not None:
+            return False, f"broker outage ({self._outage} consecutive failures): {self._broker_problem}"
+        return True, "ok"
+
+    def run(self) -> None:
+        """Relay until :meth:`stop` (the CLI calls it on SIGTERM/SIGINT)."""
+        log.info("relay started (batch %d, max attempts %d)", self.settings.batch_size, self.settings.max_attempts)
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except StoreError as exc:
+                self.counters.store_errors += 1
+                self._store_problem = str(exc)
+                metrics.relay_error("store")
+                log.error("outbox store failed: %s; retrying", exc)
+                self._stop.wait(self._relay_backoff(exc))
+                continue
+            if handled == 0:
+                self._stop.wait(self.settings.idle_wait_s)
+        log.info("relay stopped: %s", self.counters)
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
+        messages waiting out a backoff are waited for. TimeoutError past the deadline."""
+        deadline = time.monotonic() + timeout_s
+        while not self._stop.is_set():
+            if self.run_once():
+                continue
+            stats = self.store.stats()
+            if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+            self._stop.wait(self.settings.idle_wait_s)
+
+    def run_once(self) -> int:
+        """One iteration; returns how many messages it moved (0 = nothing to do)."""
+        s = self.settings
+        now = time.monotonic()
+        if s.stats_every_s is not None and now >= self._next_stats:
+            self._refresh_stats()
+            self._next_stats = now + s.stats_every_s
+        if now >= self._next_recover:
+            report = self.store.recover(self.resolver)
+            if report.lease_expired or report.doubt or report.malformed:
+                log.warning("recovered: %s", report)
+            if s.success_retention_s is not None:
+                self.store.purge_success(s.success_retention_s)
+            self._next_recover = now + s.recover_every_s
+        batch = self.store.claim(s.batch_size, s.lease_s)
+        self._store_problem = None
+        if not batch:
+            return 0
+        self.counters.claimed += len(batch)
+        metrics.relay_claimed(len(batch))
+        exhausted, held, live = [], [], []
+        parked_keys: set[bytes] = set()
+        for m in batch:  # oldest first, so a key is parked before its later messages come up
+            if m.key is not None and m.key in parked_keys:
+                held.append(m)
+            elif m.attempts >= s.max_attempts:
+                exhausted.append(m)
+                if m.key is not None:
+                    parked_keys.add(m.key)
+            else:
+                live.append(m)
+        if exhausted:
+            self._fail(exhausted, "attempts exhausted")
+        if held:  # back to pending unchanged: they now wait behind the failed one
+            self.store.retry(held)
+            self.counters.held += len(held)
+            metrics.relay_outcome("held", len(held))
+        if live:
+            self._publish(live)
+        return len(batch)
+
+    def _publish(self, batch: Sequence[Message]) -> None:
+        started = time.monotonic()
+        try:
+            outcomes = self.broker.publish(batch)
+        except BrokerError as exc:
+            metrics.relay_published(time.monotonic() - started, ok=False)
+            metrics.relay_error("broker")
+            metrics.relay_outcome("outage", len(batch))
+            self._broker_problem = str(exc)
+            self.counters.broker_errors += 1
+            self._outage += 1
+            delay = self._relay_backoff(exc)
+            log.warning("broker unavailable (%s); %d messages back to pending for %.1fs", exc, len(batch), delay)
+            until = time.time() + delay
+            self.store.retry([replace(m, not_before=until, last_error=str(exc)) for m in batch])
+            self._stop.wait(delay)
+            return
+        metrics.relay_published(time.monotonic() - started, ok=True)
+        self._broker_problem = None
+        self._outage = 0
+        delivered, retry, failed = [], [], []
+        for o in outcomes:
+            m = o.message
+            if o.status is Status.DELIVERED:
+                delivered.append(Delivered(m, o.location or ""))
+            elif o.status is Status.RETRY:
+                attempts = m.attempts + 1
+                delay = backoff_s(attempts, self.settings.backoff_base_s, self.settings.max_backoff_s)
+                retry.append(replace(m, attempts=attempts, not_before=time.time() + delay, last_error=o.error))
+                log.info("message %s: retry %d in %.1fs: %s", m.id, attempts, delay, o.error)
+            elif o.status is Status.REJECTED:
+                failed.append(replace(m, attempts=m.attempts + 1, last_error=o.error))
+            else:  # HELD: back in line behind its key, nothing spent
+                retry.append(m)
+                self.counters.held += 1
+        if delivered:
+            self.store.succeed(delivered)
+            self.counters.delivered += len(delivered)
+            metrics.relay_delivered(d.message for d in delivered)
+        if retry:
+            self.store.retry(retry)
+            self.counters.retried += len(retry)
+            held_n = sum(1 for o in outcomes if o.status is Status.HELD)
+            metrics.relay_outcome("retry", len(retry) - held_n)
+            metrics.relay_outcome("held", held_n)
+        if failed:
+            self._fail(failed, None)
+
+    def _fail(self, messages: Sequence[Message], reason: str | None) -> None:
+        moved = [replace(m, last_error=reason or m.last_error) for m in messages]
+        for m in moved:
+            log.error("message %s to failed after %d attempts: %s", m.id, m.attempts, m.last_error)
+        self.store.fail(moved)
+        self.counters.failed += len(moved)
+        metrics.relay_outcome("exhausted" if reason else "rejected", len(moved))  # only exhaustion gives a reason
+
+    def _refresh_stats(self) -> None:
+        """The outbox gauges; a store that cannot answer now is retried at the next refresh."""
+        try:
+            stats = self.store.stats()
+        except StoreError as exc:
+            log.warning("cannot refresh outbox metrics: %s", exc)
+            return
+        metrics.observe_stats(stats, path=getattr(self.store, "root", None))
+
+    def _relay_backoff(self, exc: Exception) -> float:
+        return backoff_s(max(1, self._outage), self.settings.backoff_base_s, self.settings.max_backoff_s)

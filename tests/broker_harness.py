@@ -1,0 +1,191 @@
+"""Per-broker test harnesses for RabbitMQ, NATS JetStream and Redis Streams: the adapter under
+test, a URL nobody listens on, and a read-back with the broker's own client (not our adapters)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from tests.conftest import REDIS_URL, require_service
+from zeroloss.brokers.base import Broker
+from zeroloss.message import ID_HEADER
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1/"
+NATS_URL = "nats://127.0.0.1:4222"
+
+# (id, key) in the order the broker holds them
+Entries = list[tuple[str, bytes | None]]
+
+
+@dataclass
+class BrokerHarness:
+    name: str
+    url: str
+    bad_url: str  # the same broker kind at a port nobody listens on
+    make: Callable[..., Broker]
+    read: Callable[[str], Entries]
+    drop: Callable[[str], None]  # remove what a test made for a topic
+    topics: list[str] = field(default_factory=list)
+
+
+def by_key(entries: Entries) -> dict[bytes, list[str]]:
+    out: dict[bytes, list[str]] = {}
+    for mid, key in entries:
+        if key is not None:
+            out.setdefault(key, []).append(mid)
+    return out
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------------
+
+
+async def _amqp_read(topic: str) -> Entries:
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        ch = await conn.channel()
+        q = await ch.declare_queue(topic, passive=True)
+        out: Entries = []
+        while (msg := await q.get(no_ack=True, fail=False)) is not None:
+            h = msg.headers or {}
+            key = h.get("zeroloss-key")
+            out.append((str(h[ID_HEADER]), None if key is None else bytes(key)))  # type: ignore[arg-type]
+        return out
+    finally:
+        await conn.close()
+
+
+async def _amqp_drop(topic: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        for name in (topic, topic + ".dlq"):
+            for kind in ("queue", "exchange"):
+                ch = await conn.channel()
+                with contextlib.suppress(Exception):
+                    if kind == "queue":
+                        await ch.queue_delete(name)
+                    else:
+                        await ch.exchange_delete(name)
+                with contextlib.suppress(Exception):
+                    await ch.close()
+    finally:
+        await conn.close()
+
+
+def amqp_run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def rabbitmq_harness() -> BrokerHarness:
+    from zeroloss.brokers.rabbitmq import RabbitBroker
+
+    return BrokerHarness(
+        "rabbitmq", AMQP_URL, "amqp://guest:guest@127.0.0.1:5999/",
+        lambda url=AMQP_URL, **kw: RabbitBroker(url, **{"timeout_s": 10.0, **kw}),
+        lambda t: amqp_run(_amqp_read(t)), lambda t: amqp_run(_amqp_drop(t)),
+    )
+
+
+# -- NATS ---------------------------------------------------------------------------------------
+
+
+async def _nats_read(topic: str) -> Entries:
+    import nats
+
+    from zeroloss.brokers.nats import stream_name
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        name = stream_name(topic)
+        info = await js.stream_info(name)
+        out: Entries = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(name, seq)
+            h = msg.headers or {}
+            key = h.get("zeroloss-key")
+            out.append((h[ID_HEADER], None if key is None else base64.b64decode(key[4:])))
+        return out
+    finally:
+        await nc.close()
+
+
+async def _nats_drop(topic: str) -> None:
+    import nats
+
+    from zeroloss.brokers.nats import stream_name
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        for t in (topic, topic + ".dlq"):
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(stream_name(t))
+    finally:
+        await nc.close()
+
+
+def nats_harness() -> BrokerHarness:
+    from zeroloss.brokers.nats import NatsBroker
+
+    return BrokerHarness(
+        "nats", NATS_URL, "nats://127.0.0.1:4999",
+        lambda url=NATS_URL, **kw: NatsBroker(url, **{"timeout_s": 10.0, **kw}),
+        lambda t: asyncio.run(_nats_read(t)), lambda t: asyncio.run(_nats_drop(t)),
+    )
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+def _redis_read(topic: str) -> Entries:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        return [(f[b"id"].decode(), f.get(b"key")) for _, f in r.xrange(topic)]
+    finally:
+        r.close()
+
+
+def _redis_drop(topic: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        r.delete(topic, topic + ".dlq")
+    finally:
+        r.close()
+
+
+def redis_harness() -> BrokerHarness:
+    from zeroloss.brokers.redis import RedisStreamBroker
+
+    return BrokerHarness(
+        "redis", REDIS_URL, "redis://127.0.0.1:6999/0",
+        lambda url=REDIS_URL, **kw: RedisStreamBroker(url, **{"timeout_s": 10.0, **kw}),
+        _redis_read, _redis_drop,
+    )
+
+
+HARNESSES = {"rabbitmq": rabbitmq_harness, "nats": nats_harness, "redis": redis_harness}
+BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in HARNESSES]
+
+
+@contextlib.contextmanager
+def harness(name: str) -> Iterator[BrokerHarness]:
+    require_service(name)
+    h = HARNESSES[name]()
+    try:
+        yield h
+    finally:
+        for t in h.topics:
+            h.drop(t)

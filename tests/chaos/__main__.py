@@ -1,0 +1,70 @@
+"""``make chaos``: run every scenario at full size, print one table, write bench/results/chaos.md,
+exit 1 if any scenario lost a message, doubled an effect or broke a key's order.
+
+usage: python -m tests.chaos [--short] [SCENARIO ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from tests.chaos.pipeline import Ledger
+from tests.chaos.scenarios import SCENARIOS, Size
+from zeroloss.embedded_broker import EmbeddedBroker
+
+
+def render(rows: list[Ledger], size: Size, elapsed_s: float) -> str:
+    lines = [
+        f"chaos run: {len(rows)} scenarios, up to {size.messages} messages each, {elapsed_s:.0f}s",
+        "",
+        "| scenario | messages | faults | lost | duplicates on broker | double effects | keys out of order "
+        "| drain after fault | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        verdict = "ok" if r.ok else "FAIL"
+        lines.append(
+            f"| {r.scenario} | {r.messages} | {r.faults} | {r.lost} | {r.broker_duplicates} | {r.double_effects} "
+            f"| {r.out_of_order_keys} | {r.drain_s:.1f}s | {verdict}{' ' + r.notes if r.notes else ''} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--short", action="store_true", help="small counts (what make test runs)")
+    ap.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], metavar="SCENARIO")
+    args = ap.parse_args(argv)
+    size = Size.short() if args.short else Size.full()
+    names = args.scenarios or list(SCENARIOS)
+    rows: list[Ledger] = []
+    start = time.monotonic()
+    keep = os.environ.get("ZEROLOSS_CHAOS_KEEP")  # a directory to keep logs in, for post-mortems
+    with tempfile.TemporaryDirectory(prefix="zeroloss-chaos-", dir=keep) as tmp, EmbeddedBroker() as broker:
+        for name in names:
+            print(f"-- {name}", file=sys.stderr, flush=True)
+            work = Path(tmp) / name
+            work.mkdir()
+            try:
+                rows.append(SCENARIOS[name](broker, work, size))
+            except Exception as exc:  # a scenario that cannot finish is a failure with its reason
+                traceback.print_exc()
+                rows.append(Ledger(name, size.messages, 0, -1, -1, -1, -1, 0.0, f"error: {exc}"))
+            print(render(rows[-1:], size, 0).splitlines()[-1], file=sys.stderr, flush=True)
+    table = render(rows, size, time.monotonic() - start)
+    print(table)
+    if not args.short:
+        out = Path("bench/results/chaos.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

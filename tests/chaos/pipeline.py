@@ -1,0 +1,204 @@
+"""The whole path under test, as real processes: app → outbox → relay(s) → broker → consumer(s)
+with a PostgreSQL inbox whose effects table is the ground truth.
+
+Counting follows the trusted systems' own tests: every message has a unique id; after the
+faults heal, a final drain reads everything back; we report lost (committed, no effect),
+duplicates on the broker, double effects, per-key order, and how long draining took.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from zeroloss.inbox import SqlInbox
+from zeroloss.outbox.sql import SqlOutbox
+from zeroloss.readback import read_topic
+
+PG = os.environ.get("ZEROLOSS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+CHILD = Path(__file__).resolve().parent.parent / "consumer_child.py"
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll ``cond`` until true; return the seconds it took; AssertionError past the deadline."""
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@dataclass
+class Ledger:
+    scenario: str
+    messages: int
+    faults: int
+    lost: int
+    broker_duplicates: int
+    double_effects: int
+    out_of_order_keys: int
+    drain_s: float
+    notes: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.double_effects == 0 and self.out_of_order_keys == 0
+
+
+@dataclass
+class Pipeline:
+    """One isolated run: its own outbox table, topic, group, inbox and effects tables."""
+
+    broker_url: str
+    workdir: Path
+    source: str = "postgresql"  # or "sqlite"
+    name: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+    relays: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    consumers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    committed: list[tuple[str, bytes]] = field(default_factory=list)  # (id, key) in add order
+
+    def __post_init__(self) -> None:
+        self.topic = f"chaos-{self.name}"
+        self.group = f"g-{self.name}"
+        self.outbox_url = PG if self.source == "postgresql" else f"sqlite:///{self.workdir / 'outbox.db'}"
+        self.outbox = SqlOutbox(self.outbox_url, table=f"ob_{self.name}")
+        self.outbox.create_schema()
+        self.inbox = SqlInbox(PG, table=f"ib_{self.name}")
+        self.inbox.create_schema()
+        md = sa.MetaData()
+        self.effects = sa.Table(
+            f"fx_{self.name}", md,
+            sa.Column("n", sa.BigInteger, primary_key=True, autoincrement=True),
+            sa.Column("msg_id", sa.String(64), nullable=False),
+            sa.Column("msg_key", sa.String(64)),
+            sa.Column("attempts", sa.Integer),
+        )  # fmt: skip
+        md.create_all(self.inbox.engine)
+        self.relay_log = self.workdir / f"relay-{self.name}.log"
+        self.consumer_log = self.workdir / f"consumer-{self.name}.log"
+
+    # -- producing ------------------------------------------------------------------------------
+
+    def produce(self, n: int, keys: int = 17, per_txn: int = 50) -> None:
+        for start in range(0, n, per_txn):
+            rows = [{"topic": self.topic, "value": b"%d" % i, "key": b"k%d" % (i % keys)}
+                    for i in range(start, min(n, start + per_txn))]
+            with self.outbox.engine.begin() as conn:
+                ids = self.outbox.add_many(conn, rows)
+            self.committed.extend((i, r["key"]) for i, r in zip(ids, rows, strict=True))
+
+    def produce_in_background(self, n: int, **kw: Any) -> threading.Thread:
+        t = threading.Thread(target=self.produce, args=(n,), kwargs=kw, daemon=True)
+        t.start()
+        return t
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0) -> subprocess.Popen[bytes]:
+        url = self.outbox.engine.url.render_as_string(hide_password=False)
+        cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", url, "--table", self.outbox.table.name,
+               "--target", self.broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
+               "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", f"{self.name}-{relay_id}"]
+        with open(self.relay_log, "ab") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.relays.append(p)
+        return p
+
+    def start_consumer(self, mode: str = "run") -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, str(CHILD), self.broker_url, self.group, self.topic, PG,
+               self.inbox.table.name, self.effects.name, mode]
+        with open(self.consumer_log, "ab") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self.consumers.append(p)
+        return p
+
+    @staticmethod
+    def kill(p: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+        if p.poll() is None:
+            p.send_signal(sig)
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            p.wait(30)
+
+    def stop_all(self) -> None:
+        for p in self.relays + self.consumers:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.send_signal(signal.SIGTERM)
+        for p in self.relays + self.consumers:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # -- counting -------------------------------------------------------------------------------
+
+    def delivered(self) -> int:
+        from zeroloss.outbox.base import State
+
+        return self.outbox.stats().counts[State.SUCCESS]
+
+    def effect_counts(self) -> Counter[str]:
+        with self.inbox.engine.connect() as conn:
+            return Counter(r[0] for r in conn.execute(sa.select(self.effects.c.msg_id)))
+
+    def effects_done(self) -> int:
+        with self.inbox.engine.connect() as conn:
+            q = sa.select(sa.func.count(sa.distinct(self.effects.c.msg_id)))
+            return int(conn.execute(q).scalar_one())
+
+    def wait_drained(self, timeout_s: float = 180) -> float:
+        """Seconds until every committed message has its effect."""
+        try:
+            return wait_until(lambda: self.effects_done() >= len(self.committed), timeout_s, "every effect")
+        except AssertionError as exc:
+            stats = self.outbox.stats()
+            alive = [p.poll() is None for p in self.relays], [p.poll() is None for p in self.consumers]
+            raise AssertionError(
+                f"{exc}: {self.effects_done()} of {len(self.committed)} effects; outbox "
+                f"{ {k.value: v for k, v in stats.counts.items() if v} }, parked {stats.parked}; "
+                f"relays/consumers alive {alive}; logs in {self.workdir}"
+            ) from exc
+
+    def ledger(self, scenario: str, faults: int, drain_s: float, notes: str = "") -> Ledger:
+        ids = [i for i, _ in self.committed]
+        counts = self.effect_counts()
+        lost = sum(1 for i in ids if counts[i] == 0)
+        double = sum(n - 1 for n in counts.values() if n > 1)
+        seen = read_topic(self.broker_url, self.topic, expect=ids, idle_s=3)
+        # Per key, the order of first effects must be the order the app added them.
+        with self.inbox.engine.connect() as conn:
+            rows = conn.execute(sa.select(self.effects.c.msg_id).order_by(self.effects.c.n)).scalars().all()
+        first: dict[str, int] = {}
+        for pos, mid in enumerate(rows):
+            first.setdefault(mid, pos)
+        by_key: dict[bytes, list[str]] = {}
+        for mid, key in self.committed:
+            by_key.setdefault(key, []).append(mid)
+        out_of_order = sum(
+            1 for mids in by_key.values()
+            if [m for m in sorted((m for m in mids if m in first), key=first.__getitem__)]
+            != [m for m in mids if m in first]
+        )  # fmt: skip
+        return Ledger(scenario, len(ids), faults, lost, seen.duplicates, double, out_of_order, drain_s, notes)
+
+    def close(self) -> None:
+        self.stop_all()
+        self.effects.drop(self.inbox.engine, checkfirst=True)
+        self.inbox.drop_schema()
+        self.inbox.close()
+        self.outbox.drop_schema()
+        self.outbox.close()

@@ -1,0 +1,253 @@
+"""Fault-injection scenarios. Each runs a real workload through real processes, injects a real
+fault, heals, drains, and returns a :class:`Ledger` counted from the broker and the effects.
+
+Sizes: ``Size.short`` runs inside ``make test``; ``Size.full`` is ``make chaos``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.chaos.pipeline import Ledger, Pipeline, wait_until
+from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
+
+
+@dataclass(frozen=True)
+class Size:
+    messages: int
+    kills: int
+    outage_s: float
+
+    @classmethod
+    def short(cls) -> Size:
+        return cls(messages=1500, kills=3, outage_s=4)
+
+    @classmethod
+    def full(cls) -> Size:
+        return cls(messages=50_000, kills=10, outage_s=20)
+
+
+def _rng() -> random.Random:
+    return random.Random(int(os.environ.get("ZEROLOSS_SEED", time.time())))
+
+
+def _progress_points(rng: random.Random, total: int, k: int) -> list[int]:
+    return sorted(rng.sample(range(total // 10, total * 9 // 10), k))
+
+
+def relay_sigkill(broker: EmbeddedBroker, work: Path, size: Size, source: str) -> Ledger:
+    p = Pipeline(broker.url, work, source=source)
+    rng = _rng()
+    try:
+        p.start_consumer()
+        producer = p.produce_in_background(size.messages)
+        relay = p.start_relay()
+        for point in _progress_points(rng, size.messages, size.kills):
+            wait_until(lambda: p.delivered() >= point or relay.poll() is not None, 300, "relay progress")  # noqa: B023
+            p.kill(relay)
+            relay = p.start_relay()
+        producer.join()
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger(f"relay SIGKILL x{size.kills} ({source} outbox)", size.kills, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def consumer_sigkill(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    p = Pipeline(broker.url, work)
+    rng = _rng()
+    try:
+        p.produce(size.messages)
+        p.start_relay()
+        consumer = p.start_consumer()
+        for point in _progress_points(rng, size.messages, size.kills):
+            wait_until(lambda: p.effects_done() >= point or consumer.poll() is not None, 300, "consumer progress")  # noqa: B023
+            p.kill(consumer)
+            consumer = p.start_consumer()
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger(f"consumer SIGKILL x{size.kills} mid-batch", size.kills, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def group_member_killed(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    p = Pipeline(broker.url, work)
+    try:
+        p.produce(size.messages)
+        p.start_relay()
+        a = p.start_consumer()
+        p.start_consumer()
+        wait_until(lambda: p.effects_done() >= size.messages // 3, 300, "both consumers working")
+        p.kill(a)
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger("two consumers in a group, one SIGKILLed", 1, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def relays_share_one_outbox(broker: EmbeddedBroker, work: Path, size: Size, relays: int) -> Ledger:
+    p = Pipeline(broker.url, work)
+    try:
+        p.start_consumer()
+        producer = p.produce_in_background(size.messages)
+        procs = [p.start_relay(relay_id=f"r{i}") for i in range(relays)]
+        wait_until(lambda: p.delivered() >= size.messages // 3, 300, "relays working")
+        p.kill(procs[0])
+        # Work goes on without it; then it comes back under its own id (as an orchestrator
+        # restarts it), which fences the transaction it left open.
+        wait_until(lambda: p.delivered() >= size.messages * 2 // 3, 300, "the survivors to carry on")
+        p.start_relay(relay_id="r0")
+        producer.join()
+        t = time.monotonic()
+        p.wait_drained()
+        name = f"{relays} relays on one PostgreSQL outbox, one SIGKILLed and restarted"
+        return p.ledger(name, 1, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def zombie_consumer(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    """SIGSTOP one consumer past its session timeout while the other takes its partitions over,
+    then SIGCONT it: its late work and commits must be rejected or harmless."""
+    p = Pipeline(broker.url, work)
+    try:
+        p.produce(size.messages)
+        zombie = p.start_consumer()
+        p.start_relay()
+        wait_until(lambda: p.effects_done() > 0, 120, "first effects")
+        p.start_consumer()
+        zombie.send_signal(signal.SIGSTOP)
+        # The session timeout is 2 s; wait for real progress by the survivor, not for a clock.
+        before = p.effects_done()
+        wait_until(lambda: p.effects_done() >= min(size.messages, before + size.messages // 4), 300,
+                   "the survivor to take over")
+        zombie.send_signal(signal.SIGCONT)
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger("zombie consumer (SIGSTOP past session timeout, SIGCONT)", 1, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def rebalance_storm(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    """Add or remove a consumer every time the group has made some progress."""
+    p = Pipeline(broker.url, work)
+    rng = _rng()
+    faults = 0
+    try:
+        producer = p.produce_in_background(size.messages)
+        p.start_relay()
+        live = [p.start_consumer()]
+        step = max(50, size.messages // (4 * size.kills))
+        while p.effects_done() < size.messages * 3 // 4 and faults < 4 * size.kills:
+            target = p.effects_done() + step
+            wait_until(lambda: p.effects_done() >= target or p.effects_done() >= size.messages * 3 // 4,  # noqa: B023
+                       300, "progress between rebalances")
+            if len(live) > 1 and rng.random() < 0.5:
+                p.kill(live.pop(rng.randrange(len(live))), signal.SIGTERM)
+            else:
+                live.append(p.start_consumer())
+            faults += 1
+        producer.join()
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger("rebalance storm (consumers added/removed)", faults, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+def s3_env(port: int) -> dict[str, str]:
+    return {
+        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true",
+    }  # fmt: skip
+
+
+def start_moto(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+    import shutil
+    import sys
+    import urllib.request
+
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    with open(work / "moto.log", "ab") as out:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    wait_until(lambda: port_open(port), 60, "moto S3 server")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/tansu", method="PUT")
+    urllib.request.urlopen(req, timeout=10).close()
+    return proc, port
+
+
+def broker_outage_durable(work: Path, size: Size) -> Ledger:
+    """Stop a broker that keeps its data (Tansu on S3) mid-stream for ``outage_s`` and restart it:
+    the relay keeps retrying, recreates its producer, and nothing committed is lost."""
+    moto, s3_port = start_moto(work)
+    broker = EmbeddedBroker(storage="s3://tansu/", env=s3_env(s3_port), log_path=work / "tansu.log").start()
+    try:
+        p = Pipeline(broker.url, work)
+        try:
+            p.start_consumer()
+            producer = p.produce_in_background(size.messages)
+            p.start_relay()
+            wait_until(lambda: p.delivered() >= size.messages // 3, 300, "traffic before the outage")
+            broker.stop()
+            # The outage lasts while the app keeps committing: wait on the clock here on purpose,
+            # it is the fault's length, not a synchronisation.
+            time.sleep(size.outage_s)
+            broker.start()
+            producer.join()
+            t = time.monotonic()
+            p.wait_drained(timeout_s=300)
+            return p.ledger(f"broker down {size.outage_s:.0f}s (durable storage)", 1, time.monotonic() - t)
+        finally:
+            p.close()
+    finally:
+        broker.stop()
+        moto.terminate()
+        moto.wait(30)
+
+
+def postgres_restart(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    """Restart PostgreSQL (outbox and inbox both live there) under the relay and the consumer."""
+    p = Pipeline(broker.url, work)
+    try:
+        p.start_consumer()
+        p.produce(size.messages // 2)
+        p.start_relay()
+        wait_until(lambda: p.effects_done() >= size.messages // 6, 300, "traffic before the restart")
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+                       check=True, capture_output=True, timeout=120)
+        wait_until(lambda: port_open(5432), 60, "PostgreSQL back")
+        p.produce(size.messages - size.messages // 2)
+        t = time.monotonic()
+        p.wait_drained()
+        return p.ledger("PostgreSQL restarted under relay and consumer", 1, time.monotonic() - t)
+    finally:
+        p.close()
+
+
+Scenario = Callable[[EmbeddedBroker, Path, Size], Ledger]
+
+SCENARIOS: dict[str, Scenario] = {
+    "relay-sigkill-postgresql": lambda b, w, s: relay_sigkill(b, w, s, "postgresql"),
+    "relay-sigkill-sqlite": lambda b, w, s: relay_sigkill(b, w, s, "sqlite"),
+    "consumer-sigkill": consumer_sigkill,
+    "group-member-killed": group_member_killed,
+    "two-relays": lambda b, w, s: relays_share_one_outbox(b, w, s, 2),
+    "four-relays": lambda b, w, s: relays_share_one_outbox(b, w, s, 4),
+    "zombie-consumer": zombie_consumer,
+    "rebalance-storm": rebalance_storm,
+    "broker-outage-durable": lambda b, w, s: broker_outage_durable(w, s),
+    "postgres-restart": postgres_restart,
+}

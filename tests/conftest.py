@@ -1,0 +1,114 @@
+"""Shared fixtures: real services (skipped locally when down, failing in CI), outbox harnesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PG_URL = os.environ.get("ZEROLOSS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+MARIADB_URL = os.environ.get("ZEROLOSS_TEST_MARIADB", "mysql://root@127.0.0.1:3306/test")
+REDIS_URL = "redis://127.0.0.1:6379/0"
+SERVICES = {"postgres": 5432, "mariadb": 3306, "redis": 6379, "rabbitmq": 5672, "nats": 4222}
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def require_service(name: str) -> None:
+    """Skip on a developer's machine when the service is down; in CI a missing service fails."""
+    if port_open(SERVICES[name]):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"service {name} is not answering on 127.0.0.1:{SERVICES[name]} (run `make services`)")
+    pytest.skip(f"{name} not running")
+
+
+@dataclass
+class OutboxHarness:
+    """One store under test plus the producer-side call that puts a message in it."""
+
+    kind: str
+    store: Any
+    add: Callable[..., str]
+
+
+def _spool_harness(tmp_path: Path) -> OutboxHarness:
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(tmp_path / "spool")
+
+    def add(**kw: Any) -> str:
+        with spool.transaction() as tx:
+            return tx.add(**kw)
+
+    return OutboxHarness("spool", spool, add)
+
+
+def _sql_harness(kind: str, url: str) -> OutboxHarness:
+    from zeroloss.outbox.sql import SqlOutbox
+
+    table = f"zl_test_{uuid.uuid4().hex[:10]}"
+    outbox = SqlOutbox(url, table=table)
+    outbox.create_schema()
+
+    def add(**kw: Any) -> str:
+        with outbox.engine.begin() as conn:
+            return outbox.add(conn, **kw)
+
+    return OutboxHarness(kind, outbox, add)
+
+
+OUTBOX_KINDS = [
+    pytest.param("spool", id="spool"),
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
+]
+
+
+@pytest.fixture(params=OUTBOX_KINDS)
+def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutboxHarness]:
+    kind = request.param
+    if kind == "spool":
+        h = _spool_harness(tmp_path)
+    elif kind == "sqlite":
+        h = _sql_harness(kind, f"sqlite:///{tmp_path / 'outbox.db'}")
+    elif kind == "postgresql":
+        require_service("postgres")
+        h = _sql_harness(kind, PG_URL)
+    else:
+        require_service("mariadb")
+        h = _sql_harness(kind, MARIADB_URL)
+    try:
+        yield h
+    finally:
+        if kind in ("postgresql", "mariadb"):
+            h.store.drop_schema()
+        h.store.close()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[Any]:
+    """One embedded Kafka-compatible broker (Tansu, memory storage) for the whole session."""
+    from zeroloss.embedded_broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(log_path=os.environ.get("ZEROLOSS_TANSU_LOG"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def unique_topic(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,44 @@
+"""A consumer process for tests/test_consumer_crash.py, killed and restarted by the test.
+
+usage: python tests/consumer_child.py KAFKA_URL GROUP TOPIC DB_URL INBOX_TABLE EFFECTS_TABLE run|idle
+
+Each message inserts one row into EFFECTS_TABLE in the inbox transaction. ``run`` consumes until
+SIGTERM; ``idle`` until nothing arrived for 3 s. Logs (with assignments) go to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import sqlalchemy as sa
+
+from zeroloss.consumer import Consumer, Received
+from zeroloss.inbox import SqlInbox
+
+
+def main(argv: list[str]) -> int:
+    url, group, topic, db_url, inbox_table, effects_table, mode = argv
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(message)s")
+    logging.getLogger("zeroloss.consumer").setLevel(logging.DEBUG)  # the test counts "duplicate" lines
+    inbox = SqlInbox(db_url, table=inbox_table)
+    effects = sa.Table(effects_table, sa.MetaData(), autoload_with=inbox.engine)
+    consumer = Consumer(url, group, [topic], inbox, batch_size=100,
+                        config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+
+    @consumer.handler
+    def handle(msg: Received, tx: Any) -> None:
+        key = msg.key.decode() if msg.key is not None else None
+        tx.execute(effects.insert(), {"msg_id": msg.id, "msg_key": key, "attempts": msg.attempts})
+
+    if mode == "run":
+        consumer.run()
+    else:
+        consumer.run_until_idle(idle_s=3.0, timeout_s=120)
+    consumer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,325 @@
+"""The RabbitMQ, NATS JetStream and Redis Streams adapters against the real services: relay
+delivery in key order, outages that spend no attempts, unroutable or invalid destinations, dedup."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from tests.broker_harness import BROKERS, BrokerHarness, by_key, harness
+from tests.conftest import OutboxHarness, unique_topic
+from zeroloss.brokers._batch import publish_in_waves, text_value, value_bytes, waves
+from zeroloss.brokers._loop import LoopThread
+from zeroloss.brokers.base import Broker, Outcome, Status
+from zeroloss.brokers.redis import decode_headers, entry_fields
+from zeroloss.errors import BrokerError, ConfigError
+from zeroloss.message import Message, new_message
+from zeroloss.outbox.base import State
+from zeroloss.registry import open_broker
+from zeroloss.relay import Relay, RelaySettings
+
+FAST = RelaySettings(batch_size=100, backoff_base_s=0.01, max_backoff_s=0.05, idle_wait_s=0.01, max_attempts=3)
+
+
+@pytest.fixture(params=BROKERS)
+def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
+    with harness(request.param) as h:
+        yield h
+
+
+def topic_for(h: BrokerHarness, prefix: str = "pub") -> str:
+    t = unique_topic(prefix)
+    h.topics.append(t)
+    return t
+
+
+# -- no service needed ---------------------------------------------------------------------------
+
+
+def test_waves_put_the_nth_message_of_every_key_in_wave_n() -> None:
+    ms = [new_message("t", b"%d" % i, key=k) for i, k in enumerate([b"a", b"b", b"a", None, b"a", None])]
+    assert [[m.value for m in w] for w in waves(ms)] == [[b"0", b"1", b"3", b"5"], [b"2"], [b"4"]]
+
+
+def test_a_failure_holds_the_rest_of_its_key_and_nothing_else() -> None:
+    ms = [new_message("t", b"%d" % i, key=k) for i, k in enumerate([b"a", b"b", b"a", b"b", b"a"])]
+    sent: list[bytes] = []
+
+    async def send(m: Message) -> Outcome:
+        sent.append(m.value)
+        return Outcome(m, Status.RETRY if m.value == b"2" else Status.DELIVERED)
+
+    out = asyncio.run(publish_in_waves(ms, send))
+    assert [o.status for o in out] == [Status.DELIVERED, Status.DELIVERED, Status.RETRY, Status.DELIVERED,
+                                       Status.HELD]
+    assert b"4" not in sent  # never even sent
+
+
+def test_text_header_values_round_trip_exactly() -> None:
+    for raw in (b"plain", b"", b"\x00\xff", "grüße".encode(), b"b64:looks-encoded", b" padded ", b"line\nbreak"):
+        assert value_bytes(text_value(raw)) == raw
+    assert text_value(b"plain") == "plain"
+    m = new_message("t", b"v", key=b"k", headers=[("a", b"\x00"), ("b", b"x")])
+    assert decode_headers(entry_fields(m)[b"headers"]) == m.headers
+
+
+def test_the_loop_thread_runs_coroutines_and_times_out() -> None:
+    lt = LoopThread("test-loop")
+    try:
+        assert lt.run(asyncio.sleep(0, result=7), 5) == 7
+        with pytest.raises(TimeoutError):
+            lt.run(asyncio.sleep(30), 0.1)
+        assert lt.run(asyncio.sleep(0, result=1), 5) == 1  # still usable after a timeout
+    finally:
+        lt.close()
+    with pytest.raises(RuntimeError):
+        lt.run(asyncio.sleep(0), 1)
+
+
+def test_the_registry_opens_each_scheme_without_connecting() -> None:
+    from zeroloss.brokers.nats import NatsBroker
+    from zeroloss.brokers.rabbitmq import RabbitBroker
+    from zeroloss.brokers.redis import RedisStreamBroker
+
+    for url, cls in (("amqp://u:p@127.0.0.1:1/", RabbitBroker), ("nats://127.0.0.1:1", NatsBroker),
+                     ("redis://127.0.0.1:1/0", RedisStreamBroker)):
+        b = open_broker(url, timeout_s=1)
+        try:
+            assert isinstance(b, cls) and isinstance(b, Broker)
+        finally:
+            b.close()
+    with pytest.raises(ConfigError, match="amqp"):
+        open_broker("mqtt://x")
+
+
+# -- against the services ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outbox", ["spool", "sqlite"], indirect=True)
+def test_relay_delivers_everything_in_key_order(outbox: OutboxHarness, target: BrokerHarness) -> None:
+    topic = topic_for(target)
+    n = 400
+    ids = [outbox.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 7)) for i in range(n)]
+    broker = target.make()
+    try:
+        Relay(outbox.store, broker, FAST).drain(timeout_s=120)
+    finally:
+        broker.close()
+    stats = outbox.store.stats()
+    assert stats.counts[State.SUCCESS] == n
+    assert stats.counts[State.FAILED] == stats.counts[State.PENDING] == 0
+    entries = target.read(topic)
+    assert sorted(mid for mid, _ in entries) == sorted(ids)  # everything, once
+    for key, got in by_key(entries).items():
+        assert got == [ids[i] for i in range(n) if b"k%d" % (i % 7) == key], f"key {key!r} out of order"
+
+
+def test_a_batch_reports_every_message_with_a_location(target: BrokerHarness) -> None:
+    topic = topic_for(target)
+    msgs = [new_message(topic, b"v%d" % i, key=None if i % 5 == 0 else b"k%d" % (i % 3),
+                        headers={"h": b"\x00\xff", "t": b"text"}) for i in range(200)]
+    broker = target.make()
+    try:
+        assert isinstance(broker, Broker)
+        outcomes = broker.publish(msgs)
+        assert broker.publish([]) == []
+    finally:
+        broker.close()
+    assert [o.message.id for o in outcomes] == [m.id for m in msgs]
+    assert {o.status for o in outcomes} == {Status.DELIVERED}
+    assert all(o.location for o in outcomes)
+    entries = target.read(topic)
+    for key, got in by_key(entries).items():
+        assert got == [m.id for m in msgs if m.key == key], f"key {key!r} out of order"
+    assert {mid for mid, _ in entries} == {m.id for m in msgs}
+
+
+@pytest.mark.parametrize("outbox", ["spool", "sqlite"], indirect=True)
+def test_an_unreachable_broker_is_a_broker_error_and_the_relay_spends_no_attempts(
+    outbox: OutboxHarness, target: BrokerHarness
+) -> None:
+    topic = topic_for(target)
+    broker = target.make(target.bad_url, timeout_s=3.0)
+    try:
+        with pytest.raises(BrokerError) as err:
+            broker.publish([new_message(topic, b"x")])
+        assert err.value.retriable
+        mid = outbox.add(topic=topic, value=b"v", key=b"k")
+        relay = Relay(outbox.store, broker, FAST)
+        relay.run_once()
+    finally:
+        broker.close()
+    state, msg = outbox.store.get(mid)
+    assert state is State.PENDING
+    assert msg.attempts == 0 and msg.last_error
+    assert relay.counters.broker_errors == 1
+    # and once the broker answers, it goes
+    good = target.make()
+    try:
+        relay = Relay(outbox.store, good, FAST)
+        relay.drain(timeout_s=60)
+    finally:
+        good.close()
+    assert outbox.store.get(mid)[0] is State.SUCCESS
+    assert [m for m, _ in target.read(topic)] == [mid]
+
+
+# -- what each broker does with a destination it cannot use -------------------------------------
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_unroutable_is_retry_with_the_reason_and_the_binding_comes_back() -> None:
+    import aio_pika
+
+    with harness("rabbitmq") as h:
+        topic = topic_for(h)
+        broker = h.make()
+        try:
+            assert broker.publish([new_message(topic, b"first")])[0].status is Status.DELIVERED
+
+            async def unbind() -> None:
+                conn = await aio_pika.connect(h.url)
+                async with conn:
+                    ch = await conn.channel()
+                    q = await ch.declare_queue(topic, passive=True)
+                    await q.unbind(topic)
+
+            asyncio.run(unbind())
+            lost = new_message(topic, b"unroutable", key=b"A")
+            after = new_message(topic, b"after", key=b"A")
+            out = broker.publish([lost, after])
+            assert out[0].status is Status.RETRY and "unroutable" in (out[0].error or "")
+            assert out[1].status is Status.HELD
+            again = broker.publish([lost, after])  # topology declared again: bound again
+            assert [o.status for o in again] == [Status.DELIVERED, Status.DELIVERED]
+        finally:
+            broker.close()
+        ids = [i for i, _ in h.read(topic)]
+        assert ids[-2:] == [lost.id, after.id] and len(ids) == 3
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_topology_conflict_is_rejected_and_declares_quorum_queues_with_a_dlq() -> None:
+    import aio_pika
+
+    with harness("rabbitmq") as h:
+        clash, fine = topic_for(h, "clash"), topic_for(h, "fine")
+
+        async def classic_queue() -> None:
+            conn = await aio_pika.connect(h.url)
+            async with conn:
+                ch = await conn.channel()
+                await ch.declare_queue(clash, durable=True)  # a classic queue of the same name
+
+        asyncio.run(classic_queue())
+        broker = h.make()
+        try:
+            out = broker.publish([new_message(clash, b"x", key=b"A"), new_message(clash, b"y", key=b"A"),
+                                  new_message(fine, b"z", key=b"A")])
+        finally:
+            broker.close()
+        assert out[0].status is Status.REJECTED and "topology conflict" in (out[0].error or "")
+        assert out[1].status is Status.HELD and out[2].status is Status.HELD
+
+        async def check() -> None:
+            conn = await aio_pika.connect(h.url)
+            async with conn:
+                ch = await conn.channel()
+                # re-declaring with exactly our arguments succeeds only if they are what we set
+                from zeroloss.brokers.rabbitmq import declare_topology
+
+                await declare_topology(ch, fine, 20)
+                await ch.declare_queue(fine + ".dlq", passive=True)
+
+        asyncio.run(check())
+
+
+@pytest.mark.nats
+def test_nats_drops_a_republished_id_within_the_dedup_window() -> None:
+    with harness("nats") as h:
+        topic = topic_for(h)
+        msgs = [new_message(topic, b"v%d" % i, key=b"k") for i in range(20)]
+        broker = h.make()
+        try:
+            first = broker.publish(msgs)
+            second = broker.publish(msgs[5:])  # a relay that crashed before marking them
+        finally:
+            broker.close()
+        assert {o.status for o in first + second} == {Status.DELIVERED}
+        assert [o.location for o in second] == [o.location for o in first[5:]]  # the originals' sequences
+        assert [i for i, _ in h.read(topic)] == [m.id for m in msgs]
+
+        async def config() -> tuple[float, str]:
+            import nats
+
+            from zeroloss.brokers.nats import stream_name
+
+            nc = await nats.connect(h.url)
+            try:
+                info = await nc.jetstream().stream_info(stream_name(topic))
+                return info.config.duplicate_window, str(getattr(info.config.storage, "value", info.config.storage))
+            finally:
+                await nc.close()
+
+        assert asyncio.run(config()) == (300.0, "file")
+
+
+@pytest.mark.nats
+def test_nats_subject_owned_by_another_stream_is_rejected() -> None:
+    import nats
+
+    with harness("nats") as h:
+        base = topic_for(h, "ovl")
+        foreign = "FOREIGN_" + base.replace("-", "_")
+
+        async def make_foreign() -> None:
+            nc = await nats.connect(h.url)
+            try:
+                await nc.jetstream().add_stream(name=foreign, subjects=[base + ".*"])
+            finally:
+                await nc.close()
+
+        async def drop_foreign() -> None:
+            nc = await nats.connect(h.url)
+            try:
+                await nc.jetstream().delete_stream(foreign)
+            finally:
+                await nc.close()
+
+        asyncio.run(make_foreign())
+        try:
+            broker = h.make()
+            try:
+                out = broker.publish([new_message(base + ".x", b"a", key=b"A"), new_message(base, b"b", key=b"A"),
+                                      new_message(base, b"c", key=b"B")])
+            finally:
+                broker.close()
+        finally:
+            asyncio.run(drop_foreign())
+        assert out[0].status is Status.REJECTED and "another stream" in (out[0].error or "")
+        assert [o.status for o in out[1:]] == [Status.HELD, Status.DELIVERED]
+
+
+@pytest.mark.redis
+def test_redis_key_of_another_type_is_rejected_and_its_key_held() -> None:
+    import redis
+
+    with harness("redis") as h:
+        clash, fine = topic_for(h, "clash"), topic_for(h, "fine")
+        r = redis.Redis.from_url(h.url)
+        try:
+            r.set(clash, b"not a stream")
+            broker = h.make()
+            try:
+                out = broker.publish([new_message(clash, b"a", key=b"A"), new_message(fine, b"b", key=b"A"),
+                                      new_message(fine, b"c", key=b"B")])
+            finally:
+                broker.close()
+        finally:
+            r.delete(clash)
+            r.close()
+        assert out[0].status is Status.REJECTED and "WRONGTYPE" in (out[0].error or "")
+        assert [o.status for o in out[1:]] == [Status.HELD, Status.DELIVERED]
+        assert [i for i, _ in h.read(fine)] == [out[2].message.id]

@@ -1,0 +1,82 @@
+"""The zeroloss command: each bad input exits 2 with a message that says what to fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from zeroloss.cli import main
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["status", "--source", "ftp://x/y"], "unknown source scheme 'ftp'"),
+        (["status", "--source", "no-scheme-here"], "is not a URL"),
+        (["status", "--source", "spool://"], "names no directory"),
+        (["relay", "--source", "sqlite:///x.db", "--target", "amqp2://h"], "unknown target scheme 'amqp2'"),
+        (["relay", "--source", "sqlite:///x.db", "--target", "kafka://nohostport"], "is not HOST:PORT"),
+    ],
+)
+def test_bad_urls_exit_2_and_say_what_to_fix(args: list[str], needle: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = run(*args)
+    assert code == 2, out
+    assert needle in out
+
+
+def test_missing_option_is_a_usage_error() -> None:
+    code, out = run("relay", "--source", "sqlite:///x.db")
+    assert code == 2
+    assert "--target" in out
+
+
+def test_init_then_status_on_a_fresh_sqlite_outbox(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    assert run("init", "--source", url)[0] == 0
+    code, out = run("status", "--source", url, "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["counts"] == {s: 0 for s in ("tmp", "pending", "sending", "success", "failed", "doubt", "malformed")}
+
+
+def test_status_on_a_spool_shows_disk_space(tmp_path: Path) -> None:
+    code, out = run("status", "--source", f"spool://{tmp_path / 'spool'}")
+    assert code == 0, out
+    assert "pending" in out and "disk free" in out
+
+
+def test_status_before_init_tells_to_run_init(tmp_path: Path) -> None:
+    code, out = run("status", "--source", f"sqlite:///{tmp_path / 'fresh.db'}")
+    assert code != 0
+    assert "zeroloss init" in out
+
+
+def test_a_missing_extra_names_the_extra_to_install(tmp_path: Path) -> None:
+    # Hide psycopg from a child interpreter, as on a machine without the [postgres] extra.
+    code = (
+        "import sys; sys.modules['psycopg'] = None; sys.modules['psycopg2'] = None\n"
+        "from zeroloss.cli import main\n"
+        "main(['status', '--source', 'postgresql://u@127.0.0.1/db'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "zeroloss[postgres]" in proc.stderr
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "zeroloss", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("init", "relay", "status", "broker", "demo", "failed", "doubt", "malformed", "doctor", "audit"):
+        assert cmd in proc.stdout

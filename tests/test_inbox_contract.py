@@ -1,0 +1,231 @@
+"""One contract for every inbox: SqlInbox on SQLite, PostgreSQL and MariaDB, and RedisInbox."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service
+from zeroloss.errors import MessageError
+from zeroloss.inbox import Inbox, RedisInbox, SqlInbox, open_inbox
+
+KINDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres),
+    pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
+    pytest.param("redis", id="redis", marks=pytest.mark.redis),
+]
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_inbox(kind: str, tmp_path: Path) -> Iterator[Any]:
+    suffix = uuid.uuid4().hex[:10]
+    box: Any
+    if kind == "redis":
+        require_service("redis")
+        box = RedisInbox(REDIS_URL, prefix=f"zeroloss:test:{suffix}:", lease_s=10)
+    else:
+        url = {"sqlite": f"sqlite:///{tmp_path / 'inbox.db'}", "postgresql": PG_URL, "mariadb": MARIADB_URL}[kind]
+        if kind != "sqlite":
+            require_service("postgres" if kind == "postgresql" else kind)
+        box = SqlInbox(url, table=f"zl_inbox_{suffix}")
+        box.create_schema()
+    box.clock = Clock()
+    try:
+        yield box
+    finally:
+        if isinstance(box, SqlInbox):
+            box.drop_schema()
+        else:
+            keys = list(box.client.scan_iter(match=box.prefix + "*"))
+            if keys:
+                box.client.delete(*keys)
+        box.close()
+
+
+@pytest.fixture(params=KINDS)
+def inbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    yield from make_inbox(request.param, tmp_path)
+
+
+@pytest.fixture(params=KINDS[:3])
+def sql_inbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    yield from make_inbox(request.param, tmp_path)
+
+
+@pytest.fixture(params=KINDS[3:])
+def redis_inbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    yield from make_inbox(request.param, tmp_path)
+
+
+def claim(inbox: Any, group: str, mid: str) -> bool:
+    with inbox.transaction() as tx:
+        return bool(inbox.claim(tx, group, mid))
+
+
+def test_it_is_an_inbox(inbox: Any) -> None:
+    assert isinstance(inbox, Inbox)
+
+
+def test_a_claim_succeeds_once_then_reports_a_duplicate(inbox: Any) -> None:
+    mid = str(uuid.uuid4())
+    assert not inbox.seen("g", mid)
+    assert claim(inbox, "g", mid) is True
+    assert inbox.seen("g", mid)
+    assert claim(inbox, "g", mid) is False
+    assert claim(inbox, "g", mid.upper()) is True  # ids are case-sensitive (MariaDB's default is not)
+    assert claim(inbox, "g", "orders/3/1234") is True  # a foreign record's position
+
+
+def test_groups_are_independent(inbox: Any) -> None:
+    mid = str(uuid.uuid4())
+    assert claim(inbox, "billing", mid) is True
+    assert claim(inbox, "shipping", mid) is True
+    assert claim(inbox, "billing", mid) is False
+    assert claim(inbox, "ship:ping", mid) is True  # separators in a group name cannot collide
+
+
+def test_a_rolled_back_claim_leaves_no_trace(inbox: Any) -> None:
+    with pytest.raises(RuntimeError), inbox.transaction() as tx:
+        assert inbox.claim(tx, "g", "m1") is True
+        raise RuntimeError("handler failed")
+    assert not inbox.seen("g", "m1")
+    assert claim(inbox, "g", "m1") is True
+
+
+def test_bad_ids_are_message_errors(inbox: Any) -> None:
+    for group, mid in (("g", ""), ("", "m"), ("g", "x" * 256)):
+        with pytest.raises(MessageError), inbox.transaction() as tx:
+            inbox.claim(tx, group, mid)
+    assert claim(inbox, "g", "x" * 255) is True
+
+
+def test_purge_forgets_claims_older_than_the_retention(inbox: Any) -> None:
+    inbox.clock.now = 1000.0
+    assert claim(inbox, "g", "old")
+    inbox.clock.now = 2000.0
+    assert claim(inbox, "g", "new")
+    inbox.clock.now = 2500.0
+    assert inbox.purge(older_than_s=1000.0) == 1  # cutoff 1500: only "old"
+    assert not inbox.seen("g", "old")
+    assert inbox.seen("g", "new")
+    assert inbox.purge(older_than_s=1000.0) == 0
+    assert claim(inbox, "g", "old") is True  # forgotten: a redelivery now would run again
+
+
+def test_concurrent_claims_of_the_same_ids_have_exactly_one_winner(inbox: Any) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    wins: Counter[str] = Counter()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def worker(order: list[str]) -> None:
+        try:
+            start.wait()
+            for mid in order:
+                if claim(inbox, "g", mid):
+                    with lock:
+                        wins[mid] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(ids if i % 2 else ids[::-1],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert wins == Counter({mid: 1 for mid in ids})
+
+
+def test_sql_effects_commit_and_roll_back_with_the_claim(sql_inbox: Any) -> None:
+    inbox = sql_inbox
+    effects = sa.Table(f"zl_fx_{uuid.uuid4().hex[:10]}", sa.MetaData(), sa.Column("mid", sa.String(64)))
+    effects.create(inbox.engine)
+    try:
+        with pytest.raises(RuntimeError), inbox.transaction() as tx:
+            inbox.claim(tx, "g", "m")
+            tx.execute(effects.insert(), {"mid": "m"})
+            raise RuntimeError("after the effect")
+        with inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.execute(effects.insert(), {"mid": "m"})
+        with inbox.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(effects)).scalar() == 1
+    finally:
+        effects.drop(inbox.engine)
+
+
+def test_redis_pipeline_effects_commit_with_the_mark(redis_inbox: Any) -> None:
+    inbox = redis_inbox
+    counter = inbox.prefix + "effect"
+    for _ in range(3):
+        with inbox.transaction() as tx:
+            if inbox.claim(tx, "g", "m"):
+                tx.pipeline.incr(counter)
+    with pytest.raises(RuntimeError), inbox.transaction() as tx:
+        assert inbox.claim(tx, "g", "m2")
+        tx.pipeline.incr(counter)
+        raise RuntimeError("handler failed")
+    assert int(inbox.client.get(counter)) == 1
+    assert not inbox.seen("g", "m2")
+
+
+def test_open_inbox_picks_the_implementation_from_the_url(tmp_path: Path) -> None:
+    box = open_inbox(f"sqlite:///{tmp_path / 'x.db'}")
+    assert isinstance(box, SqlInbox)
+    box.close()
+
+
+@pytest.mark.postgres
+def test_a_frozen_consumer_cannot_hold_a_message_forever() -> None:
+    """A consumer frozen mid-transaction (SIGSTOP, a GC pause) holds the inbox row of the message
+    it was on. Another consumer's claim of it fails fast and retriably instead of waiting on the
+    lock, and the server ends the frozen session, after which the claim goes through."""
+    import time
+
+    from tests.conftest import PG_URL, require_service
+    from zeroloss.errors import StoreError
+    from zeroloss.inbox import SqlInbox
+
+    require_service("postgres")
+    table = f"ib_frozen_{int(time.time() * 1000) % 10**9}"
+    zombie = SqlInbox(PG_URL, table=table, idle_in_transaction_timeout_s=2)
+    survivor = SqlInbox(PG_URL, table=table, lock_timeout_s=0.3)
+    zombie.create_schema()
+    try:
+        with pytest.raises(StoreError, match="commit"), zombie.transaction() as frozen:  # ended by the server
+            assert zombie.claim(frozen, "g", "m-1")
+            with pytest.raises(StoreError) as info, survivor.transaction() as tx:
+                survivor.claim(tx, "g", "m-1")
+            assert info.value.retriable and "lock" in str(info.value).lower()
+            # The zombie now stays silent past its idle limit; the server ends its session.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    with survivor.transaction() as tx:
+                        assert survivor.claim(tx, "g", "m-1")
+                    break
+                except StoreError:
+                    assert time.monotonic() < deadline, "the frozen session was never ended"
+                    time.sleep(0.2)
+        assert survivor.seen("g", "m-1")
+    finally:
+        zombie.drop_schema()
+        zombie.close()
+        survivor.close()

@@ -1,0 +1,133 @@
+"""KafkaBroker against a real embedded broker: delivery, rejection, holding, outages."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import unique_topic
+from zeroloss.brokers.base import Broker, Status
+from zeroloss.brokers.kafka import KafkaBroker, parse_bootstrap, producer_config
+from zeroloss.embedded_broker import EmbeddedBroker
+from zeroloss.errors import BrokerError, ConfigError
+from zeroloss.message import new_message
+from zeroloss.readback import read_topic
+
+pytestmark = pytest.mark.kafka
+
+
+def test_bad_urls_and_unsafe_settings_are_refused() -> None:
+    for bad in ("kafka://", "kafka://host", "http://h:1", "kafka://h:x"):
+        with pytest.raises(ConfigError):
+            parse_bootstrap(bad)
+    assert parse_bootstrap("kafka://a:1,b:2/") == "a:1,b:2"
+    with pytest.raises(ConfigError, match="acks"):
+        producer_config("h:1", None, 5, {"acks": "1"})
+    with pytest.raises(ConfigError, match=r"enable\.idempotence"):
+        producer_config("h:1", None, 5, {"enable.idempotence": False})
+
+
+@pytest.mark.parametrize("transactional", [True, False])
+def test_a_batch_is_delivered_with_ids_and_locations(kafka: EmbeddedBroker, transactional: bool) -> None:
+    topic = unique_topic()
+    broker = KafkaBroker(kafka.url, transactional_id=f"test-{topic}" if transactional else None, timeout_s=15)
+    assert isinstance(broker, Broker)
+    msgs = [new_message(topic, b"v%d" % i, key=b"k%d" % (i % 3)) for i in range(300)]
+    try:
+        outcomes = broker.publish(msgs)
+    finally:
+        broker.close()
+    assert [o.message.id for o in outcomes] == [m.id for m in msgs]
+    assert {o.status for o in outcomes} == {Status.DELIVERED}
+    assert all(o.location and o.location.startswith(f"{topic}/") for o in outcomes)
+    seen = read_topic(kafka.url, topic, expect=[m.id for m in msgs])
+    assert set(seen.ids) == {m.id for m in msgs}
+    for key, ids in seen.order.items():
+        assert ids == [m.id for m in msgs if m.key == key]
+
+
+def test_an_oversized_message_is_rejected_its_key_held_and_the_rest_delivered(kafka: EmbeddedBroker) -> None:
+    topic = unique_topic()
+    broker = KafkaBroker(kafka.url, transactional_id=f"test-{topic}", timeout_s=15,
+                         config={"message.max.bytes": 20_000})
+    big = new_message(topic, b"x" * 50_000, key=b"A")
+    after_big = new_message(topic, b"a2", key=b"A")
+    other = new_message(topic, b"b1", key=b"B")
+    try:
+        outcomes = broker.publish([big, after_big, other])
+    finally:
+        broker.close()
+    by_id = {o.message.id: o for o in outcomes}
+    assert by_id[big.id].status is Status.REJECTED
+    assert "MSG_SIZE_TOO_LARGE" in (by_id[big.id].error or "")
+    assert by_id[after_big.id].status is Status.HELD
+    assert by_id[other.id].status is Status.DELIVERED
+    seen = read_topic(kafka.url, topic, expect=[other.id])
+    assert set(seen.ids) == {other.id}
+
+
+def test_an_unreachable_broker_raises_a_retriable_broker_error() -> None:
+    from zeroloss.embedded_broker import free_port
+
+    broker = KafkaBroker(f"kafka://127.0.0.1:{free_port()}", transactional_id="test-unreachable", timeout_s=2)
+    with pytest.raises(BrokerError) as info:
+        broker.publish([new_message("t", b"v")])
+    assert info.value.retriable
+    broker.close()
+
+
+@pytest.mark.slow
+def test_the_producer_is_recreated_after_the_broker_restarts() -> None:
+    b = EmbeddedBroker().start()
+    topic = unique_topic()
+    broker = KafkaBroker(b.url, transactional_id=f"test-{topic}", timeout_s=3)
+    try:
+        assert broker.publish([new_message(topic, b"1")])[0].status is Status.DELIVERED
+        b.kill()
+        with pytest.raises(BrokerError):
+            broker.publish([new_message(topic, b"2")])
+        b.start()
+        m3 = new_message(topic, b"3")
+        for _ in range(20):  # the relay's loop, condensed: keep trying until the broker is back
+            try:
+                outcome = broker.publish([m3])[0]
+                break
+            except BrokerError:
+                continue
+        assert outcome.status is Status.DELIVERED
+        assert broker.producers_created >= 2
+    finally:
+        broker.close()
+        b.stop()
+
+
+def test_a_restarted_relay_fences_the_open_transaction_its_dead_predecessor_left(kafka: EmbeddedBroker) -> None:
+    """A relay SIGKILLed inside a transaction leaves it open, and read_committed consumers stop
+    at it. The same transactional.id, started again, aborts it and readers move on."""
+    import subprocess
+    import sys
+
+    topic = unique_topic()
+    tid = f"fence-{topic}"
+    dead = (
+        "import os\n"
+        "from zeroloss.brokers.kafka import _kafka, producer_config\n"
+        f"p = _kafka().Producer(producer_config({kafka.bootstrap!r}, {tid!r}, 5))\n"
+        "p.init_transactions(10); p.begin_transaction()\n"
+        f"p.produce({topic!r}, key=b'k', value=b'never committed'); p.flush(10)\n"
+        "os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", dead], timeout=60).returncode == 9
+    broker = KafkaBroker(kafka.url, transactional_id=tid, timeout_s=10)
+    after = new_message(topic, b"after", key=b"k")
+    try:
+        assert broker.publish([after])[0].status is Status.DELIVERED
+    finally:
+        broker.close()
+    assert after.id in read_topic(kafka.url, topic, expect=[after.id], idle_s=5).ids
+
+
+def test_the_default_relay_id_is_stable_for_one_outbox_and_distinct_between_outboxes() -> None:
+    from zeroloss.registry import default_relay_id
+
+    assert default_relay_id("sqlite:///a.db", "t") == default_relay_id("sqlite:///a.db", "t")
+    assert default_relay_id("sqlite:///a.db", "t") != default_relay_id("sqlite:///b.db", "t")

@@ -1,0 +1,137 @@
+"""The relay against real stores and a real broker: delivery, per-key order, retries, outages."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import OutboxHarness, unique_topic
+from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.kafka import KafkaBroker
+from zeroloss.embedded_broker import EmbeddedBroker
+from zeroloss.errors import BrokerError
+from zeroloss.message import Message
+from zeroloss.outbox.base import State
+from zeroloss.readback import read_topic
+from zeroloss.relay import Relay, RelaySettings
+
+FAST = RelaySettings(batch_size=100, backoff_base_s=0.01, max_backoff_s=0.05, idle_wait_s=0.01, max_attempts=3)
+
+
+@pytest.mark.kafka
+def test_relay_delivers_everything_in_key_order_and_records_locations(
+    outbox: OutboxHarness, kafka: EmbeddedBroker
+) -> None:
+    topic = unique_topic()
+    ids = [outbox.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 7)) for i in range(700)]
+    broker = KafkaBroker(kafka.url, transactional_id=f"relay-{topic}", timeout_s=15)
+    relay = Relay(outbox.store, broker, FAST)
+    try:
+        relay.drain(timeout_s=120)
+    finally:
+        broker.close()
+    stats = outbox.store.stats()
+    assert stats.counts[State.SUCCESS] == 700
+    assert stats.counts[State.PENDING] == stats.counts[State.SENDING] == 0
+    state, _ = outbox.store.get(ids[0])
+    assert state is State.SUCCESS
+    seen = read_topic(kafka.url, topic, expect=ids)
+    assert set(seen.ids) == set(ids)
+    for key, got in seen.order.items():
+        want = [ids[i] for i in range(700) if b"k%d" % (i % 7) == key]
+        assert got == want, f"key {key!r} out of order"
+
+
+@dataclass
+class ScriptedBroker:
+    """A broker double for the relay's decision logic only (the real adapter has its own tests
+    against a real broker). ``script`` is consumed one step per publish call: a BrokerError is
+    raised, or a dict maps a message value to its reaction ("retry", "reject"); the rest of the
+    batch, and every call after the script, is delivered."""
+
+    script: list[object]
+    calls: list[list[bytes]] = field(default_factory=list)
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        self.calls.append([m.value for m in messages])
+        step = self.script.pop(0) if self.script else {}
+        if isinstance(step, BrokerError):
+            raise step
+        assert isinstance(step, dict)
+        out, failed_keys = [], set()
+        for m in messages:
+            status = {"retry": Status.RETRY, "reject": Status.REJECTED}.get(step.get(m.value, ""), Status.DELIVERED)
+            if m.key in failed_keys:
+                status = Status.HELD  # the Broker contract: nothing passes a failed message of its key
+            elif status is not Status.DELIVERED:
+                failed_keys.add(m.key)
+            location = "x/0/0" if status is Status.DELIVERED else None
+            out.append(Outcome(m, status, location=location, error=None if location else "e"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_outage_spends_no_attempts_and_a_retry_spends_one(outbox: OutboxHarness) -> None:
+    mid = outbox.add(topic="t", value=b"v")
+    broker = ScriptedBroker([BrokerError("down"), BrokerError("down"), {b"v": "retry"}])
+    Relay(outbox.store, broker, FAST).drain(timeout_s=30)
+    state, msg = outbox.store.get(mid)
+    assert state is State.SUCCESS
+    assert len(broker.calls) == 4
+    assert msg.attempts == 1
+
+
+def test_exhausted_messages_go_to_failed_with_their_reason(outbox: OutboxHarness) -> None:
+    mid = outbox.add(topic="t", value=b"v", key=b"K")
+    later = outbox.add(topic="t", value=b"w", key=b"K")
+    other = outbox.add(topic="t", value=b"x", key=b"L")
+    broker = ScriptedBroker([{b"v": "retry"}] * 3)
+    relay = Relay(outbox.store, broker, FAST)
+    relay.drain(timeout_s=30)
+    state, msg = outbox.store.get(mid)
+    assert state is State.FAILED
+    assert msg.attempts == 3 and msg.last_error == "attempts exhausted"
+    assert outbox.store.get(other)[0] is State.SUCCESS
+    assert outbox.store.get(later)[0] is State.PENDING  # parked behind the failed one
+    assert outbox.store.stats().parked == 1
+    outbox.store.requeue([mid])
+    relay.drain(timeout_s=30)
+    assert outbox.store.get(mid)[0] is State.SUCCESS
+    assert outbox.store.get(later)[0] is State.SUCCESS
+
+
+def test_a_rejected_message_fails_at_once(outbox: OutboxHarness) -> None:
+    mid = outbox.add(topic="t", value=b"v")
+    Relay(outbox.store, ScriptedBroker([{b"v": "reject"}]), FAST).drain(timeout_s=30)
+    state, msg = outbox.store.get(mid)
+    assert (state, msg.attempts, msg.last_error) == (State.FAILED, 1, "e")
+
+
+def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:
+    for i in range(50):
+        outbox.add(topic="t", value=b"%d" % i)
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowBroker(ScriptedBroker):
+        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+            entered.set()
+            release.wait(10)
+            return super().publish(messages)
+
+    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01))
+    t = threading.Thread(target=relay.run)
+    t.start()
+    assert entered.wait(10)
+    relay.stop()
+    release.set()
+    t.join(10)
+    assert not t.is_alive()
+    stats = outbox.store.stats()
+    assert stats.counts[State.SUCCESS] == 10
+    assert stats.counts[State.SENDING] == 0
+    assert stats.counts[State.PENDING] == 40

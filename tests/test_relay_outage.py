@@ -1,0 +1,96 @@
+"""A broker that is down when the relay starts: nothing lost, no attempts spent, backlog visible."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import unique_topic
+from zeroloss.cli import main
+from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
+from zeroloss.outbox.base import State
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+
+def wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_relay_waits_out_a_dead_broker_and_delivers_everything(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    source = f"spool://{spool_dir}"
+    port = free_port()
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(spool_dir)
+    topic = unique_topic("outage")
+    ids = []
+    for i in range(200):
+        with spool.transaction() as tx:
+            ids.append(tx.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 5)))
+    log = tmp_path / "relay.log"
+    with open(log, "ab") as out:
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", source, "--target",
+             f"kafka://127.0.0.1:{port}", "--timeout-s", "1", "--lease-s", "5", "--max-backoff-s", "1",
+             "--max-attempts", "2", "--relay-id", "outage"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    broker = EmbeddedBroker(port)
+    try:
+        wait_until(lambda: "broker unavailable" in log.read_text(), 60, "the relay to notice the outage")
+        status = CliRunner().invoke(main, ["status", "--source", source, "--json"])
+        counts = json.loads(status.output)["counts"]
+        assert counts["pending"] + counts["sending"] == 200 and counts["failed"] == 0
+        broker.start()
+        wait_until(lambda: spool.stats().counts[State.SUCCESS] == 200, 120, "delivery after the broker came up")
+        relay.send_signal(signal.SIGTERM)
+        assert relay.wait(30) == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+        broker.stop()
+    # max-attempts 2 and many outage rounds: still nothing failed, because outages spend no attempts
+    assert spool.stats().counts[State.FAILED] == 0
+    assert all(spool.get(i)[1].attempts == 0 for i in ids[:5])
+
+
+def test_zeroloss_broker_command_serves_until_interrupted(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "zeroloss", "broker", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed once the port answers
+        assert b"listening at kafka://127.0.0.1:%d" % port in first
+        assert port_open(port)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # a port in use is a configuration error, said plainly
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        res = subprocess.run([sys.executable, "-m", "zeroloss", "broker", "--port", str(busy)],
+                             capture_output=True, text=True, timeout=30, env={**os.environ})
+    assert res.returncode == 2
+    assert "already in use" in res.stderr

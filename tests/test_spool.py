@@ -1,0 +1,472 @@
+"""File-spool behaviour beyond the OutboxStore contract: tmp files, crashes, disk full, group commit."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from zeroloss.errors import MessageError, SpoolFullError, StoreError, UnknownMessageError
+from zeroloss.message import decode, encode, new_message
+from zeroloss.outbox import _fsync
+from zeroloss.outbox.base import Delivered, State
+from zeroloss.outbox.spool import FileSpool
+
+
+def wait_for(cond: Callable[[], object], timeout_s: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[FileSpool]:
+    s = FileSpool(tmp_path / "spool")
+    yield s
+    s.close()
+
+
+def add(spool: FileSpool, value: bytes = b"v", key: bytes | None = None, txid: str | None = None) -> str:
+    with spool.transaction(txid) as tx:
+        return tx.add(topic="t", value=value, key=key)
+
+
+def files(spool: FileSpool, state: State) -> list[str]:
+    return sorted(os.listdir(os.path.join(spool.root, state.value)))
+
+
+def age(path: str | Path, seconds: float = 3600) -> None:
+    """Make a file look old instead of sleeping past a grace period."""
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def all_ids(root: str | Path) -> list[str]:
+    """Every message id that has a file anywhere in the spool (duplicates kept)."""
+    return [n[:36] for s in State for n in os.listdir(os.path.join(root, s.value)) if n.endswith(".zlm")]
+
+
+# ---- producer side -----------------------------------------------------------------------
+
+
+def test_directories_are_the_state_names_and_stats_count_every_state(spool: FileSpool) -> None:
+    assert sorted(os.listdir(spool.root)) == sorted(s.value for s in State)
+    stats = spool.stats()
+    assert stats.counts == {s: 0 for s in State}
+    assert stats.oldest_pending_age_s is None
+    assert stats.disk_total_bytes and stats.disk_free_bytes is not None
+
+
+def test_tmp_files_are_invisible_to_claim_until_the_block_exits(spool: FileSpool) -> None:
+    with spool.transaction("order-17") as tx:
+        assert tx.id == "order-17"
+        a = tx.add(topic="t", value=b"a")
+        b = tx.add(topic="t", value=b"b", key=b"k", headers={"h": b"1"})
+        assert files(spool, State.TMP) == sorted([f"{a}.order-17.zlm", f"{b}.order-17.zlm"])
+        assert spool.claim(10, lease_s=30) == []
+        assert spool.get(a)[0] is State.TMP
+        assert spool.stats().counts[State.TMP] == 2
+    assert files(spool, State.TMP) == []
+    assert files(spool, State.PENDING) == [f"{a}.zlm", f"{b}.zlm"]
+    assert [m.id for m in spool.claim(10, lease_s=30)] == [a, b]
+
+
+def test_an_exception_in_the_block_removes_its_tmp_files(spool: FileSpool) -> None:
+    kept = add(spool)
+    with pytest.raises(RuntimeError, match="rollback"), spool.transaction() as tx:
+        gone = tx.add(topic="t", value=b"x")
+        assert len(files(spool, State.TMP)) == 1
+        raise RuntimeError("rollback")
+    assert files(spool, State.TMP) == []
+    assert files(spool, State.PENDING) == [f"{kept}.zlm"]
+    with pytest.raises(UnknownMessageError, match=gone):
+        spool.get(gone)
+
+
+def test_bad_messages_and_bad_txids_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    spool = FileSpool(tmp_path / "s", max_message_bytes=10)
+    with pytest.raises(MessageError, match="exceeds the limit of 10"), spool.transaction() as tx:
+        tx.add(topic="t", value=b"x" * 11)
+    with pytest.raises(MessageError, match="topic"), spool.transaction() as tx:
+        tx.add(topic="no/slash", value=b"x")
+    with pytest.raises(StoreError, match="transaction id"):
+        spool.transaction("a.b")
+    assert all_ids(spool.root) == []
+    with spool.transaction() as tx:
+        pass
+    with pytest.raises(StoreError, match="outside its with-block"):
+        tx.add(topic="t", value=b"late")
+    spool.close()
+    with pytest.raises(StoreError, match="closed"):
+        spool.stats()
+
+
+# ---- recover: tmp files, leases, duplicates ------------------------------------------------
+
+
+def _crashed_transaction(spool: FileSpool, txid: str, n: int = 2) -> list[str]:
+    """Tmp files of a transaction whose process died before the block exited, made old."""
+    tx = spool.transaction(txid).__enter__()
+    ids = [tx.add(topic="t", value=b"%d" % i) for i in range(n)]
+    for mid in ids:
+        age(os.path.join(spool.root, "tmp", f"{mid}.{txid}.zlm"))
+    return ids
+
+
+def test_recover_resolves_tmp_files_with_the_resolver(spool: FileSpool) -> None:
+    committed = _crashed_transaction(spool, "tx-commit")
+    rolled_back = _crashed_transaction(spool, "tx-rollback")
+    unknown = _crashed_transaction(spool, "tx-unknown")
+    with spool.transaction("tx-live") as live:  # young tmp files: a live transaction, left alone
+        live_id = live.add(topic="t", value=b"live")
+        asked: list[str] = []
+
+        def resolver(txid: str) -> bool | None:
+            asked.append(txid)
+            return {"tx-commit": True, "tx-rollback": False}.get(txid)
+
+        report = spool.recover(resolver)
+        assert (report.promoted, report.discarded, report.doubt, report.malformed) == (2, 2, 2, 0)
+        assert sorted(asked) == ["tx-commit", "tx-rollback", "tx-unknown"]  # once per transaction
+        assert spool.get(live_id)[0] is State.TMP
+    assert [spool.get(m)[0] for m in committed] == [State.PENDING] * 2
+    assert [spool.get(m)[0] for m in unknown] == [State.DOUBT] * 2
+    assert spool.get(live_id)[0] is State.PENDING
+    assert files(spool, State.DOUBT) == sorted(f"{m}.tx-unknown.zlm" for m in unknown)
+    for mid in rolled_back:
+        with pytest.raises(UnknownMessageError):
+            spool.get(mid)
+    again = spool.recover(resolver)  # idempotent
+    assert (again.promoted, again.discarded, again.doubt, again.lease_expired) == (0, 0, 0, 0)
+    # An operator who checked the app's database requeues the doubtful ones.
+    assert spool.requeue(unknown) == 2
+    assert {m.id for m in spool.claim(10, lease_s=30)} == {*committed, *unknown, live_id}
+
+
+def test_recover_without_a_resolver_moves_old_tmp_files_to_doubt(spool: FileSpool) -> None:
+    ids = _crashed_transaction(spool, "tx1")
+    assert spool.recover().doubt == 2
+    assert spool.stats().counts[State.DOUBT] == 2
+    assert [m.id for m in spool.list(State.DOUBT)] == ids
+    assert spool.claim(10, lease_s=30) == []
+
+
+def test_a_transaction_slower_than_tmp_grace_takes_its_messages_back(tmp_path: Path) -> None:
+    spool = FileSpool(tmp_path / "s", tmp_grace_s=0)
+    with spool.transaction("slow") as tx:
+        mid = tx.add(topic="t", value=b"x")
+        assert spool.recover().doubt == 1  # recover() ran while the app's transaction was open
+    assert spool.get(mid)[0] is State.PENDING  # the block exited normally: it committed
+    with pytest.raises(StoreError, match="tmp_grace_s"), spool.transaction("slower") as tx:
+        tx.add(topic="t", value=b"y")
+        assert spool.recover(lambda txid: False).discarded == 1  # a resolver asked too early
+    spool.close()
+
+
+def test_truncated_bit_flipped_and_foreign_files_are_quarantined_and_counted(spool: FileSpool) -> None:
+    pending = Path(spool.root) / "pending"
+    bad = [new_message("t", b"truncated"), new_message("t", b"bit-flipped")]  # older than the good ones
+    good = [add(spool, b"good%d" % i) for i in range(3)]
+    (pending / f"{bad[0].id}.zlm").write_bytes(encode(bad[0])[:-4])
+    flipped = bytearray(encode(bad[1]))
+    flipped[-3] ^= 0x10
+    (pending / f"{bad[1].id}.zlm").write_bytes(bytes(flipped))
+    (pending / "notes.txt").write_text("not a message")
+    report = spool.recover()
+    assert report.malformed == 3
+    assert spool.stats().counts[State.MALFORMED] == 3
+    assert len(spool.malformed_paths()) == 3
+    with pytest.raises(Exception, match="quarantined"):
+        spool.get(bad[0].id)
+    # The same files found by claim() instead of recover(): quarantined, good ones still claimed.
+    for p in spool.malformed_paths():
+        shutil.move(p, pending / os.path.basename(p))
+    assert [m.id for m in spool.claim(10, lease_s=30)] == good
+    assert files(spool, State.PENDING) == []
+    assert spool.stats().counts[State.MALFORMED] == 3
+
+
+def test_duplicates_keep_the_copy_that_wins_by_precedence(spool: FileSpool) -> None:
+    a, b = add(spool, b"a"), add(spool, b"b")
+    root = Path(spool.root)
+    future_ms = int((time.time() + 3600) * 1000)
+    shutil.copy(root / "pending" / f"{a}.zlm", root / "sending" / f"{a}.{future_ms}.zlm")
+    shutil.copy(root / "pending" / f"{b}.zlm", root / "failed" / f"{b}.zlm")
+    shutil.copy(root / "pending" / f"{b}.zlm", root / "doubt" / f"{b}.tx.zlm")
+    report = spool.recover()
+    assert report.lease_expired == 0
+    assert spool.get(a)[0] is State.PENDING  # pending beats a stale sending copy
+    assert spool.get(b)[0] is State.FAILED  # failed was decided later than any pending copy
+    assert sorted(all_ids(root)) == sorted([a, b])
+
+
+def test_an_interrupted_rewrite_leaves_the_original_and_its_part_file_is_cleaned(spool: FileSpool) -> None:
+    mid = add(spool)
+    [msg] = spool.claim(1, lease_s=0)  # a lease that has already run out
+    part = Path(spool.root) / "tmp" / f"{mid}.~123-abcd.part"
+    part.write_bytes(encode(replace(msg, attempts=1))[:10])  # the relay died while writing it
+    age(part)
+    report = spool.recover()
+    assert (report.lease_expired, report.malformed) == (1, 0)
+    assert not part.exists()
+    assert spool.get(mid) == (State.PENDING, msg)
+
+
+# ---- relay side --------------------------------------------------------------------------
+
+
+def test_the_lease_is_in_the_sending_file_name(spool: FileSpool) -> None:
+    a, b = add(spool), add(spool)
+    before = time.time()
+    [m] = spool.claim(1, lease_s=30)
+    after = time.time()
+    [name] = files(spool, State.SENDING)
+    mid, lease_ms, suffix = name.split(".")
+    assert (mid, suffix) == (a, "zlm")
+    assert (before + 30) * 1000 - 1 <= int(lease_ms) <= (after + 30) * 1000
+    assert spool.stats().expired_leases == 0
+    spool.claim(1, lease_s=0)
+    assert spool.stats().expired_leases == 1
+    assert spool.recover().lease_expired == 1
+    assert spool.get(b)[0] is State.PENDING and spool.get(m.id)[0] is State.SENDING
+
+
+def test_success_records_the_location_and_ages_by_success_time(spool: FileSpool) -> None:
+    a, b = add(spool), add(spool)
+    ma, mb = spool.claim(2, lease_s=30)
+    long_location = "x" * 300 + "/1/2"
+    spool.succeed([Delivered(ma, "orders/2/1543"), Delivered(mb, long_location)])
+    assert files(spool, State.SUCCESS)[0] == f"{a}.orders%2F2%2F1543.zlm"
+    assert spool.location(a) == "orders/2/1543"
+    assert long_location.startswith(spool.location(b)) and len(spool.location(b)) > 200
+    assert all(len(n) <= 255 for n in files(spool, State.SUCCESS))
+    age(Path(spool.root) / "success" / files(spool, State.SUCCESS)[0])
+    assert spool.purge_success(older_than_s=60) == 1
+    assert [m.id for m in spool.list(State.SUCCESS)] == [b]
+
+
+def test_retry_and_fail_rewrite_the_one_copy(spool: FileSpool) -> None:
+    a, b = add(spool, key=b"K"), add(spool, key=b"K")
+    [ma] = spool.claim(1, lease_s=30)
+    assert spool.claim(10, lease_s=30) == []  # b waits behind a, which is sending
+    spool.retry([replace(ma, attempts=1, not_before=time.time() - 1, last_error="e1")])
+    [ma] = spool.claim(1, lease_s=30)
+    assert (ma.attempts, ma.last_error) == (1, "e1")
+    spool.fail([replace(ma, attempts=2, last_error="e2")])
+    assert spool.get(a)[1].last_error == "e2"
+    assert spool.stats().parked == 1
+    assert sorted(all_ids(spool.root)) == sorted([a, b])
+    with pytest.raises(UnknownMessageError, match=b):  # b is pending: nothing moves
+        spool.requeue([a, b])
+    assert spool.get(a)[0] is State.FAILED
+    spool.succeed([Delivered(ma, "t/0/0")])  # not in sending any more: ignored, logged
+    assert spool.get(a)[0] is State.FAILED
+
+
+# ---- disk full ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem, so ENOSPC comes from the kernel rather than a mock."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_raises_spool_full_and_keeps_what_was_committed(small_tmpfs: Path) -> None:
+    spool = FileSpool(small_tmpfs / "spool")
+    committed = [add(spool, b"committed %d" % i) for i in range(3)]
+    vfs = os.statvfs(small_tmpfs)
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(b"\0" * (vfs.f_bavail * vfs.f_frsize - 150_000))  # leave room for one message
+
+    def two_big_messages() -> list[str]:
+        with spool.transaction() as tx:
+            return [tx.add(topic="t", value=bytes([i]) * 100_000) for i in range(2)]
+
+    with pytest.raises(SpoolFullError, match="roll back") as err:
+        two_big_messages()
+    assert err.value.retriable and str(spool.root) in str(err.value)
+    assert files(spool, State.TMP) == []  # neither the written one nor the partial one
+    assert files(spool, State.PENDING) == sorted(f"{m}.zlm" for m in committed)
+    assert [spool.get(m)[1].value for m in committed] == [b"committed %d" % i for i in range(3)]
+    filler.unlink()
+    big = two_big_messages()
+    assert [m.id for m in spool.claim(10, lease_s=30)] == [*committed, *big]
+    spool.close()
+
+
+# ---- concurrency and group commit --------------------------------------------------------
+
+
+def test_concurrent_transactions_share_directory_fsyncs(spool: FileSpool) -> None:
+    threads, per_thread = 16, 50
+    ids: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def producer(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(per_thread):
+                ids.append(add(spool, b"%d-%d" % (n, i), key=b"%d" % n))
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=producer, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    transactions = threads * per_thread
+    assert files(spool, State.PENDING) == sorted(f"{m}.zlm" for m in ids)
+    assert len(set(ids)) == transactions and sorted(all_ids(spool.root)) == sorted(ids)
+    pending_sync = spool.dir_syncs[State.PENDING]
+    assert pending_sync.requests == transactions
+    assert 0 < pending_sync.fsyncs < transactions
+    assert spool.dir_syncs[State.TMP].fsyncs < spool.dir_syncs[State.TMP].requests
+
+
+def test_group_sync_covers_each_caller_with_an_fsync_that_started_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = itertools.count()  # next() is atomic under the GIL: a global order of events
+    fsyncs: list[tuple[int, int]] = []
+    calls: list[tuple[int, int]] = []
+    gate = threading.Event()
+
+    def slow_fsync(fd: int) -> None:
+        started = next(clock)
+        gate.wait(0.002)  # stay in flight a moment so others pile up behind this fsync
+        fsyncs.append((started, next(clock)))
+
+    monkeypatch.setattr(_fsync.os, "fsync", slow_fsync)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd, window_s=0.001)
+
+    def caller() -> None:
+        for _ in range(20):
+            arrived = next(clock)
+            sync.sync(linger=True)
+            calls.append((arrived, next(clock)))
+
+    workers = [threading.Thread(target=caller) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    os.close(fd)
+    assert len(calls) == sync.requests == 160
+    for arrived, returned in calls:
+        assert any(arrived < s and e < returned for s, e in fsyncs), (arrived, returned)
+    assert len(fsyncs) == sync.fsyncs < 160
+
+
+def test_group_sync_reports_a_failed_fsync_to_every_caller_it_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_fsync.os, "fsync", broken)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd)
+    with pytest.raises(OSError, match="directory fsync failed"):
+        sync.sync()
+    monkeypatch.undo()
+    sync.sync()  # the next fsync works again
+    os.close(fd)
+    assert sync.fsyncs == 2
+
+
+# ---- a producer process killed mid-transaction -------------------------------------------
+
+_CHILD = """
+import os, sys, threading
+from zeroloss.outbox.spool import FileSpool
+
+spool = FileSpool(sys.argv[1])
+journal = os.open(sys.argv[2], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+def producer(n):
+    for i in range(1_000_000):
+        txid = f"p{n}-{i}"
+        with spool.transaction(txid) as tx:
+            ids = [tx.add(topic="t", value=os.urandom(20_000), key=b"k%d" % j) for j in range(3)]
+            # The app's database commit: one append, atomic under SIGKILL.
+            os.write(journal, f"{txid} {' '.join(ids)}\\n".encode())
+            if txid == "p0-10":  # committed, then stuck before the spool promotes: the kill lands here
+                threading.Event().wait()
+
+for n in range(4):
+    threading.Thread(target=producer, args=(n,)).start()
+"""
+
+
+@pytest.mark.slow
+def test_a_producer_killed_mid_transaction_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    root, journal = tmp_path / "spool", tmp_path / "journal"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(journal)])
+    try:
+        wait_for(
+            lambda: journal.exists() and "p0-10 " in journal.read_text() and len(os.listdir(root / "pending")) >= 300,
+            timeout_s=120,
+            what="the child to commit 100 transactions, one of them left unpromoted",
+        )
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    committed: dict[str, list[str]] = {}
+    for line in journal.read_text().splitlines(keepends=True):
+        if line.endswith("\n"):
+            txid, *ids = line.split()
+            committed[txid] = ids
+    committed_ids = {m for ids in committed.values() for m in ids}
+    unresolved = Path(shutil.copytree(root, tmp_path / "copy"))  # the same crash, recovered without a resolver
+
+    spool = FileSpool(root, tmp_grace_s=0)  # the child is dead: no live transactions
+    report = spool.recover(lambda txid: txid in committed)
+    assert report.promoted >= 3  # at least p0-10, committed but never promoted
+    assert report.malformed == 0 and report.doubt == 0 and os.listdir(root / "malformed") == []
+    assert sorted(all_ids(root)) == sorted(files_ids(root, State.PENDING))
+    assert sorted(files_ids(root, State.PENDING)) == sorted(committed_ids)  # each exactly once
+    assert all(decode((root / "pending" / f"{m}.zlm").read_bytes()).id == m for m in committed_ids)
+    spool.close()
+
+    spool = FileSpool(unresolved, tmp_grace_s=0)
+    report = spool.recover()
+    pending, doubt = files_ids(unresolved, State.PENDING), files_ids(unresolved, State.DOUBT)
+    ids = pending + doubt
+    assert len(ids) == len(set(ids)) and committed_ids <= set(ids)
+    assert set(pending) <= committed_ids
+    assert set(committed["p0-10"]) <= set(doubt)
+    for name in os.listdir(unresolved / "malformed"):  # only a write the kill cut short
+        assert name[:36] not in committed_ids
+    assert files_ids(unresolved, State.TMP) == []
+    spool.close()
+
+
+def files_ids(root: str | Path, state: State) -> list[str]:
+    return [n[:36] for n in os.listdir(os.path.join(root, state.value)) if n.endswith(".zlm")]

@@ -1,0 +1,299 @@
+"""One consumer contract, run against every broker: publish → consume → ack (exactly one effect
+each, per-key order with one consumer), a republished id has no second effect, a crash mid-batch
+loses nothing, a message that keeps failing is dead-lettered after max attempts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.broker_harness import harness
+from tests.conftest import require_service, unique_topic
+from tests.test_consumer import FAST_GROUP, Db, make_db
+from zeroloss import dlq
+from zeroloss.brokers.base import Broker, Status
+from zeroloss.brokers.subscription import Subscription, open_subscription
+from zeroloss.consumer import Consumer, Received
+from zeroloss.message import Message, new_message
+
+
+@dataclass
+class Contract:
+    name: str
+    url: str
+    make_broker: Callable[[], Broker]
+    config: dict[str, Any]
+    dead_letters: Callable[[str], list[str]]  # ids on <topic>.dlq
+    topics: list[str] = field(default_factory=list)
+
+    def topic(self) -> str:
+        t = unique_topic(f"ct-{self.name}")
+        self.topics.append(t)
+        return t
+
+    def publish(self, msgs: list[Message]) -> None:
+        b = self.make_broker()
+        try:
+            assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
+        finally:
+            b.close()
+
+
+@pytest.fixture(params=[pytest.param(n, id=n, marks=getattr(pytest.mark, n))
+                        for n in ("kafka", "rabbitmq", "nats", "redis")])
+def contract(request: pytest.FixtureRequest) -> Iterator[Contract]:
+    name = request.param
+    if name == "kafka":
+        from zeroloss.brokers.kafka import KafkaBroker
+
+        k = request.getfixturevalue("kafka")
+        yield Contract(name, k.url, lambda: KafkaBroker(k.url, timeout_s=15), dict(FAST_GROUP),
+                       lambda t: [d.id for d in dlq.list_dead_letters(k.url, t)])
+        return
+    with harness(name) as h:
+        config = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
+        c = Contract(name, h.url, h.make, config[name], lambda t: [i for i, _ in h.read(t + ".dlq")])
+        try:
+            yield c
+        finally:
+            h.topics.extend(c.topics)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Db]:
+    yield from make_db("sqlite", tmp_path)
+
+
+def consumer(c: Contract, topic: str, db: Db, **kw: Any) -> Consumer:
+    return Consumer(c.url, f"g-{topic}", [topic], db.inbox, config=dict(c.config), backoff_base_s=0.01,
+                    poll_s=0.2, **kw)
+
+
+def test_publish_consume_ack_exactly_once_in_key_order(contract: Contract, db: Db) -> None:
+    topic = contract.topic()
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 5)) for i in range(150)]
+    contract.publish(msgs)
+    c = consumer(contract, topic, db)
+    c.handler(db.record)
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=90)
+        assert db.counts() == Counter({m.id: 1 for m in msgs})
+        for key, ids in db.order().items():
+            assert ids == [m.id for m in msgs if m.key == (key or "").encode()], f"key {key} out of order"
+        # acked: the same group, started again, finds nothing to do
+        again = consumer(contract, topic, db)
+        again.handler(db.record)
+        again.run_until_idle(idle_s=1.5, timeout_s=90)
+        assert again.counters.processed == again.counters.duplicates == 0
+    finally:
+        c.close()
+
+
+def test_a_republished_id_has_no_second_effect(contract: Contract, db: Db) -> None:
+    topic = contract.topic()
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(20)]
+    contract.publish(msgs)
+    contract.publish(msgs[:5])  # the relay's at-least-once after a crash
+    c = consumer(contract, topic, db)
+    c.handler(db.record)
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=90)
+    finally:
+        c.close()
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+    # NATS drops the copies in the stream (Nats-Msg-Id); the others deliver them and the inbox skips them
+    assert c.counters.duplicates == (0 if contract.name == "nats" else 5)
+
+
+class Crash(BaseException):
+    """Stands in for the process dying mid-message: nothing after it runs (no commit, no ack)."""
+
+
+def test_a_crash_mid_batch_loses_nothing_and_repeats_no_effect(contract: Contract, db: Db) -> None:
+    topic = contract.topic()
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(40)]
+    contract.publish(msgs)
+    first = consumer(contract, topic, db)
+
+    @first.handler
+    def crash_at_20(msg: Received, tx: sa.Connection) -> None:
+        if msg.id == msgs[20].id:
+            raise Crash()
+        db.record(msg, tx)
+
+    with pytest.raises(Crash):
+        first.run_until_idle(idle_s=1.5, timeout_s=90)
+    first.close()
+    assert msgs[20].id not in db.counts()
+    second = consumer(contract, topic, db)
+    second.handler(db.record)
+    try:
+        second.run_until_idle(idle_s=3.0, timeout_s=90)
+    finally:
+        second.close()
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+
+
+def test_a_message_that_keeps_failing_is_dead_lettered_after_max_attempts(contract: Contract, db: Db) -> None:
+    topic = contract.topic()
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 2)) for i in range(10)]
+    bad = msgs[3]
+    contract.publish(msgs)
+    c = consumer(contract, topic, db, max_attempts=3)
+    tries: Counter[str] = Counter()
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        tries[msg.id] += 1
+        if msg.id == bad.id:
+            raise ValueError("cannot handle this one")
+        db.record(msg, tx)
+
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=90)
+    finally:
+        c.close()
+    assert tries[bad.id] == 3
+    assert c.counters.dead_lettered == 1
+    assert db.counts() == Counter({m.id: 1 for m in msgs if m is not bad})
+    assert contract.dead_letters(topic) == [bad.id]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
+                                                                                              "redis")])
+def test_every_subscription_satisfies_the_protocol(name: str) -> None:
+    from tests.broker_harness import HARNESSES
+
+    with harness(name) as h:
+        topic = unique_topic("proto")
+        h.topics.append(topic)
+        sub = open_subscription(HARNESSES[name]().url, f"g-{topic}", [topic])
+        try:
+            assert isinstance(sub, Subscription)
+            assert sub.fetch(10, 0.2) == []
+        finally:
+            sub.close()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
+                                                                                              "redis")])
+def test_a_consumer_waits_out_an_unreachable_broker(name: str, db: Db) -> None:
+    from tests.broker_harness import HARNESSES
+
+    require_service(name)
+    c = Consumer(HARNESSES[name]().bad_url, "g-unreachable", ["t"], db.inbox, backoff_base_s=0.05,
+                 max_backoff_s=0.2)
+    c.handler(db.record)
+    c.run_for(1.0)  # keeps trying to subscribe, never raises, stops on time
+    assert not c.assigned and db.counts() == Counter()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
+                                                                                              "redis")])
+def test_key_value_and_headers_arrive_exactly_as_published(name: str) -> None:
+    import time
+
+    from tests.broker_harness import HARNESSES
+    from zeroloss.message import ID_HEADER
+
+    with harness(name) as h:
+        topic = unique_topic("hdr")
+        h.topics.append(topic)
+        headers = [("bin", b"\x00\xff"), ("txt", "grüße".encode()), ("sp", b" x "), ("empty", b"")]
+        msgs = [new_message(topic, b"\x00value", key=b"\xffkey", headers=headers),
+                new_message(topic, b"", key=None), new_message(topic, b"v", key=b"")]
+        b = h.make()
+        try:
+            assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
+        finally:
+            b.close()
+        sub = open_subscription(HARNESSES[name]().url, f"g-{topic}", [topic])
+        got: list[Any] = []
+        try:
+            deadline = time.monotonic() + 30
+            while len(got) < len(msgs) and time.monotonic() < deadline:
+                for d in sub.fetch(10, 0.5):
+                    got.append(d)
+                    sub.ack(d)
+        finally:
+            sub.close()
+        by_id = {d.received.id: d for d in got}
+        assert set(by_id) == {m.id for m in msgs}
+        for m in msgs:
+            r = by_id[m.id].received
+            assert by_id[m.id].poison is None
+            assert (r.topic, r.key, r.value) == (m.topic, m.key, m.value)
+            got_headers = [(k, v) for k, v in r.headers if k != ID_HEADER]
+            if name == "rabbitmq":  # an AMQP table keeps names and values, not their order
+                got_headers, want = sorted(got_headers), sorted(m.headers)
+            else:
+                want = list(m.headers)
+            assert got_headers == want
+
+
+def _break(name: str, sub: Any) -> None:
+    """Cut the subscription's link to the broker the way an outage would."""
+    if name == "rabbitmq":
+        sub._loop.run(sub._channel.close(), 10)
+    elif name == "nats":
+        sub.broker._loop.run(sub.broker._nc.close(), 10)
+    else:
+        sub._client.connection_pool.disconnect()
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
+                                                                                              "redis")])
+def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effect(
+    name: str, db: Db, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeroloss.brokers import subscription
+
+    config = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
+    with harness(name) as h:
+        topic = unique_topic("cut")
+        h.topics.append(topic)
+        msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(60)]
+        b = h.make()
+        try:
+            assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
+        finally:
+            b.close()
+        subs: list[Any] = []
+        real_open = subscription.open_subscription
+
+        def capture(*a: Any, **kw: Any) -> Subscription:
+            subs.append(real_open(*a, **kw))
+            return subs[-1]
+
+        monkeypatch.setattr(subscription, "open_subscription", capture)
+        c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=config[name], backoff_base_s=0.05,
+                     max_backoff_s=0.2, batch_size=10)
+
+        @c.handler
+        def handle(msg: Received, tx: sa.Connection) -> None:
+            if msg.id == msgs[25].id and len(subs) == 1:
+                _break(name, subs[0])  # after this handler's commit, its ack cannot go out
+            db.record(msg, tx)
+
+        try:
+            c.run_until_idle(idle_s=3.0, timeout_s=90)
+        finally:
+            c.close()
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+    if name != "redis":  # redis-py reconnects by itself; the others subscribe again
+        assert len(subs) >= 2
+
+
+def test_sources_the_consumer_cannot_read_are_refused_up_front() -> None:
+    from zeroloss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot consume"):
+        Consumer("mqtt://host", "g", ["t"], None)
+    with pytest.raises(ConfigError, match="Kafka sources only"):
+        Consumer("redis://127.0.0.1:1/0", "g", ["t"], None, transactional=True)
