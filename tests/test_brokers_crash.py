@@ -59,6 +59,7 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     finally:
         if relay.poll() is None:
             relay.kill()
+            relay.wait()
     entries = target.read(topic)
     seen = [mid for mid, _ in entries]
     assert set(ids) - set(seen) == set(), "lost messages"

@@ -78,6 +78,7 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     finally:
         if relay.poll() is None:
             relay.kill()
+            relay.wait()
     seen = read_topic(kafka.url, topic, expect=ids)
     lost = set(ids) - set(seen.ids)
     assert not lost, f"{len(lost)} lost"
