@@ -29,8 +29,9 @@ CHILD = Path(__file__).with_name("consumer_child.py")
 
 
 def start(kafka: EmbeddedBroker, group: str, topic: str, db: Db, log: Path, mode: str = "run",
-          ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(CHILD), kafka.url, group, topic, db.url, db.inbox.table.name, db.effects.name, mode]
+          *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(CHILD), kafka.url, group, topic, db.url, db.inbox.table.name, db.effects.name, mode,
+           *extra]
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
@@ -133,3 +134,38 @@ def test_two_consumers_in_one_group_one_killed_lose_nothing_and_double_nothing(
     counts = db.counts()
     assert len(counts) == MESSAGES + 1
     assert set(counts.values()) == {1}, Counter(counts.values())
+
+
+def test_with_retry_topics_a_sigkilled_consumer_still_applies_every_effect_exactly_once(
+    kafka: EmbeddedBroker, db: Db, tmp_path: Path
+) -> None:
+    """Kills land while copies are on their way to, waiting on, or being read from retry topics."""
+    seed = int(os.environ.get("ZEROLOSS_SEED", time.time()))
+    rng = random.Random(seed)
+    topic = unique_topic("crash-rt")
+    group = f"g-{topic}"
+    n = MESSAGES // 2
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 13)) for i in range(n)]
+    publish(kafka.url, msgs)
+    log = tmp_path / "consumer.log"
+    total = lambda: sum(db.counts().values())  # noqa: E731
+    child = start(kafka, group, topic, db, log, "run", "retry")
+    try:
+        for _ in range(3):
+            target = min(n - 1, total() + rng.randint(1, n // 4))
+            wait_until(lambda: total() >= target or child.poll() is not None, 120, "progress")  # noqa: B023
+            assert child.poll() is None, log.read_text()[-3000:]
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            child = start(kafka, group, topic, db, log, "run", "retry")
+        wait_until(lambda: len(db.counts()) == n or child.poll() is not None, 180, "all effects")
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    retried = log.read_text(errors="replace").count(".retry.1, due in")
+    print(f"seed {seed}: 3 kills, {retried} messages sent to {topic}.retry.1")
+    assert retried >= n // 7  # every multiple of 7 failed once and went through the retry topic
+    assert_exactly_once(db, [m.id for m in msgs])

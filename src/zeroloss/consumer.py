@@ -13,7 +13,10 @@ Failures:
 
 * the handler raises → the same message again (order kept) after ``backoff_s``; after
   ``max_attempts`` it goes to ``<topic>.dlq`` and the consumer moves on — only once the dead
-  letter's delivery report came back (idempotent producer, acks=all).
+  letter's delivery report came back (idempotent producer, acks=all). With ``retry_delays_s``
+  (Kafka) the retries go through delay topics ``<topic>.retry.<n>`` instead, so a failing message
+  does not hold its partition (and loses its place in its key's order): see
+  :mod:`zeroloss.retry_topics`.
 * poison — a ``zeroloss-id`` header that is not UTF-8 or longer than 255 characters, or a handler
   raising :class:`PoisonMessage` (or any :class:`~zeroloss.errors.MessageError` /
   :class:`~zeroloss.errors.MalformedMessageError`) → dead-lettered at once.
@@ -54,7 +57,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -62,14 +65,16 @@ from sqlalchemy.exc import DBAPIError
 
 from zeroloss import metrics
 from zeroloss.backoff import backoff_s
-from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+from zeroloss.brokers.kafka import _kafka, ensure_topics, parse_bootstrap
 from zeroloss.dlq import DLQ_SUFFIX, DeadLetterPublisher, dead_letter
 from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, MessageError, StoreError
 from zeroloss.http import HealthServer
 from zeroloss.inbox import MAX_ID_LEN, Inbox, open_inbox
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
+from zeroloss.message import Message
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
 from zeroloss.registry import scheme_of
+from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_topic
 
 __all__ = ["Consumer", "ConsumerCounters", "Handler", "PoisonMessage", "Received", "consumer_config"]
 
@@ -150,6 +155,7 @@ class Consumer:
         inbox_retention_s: float | None = 7 * 86400.0,
         purge_every_s: float = 3600.0,
         metrics_port: int | None = None,
+        retry_delays_s: Sequence[float] = (),
     ) -> None:
         self.url = source
         self._kafka_mode = scheme_of(source) == "kafka"
@@ -171,10 +177,20 @@ class Consumer:
                 raise ConfigError(f"cannot consume from {source!r}: use kafka://, {', '.join(SUBSCRIPTION_SCHEMES)}")
             if transactional:
                 raise ConfigError("transactional=True is for Kafka sources only")
+            if retry_delays_s:
+                raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
+                                  "retry in place (RabbitMQ, NATS and Redis redeliver by themselves)")
             self.conf = dict(config or {})
         self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
         self._owns_inbox = isinstance(inbox, str)
         self.max_attempts = max_attempts
+        # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
+        self.retry_delays_s = check_delays(retry_delays_s)
+        self._subscribed = self.topics + [
+            retry_topic(t, n) for t in self.topics for n in range(1, len(self.retry_delays_s) + 1)
+        ]
+        self._paused: dict[tuple[str, int], float] = {}  # retry partition → when its head copy is due
+        self._retry_topics_ready = False
         self.backoff_base_s = backoff_base_s
         self.max_backoff_s = max_backoff_s
         self.batch_size = batch_size
@@ -248,7 +264,8 @@ class Consumer:
         def finished() -> bool:
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise TimeoutError(f"consumer not idle within {timeout_s}s (assigned: {self._assigned})")
-            return self._assigned and time.monotonic() - self._last_activity >= idle_s
+            # a copy waiting on a retry topic is work still to do, however quiet the topics are
+            return self._assigned and not self._paused and time.monotonic() - self._last_activity >= idle_s
 
         self._loop(finished)
 
@@ -295,6 +312,7 @@ class Consumer:
         self._open()
         try:
             while not self._stop.is_set() and not finished():
+                self._resume_due()
                 batch = self._client.consume(self.batch_size, self.poll_s)
                 try:
                     for rec in batch:
@@ -325,11 +343,26 @@ class Consumer:
     def _open(self) -> None:
         self._done.clear()
         self._assignment.clear()
+        self._paused.clear()
         self._assigned = False
+        if self.retry_delays_s and not self._retry_topics_ready:
+            self._create_retry_topics()
         self._client = self._ck.Consumer(self.conf)
         self._client.subscribe(
-            self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            self._subscribed, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+
+    def _create_retry_topics(self) -> None:
+        """Create the delay topics up front, like the originals' partition counts: a consumer
+        subscribed to a topic that does not exist would only see it after a metadata refresh."""
+        try:
+            for t in self.topics:
+                retries = [x for x in self._subscribed[len(self.topics):] if x.startswith(t + ".retry.")]
+                if created := ensure_topics(self.url, retries, like=t):
+                    log.info("consumer %s created retry topics %s", self.group, created)
+            self._retry_topics_ready = True
+        except BrokerError as exc:  # the first copy's publish creates them if the broker auto-creates
+            log.warning("consumer %s: %s", self.group, exc)
 
     def _shutdown(self) -> None:
         client, self._client = self._client, None
@@ -358,18 +391,37 @@ class Consumer:
     def _on_revoke(self, client: Any, partitions: list[Any]) -> None:
         self.counters.rebalances += 1
         self._commit(client)  # nothing is in flight: callbacks only run inside consume()/close()
-        self._forget(partitions)
+        self._forget(partitions, client)
 
     def _on_lost(self, client: Any, partitions: list[Any]) -> None:
         self.counters.rebalances += 1
         log.warning("consumer %s lost %d partitions (session expired); their done offsets are dropped",
                     self.group, len(partitions))
-        self._forget(partitions)
+        self._forget(partitions, client)
 
-    def _forget(self, partitions: list[Any]) -> None:
+    def _forget(self, partitions: list[Any], client: Any) -> None:
+        paused = [tp for tp in partitions if self._paused.pop((tp.topic, tp.partition), None) is not None]
+        if paused:  # librdkafka keeps a partition's pause across assignments: undo ours while we own it
+            client.resume(paused)
         for tp in partitions:
             self._done.pop((tp.topic, tp.partition), None)
             self._assignment.discard((tp.topic, tp.partition))
+
+    def _resume_due(self) -> None:
+        now = time.time()
+        due = [tp for tp, at in self._paused.items() if at <= now]
+        if due:
+            for tp in due:
+                del self._paused[tp]
+            self._client.resume([self._ck.TopicPartition(t, p) for t, p in due])
+
+    def _wait_for_due(self, rec: Any, tp: tuple[str, int], due_s: float) -> None:
+        """Leave a retry copy that is not yet due where it is: pause its partition and rewind to
+        it, so it is fetched again once resumed (the records after it are due later still)."""
+        self._paused[tp] = due_s
+        part = self._ck.TopicPartition(tp[0], tp[1], rec.offset())
+        self._client.pause([part])
+        self._client.seek(part)
 
     def _commit(self, client: Any = None) -> bool:
         """Commit the done offsets synchronously; on failure keep them for the next try (a
@@ -425,22 +477,27 @@ class Consumer:
             log.warning("consumer %s: %s", self.group, err.str())
             return True
         tp = (rec.topic(), rec.partition())
-        if tp not in self._assignment:  # a straggler of a revoked partition: its new owner has it
+        if tp not in self._assignment or tp in self._paused:  # revoked (its new owner has it), or rewound
             return True
-        if not self._handle(rec):
+        at = origin(rec.topic(), rec.partition(), rec.offset(), record_headers(rec), len(self.retry_delays_s))
+        if at.not_before_ms > time.time() * 1000:
+            self._wait_for_due(rec, tp, at.not_before_ms / 1000)
+            return True
+        if not self._handle(rec, at):
             return False
         self._done[tp] = rec.offset() + 1
         return True
 
-    def _handle(self, rec: Any) -> bool:
-        """Process one record to the end: True once it succeeded, was a duplicate or was
-        dead-lettered; False if stopping interrupted a backoff (it will be redelivered)."""
+    def _handle(self, rec: Any, at: Origin) -> bool:
+        """Process one record to the end: True once it succeeded, was a duplicate, was passed
+        on to a retry topic or was dead-lettered; False if stopping interrupted a backoff (it
+        will be redelivered)."""
         try:
             msg = from_record(rec)
         except MessageError as exc:
-            return self._dead_letter(rec, position(rec), exc, 0, time.time())
-        attempts = outages = 0
-        first_failure: float | None = None
+            return self._dead_letter(rec, position(rec), exc, at.attempts, at.first_failure or time.time(), at)
+        attempts, outages = at.attempts, 0
+        first_failure = at.first_failure
         while True:
             try:
                 fresh = self._attempt(replace(msg, attempts=attempts + 1))
@@ -449,7 +506,7 @@ class Consumer:
             except _HandlerFailed as failed:
                 error, faulty = failed.exc, not _is_outage(failed.exc)
             except MessageError as exc:  # the inbox refused the id itself
-                return self._dead_letter(rec, msg.id, exc, attempts, first_failure or time.time())
+                return self._dead_letter(rec, msg.id, exc, attempts, first_failure or time.time(), at)
             except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                 error, faulty = exc, False
             else:
@@ -460,8 +517,11 @@ class Consumer:
             if faulty:
                 attempts += 1
                 first_failure = first_failure or time.time()
-                if isinstance(error, (MessageError, MalformedMessageError)) or attempts >= self.max_attempts:
-                    return self._dead_letter(rec, msg.id, error, attempts, first_failure)
+                poison = isinstance(error, (MessageError, MalformedMessageError))
+                if not poison and self.retry_delays_s and at.stage < len(self.retry_delays_s):
+                    return self._retry_later(rec, msg, error, attempts, first_failure, at)
+                if poison or self.retry_delays_s or attempts >= self.max_attempts:
+                    return self._dead_letter(rec, msg.id, error, attempts, first_failure, at)
                 self._finished(msg.topic, "retry")
                 delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
                 log.warning("message %s failed (attempt %d of %d): %r; again in %.2fs",
@@ -501,20 +561,38 @@ class Consumer:
         except Exception as exc:
             raise _HandlerFailed(exc) from exc
 
-    def _dead_letter(self, rec: Any, mid: str, exc: BaseException, attempts: int, first_failure: float) -> bool:
-        """Dead-letter the record; True once delivered, False if stopping interrupted the wait."""
+    def _send(self, out: Message) -> str | None:
+        """Hand a dead letter or retry copy to the broker before its source offset may be committed:
+        into the batch's transaction, or published and acknowledged (None: stopping interrupted it)."""
+        if self._txn is not None:
+            self._txn.add([out])  # commits with the batch's offsets, or is redone after an abort
+            return out.topic
+        return self._dlq.deliver(out, self._stop, self.backoff_base_s, self.max_backoff_s)
+
+    def _retry_later(self, rec: Any, msg: Received, error: Exception, attempts: int, first_failure: float,
+                     at: Origin) -> bool:
+        delay = self.retry_delays_s[at.stage]
+        copy = retry_copy(message_id=msg.id, key=rec.key(), value=rec.value(), headers=record_headers(rec), at=at,
+                          attempts=attempts, first_failure=first_failure, error=error, delay_s=delay, now=time.time())
+        if self._send(copy) is None:
+            return False
+        self._finished(rec.topic(), "retry")
+        log.warning("message %s failed (attempt %d of %d): %r; to %s, due in %.2fs",
+                    msg.id, attempts, len(self.retry_delays_s) + 1, error, copy.topic, delay)
+        return True
+
+    def _dead_letter(self, rec: Any, mid: str, exc: BaseException, attempts: int, first_failure: float,
+                     at: Origin) -> bool:
+        """Dead-letter the record under its original topic, partition and offset (a retry copy's
+        origin); True once delivered, False if stopping interrupted the wait."""
         letter = dead_letter(
-            message_id=mid, topic=rec.topic(), partition=rec.partition(), offset=rec.offset(), key=rec.key(),
+            message_id=mid, topic=at.topic, partition=at.partition, offset=at.offset, key=rec.key(),
             value=rec.value(), headers=record_headers(rec), error=exc, attempts=attempts, first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
-        if self._txn is not None:
-            self._txn.add([letter])  # commits with the batch's offsets, or is redone after an abort
-            where: str | None = letter.topic
-        else:
-            where = self._dlq.deliver(letter, self._stop, self.backoff_base_s, self.max_backoff_s)
-            if where is None:
-                return False
+        where = self._send(letter)
+        if where is None:
+            return False
         self._finished(rec.topic(), "dead_lettered")
         log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
                   mid, where, attempts, type(exc).__name__, exc)

@@ -110,7 +110,7 @@ class DeadLetterPublisher:
                 return self.publish(msg)
             except BrokerError as err:
                 failures += 1
-                log.error("message %s: dead letter to %s failed (%s); its offset is held", msg.id, msg.topic, err)
+                log.error("message %s: publishing to %s failed (%s); its offset is held", msg.id, msg.topic, err)
             if stop.wait(backoff_s(failures, backoff_base_s, max_backoff_s)):
                 return None
 

@@ -25,7 +25,6 @@ the fix. What is checked:
 from __future__ import annotations
 
 import enum
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -137,10 +136,9 @@ def consumer_checks() -> list[Check]:
 
 
 def _admin_module() -> Any:
-    from zeroloss.brokers.kafka import _kafka
+    from zeroloss.brokers.kafka import admin_module
 
-    _kafka()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
-    return importlib.import_module("confluent_kafka.admin")
+    return admin_module()
 
 
 def _admin(bootstrap: str, timeout_s: float) -> Any:

@@ -16,6 +16,7 @@ A message is ``DELIVERED`` only after ``commit_transaction`` returned: a timeout
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Sequence
@@ -68,6 +69,12 @@ def _kafka() -> Any:
     return confluent_kafka
 
 
+def admin_module() -> Any:
+    """``confluent_kafka.admin`` (imported by name: its stubs do not export what it has)."""
+    _kafka()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
+    return importlib.import_module("confluent_kafka.admin")
+
+
 def parse_bootstrap(url: str) -> str:
     """``kafka://h1:9092,h2:9092`` → ``h1:9092,h2:9092``; ConfigError if it is not such a URL."""
     if not url.startswith("kafka://"):
@@ -110,6 +117,33 @@ def producer_config(
                 f"producer setting {k}={conf.get(k)!r} would allow loss; zeroloss needs {must[0]}"
             )
     return conf
+
+
+def ensure_topics(url: str, topics: Sequence[str], *, like: str | None = None, timeout_s: float = 10.0) -> list[str]:
+    """Create those of ``topics`` that do not exist yet, with as many partitions as ``like`` has
+    (else the broker's default); returns the names created. One that appears meanwhile (another
+    process created it) is fine. BrokerError if the broker cannot be asked or refuses."""
+    ck, adm = _kafka(), admin_module()
+    admin = adm.AdminClient({"bootstrap.servers": parse_bootstrap(url), "logger": log})
+    try:
+        meta = admin.list_topics(timeout=timeout_s)
+        missing = [t for t in dict.fromkeys(topics) if t not in meta.topics]
+        if not missing:
+            return []
+        partitions = len(meta.topics[like].partitions) if like in meta.topics else -1
+        futures = admin.create_topics([adm.NewTopic(t, num_partitions=partitions) for t in missing],
+                                      request_timeout=timeout_s)
+        created = []
+        for name, fut in futures.items():
+            try:
+                fut.result(timeout_s)
+                created.append(name)
+            except ck.KafkaException as exc:
+                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
+        return created
+    except ck.KafkaException as exc:
+        raise BrokerError(f"cannot create topics {list(topics)} at {url}: {exc.args[0]}") from exc
 
 
 class KafkaBroker:
