@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import uuid
@@ -95,6 +96,14 @@ def outbox(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutboxHar
         if kind in ("postgresql", "mariadb"):
             h.store.drop_schema()
         h.store.close()
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_in_the_test_that_made_it() -> Iterator[None]:
+    """Objects a test leaves unclosed (a socket, a Popen) warn when collected: collect here, so
+    the warning fails the test that leaked them instead of whichever runs when the GC does."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

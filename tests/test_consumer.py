@@ -464,10 +464,13 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
     try:
         with pytest.raises(urllib.error.HTTPError) as not_ready:  # no partitions yet
             urllib.request.urlopen(f"{base}/readyz", timeout=5)
+        not_ready.value.close()  # an unclosed response's socket warns when collected, in a later test
         assert not_ready.value.code == 503
         c.run_until_idle(idle_s=1, timeout_s=60)
-        assert urllib.request.urlopen(f"{base}/healthz", timeout=5).status == 200
-        text = urllib.request.urlopen(f"{base}/metrics", timeout=5).read().decode()
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
     finally:
         c.close()
     line = next(ln for ln in text.splitlines()

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service
 from zeroloss.errors import MessageError
-from zeroloss.inbox import Inbox, RedisInbox, SqlInbox, open_inbox
+from zeroloss.inbox import BatchInbox, Inbox, RedisInbox, SqlInbox, open_inbox
 
 KINDS = [
     pytest.param("sqlite", id="sqlite"),
@@ -169,6 +169,23 @@ def test_sql_effects_commit_and_roll_back_with_the_claim(sql_inbox: Any) -> None
             assert conn.execute(sa.select(sa.func.count()).select_from(effects)).scalar() == 1
     finally:
         effects.drop(inbox.engine)
+
+
+def test_a_bulk_claim_returns_exactly_the_new_ids(sql_inbox: Any) -> None:
+    inbox = sql_inbox
+    assert isinstance(inbox, BatchInbox)
+    assert claim(inbox, "g", "old")
+    with inbox.transaction() as tx:  # the relay's duplicates can sit side by side in one run
+        assert inbox.claim_many(tx, "g", ["a", "old", "b", "a", "c"]) == {"a", "b", "c"}
+    with pytest.raises(RuntimeError), inbox.transaction() as tx:
+        assert inbox.claim_many(tx, "g", ["d", "a"]) == {"d"}
+        raise RuntimeError("rolled back: d stays unclaimed")
+    with inbox.transaction() as tx:
+        assert inbox.claim_many(tx, "g", ["d", "c"]) == {"d"}
+        assert inbox.claim_many(tx, "other", ["d"]) == {"d"}
+    with pytest.raises(MessageError), inbox.transaction() as tx:
+        inbox.claim_many(tx, "g", ["e", "x" * 300])
+    assert not inbox.seen("g", "e")
 
 
 def test_redis_pipeline_effects_commit_with_the_mark(redis_inbox: Any) -> None:

@@ -117,7 +117,8 @@ def get(url: str) -> tuple[int, str]:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        with exc:  # closes the response's socket
+            return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
 

@@ -69,7 +69,7 @@ from zeroloss.brokers.kafka import _kafka, ensure_topics, parse_bootstrap
 from zeroloss.dlq import DLQ_SUFFIX, DeadLetterPublisher, dead_letter
 from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, MessageError, StoreError
 from zeroloss.http import HealthServer
-from zeroloss.inbox import MAX_ID_LEN, Inbox, open_inbox
+from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.message import Message
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
@@ -92,6 +92,10 @@ class ConsumerCounters:
     commit_failures: int = 0
     rebalances: int = 0
     assignments: int = 0
+
+
+class _RunAgain(Exception):
+    """A handler in a shared transaction raised: roll back, and run the messages before it again."""
 
 
 class _HandlerFailed(Exception):
@@ -156,6 +160,7 @@ class Consumer:
         purge_every_s: float = 3600.0,
         metrics_port: int | None = None,
         retry_delays_s: Sequence[float] = (),
+        transaction_batch: int = 100,
     ) -> None:
         self.url = source
         self._kafka_mode = scheme_of(source) == "kafka"
@@ -183,6 +188,11 @@ class Consumer:
             self.conf = dict(config or {})
         self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
         self._owns_inbox = isinstance(inbox, str)
+        if transaction_batch < 1:
+            raise ConfigError(f"transaction_batch must be at least 1, got {transaction_batch}")
+        # Up to this many messages share one inbox transaction and one bulk claim: one commit (one
+        # fsync) per run instead of per message. Inboxes that cannot (Redis): 1.
+        self.transaction_batch = transaction_batch if isinstance(self.inbox, BatchInbox) else 1
         self.max_attempts = max_attempts
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
         self.retry_delays_s = check_delays(retry_delays_s)
@@ -315,9 +325,7 @@ class Consumer:
                 self._resume_due()
                 batch = self._client.consume(self.batch_size, self.poll_s)
                 try:
-                    for rec in batch:
-                        if self._stop.is_set() or not self._record(rec):
-                            break
+                    self._records(batch)
                     committed = self._commit()
                 except TxnAborted:  # a produce into the transaction failed: it was aborted
                     self._done.clear()
@@ -468,8 +476,104 @@ class Consumer:
 
     # -- one message ---------------------------------------------------------------------------
 
-    def _record(self, rec: Any) -> bool:
-        """Handle one record from consume(); False when the batch must stop here (stopping)."""
+    def _records(self, batch: list[Any]) -> None:
+        """Handle a consume() batch in order: runs of plain messages share one inbox transaction
+        (:meth:`_together`); anything else — a failure, poison, a retry copy not yet due, a
+        broker error, a commit that failed — goes one at a time through :meth:`_record`."""
+        i = 0
+        while i < len(batch) and not self._stop.is_set():
+            if self.transaction_batch > 1:
+                j, failure, committed = self._together(batch, i)
+                if not committed:  # none of batch[i:j] happened: each again on its own
+                    for rec in batch[i:j]:
+                        if self._stop.is_set() or not self._record(rec):
+                            return
+                    i = j
+                    continue
+                i = j
+                if i >= len(batch):
+                    return
+            else:
+                failure = None
+            if not self._record(batch[i], failure):
+                return
+            i += 1
+
+    def _plain_run(self, batch: list[Any], start: int) -> tuple[list[tuple[int, Any, Received]], int]:
+        """The messages from ``start`` on that can share a transaction — (index, record, message),
+        at most ``transaction_batch`` — and the index where the run stops: the first record that
+        needs care (a broker error, an undecodable id, a retry copy) or the end of the batch.
+        Records of partitions this consumer no longer reads are passed over, as :meth:`_record` does."""
+        run: list[tuple[int, Any, Received]] = []
+        stages = len(self.retry_delays_s)
+        j = start
+        while j < len(batch) and len(run) < self.transaction_batch:
+            rec = batch[j]
+            if rec.error() is not None:
+                break
+            tp = (rec.topic(), rec.partition())
+            if tp not in self._assignment or tp in self._paused:
+                j += 1
+                continue
+            if stages:
+                at = origin(rec.topic(), rec.partition(), rec.offset(), record_headers(rec), stages)
+                if at.attempts or at.not_before_ms:
+                    break
+            try:
+                run.append((j, rec, from_record(rec)))
+            except MessageError:
+                break
+            j += 1
+        return run, j
+
+    def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool]:
+        """Run plain messages from ``start`` on in one inbox transaction: one bulk claim, the
+        handlers of the fresh ones, one commit. Returns (index of the first record not done,
+        the exception its handler raised if that is why, True). A handler that raises rolls the
+        whole transaction back; the messages before it run again in a new one (their effects
+        were undone with it) and the failed one counts that run as its first attempt. If the
+        transaction itself fails (the database went away, the commit failed), returns the end of
+        the range it covered and False: none of it happened, and the caller takes each message
+        again on its own."""
+        assert isinstance(self.inbox, BatchInbox)
+        run, stop = self._plain_run(batch, start)
+        failure: Exception | None = None
+        while run:
+            try:
+                with self.inbox.transaction() as tx:
+                    fresh = self.inbox.claim_many(tx, self.group, [m.id for _, _, m in run])
+                    outcomes: list[bool] = []
+                    for n, (_, _, msg) in enumerate(run):
+                        outcomes.append(msg.id in fresh)
+                        if msg.id in fresh:
+                            fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
+                            try:
+                                self._call(msg, tx)
+                            except _HandlerFailed as failed:
+                                if _is_outage(failed.exc):
+                                    raise
+                                failure, stop, run = failed.exc, run[n][0], run[:n]
+                                raise _RunAgain() from None
+            except _RunAgain:
+                continue
+            except TxnAborted:
+                raise
+            except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
+                self.counters.store_errors += 1
+                log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
+                            self.group, len(run), exc)
+                return run[-1][0] + 1, None, False
+            for (_, rec, msg), was_fresh in zip(run, outcomes, strict=True):
+                self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
+                self._finished(msg.topic, "processed" if was_fresh else "duplicate")
+                if not was_fresh:
+                    log.debug("message %s: duplicate, skipped", msg.id)
+            break
+        return stop, failure, True
+
+    def _record(self, rec: Any, failure: Exception | None = None) -> bool:
+        """Handle one record from consume(); False when the batch must stop here (stopping).
+        ``failure``: its handler already raised this once, in a shared transaction."""
         err = rec.error()
         if err is not None:
             if err.fatal():
@@ -483,12 +587,12 @@ class Consumer:
         if at.not_before_ms > time.time() * 1000:
             self._wait_for_due(rec, tp, at.not_before_ms / 1000)
             return True
-        if not self._handle(rec, at):
+        if not self._handle(rec, at, failure):
             return False
         self._done[tp] = rec.offset() + 1
         return True
 
-    def _handle(self, rec: Any, at: Origin) -> bool:
+    def _handle(self, rec: Any, at: Origin, failure: Exception | None = None) -> bool:
         """Process one record to the end: True once it succeeded, was a duplicate, was passed
         on to a retry topic or was dead-lettered; False if stopping interrupted a backoff (it
         will be redelivered)."""
@@ -499,21 +603,25 @@ class Consumer:
         attempts, outages = at.attempts, 0
         first_failure = at.first_failure
         while True:
-            try:
-                fresh = self._attempt(replace(msg, attempts=attempts + 1))
-            except TxnAborted:
-                raise
-            except _HandlerFailed as failed:
-                error, faulty = failed.exc, not _is_outage(failed.exc)
-            except MessageError as exc:  # the inbox refused the id itself
-                return self._dead_letter(rec, msg.id, exc, attempts, first_failure or time.time(), at)
-            except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
-                error, faulty = exc, False
+            error: Exception
+            if failure is not None:  # the first attempt already ran, in a shared transaction
+                error, faulty, failure = failure, True, None
             else:
-                self._finished(msg.topic, "processed" if fresh else "duplicate")
-                if not fresh:
-                    log.debug("message %s: duplicate, skipped", msg.id)
-                return True
+                try:
+                    fresh = self._attempt(replace(msg, attempts=attempts + 1))
+                except TxnAborted:
+                    raise
+                except _HandlerFailed as failed:
+                    error, faulty = failed.exc, not _is_outage(failed.exc)
+                except MessageError as exc:  # the inbox refused the id itself
+                    return self._dead_letter(rec, msg.id, exc, attempts, first_failure or time.time(), at)
+                except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
+                    error, faulty = exc, False
+                else:
+                    self._finished(msg.topic, "processed" if fresh else "duplicate")
+                    if not fresh:
+                        log.debug("message %s: duplicate, skipped", msg.id)
+                    return True
             if faulty:
                 attempts += 1
                 first_failure = first_failure or time.time()

@@ -24,7 +24,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
@@ -63,6 +63,15 @@ class Inbox(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchInbox(Inbox, Protocol):
+    """An inbox whose transaction can hold many messages' claims and effects."""
+
+    def claim_many(self, tx: Any, group: str, message_ids: Sequence[str]) -> set[str]:
+        """Claim all of ``message_ids`` in ``tx``; the ones that were not claimed before."""
+        ...
 
 
 def _check(group: str, message_id: str) -> None:
@@ -126,6 +135,8 @@ class SqlInbox:
         self.clock = clock
         self.dialect = self.engine.dialect.name
         self._insert = self._insert_statement()
+        self._insert_returning = (self._insert.returning(self.table.c.message_id)
+                                  if self._insert is not None and self.engine.dialect.insert_returning else None)
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
@@ -193,6 +204,21 @@ class SqlInbox:
                 raise StoreError(f"inbox commit failed: {exc}", retriable=True) from exc
         finally:
             conn.close()
+
+    def claim_many(self, tx: sa.Connection, group: str, message_ids: Sequence[str]) -> set[str]:
+        """One statement for a consumer's whole run of messages (``INSERT … RETURNING`` of the
+        rows that were new), where the database can say which rows it inserted; else one claim
+        each."""
+        for mid in message_ids:
+            _check(group, mid)
+        if self._insert_returning is None:
+            return {mid for mid in dict.fromkeys(message_ids) if self.claim(tx, group, mid)}
+        now = self.clock()
+        rows = [{"group_name": group, "message_id": mid, "processed_at": now} for mid in dict.fromkeys(message_ids)]
+        try:
+            return set(tx.execute(self._insert_returning, rows).scalars().all())
+        except DBAPIError as exc:
+            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {exc}", retriable=True) from exc
 
     def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
         _check(group, message_id)
