@@ -1,11 +1,17 @@
-"""A consumer process for tests/test_consumer_crash.py, killed and restarted by the test.
+"""A consumer process for tests/test_consumer_crash.py and the chaos suite, killed and restarted
+by the test.
 
-usage: python tests/consumer_child.py KAFKA_URL GROUP TOPIC DB_URL INBOX_TABLE EFFECTS_TABLE run|idle [retry]
+usage: python tests/consumer_child.py KAFKA_URL GROUP TOPIC DB_URL INBOX_TABLE EFFECTS_TABLE run|idle [OPTION...]
 
 Each message inserts one row into EFFECTS_TABLE in the inbox transaction. ``run`` consumes until
-SIGTERM; ``idle`` until nothing arrived for 3 s. Logs (with assignments) go to stderr. With
-``retry``, retries go through two retry topics and every message whose value is a multiple of 7
-fails its first run.
+SIGTERM; ``idle`` until nothing arrived for 3 s. Logs (with assignments) go to stderr. Options:
+
+* ``retry``: retries go through two retry topics and every message whose value is a multiple of 7
+  fails its first run.
+* ``transient=N``: every message whose value is ``1 (mod N)`` fails its first two runs and
+  succeeds on the third (retried in place, short backoff).
+* ``poison=N``: every message whose value is ``2 (mod N)`` raises PoisonMessage: dead-lettered at
+  once, never an effect. Checked before ``transient``.
 """
 
 from __future__ import annotations
@@ -16,24 +22,41 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from zeroloss.consumer import Consumer, Received
+from zeroloss.consumer import Consumer, PoisonMessage, Received
 from zeroloss.inbox import SqlInbox
 
 
+def is_transient(value: int, modulus: int) -> bool:
+    return modulus > 0 and value % modulus == 1
+
+
+def is_poison(value: int, modulus: int) -> bool:
+    return modulus > 0 and value % modulus == 2
+
+
 def main(argv: list[str]) -> int:
-    url, group, topic, db_url, inbox_table, effects_table, mode, *retry = argv
+    url, group, topic, db_url, inbox_table, effects_table, mode, *options = argv
+    retry = "retry" in options
+    moduli = {k: int(v) for k, _, v in (o.partition("=") for o in options if "=" in o)}
+    transient, poison = moduli.get("transient", 0), moduli.get("poison", 0)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(process)d %(name)s %(message)s")
     logging.getLogger("zeroloss.consumer").setLevel(logging.DEBUG)  # the test counts "duplicate" lines
     inbox = SqlInbox(db_url, table=inbox_table)
     effects = sa.Table(effects_table, sa.MetaData(), autoload_with=inbox.engine)
     consumer = Consumer(url, group, [topic], inbox, batch_size=100,
                         config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
-                        retry_delays_s=(0.2, 0.5) if retry else ())
+                        retry_delays_s=(0.2, 0.5) if retry else (),
+                        backoff_base_s=0.05 if transient else 0.2)
 
     @consumer.handler
     def handle(msg: Received, tx: Any) -> None:
-        if retry and int(msg.value or b"0") % 7 == 0 and msg.attempts == 1:
+        value = int(msg.value or b"0")
+        if retry and value % 7 == 0 and msg.attempts == 1:
             raise RuntimeError("first run of a multiple of 7 fails")
+        if is_poison(value, poison):
+            raise PoisonMessage(f"value {value} is poison (2 mod {poison})")
+        if is_transient(value, transient) and msg.attempts <= 2:
+            raise RuntimeError(f"value {value}: transient failure {msg.attempts} of 2")
         key = msg.key.decode() if msg.key is not None else None
         tx.execute(effects.insert(), {"msg_id": msg.id, "msg_key": key, "attempts": msg.attempts})
 

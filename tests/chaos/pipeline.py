@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,13 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def zeroloss_cli(*args: str, timeout_s: float = 300) -> tuple[int, str, str]:
+    """Run the ``zeroloss`` command as an operator would: (exit code, stdout, stderr)."""
+    done = subprocess.run([sys.executable, "-m", "zeroloss", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+    return done.returncode, done.stdout, done.stderr
+
+
 @dataclass
 class Ledger:
     scenario: str
@@ -52,10 +59,11 @@ class Ledger:
     out_of_order_keys: int
     drain_s: float
     notes: str = ""
+    violations: int = 0  # a broken promise with no column of its own; the notes say which
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.double_effects == 0 and self.out_of_order_keys == 0
+        return self.lost == 0 and self.double_effects == 0 and self.out_of_order_keys == 0 and self.violations == 0
 
 
 @dataclass
@@ -107,9 +115,14 @@ class Pipeline:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0) -> subprocess.Popen[bytes]:
+    @property
+    def source_args(self) -> list[str]:
+        """``--source URL --table T`` of this pipeline's outbox, for zeroloss commands."""
         url = self.outbox.engine.url.render_as_string(hide_password=False)
-        cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", url, "--table", self.outbox.table.name,
+        return ["--source", url, "--table", self.outbox.table.name]
+
+    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", *self.source_args,
                "--target", self.broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
                "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", f"{self.name}-{relay_id}"]
         with open(self.relay_log, "ab") as out:
@@ -117,9 +130,10 @@ class Pipeline:
         self.relays.append(p)
         return p
 
-    def start_consumer(self, mode: str = "run") -> subprocess.Popen[bytes]:
+    def start_consumer(self, mode: str = "run", options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """A consumer_child.py process; ``options`` as that script takes them (``poison=N`` …)."""
         cmd = [sys.executable, str(CHILD), self.broker_url, self.group, self.topic, PG,
-               self.inbox.table.name, self.effects.name, mode]
+               self.inbox.table.name, self.effects.name, mode, *options]
         with open(self.consumer_log, "ab") as out:
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.consumers.append(p)
@@ -160,23 +174,29 @@ class Pipeline:
             q = sa.select(sa.func.count(sa.distinct(self.effects.c.msg_id)))
             return int(conn.execute(q).scalar_one())
 
-    def wait_drained(self, timeout_s: float = 180) -> float:
-        """Seconds until every committed message has its effect."""
+    def wait_drained(self, timeout_s: float = 180, expect: int | None = None) -> float:
+        """Seconds until every committed message (or ``expect`` of them) has its effect."""
+        want = len(self.committed) if expect is None else expect
         try:
-            return wait_until(lambda: self.effects_done() >= len(self.committed), timeout_s, "every effect")
+            return wait_until(lambda: self.effects_done() >= want, timeout_s, "every effect")
         except AssertionError as exc:
             stats = self.outbox.stats()
             alive = [p.poll() is None for p in self.relays], [p.poll() is None for p in self.consumers]
             raise AssertionError(
-                f"{exc}: {self.effects_done()} of {len(self.committed)} effects; outbox "
+                f"{exc}: {self.effects_done()} of {want} effects; outbox "
                 f"{ {k.value: v for k, v in stats.counts.items() if v} }, parked {stats.parked}; "
                 f"relays/consumers alive {alive}; logs in {self.workdir}"
             ) from exc
 
-    def ledger(self, scenario: str, faults: int, drain_s: float, notes: str = "") -> Ledger:
+    def ledger(self, scenario: str, faults: int, drain_s: float, notes: str = "", *,
+               no_effect: Collection[str] = (), unordered: Collection[str] = ()) -> Ledger:
+        """Count what happened. ``no_effect``: ids that must have no effect (dead letters): not
+        lost without one, a violation with one. ``unordered``: ids left out of the per-key order
+        check (messages sent again out of order by design, e.g. by ``audit --repair``)."""
         ids = [i for i, _ in self.committed]
         counts = self.effect_counts()
-        lost = sum(1 for i in ids if counts[i] == 0)
+        lost = sum(1 for i in ids if counts[i] == 0 and i not in no_effect)
+        violations = sum(1 for i in no_effect if counts[i])
         double = sum(n - 1 for n in counts.values() if n > 1)
         seen = read_topic(self.broker_url, self.topic, expect=ids, idle_s=3)
         # Per key, the order of first effects must be the order the app added them.
@@ -187,13 +207,15 @@ class Pipeline:
             first.setdefault(mid, pos)
         by_key: dict[bytes, list[str]] = {}
         for mid, key in self.committed:
-            by_key.setdefault(key, []).append(mid)
+            if mid not in unordered:
+                by_key.setdefault(key, []).append(mid)
         out_of_order = sum(
             1 for mids in by_key.values()
             if [m for m in sorted((m for m in mids if m in first), key=first.__getitem__)]
             != [m for m in mids if m in first]
         )  # fmt: skip
-        return Ledger(scenario, len(ids), faults, lost, seen.duplicates, double, out_of_order, drain_s, notes)
+        return Ledger(scenario, len(ids), faults, lost, seen.duplicates, double, out_of_order, drain_s, notes,
+                      violations)
 
     def close(self) -> None:
         self.stop_all()
