@@ -6,6 +6,8 @@ Sizes: ``Size.short`` runs inside ``make test``; ``Size.full`` is ``make chaos``
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import signal
@@ -14,9 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tests.chaos.pipeline import Ledger, Pipeline, wait_until
+import sqlalchemy as sa
+
+from tests.chaos.pipeline import Ledger, Pipeline, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
+from zeroloss.readback import read_topic
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,124 @@ def postgres_restart(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         p.close()
 
 
+def _outbox_settled(p: Pipeline) -> bool:
+    """The relay has nothing left: every committed message is in ``success``."""
+    from zeroloss.outbox.base import State
+
+    counts = p.outbox.stats().counts
+    return counts[State.SUCCESS] >= len(p.committed) and counts[State.PENDING] == counts[State.SENDING] == 0
+
+
+def _audit(p: Pipeline, *extra: str) -> tuple[int, dict[str, Any]]:
+    code, out, err = zeroloss_cli("audit", *p.source_args, "--target", p.broker_url, "--json", *extra)
+    if code not in (0, 1):
+        raise AssertionError(f"zeroloss audit exited {code}: {err.strip()[-2000:]}")
+    return code, json.loads(out)
+
+
+def broker_lost_memory(work: Path, size: Size) -> Ledger:
+    """A broker that keeps nothing (Tansu on memory storage) restarted mid-stream: everything it
+    had acknowledged is gone. ``zeroloss audit`` reads every success position back and must
+    report the loss (exit 1); ``audit --repair`` sends those messages again from the outbox's
+    success ledger; the consumer's inbox drops the copies it had already applied."""
+    broker = EmbeddedBroker(log_path=work / "tansu.log").start()  # memory:// by default
+    try:
+        p = Pipeline(broker.url, work)
+        try:
+            consumer = p.start_consumer()
+            p.start_relay()
+            producer = p.produce_in_background(size.messages // 2)
+            # The consumer lags (frozen for a while), so some of what the broker loses was never
+            # consumed: only the repair can bring those back.
+            wait_until(lambda: p.effects_done() >= size.messages // 6, 300, "first effects")
+            consumer.send_signal(signal.SIGSTOP)
+            wait_until(lambda: p.delivered() >= size.messages // 3, 300, "traffic before the restart")
+            broker.stop()
+            applied = set(p.effect_counts())
+            broker.start()  # same port, empty: topics, offsets and consumer group are gone
+            consumer.send_signal(signal.SIGCONT)
+            producer.join()
+            p.produce(size.messages - size.messages // 2)  # and the app goes on
+            wait_until(lambda: _outbox_settled(p), 300, "the relay to deliver the rest to the new broker")
+            t = time.monotonic()
+            code, found = _audit(p)
+            lost = found["broker"]["missing"]
+            problems = []
+            if code != 1 or not lost:
+                problems.append(f"audit exit {code} with {len(lost)} missing")
+            ids = [mid for mid, _ in p.committed]
+            really = set(ids) - set(read_topic(p.broker_url, p.topic, expect=ids, idle_s=3).ids)
+            if really != set(lost):
+                problems.append(f"{len(really)} not on the broker, audit said {len(lost)}")
+            code, fixed = _audit(p, "--repair")
+            if fixed["repaired"] != len(lost) or set(fixed["broker"]["missing"]) != set(lost):
+                problems.append(f"repair resent {fixed['repaired']} of {len(lost)}")
+            p.wait_drained(timeout_s=300)
+            wait_until(lambda: _outbox_settled(p), 300, "the relay to resend the repaired ones")
+            code, final = _audit(p)
+            if code != 0 or final["missing"]:
+                problems.append(f"final audit exit {code}, {len(final['missing'])} missing")
+            drain = time.monotonic() - t
+            notes = (f"broker lost {len(really)} acknowledged messages on restart, {len(really - applied)} of "
+                     f"them not yet consumed; audit (exit 1) reported {len(lost)}, the same ones; --repair resent "
+                     f"{fixed['repaired']} from the success ledger, the inbox dropped the copies already applied; "
+                     f"final audit exit {code}; key order not judged for the resent ones (a resend goes after later "
+                     f"messages of its key, as documented)")
+            ledger = p.ledger("broker restarted on memory storage (loses all), audit --repair", 1, drain,
+                              notes + "".join(f"; PROBLEM: {x}" for x in problems), unordered=set(lost))
+            ledger.violations += len(problems)
+            return ledger
+        finally:
+            p.close()
+    finally:
+        broker.stop()
+
+
+def handler_failures(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
+    """Handlers that fail: some messages fail twice then succeed (retried in place), some are
+    poison (dead-lettered at once); everything else keeps flowing past them."""
+    from tests.consumer_child import is_poison, is_transient
+    from zeroloss.dlq import list_dead_letters
+
+    n = size.messages
+    transient_mod, poison_mod = max(7, n // 100), max(11, n // 50)  # about 100 and 50 of them
+    p = Pipeline(broker.url, work)
+    try:
+        p.produce(n)  # one call: the value of the i-th committed message is i
+        values = {mid: i for i, (mid, _) in enumerate(p.committed)}
+        poison = {mid for mid, v in values.items() if is_poison(v, poison_mod)}
+        transient = {mid for mid, v in values.items() if is_transient(v, transient_mod) and mid not in poison}
+        p.start_relay()
+        p.start_consumer(options=[f"transient={transient_mod}", f"poison={poison_mod}"])
+        t = time.monotonic()
+        p.wait_drained(expect=n - len(poison))
+        letters: dict[str, int] = {}
+
+        def all_dead_lettered() -> bool:
+            letters.clear()
+            for dl in list_dead_letters(p.broker_url, p.topic, limit=10 * n, idle_s=2):
+                letters[dl.id] = letters.get(dl.id, 0) + 1
+            return poison <= set(letters)
+
+        with contextlib.suppress(AssertionError):  # what is not there is counted below, as lost
+            wait_until(all_dead_lettered, 120, "every poison message in the dead-letter topic")
+        drain = time.monotonic() - t
+        with p.inbox.engine.connect() as conn:
+            attempts = dict(conn.execute(sa.select(p.effects.c.msg_id, p.effects.c.attempts)).all())
+        not_third = sum(1 for mid in transient if attempts.get(mid) not in (None, 3))
+        strays = len(set(letters) - poison)  # dead letters of messages that were not poison
+        notes = (f"{len(transient)} failed twice then took effect on attempt 3 ({not_third} not), "
+                 f"{len(poison)} poison: {len(poison & set(letters))} in {p.topic}.dlq, none with an effect; "
+                 f"{strays} other dead letters")
+        name = "handler failures: transient (2 fails) and poison (dead letter)"
+        ledger = p.ledger(name, len(transient) + len(poison), drain, notes, no_effect=poison)
+        ledger.lost += len(poison - set(letters))
+        ledger.violations += not_third + strays
+        return ledger
+    finally:
+        p.close()
+
+
 Scenario = Callable[[EmbeddedBroker, Path, Size], Ledger]
 
 SCENARIOS: dict[str, Scenario] = {
@@ -250,4 +374,6 @@ SCENARIOS: dict[str, Scenario] = {
     "rebalance-storm": rebalance_storm,
     "broker-outage-durable": lambda b, w, s: broker_outage_durable(w, s),
     "postgres-restart": postgres_restart,
+    "broker-lost-memory": lambda b, w, s: broker_lost_memory(w, s),
+    "handler-failures": handler_failures,
 }
