@@ -193,7 +193,10 @@ def _scan(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator
         "isolation.level": "read_committed",
     })
     try:
-        meta = consumer.list_topics(topic, timeout=10)
+        try:
+            meta = consumer.list_topics(topic, timeout=10)
+        except ck.KafkaException as exc:  # unreachable: one clear line, not the client's traceback
+            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc.args[0]}") from exc
         parts = meta.topics[topic].partitions if topic in meta.topics else {}
         if not parts:
             return

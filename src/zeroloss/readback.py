@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+from zeroloss.errors import BrokerError
 from zeroloss.message import ID_HEADER
 
 
@@ -42,7 +43,10 @@ def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: floa
     })
     out = Readback()
     try:
-        meta = consumer.list_topics(topic, timeout=10)
+        try:
+            meta = consumer.list_topics(topic, timeout=10)
+        except ck.KafkaException as exc:
+            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc.args[0]}") from exc
         parts = meta.topics[topic].partitions if topic in meta.topics else {}
         consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout_s
