@@ -27,11 +27,15 @@ def render(rows: list[Ledger], size: Size, elapsed_s: float) -> str:
         "| drain after fault | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    def cell(n: int | None) -> str:
+        return "n/a" if n is None else str(n)
+
     for r in rows:
         verdict = "ok" if r.ok else "FAIL"
         lines.append(
-            f"| {r.scenario} | {r.messages} | {r.faults} | {r.lost} | {r.broker_duplicates} | {r.double_effects} "
-            f"| {r.out_of_order_keys} | {r.drain_s:.1f}s | {verdict}{' ' + r.notes if r.notes else ''} |"
+            f"| {r.scenario} | {r.messages} | {r.faults} | {r.lost} | {cell(r.broker_duplicates)} "
+            f"| {cell(r.double_effects)} | {cell(r.out_of_order_keys)} | {r.drain_s:.1f}s "
+            f"| {verdict}{' ' + r.notes if r.notes else ''} |"
         )
     return "\n".join(lines)
 

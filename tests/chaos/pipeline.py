@@ -31,6 +31,21 @@ PG = os.environ.get("ZEROLOSS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/te
 CHILD = Path(__file__).resolve().parent.parent / "consumer_child.py"
 
 
+@dataclass(frozen=True)
+class Size:
+    messages: int
+    kills: int
+    outage_s: float
+
+    @classmethod
+    def short(cls) -> Size:
+        return cls(messages=1500, kills=3, outage_s=4)
+
+    @classmethod
+    def full(cls) -> Size:
+        return cls(messages=50_000, kills=10, outage_s=20)
+
+
 def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
     """Poll ``cond`` until true; return the seconds it took; AssertionError past the deadline."""
     start = time.monotonic()
@@ -48,22 +63,33 @@ def zeroloss_cli(*args: str, timeout_s: float = 300) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
+def start_relay(source_args: Sequence[str], broker_url: str, relay_id: str, log: Path,
+                lease_s: float = 3.0) -> subprocess.Popen[bytes]:
+    """A ``zeroloss relay`` process with the chaos suite's short timeouts, logging to ``log``."""
+    cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", *source_args,
+           "--target", broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
+           "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", relay_id]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
 @dataclass
 class Ledger:
     scenario: str
     messages: int
     faults: int
     lost: int
-    broker_duplicates: int
-    double_effects: int
-    out_of_order_keys: int
+    broker_duplicates: int | None  # None: does not apply to this scenario (shown as n/a)
+    double_effects: int | None
+    out_of_order_keys: int | None
     drain_s: float
     notes: str = ""
     violations: int = 0  # a broken promise with no column of its own; the notes say which
 
     @property
     def ok(self) -> bool:
-        return self.lost == 0 and self.double_effects == 0 and self.out_of_order_keys == 0 and self.violations == 0
+        return (self.lost == 0 and not self.double_effects and not self.out_of_order_keys
+                and self.violations == 0)
 
 
 @dataclass
@@ -122,11 +148,7 @@ class Pipeline:
         return ["--source", url, "--table", self.outbox.table.name]
 
     def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", *self.source_args,
-               "--target", self.broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
-               "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", f"{self.name}-{relay_id}"]
-        with open(self.relay_log, "ab") as out:
-            p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        p = start_relay(self.source_args, self.broker_url, f"{self.name}-{relay_id}", self.relay_log, lease_s)
         self.relays.append(p)
         return p
 

@@ -14,30 +14,15 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from tests.chaos.pipeline import Ledger, Pipeline, wait_until, zeroloss_cli
+from tests.chaos import spool_faults
+from tests.chaos.pipeline import Ledger, Pipeline, Size, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
 from zeroloss.readback import read_topic
-
-
-@dataclass(frozen=True)
-class Size:
-    messages: int
-    kills: int
-    outage_s: float
-
-    @classmethod
-    def short(cls) -> Size:
-        return cls(messages=1500, kills=3, outage_s=4)
-
-    @classmethod
-    def full(cls) -> Size:
-        return cls(messages=50_000, kills=10, outage_s=20)
 
 
 def _rng() -> random.Random:
@@ -376,4 +361,7 @@ SCENARIOS: dict[str, Scenario] = {
     "postgres-restart": postgres_restart,
     "broker-lost-memory": lambda b, w, s: broker_lost_memory(w, s),
     "handler-failures": handler_failures,
+    "spool-disk-full": spool_faults.disk_full,
+    "spool-corrupted-files": spool_faults.corrupted_files,
+    "spool-crash-before-promotion": spool_faults.crash_before_promotion,
 }
