@@ -14,8 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-from tests.chaos.pipeline import Ledger
-from tests.chaos.scenarios import SCENARIOS, Size
+from tests.chaos.pipeline import Ledger, Size
+from tests.chaos.scenarios import SCENARIOS
 from zeroloss.embedded_broker import EmbeddedBroker
 
 
@@ -34,7 +34,8 @@ def render(rows: list[Ledger], size: Size, elapsed_s: float) -> str:
         verdict = "ok" if r.ok else "FAIL"
         lines.append(
             f"| {r.scenario} | {r.messages} | {r.faults} | {r.lost} | {cell(r.broker_duplicates)} "
-            f"| {cell(r.double_effects)} | {cell(r.out_of_order_keys)} | {r.drain_s:.1f}s "
+            f"| {cell(r.double_effects)} | {cell(r.out_of_order_keys)} "
+            f"| {'n/a' if r.drain_s is None else f'{r.drain_s:.1f}s'} "
             f"| {verdict}{' ' + r.notes if r.notes else ''} |"
         )
     return "\n".join(lines)

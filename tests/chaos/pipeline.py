@@ -82,7 +82,7 @@ class Ledger:
     broker_duplicates: int | None  # None: does not apply to this scenario (shown as n/a)
     double_effects: int | None
     out_of_order_keys: int | None
-    drain_s: float
+    drain_s: float | None
     notes: str = ""
     violations: int = 0  # a broken promise with no column of its own; the notes say which
 
@@ -90,6 +90,27 @@ class Ledger:
     def ok(self) -> bool:
         return (self.lost == 0 and not self.double_effects and not self.out_of_order_keys
                 and self.violations == 0)
+
+
+def broker_ledger(scenario: str, broker_url: str, topic: str, committed: Sequence[tuple[str, bytes | None]],
+                  faults: int, drain_s: float | None, notes: str, problems: list[str]) -> Ledger:
+    """A Ledger from what is on ``topic``: committed ids missing (lost), copies, per-key order
+    against commit order, and ids that were never committed (a violation, as are ``problems``)."""
+    ids = [mid for mid, _ in committed]
+    seen = read_topic(broker_url, topic, expect=ids, idle_s=3)
+    known = set(ids)
+    lost = sum(1 for mid in ids if not seen.ids[mid])
+    strangers = [mid for mid in seen.ids if mid not in known]
+    if strangers:
+        problems.append(f"{len(strangers)} never-committed message(s) on the broker")
+    by_key: dict[bytes, list[str]] = {}
+    for mid, key in committed:
+        if key is not None and seen.ids[mid]:
+            by_key.setdefault(key, []).append(mid)
+    out_of_order = sum(1 for key, mids in by_key.items() if [m for m in seen.order.get(key, []) if m in known] != mids)
+    notes += "".join(f"; PROBLEM: {p}" for p in problems)
+    return Ledger(scenario, len(ids), faults, lost, seen.duplicates, None, out_of_order, drain_s, notes,
+                  violations=len(problems))
 
 
 @dataclass
@@ -128,7 +149,7 @@ class Pipeline:
 
     def produce(self, n: int, keys: int = 17, per_txn: int = 50) -> None:
         for start in range(0, n, per_txn):
-            rows = [{"topic": self.topic, "value": b"%d" % i, "key": b"k%d" % (i % keys)}
+            rows: list[dict[str, Any]] = [{"topic": self.topic, "value": b"%d" % i, "key": b"k%d" % (i % keys)}
                     for i in range(start, min(n, start + per_txn))]
             with self.outbox.engine.begin() as conn:
                 ids = self.outbox.add_many(conn, rows)

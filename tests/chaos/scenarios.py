@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.chaos import spool_faults
+from tests.chaos import bad_input, spool_faults
 from tests.chaos.pipeline import Ledger, Pipeline, Size, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
 from zeroloss.readback import read_topic
@@ -364,4 +364,5 @@ SCENARIOS: dict[str, Scenario] = {
     "spool-disk-full": spool_faults.disk_full,
     "spool-corrupted-files": spool_faults.corrupted_files,
     "spool-crash-before-promotion": spool_faults.crash_before_promotion,
+    "bad-input": bad_input.bad_input,
 }

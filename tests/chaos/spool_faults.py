@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.chaos.pipeline import Ledger, Size, start_relay, wait_until, zeroloss_cli
+from tests.chaos.pipeline import Ledger, Size, broker_ledger, start_relay, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import SpoolFullError, UnknownMessageError
 from zeroloss.message import encode, new_message
@@ -26,27 +26,6 @@ from zeroloss.outbox.spool import FileSpool
 from zeroloss.readback import read_topic
 
 WRITER = Path(__file__).with_name("spool_writer.py")
-
-
-def broker_ledger(scenario: str, broker_url: str, topic: str, committed: list[tuple[str, bytes | None]],
-                  faults: int, drain_s: float, notes: str, problems: list[str]) -> Ledger:
-    """A Ledger from what is on ``topic``: committed ids missing (lost), copies, per-key order
-    against commit order, and ids that were never committed (a violation, as are ``problems``)."""
-    ids = [mid for mid, _ in committed]
-    seen = read_topic(broker_url, topic, expect=ids, idle_s=3)
-    known = set(ids)
-    lost = sum(1 for mid in ids if not seen.ids[mid])
-    strangers = [mid for mid in seen.ids if mid not in known]
-    if strangers:
-        problems.append(f"{len(strangers)} never-committed message(s) on the broker")
-    by_key: dict[bytes, list[str]] = {}
-    for mid, key in committed:
-        if key is not None and seen.ids[mid]:
-            by_key.setdefault(key, []).append(mid)
-    out_of_order = sum(1 for key, mids in by_key.items() if [m for m in seen.order.get(key, []) if m in known] != mids)
-    notes += "".join(f"; PROBLEM: {p}" for p in problems)
-    return Ledger(scenario, len(ids), faults, lost, seen.duplicates, None, out_of_order, drain_s, notes,
-                  violations=len(problems))
 
 
 def _spool_relay(root: Path, broker: EmbeddedBroker, work: Path) -> subprocess.Popen[bytes]:

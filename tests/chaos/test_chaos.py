@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.scenarios import SCENARIOS, Size
+from tests.chaos.pipeline import Size
+from tests.chaos.scenarios import SCENARIOS
 from tests.conftest import require_service
 from zeroloss.embedded_broker import EmbeddedBroker
 
