@@ -7,6 +7,7 @@ usage: python -m tests.chaos [--short] [SCENARIO ...]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -51,7 +52,13 @@ def main(argv: list[str]) -> int:
     rows: list[Ledger] = []
     start = time.monotonic()
     keep = os.environ.get("ZEROLOSS_CHAOS_KEEP")  # a directory to keep logs in, for post-mortems
-    with tempfile.TemporaryDirectory(prefix="zeroloss-chaos-", dir=keep) as tmp, EmbeddedBroker() as broker:
+    workdir: contextlib.AbstractContextManager[str] = (
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="zeroloss-chaos-", dir=keep)) if keep
+        else tempfile.TemporaryDirectory(prefix="zeroloss-chaos-")
+    )
+    with workdir as tmp, EmbeddedBroker() as broker:
+        if keep:
+            print(f"logs kept in {tmp}", file=sys.stderr, flush=True)
         for name in names:
             print(f"-- {name}", file=sys.stderr, flush=True)
             work = Path(tmp) / name

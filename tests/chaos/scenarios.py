@@ -308,7 +308,7 @@ def handler_failures(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
     from zeroloss.dlq import list_dead_letters
 
     n = size.messages
-    transient_mod, poison_mod = max(7, n // 100), max(11, n // 50)  # about 100 and 50 of them
+    transient_mod, poison_mod = max(7, n // 50), max(11, n // 25)  # about 50 and 25 of them
     p = Pipeline(broker.url, work)
     try:
         p.produce(n)  # one call: the value of the i-th committed message is i

@@ -58,14 +58,20 @@ def _status(root: Path) -> tuple[int, dict[str, object]]:
 # -- (c) disk full ---------------------------------------------------------------------------------
 
 
+class CannotMount(RuntimeError):
+    """This machine does not let us mount a tmpfs (not root, or a container without the right)."""
+
+
 @contextlib.contextmanager
 def small_tmpfs(mnt: Path, size: str = "2m") -> Iterator[Path]:
     """A real, small filesystem, so ENOSPC comes from the kernel (needs root)."""
     mnt.mkdir()
+    if os.geteuid() != 0:
+        raise CannotMount("the disk-full scenario mounts a tmpfs: it needs root")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"mount -t tmpfs (needs root) failed: {done.stderr.strip()}")
+        raise CannotMount(f"mount -t tmpfs failed: {done.stderr.strip()}")
     try:
         yield mnt
     finally:

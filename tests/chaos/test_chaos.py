@@ -1,4 +1,4 @@
-"""The short form of the chaos suite, inside `make test`: every scenario at small counts."""
+"""The short form of the chaos suite, inside `make test`: the scenarios that take seconds."""
 
 from __future__ import annotations
 
@@ -8,22 +8,34 @@ import pytest
 
 from tests.chaos.pipeline import Size
 from tests.chaos.scenarios import SCENARIOS
+from tests.chaos.spool_faults import CannotMount
 from tests.conftest import require_service
 from zeroloss.embedded_broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
 
 
-# make test runs the ones that take seconds; `make chaos` runs them all (broker outage on S3
-# storage and the PostgreSQL restart included) at full size.
-IN_MAKE_TEST = ["relay-sigkill-postgresql", "consumer-sigkill", "two-relays", "zombie-consumer", "rebalance-storm"]
+# make test runs the ones that take seconds (under ~20 s each here); `make chaos` runs them all
+# (broker outage on S3 storage, the broker that loses everything and the PostgreSQL restart
+# included) at full size.
+IN_MAKE_TEST = [
+    "relay-sigkill-postgresql", "consumer-sigkill", "two-relays", "zombie-consumer", "rebalance-storm",
+    "handler-failures", "spool-disk-full", "spool-corrupted-files", "spool-crash-before-promotion", "bad-input",
+]  # fmt: skip
+
+# Scenarios whose message count is what the fault allowed (a full disk), not Size.messages.
+OWN_COUNT = {"spool-disk-full", "spool-corrupted-files", "spool-crash-before-promotion"}
 
 
 @pytest.mark.parametrize("name", IN_MAKE_TEST)
 def test_scenario_loses_nothing_and_doubles_nothing(name: str, kafka: EmbeddedBroker, tmp_path: Path) -> None:
     require_service("postgres")
-    ledger = SCENARIOS[name](kafka, tmp_path, Size.short())
+    try:
+        ledger = SCENARIOS[name](kafka, tmp_path, Size.short())
+    except CannotMount as exc:
+        pytest.skip(str(exc))
     assert ledger.lost == 0, ledger
-    assert ledger.double_effects == 0, ledger
-    assert ledger.out_of_order_keys == 0, ledger
-    assert ledger.messages == Size.short().messages
+    assert not ledger.double_effects, ledger
+    assert not ledger.out_of_order_keys, ledger
+    assert ledger.violations == 0, ledger
+    assert ledger.messages > 0 if name in OWN_COUNT else ledger.messages == Size.short().messages, ledger
