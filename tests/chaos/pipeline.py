@@ -182,6 +182,15 @@ class Pipeline:
         self.consumers.append(p)
         return p
 
+    def assignments(self) -> Counter[int]:
+        """How many assignments each consumer process has logged (one per rebalance it took part in)."""
+        out: Counter[int] = Counter()
+        if self.consumer_log.exists():
+            for line in self.consumer_log.read_text(errors="replace").splitlines():
+                if " assigned [" in line:
+                    out[int(line.split()[2])] += 1  # "date time pid logger message"
+        return out
+
     @staticmethod
     def kill(p: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
         if p.poll() is None:

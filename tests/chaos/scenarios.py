@@ -131,7 +131,12 @@ def zombie_consumer(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
 
 
 def rebalance_storm(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
-    """Add or remove a consumer every time the group has made some progress."""
+    """Add or remove a consumer every time the group has made some progress.
+
+    Each change waits until every live member has taken its assignment from the previous one:
+    Tansu (unlike Kafka) wedges a group for good when its leader leaves between JoinGroup and
+    SyncGroup — the others rejoin forever into a generation led by the departed member — so a
+    member leaving mid-join would test the broker, not zeroloss."""
     p = Pipeline(broker.url, work)
     rng = _rng()
     faults = 0
@@ -140,10 +145,14 @@ def rebalance_storm(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         p.start_relay()
         live = [p.start_consumer()]
         step = max(50, size.messages // (4 * size.kills))
+        settled = p.assignments()
         while p.effects_done() < size.messages * 3 // 4 and faults < 4 * size.kills:
             target = p.effects_done() + step
             wait_until(lambda: p.effects_done() >= target or p.effects_done() >= size.messages * 3 // 4,  # noqa: B023
                        300, "progress between rebalances")
+            wait_until(lambda: all(p.assignments()[c.pid] > settled[c.pid] for c in live), 120,  # noqa: B023
+                       "every member's assignment after the last change")
+            settled = p.assignments()
             if len(live) > 1 and rng.random() < 0.5:
                 p.kill(live.pop(rng.randrange(len(live))), signal.SIGTERM)
             else:
