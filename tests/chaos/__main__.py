@@ -16,17 +16,18 @@ import traceback
 from pathlib import Path
 
 from tests.chaos.pipeline import Ledger, Size
-from tests.chaos.scenarios import SCENARIOS
+from tests.chaos.scenarios import SCENARIOS, full_size
 from zeroloss.embedded_broker import EmbeddedBroker
 
 
 def render(rows: list[Ledger], size: Size, elapsed_s: float) -> str:
     lines = [
-        f"chaos run: {len(rows)} scenarios, up to {size.messages} messages each, {elapsed_s:.0f}s",
+        f"chaos run: {len(rows)} scenarios, up to {size.messages} messages each, {elapsed_s:.0f}s on "
+        f"{os.cpu_count()} cores",
         "",
         "| scenario | messages | faults | lost | duplicates on broker | double effects | keys out of order "
-        "| drain after fault | verdict |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| drain after fault | took | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     def cell(n: int | None) -> str:
         return "n/a" if n is None else str(n)
@@ -37,6 +38,7 @@ def render(rows: list[Ledger], size: Size, elapsed_s: float) -> str:
             f"| {r.scenario} | {r.messages} | {r.faults} | {r.lost} | {cell(r.broker_duplicates)} "
             f"| {cell(r.double_effects)} | {cell(r.out_of_order_keys)} "
             f"| {'n/a' if r.drain_s is None else f'{r.drain_s:.1f}s'} "
+            f"| {'' if r.wall_s is None else f'{r.wall_s:.0f}s'} "
             f"| {verdict}{' ' + r.notes if r.notes else ''} |"
         )
     return "\n".join(lines)
@@ -48,6 +50,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("scenarios", nargs="*", choices=[*SCENARIOS, []], metavar="SCENARIO")
     args = ap.parse_args(argv)
     size = Size.short() if args.short else Size.full()
+
+    def size_of(name: str) -> Size:
+        return Size.short() if args.short else full_size(name)
+
     names = args.scenarios or list(SCENARIOS)
     rows: list[Ledger] = []
     start = time.monotonic()
@@ -63,11 +69,13 @@ def main(argv: list[str]) -> int:
             print(f"-- {name}", file=sys.stderr, flush=True)
             work = Path(tmp) / name
             work.mkdir()
+            began = time.monotonic()
             try:
-                rows.append(SCENARIOS[name](broker, work, size))
+                rows.append(SCENARIOS[name](broker, work, size_of(name)))
             except Exception as exc:  # a scenario that cannot finish is a failure with its reason
                 traceback.print_exc()
-                rows.append(Ledger(name, size.messages, 0, -1, -1, -1, -1, 0.0, f"error: {exc}"))
+                rows.append(Ledger(name, size_of(name).messages, 0, -1, -1, -1, -1, 0.0, f"error: {exc}"))
+            rows[-1].wall_s = time.monotonic() - began
             print(render(rows[-1:], size, 0).splitlines()[-1], file=sys.stderr, flush=True)
     table = render(rows, size, time.monotonic() - start)
     print(table)

@@ -85,6 +85,7 @@ class Ledger:
     drain_s: float | None
     notes: str = ""
     violations: int = 0  # a broken promise with no column of its own; the notes say which
+    wall_s: float | None = None  # how long the whole scenario took (set by the runner)
 
     @property
     def ok(self) -> bool:
