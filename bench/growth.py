@@ -45,7 +45,8 @@ SELECT substr(h.ts, 1, 8) || '-' || substr(h.ts, 9, 4) || '-7' || substr(h.r, 1,
          || substr(h.r, 4, 3) || '-' || substr(h.r, 7, 12),
        %(topic)s::text, (%(keys)s::bytea[])[g.i %% {nkeys} + 1], (%(hashes)s::text[])[g.i %% {nkeys} + 1],
        %(value)s, NULL, 'success', 0, 0.0,
-       NULL, %(claimed_by)s, h.ms / 1000.0, NULL, %(topic)s::text || '/0/' || g.i, h.ms / 1000.0 + 0.05
+       NULL, %(claimed_by)s, h.ms / 1000.0, NULL,
+       %(topic)s::text || '/' || g.i %% 3 || '/' || g.i / 3, h.ms / 1000.0 + 0.05
 FROM generate_series(0, %(n)s - 1) AS g(i)
 CROSS JOIN LATERAL (
     SELECT %(base_ms)s::bigint + g.i::bigint * %(span_ms)s / %(n)s AS ms,
