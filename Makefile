@@ -22,7 +22,7 @@ demo: install services
 	$(BIN)/zeroloss demo
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
 # Ends with bench-quick (about 15 s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.
@@ -38,12 +38,14 @@ chaos: install services
 bench: install services
 	mkdir -p bench/results
 	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue \
-	  && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } | tee bench/results/latest.md
+	  && $(BIN)/python -m bench.consumer && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } \
+	  | tee bench/results/latest.md
 
 # Small counts, to keep the benchmarks from rotting; not a pass/fail on speed.
 bench-quick: install services
 	$(BIN)/python -m bench.relay_throughput --messages 2000 --reps 1
 	$(BIN)/python -m bench.enqueue --txns 100 --reps 1
+	$(BIN)/python -m bench.consumer --messages 2000 --reps 1
 	$(BIN)/python -m bench.scale_out --messages 2000 --relays 1,2 --reps 1
 	$(BIN)/python -m bench.growth --messages 1000 --small-history 1000 --large-history 20000 --reps 1
 
