@@ -1,5 +1,7 @@
 """The seam between the relay and a broker: :class:`Broker` publishes a batch and says, per
-message, what became of it.
+message, what became of it. :class:`TopicAdmin` is the operator's face of the same adapters:
+declare ahead of time what the relay and the consumers will need (``zeroloss init --target``),
+and remove it again (the demo's clean-up).
 
 A broker-wide failure (unreachable, no progress, fenced) is not any one message's fault: the
 adapter raises :class:`~zeroloss.errors.BrokerError` and the relay puts the whole batch back
@@ -43,3 +45,49 @@ class Broker(Protocol):
     def close(self) -> None:
         """Flush nothing further; release the client."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """What :meth:`TopicAdmin.declare` may be asked for beyond the names. An adapter refuses
+    (ConfigError) a setting its broker has no such thing for, rather than ignore it silently."""
+
+    partitions: int | None = None  # Kafka only; None: the broker's default
+    replication_factor: int | None = None  # Kafka topics, NATS stream replicas; None: the default
+    group: str | None = None  # a consumer group to create now where the broker has such a thing
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One thing :meth:`TopicAdmin.declare` looked at, and what it did."""
+
+    kind: str  # "topic", "queue", "stream", "consumer group"
+    name: str
+    action: str  # "created", "exists" or "nothing needed"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action:<15} {self.kind} {self.name}" + (f"  ({self.detail})" if self.detail else "")
+
+
+@runtime_checkable
+class TopicAdmin(Protocol):
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Create, idempotently, what publishing to and consuming from ``topics`` needs — each
+        topic and its dead-letter ``<topic>.dlq`` — and say what was there already. Raise
+        ConfigError when something of that name exists in a form zeroloss cannot use, BrokerError
+        when the broker cannot be reached."""
+        ...
+
+    def delete(self, topics: Sequence[str]) -> None:
+        """Remove ``topics`` and their dead-letter topics with everything in them; what does not
+        exist is fine."""
+        ...
+
+
+def with_dead_letters(topics: Sequence[str]) -> list[str]:
+    """``["orders"]`` → ``["orders", "orders.dlq"]``: each topic then its dead-letter topic, once
+    each (a topic that already is a dead-letter topic is not given another)."""
+    from zeroloss.dlq import dlq_topic  # not at the top: zeroloss.dlq imports this module
+
+    return list(dict.fromkeys(name for t in topics for name in (t, dlq_topic(t))))

@@ -53,7 +53,7 @@ from zeroloss.brokers._batch import (
     value_bytes,
 )
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -180,32 +180,38 @@ class NatsBroker:
             except Exception:  # being thrown away
                 log.debug("closing a NATS connection failed", exc_info=True)
 
-    async def ensure_stream(self, topic: str) -> None:
-        """Create ``topic``'s stream unless it exists (several relays may race: that is fine)."""
+    async def ensure_stream(self, topic: str, replicas: int | None = None) -> bool:
+        """Create ``topic``'s stream unless it exists (several relays may race: that is fine);
+        True when this call created it. ``replicas`` overrides the broker's for a new stream."""
         if topic in self._streams or topic in self._refused:
-            return
+            return False
         nats, name = self._nats, stream_name(topic)
+        created = False
         try:
             try:
                 info = await self._js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 config = nats.js.api.StreamConfig(
                     name=name, subjects=[topic], storage=nats.js.api.StorageType.FILE,
-                    duplicate_window=self.dedup_window_s, num_replicas=self.replicas,
+                    duplicate_window=self.dedup_window_s, num_replicas=replicas or self.replicas,
                 )
                 try:
                     info = await self._js.add_stream(config)
+                    created = True
                 except nats.js.errors.BadRequestError as exc:
                     if exc.err_code == ERR_STREAM_NAME_IN_USE:  # another relay made it just now
                         info = await self._js.stream_info(name)
                     elif exc.err_code == ERR_SUBJECTS_OVERLAP:
                         self._refused[topic] = f"subject {topic!r} already belongs to another stream: {exc}"
-                        return
+                        return False
                     else:
                         raise
         except nats.js.errors.APIError as exc:
             self._refused[topic] = f"cannot create stream {name!r}: {exc}"
-            return
+            return False
+        except ValueError as exc:  # nats-py checks names before asking: e.g. a wildcard in the topic
+            self._refused[topic] = f"topic {topic!r} cannot be a NATS subject and stream: {exc}"
+            return False
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
         window = info.config.duplicate_window or 0
@@ -213,6 +219,63 @@ class NatsBroker:
             log.warning("stream %s keeps a duplicate window of %.0fs, shorter than dedup_window_s=%.0fs",
                         name, window, self.dedup_window_s)
         self._streams[topic] = name
+        return created
+
+    # -- declaring (TopicAdmin) ---------------------------------------------------------------
+
+    def _admin_run(self, coro: Any, doing: str) -> Any:
+        try:
+            return self._loop.run(coro, self.timeout_s * 4)
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url} did not answer within {self.timeout_s}s while {doing}") from None
+        except BrokerWide as exc:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url}: {exc}") from exc
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Create each topic's stream and its dead-letter stream (``ZL_<topic>_ddlq``)."""
+        spec = spec or TopicSpec()
+        if spec.partitions is not None:
+            raise ConfigError("NATS JetStream streams have no partitions; --partitions is for Kafka")
+        out: list[Declared] = self._admin_run(self._declare_ahead(topics, spec.replication_factor), "declaring")
+        if spec.group:
+            out.append(Declared("consumer group", spec.group, "nothing needed",
+                                "the consumer creates its durable consumer, delivering from the stream's start"))
+        return out
+
+    async def _declare_ahead(self, topics: Sequence[str], replicas: int | None) -> list[Declared]:
+        nats = self._nats
+        await self._connect()
+        out: list[Declared] = []
+        for t in with_dead_letters(topics):
+            self._refused.pop(t, None)  # asked explicitly: look again
+            created = await self.ensure_stream(t, replicas)
+            if t in self._refused:
+                raise ConfigError(f"NATS at {self.url}: {self._refused[t]}")
+            try:
+                cfg = (await self._js.stream_info(stream_name(t))).config
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
+            out.append(Declared("stream", stream_name(t), "created" if created else "exists",
+                                f"subject {t}, {cfg.storage} storage, {cfg.num_replicas} replica(s), "
+                                f"duplicate window {cfg.duplicate_window or 0:.0f}s"))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        self._admin_run(self._delete(topics), "deleting")
+
+    async def _delete(self, topics: Sequence[str]) -> None:
+        nats = self._nats
+        await self._connect()
+        for t in with_dead_letters(topics):
+            self._streams.pop(t, None)
+            try:
+                await self._js.delete_stream(stream_name(t))
+            except nats.js.errors.NotFoundError:
+                pass
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"deleting stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
         await self._connect()

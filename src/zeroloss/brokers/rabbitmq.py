@@ -29,6 +29,10 @@ key), the key in the ``zeroloss-key`` header, delivery mode 2 (persistent). Outc
 
 Batches are pipelined in key waves (:mod:`zeroloss.brokers._batch`), which keeps per-key order
 and the HELD rule without transactions.
+
+:meth:`RabbitBroker.declare` declares the same topology ahead of time (``zeroloss init``), with the
+same ``delivery_limit``: a queue declared with other arguments would make every later declaration
+fail with PRECONDITION_FAILED.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any
 
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -95,7 +99,8 @@ async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> Non
 class RabbitBroker:
     """Publishes batches to RabbitMQ with publisher confirms; see the module docstring."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
+                 connection_name: str = "zeroloss-relay") -> None:
         self._ap = _aio_pika()
         import aiormq
 
@@ -103,6 +108,7 @@ class RabbitBroker:
         self.url = check_url(url)
         self.timeout_s = timeout_s
         self.delivery_limit = delivery_limit
+        self.connection_name = connection_name  # shown in the management UI's connection list
         self._loop = LoopThread("zeroloss-rabbitmq")
         self._conn: Any = None
         self._channel: Any = None  # the confirm channel publishing goes through
@@ -128,6 +134,91 @@ class RabbitBroker:
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
             self._loop.run(self._drop_connection(), 10.0)
+
+    def _admin_run(self, coro: Any, topics: Sequence[str], doing: str) -> Any:
+        try:
+            return self._loop.run(coro, self.timeout_s * (2 + len(topics)))
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"RabbitMQ at {self._where} did not answer within {self.timeout_s}s "
+                              f"while {doing}") from None
+        except BrokerWide as exc:
+            self._drop()
+            if isinstance(exc.__cause__, self._aiormq.exceptions.ProbableAuthenticationError):
+                # The user and password are part of the URL: a configuration error, not an outage.
+                raise ConfigError(f"RabbitMQ at {self._where} refused the login in the URL: "
+                                  f"{exc.__cause__}") from exc
+            if isinstance(exc.__cause__, self._aiormq.exceptions.InvalidFrameError) and \
+                    "Connection.Close" in str(exc.__cause__):
+                # Closed in answer to connection.open: the one thing checked there is the vhost.
+                vhost = self.url.rpartition("@")[2].partition("/")[2] or "/"
+                raise ConfigError(f"RabbitMQ at {self._where} closed the connection on open: the virtual host "
+                                  f"{vhost!r} in the URL does not exist or the user may not use it") from exc
+            raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Declare each topic's exchanges and quorum queues (see the module docstring)."""
+        spec = spec or TopicSpec()
+        if spec.partitions is not None or spec.replication_factor is not None:
+            raise ConfigError("RabbitMQ queues have no partitions and no replication factor to set here "
+                              "(a quorum queue's replicas follow the cluster's size); those options are for Kafka")
+        out: list[Declared] = self._admin_run(self._declare_ahead(topics), topics, "declaring")
+        if spec.group:
+            out.append(Declared("consumer group", spec.group, "nothing needed",
+                                "RabbitMQ consumers of a topic share its queue; the group only names their "
+                                "inbox claims"))
+        return out
+
+    async def _queue_exists(self, name: str) -> bool:
+        try:
+            async with self._conn.channel(publisher_confirms=False) as ch:  # a 404 closes this channel only
+                await ch.declare_queue(name, passive=True)
+        except self._aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    async def _declare_ahead(self, topics: Sequence[str]) -> list[Declared]:
+        await self._connect()
+        out: list[Declared] = []
+        for topic in dict.fromkeys(topics):
+            names = with_dead_letters([topic])
+            try:
+                existed = {n: await self._queue_exists(n) for n in names}
+                async with self._conn.channel(publisher_confirms=False) as ch:
+                    await declare_topology(ch, topic, self.delivery_limit)
+            except self._aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise ConfigError(f"RabbitMQ already has {topic!r} (or its dead-letter queue) declared with other "
+                                  f"settings: {exc}; delete it or use another topic") from exc
+            except self._aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigError(f"RabbitMQ refused access declaring {topic!r}: {exc}") from exc
+            except self._wide_errors() as exc:
+                raise BrokerWide(f"declaring {topic!r} failed: {type(exc).__name__}: {exc}") from exc
+            self._exchanges.pop(topic, None)  # fetched again by the next publish
+            for n in names:
+                detail = f"quorum, fed by fanout exchange {n}"
+                if not n.endswith(DLQ_SUFFIX):
+                    detail += f", x-delivery-limit {self.delivery_limit}, dead letters to {n}{DLQ_SUFFIX}"
+                out.append(Declared("queue", n, "exists" if existed[n] else "created", detail))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        self._admin_run(self._delete(topics), topics, "deleting")
+
+    async def _delete(self, topics: Sequence[str]) -> None:
+        await self._connect()
+        for name in with_dead_letters(topics):
+            self._exchanges.pop(name, None)
+            for kind in ("queue", "exchange"):
+                try:  # one channel per call: a 404 on one closes that channel
+                    async with self._conn.channel(publisher_confirms=False) as ch:
+                        if kind == "queue":
+                            await ch.queue_delete(name)
+                        else:
+                            await ch.exchange_delete(name)
+                except self._aiormq.exceptions.ChannelNotFoundEntity:
+                    pass
+                except self._wide_errors() as exc:
+                    raise BrokerWide(f"deleting {kind} {name!r} failed: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self._drop()
@@ -155,7 +246,7 @@ class RabbitBroker:
         await self._drop_connection()
         try:
             self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
-                                                client_properties={"connection_name": "zeroloss-relay"})
+                                                client_properties={"connection_name": self.connection_name})
             self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         except self._wide_errors() as exc:
             await self._drop_connection()

@@ -24,6 +24,11 @@ keys ``HELD`` — before anything is sent.
 
 **Dedup** of republished ids is the consumer's job (the inbox keyed by ``id``): Redis has no
 idempotent ``XADD``.
+
+**Declaring ahead** (:meth:`RedisStreamBroker.declare`): a stream comes into being with its first
+``XADD``, so there is nothing to create — except a consumer group, whose ``XGROUP CREATE …
+MKSTREAM`` creates the stream with it. What can be checked is that no key of the topic's name
+holds something other than a stream.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import HELD_REASON
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import Headers, Message
@@ -57,6 +62,10 @@ def _redis() -> Any:
 def check_url(url: str) -> str:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"not a Redis URL: {url!r}; write redis://HOST:6379/DB")
+    if not url.startswith("unix://"):  # redis-py would quietly use database 0 for a path like /orders
+        db = url.partition("://")[2].partition("?")[0].partition("/")[2].strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"Redis URL {url!r}: the database {db!r} is not a number; write redis://HOST:6379/DB")
     return url
 
 
@@ -111,6 +120,66 @@ class RedisStreamBroker:
                 single_connection_client=True,  # WAIT counts the writes of its own connection
             )
         return self._client
+
+    # -- declaring (TopicAdmin) ---------------------------------------------------------------
+
+    def _admin_errors(self) -> Any:
+        import contextlib
+
+        r = self._r
+
+        @contextlib.contextmanager
+        def translate() -> Any:
+            try:
+                yield
+            except r.exceptions.AuthenticationError as exc:  # the credentials are part of the URL
+                raise ConfigError(f"Redis at {self._where} refused the login in the URL: {exc}") from exc
+            except (r.exceptions.ConnectionError, r.exceptions.TimeoutError, r.exceptions.ResponseError) as exc:
+                raise BrokerError(f"Redis at {self._where}: {type(exc).__name__}: {exc}") from exc
+
+        return translate()
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        spec = spec or TopicSpec()
+        if spec.partitions is not None or spec.replication_factor is not None:
+            raise ConfigError("Redis streams have no partitions and no replication factor (replicas are the "
+                              "server's own replication); those options are for Kafka")
+        out: list[Declared] = []
+        with self._admin_errors():
+            client = self._connect()
+            for name in with_dead_letters(topics):
+                kind = client.type(name)
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                if kind not in ("stream", "none"):
+                    raise ConfigError(f"Redis key {name!r} holds a {kind}, not a stream: messages to it would be "
+                                      "rejected; delete the key or use another topic")
+                entries = f"{client.xlen(name)} entries" if kind == "stream" else ""
+                if name not in topics:  # a dead-letter stream: the consumer makes it when it needs it
+                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
+                                        entries or "made by the first dead letter"))
+                elif spec.group is None:
+                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
+                                        entries or "made by the first XADD; pass --group to create it now "
+                                        "with its consumer group"))
+                else:
+                    try:
+                        client.xgroup_create(name, spec.group, id="0", mkstream=True)
+                        made = True
+                    except self._r.exceptions.ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+                        made = False
+                    out.append(Declared("stream", name, "exists" if entries else "created", entries))
+                    out.append(Declared("consumer group", spec.group, "created" if made else "exists",
+                                        f"on stream {name}" + (", reading from its start" if made else "")))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        with self._admin_errors():
+            self._connect().delete(*with_dead_letters(topics))
+        self._streams.difference_update(with_dead_letters(topics))
+
+    # -- publishing ---------------------------------------------------------------------------
 
     def publish(self, messages: Sequence[Message]) -> list[Outcome]:
         if not messages:
