@@ -413,7 +413,14 @@ class NatsSubscription:
         if outcome.status is not Status.DELIVERED:
             raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
                               retriable=outcome.status is not Status.REJECTED)
-        self._run(d.token.term())
+        try:
+            self._run(d.token.term())
+        except BrokerError as exc:
+            # The letter is stored. Raising would have the caller publish it again and again on a
+            # connection that stays dead; the original comes back after AckWait and goes the same
+            # way (the copy is dropped by Nats-Msg-Id within the window).
+            log.warning("dead letter %s stored; terminating the original failed (%s): it will be redelivered",
+                        letter.id, exc)
         return outcome.location or letter.topic
 
     def release(self, ds: Sequence[Delivery]) -> None:

@@ -7,7 +7,8 @@ Topology, declared idempotently the first time a connection publishes to a topic
       └─ queue <topic>      quorum, durable, x-dead-letter-exchange=<topic>.dlq,
                             x-dead-letter-strategy=at-least-once, x-overflow=reject-publish,
                             x-delivery-limit=<delivery_limit>
-    exchange <topic>.dlq    fanout, durable          ← where the queue dead-letters
+    exchange <topic>.dlq    fanout, durable          ← the consumer publishes dead letters here
+                                                       (and the queue dead-letters past the limit)
       └─ queue <topic>.dlq  quorum, durable
 
 The queue ``<topic>`` is the consumers' queue (a second, independent consumer group binds its own
@@ -339,11 +340,13 @@ class RabbitSubscription:
     header, else the AMQP ``message_id``; a message with neither is delivered at least once
     (keyed by its delivery tag, which a redelivery does not keep).
 
-    Dead letters: ``basic.nack`` without requeue — the quorum queue dead-letters the message to
-    ``<topic>.dlq`` itself (at-least-once strategy, with RabbitMQ's ``x-death`` header: reason,
-    count, time); the error is logged with the message id. ``x-delivery-limit`` is the broker's
-    own backstop for a message that keeps killing its consumer: past it, the queue dead-letters
-    it without our help.
+    Dead letters are published by zeroloss, not by the broker: the letter (the original key, value
+    and headers plus the ``zeroloss-dlq-*`` error headers, see :mod:`zeroloss.dlq`) goes to the
+    exchange ``<topic>.dlq`` through a :class:`RabbitBroker` — publisher confirm, ``mandatory`` —
+    and only after that confirm is the original acked. A letter that is not confirmed raises
+    :class:`BrokerError` and the original stays unacked (held). The queue's own dead-lettering
+    (``x-delivery-limit``, at-least-once strategy, with RabbitMQ's ``x-death`` header only) is left
+    as the broker's backstop for a message that keeps killing its consumer before we can act.
     """
 
     def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
@@ -362,6 +365,7 @@ class RabbitSubscription:
         self._conn: Any = None
         self._channel: Any = None  # the consuming channel: the broker may close it alone
         self._inbox: asyncio.Queue[Any] | None = None
+        self._dlq: RabbitBroker | None = None  # made by the first dead letter
         try:
             self._run(self._open())
         except BaseException:
@@ -427,10 +431,22 @@ class RabbitSubscription:
         (up to ``consumer_timeout``, 30 minutes by default)."""
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        log.error("message %s: rejected to %s: %s", d.received.id, letter.topic,
-                  dict(letter.headers).get("zeroloss-dlq-error-message", b"").decode("utf-8", "replace"))
-        self._run(d.token.nack(requeue=False))
-        return letter.topic
+        if self._dlq is None:  # its own connection: the letter needs a confirm channel, ours has none
+            self._dlq = RabbitBroker(self.url, timeout_s=self.timeout_s, delivery_limit=self.delivery_limit,
+                                     connection_name=f"zeroloss-{self.group}-dlq")
+        (outcome,) = self._dlq.publish([letter])
+        if outcome.status is not Status.DELIVERED:
+            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not confirmed: {outcome.error}",
+                              retriable=outcome.status is not Status.REJECTED)
+        try:
+            self._run(d.token.ack())
+        except BrokerError as exc:
+            # The letter is safe. Raising would make the caller publish it again while this channel
+            # stays dead; instead the original comes back after the reconnect and is dead-lettered
+            # once more (a second copy on the dlq: it is at-least-once, like Kafka's).
+            log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
+                        letter.id, exc)
+        return outcome.location or letter.topic
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:
@@ -448,3 +464,6 @@ class RabbitSubscription:
         with contextlib.suppress(Exception):
             self._loop.run(shut(), 10.0)
         self._loop.close()
+        if self._dlq is not None:
+            self._dlq.close()
+            self._dlq = None

@@ -347,7 +347,13 @@ class RedisSubscription:
         if outcome.status is not Status.DELIVERED:
             raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
                               retriable=outcome.status is not Status.REJECTED)
-        self.ack(d)
+        try:
+            self.ack(d)
+        except BrokerError as exc:
+            # The letter is stored; raising would append it again on every retry. The entry stays
+            # pending, is claimed again after claim_idle_s and dead-lettered once more (a copy).
+            log.warning("dead letter %s stored; XACK of the original failed (%s): it will be redelivered",
+                        letter.id, exc)
         return outcome.location or letter.topic
 
     def release(self, ds: Sequence[Delivery]) -> None:
