@@ -48,7 +48,7 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
     what the relay and the consumers of each --topic need. Both are idempotent: run it again at
     every deploy. A topic that exists is left as it is."""
     from zeroloss.brokers.base import TopicAdmin, TopicSpec
-    from zeroloss.registry import open_broker, open_store
+    from zeroloss.registry import open_broker, open_store, safe_url
 
     if not source and not target:
         raise click.UsageError("give --source URL (the outbox), --target URL (the broker), or both")
@@ -73,19 +73,10 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
             spec = TopicSpec(partitions=partitions, replication_factor=replication_factor, group=group)
             for declared in broker.declare(list(dict.fromkeys(topics)), spec):
                 click.echo(str(declared))
-            click.echo(f"broker ready at {_safe_url(target or '')}")
+            click.echo(f"broker ready at {safe_url(target or '')}")
     finally:
         if broker is not None:
             broker.close()
-
-
-def _safe_url(url: str) -> str:
-    """The URL without the password it may carry (printed, logged)."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 @main.command()
@@ -233,12 +224,16 @@ def broker(port: int, storage: str) -> None:
 
 @main.command()
 @click.option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@click.option("--target", default=None, metavar="URL",
+              help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
+                   "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "
+                   "that the demo never writes to a production broker by accident.")
 @errors_to_exit_codes
-def demo(orders: int) -> None:
+def demo(orders: int, target: str | None) -> None:
     """Shop → outbox → relay (SIGKILLed once) → broker → consumer, then a ledger. Exit 1 on loss."""
     from zeroloss.demo import run_demo
 
-    sys.exit(run_demo(orders=orders, echo=click.echo))
+    sys.exit(run_demo(orders=orders, echo=click.echo, target=target))
 
 
 if __name__ == "__main__":  # pragma: no cover
