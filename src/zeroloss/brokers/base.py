@@ -11,11 +11,11 @@ without spending attempts. Everything else is reported per message as an :class:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from zeroloss.message import Message
+from zeroloss.message import Headers, Message
 
 
 class Status(enum.StrEnum):
@@ -82,6 +82,27 @@ class TopicAdmin(Protocol):
     def delete(self, topics: Sequence[str]) -> None:
         """Remove ``topics`` and their dead-letter topics with everything in them; what does not
         exist is fine."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message as the broker keeps it, read without consuming it (``zeroloss dlq`` reads dead
+    letters this way)."""
+
+    position: str  # where it sits, in the broker's terms: "ZL_orders_ddlq/17", "orders.dlq/1712345678901-0"
+    offset: int  # a number that grows along the topic; -1 where the broker has none
+    id: str | None  # our message id, when the message carries one
+    key: bytes | None
+    value: bytes
+    headers: Headers  # the message's own headers, without the id and the key
+
+
+@runtime_checkable
+class TopicReader(Protocol):
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Everything ``topic`` holds, oldest first, leaving it there; ConfigError where the broker
+        cannot be read without taking messages away."""
         ...
 
 

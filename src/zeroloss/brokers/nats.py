@@ -18,7 +18,9 @@ after the first publish (the relay died; its claim expires), so the default of 5
 raise it with ``lease_s``. An outage longer than the window can still store a copy twice — the
 inbox is the last line. An existing stream keeps its own window (a warning says when it is
 shorter than ours). JetStream keeps the ids of the window in memory: a longer window costs RAM
-in proportion to the message rate.
+in proportion to the message rate. A deliberate republish of an id — ``zeroloss dlq replay``, which
+marks it with the ``zeroloss-replayed-at`` header — goes as ``Nats-Msg-Id`` = ``<id>/replay/<time>``,
+or the window would swallow it silently; its ``zeroloss-id`` is unchanged, for the inbox.
 
 **Order.** JetStream stores one subject's messages in the order the server received them, and
 one connection delivers in send order; but each publish is acked on its own, so a later message
@@ -41,7 +43,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import (
@@ -53,10 +55,10 @@ from zeroloss.brokers._batch import (
     value_bytes,
 )
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
-from zeroloss.message import ID_HEADER, Message
+from zeroloss.message import ID_HEADER, REPLAY_HEADER, Message
 from zeroloss.received import Received
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,10 @@ def nats_headers(m: Message) -> dict[str, str]:
             raise ValueError(f"header name {k!r} cannot be carried by NATS")
         hdrs[k] = text_value(v)
     hdrs[ID_HEADER] = m.id
-    hdrs[MSG_ID_HEADER] = m.id
+    # A replay (zeroloss dlq replay) must not be dropped as a copy of the original by the stream's
+    # duplicate window; the consumer's inbox still knows it by zeroloss-id.
+    replayed = m.header(REPLAY_HEADER)
+    hdrs[MSG_ID_HEADER] = m.id if replayed is None else f"{m.id}/replay/{replayed.decode('ascii', 'replace')}"
     if m.key is not None:
         hdrs[KEY_HEADER] = "b64:" + base64.b64encode(m.key).decode()
     return hdrs
@@ -276,6 +281,49 @@ class NatsBroker:
                 pass
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 raise BrokerWide(f"deleting stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
+
+    # -- reading without consuming (TopicReader) ------------------------------------------------
+
+    READ_PAGE = 500  # messages fetched per round trip to the loop thread
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Every message of ``topic``'s stream, by sequence number (``get_msg``: no consumer made)."""
+        name = stream_name(topic)
+        bounds = self._admin_run(self._bounds(name), "reading")
+        if bounds is None:
+            return
+        first, last = bounds
+        for start in range(first, last + 1, self.READ_PAGE):
+            yield from self._admin_run(self._page(name, start, min(last, start + self.READ_PAGE - 1)), "reading")
+
+    async def _bounds(self, name: str) -> tuple[int, int] | None:
+        nats = self._nats
+        await self._connect()
+        try:
+            state = (await self._js.stream_info(name)).state
+        except nats.js.errors.NotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
+        return (state.first_seq, state.last_seq) if state.messages else None
+
+    async def _page(self, name: str, first: int, last: int) -> list[Stored]:
+        nats = self._nats
+        out: list[Stored] = []
+        for seq in range(first, last + 1):
+            try:
+                m = await self._js.get_msg(name, seq)
+            except nats.js.errors.NotFoundError:  # deleted from the middle of the stream
+                continue
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"stream {name!r} message {seq}: {type(exc).__name__}: {exc}") from exc
+            raw = dict(m.headers or {})
+            key = raw.pop(KEY_HEADER, None)
+            mid = raw.pop(ID_HEADER, None) or raw.get(MSG_ID_HEADER)
+            headers = tuple((k, value_bytes(v)) for k, v in raw.items() if not k.startswith("Nats-"))
+            out.append(Stored(f"{name}/{seq}", seq, mid, None if key is None else value_bytes(key), m.data or b"",
+                              headers))
+        return out
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
         await self._connect()

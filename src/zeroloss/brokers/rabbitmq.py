@@ -41,12 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -204,6 +204,15 @@ class RabbitBroker:
 
     def delete(self, topics: Sequence[str]) -> None:
         self._admin_run(self._delete(topics), topics, "deleting")
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Refused: a queue cannot be read without taking its messages. Peeking (get, then requeue)
+        counts as a delivery, and quorum queues on RabbitMQ 4.0-4.2 drop a message returned 20
+        times by default: listing dead letters could lose them."""
+        raise ConfigError(f"reading {topic!r} on RabbitMQ is not supported: a queue cannot be read without "
+                          "taking messages off it, and requeueing them counts toward a quorum queue's delivery "
+                          "limit (RabbitMQ 4.0-4.2 drop a message past it by default; the management UI's Get "
+                          "messages requeues the same way). zeroloss dlq reads Kafka, NATS and Redis")
 
     async def _delete(self, topics: Sequence[str]) -> None:
         await self._connect()

@@ -36,11 +36,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import HELD_REASON
-from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import Headers, Message
@@ -178,6 +178,28 @@ class RedisStreamBroker:
         with self._admin_errors():
             self._connect().delete(*with_dead_letters(topics))
         self._streams.difference_update(with_dead_letters(topics))
+
+    # -- reading without consuming (TopicReader) ----------------------------------------------
+
+    READ_PAGE = 500
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Every entry of the stream ``topic`` (``XRANGE``, page by page; no group involved)."""
+        with self._admin_errors():
+            client = self._connect()
+            start = "-"
+            while True:
+                page = client.xrange(topic, min=start, max="+", count=self.READ_PAGE)
+                for eid, f in page:
+                    eid = eid.decode() if isinstance(eid, bytes) else str(eid)
+                    try:
+                        headers = decode_headers(f.get(F_HEADERS))
+                    except ValueError:  # not written by zeroloss: shown without headers
+                        headers = ()
+                    yield Stored(f"{topic}/{eid}", -1, entry_id(f), f.get(F_KEY), f.get(F_VALUE, b""), headers)
+                if len(page) < self.READ_PAGE:
+                    return
+                start = "(" + eid  # exclusive: after the last one seen
 
     # -- publishing ---------------------------------------------------------------------------
 
