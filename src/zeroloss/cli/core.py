@@ -66,7 +66,7 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
                     create()
             finally:
                 store.close()
-            click.echo(f"outbox ready at {source}")
+            click.echo(f"outbox ready at {safe_url(source)}")
         if broker is not None:
             if not isinstance(broker, TopicAdmin):
                 raise ConfigError(f"the broker adapter for {target!r} cannot declare topics")
