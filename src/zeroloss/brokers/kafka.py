@@ -227,9 +227,10 @@ class KafkaBroker:
     # -- declaring (TopicAdmin) ---------------------------------------------------------
 
     def _admin(self) -> Any:
-        admin = importlib.import_module("confluent_kafka.admin")
-        return admin.AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": int(self.timeout_s * 1000),
-                                  "logger": logging.getLogger("zeroloss.librdkafka")})
+        return admin_module().AdminClient({
+            "bootstrap.servers": self.bootstrap, "socket.timeout.ms": int(self.timeout_s * 1000),
+            "logger": logging.getLogger("zeroloss.librdkafka"),
+        })
 
     def _admin_error(self, exc: Exception, doing: str) -> Exception:
         err = exc.args[0] if exc.args and hasattr(exc.args[0], "name") else None
@@ -242,7 +243,7 @@ class KafkaBroker:
         spec = spec or TopicSpec()
         names = with_dead_letters(topics)
         admin = self._admin()
-        new_topic = importlib.import_module("confluent_kafka.admin").NewTopic
+        new_topic = admin_module().NewTopic
         new = [new_topic(t, spec.partitions or -1, spec.replication_factor or -1) for t in names]
         futures = admin.create_topics(new, request_timeout=self.timeout_s, operation_timeout=self.timeout_s)
         created: set[str] = set()
