@@ -323,7 +323,7 @@ class Consumer:
         try:
             while not self._stop.is_set() and not finished():
                 self._resume_due()
-                batch = self._client.consume(self.batch_size, self.poll_s)
+                batch = self._fetch()
                 try:
                     self._records(batch)
                     committed = self._commit()
@@ -337,6 +337,15 @@ class Consumer:
                 self._purge()
         finally:
             self._shutdown()
+
+    def _fetch(self) -> list[Any]:
+        """Wake at the first message, then take what is already queued. consume() alone waits
+        until its batch is full or its timeout passes: at low rates every message would wait up
+        to ``poll_s``."""
+        first = self._client.poll(self.poll_s)
+        if first is None:
+            return []
+        return [first, *self._client.consume(self.batch_size - 1, 0)] if self.batch_size > 1 else [first]
 
     def _purge(self) -> None:
         if self.inbox is None or self.inbox_retention_s is None or time.monotonic() < self._next_purge:

@@ -20,7 +20,7 @@ from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Status
 from zeroloss.errors import BrokerError, StoreError
 from zeroloss.message import Message
-from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State
+from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Relay:
                 self._stop.wait(self._relay_backoff(exc))
                 continue
             if handled == 0:
-                self._stop.wait(self.settings.idle_wait_s)
+                self._idle()
         log.info("relay stopped: %s", self.counters)
 
     def drain(self, timeout_s: float = 60.0) -> None:
@@ -117,6 +117,14 @@ class Relay:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+            self._idle()
+
+    def _idle(self) -> None:
+        """Nothing to send: wait ``idle_wait_s``, or less where the store can say new work
+        arrived (PostgreSQL NOTIFY), so a commit is picked up at once, not at the next poll."""
+        if isinstance(self.store, Wakeable):
+            self.store.wait_for_work(self.settings.idle_wait_s, self._stop)
+        else:
             self._stop.wait(self.settings.idle_wait_s)
 
     def run_once(self) -> int:
