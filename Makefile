@@ -38,7 +38,7 @@ chaos: install services
 bench: install services
 	mkdir -p bench/results
 	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue \
-	  && $(BIN)/python -m bench.consumer && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } \
+	  && $(BIN)/python -m bench.consumer && $(BIN)/python -m bench.latency && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } \
 	  | tee bench/results/latest.md
 
 # Small counts, to keep the benchmarks from rotting; not a pass/fail on speed.
@@ -46,6 +46,7 @@ bench-quick: install services
 	$(BIN)/python -m bench.relay_throughput --messages 2000 --reps 1
 	$(BIN)/python -m bench.enqueue --txns 100 --reps 1
 	$(BIN)/python -m bench.consumer --messages 2000 --reps 1
+	$(BIN)/python -m bench.latency --rate 200 --seconds 3
 	$(BIN)/python -m bench.scale_out --messages 2000 --relays 1,2 --reps 1
 	$(BIN)/python -m bench.growth --messages 1000 --small-history 1000 --large-history 20000 --reps 1
 

@@ -35,6 +35,9 @@ from zeroloss.inbox import SqlInbox
 from zeroloss.outbox.sql import SqlOutbox
 
 WARM_UP_S = 1.0
+# Tansu answers a fetch only when fetch.wait.max.ms has passed, even with data waiting (Kafka
+# answers at once): the default 500 ms would measure the broker's wait, not zeroloss.
+FETCH = {"fetch.wait.max.ms": 10}
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -78,7 +81,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
             [sys.executable, "-m", "zeroloss", "relay", "--source", PG, "--table", table_name, "--target", url,
              "--relay-id", f"lat-{suffix}", "--metrics-port", "0"],
             stdout=out, stderr=subprocess.STDOUT)
-    c = Consumer(url, f"lat-{suffix}", [topic], inbox, config={"session.timeout.ms": 6000})
+    c = Consumer(url, f"lat-{suffix}", [topic], inbox, config={"session.timeout.ms": 6000, **FETCH})
 
     @c.handler
     def handle(msg: Received, tx: Any) -> None:
@@ -123,7 +126,7 @@ def bare(bootstrap: str, rate: float, seconds: float) -> list[float]:
     p.produce(topic, value=b"warm-up")
     p.flush(30)
     c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "latest",
-                     "enable.auto.commit": False})
+                     "enable.auto.commit": False, **FETCH})
     c.subscribe([topic])
     while not c.assignment():
         c.poll(0.1)
