@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from zeroloss.backoff import backoff_s
-from zeroloss.brokers.base import Broker, Status, Stored, TopicReader
+from zeroloss.brokers.base import Broker, Status, Stored, TopicReader, publish_one
 from zeroloss.brokers.kafka import KafkaBroker, _kafka, parse_bootstrap
 from zeroloss.errors import BrokerError, ConfigError, UnknownMessageError
 from zeroloss.message import ID_HEADER, REPLAY_HEADER, Headers, Message
@@ -101,11 +101,7 @@ class DeadLetterPublisher:
     def publish(self, msg: Message) -> str:
         if self._broker is None:
             self._broker = KafkaBroker(self.url, timeout_s=self.timeout_s, config=self.config)
-        (outcome,) = self._broker.publish([msg])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {msg.id} to {msg.topic} not delivered: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
-        return outcome.location or ""
+        return publish_one(self._broker, msg, "dead letter")
 
     def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float) -> str | None:
         """:meth:`publish` until it succeeds, backing off between tries (the consumer holds the

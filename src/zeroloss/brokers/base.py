@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from zeroloss.errors import BrokerError
 from zeroloss.message import Headers, Message
 
 
@@ -45,6 +46,16 @@ class Broker(Protocol):
     def close(self) -> None:
         """Flush nothing further; release the client."""
         ...
+
+
+def publish_one(broker: Broker, msg: Message, what: str = "message") -> str:
+    """Publish one message (a dead letter, a retry copy) and return where it went; BrokerError —
+    retriable unless the broker refused it for good — if the broker did not take it."""
+    (outcome,) = broker.publish([msg])
+    if outcome.status is not Status.DELIVERED:
+        raise BrokerError(f"{what} {msg.id} to {msg.topic} not stored: {outcome.error}",
+                          retriable=outcome.status is not Status.REJECTED)
+    return outcome.location or msg.topic
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ from zeroloss.brokers._batch import (
     value_bytes,
 )
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, REPLAY_HEADER, Message
@@ -457,10 +457,7 @@ class NatsSubscription:
         self._run(d.token.in_progress())
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        (outcome,) = self.broker.publish([letter])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
+        where = publish_one(self.broker, letter, "dead letter")
         try:
             self._run(d.token.term())
         except BrokerError as exc:
@@ -469,7 +466,7 @@ class NatsSubscription:
             # way (the copy is dropped by Nats-Msg-Id within the window).
             log.warning("dead letter %s stored; terminating the original failed (%s): it will be redelivered",
                         letter.id, exc)
-        return outcome.location or letter.topic
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:

@@ -46,7 +46,7 @@ from typing import Any
 
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -443,10 +443,7 @@ class RabbitSubscription:
         if self._dlq is None:  # its own connection: the letter needs a confirm channel, ours has none
             self._dlq = RabbitBroker(self.url, timeout_s=self.timeout_s, delivery_limit=self.delivery_limit,
                                      connection_name=f"zeroloss-{self.group}-dlq")
-        (outcome,) = self._dlq.publish([letter])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not confirmed: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
+        where = publish_one(self._dlq, letter, "dead letter")
         try:
             self._run(d.token.ack())
         except BrokerError as exc:
@@ -455,7 +452,7 @@ class RabbitSubscription:
             # once more (a second copy on the dlq: it is at-least-once, like Kafka's).
             log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
                         letter.id, exc)
-        return outcome.location or letter.topic
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:

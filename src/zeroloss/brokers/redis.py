@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import HELD_REASON
-from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import Headers, Message
@@ -365,10 +365,7 @@ class RedisSubscription:
             self._client.xclaim(d.token[0], self.group, self.name, 0, [d.token[1]], justid=True)
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        (outcome,) = self._dlq.publish([letter])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
+        where = publish_one(self._dlq, letter, "dead letter")
         try:
             self.ack(d)
         except BrokerError as exc:
@@ -376,7 +373,7 @@ class RedisSubscription:
             # pending, is claimed again after claim_idle_s and dead-lettered once more (a copy).
             log.warning("dead letter %s stored; XACK of the original failed (%s): it will be redelivered",
                         letter.id, exc)
-        return outcome.location or letter.topic
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         """Mark them idle for longer than ``claim_idle_s`` (``XCLAIM … IDLE``), so the next
