@@ -477,3 +477,40 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
                 if ln.startswith("zeroloss_consumer_messages_total{") and f'topic="{topic}"' in ln
                 and 'outcome="processed"' in ln)
     assert float(line.rsplit(" ", 1)[1]) == 20
+
+
+def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroloss import consumer as consumer_module
+    from zeroloss import metrics
+
+    monkeypatch.setattr(consumer_module, "LAG_EVERY_S", 0.1)
+    topic = unique_topic("lag")
+    publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(30)])
+    c = consumer(kafka, topic, db.inbox)
+    c.handler(db.record)
+
+    def lags() -> dict[str, float]:
+        return {s.labels["partition"]: s.value for m in metrics.REGISTRY.collect() for s in m.samples
+                if s.name == "zeroloss_consumer_lag_messages" and s.labels.get("topic") == topic}
+
+    seen_lags: list[dict[str, float]] = []
+
+    def watch() -> None:
+        while not c._stop.is_set():
+            if (now := lags()) and (not seen_lags or now != seen_lags[-1]):
+                seen_lags.append(now)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.stop()
+        watcher.join()
+        c.close()
+    labels = {"group": c.group, "topic": topic}
+    assert metrics.REGISTRY.get_sample_value("zeroloss_consumer_end_to_end_seconds_count", labels) == 30
+    assert metrics.REGISTRY.get_sample_value("zeroloss_consumer_handler_seconds_count", labels) == 30
+    assert seen_lags and all(v == 0 for v in seen_lags[-1].values()), seen_lags  # caught up
+    assert lags() == {}  # on leaving, its partitions' lag is no longer this consumer's to report

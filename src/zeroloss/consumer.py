@@ -71,7 +71,7 @@ from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, Mes
 from zeroloss.http import HealthServer
 from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
-from zeroloss.message import Message
+from zeroloss.message import Message, id_time
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
 from zeroloss.registry import scheme_of
 from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_topic
@@ -129,6 +129,17 @@ def consumer_config(bootstrap: str, group: str, extra: dict[str, Any] | None = N
     if "cooperative" in str(conf["partition.assignment.strategy"]):
         raise ConfigError("cooperative-sticky assignment is not supported; use range or roundrobin")
     return conf
+
+
+LAG_EVERY_S = 5.0
+
+
+def _created(msg: Received) -> float:
+    """When the message was made: the time in its UUIDv7 id, else the record's timestamp."""
+    try:
+        return id_time(msg.id) if len(msg.id) == 36 else msg.timestamp_ms / 1000
+    except ValueError:
+        return msg.timestamp_ms / 1000
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -223,18 +234,37 @@ class Consumer:
         self._assignment: set[tuple[str, int]] = set()
         self._assigned = False  # has the current client received its first assignment?
         self._last_activity = 0.0
+        self._next_lag = 0.0
         self.counters = ConsumerCounters()
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
         if metrics_port is not None:
             self.health = HealthServer(metrics_port, ready=self._readiness).start()
 
-    def _finished(self, topic: str, outcome: str) -> None:
-        """Count a message's outcome here and in Prometheus (one vocabulary for both)."""
+    def _finished(self, topic: str, outcome: str, msg: Received | None = None, started: float | None = None) -> None:
+        """Count a message's outcome here and in Prometheus (one vocabulary for both); for a
+        handled ``msg``, how long its handling took since ``started`` and how old it is."""
         field_name = {"processed": "processed", "duplicate": "duplicates", "retry": "retries",
                       "dead_lettered": "dead_lettered"}[outcome]
         setattr(self.counters, field_name, getattr(self.counters, field_name) + 1)
-        metrics.consumer_processed(self.group, topic, outcome)
+        seconds = None if started is None else time.monotonic() - started
+        age = None if msg is None or outcome != "processed" else time.time() - _created(msg)
+        metrics.consumer_processed(self.group, topic, outcome, seconds, age)
+
+    def _report_lag(self) -> None:
+        """Lag per owned partition from the high watermark of the last fetch (no broker round
+        trip; Tansu answers a live watermark query wrongly, its fetch responses rightly)."""
+        if time.monotonic() < self._next_lag or self._client is None or not self._assignment:
+            return
+        self._next_lag = time.monotonic() + LAG_EVERY_S
+        tps = [self._ck.TopicPartition(t, p) for t, p in sorted(self._assignment)]
+        try:
+            for tp in self._client.position(tps):
+                _, high = self._client.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    metrics.consumer_lag(self.group, tp.topic, tp.partition, high - tp.offset)
+        except self._ck.KafkaException as exc:  # metrics never stop consuming
+            log.debug("consumer lag unavailable: %s", exc)
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: register the function called as ``fn(msg, tx)`` for every message."""
@@ -323,6 +353,7 @@ class Consumer:
         try:
             while not self._stop.is_set() and not finished():
                 self._resume_due()
+                self._report_lag()
                 batch = self._fetch()
                 try:
                     self._records(batch)
@@ -423,6 +454,7 @@ class Consumer:
         for tp in partitions:
             self._done.pop((tp.topic, tp.partition), None)
             self._assignment.discard((tp.topic, tp.partition))
+            metrics.consumer_lag_forget(self.group, tp.topic, tp.partition)
 
     def _resume_due(self) -> None:
         now = time.time()
@@ -548,6 +580,7 @@ class Consumer:
         run, stop = self._plain_run(batch, start)
         failure: Exception | None = None
         while run:
+            started = time.monotonic()
             try:
                 with self.inbox.transaction() as tx:
                     fresh = self.inbox.claim_many(tx, self.group, [m.id for _, _, m in run])
@@ -574,7 +607,7 @@ class Consumer:
                 return run[-1][0] + 1, None, False
             for (_, rec, msg), was_fresh in zip(run, outcomes, strict=True):
                 self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
-                self._finished(msg.topic, "processed" if was_fresh else "duplicate")
+                self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, started)
                 if not was_fresh:
                     log.debug("message %s: duplicate, skipped", msg.id)
             break
@@ -616,6 +649,7 @@ class Consumer:
             if failure is not None:  # the first attempt already ran, in a shared transaction
                 error, faulty, failure = failure, True, None
             else:
+                started = time.monotonic()
                 try:
                     fresh = self._attempt(replace(msg, attempts=attempts + 1))
                 except TxnAborted:
@@ -627,7 +661,7 @@ class Consumer:
                 except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                     error, faulty = exc, False
                 else:
-                    self._finished(msg.topic, "processed" if fresh else "duplicate")
+                    self._finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
                     if not fresh:
                         log.debug("message %s: duplicate, skipped", msg.id)
                     return True
