@@ -93,6 +93,14 @@ class SqlOutbox:
         self._dialect = "mysql" if name in ("mysql", "mariadb") else name
         self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
         self.channel = f"zeroloss_{self.table.name.lower()}"  # the NOTIFY channel of this table
+        # succeed() on PostgreSQL. `id = ANY` keeps the primary-key index in the plan: joining on
+        # the unnest alone lets the planner scan the whole table, history included.
+        table = self.engine.dialect.identifier_preparer.quote(self.table.name)
+        self._succeed_pg = sa.text(
+            f"UPDATE {table} AS t SET state = 'success', done_at = :now, lease_until = NULL, location = v.loc "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
+            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
+        )
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
 
     def __repr__(self) -> str:
@@ -291,8 +299,12 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> None:
             now = time.time()
-            # One executemany (psycopg pipelines it) instead of a CASE with a branch per id.
-            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in sorted(where)])
+            ids = sorted(where)
+            if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
+                conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
+                return
+            # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
+            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
 
         self._tx(run, "mark messages delivered")
 
