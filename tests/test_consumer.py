@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -514,3 +515,39 @@ def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monke
     assert metrics.REGISTRY.get_sample_value("zeroloss_consumer_handler_seconds_count", labels) == 30
     assert seen_lags and all(v == 0 for v in seen_lags[-1].values()), seen_lags  # caught up
     assert lags() == {}  # on leaving, its partitions' lag is no longer this consumer's to report
+
+
+@pytest.fixture
+def pg_db(tmp_path: Path) -> Iterator[Db]:
+    yield from make_db("postgresql", tmp_path)
+
+
+@pytest.mark.parametrize("per_transaction", [100, 1])
+def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
+    kafka: EmbeddedBroker, pg_db: Db, per_transaction: int
+) -> None:
+    """On PostgreSQL a failed statement aborts the transaction and COMMIT then rolls back without
+    raising: the consumer must notice, or every message of the run would be lost silently."""
+    db = pg_db
+    topic = unique_topic("swallow")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    guard = sa.Table(f"zl_guard_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("n", sa.Integer, primary_key=True))
+    guard.create(db.inbox.engine)
+    c = consumer(kafka, topic, db.inbox, transaction_batch=per_transaction)
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        db.record(msg, tx)
+        if msg.value == b"4" and msg.attempts == 1:
+            # the "insert if missing" idiom, done wrong: the error is caught and ignored
+            with contextlib.suppress(sa.exc.IntegrityError):
+                tx.execute(guard.insert(), [{"n": 1}, {"n": 1}])
+
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+        guard.drop(db.inbox.engine)
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+    assert c.counters.retries == 1

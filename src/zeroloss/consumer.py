@@ -69,7 +69,7 @@ from zeroloss.brokers.kafka import _kafka, ensure_topics, parse_bootstrap
 from zeroloss.dlq import DLQ_SUFFIX, DeadLetterPublisher, dead_letter
 from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, MessageError, StoreError
 from zeroloss.http import HealthServer
-from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
+from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox, transaction_aborted
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.message import Message, id_time
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
@@ -92,6 +92,10 @@ class ConsumerCounters:
     commit_failures: int = 0
     rebalances: int = 0
     assignments: int = 0
+
+
+class TransactionAborted(Exception):
+    """A handler left its inbox transaction failed: it counts as the handler's failure."""
 
 
 class _RunAgain(Exception):
@@ -711,6 +715,10 @@ class Consumer:
             self._handler(msg, tx)
         except Exception as exc:
             raise _HandlerFailed(exc) from exc
+        if transaction_aborted(tx):
+            raise _HandlerFailed(TransactionAborted(
+                "the handler returned after a database error it caught: its transaction is aborted and "
+                "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"))
 
     def _send(self, out: Message) -> str | None:
         """Hand a dead letter or retry copy to the broker before its source offset may be committed:

@@ -74,6 +74,18 @@ class BatchInbox(Inbox, Protocol):
         ...
 
 
+def transaction_aborted(tx: Any) -> bool:
+    """Whether ``tx`` (a handler's SQLAlchemy connection) is in a transaction the database has
+    already failed: PostgreSQL aborts a transaction at its first error, and a COMMIT then rolls
+    it back *without raising* — a handler that caught that error would lose its claim and
+    effects silently. (MariaDB and SQLite keep the transaction usable after a failed statement.)"""
+    if not isinstance(tx, sa.Connection) or tx.dialect.name != "postgresql":
+        return False
+    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3
+    status = getattr(info, "transaction_status", None)
+    return status is not None and status.name == "INERROR"
+
+
 def _check(group: str, message_id: str) -> None:
     for what, v in (("group", group), ("message id", message_id)):
         if not isinstance(v, str) or not v or len(v) > MAX_ID_LEN:
