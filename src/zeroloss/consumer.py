@@ -74,7 +74,7 @@ from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.message import Message, id_time
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
 from zeroloss.registry import scheme_of
-from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_topic
+from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_pattern, retry_topic
 
 __all__ = ["Consumer", "ConsumerCounters", "Handler", "PoisonMessage", "Received", "consumer_config"]
 
@@ -211,9 +211,10 @@ class Consumer:
         self.max_attempts = max_attempts
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
         self.retry_delays_s = check_delays(retry_delays_s)
-        self._subscribed = self.topics + [
+        self._retry_topics = [
             retry_topic(t, n) for t in self.topics for n in range(1, len(self.retry_delays_s) + 1)
         ]
+        self._subscribed = self.topics + [retry_pattern(t) for t in self.topics if self.retry_delays_s]
         self._paused: dict[tuple[str, int], float] = {}  # retry partition → when its head copy is due
         self._retry_topics_ready = False
         self.backoff_base_s = backoff_base_s
@@ -409,7 +410,7 @@ class Consumer:
         subscribed to a topic that does not exist would only see it after a metadata refresh."""
         try:
             for t in self.topics:
-                retries = [x for x in self._subscribed[len(self.topics):] if x.startswith(t + ".retry.")]
+                retries = [x for x in self._retry_topics if x.startswith(t + ".retry.")]
                 if created := ensure_topics(self.url, retries, like=t):
                     log.info("consumer %s created retry topics %s", self.group, created)
             self._retry_topics_ready = True
@@ -630,6 +631,9 @@ class Consumer:
         if tp not in self._assignment or tp in self._paused:  # revoked (its new owner has it), or rewound
             return True
         at = origin(rec.topic(), rec.partition(), rec.offset(), record_headers(rec), len(self.retry_delays_s))
+        if at.group not in (None, self.group):  # another group's retry copy: theirs to handle
+            self._done[tp] = rec.offset() + 1
+            return True
         if at.not_before_ms > time.time() * 1000:
             self._wait_for_due(rec, tp, at.not_before_ms / 1000)
             return True
@@ -732,7 +736,8 @@ class Consumer:
                      at: Origin) -> bool:
         delay = self.retry_delays_s[at.stage]
         copy = retry_copy(message_id=msg.id, key=rec.key(), value=rec.value(), headers=record_headers(rec), at=at,
-                          attempts=attempts, first_failure=first_failure, error=error, delay_s=delay, now=time.time())
+                          group=self.group, attempts=attempts, first_failure=first_failure, error=error,
+                          delay_s=delay, now=time.time())
         if self._send(copy) is None:
             return False
         self._finished(rec.topic(), "retry")
