@@ -69,7 +69,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
     suffix = uuid.uuid4().hex[:8]
     table_name, topic = f"bench_lat_{suffix}", f"lat-{suffix}"
     outbox = SqlOutbox(PG, table=table_name)
-    outbox.create_schema()
+    outbox.create_schema(notify=True)  # the idle relay wakes at each commit
     inbox = SqlInbox(PG, table=f"bench_lat_inbox_{suffix}")
     inbox.create_schema()
     committed: dict[str, float] = {}

@@ -446,8 +446,8 @@ def test_a_deadlocked_transaction_is_retried_whole_and_other_errors_are_translat
 def test_an_idle_relay_is_woken_by_a_commit_on_postgresql() -> None:
     require_service("postgres")
     outbox = SqlOutbox(PG_URL, table=f"zl_wake_{uuid.uuid4().hex[:8]}")
-    outbox.create_schema()
-    outbox.create_schema()  # idempotent: replaces the trigger and its function
+    outbox.create_schema(notify=True)
+    outbox.create_schema(notify=True)  # idempotent: the trigger is there, nothing is touched
     stop = threading.Event()
     woken = threading.Event()
     try:
@@ -481,3 +481,30 @@ def test_where_nothing_notifies_the_relay_polls(tmp_path: Path) -> None:
     stop.set()
     outbox.wait_for_work(600, stop)  # returns at once: the relay is stopping
     outbox.close()
+
+
+def test_notify_is_opt_in_and_for_postgresql_only(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from zeroloss.cli import main
+
+    require_service("postgres")
+    table = f"zl_nt_{uuid.uuid4().hex[:8]}"
+    outbox = SqlOutbox(PG_URL, table=table)
+
+    def triggers() -> int:
+        with outbox.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = %(t)s",
+                                            {"t": f"{outbox.channel}_notify"}).scalar_one())
+
+    try:
+        assert CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", table]).exit_code == 0
+        assert triggers() == 0  # NOTIFY serialises commits: not without asking
+        res = CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", table, "--notify"])
+        assert res.exit_code == 0, res.output
+        assert triggers() == 1
+        res = CliRunner().invoke(main, ["init", "--source", f"sqlite:///{tmp_path / 'o.db'}", "--notify"])
+        assert res.exit_code == 2 and "needs PostgreSQL" in res.output
+    finally:
+        outbox.drop_schema()
+        outbox.close()

@@ -41,9 +41,12 @@ from zeroloss.outbox.base import Stats
                    "... MKSTREAM).")
 @click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
               help="How long to wait for the broker's answers.")
+@click.option("--notify", is_flag=True,
+              help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
+                   "latency; NOTIFY serialises the commits of the transactions that add messages).")
 @errors_to_exit_codes
 def init(source: str | None, table: str, target: str | None, topics: tuple[str, ...], partitions: int | None,
-         replication_factor: int | None, group: str | None, timeout_s: float) -> None:
+         replication_factor: int | None, group: str | None, timeout_s: float, notify: bool) -> None:
     """Create the outbox (SQL table and indexes, or spool directories) and/or declare on the broker
     what the relay and the consumers of each --topic need. Both are idempotent: run it again at
     every deploy. A topic that exists is left as it is."""
@@ -56,6 +59,8 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
         raise click.UsageError("--target needs at least one --topic NAME to declare")
     if not target and (topics or partitions or replication_factor or group):
         raise click.UsageError("--topic, --partitions, --replication-factor and --group need --target URL")
+    if notify and not source:
+        raise click.UsageError("--notify needs --source URL (a PostgreSQL outbox)")
     broker = open_broker(target, timeout_s=timeout_s) if target else None  # a bad URL stops us before any work
     try:
         if source:
@@ -63,7 +68,9 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
             try:
                 create = getattr(store, "create_schema", None)
                 if create is not None:
-                    create()
+                    create(notify=True) if notify else create()
+                elif notify:
+                    raise ConfigError("--notify needs a PostgreSQL outbox; a spool has no NOTIFY (the relay polls)")
             finally:
                 store.close()
             click.echo(f"outbox ready at {safe_url(source)}")
