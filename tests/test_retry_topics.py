@@ -168,3 +168,24 @@ def test_the_retry_pattern_matches_every_stage_and_nothing_else() -> None:
     p = re.compile(retry_pattern("shop.orders"))
     assert p.match("shop.orders.retry.1") and p.match("shop.orders.retry.12")
     assert not p.match("shop.orders") and not p.match("shopXorders.retry.1") and not p.match("shop.orders.retry.1.dlq")
+
+
+def test_a_retry_copy_the_broker_refuses_is_dead_lettered_instead(kafka: EmbeddedBroker, db: Db) -> None:
+    topic = unique_topic("rt")
+    topic += "x" * (245 - len(topic))  # room for ".dlq", not for ".retry.1" (249 characters at most)
+    assert len(topic + ".dlq") <= 249 < len(topic + ".retry.1")
+    msgs = [new_message(topic, b"%d" % i) for i in range(3)]
+    publish(kafka.url, msgs)
+    c = consumer(kafka, topic, db.inbox, retry_delays_s=(0.1,))
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        if msg.value == b"1":
+            raise ValueError("fails")
+        db.record(msg, tx)
+
+    c.run_until_idle(idle_s=1.5, timeout_s=90)
+    c.close()
+    assert c.counters.retries == 0 and c.counters.dead_lettered == 1
+    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)] == [msgs[1].id]
+    assert sum(db.counts().values()) == 2

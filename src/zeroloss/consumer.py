@@ -71,7 +71,7 @@ from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, Mes
 from zeroloss.http import HealthServer
 from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox, transaction_aborted
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
-from zeroloss.message import Message, id_time
+from zeroloss.message import Message, id_time, validate_topic
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
 from zeroloss.registry import scheme_of
 from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_pattern, retry_topic
@@ -724,13 +724,14 @@ class Consumer:
                 "the handler returned after a database error it caught: its transaction is aborted and "
                 "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"))
 
-    def _send(self, out: Message) -> str | None:
+    def _send(self, out: Message, *, raise_rejected: bool = False) -> str | None:
         """Hand a dead letter or retry copy to the broker before its source offset may be committed:
         into the batch's transaction, or published and acknowledged (None: stopping interrupted it)."""
         if self._txn is not None:
             self._txn.add([out])  # commits with the batch's offsets, or is redone after an abort
             return out.topic
-        return self._dlq.deliver(out, self._stop, self.backoff_base_s, self.max_backoff_s)
+        return self._dlq.deliver(out, self._stop, self.backoff_base_s, self.max_backoff_s,
+                                 raise_rejected=raise_rejected)
 
     def _retry_later(self, rec: Any, msg: Received, error: Exception, attempts: int, first_failure: float,
                      at: Origin) -> bool:
@@ -738,8 +739,13 @@ class Consumer:
         copy = retry_copy(message_id=msg.id, key=rec.key(), value=rec.value(), headers=record_headers(rec), at=at,
                           group=self.group, attempts=attempts, first_failure=first_failure, error=error,
                           delay_s=delay, now=time.time())
-        if self._send(copy) is None:
-            return False
+        try:
+            validate_topic(copy.topic)  # e.g. too long: the original's name left no room for ".retry.N"
+            if self._send(copy, raise_rejected=True) is None:
+                return False
+        except (MessageError, BrokerError) as exc:  # refused for good (too long a name, too large)
+            log.error("message %s: the broker refused its retry copy (%s); dead-lettering it", msg.id, exc)
+            return self._dead_letter(rec, msg.id, error, attempts, first_failure, at)
         self._finished(rec.topic(), "retry")
         log.warning("message %s failed (attempt %d of %d): %r; to %s, due in %.2fs",
                     msg.id, attempts, len(self.retry_delays_s) + 1, error, copy.topic, delay)

@@ -103,14 +103,18 @@ class DeadLetterPublisher:
             self._broker = KafkaBroker(self.url, timeout_s=self.timeout_s, config=self.config)
         return publish_one(self._broker, msg, "dead letter")
 
-    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float) -> str | None:
+    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float, *,
+                raise_rejected: bool = False) -> str | None:
         """:meth:`publish` until it succeeds, backing off between tries (the consumer holds the
-        offset meanwhile); the location, or None if ``stop`` was set while waiting."""
+        offset meanwhile); the location, or None if ``stop`` was set while waiting. With
+        ``raise_rejected`` a refusal for good (too large, say) is raised instead of retried."""
         failures = 0
         while True:
             try:
                 return self.publish(msg)
             except BrokerError as err:
+                if raise_rejected and not err.retriable:
+                    raise
                 failures += 1
                 log.error("message %s: publishing to %s failed (%s); its offset is held", msg.id, msg.topic, err)
             if stop.wait(backoff_s(failures, backoff_base_s, max_backoff_s)):
