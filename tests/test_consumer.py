@@ -551,3 +551,18 @@ def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
         guard.drop(db.inbox.engine)
     assert db.counts() == Counter({m.id: 1 for m in msgs})
     assert c.counters.retries == 1
+
+
+def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
+    from zeroloss import consumer as consumer_module
+
+    c = Consumer("kafka://127.0.0.1:1", "g", ["t"], db.inbox, transaction_batch=100)
+    assert c._run_limit() == 100  # nothing measured yet
+    c._handler_s = consumer_module.RUN_BUDGET_S / 4  # a slow handler: a few per transaction
+    assert c._run_limit() == 4
+    c._handler_s = consumer_module.RUN_BUDGET_S * 10  # slower than the budget: one at a time
+    assert c._run_limit() == 1
+    c._handler_s = 1e-5
+    assert c._run_limit() == 100
+    c.close()
+    assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share

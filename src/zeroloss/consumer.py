@@ -136,14 +136,19 @@ def consumer_config(bootstrap: str, group: str, extra: dict[str, Any] | None = N
 
 
 LAG_EVERY_S = 5.0
+RUN_BUDGET_S = 2.0  # about how long one shared inbox transaction may stay open
+
+
 
 
 def _created(msg: Received) -> float:
     """When the message was made: the time in its UUIDv7 id, else the record's timestamp."""
     try:
-        return id_time(msg.id) if len(msg.id) == 36 else msg.timestamp_ms / 1000
+        if len(msg.id) == 36 and uuid.UUID(msg.id).version == 7:
+            return id_time(msg.id)
     except ValueError:
-        return msg.timestamp_ms / 1000
+        pass
+    return msg.timestamp_ms / 1000
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -240,6 +245,7 @@ class Consumer:
         self._assigned = False  # has the current client received its first assignment?
         self._last_activity = 0.0
         self._next_lag = 0.0
+        self._handler_s = 0.0  # moving average of one handler call, for the shared transactions' size
         self.counters = ConsumerCounters()
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
@@ -266,8 +272,10 @@ class Consumer:
         try:
             for tp in self._client.position(tps):
                 _, high = self._client.get_watermark_offsets(tp, cached=True)
-                if high >= 0 and tp.offset >= 0:
-                    metrics.consumer_lag(self.group, tp.topic, tp.partition, high - tp.offset)
+                # a seek (a paused retry partition) leaves no position: count from what is done
+                at = tp.offset if tp.offset >= 0 else self._done.get((tp.topic, tp.partition), -1)
+                if high >= 0 and at >= 0:
+                    metrics.consumer_lag(self.group, tp.topic, tp.partition, high - at)
         except self._ck.KafkaException as exc:  # metrics never stop consuming
             log.debug("consumer lag unavailable: %s", exc)
 
@@ -529,7 +537,7 @@ class Consumer:
         i = 0
         while i < len(batch) and not self._stop.is_set():
             if self.transaction_batch > 1:
-                j, failure, committed = self._together(batch, i)
+                j, failure, committed, careful = self._together(batch, i)
                 if not committed:  # none of batch[i:j] happened: each again on its own
                     for rec in batch[i:j]:
                         if self._stop.is_set() or not self._record(rec):
@@ -537,23 +545,33 @@ class Consumer:
                     i = j
                     continue
                 i = j
-                if i >= len(batch):
-                    return
+                if i >= len(batch) or not careful:  # a full run ended: the next one starts here
+                    continue
             else:
                 failure = None
             if not self._record(batch[i], failure):
                 return
             i += 1
 
-    def _plain_run(self, batch: list[Any], start: int) -> tuple[list[tuple[int, Any, Received]], int]:
+    def _run_limit(self) -> int:
+        """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
+        so a transaction stays open about RUN_BUDGET_S at most — not long enough to meet the
+        inbox's idle-in-transaction timeout or to hold its row locks for long."""
+        if self._handler_s <= 0:
+            return self.transaction_batch
+        return max(1, min(self.transaction_batch, int(RUN_BUDGET_S / self._handler_s)))
+
+    def _plain_run(self, batch: list[Any], start: int) -> tuple[list[tuple[int, Any, Received]], int, bool]:
         """The messages from ``start`` on that can share a transaction — (index, record, message),
-        at most ``transaction_batch`` — and the index where the run stops: the first record that
-        needs care (a broker error, an undecodable id, a retry copy) or the end of the batch.
-        Records of partitions this consumer no longer reads are passed over, as :meth:`_record` does."""
+        at most :meth:`_run_limit` — the index where the run stops (the first record that needs
+        care: a broker error, an undecodable id, a retry copy; or the end of the batch), and
+        whether it stopped because it was full. Records of partitions this consumer no longer
+        reads are passed over, as :meth:`_record` does."""
         run: list[tuple[int, Any, Received]] = []
         stages = len(self.retry_delays_s)
+        limit = self._run_limit()
         j = start
-        while j < len(batch) and len(run) < self.transaction_batch:
+        while j < len(batch) and len(run) < limit:
             rec = batch[j]
             if rec.error() is not None:
                 break
@@ -570,37 +588,42 @@ class Consumer:
             except MessageError:
                 break
             j += 1
-        return run, j
+        return run, j, len(run) >= limit
 
-    def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool]:
+    def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool, bool]:
         """Run plain messages from ``start`` on in one inbox transaction: one bulk claim, the
         handlers of the fresh ones, one commit. Returns (index of the first record not done,
-        the exception its handler raised if that is why, True). A handler that raises rolls the
+        the exception its handler raised if that is why, True, whether that record needs the
+        one-at-a-time path — not so when the run merely filled up). A handler that raises rolls the
         whole transaction back; the messages before it run again in a new one (their effects
         were undone with it) and the failed one counts that run as its first attempt. If the
         transaction itself fails (the database went away, the commit failed), returns the end of
         the range it covered and False: none of it happened, and the caller takes each message
         again on its own."""
         assert isinstance(self.inbox, BatchInbox)
-        run, stop = self._plain_run(batch, start)
+        run, stop, full = self._plain_run(batch, start)
         failure: Exception | None = None
         while run:
             started = time.monotonic()
             try:
                 with self.inbox.transaction() as tx:
                     fresh = self.inbox.claim_many(tx, self.group, [m.id for _, _, m in run])
-                    outcomes: list[bool] = []
+                    outcomes: list[tuple[bool, float]] = []  # (fresh, when its handling began)
                     for n, (_, _, msg) in enumerate(run):
-                        outcomes.append(msg.id in fresh)
-                        if msg.id in fresh:
-                            fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
-                            try:
-                                self._call(msg, tx)
-                            except _HandlerFailed as failed:
-                                if _is_outage(failed.exc):
-                                    raise
-                                failure, stop, run = failed.exc, run[n][0], run[:n]
-                                raise _RunAgain() from None
+                        if msg.id not in fresh:
+                            outcomes.append((False, started))
+                            continue
+                        fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
+                        began = time.monotonic()
+                        outcomes.append((True, began))
+                        try:
+                            self._call(msg, tx)
+                        except _HandlerFailed as failed:
+                            if _is_outage(failed.exc):
+                                raise
+                            failure, stop, full, run = failed.exc, run[n][0], False, run[:n]
+                            raise _RunAgain() from None
+                        self._handler_s = 0.9 * self._handler_s + 0.1 * (time.monotonic() - began)
             except _RunAgain:
                 continue
             except TxnAborted:
@@ -609,14 +632,14 @@ class Consumer:
                 self.counters.store_errors += 1
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
                             self.group, len(run), exc)
-                return run[-1][0] + 1, None, False
-            for (_, rec, msg), was_fresh in zip(run, outcomes, strict=True):
+                return run[-1][0] + 1, None, False, True
+            for (_, rec, msg), (was_fresh, began) in zip(run, outcomes, strict=True):
                 self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
-                self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, started)
+                self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, began)
                 if not was_fresh:
                     log.debug("message %s: duplicate, skipped", msg.id)
             break
-        return stop, failure, True
+        return stop, failure, True, not full
 
     def _record(self, rec: Any, failure: Exception | None = None) -> bool:
         """Handle one record from consume(); False when the batch must stop here (stopping).
