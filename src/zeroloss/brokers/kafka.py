@@ -187,6 +187,13 @@ class KafkaBroker:
 
     # -- producer lifecycle -------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Make the producer now rather than at the first publish. With a transactional id this
+        fences a crashed predecessor's open transaction at once: until then ``read_committed``
+        consumers cannot read past it, and a broker that ignores ``transaction.timeout.ms`` (Tansu)
+        never aborts it by itself. BrokerError if the broker cannot be reached."""
+        self._ensure_producer()
+
     def _ensure_producer(self) -> Any:
         if self._producer is not None:
             return self._producer
