@@ -22,11 +22,13 @@ demo: install services
 	$(BIN)/zeroloss demo
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 
+# Ends with bench-quick (about 15 s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.
 test: install services lint
 	$(BIN)/pytest -q
+	$(MAKE) bench-quick
 
 # Every fault-injection scenario at full size; prints the table, writes bench/results/chaos.md.
 chaos: install services
@@ -35,12 +37,18 @@ chaos: install services
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.
 bench: install services
 	mkdir -p bench/results
-	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue; } | tee bench/results/latest.md
+	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue \
+	  && $(BIN)/python -m bench.consumer && $(BIN)/python -m bench.latency && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } \
+	  | tee bench/results/latest.md
 
 # Small counts, to keep the benchmarks from rotting; not a pass/fail on speed.
 bench-quick: install services
 	$(BIN)/python -m bench.relay_throughput --messages 2000 --reps 1
 	$(BIN)/python -m bench.enqueue --txns 100 --reps 1
+	$(BIN)/python -m bench.consumer --messages 2000 --reps 1
+	$(BIN)/python -m bench.latency --rate 200 --seconds 3
+	$(BIN)/python -m bench.scale_out --messages 2000 --relays 1,2 --reps 1
+	$(BIN)/python -m bench.growth --messages 1000 --small-history 1000 --large-history 20000 --reps 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

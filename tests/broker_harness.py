@@ -21,6 +21,8 @@ NATS_URL = "nats://127.0.0.1:4222"
 
 # (id, key) in the order the broker holds them
 Entries = list[tuple[str, bytes | None]]
+# (id, headers) in the order the broker holds them; header values as bytes
+Letters = list[tuple[str, dict[str, bytes]]]
 
 
 @dataclass
@@ -31,6 +33,7 @@ class BrokerHarness:
     make: Callable[..., Broker]
     read: Callable[[str], Entries]
     drop: Callable[[str], None]  # remove what a test made for a topic
+    read_headers: Callable[[str], Letters]
     topics: list[str] = field(default_factory=list)
 
 
@@ -57,6 +60,22 @@ async def _amqp_read(topic: str) -> Entries:
             h = msg.headers or {}
             key = h.get("zeroloss-key")
             out.append((str(h[ID_HEADER]), None if key is None else bytes(key)))  # type: ignore[arg-type]
+        return out
+    finally:
+        await conn.close()
+
+
+async def _amqp_read_headers(topic: str) -> Letters:
+    import aio_pika
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        q = await (await conn.channel()).declare_queue(topic, passive=True)
+        out: Letters = []
+        while (msg := await q.get(no_ack=True, fail=False)) is not None:
+            h = {k: bytes(v) if isinstance(v, (bytes, bytearray)) else str(v).encode()
+                 for k, v in (msg.headers or {}).items()}
+            out.append((h[ID_HEADER].decode(), h))
         return out
     finally:
         await conn.close()
@@ -92,6 +111,7 @@ def rabbitmq_harness() -> BrokerHarness:
         "rabbitmq", AMQP_URL, "amqp://guest:guest@127.0.0.1:5999/",
         lambda url=AMQP_URL, **kw: RabbitBroker(url, **{"timeout_s": 10.0, **kw}),
         lambda t: amqp_run(_amqp_read(t)), lambda t: amqp_run(_amqp_drop(t)),
+        lambda t: amqp_run(_amqp_read_headers(t)),
     )
 
 
@@ -119,6 +139,27 @@ async def _nats_read(topic: str) -> Entries:
         await nc.close()
 
 
+async def _nats_read_headers(topic: str) -> Letters:
+    import nats
+
+    from zeroloss.brokers.nats import stream_name
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        js = nc.jetstream()
+        name = stream_name(topic)
+        info = await js.stream_info(name)
+        out: Letters = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(name, seq)
+            h = {k: base64.b64decode(v[4:]) if v.startswith("b64:") else v.encode()
+                 for k, v in (msg.headers or {}).items()}
+            out.append((h[ID_HEADER].decode(), h))
+        return out
+    finally:
+        await nc.close()
+
+
 async def _nats_drop(topic: str) -> None:
     import nats
 
@@ -140,6 +181,7 @@ def nats_harness() -> BrokerHarness:
         "nats", NATS_URL, "nats://127.0.0.1:4999",
         lambda url=NATS_URL, **kw: NatsBroker(url, **{"timeout_s": 10.0, **kw}),
         lambda t: asyncio.run(_nats_read(t)), lambda t: asyncio.run(_nats_drop(t)),
+        lambda t: asyncio.run(_nats_read_headers(t)),
     )
 
 
@@ -152,6 +194,22 @@ def _redis_read(topic: str) -> Entries:
     r = redis.Redis.from_url(REDIS_URL)
     try:
         return [(f[b"id"].decode(), f.get(b"key")) for _, f in r.xrange(topic)]
+    finally:
+        r.close()
+
+
+def _redis_read_headers(topic: str) -> Letters:
+    import json
+
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        out: Letters = []
+        for _, f in r.xrange(topic):
+            h = {k: base64.b64decode(v) for k, v in json.loads(f.get(b"headers", b"[]"))}
+            out.append((f[b"id"].decode(), h))
+        return out
     finally:
         r.close()
 
@@ -172,7 +230,7 @@ def redis_harness() -> BrokerHarness:
     return BrokerHarness(
         "redis", REDIS_URL, "redis://127.0.0.1:6999/0",
         lambda url=REDIS_URL, **kw: RedisStreamBroker(url, **{"timeout_s": 10.0, **kw}),
-        _redis_read, _redis_drop,
+        _redis_read, _redis_drop, _redis_read_headers,
     )
 
 

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import unique_topic
+from tests.broker_harness import harness
+from tests.conftest import require_service, unique_topic
+from tests.test_consumer import make_db
+from zeroloss.brokers.base import Status
 from zeroloss.cli import main
+from zeroloss.consumer import Consumer
 from zeroloss.dlq import DeadLetterPublisher, dead_letter
 from zeroloss.embedded_broker import EmbeddedBroker
-from zeroloss.message import uuid7
+from zeroloss.message import new_message, uuid7
 from zeroloss.readback import read_topic
 
-pytestmark = pytest.mark.kafka
 
-
+@pytest.mark.kafka
 def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     topic = unique_topic("orders")
     ids = [uuid7(), uuid7()]
@@ -48,3 +54,80 @@ def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     assert replayed.exit_code == 0 and "replayed 2" in replayed.output, replayed.output
     back = read_topic(kafka.url, topic, expect=ids)
     assert set(back.ids) == set(ids)  # with their original ids: the inbox runs each at most once
+
+
+CONSUMER_CONFIG = {"nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("nats", "redis")])
+def test_dead_letters_on_nats_and_redis_are_listed_shown_and_replayed_once(name: str, tmp_path: Path) -> None:
+    """The operator's loop on a non-Kafka broker: a handler fails, its message is dead-lettered
+    with the error; dlq list/show say why; the fixed handler gets it back through dlq replay and
+    applies it exactly once. The replay happens well inside NATS's duplicate window, where a
+    republish under the original Nats-Msg-Id would be dropped silently."""
+    with harness(name) as h:
+        topic = unique_topic("dlqcli")
+        h.topics.append(topic)
+        msgs = [new_message(topic, b"%d" % i, key=b"k", headers=[("trace", b"t-%d" % i)]) for i in range(5)]
+        bad = msgs[2]
+        b = h.make()
+        try:
+            assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
+        finally:
+            b.close()
+        dbs = make_db("sqlite", tmp_path)
+        db = next(dbs)
+        broken = True
+
+        def consume() -> Consumer:
+            c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=dict(CONSUMER_CONFIG[name]),
+                         max_attempts=2, backoff_base_s=0.01, poll_s=0.2)
+
+            @c.handler
+            def handle(msg: Any, tx: Any) -> None:
+                if broken and msg.id == bad.id:
+                    raise ValueError("total is negative")
+                db.record(msg, tx)
+
+            try:
+                c.run_until_idle(idle_s=1.5, timeout_s=60)
+            finally:
+                c.close()
+            return c
+
+        try:
+            assert consume().counters.dead_lettered == 1
+            run = CliRunner().invoke
+
+            listed = run(main, ["dlq", "list", "--target", h.url, topic, "--json"])
+            assert listed.exit_code == 0, listed.output
+            rows = json.loads(listed.output)
+            assert [r["id"] for r in rows] == [bad.id]
+            assert rows[0]["error_type"] == "ValueError" and rows[0]["attempts"] == 2
+            assert rows[0]["original_topic"] == topic and rows[0]["headers"] == [["trace", "t-2"]]
+
+            shown = run(main, ["dlq", "show", "--target", h.url, f"{topic}.dlq", bad.id])
+            assert shown.exit_code == 0 and "total is negative" in shown.output, shown.output
+            assert run(main, ["dlq", "show", "--target", h.url, topic, uuid7()]).exit_code == 2
+
+            broken = False
+            replayed = run(main, ["dlq", "replay", "--target", h.url, topic, "--all"])
+            assert replayed.exit_code == 0 and "replayed 1" in replayed.output, replayed.output
+            assert [mid for mid, _ in h.read(topic)].count(bad.id) == 2  # the original and its replay
+            again = consume()
+            assert again.counters.processed == 1
+            assert db.counts() == Counter({m.id: 1 for m in msgs})
+            # replaying it twice has no second effect: the inbox knows the id
+            assert run(main, ["dlq", "replay", "--target", h.url, topic, bad.id]).exit_code == 0
+            assert consume().counters.duplicates == 1
+            assert db.counts() == Counter({m.id: 1 for m in msgs})
+        finally:
+            dbs.close()
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_dead_letters_are_not_read_and_the_reason_is_given() -> None:
+    require_service("rabbitmq")
+    out = CliRunner().invoke(main, ["dlq", "list", "--target", "amqp://guest:guest@127.0.0.1/", "orders"])
+    assert out.exit_code == 2, out.output
+    assert "cannot be read without taking messages off it" in out.output

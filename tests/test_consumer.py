@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -477,3 +478,91 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
                 if ln.startswith("zeroloss_consumer_messages_total{") and f'topic="{topic}"' in ln
                 and 'outcome="processed"' in ln)
     assert float(line.rsplit(" ", 1)[1]) == 20
+
+
+def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroloss import consumer as consumer_module
+    from zeroloss import metrics
+
+    monkeypatch.setattr(consumer_module, "LAG_EVERY_S", 0.1)
+    topic = unique_topic("lag")
+    publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(30)])
+    c = consumer(kafka, topic, db.inbox)
+    c.handler(db.record)
+
+    def lags() -> dict[str, float]:
+        return {s.labels["partition"]: s.value for m in metrics.REGISTRY.collect() for s in m.samples
+                if s.name == "zeroloss_consumer_lag_messages" and s.labels.get("topic") == topic}
+
+    seen_lags: list[dict[str, float]] = []
+
+    def watch() -> None:
+        while not c._stop.is_set():
+            if (now := lags()) and (not seen_lags or now != seen_lags[-1]):
+                seen_lags.append(now)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.stop()
+        watcher.join()
+        c.close()
+    labels = {"group": c.group, "topic": topic}
+    assert metrics.REGISTRY.get_sample_value("zeroloss_consumer_end_to_end_seconds_count", labels) == 30
+    assert metrics.REGISTRY.get_sample_value("zeroloss_consumer_handler_seconds_count", labels) == 30
+    assert seen_lags and all(v == 0 for v in seen_lags[-1].values()), seen_lags  # caught up
+    assert lags() == {}  # on leaving, its partitions' lag is no longer this consumer's to report
+
+
+@pytest.fixture
+def pg_db(tmp_path: Path) -> Iterator[Db]:
+    yield from make_db("postgresql", tmp_path)
+
+
+@pytest.mark.parametrize("per_transaction", [100, 1])
+def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
+    kafka: EmbeddedBroker, pg_db: Db, per_transaction: int
+) -> None:
+    """On PostgreSQL a failed statement aborts the transaction and COMMIT then rolls back without
+    raising: the consumer must notice, or every message of the run would be lost silently."""
+    db = pg_db
+    topic = unique_topic("swallow")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    guard = sa.Table(f"zl_guard_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("n", sa.Integer, primary_key=True))
+    guard.create(db.inbox.engine)
+    c = consumer(kafka, topic, db.inbox, transaction_batch=per_transaction)
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        db.record(msg, tx)
+        if msg.value == b"4" and msg.attempts == 1:
+            # the "insert if missing" idiom, done wrong: the error is caught and ignored
+            with contextlib.suppress(sa.exc.IntegrityError):
+                tx.execute(guard.insert(), [{"n": 1}, {"n": 1}])
+
+    try:
+        c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+        guard.drop(db.inbox.engine)
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+    assert c.counters.retries == 1
+
+
+def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
+    from zeroloss import consumer as consumer_module
+
+    c = Consumer("kafka://127.0.0.1:1", "g", ["t"], db.inbox, transaction_batch=100)
+    assert c._run_limit() == 100  # nothing measured yet
+    c._handler_s = consumer_module.RUN_BUDGET_S / 4  # a slow handler: a few per transaction
+    assert c._run_limit() == 4
+    c._handler_s = consumer_module.RUN_BUDGET_S * 10  # slower than the budget: one at a time
+    assert c._run_limit() == 1
+    c._handler_s = 1e-5
+    assert c._run_limit() == 100
+    c.close()
+    assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import unique_topic
@@ -123,6 +125,36 @@ def test_a_restarted_relay_fences_the_open_transaction_its_dead_predecessor_left
         assert broker.publish([after])[0].status is Status.DELIVERED
     finally:
         broker.close()
+    assert after.id in read_topic(kafka.url, topic, expect=[after.id], idle_s=5).ids
+
+
+def test_a_restarted_relay_with_nothing_to_send_still_fences_at_once(kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    """The chaos suite found it: two relays, one SIGKILLed mid-transaction and restarted; the
+    other sent everything, so the restarted one never published, never fenced, and the consumer
+    stayed stuck behind the dead transaction. A relay now opens its producer at start."""
+    import subprocess
+    import sys
+
+    topic = unique_topic()
+    relay_id = f"fence-idle-{topic}"
+    dead = (
+        "import os\n"
+        "from zeroloss.brokers.kafka import _kafka, producer_config\n"
+        f"p = _kafka().Producer(producer_config({kafka.bootstrap!r}, 'zeroloss-relay-{relay_id}', 5))\n"
+        "p.init_transactions(10); p.begin_transaction()\n"
+        f"p.produce({topic!r}, key=b'k', value=b'never committed'); p.flush(10)\n"
+        "os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", dead], timeout=60).returncode == 9
+    other = KafkaBroker(kafka.url, timeout_s=10)  # the relay that did the work, same key: same partition
+    after = new_message(topic, b"after", key=b"k")
+    try:
+        assert other.publish([after])[0].status is Status.DELIVERED
+    finally:
+        other.close()
+    res = subprocess.run([sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{tmp_path / 'empty'}",
+                          "--target", kafka.url, "--relay-id", relay_id, "--drain"], timeout=120)
+    assert res.returncode == 0
     assert after.id in read_topic(kafka.url, topic, expect=[after.id], idle_s=5).ids
 
 

@@ -19,7 +19,7 @@ from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
 from zeroloss.message import new_message
 from zeroloss.readback import read_topic
-from zeroloss.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy
+from zeroloss.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy, retry_pattern
 
 pytestmark = pytest.mark.kafka
 
@@ -32,20 +32,22 @@ def db(tmp_path: Path) -> Iterator[Db]:
 def test_origin_reads_retry_headers_only_on_this_consumers_retry_topics() -> None:
     at = origin("orders", 2, 40, (), 3)
     assert (at.topic, at.partition, at.offset, at.stage, at.attempts, at.not_before_ms) == ("orders", 2, 40, 0, 0, 0)
-    copy = retry_copy(message_id="m1", key=b"k", value=b"v", headers=(("trace", b"t"),), at=at, attempts=1,
-                      first_failure=100.0, error=ValueError("boom"), delay_s=2.5, now=1000.0)
+    copy = retry_copy(message_id="m1", key=b"k", value=b"v", headers=(("trace", b"t"),), at=at, group="billing",
+                      attempts=1, first_failure=100.0, error=ValueError("boom"), delay_s=2.5, now=1000.0)
     assert copy.topic == "orders.retry.1" and copy.id == "m1" and copy.key == b"k"
     h = dict(copy.headers)
     assert h["trace"] == b"t" and h[H_ATTEMPTS] == b"1" and h[H_NOT_BEFORE] == b"1002500"
     later = origin("orders.retry.1", 0, 7, copy.headers, 3)
     assert (later.topic, later.partition, later.offset, later.stage, later.attempts) == ("orders", 2, 40, 1, 1)
-    assert later.first_failure == 100.0 and later.not_before_ms == 1002500
-    # a dead letter replayed to the original topic, or a topic beyond this consumer's stages, starts afresh
+    assert later.first_failure == 100.0 and later.not_before_ms == 1002500 and later.group == "billing"
+    # a dead letter replayed to the original topic starts afresh; so does a consumer without stages
     assert origin("orders", 0, 1, copy.headers, 3).attempts == 0
-    assert origin("orders.retry.4", 0, 1, copy.headers, 3).stage == 0
+    assert origin("orders.retry.1", 0, 1, copy.headers, 0).stage == 0
+    # a stage the configuration no longer has (it shrank from 4 to 3 stages) counts as the last one
+    assert origin("orders.retry.4", 0, 1, copy.headers, 3).stage == 3
     # the next copy replaces the retry headers instead of piling them up
-    again = retry_copy(message_id="m1", key=b"k", value=b"v", headers=copy.headers, at=later, attempts=2,
-                       first_failure=100.0, error=ValueError("boom"), delay_s=1, now=2000.0)
+    again = retry_copy(message_id="m1", key=b"k", value=b"v", headers=copy.headers, at=later, group="billing",
+                       attempts=2, first_failure=100.0, error=ValueError("boom"), delay_s=1, now=2000.0)
     assert again.topic == "orders.retry.2"
     assert [k for k, _ in again.headers].count(H_ATTEMPTS) == 1 and dict(again.headers)[H_ORIGINAL_TOPIC] == b"orders"
 
@@ -136,3 +138,54 @@ def test_transactional_mode_commits_retry_copies_with_the_offsets(kafka: Embedde
     assert c.counters.retries == 1 and c.counters.dead_lettered == 0
     seen = read_topic(kafka.url, out, idle_s=1.0)
     assert seen.records == 10 and len(seen.ids) == 10  # the retried one's output once, like the rest
+
+
+def test_two_groups_share_the_retry_topics_without_running_each_others_retries(
+    kafka: EmbeddedBroker, db: Db
+) -> None:
+    topic = unique_topic("rt")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    calls: dict[str, Counter[bytes]] = {"billing": Counter(), "email": Counter()}
+    for group in ("email", "billing"):  # email fails "3" once and retries it; billing never fails
+        c = consumer(kafka, topic, None, group=f"{group}-{topic}", retry_delays_s=(0.2,))
+
+        @c.handler
+        def handle(msg: Received, tx: object, group: str = group) -> None:
+            calls[group][msg.value or b""] += 1
+            if group == "email" and msg.value == b"3" and msg.attempts == 1:
+                raise ValueError("mail server busy")
+
+        c.run_until_idle(idle_s=1.5, timeout_s=90)
+        c.close()
+    assert calls["email"][b"3"] == 2 and calls["email"].total() == 11
+    assert calls["billing"] == Counter({m.value: 1 for m in msgs})  # email's copy was passed by
+
+
+def test_the_retry_pattern_matches_every_stage_and_nothing_else() -> None:
+    import re
+
+    p = re.compile(retry_pattern("shop.orders"))
+    assert p.match("shop.orders.retry.1") and p.match("shop.orders.retry.12")
+    assert not p.match("shop.orders") and not p.match("shopXorders.retry.1") and not p.match("shop.orders.retry.1.dlq")
+
+
+def test_a_retry_copy_the_broker_refuses_is_dead_lettered_instead(kafka: EmbeddedBroker, db: Db) -> None:
+    topic = unique_topic("rt")
+    topic += "x" * (245 - len(topic))  # room for ".dlq", not for ".retry.1" (249 characters at most)
+    assert len(topic + ".dlq") <= 249 < len(topic + ".retry.1")
+    msgs = [new_message(topic, b"%d" % i) for i in range(3)]
+    publish(kafka.url, msgs)
+    c = consumer(kafka, topic, db.inbox, retry_delays_s=(0.1,))
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        if msg.value == b"1":
+            raise ValueError("fails")
+        db.record(msg, tx)
+
+    c.run_until_idle(idle_s=1.5, timeout_s=90)
+    c.close()
+    assert c.counters.retries == 0 and c.counters.dead_lettered == 1
+    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)] == [msgs[1].id]
+    assert sum(db.counts().values()) == 2

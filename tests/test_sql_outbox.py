@@ -441,3 +441,70 @@ def test_a_deadlocked_transaction_is_retried_whole_and_other_errors_are_translat
         outbox._tx(always, "test")
     assert err.value.retriable
     outbox.close()
+
+
+def test_an_idle_relay_is_woken_by_a_commit_on_postgresql() -> None:
+    require_service("postgres")
+    outbox = SqlOutbox(PG_URL, table=f"zl_wake_{uuid.uuid4().hex[:8]}")
+    outbox.create_schema(notify=True)
+    outbox.create_schema(notify=True)  # idempotent: the trigger is there, nothing is touched
+    stop = threading.Event()
+    woken = threading.Event()
+    try:
+        outbox.wait_for_work(0.01, stop)  # starts listening (and times out: nothing happened)
+
+        def idle_relay() -> None:
+            outbox.wait_for_work(600, stop)  # a timeout far beyond the join below
+            woken.set()
+
+        t = threading.Thread(target=idle_relay)
+        t.start()
+        with outbox.engine.begin() as conn:
+            outbox.add(conn, topic="t", value=b"v")
+        t.join(60)
+        assert woken.is_set(), "the commit's NOTIFY did not wake the waiting relay"
+    finally:
+        stop.set()
+        outbox.drop_schema()
+        try:
+            with outbox.engine.connect() as conn:  # drop_schema removed the trigger's function too
+                assert conn.exec_driver_sql("SELECT count(*) FROM pg_proc WHERE proname = %(p)s",
+                                            {"p": f"{outbox.channel}_notify"}).scalar() == 0
+        finally:
+            outbox.close()
+
+
+def test_where_nothing_notifies_the_relay_polls(tmp_path: Path) -> None:
+    outbox = SqlOutbox(f"sqlite:///{tmp_path / 'o.db'}")
+    outbox.create_schema()
+    stop = threading.Event()
+    stop.set()
+    outbox.wait_for_work(600, stop)  # returns at once: the relay is stopping
+    outbox.close()
+
+
+def test_notify_is_opt_in_and_for_postgresql_only(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from zeroloss.cli import main
+
+    require_service("postgres")
+    table = f"zl_nt_{uuid.uuid4().hex[:8]}"
+    outbox = SqlOutbox(PG_URL, table=table)
+
+    def triggers() -> int:
+        with outbox.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = %(t)s",
+                                            {"t": f"{outbox.channel}_notify"}).scalar_one())
+
+    try:
+        assert CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", table]).exit_code == 0
+        assert triggers() == 0  # NOTIFY serialises commits: not without asking
+        res = CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", table, "--notify"])
+        assert res.exit_code == 0, res.output
+        assert triggers() == 1
+        res = CliRunner().invoke(main, ["init", "--source", f"sqlite:///{tmp_path / 'o.db'}", "--notify"])
+        assert res.exit_code == 2 and "needs PostgreSQL" in res.output
+    finally:
+        outbox.drop_schema()
+        outbox.close()

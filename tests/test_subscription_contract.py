@@ -20,7 +20,7 @@ from zeroloss import dlq
 from zeroloss.brokers.base import Broker, Status
 from zeroloss.brokers.subscription import Subscription, open_subscription
 from zeroloss.consumer import Consumer, Received
-from zeroloss.message import Message, new_message
+from zeroloss.message import ID_HEADER, Message, new_message
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Contract:
     url: str
     make_broker: Callable[[], Broker]
     config: dict[str, Any]
-    dead_letters: Callable[[str], list[str]]  # ids on <topic>.dlq
+    dead_letters: Callable[[str], list[tuple[str, dict[str, bytes]]]]  # (id, headers) on <topic>.dlq
     topics: list[str] = field(default_factory=list)
 
     def topic(self) -> str:
@@ -54,15 +54,40 @@ def contract(request: pytest.FixtureRequest) -> Iterator[Contract]:
 
         k = request.getfixturevalue("kafka")
         yield Contract(name, k.url, lambda: KafkaBroker(k.url, timeout_s=15), dict(FAST_GROUP),
-                       lambda t: [d.id for d in dlq.list_dead_letters(k.url, t)])
+                       lambda t: kafka_letters(k.bootstrap, t + ".dlq"))
         return
     with harness(name) as h:
         config = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
-        c = Contract(name, h.url, h.make, config[name], lambda t: [i for i, _ in h.read(t + ".dlq")])
+        c = Contract(name, h.url, h.make, config[name], lambda t: h.read_headers(t + ".dlq"))
         try:
             yield c
         finally:
             h.topics.extend(c.topics)
+
+
+def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(id, headers) of every record of ``topic``, read with a plain confluent-kafka consumer."""
+    import time
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+    out: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        last_new = time.monotonic()
+        while time.monotonic() - last_new < 2.0:  # the high watermark is not trusted on Tansu
+            for rec in c.consume(100, 0.2):
+                if rec.error() is None:
+                    h = {k: v or b"" for k, v in rec.headers() or []}
+                    out.append((h[ID_HEADER].decode(), h))
+                    last_new = time.monotonic()
+    finally:
+        c.close()
+    return out
 
 
 @pytest.fixture
@@ -162,7 +187,15 @@ def test_a_message_that_keeps_failing_is_dead_lettered_after_max_attempts(contra
     assert tries[bad.id] == 3
     assert c.counters.dead_lettered == 1
     assert db.counts() == Counter({m.id: 1 for m in msgs if m is not bad})
-    assert contract.dead_letters(topic) == [bad.id]
+    letters = contract.dead_letters(topic)
+    assert [mid for mid, _ in letters] == [bad.id]
+    # Every broker's letter carries zeroloss's error headers (RabbitMQ's used to carry only x-death).
+    headers = letters[0][1]
+    assert headers[dlq.H_ERROR_TYPE] == b"ValueError"
+    assert headers[dlq.H_ERROR_MESSAGE] == b"cannot handle this one"
+    assert headers[dlq.H_ATTEMPTS] == b"3"
+    assert headers[dlq.H_ORIGINAL_TOPIC] == topic.encode()
+    assert float(headers[dlq.H_FIRST_FAILURE]) > 0
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",

@@ -69,12 +69,12 @@ from zeroloss.brokers.kafka import _kafka, ensure_topics, parse_bootstrap
 from zeroloss.dlq import DLQ_SUFFIX, DeadLetterPublisher, dead_letter
 from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, MessageError, StoreError
 from zeroloss.http import HealthServer
-from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
+from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox, transaction_aborted
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
-from zeroloss.message import Message
+from zeroloss.message import Message, id_time, validate_topic
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
 from zeroloss.registry import scheme_of
-from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_topic
+from zeroloss.retry_topics import Origin, check_delays, origin, retry_copy, retry_pattern, retry_topic
 
 __all__ = ["Consumer", "ConsumerCounters", "Handler", "PoisonMessage", "Received", "consumer_config"]
 
@@ -92,6 +92,10 @@ class ConsumerCounters:
     commit_failures: int = 0
     rebalances: int = 0
     assignments: int = 0
+
+
+class TransactionAborted(Exception):
+    """A handler left its inbox transaction failed: it counts as the handler's failure."""
 
 
 class _RunAgain(Exception):
@@ -129,6 +133,22 @@ def consumer_config(bootstrap: str, group: str, extra: dict[str, Any] | None = N
     if "cooperative" in str(conf["partition.assignment.strategy"]):
         raise ConfigError("cooperative-sticky assignment is not supported; use range or roundrobin")
     return conf
+
+
+LAG_EVERY_S = 5.0
+RUN_BUDGET_S = 2.0  # about how long one shared inbox transaction may stay open
+
+
+
+
+def _created(msg: Received) -> float:
+    """When the message was made: the time in its UUIDv7 id, else the record's timestamp."""
+    try:
+        if len(msg.id) == 36 and uuid.UUID(msg.id).version == 7:
+            return id_time(msg.id)
+    except ValueError:
+        pass
+    return msg.timestamp_ms / 1000
 
 
 def _is_outage(exc: BaseException) -> bool:
@@ -196,9 +216,10 @@ class Consumer:
         self.max_attempts = max_attempts
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
         self.retry_delays_s = check_delays(retry_delays_s)
-        self._subscribed = self.topics + [
+        self._retry_topics = [
             retry_topic(t, n) for t in self.topics for n in range(1, len(self.retry_delays_s) + 1)
         ]
+        self._subscribed = self.topics + [retry_pattern(t) for t in self.topics if self.retry_delays_s]
         self._paused: dict[tuple[str, int], float] = {}  # retry partition → when its head copy is due
         self._retry_topics_ready = False
         self.backoff_base_s = backoff_base_s
@@ -223,18 +244,40 @@ class Consumer:
         self._assignment: set[tuple[str, int]] = set()
         self._assigned = False  # has the current client received its first assignment?
         self._last_activity = 0.0
+        self._next_lag = 0.0
+        self._handler_s = 0.0  # moving average of one handler call, for the shared transactions' size
         self.counters = ConsumerCounters()
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
         if metrics_port is not None:
             self.health = HealthServer(metrics_port, ready=self._readiness).start()
 
-    def _finished(self, topic: str, outcome: str) -> None:
-        """Count a message's outcome here and in Prometheus (one vocabulary for both)."""
+    def _finished(self, topic: str, outcome: str, msg: Received | None = None, started: float | None = None) -> None:
+        """Count a message's outcome here and in Prometheus (one vocabulary for both); for a
+        handled ``msg``, how long its handling took since ``started`` and how old it is."""
         field_name = {"processed": "processed", "duplicate": "duplicates", "retry": "retries",
                       "dead_lettered": "dead_lettered"}[outcome]
         setattr(self.counters, field_name, getattr(self.counters, field_name) + 1)
-        metrics.consumer_processed(self.group, topic, outcome)
+        seconds = None if started is None else time.monotonic() - started
+        age = None if msg is None or outcome != "processed" else time.time() - _created(msg)
+        metrics.consumer_processed(self.group, topic, outcome, seconds, age)
+
+    def _report_lag(self) -> None:
+        """Lag per owned partition from the high watermark of the last fetch (no broker round
+        trip; Tansu answers a live watermark query wrongly, its fetch responses rightly)."""
+        if time.monotonic() < self._next_lag or self._client is None or not self._assignment:
+            return
+        self._next_lag = time.monotonic() + LAG_EVERY_S
+        tps = [self._ck.TopicPartition(t, p) for t, p in sorted(self._assignment)]
+        try:
+            for tp in self._client.position(tps):
+                _, high = self._client.get_watermark_offsets(tp, cached=True)
+                # a seek (a paused retry partition) leaves no position: count from what is done
+                at = tp.offset if tp.offset >= 0 else self._done.get((tp.topic, tp.partition), -1)
+                if high >= 0 and at >= 0:
+                    metrics.consumer_lag(self.group, tp.topic, tp.partition, high - at)
+        except self._ck.KafkaException as exc:  # metrics never stop consuming
+            log.debug("consumer lag unavailable: %s", exc)
 
     def handler(self, fn: Handler) -> Handler:
         """Decorator: register the function called as ``fn(msg, tx)`` for every message."""
@@ -323,7 +366,8 @@ class Consumer:
         try:
             while not self._stop.is_set() and not finished():
                 self._resume_due()
-                batch = self._client.consume(self.batch_size, self.poll_s)
+                self._report_lag()
+                batch = self._fetch()
                 try:
                     self._records(batch)
                     committed = self._commit()
@@ -337,6 +381,15 @@ class Consumer:
                 self._purge()
         finally:
             self._shutdown()
+
+    def _fetch(self) -> list[Any]:
+        """Wake at the first message, then take what is already queued. consume() alone waits
+        until its batch is full or its timeout passes: at low rates every message would wait up
+        to ``poll_s``."""
+        first = self._client.poll(self.poll_s)
+        if first is None:
+            return []
+        return [first, *self._client.consume(self.batch_size - 1, 0)] if self.batch_size > 1 else [first]
 
     def _purge(self) -> None:
         if self.inbox is None or self.inbox_retention_s is None or time.monotonic() < self._next_purge:
@@ -365,7 +418,7 @@ class Consumer:
         subscribed to a topic that does not exist would only see it after a metadata refresh."""
         try:
             for t in self.topics:
-                retries = [x for x in self._subscribed[len(self.topics):] if x.startswith(t + ".retry.")]
+                retries = [x for x in self._retry_topics if x.startswith(t + ".retry.")]
                 if created := ensure_topics(self.url, retries, like=t):
                     log.info("consumer %s created retry topics %s", self.group, created)
             self._retry_topics_ready = True
@@ -414,6 +467,7 @@ class Consumer:
         for tp in partitions:
             self._done.pop((tp.topic, tp.partition), None)
             self._assignment.discard((tp.topic, tp.partition))
+            metrics.consumer_lag_forget(self.group, tp.topic, tp.partition)
 
     def _resume_due(self) -> None:
         now = time.time()
@@ -483,7 +537,7 @@ class Consumer:
         i = 0
         while i < len(batch) and not self._stop.is_set():
             if self.transaction_batch > 1:
-                j, failure, committed = self._together(batch, i)
+                j, failure, committed, careful = self._together(batch, i)
                 if not committed:  # none of batch[i:j] happened: each again on its own
                     for rec in batch[i:j]:
                         if self._stop.is_set() or not self._record(rec):
@@ -491,23 +545,33 @@ class Consumer:
                     i = j
                     continue
                 i = j
-                if i >= len(batch):
-                    return
+                if i >= len(batch) or not careful:  # a full run ended: the next one starts here
+                    continue
             else:
                 failure = None
             if not self._record(batch[i], failure):
                 return
             i += 1
 
-    def _plain_run(self, batch: list[Any], start: int) -> tuple[list[tuple[int, Any, Received]], int]:
+    def _run_limit(self) -> int:
+        """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
+        so a transaction stays open about RUN_BUDGET_S at most — not long enough to meet the
+        inbox's idle-in-transaction timeout or to hold its row locks for long."""
+        if self._handler_s <= 0:
+            return self.transaction_batch
+        return max(1, min(self.transaction_batch, int(RUN_BUDGET_S / self._handler_s)))
+
+    def _plain_run(self, batch: list[Any], start: int) -> tuple[list[tuple[int, Any, Received]], int, bool]:
         """The messages from ``start`` on that can share a transaction — (index, record, message),
-        at most ``transaction_batch`` — and the index where the run stops: the first record that
-        needs care (a broker error, an undecodable id, a retry copy) or the end of the batch.
-        Records of partitions this consumer no longer reads are passed over, as :meth:`_record` does."""
+        at most :meth:`_run_limit` — the index where the run stops (the first record that needs
+        care: a broker error, an undecodable id, a retry copy; or the end of the batch), and
+        whether it stopped because it was full. Records of partitions this consumer no longer
+        reads are passed over, as :meth:`_record` does."""
         run: list[tuple[int, Any, Received]] = []
         stages = len(self.retry_delays_s)
+        limit = self._run_limit()
         j = start
-        while j < len(batch) and len(run) < self.transaction_batch:
+        while j < len(batch) and len(run) < limit:
             rec = batch[j]
             if rec.error() is not None:
                 break
@@ -524,36 +588,42 @@ class Consumer:
             except MessageError:
                 break
             j += 1
-        return run, j
+        return run, j, len(run) >= limit
 
-    def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool]:
+    def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool, bool]:
         """Run plain messages from ``start`` on in one inbox transaction: one bulk claim, the
         handlers of the fresh ones, one commit. Returns (index of the first record not done,
-        the exception its handler raised if that is why, True). A handler that raises rolls the
+        the exception its handler raised if that is why, True, whether that record needs the
+        one-at-a-time path — not so when the run merely filled up). A handler that raises rolls the
         whole transaction back; the messages before it run again in a new one (their effects
         were undone with it) and the failed one counts that run as its first attempt. If the
         transaction itself fails (the database went away, the commit failed), returns the end of
         the range it covered and False: none of it happened, and the caller takes each message
         again on its own."""
         assert isinstance(self.inbox, BatchInbox)
-        run, stop = self._plain_run(batch, start)
+        run, stop, full = self._plain_run(batch, start)
         failure: Exception | None = None
         while run:
+            started = time.monotonic()
             try:
                 with self.inbox.transaction() as tx:
                     fresh = self.inbox.claim_many(tx, self.group, [m.id for _, _, m in run])
-                    outcomes: list[bool] = []
+                    outcomes: list[tuple[bool, float]] = []  # (fresh, when its handling began)
                     for n, (_, _, msg) in enumerate(run):
-                        outcomes.append(msg.id in fresh)
-                        if msg.id in fresh:
-                            fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
-                            try:
-                                self._call(msg, tx)
-                            except _HandlerFailed as failed:
-                                if _is_outage(failed.exc):
-                                    raise
-                                failure, stop, run = failed.exc, run[n][0], run[:n]
-                                raise _RunAgain() from None
+                        if msg.id not in fresh:
+                            outcomes.append((False, started))
+                            continue
+                        fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
+                        began = time.monotonic()
+                        outcomes.append((True, began))
+                        try:
+                            self._call(msg, tx)
+                        except _HandlerFailed as failed:
+                            if _is_outage(failed.exc):
+                                raise
+                            failure, stop, full, run = failed.exc, run[n][0], False, run[:n]
+                            raise _RunAgain() from None
+                        self._handler_s = 0.9 * self._handler_s + 0.1 * (time.monotonic() - began)
             except _RunAgain:
                 continue
             except TxnAborted:
@@ -562,14 +632,14 @@ class Consumer:
                 self.counters.store_errors += 1
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
                             self.group, len(run), exc)
-                return run[-1][0] + 1, None, False
-            for (_, rec, msg), was_fresh in zip(run, outcomes, strict=True):
+                return run[-1][0] + 1, None, False, True
+            for (_, rec, msg), (was_fresh, began) in zip(run, outcomes, strict=True):
                 self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
-                self._finished(msg.topic, "processed" if was_fresh else "duplicate")
+                self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, began)
                 if not was_fresh:
                     log.debug("message %s: duplicate, skipped", msg.id)
             break
-        return stop, failure, True
+        return stop, failure, True, not full
 
     def _record(self, rec: Any, failure: Exception | None = None) -> bool:
         """Handle one record from consume(); False when the batch must stop here (stopping).
@@ -584,6 +654,9 @@ class Consumer:
         if tp not in self._assignment or tp in self._paused:  # revoked (its new owner has it), or rewound
             return True
         at = origin(rec.topic(), rec.partition(), rec.offset(), record_headers(rec), len(self.retry_delays_s))
+        if at.group not in (None, self.group):  # another group's retry copy: theirs to handle
+            self._done[tp] = rec.offset() + 1
+            return True
         if at.not_before_ms > time.time() * 1000:
             self._wait_for_due(rec, tp, at.not_before_ms / 1000)
             return True
@@ -607,6 +680,7 @@ class Consumer:
             if failure is not None:  # the first attempt already ran, in a shared transaction
                 error, faulty, failure = failure, True, None
             else:
+                started = time.monotonic()
                 try:
                     fresh = self._attempt(replace(msg, attempts=attempts + 1))
                 except TxnAborted:
@@ -618,7 +692,7 @@ class Consumer:
                 except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                     error, faulty = exc, False
                 else:
-                    self._finished(msg.topic, "processed" if fresh else "duplicate")
+                    self._finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
                     if not fresh:
                         log.debug("message %s: duplicate, skipped", msg.id)
                     return True
@@ -668,22 +742,33 @@ class Consumer:
             self._handler(msg, tx)
         except Exception as exc:
             raise _HandlerFailed(exc) from exc
+        if transaction_aborted(tx):
+            raise _HandlerFailed(TransactionAborted(
+                "the handler returned after a database error it caught: its transaction is aborted and "
+                "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"))
 
-    def _send(self, out: Message) -> str | None:
+    def _send(self, out: Message, *, raise_rejected: bool = False) -> str | None:
         """Hand a dead letter or retry copy to the broker before its source offset may be committed:
         into the batch's transaction, or published and acknowledged (None: stopping interrupted it)."""
         if self._txn is not None:
             self._txn.add([out])  # commits with the batch's offsets, or is redone after an abort
             return out.topic
-        return self._dlq.deliver(out, self._stop, self.backoff_base_s, self.max_backoff_s)
+        return self._dlq.deliver(out, self._stop, self.backoff_base_s, self.max_backoff_s,
+                                 raise_rejected=raise_rejected)
 
     def _retry_later(self, rec: Any, msg: Received, error: Exception, attempts: int, first_failure: float,
                      at: Origin) -> bool:
         delay = self.retry_delays_s[at.stage]
         copy = retry_copy(message_id=msg.id, key=rec.key(), value=rec.value(), headers=record_headers(rec), at=at,
-                          attempts=attempts, first_failure=first_failure, error=error, delay_s=delay, now=time.time())
-        if self._send(copy) is None:
-            return False
+                          group=self.group, attempts=attempts, first_failure=first_failure, error=error,
+                          delay_s=delay, now=time.time())
+        try:
+            validate_topic(copy.topic)  # e.g. too long: the original's name left no room for ".retry.N"
+            if self._send(copy, raise_rejected=True) is None:
+                return False
+        except (MessageError, BrokerError) as exc:  # refused for good (too long a name, too large)
+            log.error("message %s: the broker refused its retry copy (%s); dead-lettering it", msg.id, exc)
+            return self._dead_letter(rec, msg.id, error, attempts, first_failure, at)
         self._finished(rec.topic(), "retry")
         log.warning("message %s failed (attempt %d of %d): %r; to %s, due in %.2fs",
                     msg.id, attempts, len(self.retry_delays_s) + 1, error, copy.topic, delay)

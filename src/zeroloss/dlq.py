@@ -15,7 +15,13 @@ A dead letter is the original record (key, value, headers) plus these headers::
 The dead-letter topic is an append-only log: a message can appear twice (a consumer crash after
 the dead letter was acknowledged but before its offset was committed). :func:`replay` republishes
 to the original topic *with the original id*, so the consumer's inbox runs it at most once even
-when it is replayed twice. These functions are what ``zeroloss dlq list|show|replay`` calls.
+when it is replayed twice, and leaves the letters where they are. These functions are what
+``zeroloss dlq list|show|replay`` calls.
+
+Brokers: Kafka (``<topic>.dlq`` read from the beginning without joining a group), NATS JetStream
+(the ``<topic>.dlq`` stream, message by message with ``get_msg``) and Redis Streams (``XRANGE`` of
+``<topic>.dlq``) — all read without consuming. RabbitMQ is refused: a queue cannot be read
+without taking messages off it (see :meth:`zeroloss.brokers.rabbitmq.RabbitBroker.read`).
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from zeroloss.backoff import backoff_s
-from zeroloss.brokers.base import Status
+from zeroloss.brokers.base import Broker, Status, Stored, TopicReader, publish_one
 from zeroloss.brokers.kafka import KafkaBroker, _kafka, parse_bootstrap
 from zeroloss.errors import BrokerError, ConfigError, UnknownMessageError
-from zeroloss.message import ID_HEADER, Headers, Message
+from zeroloss.message import ID_HEADER, REPLAY_HEADER, Headers, Message
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +101,20 @@ class DeadLetterPublisher:
     def publish(self, msg: Message) -> str:
         if self._broker is None:
             self._broker = KafkaBroker(self.url, timeout_s=self.timeout_s, config=self.config)
-        (outcome,) = self._broker.publish([msg])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {msg.id} to {msg.topic} not delivered: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
-        return outcome.location or ""
+        return publish_one(self._broker, msg, "dead letter")
 
-    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float) -> str | None:
+    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float, *,
+                raise_rejected: bool = False) -> str | None:
         """:meth:`publish` until it succeeds, backing off between tries (the consumer holds the
-        offset meanwhile); the location, or None if ``stop`` was set while waiting."""
+        offset meanwhile); the location, or None if ``stop`` was set while waiting. With
+        ``raise_rejected`` a refusal for good (too large, say) is raised instead of retried."""
         failures = 0
         while True:
             try:
                 return self.publish(msg)
             except BrokerError as err:
+                if raise_rejected and not err.retriable:
+                    raise
                 failures += 1
                 log.error("message %s: publishing to %s failed (%s); its offset is held", msg.id, msg.topic, err)
             if stop.wait(backoff_s(failures, backoff_base_s, max_backoff_s)):
@@ -136,6 +142,7 @@ class DeadLetter:
     original_partition: int
     original_offset: int
     first_failure: float
+    position: str = ""  # where the letter itself sits, in the broker's terms
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly (bytes as text where they decode, else hex) for ``--json``."""
@@ -154,7 +161,19 @@ class DeadLetter:
 
 
 def _parse(rec: Any) -> DeadLetter:
+    """A Kafka record as a dead letter."""
     raw = [(k, v or b"") for k, v in rec.headers() or []]
+    return _letter(rec.topic(), rec.partition(), rec.offset(), f"{rec.topic()}/{rec.partition()}/{rec.offset()}",
+                   None, rec.key(), rec.value() or b"", raw)
+
+
+def _stored(topic: str, s: Stored) -> DeadLetter:
+    """A message another broker keeps, read by :meth:`TopicReader.read`, as a dead letter."""
+    return _letter(topic, 0, s.offset, s.position, s.id, s.key, s.value, list(s.headers))
+
+
+def _letter(topic: str, partition: int, offset: int, position: str, mid: str | None, key: bytes | None,
+            value: bytes, raw: list[tuple[str, bytes]]) -> DeadLetter:
     h = {k: v.decode("utf-8", "replace") for k, v in reversed(raw)}  # first occurrence wins
 
     def num(name: str, cast: Any, default: Any) -> Any:
@@ -164,12 +183,13 @@ def _parse(rec: Any) -> DeadLetter:
             return default
 
     return DeadLetter(
-        id=h.get(ID_HEADER, f"{rec.topic()}/{rec.partition()}/{rec.offset()}"),
-        topic=rec.topic(),
-        partition=rec.partition(),
-        offset=rec.offset(),
-        key=rec.key(),
-        value=rec.value() or b"",
+        id=mid or h.get(ID_HEADER, position),
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        position=position,
+        key=key,
+        value=value,
         headers=tuple((k, v) for k, v in raw if k != ID_HEADER and not k.startswith(PREFIX)),
         error_type=h.get(H_ERROR_TYPE, ""),
         error_message=h.get(H_ERROR_MESSAGE, ""),
@@ -182,6 +202,23 @@ def _parse(rec: Any) -> DeadLetter:
 
 
 def _scan(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator[DeadLetter, None, None]:
+    """Every dead letter on ``topic`` (the dead-letter topic), oldest first, left in place."""
+    from zeroloss.registry import open_broker, scheme_of
+
+    if scheme_of(url) == "kafka":  # read by the consumer API, which the KafkaBroker does not wrap
+        yield from _scan_kafka(url, topic, idle_s=idle_s, timeout_s=timeout_s)
+        return
+    broker = open_broker(url, timeout_s=timeout_s)
+    try:
+        if not isinstance(broker, TopicReader):
+            raise ConfigError(f"zeroloss cannot read dead letters from {url.rpartition('@')[2]!r}")
+        for stored in broker.read(topic):
+            yield _stored(topic, stored)
+    finally:
+        broker.close()
+
+
+def _scan_kafka(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator[DeadLetter, None, None]:
     """Every record of ``topic`` from the beginning, without joining a group; ends when nothing
     new arrived for ``idle_s`` (the high watermark is not trusted: Tansu reports it wrongly)."""
     ck = _kafka()
@@ -253,9 +290,13 @@ def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = N
     nowhere = [i for i in want if not (to_topic or found[i].original_topic)]
     if nowhere:
         raise ConfigError(f"dead letter(s) {', '.join(nowhere)} name no original topic; pass to_topic")
-    msgs = [Message(id=dl.id, topic=to_topic or dl.original_topic, value=dl.value, key=dl.key, headers=dl.headers)
+    # Marked as a replay (when): an operator can tell, and NATS must not drop it as a duplicate of
+    # the original publish still inside its dedup window. The id stays: the inbox runs it at most once.
+    mark = ((REPLAY_HEADER, repr(time.time()).encode()),)
+    msgs = [Message(id=dl.id, topic=to_topic or dl.original_topic, value=dl.value, key=dl.key,
+                    headers=tuple((k, v) for k, v in dl.headers if k != REPLAY_HEADER) + mark)
             for dl in (found[i] for i in want)]
-    broker = KafkaBroker(url, timeout_s=timeout_s)
+    broker = _replay_broker(url, timeout_s)
     try:
         outcomes = broker.publish(msgs)
     finally:
@@ -264,3 +305,11 @@ def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = N
     if failed:
         raise BrokerError(f"{len(failed)} of {len(msgs)} replays not delivered: {'; '.join(failed[:5])}")
     return len(msgs)
+
+
+def _replay_broker(url: str, timeout_s: float) -> Broker:
+    from zeroloss.registry import open_broker, scheme_of
+
+    if scheme_of(url) == "kafka":  # idempotent, without a transactional.id: a one-off publish
+        return KafkaBroker(url, timeout_s=timeout_s)
+    return open_broker(url, timeout_s=timeout_s)

@@ -74,6 +74,18 @@ class BatchInbox(Inbox, Protocol):
         ...
 
 
+def transaction_aborted(tx: Any) -> bool:
+    """Whether ``tx`` (a handler's SQLAlchemy connection) is in a transaction the database has
+    already failed: PostgreSQL aborts a transaction at its first error, and a COMMIT then rolls
+    it back *without raising* — a handler that caught that error would lose its claim and
+    effects silently. (MariaDB and SQLite keep the transaction usable after a failed statement.)"""
+    if not isinstance(tx, sa.Connection) or tx.dialect.name != "postgresql":
+        return False
+    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3
+    status = getattr(info, "transaction_status", None)
+    return status is not None and status.name == "INERROR"
+
+
 def _check(group: str, message_id: str) -> None:
     for what, v in (("group", group), ("message id", message_id)):
         if not isinstance(v, str) or not v or len(v) > MAX_ID_LEN:
@@ -135,8 +147,8 @@ class SqlInbox:
         self.clock = clock
         self.dialect = self.engine.dialect.name
         self._insert = self._insert_statement()
-        self._insert_returning = (self._insert.returning(self.table.c.message_id)
-                                  if self._insert is not None and self.engine.dialect.insert_returning else None)
+        self._insert_returning: Any = None  # set at the first claim_many: see there
+        self._returning_known = False
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
@@ -211,6 +223,10 @@ class SqlInbox:
         each."""
         for mid in message_ids:
             _check(group, mid)
+        if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
+            self._returning_known = True
+            if self._insert is not None and tx.dialect.insert_returning:
+                self._insert_returning = self._insert.returning(self.table.c.message_id)
         if self._insert_returning is None:
             return {mid for mid in dict.fromkeys(message_ids) if self.claim(tx, group, mid)}
         now = self.clock()

@@ -31,6 +31,9 @@ from zeroloss.errors import MalformedMessageError, MessageError
 
 ID_HEADER = "zeroloss-id"
 """Header carrying the envelope id on every record, so consumers can drop duplicates."""
+# Set by ``zeroloss dlq replay`` (epoch seconds): a replay is a new publish of the same id, which
+# a broker that deduplicates by id (NATS Nats-Msg-Id) must not drop as a copy of the original.
+REPLAY_HEADER = "zeroloss-replayed-at"
 
 MAGIC = b"ZLM"
 CODEC_VERSION = 1

@@ -17,6 +17,7 @@ import.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -103,6 +104,12 @@ CONSUMER_HANDLER_SECONDS = Histogram("zeroloss_consumer_handler_seconds",
                                      ["group", "topic"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
 CONSUMER_LAG = Gauge("zeroloss_consumer_lag_messages", "Records between the group's position and the end of "
                      "the partition.", ["group", "topic", "partition"], registry=REGISTRY)
+CONSUMER_END_TO_END = Histogram(
+    "zeroloss_consumer_end_to_end_seconds",
+    "Per message handled: from its creation (the app's add, read from its UUIDv7 id; the record's timestamp for "
+    "foreign records) to the commit of its inbox transaction.",
+    ["group", "topic"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
 
 # -- audit (written to a textfile-collector file by `zeroloss audit --prom-file`) -----------
 
@@ -182,19 +189,29 @@ def relay_delivered(messages: Iterable[Message], now: float | None = None) -> No
     relay_outcome("delivered", n)
 
 
-def consumer_processed(group: str, topic: str, outcome: str, seconds: float | None = None) -> None:
+def consumer_processed(group: str, topic: str, outcome: str, seconds: float | None = None,
+                       age_s: float | None = None) -> None:
     """For :mod:`zeroloss.consumer`: one message finished with ``outcome`` (``processed``,
-    ``duplicate``, ``retry``, ``dead_lettered``); ``seconds`` from taking it to the commit."""
+    ``duplicate``, ``retry``, ``dead_lettered``); ``seconds`` from taking it to the commit;
+    ``age_s`` from its creation to the commit."""
     if outcome not in CONSUMER_OUTCOMES:
         raise ConfigError(f"unknown consumer outcome {outcome!r}; one of {sorted(CONSUMER_OUTCOMES)}")
     CONSUMER_MESSAGES.labels(group, topic, outcome).inc()
     if seconds is not None:
         CONSUMER_HANDLER_SECONDS.labels(group, topic).observe(seconds)
+    if age_s is not None:
+        CONSUMER_END_TO_END.labels(group, topic).observe(max(0.0, age_s))
 
 
 def consumer_lag(group: str, topic: str, partition: int, lag: int) -> None:
     """For :mod:`zeroloss.consumer`: records between the group's position and the partition's end."""
     CONSUMER_LAG.labels(group, topic, str(partition)).set(max(0, lag))
+
+
+def consumer_lag_forget(group: str, topic: str, partition: int) -> None:
+    """A partition this consumer no longer owns: its lag is its new owner's to report."""
+    with contextlib.suppress(KeyError):
+        CONSUMER_LAG.remove(group, topic, str(partition))
 
 
 def record_audit(checked: int, missing: dict[str, int], finished_at: float | None = None) -> None:

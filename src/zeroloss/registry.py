@@ -27,6 +27,15 @@ def scheme_of(url: str) -> str:
     return scheme.split("+", 1)[0].lower()
 
 
+def safe_url(url: str) -> str:
+    """The URL with the password it may carry masked, for printing: ``amqp://u:***@host/``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
+
+
 def spool_path(url: str) -> str:
     """``spool:///var/lib/app/spool`` or ``spool://relative/dir`` → the directory path."""
     path = url[len("spool://") :]

@@ -20,7 +20,7 @@ from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Status
 from zeroloss.errors import BrokerError, StoreError
 from zeroloss.message import Message
-from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State
+from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Relay:
         self._next_stats = 0.0
         self._store_problem: str | None = "not started yet"  # for readiness; None once the store answers
         self._broker_problem: str | None = None
+        self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
 
     def stop(self) -> None:
         """Ask the loop to finish the batch in flight and return."""
@@ -91,6 +92,7 @@ class Relay:
     def run(self) -> None:
         """Relay until :meth:`stop` (the CLI calls it on SIGTERM/SIGINT)."""
         log.info("relay started (batch %d, max attempts %d)", self.settings.batch_size, self.settings.max_attempts)
+        self._prepare()
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
@@ -102,13 +104,14 @@ class Relay:
                 self._stop.wait(self._relay_backoff(exc))
                 continue
             if handled == 0:
-                self._stop.wait(self.settings.idle_wait_s)
+                self._idle()
         log.info("relay stopped: %s", self.counters)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
         messages waiting out a backoff are waited for. TimeoutError past the deadline."""
         deadline = time.monotonic() + timeout_s
+        self._prepare()
         while not self._stop.is_set():
             if self.run_once():
                 continue
@@ -117,6 +120,28 @@ class Relay:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+            self._idle()
+
+    def _prepare(self) -> None:
+        """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
+        transaction, which otherwise holds read_committed consumers back until this relay
+        happens to publish). A broker that is down is retried while idle and by the first publish."""
+        prepare = getattr(self.broker, "prepare", None)
+        if self._prepared or prepare is None:
+            return
+        try:
+            prepare()
+            self._prepared = True
+        except BrokerError as exc:
+            log.warning("broker not reachable yet (%s); trying again while idle", exc)
+
+    def _idle(self) -> None:
+        """Nothing to send: wait ``idle_wait_s``, or less where the store can say new work
+        arrived (PostgreSQL NOTIFY), so a commit is picked up at once, not at the next poll."""
+        self._prepare()
+        if isinstance(self.store, Wakeable):
+            self.store.wait_for_work(self.settings.idle_wait_s, self._stop)
+        else:
             self._stop.wait(self.settings.idle_wait_s)
 
     def run_once(self) -> int:

@@ -16,12 +16,16 @@ most once however many copies exist; the source offset is committed only after t
 acknowledged the copy (idempotent producer, acks=all), or, with ``transactional=True``, in the
 same Kafka transaction. A crash between the two makes a second copy, which the inbox absorbs.
 
-The consumer reads the retry topics too. A copy that is not yet due pauses its partition and is
-read again when due — copies on one retry topic all have the same delay, so they come due in the
-order they sit there, and a pause never holds back one that is already due.
+The consumer reads the retry topics too — every ``<topic>.retry.<n>`` there is, by pattern, so
+copies left on a stage that a later configuration no longer has are still read (and treated as
+the last stage). A copy that is not yet due pauses its partition and is read again when due —
+copies on one retry topic all have the same delay, so they come due in the order they sit there,
+and a pause never holds back one that is already due. Retry topics are shared by the consumer
+groups of a topic; each copy names the group that failed it, and the others pass it by.
 
 Headers on a copy, besides the original record's own::
 
+    zeroloss-retry-group              the consumer group whose handler failed
     zeroloss-retry-attempts           handler runs so far (1 after the first failure)
     zeroloss-retry-not-before         epoch milliseconds before which it is not tried
     zeroloss-retry-original-topic     where it was first read …
@@ -42,6 +46,7 @@ from zeroloss.errors import ConfigError
 from zeroloss.message import ID_HEADER, Headers, Message
 
 PREFIX = "zeroloss-retry-"
+H_GROUP = PREFIX + "group"
 H_ATTEMPTS = PREFIX + "attempts"
 H_NOT_BEFORE = PREFIX + "not-before"
 H_ORIGINAL_TOPIC = PREFIX + "original-topic"
@@ -60,6 +65,11 @@ def retry_topic(topic: str, stage: int) -> str:
     return f"{topic}.retry.{stage}"
 
 
+def retry_pattern(topic: str) -> str:
+    """The subscription pattern of every retry stage of ``topic`` (librdkafka regex)."""
+    return "^" + topic.replace(".", "\\.") + "\\.retry\\.[0-9]+$"
+
+
 def check_delays(delays: Sequence[float]) -> tuple[float, ...]:
     out = tuple(float(d) for d in delays)
     if any(d < 0 for d in out):
@@ -74,7 +84,8 @@ class Origin:
     topic: str  # the topic it was first published to
     partition: int
     offset: int
-    stage: int  # 0: read from the original topic; n: read from <topic>.retry.<n>
+    stage: int  # 0: read from the original topic; n: read from <topic>.retry.<n> (at most the last stage)
+    group: str | None  # the group a retry copy belongs to
     attempts: int  # handler runs before this one
     first_failure: float | None
     not_before_ms: int  # 0: due now
@@ -88,11 +99,12 @@ def _header(headers: Headers, name: str) -> str | None:
 
 
 def origin(topic: str, partition: int, offset: int, headers: Headers, stages: int) -> Origin:
-    """The journey of a record read from ``topic``. Retry headers count only on a retry topic of
-    this consumer (``stages`` of them): a dead letter replayed to ``orders`` starts afresh."""
+    """The journey of a record read from ``topic``. Retry headers count only on a retry topic
+    read by a consumer with retry stages: a dead letter replayed to ``orders`` starts afresh. A
+    stage beyond ``stages`` (the configuration shrank) counts as the last one."""
     m = _STAGE.match(topic)
-    if m is None or int(m["n"]) > stages:
-        return Origin(topic, partition, offset, 0, 0, None, 0)
+    if m is None or stages == 0:
+        return Origin(topic, partition, offset, stage=0, group=None, attempts=0, first_failure=None, not_before_ms=0)
 
     def num(name: str, default: int) -> int:
         try:
@@ -108,7 +120,8 @@ def origin(topic: str, partition: int, offset: int, headers: Headers, stages: in
         topic=_header(headers, H_ORIGINAL_TOPIC) or m["topic"],
         partition=num(H_ORIGINAL_PARTITION, partition),
         offset=num(H_ORIGINAL_OFFSET, offset),
-        stage=int(m["n"]),
+        stage=min(int(m["n"]), stages),
+        group=_header(headers, H_GROUP),
         attempts=max(0, num(H_ATTEMPTS, int(m["n"]))),
         first_failure=first,
         not_before_ms=num(H_NOT_BEFORE, 0),
@@ -116,10 +129,12 @@ def origin(topic: str, partition: int, offset: int, headers: Headers, stages: in
 
 
 def retry_copy(*, message_id: str, key: bytes | None, value: bytes | None, headers: Headers, at: Origin,
-               attempts: int, first_failure: float, error: BaseException, delay_s: float, now: float) -> Message:
+               group: str, attempts: int, first_failure: float, error: BaseException, delay_s: float,
+               now: float) -> Message:
     """The copy of a failed record for the next retry topic (``at.stage + 1``)."""
     kept = tuple((k, v) for k, v in headers if k != ID_HEADER and not k.startswith(PREFIX))
     ours = (
+        (H_GROUP, group.encode()),
         (H_ATTEMPTS, str(attempts).encode()),
         (H_NOT_BEFORE, str(int((now + delay_s) * 1000)).encode()),
         (H_ORIGINAL_TOPIC, at.topic.encode()),

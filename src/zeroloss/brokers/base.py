@@ -1,5 +1,7 @@
 """The seam between the relay and a broker: :class:`Broker` publishes a batch and says, per
-message, what became of it.
+message, what became of it. :class:`TopicAdmin` is the operator's face of the same adapters:
+declare ahead of time what the relay and the consumers will need (``zeroloss init --target``),
+and remove it again (the demo's clean-up).
 
 A broker-wide failure (unreachable, no progress, fenced) is not any one message's fault: the
 adapter raises :class:`~zeroloss.errors.BrokerError` and the relay puts the whole batch back
@@ -9,11 +11,12 @@ without spending attempts. Everything else is reported per message as an :class:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from zeroloss.message import Message
+from zeroloss.errors import BrokerError
+from zeroloss.message import Headers, Message
 
 
 class Status(enum.StrEnum):
@@ -43,3 +46,80 @@ class Broker(Protocol):
     def close(self) -> None:
         """Flush nothing further; release the client."""
         ...
+
+
+def publish_one(broker: Broker, msg: Message, what: str = "message") -> str:
+    """Publish one message (a dead letter, a retry copy) and return where it went; BrokerError —
+    retriable unless the broker refused it for good — if the broker did not take it."""
+    (outcome,) = broker.publish([msg])
+    if outcome.status is not Status.DELIVERED:
+        raise BrokerError(f"{what} {msg.id} to {msg.topic} not stored: {outcome.error}",
+                          retriable=outcome.status is not Status.REJECTED)
+    return outcome.location or msg.topic
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """What :meth:`TopicAdmin.declare` may be asked for beyond the names. An adapter refuses
+    (ConfigError) a setting its broker has no such thing for, rather than ignore it silently."""
+
+    partitions: int | None = None  # Kafka only; None: the broker's default
+    replication_factor: int | None = None  # Kafka topics, NATS stream replicas; None: the default
+    group: str | None = None  # a consumer group to create now where the broker has such a thing
+
+
+@dataclass(frozen=True, slots=True)
+class Declared:
+    """One thing :meth:`TopicAdmin.declare` looked at, and what it did."""
+
+    kind: str  # "topic", "queue", "stream", "consumer group"
+    name: str
+    action: str  # "created", "exists" or "nothing needed"
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.action:<15} {self.kind} {self.name}" + (f"  ({self.detail})" if self.detail else "")
+
+
+@runtime_checkable
+class TopicAdmin(Protocol):
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Create, idempotently, what publishing to and consuming from ``topics`` needs — each
+        topic and its dead-letter ``<topic>.dlq`` — and say what was there already. Raise
+        ConfigError when something of that name exists in a form zeroloss cannot use, BrokerError
+        when the broker cannot be reached."""
+        ...
+
+    def delete(self, topics: Sequence[str]) -> None:
+        """Remove ``topics`` and their dead-letter topics with everything in them; what does not
+        exist is fine."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A message as the broker keeps it, read without consuming it (``zeroloss dlq`` reads dead
+    letters this way)."""
+
+    position: str  # where it sits, in the broker's terms: "ZL_orders_ddlq/17", "orders.dlq/1712345678901-0"
+    offset: int  # a number that grows along the topic; -1 where the broker has none
+    id: str | None  # our message id, when the message carries one
+    key: bytes | None
+    value: bytes
+    headers: Headers  # the message's own headers, without the id and the key
+
+
+@runtime_checkable
+class TopicReader(Protocol):
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Everything ``topic`` holds, oldest first, leaving it there; ConfigError where the broker
+        cannot be read without taking messages away."""
+        ...
+
+
+def with_dead_letters(topics: Sequence[str]) -> list[str]:
+    """``["orders"]`` → ``["orders", "orders.dlq"]``: each topic then its dead-letter topic, once
+    each (a topic that already is a dead-letter topic is not given another)."""
+    from zeroloss.dlq import dlq_topic  # not at the top: zeroloss.dlq imports this module
+
+    return list(dict.fromkeys(name for t in topics for name in (t, dlq_topic(t))))

@@ -12,6 +12,9 @@ One broker transaction per batch. Errors are classified the way librdkafka docum
 
 A message is ``DELIVERED`` only after ``commit_transaction`` returned: a timeout never means
 "assume sent"; it means "send again" and the consumer's dedup on ``zeroloss-id`` absorbs the copy.
+
+:meth:`KafkaBroker.declare` creates topics with the AdminClient (partitions and replication
+factor: the broker's defaults unless given); a topic that exists is left exactly as it is.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
 
@@ -57,6 +60,22 @@ BROKER_WIDE_ERRORS = frozenset(
         "LEADER_NOT_AVAILABLE",
         "_PURGE_QUEUE",
         "_PURGE_INFLIGHT",
+    }
+)
+
+# AdminClient errors that say the request itself is wrong (bad name, impossible sizing, not
+# allowed): fixing them is the operator's job, so they are configuration errors, not outages.
+ADMIN_CONFIG_ERRORS = frozenset(
+    {
+        "INVALID_TOPIC_EXCEPTION",
+        "INVALID_PARTITIONS",
+        "INVALID_REPLICATION_FACTOR",
+        "INVALID_REPLICA_ASSIGNMENT",
+        "INVALID_CONFIG",
+        "POLICY_VIOLATION",
+        "TOPIC_AUTHORIZATION_FAILED",
+        "CLUSTER_AUTHORIZATION_FAILED",
+        "TOPIC_DELETION_DISABLED",
     }
 )
 
@@ -168,6 +187,13 @@ class KafkaBroker:
 
     # -- producer lifecycle -------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Make the producer now rather than at the first publish. With a transactional id this
+        fences a crashed predecessor's open transaction at once: until then ``read_committed``
+        consumers cannot read past it, and a broker that ignores ``transaction.timeout.ms`` (Tansu)
+        never aborts it by itself. BrokerError if the broker cannot be reached."""
+        self._ensure_producer()
+
     def _ensure_producer(self) -> Any:
         if self._producer is not None:
             return self._producer
@@ -204,6 +230,62 @@ class KafkaBroker:
             else:
                 self._producer.flush(self.timeout_s)
             self._producer = None
+
+    # -- declaring (TopicAdmin) ---------------------------------------------------------
+
+    def _admin(self) -> Any:
+        return admin_module().AdminClient({
+            "bootstrap.servers": self.bootstrap, "socket.timeout.ms": int(self.timeout_s * 1000),
+            "logger": logging.getLogger("zeroloss.librdkafka"),
+        })
+
+    def _admin_error(self, exc: Exception, doing: str) -> Exception:
+        err = exc.args[0] if exc.args and hasattr(exc.args[0], "name") else None
+        if err is not None and err.name() in ADMIN_CONFIG_ERRORS:
+            return ConfigError(f"Kafka at {self.bootstrap} refused to {doing}: {err.name()}: {err.str()}")
+        why = f"{err.name()}: {err.str()}" if err is not None else f"{type(exc).__name__}: {exc}"
+        return BrokerError(f"Kafka at {self.bootstrap}: cannot {doing}: {why}")
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        spec = spec or TopicSpec()
+        names = with_dead_letters(topics)
+        admin = self._admin()
+        new_topic = admin_module().NewTopic
+        new = [new_topic(t, spec.partitions or -1, spec.replication_factor or -1) for t in names]
+        futures = admin.create_topics(new, request_timeout=self.timeout_s, operation_timeout=self.timeout_s)
+        created: set[str] = set()
+        for t in names:
+            try:
+                futures[t].result(self.timeout_s + 5)
+                created.add(t)
+            except self._ck.KafkaException as exc:
+                if exc.args[0].code() != self._ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise self._admin_error(exc, f"create topic {t!r}") from exc
+        try:
+            md = admin.list_topics(timeout=self.timeout_s)
+        except self._ck.KafkaException as exc:
+            raise self._admin_error(exc, "list topics") from exc
+        out = []
+        for t in names:
+            parts = md.topics[t].partitions if t in md.topics else {}
+            rf = len(parts[min(parts)].replicas) if parts else 0
+            out.append(Declared("topic", t, "created" if t in created else "exists",
+                                f"{len(parts)} partitions, replication factor {rf}"))
+        if spec.group:
+            out.append(Declared("consumer group", spec.group, "nothing needed",
+                                "Kafka makes it when its first consumer joins; it starts at the earliest offset"))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        names = with_dead_letters(topics)
+        admin = self._admin()  # held until the results are in: a collected client fails its futures
+        futures = admin.delete_topics(names, request_timeout=self.timeout_s, operation_timeout=self.timeout_s)
+        for t in names:
+            try:
+                futures[t].result(self.timeout_s + 5)
+            except self._ck.KafkaException as exc:
+                if exc.args[0].code() != self._ck.KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise self._admin_error(exc, f"delete topic {t!r}") from exc
 
     # -- publishing ---------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ after the first publish (the relay died; its claim expires), so the default of 5
 raise it with ``lease_s``. An outage longer than the window can still store a copy twice — the
 inbox is the last line. An existing stream keeps its own window (a warning says when it is
 shorter than ours). JetStream keeps the ids of the window in memory: a longer window costs RAM
-in proportion to the message rate.
+in proportion to the message rate. A deliberate republish of an id — ``zeroloss dlq replay``, which
+marks it with the ``zeroloss-replayed-at`` header — goes as ``Nats-Msg-Id`` = ``<id>/replay/<time>``,
+or the window would swallow it silently; its ``zeroloss-id`` is unchanged, for the inbox.
 
 **Order.** JetStream stores one subject's messages in the order the server received them, and
 one connection delivers in send order; but each publish is acked on its own, so a later message
@@ -41,7 +43,7 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import (
@@ -53,10 +55,10 @@ from zeroloss.brokers._batch import (
     value_bytes,
 )
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
-from zeroloss.message import ID_HEADER, Message
+from zeroloss.message import ID_HEADER, REPLAY_HEADER, Message
 from zeroloss.received import Received
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,10 @@ def nats_headers(m: Message) -> dict[str, str]:
             raise ValueError(f"header name {k!r} cannot be carried by NATS")
         hdrs[k] = text_value(v)
     hdrs[ID_HEADER] = m.id
-    hdrs[MSG_ID_HEADER] = m.id
+    # A replay (zeroloss dlq replay) must not be dropped as a copy of the original by the stream's
+    # duplicate window; the consumer's inbox still knows it by zeroloss-id.
+    replayed = m.header(REPLAY_HEADER)
+    hdrs[MSG_ID_HEADER] = m.id if replayed is None else f"{m.id}/replay/{replayed.decode('ascii', 'replace')}"
     if m.key is not None:
         hdrs[KEY_HEADER] = "b64:" + base64.b64encode(m.key).decode()
     return hdrs
@@ -180,32 +185,38 @@ class NatsBroker:
             except Exception:  # being thrown away
                 log.debug("closing a NATS connection failed", exc_info=True)
 
-    async def ensure_stream(self, topic: str) -> None:
-        """Create ``topic``'s stream unless it exists (several relays may race: that is fine)."""
+    async def ensure_stream(self, topic: str, replicas: int | None = None) -> bool:
+        """Create ``topic``'s stream unless it exists (several relays may race: that is fine);
+        True when this call created it. ``replicas`` overrides the broker's for a new stream."""
         if topic in self._streams or topic in self._refused:
-            return
+            return False
         nats, name = self._nats, stream_name(topic)
+        created = False
         try:
             try:
                 info = await self._js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 config = nats.js.api.StreamConfig(
                     name=name, subjects=[topic], storage=nats.js.api.StorageType.FILE,
-                    duplicate_window=self.dedup_window_s, num_replicas=self.replicas,
+                    duplicate_window=self.dedup_window_s, num_replicas=replicas or self.replicas,
                 )
                 try:
                     info = await self._js.add_stream(config)
+                    created = True
                 except nats.js.errors.BadRequestError as exc:
                     if exc.err_code == ERR_STREAM_NAME_IN_USE:  # another relay made it just now
                         info = await self._js.stream_info(name)
                     elif exc.err_code == ERR_SUBJECTS_OVERLAP:
                         self._refused[topic] = f"subject {topic!r} already belongs to another stream: {exc}"
-                        return
+                        return False
                     else:
                         raise
         except nats.js.errors.APIError as exc:
             self._refused[topic] = f"cannot create stream {name!r}: {exc}"
-            return
+            return False
+        except ValueError as exc:  # nats-py checks names before asking: e.g. a wildcard in the topic
+            self._refused[topic] = f"topic {topic!r} cannot be a NATS subject and stream: {exc}"
+            return False
         except (TimeoutError, nats.errors.Error, OSError) as exc:
             raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
         window = info.config.duplicate_window or 0
@@ -213,6 +224,106 @@ class NatsBroker:
             log.warning("stream %s keeps a duplicate window of %.0fs, shorter than dedup_window_s=%.0fs",
                         name, window, self.dedup_window_s)
         self._streams[topic] = name
+        return created
+
+    # -- declaring (TopicAdmin) ---------------------------------------------------------------
+
+    def _admin_run(self, coro: Any, doing: str) -> Any:
+        try:
+            return self._loop.run(coro, self.timeout_s * 4)
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url} did not answer within {self.timeout_s}s while {doing}") from None
+        except BrokerWide as exc:
+            self._drop()
+            raise BrokerError(f"NATS at {self.url}: {exc}") from exc
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Create each topic's stream and its dead-letter stream (``ZL_<topic>_ddlq``)."""
+        spec = spec or TopicSpec()
+        if spec.partitions is not None:
+            raise ConfigError("NATS JetStream streams have no partitions; --partitions is for Kafka")
+        out: list[Declared] = self._admin_run(self._declare_ahead(topics, spec.replication_factor), "declaring")
+        if spec.group:
+            out.append(Declared("consumer group", spec.group, "nothing needed",
+                                "the consumer creates its durable consumer, delivering from the stream's start"))
+        return out
+
+    async def _declare_ahead(self, topics: Sequence[str], replicas: int | None) -> list[Declared]:
+        nats = self._nats
+        await self._connect()
+        out: list[Declared] = []
+        for t in with_dead_letters(topics):
+            self._refused.pop(t, None)  # asked explicitly: look again
+            created = await self.ensure_stream(t, replicas)
+            if t in self._refused:
+                raise ConfigError(f"NATS at {self.url}: {self._refused[t]}")
+            try:
+                cfg = (await self._js.stream_info(stream_name(t))).config
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
+            out.append(Declared("stream", stream_name(t), "created" if created else "exists",
+                                f"subject {t}, {cfg.storage} storage, {cfg.num_replicas} replica(s), "
+                                f"duplicate window {cfg.duplicate_window or 0:.0f}s"))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        self._admin_run(self._delete(topics), "deleting")
+
+    async def _delete(self, topics: Sequence[str]) -> None:
+        nats = self._nats
+        await self._connect()
+        for t in with_dead_letters(topics):
+            self._streams.pop(t, None)
+            try:
+                await self._js.delete_stream(stream_name(t))
+            except nats.js.errors.NotFoundError:
+                pass
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"deleting stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
+
+    # -- reading without consuming (TopicReader) ------------------------------------------------
+
+    READ_PAGE = 500  # messages fetched per round trip to the loop thread
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Every message of ``topic``'s stream, by sequence number (``get_msg``: no consumer made)."""
+        name = stream_name(topic)
+        bounds = self._admin_run(self._bounds(name), "reading")
+        if bounds is None:
+            return
+        first, last = bounds
+        for start in range(first, last + 1, self.READ_PAGE):
+            yield from self._admin_run(self._page(name, start, min(last, start + self.READ_PAGE - 1)), "reading")
+
+    async def _bounds(self, name: str) -> tuple[int, int] | None:
+        nats = self._nats
+        await self._connect()
+        try:
+            state = (await self._js.stream_info(name)).state
+        except nats.js.errors.NotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
+        return (state.first_seq, state.last_seq) if state.messages else None
+
+    async def _page(self, name: str, first: int, last: int) -> list[Stored]:
+        nats = self._nats
+        out: list[Stored] = []
+        for seq in range(first, last + 1):
+            try:
+                m = await self._js.get_msg(name, seq)
+            except nats.js.errors.NotFoundError:  # deleted from the middle of the stream
+                continue
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                raise BrokerWide(f"stream {name!r} message {seq}: {type(exc).__name__}: {exc}") from exc
+            raw = dict(m.headers or {})
+            key = raw.pop(KEY_HEADER, None)
+            mid = raw.pop(ID_HEADER, None) or raw.get(MSG_ID_HEADER)
+            headers = tuple((k, value_bytes(v)) for k, v in raw.items() if not k.startswith("Nats-"))
+            out.append(Stored(f"{name}/{seq}", seq, mid, None if key is None else value_bytes(key), m.data or b"",
+                              headers))
+        return out
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
         await self._connect()
@@ -346,12 +457,16 @@ class NatsSubscription:
         self._run(d.token.in_progress())
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        (outcome,) = self.broker.publish([letter])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
-        self._run(d.token.term())
-        return outcome.location or letter.topic
+        where = publish_one(self.broker, letter, "dead letter")
+        try:
+            self._run(d.token.term())
+        except BrokerError as exc:
+            # The letter is stored. Raising would have the caller publish it again and again on a
+            # connection that stays dead; the original comes back after AckWait and goes the same
+            # way (the copy is dropped by Nats-Msg-Id within the window).
+            log.warning("dead letter %s stored; terminating the original failed (%s): it will be redelivered",
+                        letter.id, exc)
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:

@@ -7,7 +7,8 @@ Topology, declared idempotently the first time a connection publishes to a topic
       └─ queue <topic>      quorum, durable, x-dead-letter-exchange=<topic>.dlq,
                             x-dead-letter-strategy=at-least-once, x-overflow=reject-publish,
                             x-delivery-limit=<delivery_limit>
-    exchange <topic>.dlq    fanout, durable          ← where the queue dead-letters
+    exchange <topic>.dlq    fanout, durable          ← the consumer publishes dead letters here
+                                                       (and the queue dead-letters past the limit)
       └─ queue <topic>.dlq  quorum, durable
 
 The queue ``<topic>`` is the consumers' queue (a second, independent consumer group binds its own
@@ -29,6 +30,10 @@ key), the key in the ``zeroloss-key`` header, delivery mode 2 (persistent). Outc
 
 Batches are pipelined in key waves (:mod:`zeroloss.brokers._batch`), which keeps per-key order
 and the HELD rule without transactions.
+
+:meth:`RabbitBroker.declare` declares the same topology ahead of time (``zeroloss init``), with the
+same ``delivery_limit``: a queue declared with other arguments would make every later declaration
+fail with PRECONDITION_FAILED.
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -95,7 +100,8 @@ async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> Non
 class RabbitBroker:
     """Publishes batches to RabbitMQ with publisher confirms; see the module docstring."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
+                 connection_name: str = "zeroloss-relay") -> None:
         self._ap = _aio_pika()
         import aiormq
 
@@ -103,6 +109,7 @@ class RabbitBroker:
         self.url = check_url(url)
         self.timeout_s = timeout_s
         self.delivery_limit = delivery_limit
+        self.connection_name = connection_name  # shown in the management UI's connection list
         self._loop = LoopThread("zeroloss-rabbitmq")
         self._conn: Any = None
         self._channel: Any = None  # the confirm channel publishing goes through
@@ -128,6 +135,100 @@ class RabbitBroker:
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
             self._loop.run(self._drop_connection(), 10.0)
+
+    def _admin_run(self, coro: Any, topics: Sequence[str], doing: str) -> Any:
+        try:
+            return self._loop.run(coro, self.timeout_s * (2 + len(topics)))
+        except TimeoutError:
+            self._drop()
+            raise BrokerError(f"RabbitMQ at {self._where} did not answer within {self.timeout_s}s "
+                              f"while {doing}") from None
+        except BrokerWide as exc:
+            self._drop()
+            if isinstance(exc.__cause__, self._aiormq.exceptions.ProbableAuthenticationError):
+                # The user and password are part of the URL: a configuration error, not an outage.
+                raise ConfigError(f"RabbitMQ at {self._where} refused the login in the URL: "
+                                  f"{exc.__cause__}") from exc
+            if isinstance(exc.__cause__, self._aiormq.exceptions.InvalidFrameError) and \
+                    "Connection.Close" in str(exc.__cause__):
+                # Closed in answer to connection.open: the one thing checked there is the vhost.
+                vhost = self.url.rpartition("@")[2].partition("/")[2] or "/"
+                raise ConfigError(f"RabbitMQ at {self._where} closed the connection on open: the virtual host "
+                                  f"{vhost!r} in the URL does not exist or the user may not use it") from exc
+            raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        """Declare each topic's exchanges and quorum queues (see the module docstring)."""
+        spec = spec or TopicSpec()
+        if spec.partitions is not None or spec.replication_factor is not None:
+            raise ConfigError("RabbitMQ queues have no partitions and no replication factor to set here "
+                              "(a quorum queue's replicas follow the cluster's size); those options are for Kafka")
+        out: list[Declared] = self._admin_run(self._declare_ahead(topics), topics, "declaring")
+        if spec.group:
+            out.append(Declared("consumer group", spec.group, "nothing needed",
+                                "RabbitMQ consumers of a topic share its queue; the group only names their "
+                                "inbox claims"))
+        return out
+
+    async def _queue_exists(self, name: str) -> bool:
+        try:
+            async with self._conn.channel(publisher_confirms=False) as ch:  # a 404 closes this channel only
+                await ch.declare_queue(name, passive=True)
+        except self._aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    async def _declare_ahead(self, topics: Sequence[str]) -> list[Declared]:
+        await self._connect()
+        out: list[Declared] = []
+        for topic in dict.fromkeys(topics):
+            names = with_dead_letters([topic])
+            try:
+                existed = {n: await self._queue_exists(n) for n in names}
+                async with self._conn.channel(publisher_confirms=False) as ch:
+                    await declare_topology(ch, topic, self.delivery_limit)
+            except self._aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise ConfigError(f"RabbitMQ already has {topic!r} (or its dead-letter queue) declared with other "
+                                  f"settings: {exc}; delete it or use another topic") from exc
+            except self._aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigError(f"RabbitMQ refused access declaring {topic!r}: {exc}") from exc
+            except self._wide_errors() as exc:
+                raise BrokerWide(f"declaring {topic!r} failed: {type(exc).__name__}: {exc}") from exc
+            self._exchanges.pop(topic, None)  # fetched again by the next publish
+            for n in names:
+                detail = f"quorum, fed by fanout exchange {n}"
+                if not n.endswith(DLQ_SUFFIX):
+                    detail += f", x-delivery-limit {self.delivery_limit}, dead letters to {n}{DLQ_SUFFIX}"
+                out.append(Declared("queue", n, "exists" if existed[n] else "created", detail))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        self._admin_run(self._delete(topics), topics, "deleting")
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Refused: a queue cannot be read without taking its messages. Peeking (get, then requeue)
+        counts as a delivery, and quorum queues on RabbitMQ 4.0-4.2 drop a message returned 20
+        times by default: listing dead letters could lose them."""
+        raise ConfigError(f"reading {topic!r} on RabbitMQ is not supported: a queue cannot be read without "
+                          "taking messages off it, and requeueing them counts toward a quorum queue's delivery "
+                          "limit (RabbitMQ 4.0-4.2 drop a message past it by default; the management UI's Get "
+                          "messages requeues the same way). zeroloss dlq reads Kafka, NATS and Redis")
+
+    async def _delete(self, topics: Sequence[str]) -> None:
+        await self._connect()
+        for name in with_dead_letters(topics):
+            self._exchanges.pop(name, None)
+            for kind in ("queue", "exchange"):
+                try:  # one channel per call: a 404 on one closes that channel
+                    async with self._conn.channel(publisher_confirms=False) as ch:
+                        if kind == "queue":
+                            await ch.queue_delete(name)
+                        else:
+                            await ch.exchange_delete(name)
+                except self._aiormq.exceptions.ChannelNotFoundEntity:
+                    pass
+                except self._wide_errors() as exc:
+                    raise BrokerWide(f"deleting {kind} {name!r} failed: {type(exc).__name__}: {exc}") from exc
 
     def close(self) -> None:
         self._drop()
@@ -155,7 +256,7 @@ class RabbitBroker:
         await self._drop_connection()
         try:
             self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
-                                                client_properties={"connection_name": "zeroloss-relay"})
+                                                client_properties={"connection_name": self.connection_name})
             self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         except self._wide_errors() as exc:
             await self._drop_connection()
@@ -248,11 +349,13 @@ class RabbitSubscription:
     header, else the AMQP ``message_id``; a message with neither is delivered at least once
     (keyed by its delivery tag, which a redelivery does not keep).
 
-    Dead letters: ``basic.nack`` without requeue — the quorum queue dead-letters the message to
-    ``<topic>.dlq`` itself (at-least-once strategy, with RabbitMQ's ``x-death`` header: reason,
-    count, time); the error is logged with the message id. ``x-delivery-limit`` is the broker's
-    own backstop for a message that keeps killing its consumer: past it, the queue dead-letters
-    it without our help.
+    Dead letters are published by zeroloss, not by the broker: the letter (the original key, value
+    and headers plus the ``zeroloss-dlq-*`` error headers, see :mod:`zeroloss.dlq`) goes to the
+    exchange ``<topic>.dlq`` through a :class:`RabbitBroker` — publisher confirm, ``mandatory`` —
+    and only after that confirm is the original acked. A letter that is not confirmed raises
+    :class:`BrokerError` and the original stays unacked (held). The queue's own dead-lettering
+    (``x-delivery-limit``, at-least-once strategy, with RabbitMQ's ``x-death`` header only) is left
+    as the broker's backstop for a message that keeps killing its consumer before we can act.
     """
 
     def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
@@ -271,6 +374,7 @@ class RabbitSubscription:
         self._conn: Any = None
         self._channel: Any = None  # the consuming channel: the broker may close it alone
         self._inbox: asyncio.Queue[Any] | None = None
+        self._dlq: RabbitBroker | None = None  # made by the first dead letter
         try:
             self._run(self._open())
         except BaseException:
@@ -336,10 +440,19 @@ class RabbitSubscription:
         (up to ``consumer_timeout``, 30 minutes by default)."""
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        log.error("message %s: rejected to %s: %s", d.received.id, letter.topic,
-                  dict(letter.headers).get("zeroloss-dlq-error-message", b"").decode("utf-8", "replace"))
-        self._run(d.token.nack(requeue=False))
-        return letter.topic
+        if self._dlq is None:  # its own connection: the letter needs a confirm channel, ours has none
+            self._dlq = RabbitBroker(self.url, timeout_s=self.timeout_s, delivery_limit=self.delivery_limit,
+                                     connection_name=f"zeroloss-{self.group}-dlq")
+        where = publish_one(self._dlq, letter, "dead letter")
+        try:
+            self._run(d.token.ack())
+        except BrokerError as exc:
+            # The letter is safe. Raising would make the caller publish it again while this channel
+            # stays dead; instead the original comes back after the reconnect and is dead-lettered
+            # once more (a second copy on the dlq: it is at-least-once, like Kafka's).
+            log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
+                        letter.id, exc)
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:
@@ -357,3 +470,6 @@ class RabbitSubscription:
         with contextlib.suppress(Exception):
             self._loop.run(shut(), 10.0)
         self._loop.close()
+        if self._dlq is not None:
+            self._dlq.close()
+            self._dlq = None

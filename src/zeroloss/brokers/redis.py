@@ -24,6 +24,11 @@ keys ``HELD`` — before anything is sent.
 
 **Dedup** of republished ids is the consumer's job (the inbox keyed by ``id``): Redis has no
 idempotent ``XADD``.
+
+**Declaring ahead** (:meth:`RedisStreamBroker.declare`): a stream comes into being with its first
+``XADD``, so there is nothing to create — except a consumer group, whose ``XGROUP CREATE …
+MKSTREAM`` creates the stream with it. What can be checked is that no key of the topic's name
+holds something other than a stream.
 """
 
 from __future__ import annotations
@@ -31,11 +36,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from zeroloss.brokers._batch import HELD_REASON
-from zeroloss.brokers.base import Outcome, Status
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import Headers, Message
@@ -57,6 +62,10 @@ def _redis() -> Any:
 def check_url(url: str) -> str:
     if not url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"not a Redis URL: {url!r}; write redis://HOST:6379/DB")
+    if not url.startswith("unix://"):  # redis-py would quietly use database 0 for a path like /orders
+        db = url.partition("://")[2].partition("?")[0].partition("/")[2].strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"Redis URL {url!r}: the database {db!r} is not a number; write redis://HOST:6379/DB")
     return url
 
 
@@ -111,6 +120,88 @@ class RedisStreamBroker:
                 single_connection_client=True,  # WAIT counts the writes of its own connection
             )
         return self._client
+
+    # -- declaring (TopicAdmin) ---------------------------------------------------------------
+
+    def _admin_errors(self) -> Any:
+        import contextlib
+
+        r = self._r
+
+        @contextlib.contextmanager
+        def translate() -> Any:
+            try:
+                yield
+            except r.exceptions.AuthenticationError as exc:  # the credentials are part of the URL
+                raise ConfigError(f"Redis at {self._where} refused the login in the URL: {exc}") from exc
+            except (r.exceptions.ConnectionError, r.exceptions.TimeoutError, r.exceptions.ResponseError) as exc:
+                raise BrokerError(f"Redis at {self._where}: {type(exc).__name__}: {exc}") from exc
+
+        return translate()
+
+    def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
+        spec = spec or TopicSpec()
+        if spec.partitions is not None or spec.replication_factor is not None:
+            raise ConfigError("Redis streams have no partitions and no replication factor (replicas are the "
+                              "server's own replication); those options are for Kafka")
+        out: list[Declared] = []
+        with self._admin_errors():
+            client = self._connect()
+            for name in with_dead_letters(topics):
+                kind = client.type(name)
+                kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+                if kind not in ("stream", "none"):
+                    raise ConfigError(f"Redis key {name!r} holds a {kind}, not a stream: messages to it would be "
+                                      "rejected; delete the key or use another topic")
+                entries = f"{client.xlen(name)} entries" if kind == "stream" else ""
+                if name not in topics:  # a dead-letter stream: the consumer makes it when it needs it
+                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
+                                        entries or "made by the first dead letter"))
+                elif spec.group is None:
+                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
+                                        entries or "made by the first XADD; pass --group to create it now "
+                                        "with its consumer group"))
+                else:
+                    try:
+                        client.xgroup_create(name, spec.group, id="0", mkstream=True)
+                        made = True
+                    except self._r.exceptions.ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+                        made = False
+                    out.append(Declared("stream", name, "exists" if entries else "created", entries))
+                    out.append(Declared("consumer group", spec.group, "created" if made else "exists",
+                                        f"on stream {name}" + (", reading from its start" if made else "")))
+        return out
+
+    def delete(self, topics: Sequence[str]) -> None:
+        with self._admin_errors():
+            self._connect().delete(*with_dead_letters(topics))
+        self._streams.difference_update(with_dead_letters(topics))
+
+    # -- reading without consuming (TopicReader) ----------------------------------------------
+
+    READ_PAGE = 500
+
+    def read(self, topic: str) -> Iterator[Stored]:
+        """Every entry of the stream ``topic`` (``XRANGE``, page by page; no group involved)."""
+        with self._admin_errors():
+            client = self._connect()
+            start = "-"
+            while True:
+                page = client.xrange(topic, min=start, max="+", count=self.READ_PAGE)
+                for eid, f in page:
+                    eid = eid.decode() if isinstance(eid, bytes) else str(eid)
+                    try:
+                        headers = decode_headers(f.get(F_HEADERS))
+                    except ValueError:  # not written by zeroloss: shown without headers
+                        headers = ()
+                    yield Stored(f"{topic}/{eid}", -1, entry_id(f), f.get(F_KEY), f.get(F_VALUE, b""), headers)
+                if len(page) < self.READ_PAGE:
+                    return
+                start = "(" + eid  # exclusive: after the last one seen
+
+    # -- publishing ---------------------------------------------------------------------------
 
     def publish(self, messages: Sequence[Message]) -> list[Outcome]:
         if not messages:
@@ -274,12 +365,15 @@ class RedisSubscription:
             self._client.xclaim(d.token[0], self.group, self.name, 0, [d.token[1]], justid=True)
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
-        (outcome,) = self._dlq.publish([letter])
-        if outcome.status is not Status.DELIVERED:
-            raise BrokerError(f"dead letter {letter.id} to {letter.topic} not stored: {outcome.error}",
-                              retriable=outcome.status is not Status.REJECTED)
-        self.ack(d)
-        return outcome.location or letter.topic
+        where = publish_one(self._dlq, letter, "dead letter")
+        try:
+            self.ack(d)
+        except BrokerError as exc:
+            # The letter is stored; raising would append it again on every retry. The entry stays
+            # pending, is claimed again after claim_idle_s and dead-lettered once more (a copy).
+            log.warning("dead letter %s stored; XACK of the original failed (%s): it will be redelivered",
+                        letter.id, exc)
+        return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
         """Mark them idle for longer than ``claim_idle_s`` (``XCLAIM … IDLE``), so the next

@@ -44,22 +44,35 @@ def errors_to_exit_codes(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def source_option(fn: F) -> F:
-    fn = click.option(
-        "--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True,
-        help="SQL outbox table name [env ZEROLOSS_TABLE]",
-    )(fn)  # fmt: skip
-    return click.option(
-        "--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL",
-        help="Outbox: spool:///DIR, sqlite:///FILE, postgresql://..., mysql://... [env ZEROLOSS_SOURCE]",
-    )(fn)  # fmt: skip
+def source_options(*, required: bool = True) -> Callable[[F], F]:
+    """``--source`` and ``--table``; ``init`` makes ``--source`` optional (it may only declare)."""
+
+    def decorate(fn: F) -> F:
+        fn = click.option(
+            "--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True,
+            help="SQL outbox table name [env ZEROLOSS_TABLE]",
+        )(fn)  # fmt: skip
+        return click.option(
+            "--source", envvar="ZEROLOSS_SOURCE", required=required, metavar="URL",
+            help="Outbox: spool:///DIR, sqlite:///FILE, postgresql://..., mysql://... [env ZEROLOSS_SOURCE]",
+        )(fn)  # fmt: skip
+
+    return decorate
 
 
-def target_option(fn: F) -> F:
-    return click.option(
-        "--target", envvar="ZEROLOSS_TARGET", required=True, metavar="URL",
-        help="Broker: kafka://HOST:PORT [env ZEROLOSS_TARGET]",
-    )(fn)  # fmt: skip
+def target_options(*, required: bool = True) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--target", envvar="ZEROLOSS_TARGET", required=required, metavar="URL",
+            help="Broker: kafka://HOST:PORT, amqp://USER:PASS@HOST/, nats://HOST:4222, redis://HOST:6379/0 "
+                 "[env ZEROLOSS_TARGET]",
+        )(fn)  # fmt: skip
+
+    return decorate
+
+
+source_option = source_options()
+target_option = target_options()
 
 
 def json_option(fn: F) -> F:

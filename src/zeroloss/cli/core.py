@@ -12,24 +12,78 @@ from typing import Any
 
 import click
 
-from zeroloss.cli._base import errors_to_exit_codes, json_option, main, opened_store, source_option, target_option
+from zeroloss.cli._base import (
+    errors_to_exit_codes,
+    json_option,
+    main,
+    opened_store,
+    source_option,
+    source_options,
+    target_option,
+    target_options,
+)
 from zeroloss.errors import ConfigError, ZerolossError
 from zeroloss.outbox.base import Stats
 
 
 @main.command()
-@source_option
+@source_options(required=False)
+@target_options(required=False)
+@click.option("--topic", "topics", multiple=True, metavar="NAME",
+              help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
+@click.option("--partitions", type=click.IntRange(1), default=None,
+              help="Kafka: partitions of a topic created now [default: the broker's default].")
+@click.option("--replication-factor", type=click.IntRange(1), default=None,
+              help="Kafka: replication factor of a topic created now; NATS: stream replicas [default: the "
+                   "broker's default].")
+@click.option("--group", default=None, metavar="NAME",
+              help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
+                   "... MKSTREAM).")
+@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
+              help="How long to wait for the broker's answers.")
+@click.option("--notify", is_flag=True,
+              help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
+                   "latency; NOTIFY serialises the commits of the transactions that add messages).")
 @errors_to_exit_codes
-def init(source: str, table: str) -> None:
-    """Create the outbox (SQL table and indexes, or spool directories)."""
-    from zeroloss.registry import open_store
+def init(source: str | None, table: str, target: str | None, topics: tuple[str, ...], partitions: int | None,
+         replication_factor: int | None, group: str | None, timeout_s: float, notify: bool) -> None:
+    """Create the outbox (SQL table and indexes, or spool directories) and/or declare on the broker
+    what the relay and the consumers of each --topic need. Both are idempotent: run it again at
+    every deploy. A topic that exists is left as it is."""
+    from zeroloss.brokers.base import TopicAdmin, TopicSpec
+    from zeroloss.registry import open_broker, open_store, safe_url
 
-    store = open_store(source, table=table)
-    create = getattr(store, "create_schema", None)
-    if create is not None:
-        create()
-    store.close()
-    click.echo(f"outbox ready at {source}")
+    if not source and not target:
+        raise click.UsageError("give --source URL (the outbox), --target URL (the broker), or both")
+    if target and not topics:
+        raise click.UsageError("--target needs at least one --topic NAME to declare")
+    if not target and (topics or partitions or replication_factor or group):
+        raise click.UsageError("--topic, --partitions, --replication-factor and --group need --target URL")
+    if notify and not source:
+        raise click.UsageError("--notify needs --source URL (a PostgreSQL outbox)")
+    broker = open_broker(target, timeout_s=timeout_s) if target else None  # a bad URL stops us before any work
+    try:
+        if source:
+            store = open_store(source, table=table)
+            try:
+                create = getattr(store, "create_schema", None)
+                if create is not None:
+                    create(notify=True) if notify else create()
+                elif notify:
+                    raise ConfigError("--notify needs a PostgreSQL outbox; a spool has no NOTIFY (the relay polls)")
+            finally:
+                store.close()
+            click.echo(f"outbox ready at {safe_url(source)}")
+        if broker is not None:
+            if not isinstance(broker, TopicAdmin):
+                raise ConfigError(f"the broker adapter for {target!r} cannot declare topics")
+            spec = TopicSpec(partitions=partitions, replication_factor=replication_factor, group=group)
+            for declared in broker.declare(list(dict.fromkeys(topics)), spec):
+                click.echo(str(declared))
+            click.echo(f"broker ready at {safe_url(target or '')}")
+    finally:
+        if broker is not None:
+            broker.close()
 
 
 @main.command()
@@ -177,12 +231,16 @@ def broker(port: int, storage: str) -> None:
 
 @main.command()
 @click.option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@click.option("--target", default=None, metavar="URL",
+              help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
+                   "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "
+                   "that the demo never writes to a production broker by accident.")
 @errors_to_exit_codes
-def demo(orders: int) -> None:
+def demo(orders: int, target: str | None) -> None:
     """Shop → outbox → relay (SIGKILLed once) → broker → consumer, then a ledger. Exit 1 on loss."""
     from zeroloss.demo import run_demo
 
-    sys.exit(run_demo(orders=orders, echo=click.echo))
+    sys.exit(run_demo(orders=orders, echo=click.echo, target=target))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import enum
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -174,4 +175,14 @@ class OutboxStore(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class Wakeable(Protocol):
+    """A store that can tell an idle relay that new work arrived."""
+
+    def wait_for_work(self, timeout_s: float, interrupt: threading.Event) -> None:
+        """Return once new messages may be waiting, after ``timeout_s`` at most, or when
+        ``interrupt`` is set."""
         ...

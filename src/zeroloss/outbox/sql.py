@@ -5,15 +5,26 @@ or rolls back with the business rows. The relay side claims with ``FOR UPDATE SK
 PostgreSQL and MariaDB (READ COMMITTED, no gap locks) and inside ``BEGIN IMMEDIATE`` on SQLite;
 a claim is a lease (``lease_until``) owned by a random per-instance token (``claimed_by``), and
 retry/fail only touch rows this instance still owns.
+
+Wake-up (PostgreSQL, opt-in): ``create_schema(notify=True)`` (``zeroloss init --notify``) adds a
+statement-level trigger that calls ``pg_notify`` on ``zeroloss_<table>`` after every INSERT,
+delivered when the app's transaction commits, at no extra round trip for the app. An idle relay
+waits on ``LISTEN`` (:meth:`SqlOutbox.wait_for_work`) and so picks a message up milliseconds after
+its commit instead of at its next poll (``idle_wait_s``). The cost: PostgreSQL serialises the
+commits of all transactions that NOTIFY (a database-wide lock held through the commit), which
+caps how many outbox-writing transactions commit in parallel — hence opt-in. Other databases
+have no such signal: the relay polls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -84,20 +95,83 @@ class SqlOutbox:
         name = self.engine.dialect.name
         self._dialect = "mysql" if name in ("mysql", "mariadb") else name
         self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.channel = f"zeroloss_{self.table.name.lower()}"  # the NOTIFY channel of this table
+        # succeed() on PostgreSQL. `id = ANY` keeps the primary-key index in the plan: joining on
+        # the unnest alone lets the planner scan the whole table, history included.
+        table = self.engine.dialect.identifier_preparer.quote(self.table.name)
+        self._succeed_pg = sa.text(
+            f"UPDATE {table} AS t SET state = 'success', done_at = :now, lease_until = NULL, location = v.loc "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
+            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
+        )
+        self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
+        self._can_listen = True
 
     def __repr__(self) -> str:
         return f"SqlOutbox({self.url!r}, table={self.table.name!r})"
 
     # -- schema ---------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
-        """Create the table and its indexes if missing (idempotent)."""
+    def create_schema(self, *, notify: bool = False) -> None:
+        """Create the table and its indexes if missing (idempotent). ``notify`` (PostgreSQL):
+        also the trigger that wakes an idle relay at each commit — see the module's docstring
+        for its cost; added only if missing, so running it on a live outbox takes no lock."""
         with self._errors("create the outbox table"):
             self.table.metadata.create_all(self.engine, checkfirst=True)
+            if not notify:
+                return
+            if self._dialect != "postgresql":
+                raise ConfigError(f"notify needs PostgreSQL; {self._dialect} has no NOTIFY (the relay polls)")
+            table = self.engine.dialect.identifier_preparer.quote(self.table.name)
+            with self.engine.begin() as conn:
+                exists = conn.exec_driver_sql(
+                    "SELECT 1 FROM pg_trigger WHERE tgname = %(t)s AND tgrelid = to_regclass(%(r)s)",
+                    {"t": f"{self.channel}_notify", "r": table}).first()
+                if exists:
+                    return
+                conn.exec_driver_sql(
+                    f"CREATE OR REPLACE FUNCTION {self.channel}_notify() RETURNS trigger LANGUAGE plpgsql AS "
+                    f"$$ BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$")
+                conn.exec_driver_sql(f"CREATE TRIGGER {self.channel}_notify AFTER INSERT ON {table} "
+                                     f"FOR EACH STATEMENT EXECUTE FUNCTION {self.channel}_notify()")
 
     def drop_schema(self) -> None:
         with self._errors("drop the outbox table"):
             self.table.metadata.drop_all(self.engine, checkfirst=True)
+            if self._dialect == "postgresql":
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {self.channel}_notify()")
+
+    def wait_for_work(self, timeout_s: float, interrupt: threading.Event) -> None:
+        """Return when a message may be waiting: on PostgreSQL at the first NOTIFY of a committed
+        INSERT (or after ``timeout_s``); elsewhere after ``timeout_s``. ``interrupt`` cuts the
+        wait short where the database cannot (the relay's stop)."""
+        if self._dialect != "postgresql" or not self._can_listen or interrupt.is_set():
+            interrupt.wait(timeout_s)
+            return
+        try:
+            if self._listener is None:
+                self._listener = self.engine.raw_connection()
+                driver = self._listener.driver_connection
+                if not hasattr(driver, "notifies"):  # not psycopg 3: no way to wait; poll for good
+                    self._can_listen = False
+                    self._stop_listening()
+                    interrupt.wait(timeout_s)
+                    return
+                driver.autocommit = True
+                driver.execute(f'LISTEN "{self.channel}"')
+            for _ in self._listener.driver_connection.notifies(timeout=timeout_s, stop_after=1):
+                return
+        except Exception as exc:  # no LISTEN (a lost connection, another driver): poll instead
+            log.warning("outbox %s: LISTEN %s failed (%s); polling", self.table.name, self.channel, exc)
+            self._stop_listening()
+            interrupt.wait(timeout_s)
+
+    def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                listener.invalidate()  # never back into the pool with LISTEN on it
 
     # -- producer side --------------------------------------------------------------------------
 
@@ -242,8 +316,12 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> None:
             now = time.time()
-            # One executemany (psycopg pipelines it) instead of a CASE with a branch per id.
-            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in sorted(where)])
+            ids = sorted(where)
+            if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
+                conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
+                return
+            # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
+            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
 
         self._tx(run, "mark messages delivered")
 
@@ -474,6 +552,7 @@ class SqlOutbox:
         return self._tx(run, "read outbox statistics", write=False)
 
     def close(self) -> None:
+        self._stop_listening()
         if self._owns_engine:
             self.engine.dispose()
 

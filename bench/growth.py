@@ -1,0 +1,173 @@
+"""Growth: relay throughput (SqlOutbox on PostgreSQL → Kafka, as relay_throughput's PG figure)
+when the outbox table already holds a small vs a large history of delivered (``success``) rows.
+
+Each repetition makes a fresh table, fills the history with one server-side
+``INSERT … SELECT … generate_series`` (rows as the relay leaves them: UUIDv7 ids older than the
+new messages, same topic and keys, ``done_at``, ``location``, ``claimed_by``), runs
+``VACUUM ANALYZE``, adds N new messages (not timed) and times a relay drain.
+
+Baseline: the small-history figure; ratio = large / small; target ≥ 0.8. Below it, the script
+prints ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement of one claim on the large-history table
+(captured from ``SqlOutbox.claim`` itself, so it stays what the relay runs).
+
+Usage: python -m bench.growth [--messages N] [--small-history H] [--large-history H] [--reps R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import socket
+import statistics
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from bench.common import VALUE, Row, machine, say, table
+from bench.relay_throughput import PG, fill_sql, relay_run
+from zeroloss.embedded_broker import EmbeddedBroker
+from zeroloss.outbox._sqltable import key_hash
+from zeroloss.outbox.base import State
+from zeroloss.outbox.sql import SqlOutbox
+
+KEYS = 100  # relay_throughput's keys: b"k%d" % (i % 100)
+SPAN_S = 6 * 86400.0  # history spread over the last 6 days: inside the relay's default 7-day retention
+
+# One row per g.i, as SqlOutbox.succeed leaves it. The id is a UUIDv7 string: 48-bit millisecond
+# time (distinct per row while span_ms >= n), version 7, variant 8, the rest from md5.
+HISTORY_SQL = """
+INSERT INTO {table} (id, topic, msg_key, key_hash, value, headers, state, attempts, not_before,
+                     lease_until, claimed_by, created_at, last_error, location, done_at)
+SELECT substr(h.ts, 1, 8) || '-' || substr(h.ts, 9, 4) || '-7' || substr(h.r, 1, 3) || '-8'
+         || substr(h.r, 4, 3) || '-' || substr(h.r, 7, 12),
+       %(topic)s::text, (%(keys)s::bytea[])[g.i %% {nkeys} + 1], (%(hashes)s::text[])[g.i %% {nkeys} + 1],
+       %(value)s, NULL, 'success', 0, 0.0,
+       NULL, %(claimed_by)s, h.ms / 1000.0, NULL,
+       %(topic)s::text || '/' || g.i %% 3 || '/' || g.i / 3, h.ms / 1000.0 + 0.05
+FROM generate_series(0, %(n)s - 1) AS g(i)
+CROSS JOIN LATERAL (
+    SELECT %(base_ms)s::bigint + g.i::bigint * %(span_ms)s / %(n)s AS ms,
+           lpad(to_hex(%(base_ms)s::bigint + g.i::bigint * %(span_ms)s / %(n)s), 12, '0') AS ts,
+           md5(g.i::text || %(salt)s) AS r
+) AS h
+"""
+
+
+def fill_history(outbox: SqlOutbox, topic: str, n: int) -> None:
+    span_ms = int(SPAN_S * 1000)
+    assert n <= span_ms, "history ids would repeat a millisecond"
+    keys = [b"k%d" % i for i in range(KEYS)]
+    params: dict[str, Any] = {
+        "topic": topic, "keys": keys, "hashes": [key_hash(k) for k in keys], "value": VALUE,
+        "claimed_by": f"{socket.gethostname()[:32]}:4242:{hashlib.md5(topic.encode()).hexdigest()[:12]}",
+        "n": n, "base_ms": int(time.time() * 1000) - span_ms - 60_000, "span_ms": span_ms,
+        "salt": uuid.uuid4().hex,
+    }
+    if n:
+        with outbox.engine.begin() as conn:
+            conn.exec_driver_sql(HISTORY_SQL.format(table=outbox.table.name, nkeys=KEYS), params)
+    with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"VACUUM ANALYZE {outbox.table.name}")
+
+
+def capture_claim(outbox: SqlOutbox) -> list[tuple[str, Any]]:
+    """Run one real claim, recording its statements; put the claimed messages back to pending."""
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "(SELECT")):
+            seen.append((statement, parameters))
+
+    sa.event.listen(outbox.engine, "before_cursor_execute", record)
+    try:
+        t = time.perf_counter()
+        got = outbox.claim(1000, 60)
+        say(f"  one claim of {len(got)} on the large history: {(time.perf_counter() - t) * 1000:.0f} ms")
+    finally:
+        sa.event.remove(outbox.engine, "before_cursor_execute", record)
+    outbox.retry(got)  # attempts unchanged: back to pending exactly as they were
+    return seen
+
+
+_PARAM_LIST = re.compile(r"\((?:%\(\w+\)s(?:::\w+)?, )+%\(\w+\)s(?:::\w+)?\)")
+_LONG_ARRAY = re.compile(r"'\{([^}]{80,})\}'")
+
+
+def shorten(text: str) -> str:
+    """Long IN (...) parameter lists and ANY ('{...}') arrays as their length."""
+    text = _PARAM_LIST.sub(lambda m: f"(<{m.group(0).count('%(')} values>)", text)
+    return _LONG_ARRAY.sub(lambda m: f"'{{<{m.group(1).count(',') + 1} values>}}'", text)
+
+
+def explain(outbox: SqlOutbox, statements: list[tuple[str, Any]]) -> str:
+    """EXPLAIN (ANALYZE, BUFFERS) each statement, in a transaction rolled back afterwards."""
+    out = []
+    for statement, params in statements:
+        with outbox.engine.connect() as conn, conn.begin() as tx:
+            plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + statement, params).scalars().all()
+            tx.rollback()
+        out += ["```sql", shorten(" ".join(statement.split())), "```", "```", *map(shorten, plan), "```", ""]
+    return "\n".join(out)
+
+
+def timed_run(broker_url: str, n: int, history: int, want_plan: bool) -> tuple[float, str | None]:
+    outbox = SqlOutbox(PG, table=f"bench_{uuid.uuid4().hex[:8]}")
+    outbox.create_schema()
+    topic = f"g-{uuid.uuid4().hex[:8]}"
+    try:
+        t = time.perf_counter()
+        fill_history(outbox, topic, history)
+        say(f"  {history:,} history rows + VACUUM ANALYZE: {time.perf_counter() - t:.1f} s")
+        fill_sql(outbox, topic, n)
+        plan = explain(outbox, capture_claim(outbox)) if want_plan else None
+        t = time.perf_counter()
+        relay_run(outbox, broker_url, n)
+        rate = n / (time.perf_counter() - t)
+        counts = outbox.stats().counts
+        assert counts[State.SUCCESS] == history + n, counts
+        say(f"  {rate:,.0f} msg/s")
+        return rate, plan
+    finally:
+        outbox.drop_schema()
+        outbox.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=20_000)
+    ap.add_argument("--small-history", type=int, default=10_000)
+    ap.add_argument("--large-history", type=int, default=1_000_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--explain", action="store_true", help="print the claim's plans even when the ratio is met")
+    args = ap.parse_args()
+    n, reps, small, large = args.messages, args.reps, args.small_history, args.large_history
+    print(f"machine: {machine()}")
+    print(f"messages: {n} x 200-byte values, {KEYS} keys, after {small:,} vs {large:,} rows already in success "
+          f"(same topic and keys), median of {reps}")
+    plan: str | None = None
+    with EmbeddedBroker() as broker:
+        say(f"{small:,} rows of history ...")
+        base = statistics.median(timed_run(broker.url, n, small, False)[0] for _ in range(reps))
+        say(f"{large:,} rows of history ...")
+        rates = []
+        for rep in range(reps):
+            rate, p = timed_run(broker.url, n, large, rep == 0)
+            rates.append(rate)
+            plan = plan or p
+        ours = statistics.median(rates)
+    row = Row(f"relay, PostgreSQL → Kafka, {large:,} rows in success", ours,
+              f"{small:,} rows in success", base, target="≥ 0.8x")
+    print(table([row]))
+    if plan is not None and (row.ratio < 0.8 or args.explain):
+        print()
+        print(f"The claim's statements on the table with {large:,} success rows and {n} pending "
+              f"(EXPLAIN ANALYZE, rolled back):")
+        print()
+        print(plan)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""``zeroloss init --target URL --topic NAME``: declares on the real broker, idempotently, what the
+relay and the consumer need; the result is checked with each broker's own client, not our adapters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from tests.broker_harness import AMQP_URL, NATS_URL, harness
+from tests.conftest import REDIS_URL, require_service, unique_topic
+from zeroloss.cli import main
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.output
+
+
+# -- what exists, asked of each broker with its own client ----------------------------------------
+
+
+def kafka_partitions(bootstrap: str, topic: str) -> int:
+    """Partitions of ``topic`` (0: no such topic)."""
+    from confluent_kafka.admin import AdminClient
+
+    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
+    return len(md.topics[topic].partitions) if topic in md.topics and md.topics[topic].error is None else 0
+
+
+async def _amqp_queue(name: str) -> int | None:
+    """Messages in queue ``name``, or None when there is no such queue."""
+    import aio_pika
+    import aiormq
+
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        ch = await conn.channel()
+        try:
+            q = await ch.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        count = q.declaration_result.message_count
+        await ch.close()
+        return int(count)
+    finally:
+        await conn.close()
+
+
+async def _nats_subjects(topic: str) -> list[str] | None:
+    import nats
+    import nats.js.errors
+
+    from zeroloss.brokers.nats import stream_name
+
+    nc = await nats.connect(NATS_URL)
+    try:
+        try:
+            info = await nc.jetstream().stream_info(stream_name(topic))
+        except nats.js.errors.NotFoundError:
+            return None
+        return list(info.config.subjects or [])
+    finally:
+        await nc.close()
+
+
+def _redis(fn: Callable[[Any], Any]) -> Any:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        return fn(r)
+    finally:
+        r.close()
+
+
+# -- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def topic() -> str:
+    return unique_topic("init")
+
+
+@pytest.mark.kafka
+def test_kafka_topics_are_created_once_with_the_partitions_asked_for(kafka: Any, topic: str) -> None:
+    args = ["init", "--target", kafka.url, "--topic", topic, "--partitions", "2"]
+    code, out = run(*args)
+    assert code == 0, out
+    assert f"created         topic {topic}  (2 partitions" in out
+    assert f"created         topic {topic}.dlq  (2 partitions" in out
+    code, out = run(*args)  # idempotent: exists, nothing changed
+    assert code == 0, out
+    assert f"exists          topic {topic}  (2 partitions" in out
+    assert kafka_partitions(kafka.bootstrap, topic) == kafka_partitions(kafka.bootstrap, topic + ".dlq") == 2
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_quorum_queues_are_declared_once(topic: str) -> None:
+    with harness("rabbitmq") as h:
+        h.topics.append(topic)
+        code, out = run("init", "--target", AMQP_URL, "--topic", topic)
+        assert code == 0, out
+        assert f"created         queue {topic}  (quorum" in out and f"created         queue {topic}.dlq" in out
+        code, out = run("init", "--target", AMQP_URL, "--topic", topic)
+        assert code == 0, out
+        assert f"exists          queue {topic}  (quorum" in out
+        assert asyncio.run(_amqp_queue(topic)) == 0
+        assert asyncio.run(_amqp_queue(topic + ".dlq")) == 0
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_a_queue_declared_otherwise_is_a_configuration_error(topic: str) -> None:
+    import aio_pika
+
+    async def classic_queue() -> None:
+        conn = await aio_pika.connect(AMQP_URL)
+        try:
+            await (await conn.channel()).declare_queue(topic, durable=True)  # classic, no dead-lettering
+        finally:
+            await conn.close()
+
+    with harness("rabbitmq") as h:
+        h.topics.append(topic)
+        asyncio.run(classic_queue())
+        code, out = run("init", "--target", AMQP_URL, "--topic", topic)
+        assert code == 2, out
+        assert f"RabbitMQ already has {topic!r}" in out and "PRECONDITION_FAILED" in out
+
+
+@pytest.mark.nats
+def test_nats_streams_are_created_once(topic: str) -> None:
+    with harness("nats") as h:
+        h.topics.append(topic)
+        for action in ("created", "exists"):
+            code, out = run("init", "--target", NATS_URL, "--topic", topic)
+            assert code == 0, out
+            assert f"{action:<15} stream ZL_{topic}  (subject {topic}, file storage" in out
+        assert asyncio.run(_nats_subjects(topic)) == [topic]
+        assert asyncio.run(_nats_subjects(topic + ".dlq")) == [topic + ".dlq"]
+
+
+@pytest.mark.redis
+def test_redis_needs_nothing_without_a_group_and_creates_stream_and_group_with_one(topic: str) -> None:
+    with harness("redis") as h:
+        h.topics.append(topic)
+        code, out = run("init", "--target", REDIS_URL, "--topic", topic)
+        assert code == 0, out
+        assert f"nothing needed  stream {topic}  (made by the first XADD" in out
+        assert _redis(lambda r: r.exists(topic)) == 0  # honest: nothing was made
+        for action in ("created", "exists"):
+            code, out = run("init", "--target", REDIS_URL, "--topic", topic, "--group", "billing")
+            assert code == 0, out
+            assert f"{action:<15} consumer group billing  (on stream {topic}" in out
+        assert _redis(lambda r: r.type(topic)) == b"stream"
+        assert [g["name"] for g in _redis(lambda r: r.xinfo_groups(topic))] == [b"billing"]
+
+
+@pytest.mark.redis
+def test_redis_a_key_that_is_not_a_stream_is_a_configuration_error(topic: str) -> None:
+    with harness("redis") as h:
+        h.topics.append(topic)
+        _redis(lambda r: r.set(topic, "x"))
+        code, out = run("init", "--target", REDIS_URL, "--topic", topic)
+        assert code == 2, out
+        assert f"Redis key {topic!r} holds a string, not a stream" in out
+
+
+def test_source_and_target_together(tmp_path: Path, topic: str) -> None:
+    require_service("redis")
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    code, out = run("init", "--source", url, "--target", REDIS_URL, "--topic", topic)
+    assert code == 0, out
+    assert f"outbox ready at {url}" in out and "broker ready at redis://" in out
+    assert run("status", "--source", url)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--target", "ftp://h", "--topic", "t"], "unknown target scheme 'ftp'"),
+        (["--target", "kafka://nohostport", "--topic", "t"], "is not HOST:PORT"),
+        (["--target", "redis://127.0.0.1:6379/orders", "--topic", "t"], "the database 'orders' is not a number"),
+        (["--target", "amqp://guest:wrong@127.0.0.1/", "--topic", "t"], "refused the login in the URL"),
+        (["--target", REDIS_URL], "--target needs at least one --topic"),
+        (["--topic", "t"], "give --source URL (the outbox), --target URL (the broker), or both"),
+        ([], "give --source URL"),
+        (["--source", "sqlite:///x.db", "--topic", "t"], "need --target"),
+        (["--target", REDIS_URL, "--topic", "t", "--partitions", "3"], "those options are for Kafka"),
+    ],
+)
+def test_bad_input_exits_2_and_names_the_problem(args: list[str], needle: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    if "amqp://" in " ".join(args):
+        require_service("rabbitmq")
+    monkeypatch.chdir(tmp_path)
+    code, out = run("init", *args)
+    assert code == 2, out
+    assert needle in out
+    assert not (tmp_path / "x.db").exists()  # refused before any work
+
+
+@pytest.mark.nats
+def test_an_unreachable_broker_is_reported_with_its_address() -> None:
+    require_service("nats")
+    code, out = run("init", "--target", "nats://127.0.0.1:4999", "--topic", "t", "--timeout-s", "2")
+    assert code == 1, out  # the broker may just be down: a problem found, not bad usage
+    assert "NATS at nats://127.0.0.1:4999" in out and "cannot connect" in out
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("ZEROLOSS_TARGET", raising=False)
+    monkeypatch.delenv("ZEROLOSS_SOURCE", raising=False)
+    yield
