@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     @consumer.handler
     def handle(msg: Received, tx: Any) -> None:
-        value = int(msg.value) if (msg.value or b"").isdigit() else None  # b"warm-up": no failure of any kind
+        value = int(msg.value) if msg.value is not None and msg.value.isdigit() else None  # b"warm-up": never fails
         if retry and value is not None and value % 7 == 0 and msg.attempts == 1:
             raise RuntimeError("first run of a multiple of 7 fails")
         if value is not None and is_poison(value, poison):
