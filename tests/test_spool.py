@@ -212,6 +212,29 @@ def test_duplicates_keep_the_copy_that_wins_by_precedence(spool: FileSpool) -> N
     assert sorted(all_ids(root)) == sorted([a, b])
 
 
+def test_recover_leaves_alone_a_file_another_relay_claimed_while_it_listed(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relays on one spool run recover() while others claim. A file renamed pending/ → sending/
+    between recover's directory listings shows up in both; it is one file, not a duplicate, and
+    deleting the sending/ name would lose a message the other relay is publishing."""
+    mid = add(spool)
+    other = FileSpool(spool.root)  # a second relay process on the same spool
+    names = spool._names
+
+    def stale_listing(state: State, quarantine: bool = False) -> list[tuple[str, str]]:
+        listed = names(state, quarantine)
+        if state is State.PENDING:  # pending/ is listed, then the other relay claims before sending/ is
+            assert [m.id for m in other.claim(1, lease_s=60)] == [mid]
+        return listed
+
+    monkeypatch.setattr(spool, "_names", stale_listing)
+    spool.recover()
+    monkeypatch.undo()
+    assert spool.get(mid)[0] is State.SENDING  # the other relay's claim survived
+    other.close()
+
+
 def test_an_interrupted_rewrite_leaves_the_original_and_its_part_file_is_cleaned(spool: FileSpool) -> None:
     mid = add(spool)
     [msg] = spool.claim(1, lease_s=0)  # a lease that has already run out

@@ -386,17 +386,18 @@ class FileSpool:
             quarantined = self._quarantined
             self._recover_tmp(resolver, report)
             listed: dict[State, dict[str, str]] = {s: dict(self._names(s, quarantine=True)) for s in _DEDUP_ORDER}
-            seen: set[str] = set()
+            seen: dict[str, str] = {}  # id → path of the copy kept
             dropped = 0
             for state in _DEDUP_ORDER:
                 for mid, name in list(listed[state].items()):
-                    if mid in seen:
+                    path = self._path(state, name)
+                    if mid in seen and self._second_copy(seen[mid], path):
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self._path(state, name))
+                            os.unlink(path)
                         del listed[state][mid]
                         dropped += 1
                         log.warning("message %s: removed a duplicate copy from %s/", mid, state.value)
-                    seen.add(mid)
+                    seen.setdefault(mid, path)
             now_ms = time.time() * 1000
             for mid, name in listed[State.SENDING].items():
                 if _lease_ms(name) > now_ms:
@@ -412,6 +413,18 @@ class FileSpool:
                 self._sync(*State)
             self._prune()
             return report
+
+    @staticmethod
+    def _second_copy(kept: str, other: str) -> bool:
+        """Whether ``other`` is really a second copy of the message at ``kept`` — the leftover of
+        a rewrite a crash interrupted — and not the same file seen twice because another relay
+        on this spool renamed it (claim, release) between our directory listings: a rename keeps
+        the inode and leaves the old name empty, a rewrite makes a second inode."""
+        try:
+            a, b = os.stat(kept), os.stat(other)
+        except FileNotFoundError:
+            return False
+        return (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino)
 
     def _recover_tmp(self, resolver: Resolver | None, report: RecoveryReport) -> None:
         answers: dict[str, bool | None] = {}
