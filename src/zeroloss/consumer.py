@@ -591,38 +591,58 @@ class Consumer:
         return run, j, len(run) >= limit
 
     def _together(self, batch: list[Any], start: int) -> tuple[int, Exception | None, bool, bool]:
-        """Run plain messages from ``start`` on in one inbox transaction: one bulk claim, the
-        handlers of the fresh ones, one commit. Returns (index of the first record not done,
-        the exception its handler raised if that is why, True, whether that record needs the
-        one-at-a-time path — not so when the run merely filled up). A handler that raises rolls the
-        whole transaction back; the messages before it run again in a new one (their effects
-        were undone with it) and the failed one counts that run as its first attempt. If the
-        transaction itself fails (the database went away, the commit failed), returns the end of
-        the range it covered and False: none of it happened, and the caller takes each message
-        again on its own."""
-        assert isinstance(self.inbox, BatchInbox)
+        """Run the plain messages from ``start`` on in one inbox transaction
+        (:meth:`_shared_transaction`). Returns (index of the first record not done, the exception
+        its handler raised if that is why, True, whether that record needs the one-at-a-time
+        path — not so when the run merely filled up). If the transaction itself failed: the end
+        of the range it covered and False — none of it happened, take each again on its own."""
         run, stop, full = self._plain_run(batch, start)
+        if not run:
+            return stop, None, True, not full
+        result = self._shared_transaction([m for _, _, m in run])
+        if result is None:
+            return run[-1][0] + 1, None, False, True
+        outcomes, failure = result
+        for (_, rec, msg), (was_fresh, began) in zip(run, outcomes, strict=False):
+            self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
+            self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, began)
+            if not was_fresh:
+                log.debug("message %s: duplicate, skipped", msg.id)
+        if failure is not None:
+            return run[len(outcomes)][0], failure, True, True
+        return stop, None, True, not full
+
+    def _shared_transaction(self, msgs: list[Received]) -> tuple[list[tuple[bool, float]], Exception | None] | None:
+        """One inbox transaction for ``msgs``: one bulk claim, the handlers of the fresh ones, one
+        commit. Returns, for the messages that committed (a prefix of ``msgs``), (fresh, when its
+        handling began), and the exception of the message after them if its handler raised. A
+        handler that raises rolls the whole transaction back; the messages before it run again in
+        a new one (their effects were undone with it) and the failed one counts that run as its
+        first attempt. None if the transaction itself failed (the database went away, the commit
+        failed): none of it happened. Shared by the Kafka and the subscription paths."""
+        assert isinstance(self.inbox, BatchInbox)
         failure: Exception | None = None
-        while run:
+        outcomes: list[tuple[bool, float]] = []
+        while msgs:
             started = time.monotonic()
+            outcomes = []
             try:
                 with self.inbox.transaction() as tx:
-                    fresh = self.inbox.claim_many(tx, self.group, [m.id for _, _, m in run])
-                    outcomes: list[tuple[bool, float]] = []  # (fresh, when its handling began)
-                    for n, (_, _, msg) in enumerate(run):
+                    fresh = self.inbox.claim_many(tx, self.group, [m.id for m in msgs])
+                    for n, msg in enumerate(msgs):
                         if msg.id not in fresh:
                             outcomes.append((False, started))
                             continue
                         fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
                         began = time.monotonic()
-                        outcomes.append((True, began))
                         try:
                             self._call(msg, tx)
                         except _HandlerFailed as failed:
                             if _is_outage(failed.exc):
                                 raise
-                            failure, stop, full, run = failed.exc, run[n][0], False, run[:n]
+                            failure, msgs = failed.exc, msgs[:n]
                             raise _RunAgain() from None
+                        outcomes.append((True, began))
                         self._handler_s = 0.9 * self._handler_s + 0.1 * (time.monotonic() - began)
             except _RunAgain:
                 continue
@@ -631,15 +651,10 @@ class Consumer:
             except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
                 self.counters.store_errors += 1
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
-                            self.group, len(run), exc)
-                return run[-1][0] + 1, None, False, True
-            for (_, rec, msg), (was_fresh, began) in zip(run, outcomes, strict=True):
-                self._done[(rec.topic(), rec.partition())] = rec.offset() + 1
-                self._finished(msg.topic, "processed" if was_fresh else "duplicate", msg, began)
-                if not was_fresh:
-                    log.debug("message %s: duplicate, skipped", msg.id)
+                            self.group, len(msgs), exc)
+                return None
             break
-        return stop, failure, True, not full
+        return (outcomes if msgs else []), failure
 
     def _record(self, rec: Any, failure: Exception | None = None) -> bool:
         """Handle one record from consume(); False when the batch must stop here (stopping).

@@ -130,10 +130,7 @@ def run(consumer: Consumer, open_sub: Callable[[], Subscription], finished: Call
             while not consumer._stop.is_set() and not finished():
                 batch = sub.fetch(consumer.batch_size, consumer.poll_s)
                 outages = 0
-                for i, d in enumerate(batch):
-                    if consumer._stop.is_set() or not _handle(consumer, sub, d):
-                        sub.release(batch[i:])
-                        break
+                _deliveries(consumer, sub, batch)
                 if batch:
                     consumer._last_activity = time.monotonic()
                 consumer._purge()
@@ -146,8 +143,46 @@ def run(consumer: Consumer, open_sub: Callable[[], Subscription], finished: Call
             sub.close()
 
 
-def _handle(consumer: Consumer, sub: Subscription, d: Delivery) -> bool:
-    """Process one delivery to the end (True) or give up because stopping interrupted (False)."""
+def _deliveries(consumer: Consumer, sub: Subscription, batch: list[Delivery]) -> None:
+    """Handle a fetched batch in order. With a SqlInbox, runs of deliveries share one inbox
+    transaction (see :meth:`Consumer._shared_transaction`) and are acked after its commit; a
+    failure, poison, or a transaction that did not commit goes one at a time through
+    :func:`_handle`. Stopping releases what is left."""
+    i = 0
+    while i < len(batch):
+        if consumer._stop.is_set():
+            sub.release(batch[i:])
+            return
+        failure: Exception | None = None
+        if consumer.transaction_batch > 1 and batch[i].poison is None:
+            run: list[Delivery] = []
+            limit = consumer._run_limit()
+            while i + len(run) < len(batch) and len(run) < limit and batch[i + len(run)].poison is None:
+                run.append(batch[i + len(run)])
+            result = consumer._shared_transaction([d.received for d in run])
+            if result is None:  # none of the run happened: each on its own
+                for k, d in enumerate(run):
+                    if consumer._stop.is_set() or not _handle(consumer, sub, d):
+                        sub.release(batch[i + k:])
+                        return
+                i += len(run)
+                continue
+            outcomes, failure = result
+            for d, (fresh, began) in zip(run, outcomes, strict=False):
+                _settle(consumer, sub, d)
+                consumer._finished(d.received.topic, "processed" if fresh else "duplicate", d.received, began)
+            i += len(outcomes)
+            if failure is None:
+                continue
+        if not _handle(consumer, sub, batch[i], failure):
+            sub.release(batch[i:])
+            return
+        i += 1
+
+
+def _handle(consumer: Consumer, sub: Subscription, d: Delivery, failure: Exception | None = None) -> bool:
+    """Process one delivery to the end (True) or give up because stopping interrupted (False).
+    ``failure``: its handler already raised this once, in a shared transaction."""
     from zeroloss.consumer import _HandlerFailed, _is_outage
 
     msg = d.received
@@ -156,20 +191,25 @@ def _handle(consumer: Consumer, sub: Subscription, d: Delivery) -> bool:
     attempts = outages = 0
     first_failure: float | None = None
     while True:
-        try:
-            fresh = consumer._attempt(replace(msg, attempts=attempts + 1))
-        except _HandlerFailed as failed:
-            error, faulty = failed.exc, not _is_outage(failed.exc)
-        except MessageError as exc:  # the inbox refused the id itself
-            return _dead_letter(consumer, sub, d, exc, attempts, first_failure or time.time())
-        except Exception as exc:  # the inbox failed
-            error, faulty = exc, False
+        error: Exception
+        if failure is not None:  # the first attempt already ran, in a shared transaction
+            error, faulty, failure = failure, True, None
         else:
-            _settle(consumer, sub, d)
-            consumer._finished(msg.topic, "processed" if fresh else "duplicate")
-            if not fresh:
-                log.debug("message %s: duplicate, skipped", msg.id)
-            return True
+            started = time.monotonic()
+            try:
+                fresh = consumer._attempt(replace(msg, attempts=attempts + 1))
+            except _HandlerFailed as failed:
+                error, faulty = failed.exc, not _is_outage(failed.exc)
+            except MessageError as exc:  # the inbox refused the id itself
+                return _dead_letter(consumer, sub, d, exc, attempts, first_failure or time.time())
+            except Exception as exc:  # the inbox failed
+                error, faulty = exc, False
+            else:
+                _settle(consumer, sub, d)
+                consumer._finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
+                if not fresh:
+                    log.debug("message %s: duplicate, skipped", msg.id)
+                return True
         if faulty:
             attempts += 1
             first_failure = first_failure or time.time()
