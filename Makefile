@@ -18,7 +18,7 @@ install: $(STAMP)
 services:
 	bash scripts/services.sh
 
-demo: install services
+demo: install
 	$(BIN)/zeroloss demo
 
 lint: install
