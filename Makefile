@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint services install clean bench bench-quick chaos
+.PHONY: demo test lint services install clean bench bench-quick chaos cluster cluster-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,14 @@ bench-quick: install services
 	$(BIN)/python -m bench.latency --rate 200 --seconds 3
 	$(BIN)/python -m bench.scale_out --messages 2000 --relays 1,2 --reps 1
 	$(BIN)/python -m bench.growth --messages 1000 --small-history 1000 --large-history 20000 --reps 1
+
+# Three Apache Kafka brokers (KRaft) on 127.0.0.1:19092-19094 for fault tests; jars fetched once by Maven.
+# Tests reuse it when up (fixture kafka_cluster). `make cluster-stop WIPE=1` also deletes its data.
+cluster: install
+	$(BIN)/python -m tests.kafka_cluster start
+
+cluster-stop: install
+	$(BIN)/python -m tests.kafka_cluster stop $(if $(WIPE),--wipe)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

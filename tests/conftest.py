@@ -119,5 +119,28 @@ def kafka() -> Iterator[Any]:
         broker.stop()
 
 
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[Any]:
+    """Three Apache Kafka brokers (tests/kafka_cluster.py), RF 3 and min.insync.replicas 2 by default.
+
+    Reused when already up (`make cluster`), and then left running; stopped at the end only if
+    this session started it. Fault tests must restart or resume the nodes they kill or pause."""
+    from tests.kafka_cluster import KafkaCluster
+
+    cluster = KafkaCluster()
+    missing = cluster.missing_tools()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the Kafka cluster needs {' and '.join(missing)} on PATH")
+        pytest.skip(f"no {' or '.join(missing)} for the Kafka cluster")
+    was_running = any(cluster.running().values())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        if not was_running:
+            cluster.stop()
+
+
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
