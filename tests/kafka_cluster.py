@@ -562,8 +562,12 @@ class KafkaCluster:
         """Send ``sig`` to the node; for SIGKILL and SIGTERM, return once the JVM is gone."""
         os.kill(self.pid(node_id), sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
+            node = self._node(node_id)
+            # A JVM's main thread shows as a zombie while its other threads still exit and hold
+            # the sockets: gone means no pid *and* both ports closed.
             _poll(f"node {node_id} to exit", time.monotonic() + timeout,
-                  lambda: True if self._node(node_id).pid() is None else None, interval=0.05)
+                  lambda: True if node.pid() is None and not port_open(node.port)
+                  and not port_open(node.controller_port) else None, interval=0.05)
             self._node(node_id).pid_file.unlink(missing_ok=True)
 
     def pause(self, node_id: int) -> None:

@@ -7,6 +7,7 @@ assert exactly which checks fail for that reason, and that nothing else does.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ def test_a_weak_topic_is_flagged(kafka: EmbeddedBroker) -> None:
         "min.insync.replicas": "fail",
         "min.insync.replicas < replication.factor": "warn",  # 1 = 1: one broker down stops writes
         "unclean.leader.election.enable": "fail",
+        "replicas": "ok",  # its one replica is on the one live broker, in sync
     }
     fixes = {c["name"]: c["fix"] for c in doc["checks"]}
     assert "unclean.leader.election.enable=false" in fixes[f"topic {topic} unclean.leader.election.enable"]
@@ -136,3 +138,86 @@ def test_bad_usage_exits_2() -> None:
     assert result.exit_code == 2 and "kafka:// and redis://" in result.output
     result = CliRunner().invoke(main, ["doctor"])
     assert result.exit_code == 2 and "nothing to check" in result.output
+
+
+# -- on the three-broker Apache Kafka cluster: where the durability settings are real ----------
+
+
+def cluster_topic(cluster: Any, replication: int = 3, config: dict[str, str] | None = None) -> str:
+    from confluent_kafka.admin import NewTopic
+
+    topic = unique_topic("doctor")
+    cluster.admin().create_topics([NewTopic(topic, 2, replication, config=config or {})])[topic].result(30)
+    cluster.wait_in_sync(topic) if replication == 3 else None
+    return topic
+
+
+@pytest.mark.kafka_cluster
+def test_a_strong_topic_on_the_cluster_passes(kafka_cluster: Any) -> None:
+    topic = cluster_topic(kafka_cluster)
+    code, doc = run("doctor", "--target", kafka_cluster.url, "--topic", topic)
+    assert code == 0 and doc["verdict"] == "ok", doc
+    got = verdicts(doc, f"topic {topic} ")
+    assert got == {"replication.factor": "ok", "min.insync.replicas": "ok",
+                   "min.insync.replicas < replication.factor": "ok", "unclean.leader.election.enable": "ok",
+                   "replicas": "ok"}
+    assert verdicts(doc)["broker default.replication.factor"] == "ok"
+
+
+@pytest.mark.kafka_cluster
+@pytest.mark.parametrize(("replication", "config", "failing", "fix"), [
+    # RF 1 under the cluster's min.insync.replicas=2: every write refused as well.
+    (1, {}, ("replication.factor", "min.insync.replicas < replication.factor"), "3 replicas"),
+    (3, {"min.insync.replicas": "1"}, ("min.insync.replicas",), "min.insync.replicas=2"),
+    (3, {"unclean.leader.election.enable": "true"}, ("unclean.leader.election.enable",),
+     "unclean.leader.election.enable=false"),
+], ids=["replication-1", "min-isr-1", "unclean-election"])
+def test_a_weak_topic_on_the_cluster_fails_naming_the_setting_and_the_fix(
+    kafka_cluster: Any, replication: int, config: dict[str, str], failing: tuple[str, ...], fix: str
+) -> None:
+    topic = cluster_topic(kafka_cluster, replication, config)
+    code, doc = run("doctor", "--target", kafka_cluster.url, "--topic", topic)
+    assert code == 1 and doc["verdict"] == "fail"
+    bad = {c["name"]: c for c in doc["checks"] if c["verdict"] == "fail"}
+    assert set(bad) == {f"topic {topic} {name}" for name in failing}, bad
+    assert fix in bad[f"topic {topic} {failing[0]}"]["fix"]
+
+
+def doctor_until(cluster: Any, topic: str, node: int, verdict: str) -> dict[str, Any]:
+    """Run doctor against ``node`` until the topic's live replicas check says ``verdict``."""
+    deadline = time.monotonic() + 60
+    while True:
+        _, doc = run("doctor", "--target", f"kafka://127.0.0.1:{cluster.nodes[node].port}", "--topic", topic,
+                     "--timeout-s", "5")
+        if verdicts(doc, f"topic {topic} ").get("replicas") == verdict:
+            break
+        assert time.monotonic() < deadline, [c for c in doc["checks"] if c["name"].endswith("replicas")]
+        time.sleep(0.2)
+    return next(c for c in doc["checks"] if c["name"] == f"topic {topic} replicas")
+
+
+@pytest.mark.kafka_cluster
+def test_replicas_out_of_sync_are_seen_live_not_as_configured(kafka_cluster: Any) -> None:
+    """The configuration says RF 3 and min ISR 2 whatever happens to the brokers; doctor reads
+    the in-sync set. (Two of three combined nodes down would also take the controller quorum
+    with them and freeze the metadata, so a broker is taken from a topic of two replicas.)"""
+    from confluent_kafka.admin import NewTopic
+
+    topic = cluster_topic(kafka_cluster)
+    leader = kafka_cluster.leader_of(topic, 0)
+    follower = next(n for n in (1, 2, 3) if n != leader)
+    pair = unique_topic("doctor")
+    kafka_cluster.admin().create_topics([NewTopic(pair, num_partitions=1, replica_assignment=[[leader, follower]],
+                                                  config={"min.insync.replicas": "2"})])[pair].result(30)
+    kafka_cluster.wait_in_sync(topic)
+    kafka_cluster.kill(follower)
+    try:
+        check = doctor_until(kafka_cluster, topic, leader, "warn")
+        assert "under-replicated" in check["detail"]
+        check = doctor_until(kafka_cluster, pair, leader, "fail")
+        assert "NOT_ENOUGH_REPLICAS" in check["detail"] and "min.insync.replicas=2" in check["detail"]
+    finally:
+        kafka_cluster.restart(follower)
+    kafka_cluster.wait_in_sync(topic)
+    _, doc = run("doctor", "--target", kafka_cluster.url, "--topic", topic)
+    assert verdicts(doc, f"topic {topic} ")["replicas"] == "ok"

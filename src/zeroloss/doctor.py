@@ -198,7 +198,8 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
         return [*checks, Check(f"topic {topic}", Verdict.FAIL, "does not exist",
                                f"create it with replication factor {min_replication} and min.insync.replicas=2; "
                                "do not rely on auto-creation")]
-    rf = min((len(p.replicas) for p in md.topics[topic].partitions.values()), default=0)
+    partitions = md.topics[topic].partitions
+    rf = min((len(p.replicas) for p in partitions.values()), default=0)
     topic_conf, err = _describe(admin, "TOPIC", topic, timeout_s)
     if err:
         checks.append(Check(f"topic {topic} config", Verdict.WARN, f"cannot read it: {err}",
@@ -212,6 +213,7 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
     mis, src = _setting("min.insync.replicas", topic_conf, broker_conf)
     checks.append(_min_count_check(f"topic {topic} min.insync.replicas", mis, 2, "acks=all", "set "
                                    "min.insync.replicas=2 on the topic (kafka-configs --alter)", source=src))
+    checks += _replica_checks(topic, partitions, set(md.brokers), int(mis) if mis and mis.isdigit() else None)
     if mis is not None and mis.isdigit():
         n = int(mis)
         if n > rf:
@@ -234,6 +236,33 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
         checks.append(Check(name, Verdict.FAIL, f"{unclean} ({src}): an out-of-sync replica can become leader and "
                             "drop acknowledged records", "set unclean.leader.election.enable=false"))
     return checks
+
+
+def _replica_checks(topic: str, partitions: dict[int, Any], live: set[int], min_isr: int | None) -> list[Check]:
+    """The replicas as they are, not as configured: a replication factor of 3 on a cluster
+    with one live broker (or with two replicas out of sync) holds one copy."""
+    name = f"topic {topic} replicas"
+    offline = sorted(p for p, m in partitions.items() if m.leader < 0 or m.leader not in live)
+    if offline:
+        return [Check(name, Verdict.FAIL, f"partition(s) {offline} have no live leader: nothing can be written "
+                      "to or read from them", "bring their brokers back; do not enable unclean leader election")]
+    in_sync = {p: len(set(m.isrs) & live) for p, m in partitions.items()}
+    fewest = min(in_sync.values(), default=0)
+    rf = min((len(m.replicas) for m in partitions.values()), default=0)
+    dead = sorted({r for m in partitions.values() for r in m.replicas} - live)
+    if min_isr is not None and fewest < min_isr <= rf:  # min_isr > rf is reported by its own check
+        starved = sorted(p for p, n in in_sync.items() if n < min_isr)
+        return [Check(name, Verdict.FAIL, f"partition(s) {starved} have {fewest} in-sync replica(s), below "
+                      f"min.insync.replicas={min_isr}: every acks=all write is refused (NOT_ENOUGH_REPLICAS) "
+                      "and the relay waits" + (f"; broker(s) {dead} not alive" if dead else ""),
+                      "bring the lagging or stopped brokers back")]
+    short = sorted(p for p, m in partitions.items() if in_sync[p] < len(m.replicas))
+    if short:
+        return [Check(name, Verdict.WARN, f"partition(s) {short} are under-replicated ({fewest} of {rf} in sync"
+                      + (f"; broker(s) {dead} not alive" if dead else "") + "): one more broker lost and writes "
+                      "stop or copies are lost", "bring the stopped or lagging brokers back")]
+    return [Check(name, Verdict.OK, f"all {len(partitions)} partition(s) have live leaders and every replica "
+                  f"in sync ({fewest} each; alive brokers {sorted(live)})")]
 
 
 def _min_count_check(name: str, value: str | None, minimum: int, what: str, fix: str, *,
