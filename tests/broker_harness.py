@@ -1,5 +1,6 @@
-"""Per-broker test harnesses for RabbitMQ, NATS JetStream and Redis Streams: the adapter under
-test, a URL nobody listens on, and a read-back with the broker's own client (not our adapters)."""
+"""Per-broker test harnesses for Kafka (the three-broker cluster), RabbitMQ, NATS JetStream and
+Redis Streams: the adapter under test, a URL nobody listens on, and a read-back with the
+broker's own client (not our adapters)."""
 
 from __future__ import annotations
 
@@ -234,14 +235,91 @@ def redis_harness() -> BrokerHarness:
     )
 
 
-HARNESSES = {"rabbitmq": rabbitmq_harness, "nats": nats_harness, "redis": redis_harness}
-BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in HARNESSES]
+# -- Kafka (the real three-broker cluster) -------------------------------------------------------
+
+
+def _kafka_records(bootstrap: str, topic: str) -> list[Any]:
+    """Every committed record of ``topic``, partition by partition (each partition in offset order)."""
+    import time
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"harness-{topic}", "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+
+        def ends() -> dict[int, int]:
+            return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        got: dict[int, list[Any]] = {p: [] for p in parts}
+        deadline = time.monotonic() + 60
+        want, seen = ends(), None
+        # Read up to each partition's end; a transaction's commit marker takes the last offset,
+        # so a partition is done when its next record would be at end - 1 or later. The ends are
+        # read again before stopping, in case the first reading came from stale metadata.
+        while want != seen:
+            seen = want
+            while any((got[p][-1].offset() + 1 if got[p] else 0) < want[p] - 1 for p in parts):
+                assert time.monotonic() < deadline, f"reading {topic} back took over 60 s"
+                for rec in c.consume(1000, 0.2):
+                    if not rec.error():
+                        got[rec.partition()].append(rec)
+            want = ends()
+        return [rec for p in sorted(got) for rec in got[p]]
+    finally:
+        c.close()
+
+
+def kafka_harness(url: str) -> BrokerHarness:
+    from zeroloss.brokers.kafka import KafkaBroker, parse_bootstrap
+    from zeroloss.embedded_broker import free_port
+
+    bootstrap = parse_bootstrap(url)
+
+    def read(topic: str) -> Entries:
+        return [(dict(r.headers() or [])[ID_HEADER].decode(), r.key()) for r in _kafka_records(bootstrap, topic)]
+
+    def read_headers(topic: str) -> Letters:
+        out: Letters = []
+        for r in _kafka_records(bootstrap, topic):
+            h = dict(r.headers() or [])
+            out.append((h[ID_HEADER].decode(), h))
+        return out
+
+    def drop(topic: str) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        for f in admin.delete_topics([topic, topic + ".dlq"], operation_timeout=10).values():
+            with contextlib.suppress(Exception):
+                f.result(15)
+
+    def make(url: str = url, **kw: Any) -> Broker:
+        import uuid
+
+        return KafkaBroker(url, **{"transactional_id": f"harness-{uuid.uuid4().hex[:8]}", "timeout_s": 10.0, **kw})
+
+    return BrokerHarness("kafka", url, f"kafka://127.0.0.1:{free_port()}", make, read, drop, read_headers)
+
+
+HARNESSES: dict[str, Callable[[], BrokerHarness]] = {
+    "rabbitmq": rabbitmq_harness, "nats": nats_harness, "redis": redis_harness,
+}
+BROKERS = [pytest.param("kafka", id="kafka", marks=pytest.mark.kafka_cluster),
+           *(pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in HARNESSES)]
 
 
 @contextlib.contextmanager
-def harness(name: str) -> Iterator[BrokerHarness]:
-    require_service(name)
-    h = HARNESSES[name]()
+def harness(name: str, url: str | None = None) -> Iterator[BrokerHarness]:
+    """The harness for ``name``; Kafka's needs the cluster's ``url`` (the kafka_cluster fixture)."""
+    if name == "kafka":
+        assert url is not None, "the kafka harness needs the cluster's URL"
+        h = kafka_harness(url)
+    else:
+        require_service(name)
+        h = HARNESSES[name]()
     try:
         yield h
     finally:

@@ -261,6 +261,8 @@ class KafkaCluster:
             "share.coordinator.state.topic.min.isr": "2",
             # Fast start: no rebalance delay, 10 partitions instead of 50 for the internal topics.
             "group.initial.rebalance.delay.ms": "0",
+            # The tests' consumers use a 2 s session (fast fail-over); Kafka's floor is 6 s.
+            "group.min.session.timeout.ms": "1000",
             "offsets.topic.num.partitions": "10",
             "transaction.state.log.num.partitions": "10",
             # A killed node is fenced (and leaves every ISR) after 4 s instead of 9 s.

@@ -1,10 +1,13 @@
-"""The RabbitMQ, NATS JetStream and Redis Streams adapters against the real services: relay
-delivery in key order, outages that spend no attempts, unroutable or invalid destinations, dedup."""
+"""The Kafka (three-broker cluster), RabbitMQ, NATS JetStream and Redis Streams adapters against
+the real services: relay delivery in key order, outages that spend no attempts, unroutable or
+invalid destinations, dedup."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -25,7 +28,8 @@ FAST = RelaySettings(batch_size=100, backoff_base_s=0.01, max_backoff_s=0.05, id
 
 @pytest.fixture(params=BROKERS)
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
-    with harness(request.param) as h:
+    url = request.getfixturevalue("kafka_cluster").url if request.param == "kafka" else None
+    with harness(request.param, url) as h:
         yield h
 
 
@@ -323,3 +327,66 @@ def test_redis_key_of_another_type_is_rejected_and_its_key_held() -> None:
         assert out[0].status is Status.REJECTED and "WRONGTYPE" in (out[0].error or "")
         assert [o.status for o in out[1:]] == [Status.HELD, Status.DELIVERED]
         assert [i for i, _ in h.read(fine)] == [out[2].message.id]
+
+
+# -- Kafka: what the real cluster refuses --------------------------------------------------------
+
+
+@pytest.mark.kafka_cluster
+def test_kafka_a_record_too_large_is_rejected_and_holds_only_its_key(kafka_cluster: Any) -> None:
+    with harness("kafka", kafka_cluster.url) as h:
+        topic = topic_for(h)
+        big = new_message(topic, b"x" * 2_000_000, key=b"A")  # over the broker's 1 MB max.message.bytes
+        after, other = new_message(topic, b"after", key=b"A"), new_message(topic, b"other", key=b"B")
+        broker = h.make()
+        try:
+            out = broker.publish([big, after, other])
+        finally:
+            broker.close()
+        assert [o.status for o in out] == [Status.REJECTED, Status.HELD, Status.DELIVERED]
+        assert "MSG_SIZE_TOO_LARGE" in (out[0].error or "")
+        assert [i for i, _ in h.read(topic)] == [other.id]
+
+
+@pytest.mark.kafka_cluster
+@pytest.mark.parametrize("outbox", ["sqlite"], indirect=True)
+def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_attempts(
+    kafka_cluster: Any, outbox: OutboxHarness
+) -> None:
+    """min.insync.replicas=2 with one of two replicas down: the broker refuses acks=all writes
+    (NOT_ENOUGH_REPLICAS) and nothing is written; the relay backs off and the message waits."""
+    from confluent_kafka.admin import NewTopic
+
+    with harness("kafka", kafka_cluster.url) as h:
+        topic = topic_for(h)
+        leader = 1
+        follower = 2
+        kafka_cluster.admin().create_topics([NewTopic(topic, num_partitions=1, replica_assignment=[[leader, follower]],
+                                                      config={"min.insync.replicas": "2"})])[topic].result(30)
+        mid = outbox.add(topic=topic, value=b"v", key=b"k")
+        kafka_cluster.kill(follower)
+        try:
+            deadline = time.monotonic() + 60
+            while kafka_cluster.replicas_of(topic, 0)[1] != [leader]:
+                assert time.monotonic() < deadline, "the ISR never shrank to the leader"
+                time.sleep(0.2)
+            broker = h.make(timeout_s=3.0)
+            try:
+                relay = Relay(outbox.store, broker, FAST)
+                relay.run_once()
+                ready, why = relay.readiness()
+            finally:
+                broker.close()
+            state, msg = outbox.store.get(mid)
+            assert state is State.PENDING and msg.attempts == 0
+            assert relay.counters.broker_errors == 1
+            assert not ready and "NOT_ENOUGH_REPLICAS" in why, why
+        finally:
+            kafka_cluster.restart(follower)
+        broker = h.make()
+        try:
+            Relay(outbox.store, broker, FAST).drain(timeout_s=60)
+        finally:
+            broker.close()
+        assert outbox.store.get(mid)[0] is State.SUCCESS
+        assert [m for m, _ in h.read(topic)] == [mid]

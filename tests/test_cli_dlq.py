@@ -23,7 +23,13 @@ from zeroloss.message import new_message, uuid7
 from zeroloss.readback import read_topic
 
 
-@pytest.mark.kafka
+@pytest.fixture(scope="session")
+def kafka(kafka_cluster: Any) -> Any:
+    """The Kafka tests here run on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
+    return kafka_cluster
+
+
+@pytest.mark.kafka_cluster
 def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     topic = unique_topic("orders")
     ids = [uuid7(), uuid7()]

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,13 @@ from tests.test_consumer import Db, consumer, make_db, publish
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.message import new_message
 
-pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka_cluster, pytest.mark.postgres, pytest.mark.slow]
+
+@pytest.fixture(scope="session")
+def kafka(kafka_cluster: Any) -> Any:
+    """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
+    return kafka_cluster
+
 
 KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "4"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "2000"))

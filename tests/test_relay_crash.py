@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +18,13 @@ from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.outbox.base import State
 from zeroloss.readback import read_topic
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka_cluster, pytest.mark.slow]
+
+@pytest.fixture(scope="session")
+def kafka(kafka_cluster: Any) -> Any:
+    """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
+    return kafka_cluster
+
 
 KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "4"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "3000"))

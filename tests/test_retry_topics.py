@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -21,7 +22,13 @@ from zeroloss.message import new_message
 from zeroloss.readback import read_topic
 from zeroloss.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy, retry_pattern
 
-pytestmark = pytest.mark.kafka
+pytestmark = pytest.mark.kafka_cluster
+
+@pytest.fixture(scope="session")
+def kafka(kafka_cluster: Any) -> Any:
+    """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
+    return kafka_cluster
+
 
 
 @pytest.fixture

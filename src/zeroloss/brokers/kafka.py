@@ -333,8 +333,9 @@ class KafkaBroker:
         except self._ck.KafkaException as exc:
             raise self._batch_failed(exc.args[0], "produce") from exc
         if left:
+            why = self._why_stuck(producer, {m.topic for m in sent if m.id not in reports})
             self._reset(f"{left} messages not acknowledged within {self.timeout_s}s")
-            raise BrokerError(f"Kafka at {self.bootstrap} made no progress for {self.timeout_s}s")
+            raise BrokerError(f"Kafka at {self.bootstrap} made no progress for {self.timeout_s}s{why}")
         if any(m.id not in reports for m in sent):  # flush() returned 0, so this is a client bug
             self._reset("delivery reports missing")
             raise BrokerError("Kafka producer lost delivery reports; the batch will be sent again")
@@ -369,6 +370,38 @@ class KafkaBroker:
             else:
                 again.append(m)
         return again
+
+    def _why_stuck(self, producer: Any, topics: set[str]) -> str:
+        """Why records get no acknowledgement, from the cluster's metadata: a partition with no
+        leader, or fewer in-sync replicas than ``min.insync.replicas`` (librdkafka retries
+        NOT_ENOUGH_REPLICAS silently until the message times out). "" when nothing explains it."""
+        wait = min(2.0, self.timeout_s)
+        try:
+            md = producer.list_topics(timeout=wait)
+        except Exception:  # the diagnosis is a courtesy; the outage is reported either way
+            return ""
+        problems: list[str] = []
+        for topic in sorted(topics):
+            parts = md.topics[topic].partitions if topic in md.topics else {}
+            leaderless = sorted(p for p, m in parts.items() if m.leader < 0)
+            if leaderless:
+                problems.append(f"{topic} partition(s) {leaderless} have no leader")
+            fewest = min((len(m.isrs) for m in parts.values()), default=None)
+            if fewest is None or leaderless:
+                continue
+            try:
+                res = admin_module().ConfigResource(admin_module().ConfigResource.Type.TOPIC, topic)
+                admin = self._admin()
+                conf = admin.describe_configs([res], request_timeout=wait)[res].result(wait)
+                min_isr = int(conf["min.insync.replicas"].value)
+            except Exception:  # no DescribeConfigs right, or the cluster too sick to answer
+                continue
+            starved = sorted(p for p, m in parts.items() if len(m.isrs) < min_isr)
+            if starved:
+                problems.append(f"{topic} partition(s) {starved} have {fewest} in-sync replica(s), below "
+                                f"min.insync.replicas={min_isr}: the brokers refuse acks=all writes "
+                                "(NOT_ENOUGH_REPLICAS) until a replica is back")
+        return f" ({'; '.join(problems)})" if problems else ""
 
     def _produce(self, producer: Any, m: Message, on_delivery: Any) -> Any:
         headers = [*m.headers, (ID_HEADER, m.id.encode())]
