@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_harness import BROKERS, BrokerHarness, harness
+from tests.broker_harness import OTHER_BROKERS, BrokerHarness, harness
 from tests.conftest import OutboxHarness, unique_topic
 from tests.test_relay_crash import source_url, start_relay, wait_until
 from zeroloss.outbox.base import State
@@ -23,7 +23,7 @@ KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "3"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "1500"))
 
 
-@pytest.fixture(params=BROKERS)
+@pytest.fixture(params=OTHER_BROKERS)
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
     with harness(request.param) as h:
         yield h

@@ -381,6 +381,7 @@ def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_at
             assert state is State.PENDING and msg.attempts == 0
             assert relay.counters.broker_errors == 1
             assert not ready and "NOT_ENOUGH_REPLICAS" in why, why
+            assert "NOT_ENOUGH_REPLICAS" in (outbox.store.stats().oldest_pending_error or "")  # status says it too
         finally:
             kafka_cluster.restart(follower)
         broker = h.make()

@@ -72,6 +72,13 @@ def test_retry_waits_for_not_before(outbox: OutboxHarness) -> None:
     assert outbox.store.claim(10, lease_s=30) == []
     [waiting] = outbox.store.list(State.PENDING)
     assert (waiting.id, waiting.attempts, waiting.last_error) == (mid, 1, "boom")
+    assert outbox.store.stats().oldest_pending_error == "boom"  # status says what holds it back
+
+
+def test_stats_name_no_error_for_a_fresh_backlog(outbox: OutboxHarness) -> None:
+    assert outbox.store.stats().oldest_pending_error is None
+    outbox.add(topic="t", value=b"x")
+    assert outbox.store.stats().oldest_pending_error is None
 
 
 def test_a_due_retry_is_claimed_with_its_attempts_and_error(outbox: OutboxHarness) -> None:

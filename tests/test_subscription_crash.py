@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_harness import BROKERS, BrokerHarness, harness
+from tests.broker_harness import OTHER_BROKERS, BrokerHarness, harness
 from tests.conftest import unique_topic
 from tests.test_consumer import Db, make_db
 from tests.test_consumer_crash import assert_exactly_once, wait_until
@@ -33,7 +33,7 @@ CHILD = Path(__file__).with_name("subscription_child.py")
 CONFIG = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 2.0, "claim_every_s": 0.5}}
 
 
-@pytest.fixture(params=BROKERS)
+@pytest.fixture(params=OTHER_BROKERS)
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
     with harness(request.param) as h:
         yield h

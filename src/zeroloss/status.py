@@ -91,11 +91,12 @@ def assess(stats: Stats, t: Thresholds | None = None) -> Verdict:
     elif used is not None and used > t.disk_warn_pct:
         v.add(Level.WARN, f"spool disk {used:.0f}% used (> {t.disk_warn_pct:.0f}%)")
     age = stats.oldest_pending_age_s
+    why = f"; its last error: {stats.oldest_pending_error}" if stats.oldest_pending_error else ""
     if age is not None and age > 4 * t.max_pending_age_s:
-        v.add(Level.CRITICAL, f"oldest pending message is {_age(age)} old (> 4 x {_age(t.max_pending_age_s)}): "
+        v.add(Level.CRITICAL, f"oldest pending message is {_age(age)} old (> 4 x {_age(t.max_pending_age_s)}){why}: "
               "is the relay running and the broker reachable? zeroloss doctor --target URL")
     elif age is not None and age > t.max_pending_age_s:
-        v.add(Level.WARN, f"oldest pending message is {_age(age)} old (> {_age(t.max_pending_age_s)})")
+        v.add(Level.WARN, f"oldest pending message is {_age(age)} old (> {_age(t.max_pending_age_s)}){why}")
     if stats.expired_leases:
         v.add(Level.WARN, f"{stats.expired_leases} message(s) in sending with an expired lease: a relay died or is "
               "stuck; a running relay returns them to pending")
@@ -122,6 +123,7 @@ def as_dict(stats: Stats | None, verdict: Verdict) -> dict[str, Any]:
             "counts": {s.value: stats.counts.get(s, 0) for s in State},
             "oldest_age_s": {s.value: round(a, 3) for s, a in sorted(stats.oldest_age_s.items())},
             "oldest_pending_age_s": stats.oldest_pending_age_s,
+            "oldest_pending_error": stats.oldest_pending_error,
             "expired_leases": stats.expired_leases,
             "parked": stats.parked,
             "disk_free_bytes": stats.disk_free_bytes,
@@ -143,6 +145,8 @@ def render(stats: Stats | None, verdict: Verdict, states: frozenset[State] = fro
                 continue
             age = stats.oldest_age_s.get(s)
             lines.append(f"{s.value:<10} {stats.counts.get(s, 0):>9}  {'-' if age is None else _age(age)}")
+        if stats.oldest_pending_error:
+            lines.append(f"oldest pending waits on: {stats.oldest_pending_error}")
         lines.append(f"expired leases: {stats.expired_leases}")
         lines.append(f"parked (behind a failed message of their key): {stats.parked}")
         used = disk_used_pct(stats)

@@ -83,6 +83,9 @@ class Stats:
     disk_total_bytes: int | None = None
     """Spool only: used + free bytes (blocks reserved for root left out), so that
     ``1 - free / total`` is the used share ``df`` shows."""
+    oldest_pending_error: str | None = None
+    """Why the oldest ``pending`` message is still waiting, as the relay last recorded it (a
+    broker outage, a retry's error), so ``status`` can say what holds the backlog back."""
     extra: dict[str, object] = field(default_factory=dict)
 
 

@@ -641,6 +641,7 @@ class FileSpool:
                 got = self._info(State.PENDING, name, mid, quarantine=False)
                 if got and got[0].key is not None and failed_first.get(got[0].key, mid) < mid:
                     parked += 1
+            first = self._read(State.PENDING, pending[0][1], pending[0][0], quarantine=False) if pending else None
             vfs = os.statvfs(self.root)
             oldest = {s: max(0.0, now - id_time(n[0][0])) for s, n in names.items() if n}
             mtimes = []
@@ -655,6 +656,7 @@ class FileSpool:
                 oldest_age_s=oldest,
                 expired_leases=sum(1 for _, n in names[State.SENDING] if _lease_ms(n) <= now * 1000),
                 parked=parked,
+                oldest_pending_error=(first.last_error or None) if first else None,
                 disk_free_bytes=vfs.f_bavail * vfs.f_frsize,
                 disk_total_bytes=(vfs.f_blocks - vfs.f_bfree + vfs.f_bavail) * vfs.f_frsize,  # used + available, as df
                 extra={

@@ -537,6 +537,9 @@ class SqlOutbox:
                 sa.select(sa.func.count()).select_from(t)
                 .where(t.c.state == State.PENDING.value, t.c.key_hash.is_not(None), earlier_failed)
             )
+            oldest_error = conn.scalar(
+                sa.select(t.c.last_error).where(t.c.state == State.PENDING.value).order_by(t.c.id).limit(1)
+            ) if counts[State.PENDING] else None
             extra: dict[str, object] = {"url": self.url, "table": t.name}
             if unknown:
                 extra["unknown_states"] = unknown
@@ -546,6 +549,7 @@ class SqlOutbox:
                 oldest_age_s=ages,
                 expired_leases=int(expired or 0),
                 parked=int(parked or 0),
+                oldest_pending_error=oldest_error or None,
                 extra=extra,
             )
 
