@@ -120,7 +120,7 @@ def kafka() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def kafka_cluster() -> Iterator[Any]:
+def _kafka_cluster_session() -> Iterator[Any]:
     """Three Apache Kafka brokers (tests/kafka_cluster.py), RF 3 and min.insync.replicas 2 by default.
 
     Reused when already up (`make cluster`), and then left running; stopped at the end only if
@@ -140,6 +140,16 @@ def kafka_cluster() -> Iterator[Any]:
     finally:
         if not was_running:
             cluster.stop()
+
+
+@pytest.fixture
+def kafka_cluster(_kafka_cluster_session: Any) -> Any:
+    """The cluster, with every node listening: a node an earlier test left down (or someone
+    stopped by hand) is started again before this test rather than failing it by timeouts."""
+    cluster = _kafka_cluster_session
+    if not all(port_open(n.port) for n in cluster.nodes.values()):
+        cluster.start()
+    return cluster
 
 
 def unique_topic(prefix: str = "t") -> str:

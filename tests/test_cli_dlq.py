@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,13 +18,13 @@ from tests.test_consumer import make_db
 from zeroloss.brokers.base import Status
 from zeroloss.cli import main
 from zeroloss.consumer import Consumer
-from zeroloss.dlq import DeadLetterPublisher, dead_letter
+from zeroloss.dlq import DeadLetterPublisher, dead_letter, list_dead_letters
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.message import new_message, uuid7
 from zeroloss.readback import read_topic
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """The Kafka tests here run on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
     return kafka_cluster
@@ -60,6 +61,35 @@ def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     assert replayed.exit_code == 0 and "replayed 2" in replayed.output, replayed.output
     back = read_topic(kafka.url, topic, expect=ids)
     assert set(back.ids) == set(ids)  # with their original ids: the inbox runs each at most once
+
+
+@pytest.mark.kafka_cluster
+def test_a_slow_leader_delays_the_list_but_never_shortens_it(kafka: Any) -> None:
+    """The list ends at the end of every partition, not after a quiet spell: with the dead
+    letters' leader frozen for longer than the old 2 s idle rule, it still lists them all."""
+    from confluent_kafka.admin import NewTopic
+
+    topic = unique_topic("orders")
+    kafka.admin().create_topics([NewTopic(f"{topic}.dlq", 1, 3)])[f"{topic}.dlq"].result(30)
+    kafka.wait_in_sync(f"{topic}.dlq")
+    pub = DeadLetterPublisher(kafka.url)
+    ids = [uuid7() for _ in range(5)]
+    for n, mid in enumerate(ids):
+        pub.publish(dead_letter(message_id=mid, topic=topic, partition=0, offset=n, key=b"k", value=b"v",
+                                headers=(), error=ValueError("x"), attempts=1, first_failure=time.time()))
+    pub.close()
+    leader = kafka.leader_of(f"{topic}.dlq", 0)
+    got: list[list[str]] = []
+    kafka.pause(leader)
+    try:
+        lister = threading.Thread(target=lambda: got.append([d.id for d in list_dead_letters(kafka.url, topic)]))
+        lister.start()
+        lister.join(4.0)  # the frozen leader's fault lasts this long: past the old idle rule
+        assert not got, "the list ended while the partition's leader could not answer"
+    finally:
+        kafka.resume(leader)
+    lister.join(60)
+    assert got == [ids]
 
 
 CONSUMER_CONFIG = {"nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}

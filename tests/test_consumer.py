@@ -186,7 +186,7 @@ def test_poison_and_exhausted_messages_are_dead_lettered_then_replayed_once(kafk
     assert c.counters.dead_lettered == 2
     assert db.counts() == Counter({m.id: 1 for m in msgs if m not in (poison, broken)})
 
-    letters = {d.id: d for d in dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)}
+    letters = {d.id: d for d in dlq.list_dead_letters(kafka.url, topic)}
     assert set(letters) == {poison.id, broken.id}
     p, b = letters[poison.id], letters[broken.id]
     assert p.topic == f"{topic}.dlq"
@@ -196,13 +196,13 @@ def test_poison_and_exhausted_messages_are_dead_lettered_then_replayed_once(kafk
     assert p.headers == (("trace", b"p"),)
     assert before <= p.first_failure <= time.time()
     assert b.original_offset >= 0 and b.original_partition >= 0
-    assert dlq.show(kafka.url, f"{topic}.dlq", broken.id, idle_s=1.0).error_message == "always fails"
+    assert dlq.show(kafka.url, f"{topic}.dlq", broken.id).error_message == "always fails"
     with pytest.raises(UnknownMessageError):
-        dlq.replay(kafka.url, topic, [broken.id, "no-such-id"], idle_s=1.0)
+        dlq.replay(kafka.url, topic, [broken.id, "no-such-id"])
 
     healed.set()
-    assert dlq.replay(kafka.url, topic, [poison.id, broken.id], idle_s=1.0) == 2
-    assert dlq.replay(kafka.url, topic, [poison.id], idle_s=1.0) == 1  # twice: the inbox runs it once
+    assert dlq.replay(kafka.url, topic, [poison.id, broken.id]) == 2
+    assert dlq.replay(kafka.url, topic, [poison.id]) == 1  # twice: the inbox runs it once
     c.run_until_idle(idle_s=2.0, timeout_s=90)
     assert db.counts() == Counter({m.id: 1 for m in msgs})
     assert c.counters.duplicates == 1
@@ -295,7 +295,7 @@ def test_an_undecodable_id_header_is_dead_lettered_at_once(kafka: EmbeddedBroker
     c.handler(db.record)
     c.run_until_idle(idle_s=2.0, timeout_s=90)
     assert c.counters.dead_lettered == 1 and not db.counts()
-    (letter,) = dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)
+    (letter,) = dlq.list_dead_letters(kafka.url, topic)
     assert letter.error_type == "PoisonMessage" and letter.attempts == 0
     assert letter.id == f"{topic}/{letter.original_partition}/{letter.original_offset}"
 
@@ -324,7 +324,7 @@ def test_transactional_mode_commits_outputs_dead_letters_and_offsets_together(ka
     seen = read_topic(kafka.url, out_topic, idle_s=2.0)
     assert seen.records == 99 and len(seen.ids) == 99
     assert not set(seen.ids) & {m.id for m in msgs}  # outputs have their own (derived) ids
-    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)] == [poison.id]
+    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic)] == [poison.id]
     again = consumer(kafka, topic, None, group=c.group, transactional=True)
     again.handler(transform)
     again.run_until_idle(idle_s=1.0, timeout_s=90)

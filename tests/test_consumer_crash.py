@@ -24,7 +24,7 @@ from zeroloss.message import new_message
 
 pytestmark = [pytest.mark.kafka_cluster, pytest.mark.postgres, pytest.mark.slow]
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
     return kafka_cluster

@@ -20,7 +20,7 @@ from zeroloss.readback import read_topic
 
 pytestmark = [pytest.mark.kafka_cluster, pytest.mark.slow]
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
     return kafka_cluster

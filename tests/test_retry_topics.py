@@ -24,7 +24,7 @@ from zeroloss.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, or
 
 pytestmark = pytest.mark.kafka_cluster
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
     return kafka_cluster
@@ -96,12 +96,12 @@ def test_a_failing_message_waits_on_retry_topics_while_its_partition_flows(kafka
     (t1, _), (t2, _), (t3, _) = runs[broken.id]
     assert t2 - t1 >= 0.45 and t3 - t2 >= 0.95
     assert c.counters.retries == 4 and c.counters.dead_lettered == 1
-    (letter,) = dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)
+    (letter,) = dlq.list_dead_letters(kafka.url, topic)
     assert letter.id == broken.id and letter.topic == f"{topic}.dlq" and letter.attempts == 3
     assert letter.original_topic == topic and letter.error_message == "b'broken' failed attempt 3"
     assert letter.original_offset == 5  # one key, a new topic: offsets 0..29 on one partition
     for stage in (1, 2):
-        seen = read_topic(kafka.url, f"{topic}.retry.{stage}", expect=[flaky.id, broken.id], idle_s=1.0)
+        seen = read_topic(kafka.url, f"{topic}.retry.{stage}", expect=[flaky.id, broken.id])
         assert set(seen.ids) >= {flaky.id, broken.id}
 
 
@@ -143,7 +143,7 @@ def test_transactional_mode_commits_retry_copies_with_the_offsets(kafka: Embedde
     c.run_until_idle(idle_s=2.0, timeout_s=90)
     c.close()
     assert c.counters.retries == 1 and c.counters.dead_lettered == 0
-    seen = read_topic(kafka.url, out, idle_s=1.0)
+    seen = read_topic(kafka.url, out)
     assert seen.records == 10 and len(seen.ids) == 10  # the retried one's output once, like the rest
 
 
@@ -194,5 +194,5 @@ def test_a_retry_copy_the_broker_refuses_is_dead_lettered_instead(kafka: Embedde
     c.run_until_idle(idle_s=1.5, timeout_s=90)
     c.close()
     assert c.counters.retries == 0 and c.counters.dead_lettered == 1
-    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic, idle_s=1.0)] == [msgs[1].id]
+    assert [d.id for d in dlq.list_dead_letters(kafka.url, topic)] == [msgs[1].id]
     assert sum(db.counts().values()) == 2

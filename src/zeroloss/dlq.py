@@ -201,12 +201,12 @@ def _letter(topic: str, partition: int, offset: int, position: str, mid: str | N
     )
 
 
-def _scan(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator[DeadLetter, None, None]:
+def _scan(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, None, None]:
     """Every dead letter on ``topic`` (the dead-letter topic), oldest first, left in place."""
     from zeroloss.registry import open_broker, scheme_of
 
     if scheme_of(url) == "kafka":  # read by the consumer API, which the KafkaBroker does not wrap
-        yield from _scan_kafka(url, topic, idle_s=idle_s, timeout_s=timeout_s)
+        yield from _scan_kafka(url, topic, timeout_s=timeout_s)
         return
     broker = open_broker(url, timeout_s=timeout_s)
     try:
@@ -218,9 +218,11 @@ def _scan(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator
         broker.close()
 
 
-def _scan_kafka(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Generator[DeadLetter, None, None]:
-    """Every record of ``topic`` from the beginning, without joining a group; ends when nothing
-    new arrived for ``idle_s`` (the high watermark is not trusted: Tansu reports it wrongly)."""
+def _scan_kafka(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, None, None]:
+    """Every record of ``topic`` from the beginning, without joining a group; ends when every
+    partition has been read to its end (the client's end-of-partition event, which follows the
+    fetch responses: right on Kafka and on Tansu alike). Stopping after a quiet spell instead
+    would return a partial list, silently, from a broker slow to answer the first fetch."""
     ck = _kafka()
     consumer: Any = ck.Consumer({
         "bootstrap.servers": parse_bootstrap(url),
@@ -228,6 +230,7 @@ def _scan_kafka(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Gen
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
+        "enable.partition.eof": True,
     })
     try:
         try:
@@ -239,22 +242,27 @@ def _scan_kafka(url: str, topic: str, *, idle_s: float, timeout_s: float) -> Gen
             return
         consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout_s
-        last_new = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - last_new <= idle_s:
-            batch = consumer.consume(500, 0.2)
-            for rec in batch:
-                if rec.error() is None:
-                    last_new = time.monotonic()
+        at_end: set[int] = set()
+        while len(at_end) < len(parts):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"could not read {topic} partition(s) {sorted(set(parts) - at_end)} to the end "
+                                  f"within {timeout_s:.0f}s at {url}: is their leader up?")
+            for rec in consumer.consume(500, 0.2):
+                err = rec.error()
+                if err is None:
+                    at_end.discard(rec.partition())
                     yield _parse(rec)
+                elif err.code() == ck.KafkaError._PARTITION_EOF:
+                    at_end.add(rec.partition())
     finally:
         consumer.close()
 
 
-def list_dead_letters(url: str, topic: str, limit: int = 100, *, idle_s: float = 2.0,
+def list_dead_letters(url: str, topic: str, limit: int = 100, *,
                       timeout_s: float = 60.0) -> list[DeadLetter]:
     """Up to ``limit`` dead letters of ``topic`` (``orders`` or ``orders.dlq``), oldest failure first."""
     out: list[DeadLetter] = []
-    with closing(_scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s)) as letters:
+    with closing(_scan(url, dlq_topic(topic), timeout_s=timeout_s)) as letters:
         for dl in letters:
             out.append(dl)
             if len(out) >= limit:
@@ -262,10 +270,10 @@ def list_dead_letters(url: str, topic: str, limit: int = 100, *, idle_s: float =
     return sorted(out, key=lambda d: (d.first_failure, d.id))
 
 
-def show(url: str, topic: str, message_id: str, *, idle_s: float = 2.0, timeout_s: float = 60.0) -> DeadLetter:
+def show(url: str, topic: str, message_id: str, *, timeout_s: float = 60.0) -> DeadLetter:
     """The newest dead letter with ``message_id``; UnknownMessageError if there is none."""
     found: DeadLetter | None = None
-    for dl in _scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s):
+    for dl in _scan(url, dlq_topic(topic), timeout_s=timeout_s):
         if dl.id == message_id and (found is None or dl.first_failure >= found.first_failure):
             found = dl
     if found is None:
@@ -273,7 +281,7 @@ def show(url: str, topic: str, message_id: str, *, idle_s: float = 2.0, timeout_
     return found
 
 
-def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = None, idle_s: float = 2.0,
+def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = None,
            timeout_s: float = 60.0) -> int:
     """Republish dead letters to their original topic (or ``to_topic``) with their original key,
     value, headers and **id**, so the consumer's inbox runs each at most once. All ids must exist
@@ -281,7 +289,7 @@ def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = N
     delivered; BrokerError if any was not."""
     want = list(dict.fromkeys(ids))
     found: dict[str, DeadLetter] = {}
-    for dl in _scan(url, dlq_topic(topic), idle_s=idle_s, timeout_s=timeout_s):
+    for dl in _scan(url, dlq_topic(topic), timeout_s=timeout_s):
         if dl.id in want:
             found[dl.id] = dl  # a later copy replaces an earlier one: either is the same message
     missing = [i for i in want if i not in found]

@@ -1,8 +1,10 @@
 """Read a topic back from the broker, from the beginning, without joining a group.
 
-Used by the demo, the tests and (later) ``audit``. It assigns every partition explicitly, so
-there is no group join to wait for, and it stops when every expected id was seen or nothing
-new arrived for ``idle_s`` — never by trusting the high watermark (unreliable on Tansu).
+Used by the demo and the tests. It assigns every partition explicitly, so there is no group
+join to wait for, and reads every partition to its end (the client's end-of-partition event,
+from the fetch responses; Tansu's separate high-watermark answer is unreliable); then it stops
+if every expected id was seen, or else once nothing new arrived for ``idle_s`` (ids still on
+their way).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: floa
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
+        "enable.partition.eof": True,
     })
     out = Readback()
     try:
@@ -51,21 +54,25 @@ def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: floa
         consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout_s
         last_new = time.monotonic()
+        at_end: set[int] = set()  # partitions read to their end since their last record
         while time.monotonic() < deadline:
             batch = consumer.consume(1000, 0.2)
             for rec in batch:
-                if rec.error():
+                err = rec.error()
+                if err is not None:
+                    if err.code() == ck.KafkaError._PARTITION_EOF:
+                        at_end.add(rec.partition())
                     continue
+                at_end.discard(rec.partition())
+                last_new = time.monotonic()
                 mid = dict(rec.headers() or []).get(ID_HEADER, b"").decode()
                 out.records += 1
                 out.ids[mid] += 1
                 if out.ids[mid] == 1 and rec.key() is not None:
                     out.order.setdefault(rec.key(), []).append(mid)
-            if batch:
-                last_new = time.monotonic()
-            if want and want.issubset(out.ids):
-                break
-            if time.monotonic() - last_new > idle_s:
+            if len(at_end) < len(parts):
+                continue  # never stop short of the end: copies further on must be counted too
+            if not want or want.issubset(out.ids) or time.monotonic() - last_new > idle_s:
                 break
     finally:
         consumer.close()

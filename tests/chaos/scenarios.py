@@ -332,7 +332,7 @@ def handler_failures(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
 
         def all_dead_lettered() -> bool:
             letters.clear()
-            for dl in list_dead_letters(p.broker_url, p.topic, limit=10 * n, idle_s=2):
+            for dl in list_dead_letters(p.broker_url, p.topic, limit=10 * n):
                 letters[dl.id] = letters.get(dl.id, 0) + 1
             return poison <= set(letters)
 
