@@ -37,6 +37,31 @@ def test_bad_urls_exit_2_and_say_what_to_fix(args: list[str], needle: str, tmp_p
     assert needle in out
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--backoff-base-s", "-5"], {}, "--backoff-base-s"),
+        (["--max-backoff-s", "-1"], {}, "--max-backoff-s"),
+        (["--backoff-base-s", "2", "--max-backoff-s", "1"], {}, "below --backoff-base-s"),
+        (["--lease-s", "5", "--timeout-s", "30"], {}, "must exceed --timeout-s"),
+        ([], {"ZEROLOSS_BACKOFF_BASE_S": "-1"}, "environment variable ZEROLOSS_BACKOFF_BASE_S"),
+        ([], {"ZEROLOSS_BATCH_SIZE": "abc"}, "environment variable ZEROLOSS_BATCH_SIZE"),
+    ],
+    ids=["negative-base", "negative-max", "max-below-base", "lease-below-timeout", "env-base", "env-batch"],
+)
+def test_relay_timings_that_cannot_work_are_refused_before_anything_starts(
+    args: list[str], env: dict[str, str], needle: str, tmp_path: Path
+) -> None:
+    """A negative backoff is a hot loop; a lease shorter than the publish timeout lets a second
+    relay claim a batch that may still be delivered. Nothing is created: no outbox file."""
+    db = tmp_path / "never.db"
+    result = CliRunner().invoke(main, ["relay", "--source", f"sqlite:///{db}", "--target", "kafka://127.0.0.1:1",
+                                       *args], env=env)
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert not db.exists()
+
+
 def test_missing_option_is_a_usage_error() -> None:
     code, out = run("relay", "--source", "sqlite:///x.db")
     assert code == 2

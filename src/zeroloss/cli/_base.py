@@ -27,6 +27,26 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 
 
+class EnvOption(click.Option):
+    """An option whose bad value, when it came from its environment variable, is reported as
+    that variable: ``ZEROLOSS_BATCH_SIZE=abc`` names ZEROLOSS_BATCH_SIZE, not ``--batch-size``,
+    which the user never typed."""
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            source = ctx.get_parameter_source(self.name) if self.name else None
+            if source is click.core.ParameterSource.ENVIRONMENT and isinstance(self.envvar, str):
+                exc.param_hint = f"environment variable {self.envvar} (for '{self.opts[0]}')"
+            raise
+
+
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """``click.option`` with :class:`EnvOption`: what every zeroloss option is declared with."""
+    return click.option(*decls, cls=EnvOption, **attrs)
+
+
 def errors_to_exit_codes(fn: F) -> F:
     """Turn zeroloss errors into one clear line and an exit code, not a traceback."""
 
@@ -48,11 +68,11 @@ def source_options(*, required: bool = True) -> Callable[[F], F]:
     """``--source`` and ``--table``; ``init`` makes ``--source`` optional (it may only declare)."""
 
     def decorate(fn: F) -> F:
-        fn = click.option(
+        fn = option(
             "--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True,
             help="SQL outbox table name [env ZEROLOSS_TABLE]",
         )(fn)  # fmt: skip
-        return click.option(
+        return option(
             "--source", envvar="ZEROLOSS_SOURCE", required=required, metavar="URL",
             help="Outbox: spool:///DIR, sqlite:///FILE, postgresql://..., mysql://... [env ZEROLOSS_SOURCE]",
         )(fn)  # fmt: skip
@@ -62,7 +82,7 @@ def source_options(*, required: bool = True) -> Callable[[F], F]:
 
 def target_options(*, required: bool = True) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
-        return click.option(
+        return option(
             "--target", envvar="ZEROLOSS_TARGET", required=required, metavar="URL",
             help="Broker: kafka://HOST:PORT, amqp://USER:PASS@HOST/, nats://HOST:4222, redis://HOST:6379/0 "
                  "[env ZEROLOSS_TARGET]",
@@ -76,7 +96,7 @@ target_option = target_options()
 
 
 def json_option(fn: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
+    return option("--json", "as_json", is_flag=True, help="Machine-readable output.")(fn)
 
 
 @contextlib.contextmanager
@@ -91,7 +111,7 @@ def opened_store(source: str, table: str) -> Iterator[OutboxStore]:
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.version_option(package_name="zeroloss")
 def main(verbose: int) -> None:
     """zeroloss: lossless delivery from your database to a broker and on to your handler.

@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING
 
 import click
 
-from zeroloss.cli._base import EXIT_PROBLEM, errors_to_exit_codes, json_option, main, opened_store
+from zeroloss.cli._base import EXIT_PROBLEM, errors_to_exit_codes, json_option, main, opened_store, option
 
 if TYPE_CHECKING:
     from zeroloss.audit import AuditReport
 
 
 @main.command()
-@click.option("--target", envvar="ZEROLOSS_TARGET", metavar="URL", help="kafka://HOST:PORT or redis://HOST:PORT/DB")
-@click.option("--topic", metavar="T", help="Also check this Kafka topic's replication and settings.")
-@click.option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
-@click.option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
-@click.option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
+@option("--target", envvar="ZEROLOSS_TARGET", metavar="URL", help="kafka://HOST:PORT or redis://HOST:PORT/DB")
+@option("--topic", metavar="T", help="Also check this Kafka topic's replication and settings.")
+@option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
+@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
               help="Replication factor a topic needs.")
-@click.option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
+@option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
 @json_option
 @errors_to_exit_codes
 def doctor(target: str | None, topic: str | None, source: str | None, table: str, min_replication: int,
@@ -46,21 +46,21 @@ def doctor(target: str | None, topic: str | None, source: str | None, table: str
 
 
 @main.command()
-@click.option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help="The outbox.")
-@click.option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
-@click.option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
+@option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help="The outbox.")
+@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
               help="Broker to read delivered messages back from: kafka://HOST:PORT")
-@click.option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
-@click.option("--inbox-table", default="zeroloss_inbox", show_default=True)
-@click.option("--group", metavar="G", help="Consumer group whose inbox to check (with --inbox).")
-@click.option("--since", "since_s", type=click.FloatRange(0), metavar="SECONDS",
+@option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
+@option("--inbox-table", default="zeroloss_inbox", show_default=True)
+@option("--group", metavar="G", help="Consumer group whose inbox to check (with --inbox).")
+@option("--since", "since_s", type=click.FloatRange(0), metavar="SECONDS",
               help="Only messages created in the last SECONDS (default: the whole success ledger).")
-@click.option("--grace-s", default=60.0, show_default=True, type=click.FloatRange(0),
+@option("--grace-s", default=60.0, show_default=True, type=click.FloatRange(0),
               help="Inbox check: messages younger than this are not judged yet.")
-@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
+@option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
               help="Longest wait for the broker per page of the ledger.")
-@click.option("--repair", is_flag=True, help="Send the missing messages again (success -> pending, same ids).")
-@click.option("--prom-file", type=click.Path(dir_okay=False), metavar="PATH",
+@option("--repair", is_flag=True, help="Send the missing messages again (success -> pending, same ids).")
+@option("--prom-file", type=click.Path(dir_okay=False), metavar="PATH",
               help="Write the result as Prometheus gauges for node_exporter's textfile collector.")
 @json_option
 @errors_to_exit_codes

@@ -17,6 +17,7 @@ from zeroloss.cli._base import (
     json_option,
     main,
     opened_store,
+    option,
     source_option,
     source_options,
     target_option,
@@ -29,19 +30,19 @@ from zeroloss.outbox.base import Stats
 @main.command()
 @source_options(required=False)
 @target_options(required=False)
-@click.option("--topic", "topics", multiple=True, metavar="NAME",
+@option("--topic", "topics", multiple=True, metavar="NAME",
               help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
-@click.option("--partitions", type=click.IntRange(1), default=None,
+@option("--partitions", type=click.IntRange(1), default=None,
               help="Kafka: partitions of a topic created now [default: the broker's default].")
-@click.option("--replication-factor", type=click.IntRange(1), default=None,
+@option("--replication-factor", type=click.IntRange(1), default=None,
               help="Kafka: replication factor of a topic created now; NATS: stream replicas [default: the "
                    "broker's default].")
-@click.option("--group", default=None, metavar="NAME",
+@option("--group", default=None, metavar="NAME",
               help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
                    "... MKSTREAM).")
-@click.option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
+@option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
               help="How long to wait for the broker's answers.")
-@click.option("--notify", is_flag=True,
+@option("--notify", is_flag=True,
               help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
                    "latency; NOTIFY serialises the commits of the transactions that add messages).")
 @errors_to_exit_codes
@@ -89,20 +90,22 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @main.command()
 @source_option
 @target_option
-@click.option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1))
-@click.option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
-@click.option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True, type=float)
-@click.option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True, type=float)
-@click.option("--timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True, type=click.FloatRange(1),
+@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1))
+@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
+@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
+@option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
+@option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
+              type=click.FloatRange(0, min_open=True), help="Longest retry delay; at least --backoff-base-s.")
+@option("--timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True, type=click.FloatRange(1),
               help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.")
-@click.option("--relay-id", envvar="ZEROLOSS_RELAY_ID", default=None,
+@option("--relay-id", envvar="ZEROLOSS_RELAY_ID", default=None,
               help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
                    "Relays sharing one host and outbox need distinct ids.")
-@click.option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
-@click.option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
+@option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
+@option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
               help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
-@click.option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
+@option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
               help="Address for --metrics-port.")
 @errors_to_exit_codes
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
@@ -121,6 +124,14 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+    if max_backoff_s < backoff_base_s:
+        raise click.BadParameter(f"{max_backoff_s} is below --backoff-base-s {backoff_base_s}",
+                                 param_hint="'--max-backoff-s' / ZEROLOSS_MAX_BACKOFF_S")
+    if lease_s <= timeout_s:
+        # A claim that expires while its publish may still succeed lets a second relay send it too.
+        raise click.BadParameter(f"{lease_s} must exceed --timeout-s {timeout_s} (a claim must outlive its publish)",
+                                 param_hint="'--lease-s' / ZEROLOSS_LEASE_S")
 
     from zeroloss.http import HealthServer
     from zeroloss.registry import default_relay_id, open_broker, open_store
@@ -154,9 +165,9 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
 @main.command()
 @source_option
 @json_option
-@click.option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+@option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
               help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
-@click.option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
+@option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
               type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
 @errors_to_exit_codes
 def status(source: str, table: str, as_json: bool, watch: float | None, max_pending_age_s: float) -> None:
@@ -206,8 +217,8 @@ def status(source: str, table: str, as_json: bool, watch: float | None, max_pend
 
 
 @main.command()
-@click.option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--storage", default="memory://tansu/", show_default=True,
+@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@option("--storage", default="memory://tansu/", show_default=True,
               help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
 @errors_to_exit_codes
 def broker(port: int, storage: str) -> None:
@@ -230,8 +241,8 @@ def broker(port: int, storage: str) -> None:
 
 
 @main.command()
-@click.option("--orders", default=3000, show_default=True, type=click.IntRange(10))
-@click.option("--target", default=None, metavar="URL",
+@option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@option("--target", default=None, metavar="URL",
               help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
                    "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "
                    "that the demo never writes to a production broker by accident.")

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from zeroloss.cli._base import errors_to_exit_codes, main, target_option
+from zeroloss.cli._base import errors_to_exit_codes, main, option, target_option
 from zeroloss.dlq import DLQ_SUFFIX
 
 
@@ -27,8 +27,8 @@ def dlq() -> None:
 @dlq.command("list")
 @target_option
 @click.argument("topic")
-@click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True)
+@option("--limit", default=100, show_default=True, type=click.IntRange(1))
+@option("--json", "as_json", is_flag=True)
 @errors_to_exit_codes
 def list_cmd(target: str, topic: str, limit: int, as_json: bool) -> None:
     """List dead letters: id, origin, attempts, error."""
@@ -49,7 +49,7 @@ def list_cmd(target: str, topic: str, limit: int, as_json: bool) -> None:
 @target_option
 @click.argument("topic")
 @click.argument("message_id")
-@click.option("--json", "as_json", is_flag=True)
+@option("--json", "as_json", is_flag=True)
 @errors_to_exit_codes
 def show(target: str, topic: str, message_id: str, as_json: bool) -> None:
     """Every field of one dead letter."""
@@ -67,8 +67,8 @@ def show(target: str, topic: str, message_id: str, as_json: bool) -> None:
 @target_option
 @click.argument("topic")
 @click.argument("ids", nargs=-1)
-@click.option("--all", "everything", is_flag=True, help="Replay every dead letter of the topic.")
-@click.option("--to-topic", default=None, help="Send to this topic instead of the original one.")
+@option("--all", "everything", is_flag=True, help="Replay every dead letter of the topic.")
+@option("--to-topic", default=None, help="Send to this topic instead of the original one.")
 @errors_to_exit_codes
 def replay(target: str, topic: str, ids: tuple[str, ...], everything: bool, to_topic: str | None) -> None:
     """Republish dead letters with their original id (the consumer's inbox runs each at most once)."""

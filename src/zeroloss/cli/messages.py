@@ -29,6 +29,7 @@ from zeroloss.cli._base import (
     json_option,
     main,
     opened_store,
+    option,
     source_option,
 )
 from zeroloss.errors import MalformedMessageError, UnknownMessageError
@@ -161,7 +162,7 @@ def _state_group(state: State) -> click.Group:
     @group.command("list")
     @source_option
     @json_option
-    @click.option("--limit", default=100, show_default=True, type=click.IntRange(1))
+    @option("--limit", default=100, show_default=True, type=click.IntRange(1))
     @errors_to_exit_codes
     def list_cmd(source: str, table: str, as_json: bool, limit: int) -> None:
         """List them, oldest first."""
@@ -197,7 +198,7 @@ def _state_group(state: State) -> click.Group:
     @source_option
     @json_option
     @click.argument("message_id")
-    @click.option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
+    @option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
     @errors_to_exit_codes
     def show(source: str, table: str, as_json: bool, message_id: str, full: bool) -> None:
         """Every field of one message; the value as text if UTF-8, else hex."""
@@ -234,7 +235,7 @@ def _state_group(state: State) -> click.Group:
         @group.command("retry")
         @source_option
         @click.argument("message_ids", nargs=-1)
-        @click.option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
+        @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
         @errors_to_exit_codes
         def retry(source: str, table: str, message_ids: tuple[str, ...], all_: bool) -> None:
             """Back to pending with attempts reset; the relay sends them again, in key order."""
@@ -249,8 +250,8 @@ def _state_group(state: State) -> click.Group:
     @group.command("purge")
     @source_option
     @click.argument("message_ids", nargs=-1)
-    @click.option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
-    @click.option("--yes", is_flag=True, help="Really delete. Without it: say what would go, exit 1.")
+    @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
+    @option("--yes", is_flag=True, help="Really delete. Without it: say what would go, exit 1.")
     @errors_to_exit_codes
     def purge(source: str, table: str, message_ids: tuple[str, ...], all_: bool, yes: bool) -> None:
         """Delete them for good (malformed: the quarantined files). Needs --yes."""
