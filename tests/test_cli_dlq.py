@@ -92,6 +92,18 @@ def test_a_slow_leader_delays_the_list_but_never_shortens_it(kafka: Any) -> None
     assert got == [ids]
 
 
+@pytest.mark.kafka_cluster
+def test_a_topic_that_does_not_exist_is_bad_usage_not_zero_dead_letters(kafka: Any) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    typo = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, unique_topic("typo")])
+    assert typo.exit_code == 2 and "no topic" in typo.output and "check the name" in typo.output
+    topic = unique_topic("orders")  # exists, has never dead-lettered anything: an honest zero
+    kafka.admin().create_topics([NewTopic(topic, 1, 3)])[topic].result(30)
+    fine = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, topic])
+    assert fine.exit_code == 0 and f"0 dead letter(s) in {topic}.dlq" in fine.output, fine.output
+
+
 CONSUMER_CONFIG = {"nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
 
 

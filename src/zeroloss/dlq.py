@@ -239,6 +239,9 @@ def _scan_kafka(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLett
             raise BrokerError(f"cannot read the broker's metadata at {url}: {exc.args[0]}") from exc
         parts = meta.topics[topic].partitions if topic in meta.topics else {}
         if not parts:
+            origin = topic[: -len(DLQ_SUFFIX)] if topic.endswith(DLQ_SUFFIX) else topic
+            if origin not in consumer.list_topics(timeout=10).topics:  # a typo, not "no dead letters yet"
+                raise ConfigError(f"no topic {origin!r} nor {topic!r} at {url}: check the name")
             return
         consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
         deadline = time.monotonic() + timeout_s
