@@ -133,6 +133,7 @@ def test_audit_against_a_consumer_groups_inbox(tmp_path: Path) -> None:
 
 
 def test_audit_needs_somewhere_to_look(tmp_path: Path) -> None:
+    assert CliRunner().invoke(main, ["init", "--source", f"spool://{tmp_path / 's'}"]).exit_code == 0
     result = CliRunner().invoke(main, ["audit", "--source", f"spool://{tmp_path / 's'}"])
     assert result.exit_code == 2 and "--target" in result.output
     result = CliRunner().invoke(main, ["audit", "--source", f"spool://{tmp_path / 's'}", "--inbox", "sqlite://"])

@@ -78,9 +78,24 @@ def test_init_then_status_on_a_fresh_sqlite_outbox(tmp_path: Path) -> None:
 
 
 def test_status_on_a_spool_shows_disk_space(tmp_path: Path) -> None:
+    assert run("init", "--source", f"spool://{tmp_path / 'spool'}")[0] == 0
     code, out = run("status", "--source", f"spool://{tmp_path / 'spool'}")
     assert code == 0, out
     assert "pending" in out and "disk free" in out
+
+
+@pytest.mark.parametrize("command", [["status"], ["relay", "--target", "kafka://127.0.0.1:1", "--drain"],
+                                     ["failed", "list"]], ids=["status", "relay", "failed-list"])
+def test_only_init_makes_a_spool_and_a_file_is_no_spool(command: list[str], tmp_path: Path) -> None:
+    """A typo in a spool path must not become an empty spool that reports 'ok'."""
+    where = tmp_path / "no" / "such" / "spool"
+    code, out = run(*command, "--source", f"spool://{where}")
+    assert code == 2 and "no spool at" in out and "zeroloss init" in out, out
+    assert not (tmp_path / "no").exists()
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, out = run(*command, "--source", f"spool://{a_file}")
+    assert code == 2 and "is a file, not a directory" in out and "Traceback" not in out, out
 
 
 def test_status_before_init_tells_to_run_init(tmp_path: Path) -> None:

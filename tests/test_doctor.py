@@ -129,7 +129,12 @@ def test_the_outbox_is_checked(tmp_path: Path) -> None:
     assert CliRunner().invoke(main, ["init", "--source", url]).exit_code == 0
     code, doc = run("doctor", "--source", url)
     assert code == 0 and verdicts(doc) == {"outbox reachable": "ok"}
-    code, doc = run("doctor", "--source", f"spool://{tmp_path / 'spool'}")
+    spool = f"spool://{tmp_path / 'spool'}"
+    code, doc = run("doctor", "--source", spool)
+    assert code == 1 and verdicts(doc) == {"outbox reachable": "fail"}  # not there: not made either
+    assert "zeroloss init" in doc["checks"][0]["fix"] and not (tmp_path / "spool").exists()
+    assert CliRunner().invoke(main, ["init", "--source", spool]).exit_code == 0
+    code, doc = run("doctor", "--source", spool)
     assert set(verdicts(doc)) == {"outbox reachable", "spool disk"}
 
 

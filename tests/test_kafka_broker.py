@@ -12,6 +12,7 @@ from zeroloss.brokers.kafka import KafkaBroker, parse_bootstrap, producer_config
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import new_message
+from zeroloss.outbox.spool import FileSpool
 from zeroloss.readback import read_topic
 
 pytestmark = pytest.mark.kafka
@@ -152,6 +153,7 @@ def test_a_restarted_relay_with_nothing_to_send_still_fences_at_once(kafka: Embe
         assert other.publish([after])[0].status is Status.DELIVERED
     finally:
         other.close()
+    FileSpool(tmp_path / "empty").close()  # an empty spool: only init (or the app) makes one
     res = subprocess.run([sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{tmp_path / 'empty'}",
                           "--target", kafka.url, "--relay-id", relay_id, "--drain"], timeout=120)
     assert res.returncode == 0

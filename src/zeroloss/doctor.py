@@ -332,7 +332,10 @@ def redis_checks(url: str, *, timeout_s: float = 10.0) -> list[Check]:
 def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
     from zeroloss.registry import open_store
 
-    store = open_store(url, table=table)
+    try:
+        store = open_store(url, table=table)
+    except ConfigError as exc:  # a spool that is not there: the same verdict as an uninitialised table
+        return [Check("outbox reachable", Verdict.FAIL, str(exc), f"zeroloss init --source {url}")]
     try:
         stats: Stats | None = None
         try:

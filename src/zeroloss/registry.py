@@ -44,13 +44,14 @@ def spool_path(url: str) -> str:
     return path
 
 
-def open_store(url: str, *, table: str | None = None) -> OutboxStore:
-    """The outbox store behind a source URL (``table``: the SQL outbox table's name)."""
+def open_store(url: str, *, table: str | None = None, create: bool = False) -> OutboxStore:
+    """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool
+    must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool."""
     scheme = scheme_of(url)
     if scheme == "spool":
         from zeroloss.outbox.spool import FileSpool
 
-        return FileSpool(spool_path(url))
+        return FileSpool(spool_path(url), create=create)
     if scheme in SQL_SCHEMES:
         from zeroloss.outbox.sql import SqlOutbox
 

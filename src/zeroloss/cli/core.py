@@ -65,7 +65,7 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
     broker = open_broker(target, timeout_s=timeout_s) if target else None  # a bad URL stops us before any work
     try:
         if source:
-            store = open_store(source, table=table)
+            store = open_store(source, table=table, create=True)
             try:
                 create = getattr(store, "create_schema", None)
                 if create is not None:

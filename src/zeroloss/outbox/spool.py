@@ -51,7 +51,7 @@ from types import TracebackType
 from urllib.parse import quote, unquote
 
 from zeroloss import metrics
-from zeroloss.errors import MalformedMessageError, SpoolFullError, StoreError, UnknownMessageError
+from zeroloss.errors import ConfigError, MalformedMessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import Message, decode, encode, id_time, new_message, uuid7
 from zeroloss.outbox._fsync import GroupSync
 from zeroloss.outbox.base import (
@@ -166,14 +166,26 @@ class FileSpool:
         max_message_bytes: int = 1_000_000,
         group_commit_window_s: float = 0.002,
         tmp_grace_s: float = 60.0,
+        create: bool = True,
     ) -> None:
         self.root = os.fspath(root)
         self.max_message_bytes = max_message_bytes
         self.tmp_grace_s = tmp_grace_s
         self._fsync = fsync
         self._dir = {s: os.path.join(self.root, s.value) for s in State}
-        for path in self._dir.values():
-            os.makedirs(path, exist_ok=True)
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise ConfigError(f"spool path {self.root} is a file, not a directory: give the spool a directory of "
+                              "its own")
+        missing = [p for p in self._dir.values() if not os.path.isdir(p)]
+        if missing and not create:
+            # Operators' commands (status, relay) must not make an empty spool where a typo points.
+            raise ConfigError(f"no spool at {self.root} ({len(missing)} of its {len(self._dir)} directories are "
+                              f"missing): create it with zeroloss init --source spool://{self.root}")
+        for path in missing:
+            try:
+                os.makedirs(path, exist_ok=True)
+            except (NotADirectoryError, FileExistsError) as exc:
+                raise ConfigError(f"cannot make the spool directory {path}: {exc.strerror}") from exc
         self._fds = {s: os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for s, p in self._dir.items()}
         self.dir_syncs = {
             s: GroupSync(fd, window_s=group_commit_window_s, enabled=fsync) for s, fd in self._fds.items()
