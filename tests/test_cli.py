@@ -27,6 +27,7 @@ def run(*args: str) -> tuple[int, str]:
         (["relay", "--source", "sqlite:///x.db", "--target", "amqp2://h"], "unknown target scheme 'amqp2'"),
         (["relay", "--source", "sqlite:///x.db", "--target", "kafka://nohostport"], "is not HOST:PORT"),
         (["demo", "--target", "ftp://h"], "unknown target scheme 'ftp'"),
+        (["broker", "--storage", "foo://bar"], "use memory://tansu/"),
     ],
 )
 def test_bad_urls_exit_2_and_say_what_to_fix(args: list[str], needle: str, tmp_path: Path,

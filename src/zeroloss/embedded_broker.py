@@ -12,9 +12,11 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 
@@ -57,6 +59,10 @@ class EmbeddedBroker:
         env: dict[str, str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
     ) -> None:
+        scheme, sep, _ = storage.partition("://")
+        if not sep or scheme not in ("memory", "s3"):
+            raise ConfigError(f"broker storage {storage!r}: use memory://tansu/ (lost on restart) or s3://BUCKET/ "
+                              "(with AWS_* variables naming the S3 server)")
         self.port = port or free_port()
         self.storage = storage
         self.env = env or {}
@@ -82,20 +88,33 @@ class EmbeddedBroker:
             "--advertised-listener-url", listener,
             "--storage-engine", self.storage,
         ]  # fmt: skip
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
-        )
+        # Its output goes to the log file, or to an unnamed temporary file read back if it dies at start.
+        out = open(self.log_path, "ab") if self.log_path else tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            )
+        except BaseException:
+            out.close()
+            raise
+        with out:
+            self._wait_listening(out, timeout_s)
+        return self
+
+    def _wait_listening(self, out: IO[bytes], timeout_s: float) -> None:
+        assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while not port_open(self.port):
             code = self.process.poll()
             if code is not None:
-                raise BrokerError(f"the embedded broker exited with code {code} before listening on {self.port}")
+                out.seek(0)
+                said = out.read()[-1500:].decode(errors="replace").strip() if out.seekable() else ""
+                raise BrokerError(f"the embedded broker exited with code {code} before listening on {self.port}"
+                                  + (f"; it said: {said}" if said else ""))
             if time.monotonic() > deadline:
                 self.stop()
                 raise BrokerError(f"the embedded broker did not listen on {self.port} within {timeout_s}s")
             time.sleep(0.05)
-        return self
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 @option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
 @option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
 @option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
-              help="Replication factor a topic needs.")
+        help="Replication factor a topic needs.")
 @option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
 @json_option
 @errors_to_exit_codes
@@ -49,19 +49,19 @@ def doctor(target: str | None, topic: str | None, source: str | None, table: str
 @option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help="The outbox.")
 @option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
 @option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
-              help="Broker to read delivered messages back from: kafka://HOST:PORT")
+        help="Broker to read delivered messages back from: kafka://HOST:PORT")
 @option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
 @option("--inbox-table", default="zeroloss_inbox", show_default=True)
 @option("--group", metavar="G", help="Consumer group whose inbox to check (with --inbox).")
 @option("--since", "since_s", type=click.FloatRange(0), metavar="SECONDS",
-              help="Only messages created in the last SECONDS (default: the whole success ledger).")
+        help="Only messages created in the last SECONDS (default: the whole success ledger).")
 @option("--grace-s", default=60.0, show_default=True, type=click.FloatRange(0),
-              help="Inbox check: messages younger than this are not judged yet.")
+        help="Inbox check: messages younger than this are not judged yet.")
 @option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
-              help="Longest wait for the broker per page of the ledger.")
+        help="Longest wait for the broker per page of the ledger.")
 @option("--repair", is_flag=True, help="Send the missing messages again (success -> pending, same ids).")
 @option("--prom-file", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Write the result as Prometheus gauges for node_exporter's textfile collector.")
+        help="Write the result as Prometheus gauges for node_exporter's textfile collector.")
 @json_option
 @errors_to_exit_codes
 def audit(source: str, table: str, target: str | None, inbox_url: str | None, inbox_table: str, group: str | None,

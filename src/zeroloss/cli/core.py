@@ -31,19 +31,19 @@ from zeroloss.outbox.base import Stats
 @source_options(required=False)
 @target_options(required=False)
 @option("--topic", "topics", multiple=True, metavar="NAME",
-              help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
+        help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
 @option("--partitions", type=click.IntRange(1), default=None,
-              help="Kafka: partitions of a topic created now [default: the broker's default].")
+        help="Kafka: partitions of a topic created now [default: the broker's default].")
 @option("--replication-factor", type=click.IntRange(1), default=None,
-              help="Kafka: replication factor of a topic created now; NATS: stream replicas [default: the "
+        help="Kafka: replication factor of a topic created now; NATS: stream replicas [default: the "
                    "broker's default].")
 @option("--group", default=None, metavar="NAME",
-              help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
+        help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
                    "... MKSTREAM).")
 @option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
-              help="How long to wait for the broker's answers.")
+        help="How long to wait for the broker's answers.")
 @option("--notify", is_flag=True,
-              help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
+        help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
                    "latency; NOTIFY serialises the commits of the transactions that add messages).")
 @errors_to_exit_codes
 def init(source: str | None, table: str, target: str | None, topics: tuple[str, ...], partitions: int | None,
@@ -94,19 +94,19 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
 @option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
 @option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True,
-              type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
+        type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
 @option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
-              type=click.FloatRange(0, min_open=True), help="Longest retry delay; at least --backoff-base-s.")
+        type=click.FloatRange(0, min_open=True), help="Longest retry delay; at least --backoff-base-s.")
 @option("--timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True, type=click.FloatRange(1),
-              help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.")
+        help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.")
 @option("--relay-id", envvar="ZEROLOSS_RELAY_ID", default=None,
-              help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
+        help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
                    "Relays sharing one host and outbox need distinct ids.")
 @option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
 @option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
-              help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
+        help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
 @option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
-              help="Address for --metrics-port.")
+        help="Address for --metrics-port.")
 @errors_to_exit_codes
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
           backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
@@ -166,9 +166,9 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
 @source_option
 @json_option
 @option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
-              help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
+        help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
 @option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
-              type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
+        type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
 @errors_to_exit_codes
 def status(source: str, table: str, as_json: bool, watch: float | None, max_pending_age_s: float) -> None:
     """Count messages in every state, with the oldest age per state, expired leases, parked and
@@ -219,7 +219,7 @@ def status(source: str, table: str, as_json: bool, watch: float | None, max_pend
 @main.command()
 @option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
 @option("--storage", default="memory://tansu/", show_default=True,
-              help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
+        help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
 @errors_to_exit_codes
 def broker(port: int, storage: str) -> None:
     """Run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1 until Ctrl-C."""
@@ -243,7 +243,7 @@ def broker(port: int, storage: str) -> None:
 @main.command()
 @option("--orders", default=3000, show_default=True, type=click.IntRange(10))
 @option("--target", default=None, metavar="URL",
-              help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
+        help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
                    "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "
                    "that the demo never writes to a production broker by accident.")
 @errors_to_exit_codes
