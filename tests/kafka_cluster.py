@@ -97,6 +97,15 @@ def _poll(what: str, deadline: float, check: Callable[[], T | None], interval: f
         time.sleep(interval)
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def _new_cluster_id() -> str:
     # Kafka's Uuid text form: URL-safe base64 of 16 random bytes without padding, never starting with '-'.
     while True:
@@ -185,6 +194,13 @@ class KafkaCluster:
         self.nodes = {
             i: Node(i, first + n, first_controller + n, self.dir / f"node-{i}") for n, i in enumerate(NODE_IDS)
         }
+        low, high = _ephemeral_ports()
+        clash = [p for n in self.nodes.values() for p in (n.port, n.controller_port) if low <= p <= high]
+        if clash:
+            # While a node is down, any outgoing connection may be given its port as a source
+            # port, and the restarted node then fails with "Address already in use" (seen here).
+            raise ClusterError(f"ports {clash} lie in the kernel's ephemeral range {low}-{high}: pick ports "
+                               "below it (ZEROLOSS_KAFKA_PORT, ZEROLOSS_KAFKA_CONTROLLER_PORT)")
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_KAFKA_JVM_OPTS") or DEFAULT_JVM_OPTS)
         self.extra_props = dict(extra_props or {})
         self.start_timeout = float(os.environ.get("ZEROLOSS_KAFKA_START_TIMEOUT") or 180)
