@@ -291,10 +291,13 @@ def _outage(p: Pipeline, port: int, hold_s: float) -> tuple[list[tuple[int, str]
     return samples, p.delivered() - delivered, time.monotonic() - t0
 
 
-def _said(samples: list[tuple[int, str]]) -> str:
-    reasons = Counter(text for code, text in samples if code == 503)
-    said = "; ".join(f'"{text}" x{n}' for text, n in reasons.most_common(3))
-    return f"/readyz 503 in {sum(reasons.values())} of {len(samples)} samples: {said or '-'}"
+def _said(samples: list[tuple[int, str]], bootstrap: str) -> str:
+    """What /readyz said: how often 503, and its distinct reasons (failure counts and the
+    bootstrap list left out), the most frequent first."""
+    reasons = Counter(re.sub(r"\(\d+ consecutive failures\)", "(N consecutive failures)", text).replace(bootstrap, "B")
+                      for code, text in samples if code == 503)
+    said = " / ".join(f'"{text}" x{n}' for text, n in reasons.most_common())
+    return f"/readyz 503 in {sum(reasons.values())} of {len(samples)} samples (B = the bootstrap list): {said or '-'}"
 
 
 def isr_below_min(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
@@ -365,12 +368,13 @@ def isr_below_min(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         if spent1 != before or spent2 != before or after[2]:
             problems.append(f"attempts spent: (max, messages with attempts, failed) {before} before, {spent1} with "
                             f"the ISR below min, {spent2} with two nodes down, {after} at the end")
+        said1, said2 = _said(samples1, cluster.bootstrap), _said(samples2, cluster.bootstrap)
         notes = (f"(1) node {b} SIGKILLed, {chunks[1]} messages it missed, restarted throttled; node {c} SIGKILLed: "
                  f"ISR [{survivor}] < 2 for {held1:.0f}s while the app committed {chunks[2]} more, relay delivered "
-                 f"{delivered1}; {_said(samples1)}; zeroloss doctor --topic meanwhile: {doctor_said.strip()}; "
+                 f"{delivered1}; {said1}; zeroloss doctor --topic meanwhile: {doctor_said.strip()}; "
                  f"zeroloss status: exit {status_code}, verdict {status.get('verdict')}, reasons "
                  f"{status.get('reasons')}. (2) node {b} SIGKILLed again: only node {survivor} up, no controller "
-                 f"quorum, for {held2:.0f}s, relay delivered {delivered2}; {_said(samples2)}. (max attempts, "
+                 f"quorum, for {held2:.0f}s, relay delivered {delivered2}; {said2}. (max attempts, "
                  f"messages with attempts, failed): {before} before, {spent1} and {spent2} during, {after} after; "
                  f"{_relay_summary(p)}")
         ledger = p.ledger("cluster: ISR below min.insync.replicas, then 2 of 3 brokers down, back later", 3,
