@@ -373,7 +373,8 @@ def isr_below_min(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
                  f"ISR [{survivor}] < 2 for {held1:.0f}s while the app committed {chunks[2]} more, relay delivered "
                  f"{delivered1}; {said1}; zeroloss doctor --topic meanwhile: {doctor_said.strip()}; "
                  f"zeroloss status: exit {status_code}, verdict {status.get('verdict')}, reasons "
-                 f"{status.get('reasons')}. (2) node {b} SIGKILLed again: only node {survivor} up, no controller "
+                 f"{status.get('reasons')}, oldest pending's last error \"{status.get('oldest_pending_error')}\". "
+                 f"(2) node {b} SIGKILLed again: only node {survivor} up, no controller "
                  f"quorum, for {held2:.0f}s, relay delivered {delivered2}; {said2}. (max attempts, "
                  f"messages with attempts, failed): {before} before, {spent1} and {spent2} during, {after} after; "
                  f"{_relay_summary(p)}")
