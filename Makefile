@@ -30,7 +30,8 @@ test: install services lint
 	$(BIN)/pytest -q
 	$(MAKE) bench-quick
 
-# Every fault-injection scenario at full size; prints the table, writes bench/results/chaos.md.
+# Every fault-injection scenario at full size (the cluster-* ones on the three-broker Kafka cluster,
+# started if it is not up); prints the table, writes bench/results/chaos.md.
 chaos: install services
 	$(BIN)/python -m tests.chaos
 

@@ -595,6 +595,11 @@ class KafkaCluster:
     def resume(self, node_id: int) -> None:
         os.kill(self.pid(node_id), signal.SIGCONT)
 
+    def paused(self, node_id: int) -> bool:
+        """The node's JVM runs but is stopped (SIGSTOP)."""
+        pid = self._node(node_id).pid()
+        return pid is not None and _pid_state(pid) == "T"
+
     def restart(self, node_id: int, topic: str | None = None, timeout: float = 90.0) -> None:
         """Start a stopped node again on its data; wait until it is a broker again and, given
         ``topic``, back in the ISR of every partition of it."""

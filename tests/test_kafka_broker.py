@@ -165,3 +165,57 @@ def test_the_default_relay_id_is_stable_for_one_outbox_and_distinct_between_outb
 
     assert default_relay_id("sqlite:///a.db", "t") == default_relay_id("sqlite:///a.db", "t")
     assert default_relay_id("sqlite:///a.db", "t") != default_relay_id("sqlite:///b.db", "t")
+
+
+class FatalInFlush:
+    """A transactional producer whose flush() fails the way confluent-kafka's does when the client
+    hits a fatal error while delivery reports are still to be served: the binding raises the fatal
+    KafkaException, calls the next delivery callback with it pending, and Python turns that into a
+    SystemError chained to it. Seen on the three-broker cluster after an unclean leader election
+    (OUT_OF_ORDER_SEQUENCE_NUMBER); before the fix the SystemError killed the relay."""
+
+    def __init__(self) -> None:
+        self.purged = False
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def produce(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def flush(self, timeout: float | None = None) -> int:
+        import confluent_kafka as ck
+
+        if self.purged:
+            return 0
+        fatal = ck.KafkaError(ck.KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desynchronization", fatal=True)
+        try:
+            raise ck.KafkaException(fatal)
+        except ck.KafkaException as exc:
+            raise SystemError("<function on_delivery> returned a result with an exception set") from exc
+
+    def purge(self, **kwargs: object) -> None:
+        self.purged = True
+
+
+@pytest.mark.parametrize("transactional", [False, True])
+def test_a_fatal_client_error_surfacing_as_systemerror_is_an_outage_and_the_producer_is_dropped(
+    transactional: bool,
+) -> None:
+    broker = KafkaBroker("kafka://127.0.0.1:1", transactional_id="t-fatal" if transactional else None, timeout_s=1)
+    broker._producer = fake = FatalInFlush()
+    with pytest.raises(BrokerError, match="OUT_OF_ORDER_SEQUENCE_NUMBER") as info:
+        broker.publish([new_message("t", b"v")])
+    assert info.value.retriable  # the relay puts the batch back without spending an attempt
+    assert fake.purged and broker._producer is None  # the next publish starts a new producer
+
+
+def test_a_systemerror_with_no_kafka_error_behind_it_is_not_swallowed() -> None:
+    class Broken(FatalInFlush):
+        def flush(self, timeout: float | None = None) -> int:
+            raise SystemError("a bug, not the broker")
+
+    broker = KafkaBroker("kafka://127.0.0.1:1", timeout_s=1)
+    broker._producer = Broken()
+    with pytest.raises(SystemError, match="a bug"):
+        broker.publish([new_message("t", b"v")])

@@ -64,11 +64,12 @@ def zeroloss_cli(*args: str, timeout_s: float = 300) -> tuple[int, str, str]:
 
 
 def start_relay(source_args: Sequence[str], broker_url: str, relay_id: str, log: Path,
-                lease_s: float = 3.0) -> subprocess.Popen[bytes]:
-    """A ``zeroloss relay`` process with the chaos suite's short timeouts, logging to ``log``."""
+                lease_s: float = 3.0, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """A ``zeroloss relay`` process with the chaos suite's short timeouts, logging to ``log``;
+    ``extra``: more ``zeroloss relay`` options (``--metrics-port N`` ...)."""
     cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", *source_args,
            "--target", broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
-           "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", relay_id]
+           "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", relay_id, *extra]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
@@ -148,9 +149,11 @@ class Pipeline:
 
     # -- producing ------------------------------------------------------------------------------
 
-    def produce(self, n: int, keys: int = 17, per_txn: int = 50) -> None:
+    def produce(self, n: int, keys: int = 17, per_txn: int = 50, pad: bytes = b"") -> None:
+        """Commit ``n`` messages, ``per_txn`` per transaction; the i-th one's value is ``i`` (then
+        ``pad``, to make records bigger), its key one of ``keys``."""
         for start in range(0, n, per_txn):
-            rows: list[dict[str, Any]] = [{"topic": self.topic, "value": b"%d" % i, "key": b"k%d" % (i % keys)}
+            rows: list[dict[str, Any]] = [{"topic": self.topic, "value": b"%d%s" % (i, pad), "key": b"k%d" % (i % keys)}
                     for i in range(start, min(n, start + per_txn))]
             with self.outbox.engine.begin() as conn:
                 ids = self.outbox.add_many(conn, rows)
@@ -169,8 +172,9 @@ class Pipeline:
         url = self.outbox.engine.url.render_as_string(hide_password=False)
         return ["--source", url, "--table", self.outbox.table.name]
 
-    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0) -> subprocess.Popen[bytes]:
-        p = start_relay(self.source_args, self.broker_url, f"{self.name}-{relay_id}", self.relay_log, lease_s)
+    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0,
+                    extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        p = start_relay(self.source_args, self.broker_url, f"{self.name}-{relay_id}", self.relay_log, lease_s, extra)
         self.relays.append(p)
         return p
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.chaos import bad_input, spool_faults
+from tests.chaos import bad_input, broker_faults, spool_faults
 from tests.chaos.pipeline import Ledger, Pipeline, Size, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
 from zeroloss.readback import read_topic
@@ -355,7 +355,7 @@ def handler_failures(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         p.close()
 
 
-Scenario = Callable[[EmbeddedBroker, Path, Size], Ledger]
+Scenario = Callable[[EmbeddedBroker, Path, Size], Ledger]  # the cluster-* ones take a KafkaCluster instead
 
 # `make chaos` must finish within 15 minutes on a 2-core machine; these take longest per message
 # (S3-backed broker, a 25k-message repair, retries in place, a frozen group member), so they run
@@ -365,13 +365,19 @@ FULL_SIZES: dict[str, Size] = {
     "broker-lost-memory": Size(messages=20_000, kills=10, outage_s=20),
     "handler-failures": Size(messages=20_000, kills=10, outage_s=20),
     "zombie-consumer": Size(messages=25_000, kills=10, outage_s=20),
+    **broker_faults.FULL_SIZES,
 }
+SHORT_SIZES: dict[str, Size] = dict(broker_faults.SHORT_SIZES)
 
 
 def full_size(name: str) -> Size:
     return FULL_SIZES.get(name, Size.full())
 
-SCENARIOS: dict[str, Scenario] = {
+
+def short_size(name: str) -> Size:
+    return SHORT_SIZES.get(name, Size.short())
+
+SCENARIOS: dict[str, Any] = {
     "relay-sigkill-postgresql": lambda b, w, s: relay_sigkill(b, w, s, "postgresql"),
     "relay-sigkill-sqlite": lambda b, w, s: relay_sigkill(b, w, s, "sqlite"),
     "consumer-sigkill": consumer_sigkill,
@@ -388,4 +394,5 @@ SCENARIOS: dict[str, Scenario] = {
     "spool-corrupted-files": spool_faults.corrupted_files,
     "spool-crash-before-promotion": spool_faults.crash_before_promotion,
     "bad-input": bad_input.bad_input,
+    **broker_faults.CLUSTER_SCENARIOS,  # on the three-node Apache Kafka cluster, not on Tansu
 }

@@ -330,8 +330,8 @@ class KafkaBroker:
                 else:
                     raise self._ck.KafkaException(err)
             left = producer.flush(self.timeout_s)
-        except self._ck.KafkaException as exc:
-            raise self._batch_failed(exc.args[0], "produce") from exc
+        except (self._ck.KafkaException, SystemError) as exc:
+            raise self._batch_failed(self._kafka_error(exc), "produce") from exc
         if left:
             why = self._why_stuck(producer, {m.topic for m in sent if m.id not in reports})
             self._reset(f"{left} messages not acknowledged within {self.timeout_s}s")
@@ -422,8 +422,8 @@ class KafkaBroker:
             try:
                 producer.commit_transaction(max(0.1, deadline - time.monotonic()))
                 return
-            except self._ck.KafkaException as exc:
-                err = exc.args[0]
+            except (self._ck.KafkaException, SystemError) as exc:
+                err = self._kafka_error(exc)
                 if err.retriable() and not err.txn_requires_abort() and time.monotonic() < deadline:
                     continue
                 raise self._batch_failed(err, "commit") from exc
@@ -431,16 +431,30 @@ class KafkaBroker:
     def _abort(self, producer: Any) -> None:
         try:
             producer.abort_transaction(self.timeout_s)
-        except self._ck.KafkaException as exc:
+        except (self._ck.KafkaException, SystemError) as exc:
+            self._kafka_error(exc)  # anything else is a bug: raised as it is
             self._reset(f"abort failed: {exc}")
             raise BrokerError(f"Kafka transaction abort failed at {self.bootstrap}: {exc}") from exc
+
+    def _kafka_error(self, exc: BaseException) -> Any:
+        """The KafkaError behind a client call's exception. confluent-kafka raises a *fatal* producer
+        error (OUT_OF_ORDER_SEQUENCE_NUMBER after an unclean leader election, say) from inside
+        flush()/poll()/commit, and if a delivery report is still to be served it then calls that
+        callback with the exception pending: Python raises SystemError, chained to the
+        KafkaException. Any other exception is re-raised."""
+        cause: BaseException | None = exc
+        while cause is not None:
+            if isinstance(cause, self._ck.KafkaException) and cause.args:
+                return cause.args[0]
+            cause = cause.__cause__ or cause.__context__
+        raise exc
 
     def _batch_failed(self, err: Any, during: str) -> BrokerError:
         """A failure of the whole transaction: put the producer right; return the error to raise."""
         if err.txn_requires_abort() and self._producer is not None:
             try:
                 self._producer.abort_transaction(self.timeout_s)
-            except self._ck.KafkaException:
+            except (self._ck.KafkaException, SystemError):
                 self._reset("abort after a failed transaction did not succeed")
         else:
             self._reset(f"{during} failed: {err.name()} (fatal={err.fatal()})")
