@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.chaos.broker_faults import CLUSTER_SCENARIOS
 from tests.chaos.pipeline import Size
-from tests.chaos.scenarios import SCENARIOS
+from tests.chaos.scenarios import SCENARIOS, short_size
 from tests.chaos.spool_faults import CannotMount
 from tests.conftest import require_service
 from zeroloss.embedded_broker import EmbeddedBroker
@@ -41,3 +43,19 @@ def test_scenario_loses_nothing_and_doubles_nothing(name: str, kafka: EmbeddedBr
     assert not ledger.out_of_order_keys, ledger
     assert ledger.violations == 0, ledger
     assert ledger.messages > 0 if name in OWN_COUNT else ledger.messages == Size.short().messages, ledger
+
+
+# Broker faults on the real three-broker cluster: the two that take seconds. The rest (ISR below
+# min.insync.replicas, the whole cluster killed, the unclean election with audit --repair) run in
+# make chaos; the ISR rule itself is also in test_brokers_publish.py and test_doctor.py.
+CLUSTER_IN_MAKE_TEST = ["cluster-leader-killed", "cluster-partition"]
+
+
+@pytest.mark.kafka_cluster
+@pytest.mark.parametrize("name", CLUSTER_IN_MAKE_TEST)
+def test_broker_fault_loses_nothing_and_doubles_nothing(name: str, kafka_cluster: Any, tmp_path: Path) -> None:
+    require_service("postgres")
+    size = short_size(name)
+    ledger = CLUSTER_SCENARIOS[name](kafka_cluster, tmp_path, size)
+    assert (ledger.lost, ledger.double_effects, ledger.out_of_order_keys, ledger.violations) == (0, 0, 0, 0), ledger
+    assert ledger.messages == size.messages and ledger.faults > 0, ledger

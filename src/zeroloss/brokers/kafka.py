@@ -80,6 +80,10 @@ ADMIN_CONFIG_ERRORS = frozenset(
 )
 
 
+TRANSACTION_LOG = "__transaction_state"
+"""Kafka's internal topic of transaction states: the coordinator needs it in sync to begin or end one."""
+
+
 def _kafka() -> Any:
     try:
         import confluent_kafka
@@ -194,7 +198,7 @@ class KafkaBroker:
         never aborts it by itself. BrokerError if the broker cannot be reached."""
         self._ensure_producer()
 
-    def _ensure_producer(self) -> Any:
+    def _ensure_producer(self, topics: Sequence[str] = ()) -> Any:
         if self._producer is not None:
             return self._producer
         producer = self._ck.Producer(self._conf)
@@ -202,8 +206,11 @@ class KafkaBroker:
             try:
                 producer.init_transactions(self.timeout_s)
             except self._ck.KafkaException as exc:
+                # CONCURRENT_TRANSACTIONS here usually means the coordinator cannot finish the
+                # previous transaction: say what starves it (the batch's partitions or its own log).
+                why = self._why_stuck(producer, {*topics, TRANSACTION_LOG})
                 self._discard(producer)
-                raise BrokerError(f"cannot initialise Kafka transactions at {self.bootstrap}: {exc}") from exc
+                raise BrokerError(f"cannot initialise Kafka transactions at {self.bootstrap}: {exc}{why}") from exc
         self._producer = producer
         self.producers_created += 1
         return producer
@@ -300,7 +307,7 @@ class KafkaBroker:
 
     def _round(self, todo: list[Message], outcomes: dict[str, Outcome]) -> list[Message]:
         """One transaction over ``todo``; returns what must go again in a fresh one."""
-        producer = self._ensure_producer()
+        producer = self._ensure_producer([m.topic for m in todo])
         transactional = bool(self.transactional_id)
         reports: dict[str, tuple[Any, str | None]] = {}
         blocked: set[bytes] = set()  # keys with a failure in this batch: later ones are held
