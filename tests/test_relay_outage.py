@@ -97,3 +97,45 @@ def test_zeroloss_broker_command_serves_until_interrupted(tmp_path: Path) -> Non
                              capture_output=True, text=True, timeout=30, env={**os.environ})
     assert res.returncode == 2
     assert "already in use" in res.stderr
+
+
+@pytest.mark.parametrize("fault", ["nobody-listens", "broker-frozen"])
+def test_sigterm_stops_the_relay_at_once_while_the_broker_does_not_answer(fault: str, tmp_path: Path) -> None:
+    """With --timeout-s 60 the relay used to sit out the whole timeout (in init_transactions or
+    flush) before it looked at the signal. Stop means stop: within seconds, exit 0, and the
+    batch back in pending with no attempt spent."""
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(tmp_path / "spool")
+    with spool.transaction() as tx:
+        mid = tx.add(topic=unique_topic("stop"), value=b"v", key=b"k")
+    broker = EmbeddedBroker(free_port())
+    if fault == "broker-frozen":
+        broker.start()
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+    log = tmp_path / "relay.log"
+    with open(log, "ab") as out:
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", f"spool://{tmp_path / 'spool'}",
+             "--target", broker.url, "--timeout-s", "60", "--lease-s", "120", "--relay-id", f"stop-{fault}"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: "relay started" in log.read_text(), 60, "the relay to start")
+        relay.send_signal(signal.SIGTERM)
+        try:
+            code = relay.wait(15)  # far below the 60 s timeout it used to sit out
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the relay ignored SIGTERM for 15 s while the broker was down:\n{log.read_text()[-3000:]}")
+        assert code == 0, log.read_text()[-3000:]
+        state, msg = FileSpool(tmp_path / "spool").get(mid)
+        assert state is State.PENDING and msg.attempts == 0
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait()
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGCONT)
+        broker.stop()
+        spool.close()

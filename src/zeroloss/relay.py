@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from zeroloss import metrics
 from zeroloss.backoff import backoff_s
-from zeroloss.brokers.base import Broker, Status
+from zeroloss.brokers.base import Broker, Interruptible, Status
 from zeroloss.errors import BrokerError, StoreError
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
@@ -74,8 +74,11 @@ class Relay:
         self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
 
     def stop(self) -> None:
-        """Ask the loop to finish the batch in flight and return."""
+        """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
+        not (a broker that does not answer) is cut short and goes back to ``pending``."""
         self._stop.set()
+        if isinstance(self.broker, Interruptible):
+            self.broker.interrupt()
 
     @property
     def stopping(self) -> bool:

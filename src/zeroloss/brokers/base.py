@@ -48,6 +48,17 @@ class Broker(Protocol):
         ...
 
 
+@runtime_checkable
+class Interruptible(Protocol):
+    """A broker whose publish can be cut short: the relay calls :meth:`interrupt` when it is told
+    to stop, so SIGTERM takes effect within about a second even while the broker does not answer."""
+
+    def interrupt(self) -> None:
+        """Make a publish in progress (and every later one) give up soon with a retriable
+        BrokerError; nothing not yet acknowledged counts as delivered."""
+        ...
+
+
 def publish_one(broker: Broker, msg: Message, what: str = "message") -> str:
     """Publish one message (a dead letter, a retry copy) and return where it went; BrokerError —
     retriable unless the broker refused it for good — if the broker did not take it."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -187,6 +188,7 @@ class KafkaBroker:
         self.timeout_s = timeout_s
         self._conf = producer_config(self.bootstrap, transactional_id, timeout_s, config)
         self._producer: Any = None
+        self._interrupted = threading.Event()
         self.producers_created = 0  # how often we had to (re)create the client; tests read it
 
     # -- producer lifecycle -------------------------------------------------------------
@@ -198,13 +200,32 @@ class KafkaBroker:
         never aborts it by itself. BrokerError if the broker cannot be reached."""
         self._ensure_producer()
 
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted.is_set():
+            raise BrokerError(f"Kafka at {self.bootstrap}: interrupted, the relay is stopping")
+
+    def _slices(self) -> Iterator[float]:
+        """Up to ``timeout_s`` in slices of at most 0.5 s, so a blocking client call can be left
+        between two of them when :meth:`interrupt` is called; BrokerError then."""
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            self._check_interrupted()
+            yield min(0.5, left)
+
     def _ensure_producer(self, topics: Sequence[str] = ()) -> Any:
         if self._producer is not None:
             return self._producer
+        self._check_interrupted()
         producer = self._ck.Producer(self._conf)
         if self.transactional_id:
             try:
-                producer.init_transactions(self.timeout_s)
+                self._init_transactions(producer)
+            except BrokerError:
+                self._discard(producer)
+                raise
             except self._ck.KafkaException as exc:
                 # CONCURRENT_TRANSACTIONS here usually means the coordinator cannot finish the
                 # previous transaction: say what starves it (the batch's partitions or its own log).
@@ -214,6 +235,22 @@ class KafkaBroker:
         self._producer = producer
         self.producers_created += 1
         return producer
+
+    def _init_transactions(self, producer: Any) -> None:
+        """``init_transactions`` in slices: librdkafka allows calling it again after a timeout."""
+        last: Any = None
+        for wait in self._slices():
+            try:
+                producer.init_transactions(wait)
+                return
+            except self._ck.KafkaException as exc:
+                err = exc.args[0]
+                if not (err.retriable() and err.code() == self._ck.KafkaError._TIMED_OUT):
+                    raise
+                last = exc
+        self._check_interrupted()
+        raise last if last is not None else self._ck.KafkaException(
+            self._ck.KafkaError(self._ck.KafkaError._TIMED_OUT, "init_transactions timed out"))
 
     def _discard(self, producer: Any) -> None:
         """Throw a producer away without waiting for what it still holds: those messages are
@@ -336,7 +373,13 @@ class KafkaBroker:
                     settle(m, Status.REJECTED, f"{err.name()}: {err.str()}")
                 else:
                     raise self._ck.KafkaException(err)
-            left = producer.flush(self.timeout_s)
+            left = -1  # unknown until the first flush says
+            for wait in self._slices():
+                if (left := producer.flush(wait)) == 0:
+                    break
+        except BrokerError:  # interrupted: nothing of this batch counts as delivered
+            self._reset("interrupted while waiting for acknowledgements")
+            raise
         except (self._ck.KafkaException, SystemError) as exc:
             raise self._batch_failed(self._kafka_error(exc), "produce") from exc
         if left:
@@ -426,8 +469,12 @@ class KafkaBroker:
     def _commit(self, producer: Any) -> None:
         deadline = time.monotonic() + self.timeout_s
         while True:
+            if self._interrupted.is_set():
+                # Not known to be committed: sent again by the next relay, whose id fences this one.
+                self._reset("interrupted during commit")
+                self._check_interrupted()
             try:
-                producer.commit_transaction(max(0.1, deadline - time.monotonic()))
+                producer.commit_transaction(min(0.5, max(0.1, deadline - time.monotonic())))
                 return
             except (self._ck.KafkaException, SystemError) as exc:
                 err = self._kafka_error(exc)
