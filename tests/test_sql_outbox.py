@@ -508,3 +508,27 @@ def test_notify_is_opt_in_and_for_postgresql_only(tmp_path: Path) -> None:
     finally:
         outbox.drop_schema()
         outbox.close()
+
+
+def test_a_claim_still_works_with_more_blocked_keys_than_the_server_takes_parameters(
+    make_outbox: MakeOutbox,
+) -> None:
+    """70,000 keys each parked behind a failed message: more than PostgreSQL's 65,535 bind
+    parameters (SQLite: 32,766). The claim must still hand out the other keys' messages."""
+    from zeroloss.message import new_message
+    from zeroloss.outbox._sqltable import row_of
+
+    outbox = make_outbox()
+    rows = []
+    for i in range(70_000):
+        row = row_of(new_message("t", b"x", key=b"parked-%d" % i))
+        rows.append({**row, "state": State.FAILED.value})
+    with outbox.engine.begin() as conn:
+        for start in range(0, len(rows), 5000):
+            conn.execute(outbox.table.insert(), rows[start:start + 5000])
+        parked = outbox.add(conn, topic="t", value=b"p", key=b"parked-7")  # behind its failed one
+        free = outbox.add(conn, topic="t", value=b"f", key=b"free")
+        unkeyed = outbox.add(conn, topic="t", value=b"u")
+    got = outbox.claim(100, lease_s=30)
+    assert [m.id for m in got] == [free, unkeyed]
+    assert outbox.get(parked)[0] is State.PENDING

@@ -19,6 +19,7 @@ have no such signal: the relay polls.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -50,6 +52,7 @@ T = TypeVar("T")
 HeadersIn = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
 
 _RESENT = "resent: the broker no longer had it (audit --repair)"
+_MAX_BLOCKED_PARAMS = 2000  # SQLite: blocked keys passed as parameters; more as one JSON array
 _BLOCKING = (State.PENDING.value, State.SENDING.value, State.FAILED.value)
 _TX_ATTEMPTS = 5
 _CHUNK = 1000  # ids per IN (...) list
@@ -249,8 +252,19 @@ class SqlOutbox:
         skipping rows other relays lock."""
         t = self.table
         stmt = sa.select(t).where(t.c.state == State.PENDING.value, t.c.not_before <= now)
-        for part in _chunks(sorted(blocked)):
-            stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(part)))
+        keys = sorted(blocked)
+        if keys and self._dialect == "postgresql":
+            # One array parameter, however many keys (a list of parameters stops at 65,535);
+            # PostgreSQL plans NOT IN (list) as <> ALL(array) anyway.
+            arr = sa.bindparam("blocked_keys", keys, type_=postgresql.ARRAY(sa.String))
+            stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash != sa.all_(arr)))
+        elif len(keys) > _MAX_BLOCKED_PARAMS and self._dialect == "sqlite":
+            # One JSON parameter read by json_each: no bind limit (32,766 in default builds).
+            listed = sa.func.json_each(sa.bindparam("blocked_keys", json.dumps(keys))).table_valued("value")
+            stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(sa.select(listed.c.value))))
+        else:  # MariaDB: PyMySQL binds on the client; the statement must fit max_allowed_packet
+            for part in _chunks(keys):
+                stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(part)))
         stmt = stmt.order_by(t.c.id).limit(limit)
         return stmt if self._dialect == "sqlite" else stmt.with_for_update(skip_locked=True)
 
