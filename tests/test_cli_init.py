@@ -86,6 +86,18 @@ def topic() -> str:
     return unique_topic("init")
 
 
+@pytest.mark.kafka_cluster
+def test_on_the_cluster_init_reports_what_it_created_not_metadata_still_on_its_way(
+    kafka_cluster: Any, topic: str
+) -> None:
+    """Seen once against the cluster: 'created topic (0 partitions, replication factor 0)' from
+    metadata read before the new topic reached it. Defaults: the cluster's RF 3, 4 partitions."""
+    code, out = run("init", "--target", kafka_cluster.url, "--topic", topic)
+    assert code == 0, out
+    assert f"created         topic {topic}  (4 partitions, replication factor 3)" in out, out
+    assert f"created         topic {topic}.dlq  (4 partitions, replication factor 3)" in out, out
+
+
 @pytest.mark.kafka
 def test_kafka_topics_are_created_once_with_the_partitions_asked_for(kafka: Any, topic: str) -> None:
     args = ["init", "--target", kafka.url, "--topic", topic, "--partitions", "2"]

@@ -305,10 +305,17 @@ class KafkaBroker:
             except self._ck.KafkaException as exc:
                 if exc.args[0].code() != self._ck.KafkaError.TOPIC_ALREADY_EXISTS:
                     raise self._admin_error(exc, f"create topic {t!r}") from exc
-        try:
-            md = admin.list_topics(timeout=self.timeout_s)
-        except self._ck.KafkaException as exc:
-            raise self._admin_error(exc, "list topics") from exc
+        # A topic just created reaches every broker's metadata a moment later: until then it
+        # would be reported with 0 partitions. Wait (bounded) until each one shows its partitions.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                md = admin.list_topics(timeout=self.timeout_s)
+            except self._ck.KafkaException as exc:
+                raise self._admin_error(exc, "list topics") from exc
+            if all(t in md.topics and md.topics[t].partitions for t in names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         out = []
         for t in names:
             parts = md.topics[t].partitions if t in md.topics else {}
