@@ -71,6 +71,19 @@ def test_a_well_configured_topic_fails_only_for_what_one_node_cannot_give(kafka:
 
 
 @pytest.mark.kafka
+def test_replication_factor_3_on_a_one_broker_cluster_counts_as_one(kafka: EmbeddedBroker) -> None:
+    """The embedded broker accepts RF 3 and lists its one node three times as the replicas."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = unique_topic("doctor")
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 3)])[topic].result(30)
+    _, doc = run("doctor", "--target", kafka.url, "--topic", topic)
+    details = {c["name"]: (c["verdict"], c["detail"]) for c in doc["checks"]}
+    assert details[f"topic {topic} replication.factor"] == ("fail", "1 (need >= 3)")
+
+
+@pytest.mark.kafka
 def test_settings_the_broker_does_not_report_are_warnings_with_the_kafka_default(kafka: EmbeddedBroker) -> None:
     topic = create_topic(kafka)
     code, doc = run("doctor", "--target", kafka.url, "--topic", topic, "--min-replication", "1")

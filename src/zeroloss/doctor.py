@@ -199,7 +199,8 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
                                f"create it with replication factor {min_replication} and min.insync.replicas=2; "
                                "do not rely on auto-creation")]
     partitions = md.topics[topic].partitions
-    rf = min((len(p.replicas) for p in partitions.values()), default=0)
+    # Distinct brokers: a one-node broker may list itself three times for "replication factor 3".
+    rf = min((len(set(p.replicas)) for p in partitions.values()), default=0)
     topic_conf, err = _describe(admin, "TOPIC", topic, timeout_s)
     if err:
         checks.append(Check(f"topic {topic} config", Verdict.WARN, f"cannot read it: {err}",
@@ -248,7 +249,7 @@ def _replica_checks(topic: str, partitions: dict[int, Any], live: set[int], min_
                       "to or read from them", "bring their brokers back; do not enable unclean leader election")]
     in_sync = {p: len(set(m.isrs) & live) for p, m in partitions.items()}
     fewest = min(in_sync.values(), default=0)
-    rf = min((len(m.replicas) for m in partitions.values()), default=0)
+    rf = min((len(set(m.replicas)) for m in partitions.values()), default=0)
     dead = sorted({r for m in partitions.values() for r in m.replicas} - live)
     if min_isr is not None and fewest < min_isr <= rf:  # min_isr > rf is reported by its own check
         starved = sorted(p for p, n in in_sync.items() if n < min_isr)
@@ -256,7 +257,7 @@ def _replica_checks(topic: str, partitions: dict[int, Any], live: set[int], min_
                       f"min.insync.replicas={min_isr}: every acks=all write is refused (NOT_ENOUGH_REPLICAS) "
                       "and the relay waits" + (f"; broker(s) {dead} not alive" if dead else ""),
                       "bring the lagging or stopped brokers back")]
-    short = sorted(p for p, m in partitions.items() if in_sync[p] < len(m.replicas))
+    short = sorted(p for p, m in partitions.items() if in_sync[p] < len(set(m.replicas)))
     if short:
         return [Check(name, Verdict.WARN, f"partition(s) {short} are under-replicated ({fewest} of {rf} in sync"
                       + (f"; broker(s) {dead} not alive" if dead else "") + "): one more broker lost and writes "
