@@ -139,3 +139,25 @@ def test_sigterm_stops_the_relay_at_once_while_the_broker_does_not_answer(fault:
             broker.process.send_signal(signal.SIGCONT)
         broker.stop()
         spool.close()
+
+
+def test_a_second_relay_on_one_spool_exits_2_and_names_the_first(tmp_path: Path) -> None:
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(tmp_path / "spool")
+    with spool.transaction() as tx:
+        tx.add(topic=unique_topic("one"), value=b"v", key=b"k")
+    spool.close()
+    args = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", f"spool://{tmp_path / 'spool'}",
+            "--target", f"kafka://127.0.0.1:{free_port()}", "--timeout-s", "1", "--lease-s", "5"]
+    log = tmp_path / "first.log"
+    with open(log, "ab") as out:
+        first = subprocess.Popen([*args, "--relay-id", "first"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "broker unavailable" in log.read_text(), 60, "the first relay to claim")
+        second = subprocess.run([*args, "--relay-id", "second"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"another relay (pid {first.pid} on" in second.stderr and "one relay per spool" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0, log.read_text()[-2000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from zeroloss.errors import MessageError, SpoolFullError, StoreError, UnknownMessageError
+from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
 from zeroloss.outbox import _fsync
 from zeroloss.outbox.base import Delivered, State
@@ -217,9 +217,12 @@ def test_recover_leaves_alone_a_file_another_relay_claimed_while_it_listed(
 ) -> None:
     """Relays on one spool run recover() while others claim. A file renamed pending/ → sending/
     between recover's directory listings shows up in both; it is one file, not a duplicate, and
-    deleting the sending/ name would lose a message the other relay is publishing."""
+    deleting the sending/ name would lose a message the other relay is publishing. (relay.lock
+    keeps a second relay out; where the lock is not shared, e.g. two hosts on a network
+    filesystem, recover must still be safe, so the lock is bypassed here.)"""
     mid = add(spool)
     other = FileSpool(spool.root)  # a second relay process on the same spool
+    monkeypatch.setattr(other, "_relay_lock", lambda: None)
     names = spool._names
 
     def stale_listing(state: State, quarantine: bool = False) -> list[tuple[str, str]]:
@@ -230,7 +233,7 @@ def test_recover_leaves_alone_a_file_another_relay_claimed_while_it_listed(
 
     monkeypatch.setattr(spool, "_names", stale_listing)
     spool.recover()
-    monkeypatch.undo()
+    monkeypatch.setattr(spool, "_names", names)
     assert spool.get(mid)[0] is State.SENDING  # the other relay's claim survived
     other.close()
 
@@ -493,3 +496,26 @@ def test_a_producer_killed_mid_transaction_loses_and_duplicates_nothing(tmp_path
 
 def files_ids(root: str | Path, state: State) -> list[str]:
     return [n[:36] for n in os.listdir(os.path.join(root, state.value)) if n.endswith(".zlm")]
+
+
+def test_a_second_relay_on_one_spool_is_refused_until_the_first_is_gone(spool: FileSpool) -> None:
+    """Two relays on one spool would break per-key order: the first claim or recover takes
+    relay.lock; another FileSpool (another relay) is refused with a reason naming the holder;
+    producers and operators (add, stats, list) are not affected; closing releases it."""
+    add(spool)
+    spool.recover()
+    second = FileSpool(spool.root)
+    try:
+        for relay_work in (lambda: second.claim(10, lease_s=30), second.recover):
+            with pytest.raises(ConfigError, match=rf"another relay \(pid {os.getpid()} on .*one relay per spool"):
+                relay_work()
+        add(second)  # a producer through the second instance is fine
+        assert second.stats().counts[State.PENDING] == 2
+    finally:
+        second.close()
+    spool.close()
+    third = FileSpool(spool.root)
+    try:
+        assert len(third.claim(10, lease_s=30)) == 2  # the lock went with the first relay
+    finally:
+        third.close()

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import math
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -198,6 +200,7 @@ class FileSpool:
         self._prune_at = 4096
         self._quarantined = 0
         self._closed = False
+        self._relay_fd: int | None = None  # relay.lock, held from the first claim or recover
 
     # ---- producer side -------------------------------------------------------------------
 
@@ -290,9 +293,29 @@ class FileSpool:
 
     # ---- relay side ----------------------------------------------------------------------
 
+    def _relay_lock(self) -> None:
+        """Per-key order holds only with one relay per spool: the first claim or recover takes
+        an exclusive lock on ``relay.lock`` for as long as this FileSpool is open (the kernel
+        drops it when the process dies); a second relay gets ConfigError naming the holder."""
+        if self._relay_fd is not None:
+            return
+        path = os.path.join(self.root, "relay.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"another relay ({holder}) already serves the spool {self.root}: one relay per spool "
+                              "keeps per-key order; stop the other one first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._relay_fd = fd
+
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
             return []
+        self._relay_lock()
         with self._lock, self._translate("claim"):
             now = time.time()
             lease_ms = math.floor((now + lease_s) * 1000)  # lease_s=0: expired at once
@@ -393,6 +416,7 @@ class FileSpool:
             raise
 
     def recover(self, resolver: Resolver | None = None) -> RecoveryReport:
+        self._relay_lock()
         with self._lock, self._translate("recover"):
             report = RecoveryReport()
             quarantined = self._quarantined
@@ -682,6 +706,9 @@ class FileSpool:
             self._closed = True
             for fd in self._fds.values():
                 os.close(fd)
+            if self._relay_fd is not None:
+                os.close(self._relay_fd)  # releases the relay lock
+                self._relay_fd = None
 
     # ---- helpers -------------------------------------------------------------------------
 
