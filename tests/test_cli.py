@@ -122,3 +122,14 @@ def test_python_dash_m_runs_the_command() -> None:
     assert proc.returncode == 0
     for cmd in ("init", "relay", "status", "broker", "demo", "failed", "doubt", "malformed", "doctor", "audit"):
         assert cmd in proc.stdout
+
+
+@pytest.mark.postgres
+def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_forever() -> None:
+    from tests.conftest import require_service
+
+    require_service("postgres")
+    result = CliRunner().invoke(main, ["relay", "--source", "postgresql://nobody@127.0.0.1:5432/test",
+                                       "--target", "kafka://127.0.0.1:1", "--timeout-s", "1"])
+    assert result.exit_code == 2, result.output
+    assert 'role "nobody" does not exist' in result.output and "waiting will not fix this" in result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,55 @@ def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:
     assert stats.counts[State.SUCCESS] == 10
     assert stats.counts[State.SENDING] == 0
     assert stats.counts[State.PENDING] == 40
+
+
+class _NoBroker:
+    """A broker that is never reached: these tests stop at the store."""
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        raise AssertionError("nothing should be published")
+
+    def close(self) -> None:
+        pass
+
+
+class _StoreDown:
+    """An outbox whose every call fails like a database that is down (retriable) or that
+    refuses our credentials (not retriable)."""
+
+    def __init__(self, retriable: bool) -> None:
+        self.retriable = retriable
+
+    def __getattr__(self, name: str) -> Any:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            from zeroloss.errors import StoreError
+
+            raise StoreError("connection refused" if self.retriable else "role refused", retriable=self.retriable)
+
+        return fail
+
+
+def test_store_errors_back_off_growing_not_at_a_fixed_pace() -> None:
+    relay = Relay(_StoreDown(retriable=True), _NoBroker(), RelaySettings(backoff_base_s=0.5, max_backoff_s=60))
+    waits: list[float] = []
+
+    def record(delay: float | None = None) -> bool:
+        waits.append(delay or 0.0)
+        if len(waits) >= 6:
+            relay.stop()
+        return False
+
+    relay._stop.wait = record  # type: ignore[method-assign]
+    relay.run()
+    assert relay.counters.store_errors == 6
+    # exponential with jitter: the 6th wait is well past the first (0.5 s base, 16 s nominal)
+    assert waits[-1] > 4 * max(waits[0], 0.25), waits
+    assert not relay.readiness()[0] and "connection refused" in relay.readiness()[1]
+
+
+def test_a_store_that_refuses_us_at_start_up_stops_the_relay_with_a_config_error() -> None:
+    from zeroloss.errors import ConfigError
+
+    relay = Relay(_StoreDown(retriable=False), _NoBroker())
+    with pytest.raises(ConfigError, match=r"role refused.*waiting will not fix this"):
+        relay.run()

@@ -18,11 +18,13 @@ from dataclasses import dataclass, replace
 from zeroloss import metrics
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Interruptible, Status
-from zeroloss.errors import BrokerError, StoreError
+from zeroloss.errors import BrokerError, ConfigError, StoreError
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
 
 log = logging.getLogger(__name__)
+
+NOT_STARTED = "not started yet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,8 @@ class Relay:
         self._outage = 0  # consecutive broker-wide failures, for the relay's own backoff
         self._next_recover = 0.0
         self._next_stats = 0.0
-        self._store_problem: str | None = "not started yet"  # for readiness; None once the store answers
+        self._store_problem: str | None = NOT_STARTED  # for readiness; None once the store answers
+        self._store_failures = 0  # consecutive store failures, for their own backoff
         self._broker_problem: str | None = None
         self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
 
@@ -100,11 +103,16 @@ class Relay:
             try:
                 handled = self.run_once()
             except StoreError as exc:
+                if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
+                    # Wrong role, password, database or table at start-up: waiting cannot fix it.
+                    raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
                 self.counters.store_errors += 1
+                self._store_failures += 1
                 self._store_problem = str(exc)
                 metrics.relay_error("store")
-                log.error("outbox store failed: %s; retrying", exc)
-                self._stop.wait(self._relay_backoff(exc))
+                delay = backoff_s(self._store_failures, self.settings.backoff_base_s, self.settings.max_backoff_s)
+                log.error("outbox store failed: %s; retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
                 continue
             if handled == 0:
                 self._idle()
@@ -163,6 +171,7 @@ class Relay:
             self._next_recover = now + s.recover_every_s
         batch = self.store.claim(s.batch_size, s.lease_s)
         self._store_problem = None
+        self._store_failures = 0
         if not batch:
             return 0
         self.counters.claimed += len(batch)

@@ -643,6 +643,15 @@ class SqlOutbox:
                 f"check that its directory exists and is writable",
                 retriable=False,
             )
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        refused = ("password authentication failed", "role \"", "does not exist", "Access denied",
+                   "Unknown database", "no pg_hba.conf entry")
+        # Refused credentials or database: the server answered, and waiting will not change it.
+        if sqlstate in ("28P01", "28000", "3D000") or code in (1044, 1045, 1049, 1698) or (
+            isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused)
+        ):
+            return StoreError(f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
+                              "check the user, password and database name in the URL", retriable=False)
         if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
             return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
