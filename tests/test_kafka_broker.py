@@ -219,3 +219,26 @@ def test_a_systemerror_with_no_kafka_error_behind_it_is_not_swallowed() -> None:
     broker._producer = Broken()
     with pytest.raises(SystemError, match="a bug"):
         broker.publish([new_message("t", b"v")])
+
+
+def test_librdkafka_repeats_are_held_back_and_counted() -> None:
+    """An outage made hundreds of identical librdkafka lines at once; one per window is enough."""
+    import logging
+
+    from zeroloss.brokers.kafka import RepeatFilter
+
+    now = [0.0]
+    f = RepeatFilter(window_s=30, clock=lambda: now[0])
+
+    def line(client: int) -> logging.LogRecord:
+        return logging.LogRecord("zeroloss.librdkafka", logging.ERROR, __file__, 1,
+                                 "FAIL [rdkafka#producer-%d] [thrd:b/1]: b:1/bootstrap: Connect failed: refused",
+                                 (client,), None)
+
+    assert f.filter(line(1))
+    assert [f.filter(line(n)) for n in range(2, 300)] == [False] * 298  # other clients, same failure
+    other = logging.LogRecord("zeroloss.librdkafka", logging.ERROR, __file__, 1, "x]: something else", (), None)
+    assert f.filter(other)
+    now[0] = 31.0
+    again = line(5)
+    assert f.filter(again) and "(and 298 more like it in 30s)" in again.getMessage()

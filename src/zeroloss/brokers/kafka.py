@@ -85,6 +85,39 @@ TRANSACTION_LOG = "__transaction_state"
 """Kafka's internal topic of transaction states: the coordinator needs it in sync to begin or end one."""
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one copy of a log line through per ``window_s``; the next copy after the window says
+    how many were held back. librdkafka repeats a connection failure for every broker, partition
+    and retry (hundreds of identical lines in an outage, flushed at once)."""
+
+    def __init__(self, window_s: float = 30.0, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # text -> (when let through, held back since)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # "[rdkafka#producer-7] [thrd:…]" differ per client and thread: the text after them decides.
+        text = record.getMessage().rsplit("]: ", 1)[-1]
+        now = self._clock()
+        with self._lock:
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            first, held = self._seen.get(text, (None, 0))
+            if first is not None and now - first < self.window_s:
+                self._seen[text] = (first, held + 1)
+                return False
+            self._seen[text] = (now, 0)
+        if held:
+            record.msg, record.args = f"{record.getMessage()} (and {held} more like it in {self.window_s:.0f}s)", ()
+        return True
+
+
+LIBRDKAFKA_LOG = logging.getLogger("zeroloss.librdkafka")
+LIBRDKAFKA_LOG.addFilter(RepeatFilter())
+
+
 def _kafka() -> Any:
     try:
         import confluent_kafka
