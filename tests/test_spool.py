@@ -519,3 +519,31 @@ def test_a_second_relay_on_one_spool_is_refused_until_the_first_is_gone(spool: F
         assert len(third.claim(10, lease_s=30)) == 2  # the lock went with the first relay
     finally:
         third.close()
+
+
+def test_threads_of_one_relay_share_its_relay_lock(tmp_path: Path) -> None:
+    """Found by CI: two threads of one FileSpool taking relay.lock at once each opened the file,
+    and the second flock failed as if another relay held it."""
+    import threading
+
+    for n in range(20):
+        spool = FileSpool(tmp_path / f"spool-{n}")
+        add(spool)
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def claim(spool: FileSpool = spool, start: threading.Barrier = start,
+                  errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                spool.claim(1, lease_s=30)
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        spool.close()
+        assert not errors, errors

@@ -297,6 +297,10 @@ class FileSpool:
         """Per-key order holds only with one relay per spool: the first claim or recover takes
         an exclusive lock on ``relay.lock`` for as long as this FileSpool is open (the kernel
         drops it when the process dies); a second relay gets ConfigError naming the holder."""
+        with self._lock:  # threads of one relay share its lock: only the first takes it
+            self._take_relay_lock()
+
+    def _take_relay_lock(self) -> None:
         if self._relay_fd is not None:
             return
         path = os.path.join(self.root, "relay.lock")
