@@ -277,8 +277,9 @@ class KafkaBroker:
                 producer.init_transactions(wait)
                 return
             except self._ck.KafkaException as exc:
-                err = exc.args[0]
-                if not (err.retriable() and err.code() == self._ck.KafkaError._TIMED_OUT):
+                # A slice that ends while librdkafka retries (a timeout, or COORDINATOR_LOAD_IN_
+                # PROGRESS right after a broker start) is retriable: call again until the deadline.
+                if not exc.args[0].retriable():
                     raise
                 last = exc
         self._check_interrupted()
