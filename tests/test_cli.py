@@ -133,3 +133,95 @@ def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_fo
                                        "--target", "kafka://127.0.0.1:1", "--timeout-s", "1"])
     assert result.exit_code == 2, result.output
     assert 'role "nobody" does not exist' in result.output and "waiting will not fix this" in result.output
+
+
+def _crashed_spool(root: Path, txids: list[str]) -> dict[str, str]:
+    """A spool whose app died inside each transaction's block: tmp files, made old. id → txid."""
+    import os
+
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(root, create=True)
+    ids = {}
+    for txid in txids:
+        tx = spool.transaction(txid).__enter__()
+        ids[tx.add(topic=f"resolved-{os.getpid()}", value=txid.encode(), key=b"k")] = txid
+    spool.close()
+    for name in os.listdir(root / "tmp"):
+        os.utime(root / "tmp" / name, (1, 1))  # older than any tmp grace
+    return ids
+
+
+def _states(root: Path) -> dict[str, str]:
+    """txid → the spool directory its message is in now (absent: discarded)."""
+    import os
+
+    from zeroloss.message import decode
+
+    out = {}
+    for state in ("tmp", "pending", "sending", "success", "failed", "doubt"):
+        for name in os.listdir(root / state):
+            out[decode((root / state / name).read_bytes()).value.decode()] = state
+    return out
+
+
+@pytest.mark.parametrize("how", ["sql", "command"])
+def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path, kafka: object) -> None:
+    """tx-commit is sent, tx-rollback discarded, tx-unknown goes to doubt/ (command: exit 2), and
+    tx-broken (the resolver could not ask) stays in tmp/ to be asked again."""
+    import sqlite3
+
+    root = tmp_path / "spool"
+    _crashed_spool(root, ["tx-commit", "tx-rollback", "tx-unknown", "tx-broken"])
+    app_db = tmp_path / "app.db"
+    with sqlite3.connect(app_db) as db:
+        db.execute("CREATE TABLE spool_txids (txid TEXT PRIMARY KEY)")
+        db.execute("INSERT INTO spool_txids VALUES ('tx-commit')")
+    if how == "sql":  # a row or none: committed or rolled back, nothing in between
+        opts = ["--resolver-sql", "SELECT 1 FROM spool_txids WHERE txid = :txid",
+                "--resolver-db", f"sqlite:///{app_db}"]
+        expected = {"tx-commit": "success"}
+    else:
+        script = tmp_path / "resolve.py"
+        script.write_text(
+            "import sqlite3, sys\n"
+            "txid = sys.argv[1]\n"
+            "if txid == 'tx-broken': print('cannot reach the database', file=sys.stderr); sys.exit(5)\n"
+            "if txid == 'tx-unknown': sys.exit(2)\n"
+            f"row = sqlite3.connect({str(app_db)!r}).execute('SELECT 1 FROM spool_txids WHERE txid = ?', (txid,))\n"
+            "sys.exit(0 if row.fetchone() else 1)\n"
+        )
+        opts = ["--resolver-command", f"{sys.executable} {script}"]
+        expected = {"tx-commit": "success", "tx-unknown": "doubt", "tx-broken": "tmp"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{root}", "--target",
+         kafka.url, "--drain", *opts],  # type: ignore[attr-defined]
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert _states(root) == expected, proc.stderr
+    if how == "command":
+        assert "transaction tx-broken: the resolver failed" in proc.stderr
+        assert "cannot reach the database" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "opts", "needle"),
+    [
+        ("sqlite:///x.db", ["--resolver-command", "true"], "are for a spool source"),
+        ("spool", ["--resolver-sql", "SELECT 1 WHERE :txid"], "go together"),
+        ("spool", ["--resolver-sql", "SELECT 1", "--resolver-db", "sqlite:///app.db"], "parameter :txid"),
+        ("spool", ["--resolver-command", "no-such-resolver-cmd"], "not an executable on PATH"),
+        ("spool", ["--resolver-command", "true", "--resolver-db", "sqlite:///a.db"], "not both"),
+    ],
+    ids=["sql-source", "sql-without-db", "no-txid", "no-command", "both"],
+)
+def test_resolver_options_that_cannot_work_exit_2(source: str, opts: list[str], needle: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    if source == "spool":
+        assert run("init", "--source", f"spool://{tmp_path / 's'}")[0] == 0
+        source = f"spool://{tmp_path / 's'}"
+    code, out = run("relay", "--source", source, "--target", "kafka://127.0.0.1:1", "--drain", *opts)
+    assert code == 2, out
+    assert needle in out

@@ -163,6 +163,22 @@ def test_recover_without_a_resolver_moves_old_tmp_files_to_doubt(spool: FileSpoo
     assert spool.claim(10, lease_s=30) == []
 
 
+def test_a_doubt_message_parks_its_key_like_failed(spool: FileSpool) -> None:
+    # A doubt message may have committed: sending its key's later messages first would reorder the
+    # key once an operator requeues it. Other keys and keyless messages go on.
+    tx = spool.transaction("tx-crashed").__enter__()
+    doubtful = tx.add(topic="t", value=b"first", key=b"k")
+    age(os.path.join(spool.root, "tmp", f"{doubtful}.tx-crashed.zlm"))
+    later = add(spool, b"second", key=b"k")
+    other, keyless = add(spool, b"other", key=b"j"), add(spool, b"keyless")
+    assert spool.recover().doubt == 1
+    assert sorted(m.id for m in spool.claim(10, lease_s=30)) == sorted([other, keyless])
+    assert spool.get(later)[0] is State.PENDING
+    assert spool.stats().parked == 1  # status shows it waits behind the doubt message
+    assert spool.requeue([doubtful]) == 1  # the operator found the transaction committed
+    assert [m.id for m in spool.claim(10, lease_s=30)] == [doubtful, later]  # in key order
+
+
 def test_a_transaction_slower_than_tmp_grace_takes_its_messages_back(tmp_path: Path) -> None:
     spool = FileSpool(tmp_path / "s", tmp_grace_s=0)
     with spool.transaction("slow") as tx:

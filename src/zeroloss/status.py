@@ -83,7 +83,8 @@ def assess(stats: Stats, t: Thresholds | None = None) -> Verdict:
               f"({stats.parked} parked behind them): zeroloss failed list")
     for state in (State.DOUBT, State.MALFORMED):
         if n.get(state, 0):
-            v.add(Level.CRITICAL, f"{n[state]} {state.value} message(s): zeroloss {state.value} list")
+            parked = f" ({stats.parked} parked behind them)" if state is State.DOUBT and not n.get(State.FAILED) else ""
+            v.add(Level.CRITICAL, f"{n[state]} {state.value} message(s){parked}: zeroloss {state.value} list")
     used = disk_used_pct(stats)
     if used is not None and used > t.disk_critical_pct:
         v.add(Level.CRITICAL, f"spool disk {used:.0f}% used (> {t.disk_critical_pct:.0f}%): free space or the app's "
@@ -148,7 +149,7 @@ def render(stats: Stats | None, verdict: Verdict, states: frozenset[State] = fro
         if stats.oldest_pending_error:
             lines.append(f"oldest pending waits on: {stats.oldest_pending_error}")
         lines.append(f"expired leases: {stats.expired_leases}")
-        lines.append(f"parked (behind a failed message of their key): {stats.parked}")
+        lines.append(f"parked (behind a failed or doubt message of their key): {stats.parked}")
         used = disk_used_pct(stats)
         if used is not None and stats.disk_free_bytes is not None and stats.disk_total_bytes is not None:
             free, total = stats.disk_free_bytes / 2**20, stats.disk_total_bytes / 2**20

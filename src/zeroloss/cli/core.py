@@ -24,7 +24,7 @@ from zeroloss.cli._base import (
     target_options,
 )
 from zeroloss.errors import ConfigError, ZerolossError
-from zeroloss.outbox.base import Stats
+from zeroloss.outbox.base import Resolver, Stats
 
 
 @main.command()
@@ -107,10 +107,19 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
         help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
 @option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
         help="Address for --metrics-port.")
+@option("--resolver-sql", envvar="ZEROLOSS_RESOLVER_SQL", default=None, metavar="QUERY",
+        help="Spool: settle tmp/ files a crash left by running QUERY with :txid on --resolver-db; a row means "
+             "the app's transaction committed, none that it rolled back.")
+@option("--resolver-db", envvar="ZEROLOSS_RESOLVER_DB", default=None, metavar="URL",
+        help="The app's database for --resolver-sql.")
+@option("--resolver-command", envvar="ZEROLOSS_RESOLVER_COMMAND", default=None, metavar="CMD",
+        help="Spool: settle tmp/ files by running CMD TXID: exit 0 committed, 1 rolled back, 2 cannot tell "
+             "(doubt/); other codes: asked again at the next recover.")
 @errors_to_exit_codes
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
           backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
-          metrics_port: int | None, metrics_host: str) -> None:
+          metrics_port: int | None, metrics_host: str, resolver_sql: str | None, resolver_db: str | None,
+          resolver_command: str | None) -> None:
     """Publish committed messages from the outbox to the broker until SIGTERM."""
     # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
     stopping = threading.Event()
@@ -133,6 +142,8 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
         raise click.BadParameter(f"{lease_s} must exceed --timeout-s {timeout_s} (a claim must outlive its publish)",
                                  param_hint="'--lease-s' / ZEROLOSS_LEASE_S")
 
+    resolver = _resolver(source, resolver_sql, resolver_db, resolver_command)
+
     from zeroloss.http import HealthServer
     from zeroloss.registry import default_relay_id, open_broker, open_store
     from zeroloss.relay import Relay, RelaySettings
@@ -142,7 +153,7 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
                              stats_every_s=None if metrics_port is None else 5.0)
     store = open_store(source, table=table)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
-    r = Relay(store, broker, settings)
+    r = Relay(store, broker, settings, resolver=resolver)
     relays.append(r)
     if stopping.is_set():
         r.stop()
@@ -160,6 +171,24 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
             server.close()
         broker.close()
         store.close()
+
+
+def _resolver(source: str, sql: str | None, db: str | None, command: str | None) -> Resolver | None:
+    """The resolver the relay options ask for; usage errors name the option at fault."""
+    if sql is None and db is None and command is None:
+        return None
+    if not source.startswith("spool:"):
+        raise click.UsageError("--resolver-* options are for a spool source: a SQL outbox commits with the "
+                               "app's transaction and has nothing to resolve")
+    if command is not None and (sql is not None or db is not None):
+        raise click.UsageError("give --resolver-command or --resolver-sql with --resolver-db, not both")
+    from zeroloss.outbox.resolvers import command_resolver, sql_resolver
+
+    if command is not None:
+        return command_resolver(command)
+    if sql is None or db is None:
+        raise click.UsageError("--resolver-sql and --resolver-db go together")
+    return sql_resolver(db, sql)
 
 
 @main.command()

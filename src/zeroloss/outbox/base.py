@@ -56,7 +56,8 @@ def id_floor(unix_s: float) -> str:
 
 Resolver = Callable[[str], bool | None]
 """Given a spool transaction id: True if the app's transaction committed, False if it rolled
-back, None if it cannot tell (the files then go to ``doubt``)."""
+back, None if it cannot tell (the files then go to ``doubt``). One that raises could not ask: the
+files stay in ``tmp`` and the next recover asks again. Ready-made ones: :mod:`.resolvers`."""
 
 
 @dataclass(frozen=True, slots=True)

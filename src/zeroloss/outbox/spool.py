@@ -77,6 +77,7 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _NAME_MAX = 255
 _RESENT = "resent: the broker no longer had it (audit --repair)"
 _DEDUP_ORDER = (State.FAILED, State.PENDING, State.SENDING, State.DOUBT)
+_BLOCKING = (State.FAILED, State.DOUBT, State.SENDING)
 
 
 def _split(name: str) -> tuple[str, str] | None:
@@ -323,8 +324,10 @@ class FileSpool:
         with self._lock, self._translate("claim"):
             now = time.time()
             lease_ms = math.floor((now + lease_s) * 1000)  # lease_s=0: expired at once
-            blockers: dict[bytes, str] = {}  # key -> earliest id of it in sending/ or failed/
-            for state in (State.FAILED, State.SENDING):
+            # key -> its earliest id in failed/, doubt/ or sending/: a later message of the key waits
+            # (a doubt message may have committed; requeued later, it would arrive out of order)
+            blockers: dict[bytes, str] = {}
+            for state in _BLOCKING:
                 for mid, name in self._names(state, quarantine=True):
                     seen = self._info(state, name, mid)
                     if seen is not None and seen[0].key is not None and mid < blockers.get(seen[0].key, "~"):
@@ -467,7 +470,7 @@ class FileSpool:
         return (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino)
 
     def _recover_tmp(self, resolver: Resolver | None, report: RecoveryReport) -> None:
-        answers: dict[str, bool | None] = {}
+        answers: dict[str, bool | Exception | None] = {}
         cutoff = time.time() - self.tmp_grace_s
         with os.scandir(self._dir[State.TMP]) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -486,8 +489,10 @@ class FileSpool:
                 continue
             mid, txid = parts
             if txid not in answers:
-                answers[txid] = None if resolver is None else resolver(txid)
+                answers[txid] = None if resolver is None else self._ask(resolver, txid)
             answer = answers[txid]
+            if isinstance(answer, Exception):
+                continue  # could not ask: not "unknown" (doubt needs a person); ask again next time
             if answer is False:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
@@ -505,6 +510,15 @@ class FileSpool:
                 else:
                     report.doubt += 1
                     log.warning("message %s: outcome of transaction %s unknown, moved to doubt/", mid, txid)
+
+    @staticmethod
+    def _ask(resolver: Resolver, txid: str) -> bool | Exception | None:
+        try:
+            return resolver(txid)
+        except Exception as exc:  # a resolver's outage must not stop recover() from expiring leases
+            log.warning("transaction %s: the resolver failed (%s); its files stay in tmp/ until the next recover",
+                        txid, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return exc
 
     # ---- reading and operators -----------------------------------------------------------
 
@@ -672,8 +686,8 @@ class FileSpool:
             now = time.time()
             pending = names[State.PENDING]
             failed_first: dict[bytes, str] = {}
-            for mid, name in names[State.FAILED]:
-                got = self._info(State.FAILED, name, mid, quarantine=False)
+            for state, mid, name in [(s, m, n) for s in (State.FAILED, State.DOUBT) for m, n in names[s]]:
+                got = self._info(state, name, mid, quarantine=False)
                 if got and got[0].key is not None and mid < failed_first.get(got[0].key, "~"):
                     failed_first[got[0].key] = mid
             parked = 0
@@ -797,9 +811,9 @@ class FileSpool:
         self._sync(State.MALFORMED, state)
 
     def _prune(self) -> None:
-        # The cache only needs ids still in pending/, sending/ or failed/; drop the rest now and then.
+        # The cache only needs ids still in pending/ or a blocking state; drop the rest now and then.
         if len(self._cache) > self._prune_at:
-            live = {mid for s in (State.PENDING, State.SENDING, State.FAILED) for mid, _ in self._names(s)}
+            live = {mid for s in (State.PENDING, *_BLOCKING) for mid, _ in self._names(s)}
             self._cache = {k: v for k, v in self._cache.items() if k in live}
             self._prune_at = 2 * len(self._cache) + 4096
 
