@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -242,3 +243,60 @@ def test_librdkafka_repeats_are_held_back_and_counted() -> None:
     now[0] = 31.0
     again = line(5)
     assert f.filter(again) and "(and 298 more like it in 30s)" in again.getMessage()
+
+
+def _small_topic(cluster: Any, max_bytes: int) -> str:
+    """A one-partition topic on the cluster that refuses record batches over ``max_bytes``."""
+    from confluent_kafka.admin import NewTopic
+
+    topic = unique_topic("small")
+    futures = cluster.admin().create_topics([NewTopic(topic, 1, 3, config={"max.message.bytes": str(max_bytes)})])
+    futures[topic].result(30)
+    cluster.wait_in_sync(topic)
+    return topic
+
+
+@pytest.mark.kafka_cluster
+@pytest.mark.parametrize("transactional", [True, False])
+def test_a_batch_over_the_topics_size_limit_fails_only_the_message_too_big_by_itself(
+    kafka_cluster: Any, transactional: bool
+) -> None:
+    """The broker refuses a whole record batch over max.message.bytes, small records too (librdkafka
+    does not split it): each is tried alone, so only the big one is REJECTED and its key HELD."""
+    topic = _small_topic(kafka_cluster, 2000)
+    broker = KafkaBroker(kafka_cluster.url, transactional_id=f"test-{topic}" if transactional else None,
+                         timeout_s=15)
+    small = [new_message(topic, b"s%d" % i + b"." * 100, key=b"k%d" % i) for i in range(30)]  # > 2000 together
+    big = new_message(topic, b"x" * 5000, key=b"k0")
+    after_big = new_message(topic, b"after", key=b"k0")
+    try:
+        outcomes = {o.message.id: o for o in broker.publish([*small, big, after_big])}
+    finally:
+        broker.close()
+    assert [outcomes[m.id].status for m in small] == [Status.DELIVERED] * 30
+    assert outcomes[big.id].status is Status.REJECTED and "MSG_SIZE_TOO_LARGE" in (outcomes[big.id].error or "")
+    assert outcomes[after_big.id].status is Status.HELD
+    seen = read_topic(kafka_cluster.url, topic, expect=[m.id for m in small])
+    assert set(seen.ids) == {m.id for m in small}
+
+
+@pytest.mark.kafka_cluster
+def test_without_a_transaction_a_later_message_of_a_key_is_not_stored_after_an_earlier_one_failed(
+    kafka_cluster: Any,
+) -> None:
+    """Nothing can take back an acknowledged record without a transaction: a key's later message
+    must not be produced while its earlier one may still fail (issue 11, item 14). One record per
+    request makes the earlier one fail alone while the later one would pass."""
+    topic = _small_topic(kafka_cluster, 2000)
+    broker = KafkaBroker(kafka_cluster.url, timeout_s=15, config={"batch.num.messages": 1, "linger.ms": 0})
+    first = new_message(topic, b"x" * 5000, key=b"k")
+    second = new_message(topic, b"second", key=b"k")
+    other = new_message(topic, b"other", key=b"j")
+    try:
+        outcomes = {o.message.id: o for o in broker.publish([first, second, other])}
+    finally:
+        broker.close()
+    assert outcomes[first.id].status is Status.REJECTED
+    assert outcomes[second.id].status is Status.HELD
+    assert outcomes[other.id].status is Status.DELIVERED
+    assert set(read_topic(kafka_cluster.url, topic, expect=[other.id]).ids) == {other.id}

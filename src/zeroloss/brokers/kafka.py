@@ -13,6 +13,14 @@ One broker transaction per batch. Errors are classified the way librdkafka docum
 A message is ``DELIVERED`` only after ``commit_transaction`` returned: a timeout never means
 "assume sent"; it means "send again" and the consumer's dedup on ``zeroloss-id`` absorbs the copy.
 
+Without a transactional id nothing can take back a message once acknowledged, so a batch goes in
+*waves* (:func:`~zeroloss.brokers._batch.waves`): a key's ``n``-th message is produced only after
+its ``n-1``-th was acknowledged, and is ``HELD`` if that failed — a later message of a key is never
+stored ahead of an earlier one that failed. The broker refuses a whole produce request whose
+record batch exceeds the topic's ``max.message.bytes`` (librdkafka does not split it as the Java
+client does), so on a size error in a round of several messages each is sent again alone: only a
+message too large by itself is ``REJECTED``.
+
 :meth:`KafkaBroker.declare` creates topics with the AdminClient (partitions and replication
 factor: the broker's defaults unless given); a topic that exists is left exactly as it is.
 """
@@ -27,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
+from zeroloss.brokers._batch import HELD_REASON, waves
 from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -45,6 +54,9 @@ PERMANENT_ERRORS = frozenset(
         "INVALID_REQUIRED_ACKS",
     }
 )
+
+# Said of every record of a produce request whose batch is too big, the innocent ones too.
+_SIZE_ERRORS = frozenset({"MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE"})
 
 # Failures of the path to the broker, not of the message: the batch goes back unspent.
 BROKER_WIDE_ERRORS = frozenset(
@@ -376,19 +388,30 @@ class KafkaBroker:
 
     def publish(self, messages: Sequence[Message]) -> list[Outcome]:
         outcomes: dict[str, Outcome] = {}
-        todo = list(messages)
-        # Each round either delivers everything left or removes at least one message from
-        # `todo` (rejected, retry or held), so this ends within len(messages) + 1 rounds.
-        while todo:
-            todo = self._round(todo, outcomes)
+        blocked: set[bytes] = set()  # keys with a failure in this batch: later ones are HELD
+        position = {m.id: n for n, m in enumerate(messages)}
+        for group in [list(messages)] if self.transactional_id else waves(messages):
+            todo, alone = group, False
+            # Each round delivers everything left, settles at least one message, or switches to
+            # one message per round; so this ends within 2 * len(group) + 1 rounds.
+            while todo:
+                if alone:
+                    for m in todo:
+                        self._round([m], outcomes, blocked)
+                    break
+                again, oversized = self._round(todo, outcomes, blocked)
+                alone = bool(oversized)
+                todo = sorted([*again, *oversized], key=lambda m: position[m.id])
         return [outcomes[m.id] for m in messages]
 
-    def _round(self, todo: list[Message], outcomes: dict[str, Outcome]) -> list[Message]:
-        """One transaction over ``todo``; returns what must go again in a fresh one."""
+    def _round(
+        self, todo: list[Message], outcomes: dict[str, Outcome], blocked: set[bytes]
+    ) -> tuple[list[Message], list[Message]]:
+        """One transaction over ``todo``; returns what must go again in a fresh one, and what
+        failed a size check that may be its batch's fault rather than its own."""
         producer = self._ensure_producer([m.topic for m in todo])
         transactional = bool(self.transactional_id)
         reports: dict[str, tuple[Any, str | None]] = {}
-        blocked: set[bytes] = set()  # keys with a failure in this batch: later ones are held
         sent: list[Message] = []
 
         def on_delivery(mid: str, err: Any, msg: Any) -> None:
@@ -396,7 +419,7 @@ class KafkaBroker:
 
         def settle(m: Message, status: Status, error: str | None = None) -> None:
             outcomes[m.id] = Outcome(m, status, error=error)
-            if status is not Status.HELD and m.key is not None:
+            if status is not Status.DELIVERED and m.key is not None:
                 blocked.add(m.key)
 
         try:
@@ -404,7 +427,7 @@ class KafkaBroker:
                 producer.begin_transaction()
             for m in todo:
                 if m.key is not None and m.key in blocked:
-                    settle(m, Status.HELD, "an earlier message of its key failed")
+                    settle(m, Status.HELD, HELD_REASON)
                     continue
                 err = self._produce(producer, m, on_delivery)
                 if err is None:
@@ -442,25 +465,31 @@ class KafkaBroker:
                 self._commit(producer)
             for m in sent:
                 outcomes[m.id] = Outcome(m, Status.DELIVERED, location=reports[m.id][1])
-            return []
+            return [], []
 
         # Some records failed. In a transaction the whole of it is aborted and the innocent
         # go again; without one, what was acknowledged stays delivered.
         if transactional:
             self._abort(producer)
+            # After records failed in a transaction librdkafka's next one can fail with
+            # OUT_OF_ORDER_SEQUENCE_NUMBER ("requires epoch bump"); a fresh producer starts clean.
+            self._reset("records failed in the aborted transaction")
         again: list[Message] = []
+        oversized: list[Message] = []
         for m in sent:
             err = failed.get(m.id)
-            if err is not None:
+            if m.key is not None and m.key in blocked and (transactional or err is not None):
+                settle(m, Status.HELD, HELD_REASON)
+            elif err is not None and err.name() in _SIZE_ERRORS and len(sent) > 1:
+                oversized.append(m)  # decided when sent alone, before its key's later messages
+            elif err is not None:
                 status = Status.REJECTED if err.name() in PERMANENT_ERRORS else Status.RETRY
                 settle(m, status, f"{err.name()}: {err.str()}")
             elif not transactional:
                 outcomes[m.id] = Outcome(m, Status.DELIVERED, location=reports[m.id][1])
-            elif m.key is not None and m.key in blocked:
-                settle(m, Status.HELD, "an earlier message of its key failed")
             else:
                 again.append(m)
-        return again
+        return again, oversized
 
     def _why_stuck(self, producer: Any, topics: set[str]) -> str:
         """Why records get no acknowledgement, from the cluster's metadata: a partition with no
