@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,47 @@ def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:
     assert stats.counts[State.SUCCESS] == 10
     assert stats.counts[State.SENDING] == 0
     assert stats.counts[State.PENDING] == 40
+
+
+def test_a_publish_that_outlives_its_lease_keeps_the_lease(outbox: OutboxHarness) -> None:
+    """A slow publish must not let recover() hand the batch to another relay meanwhile: the relay
+    renews the lease every third of it until the broker answers (issue 11, item 13)."""
+    mid = outbox.add(topic="t", value=b"slow", key=b"k")
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowBroker(ScriptedBroker):
+        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+            entered.set()
+            release.wait(30)
+            return super().publish(messages)
+
+    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01, lease_s=1.0))
+    t = threading.Thread(target=relay.drain, kwargs={"timeout_s": 60})
+    t.start()
+    try:
+        assert entered.wait(10)
+        past = time.time() + 2.5  # two and a half leases
+        while time.time() < past:  # every recover meanwhile finds the lease alive
+            assert outbox.store.recover().lease_expired == 0
+            assert outbox.store.get(mid)[0] is State.SENDING
+            release.wait(0.1)  # never set here: a pause between checks
+    finally:
+        release.set()
+        t.join(30)
+    assert outbox.store.get(mid)[0] is State.SUCCESS
+
+
+def test_extend_renews_only_what_this_relay_still_holds(outbox: OutboxHarness) -> None:
+    a, b = outbox.add(topic="t", value=b"a"), outbox.add(topic="t", value=b"b")
+    [ma] = outbox.store.claim(1, lease_s=60)
+    [mb] = outbox.store.claim(1, lease_s=0.05)
+    assert outbox.store.extend([ma], 0.05) == 1  # shortened here, so it expires too
+    deadline = time.time() + 0.2
+    while time.time() < deadline:  # both leases run out
+        threading.Event().wait(0.05)
+    assert outbox.store.recover().lease_expired == 2
+    assert outbox.store.extend([ma, mb], 60) == 0  # recovered: no longer ours to renew
+    assert {outbox.store.get(m)[0] for m in (a, b)} == {State.PENDING}
 
 
 class _NoBroker:

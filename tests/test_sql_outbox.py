@@ -33,7 +33,7 @@ SQL_KINDS = [
     pytest.param("mariadb", id="mariadb", marks=pytest.mark.mariadb),
 ]
 SERVER_KINDS = SQL_KINDS[1:]
-MakeOutbox = Callable[[], SqlOutbox]
+MakeOutbox = Callable[..., SqlOutbox]
 
 
 def _url(kind: str, tmp_path: Path) -> str:
@@ -54,8 +54,8 @@ def make_outbox(url: str) -> Iterator[MakeOutbox]:
     table = f"zl_test_{uuid.uuid4().hex[:10]}"
     made: list[SqlOutbox] = []
 
-    def make() -> SqlOutbox:
-        outbox = SqlOutbox(url, table=table)
+    def make(**kw: Any) -> SqlOutbox:
+        outbox = SqlOutbox(url, table=table, **kw)
         if not made:
             outbox.create_schema()
         made.append(outbox)
@@ -351,6 +351,27 @@ def test_retry_and_fail_by_a_relay_that_lost_its_lease_change_nothing(
     assert mid in caplog.text and "no longer holds it" in caplog.text
     other.retry([replace(theirs, attempts=1, not_before=0.0, last_error="mine")])
     assert other.get(mid)[1].last_error == "mine"
+
+
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0], ids=["fast-clock", "slow-clock"])
+def test_relays_with_skewed_clocks_agree_on_leases_and_backoffs(make_outbox: MakeOutbox, skew_s: float) -> None:
+    """Leases and backoffs follow the database's clock (issue 11, item 13): a relay whose clock is
+    an hour fast must not expire another's live lease, one an hour slow must not see a backoff as due
+    early or a lease as alive long after it ran out."""
+    honest, skewed = make_outbox(), make_outbox(clock=lambda: time.time() + skew_s)
+    with honest.engine.begin() as conn:
+        a = honest.add(conn, topic="t", value=b"a", key=b"A")
+        b = honest.add(conn, topic="t", value=b"b", key=b"B")
+    [held] = honest.claim(1, lease_s=600)
+    assert skewed.recover().lease_expired == 0  # fast clock: would have expired it
+    assert skewed.get(a)[0] is State.SENDING
+    [mb] = skewed.claim(1, lease_s=600)
+    assert mb.id == b
+    skewed.retry([replace(mb, attempts=1, not_before=skewed.now() + 600, last_error="backing off")])
+    assert honest.claim(10, lease_s=600) == []  # due in ten minutes by the database's clock
+    assert abs(skewed.now() - honest.now()) < 5
+    honest.retry([replace(held, attempts=1, not_before=honest.now() - 1, last_error="x")])
+    assert [m.id for m in skewed.claim(10, lease_s=600)] == [a]  # slow clock: sees it as due
 
 
 def test_requeue_with_a_non_failed_id_changes_nothing(make_outbox: MakeOutbox) -> None:

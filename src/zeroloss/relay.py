@@ -9,10 +9,11 @@ A store failure leaves the claimed messages under their lease; ``recover`` retur
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from zeroloss import metrics
@@ -200,7 +201,8 @@ class Relay:
     def _publish(self, batch: Sequence[Message]) -> None:
         started = time.monotonic()
         try:
-            outcomes = self.broker.publish(batch)
+            with self._lease_renewed(batch):
+                outcomes = self.broker.publish(batch)
         except BrokerError as exc:
             metrics.relay_published(time.monotonic() - started, ok=False)
             metrics.relay_error("broker")
@@ -210,7 +212,7 @@ class Relay:
             self._outage += 1
             delay = self._relay_backoff(exc)
             log.warning("broker unavailable (%s); %d messages back to pending for %.1fs", exc, len(batch), delay)
-            until = time.time() + delay
+            until = self.store.now() + delay
             self.store.retry([replace(m, not_before=until, last_error=str(exc)) for m in batch])
             self._stop.wait(delay)
             return
@@ -225,7 +227,7 @@ class Relay:
             elif o.status is Status.RETRY:
                 attempts = m.attempts + 1
                 delay = backoff_s(attempts, self.settings.backoff_base_s, self.settings.max_backoff_s)
-                retry.append(replace(m, attempts=attempts, not_before=time.time() + delay, last_error=o.error))
+                retry.append(replace(m, attempts=attempts, not_before=self.store.now() + delay, last_error=o.error))
                 log.info("message %s: retry %d in %.1fs: %s", m.id, attempts, delay, o.error)
             elif o.status is Status.REJECTED:
                 failed.append(replace(m, attempts=m.attempts + 1, last_error=o.error))
@@ -244,6 +246,33 @@ class Relay:
             metrics.relay_outcome("held", held_n)
         if failed:
             self._fail(failed, None)
+
+    @contextlib.contextmanager
+    def _lease_renewed(self, batch: Sequence[Message]) -> Iterator[None]:
+        """Renew the batch's lease every third of it while the publish runs: a publish that
+        outlives its lease (a slow broker, many Kafka rounds) would let another relay claim and
+        send the same messages at the same time."""
+        lease_s = self.settings.lease_s
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(lease_s / 3):
+                try:
+                    held = self.store.extend(batch, lease_s)
+                except StoreError as exc:  # the lease may run out: duplicates, never a loss
+                    log.warning("could not renew the lease of %d messages in flight: %s", len(batch), exc)
+                    continue
+                if held < len(batch):
+                    log.warning("%d of %d messages in flight lost their lease (expired and recovered): "
+                                "they may be sent twice", len(batch) - held, len(batch))
+
+        renewer = threading.Thread(target=renew, name="zeroloss-lease", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            renewer.join()
 
     def _fail(self, messages: Sequence[Message], reason: str | None) -> None:
         moved = [replace(m, last_error=reason or m.last_error) for m in messages]

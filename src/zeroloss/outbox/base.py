@@ -114,6 +114,16 @@ class OutboxStore(Protocol):
         ``lease_s`` seconds and return them oldest first, honouring per-key order."""
         ...
 
+    def now(self) -> float:
+        """The store's clock in Unix seconds, which leases and ``not_before`` are measured by (SQL:
+        the database server's, so relays on hosts with skewed clocks agree; spool: this machine's)."""
+        ...
+
+    def extend(self, messages: Sequence[Message], lease_s: float) -> int:
+        """Renew the lease on those of ``messages`` this relay still holds in ``sending`` to
+        ``lease_s`` from now (a publish that runs long); returns how many it still held."""
+        ...
+
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         """``sending`` → ``success``, recording where the broker put each one."""
         ...

@@ -366,6 +366,25 @@ class FileSpool:
             self._prune()
             return out
 
+    def now(self) -> float:
+        return time.time()  # one machine: the spool's directory is local
+
+    def extend(self, messages: Sequence[Message], lease_s: float) -> int:
+        with self._lock, self._translate("renew leases"):
+            sending: dict[str, str] = dict(self._names(State.SENDING))
+            lease_ms = math.floor((time.time() + lease_s) * 1000)
+            held = 0
+            for m in messages:
+                if m.id not in sending:
+                    continue  # expired and recovered: whoever holds it now decides
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self._path(State.SENDING, sending[m.id]),
+                              self._path(State.SENDING, f"{m.id}.{lease_ms}{_SUFFIX}"))
+                    held += 1
+            if held:
+                self._sync(State.SENDING)
+            return held
+
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         with self._lock, self._translate("succeed"):
             sending: dict[str, str] = dict(self._names(State.SENDING))

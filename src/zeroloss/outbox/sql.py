@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -59,6 +60,14 @@ _CHUNK = 1000  # ids per IN (...) list
 _MAX_CLAIM = 10_000  # keeps a claim's bind parameters under SQLite's limit
 
 
+_CLOCK_CHECK_S = 60.0
+_SERVER_CLOCK = {  # Unix seconds with sub-second precision, as the server sees it
+    "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())",
+    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
+}
+
+
 def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -86,8 +95,12 @@ class SqlOutbox:
         table: str = "zeroloss_outbox",
         engine: sa.Engine | None = None,
         max_message_bytes: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.table = outbox_table(table)
+        self._clock = clock  # this machine's; leases and backoffs are kept in the database's (_now)
+        self._clock_offset = 0.0
+        self._clock_checked = -math.inf
         self._owns_engine = engine is None
         self.engine = make_engine(url) if engine is None else engine
         if engine is not None and engine.dialect.name == "sqlite":
@@ -278,6 +291,30 @@ class SqlOutbox:
         backoff = sa.select(t.c.key_hash).where(t.c.state == State.PENDING.value, t.c.not_before > now, keyed)
         return set(conn.scalars(sa.union(busy, backoff)))
 
+    def now(self) -> float:
+        return self._now()
+
+    def _now(self) -> float:
+        """The database server's clock (Unix seconds), as this machine's clock plus an offset
+        measured once a minute: relays on several hosts then agree on when a lease expires and a
+        backoff ends, whatever their own clocks say. The offset is off by at most half a round trip."""
+        local = self._clock()
+        if local - self._clock_checked > _CLOCK_CHECK_S:
+            try:
+                with self.engine.connect() as conn:
+                    before = self._clock()
+                    server = float(conn.execute(sa.text(_SERVER_CLOCK[self._dialect])).scalar_one())
+                    after = self._clock()
+                self._clock_offset = server - (before + after) / 2
+                self._clock_checked = after
+                if abs(self._clock_offset) > 1:
+                    log.warning("this machine's clock is %.1fs %s the database's; leases and backoffs follow the "
+                                "database", abs(self._clock_offset), "behind" if self._clock_offset > 0 else "ahead of")
+            except DBAPIError as exc:  # the statement that needs the time will report the outage
+                log.debug("cannot read the database clock: %s", exc)
+            local = self._clock()
+        return local + self._clock_offset
+
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
             return []
@@ -285,7 +322,7 @@ class SqlOutbox:
         t = self.table
 
         def run(conn: sa.Connection) -> list[Message]:
-            now = time.time()
+            now = self._now()
             rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
             # Re-check after locking: another relay may have claimed (or still hold locked) an
             # earlier message of a candidate's key. The earliest non-candidate row per key that
@@ -316,6 +353,23 @@ class SqlOutbox:
             log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
         return got
 
+    def extend(self, messages: Sequence[Message], lease_s: float) -> int:
+        t = self.table
+        ids = sorted(m.id for m in messages)
+
+        def run(conn: sa.Connection) -> int:
+            until = self._now() + lease_s
+            return sum(
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
+                    .values(lease_until=until)
+                ).rowcount
+                for part in _chunks(ids)
+            )
+
+        return self._tx(run, "renew leases") if ids else 0
+
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         where = {d.message.id: d.location[:255] for d in delivered}
         if not where:
@@ -329,7 +383,7 @@ class SqlOutbox:
         )
 
         def run(conn: sa.Connection) -> None:
-            now = time.time()
+            now = self._now()
             ids = sorted(where)
             if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
                 conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
@@ -389,7 +443,7 @@ class SqlOutbox:
         def run(conn: sa.Connection) -> int:
             # Find without locking, then update by primary key in id order (re-checking the lease):
             # the same lock order as succeed/retry, so relays do not deadlock each other.
-            now = time.time()
+            now = self._now()
             expired = sa.and_(t.c.state == State.SENDING.value, t.c.lease_until < now)
             ids = sorted(conn.scalars(sa.select(t.c.id).where(expired)))
             return sum(
@@ -446,7 +500,7 @@ class SqlOutbox:
     def purge_success(self, older_than_s: float, *, chunk: int = 10_000) -> int:
         """Delete ``success`` rows older than ``older_than_s``, ``chunk`` rows per transaction."""
         t = self.table
-        cutoff = time.time() - older_than_s
+        cutoff = self._now() - older_than_s
 
         def run(conn: sa.Connection) -> tuple[int, int]:
             ids = conn.scalars(
@@ -529,7 +583,7 @@ class SqlOutbox:
         f = t.alias("f")
 
         def run(conn: sa.Connection) -> Stats:
-            now = time.time()
+            now = self._now()
             counts = dict.fromkeys(State, 0)
             ages: dict[State, float] = {}
             unknown: dict[str, int] = {}
