@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import OutboxHarness
 from zeroloss.errors import ConfigError, UnknownMessageError
-from zeroloss.outbox.base import Delivered, OutboxStore, State
+from zeroloss.outbox.base import Delivered, OutboxAdmin, OutboxStore, State
 
 
 def wait_for(cond, timeout_s: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -24,8 +24,9 @@ def wait_for(cond, timeout_s: float = 10.0, what: str = "condition"):  # type: i
         time.sleep(0.02)
 
 
-def test_is_an_outbox_store(outbox: OutboxHarness) -> None:
+def test_is_an_outbox_store_and_admin(outbox: OutboxHarness) -> None:
     assert isinstance(outbox.store, OutboxStore)
+    assert isinstance(outbox.store, OutboxAdmin)
 
 
 def test_add_claim_succeed_round_trip_keeps_bytes_exactly(outbox: OutboxHarness) -> None:

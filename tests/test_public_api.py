@@ -11,8 +11,8 @@ import zeroloss
 PUBLIC = [
     "ID_HEADER", "Broker", "BrokerError", "ConfigError", "Consumer", "Delivered", "FileSpool", "Inbox",
     "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
-    "Outcome", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox", "RedisStreamBroker",
-    "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State", "Stats", "Status",
+    "Outcome", "OutboxAdmin", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox",
+    "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State", "Stats", "Status",
     "StoreError", "UnknownMessageError", "ZerolossError", "new_message", "open_broker", "open_store", "uuid7",
 ]  # fmt: skip
 

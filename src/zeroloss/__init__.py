@@ -22,7 +22,7 @@ from zeroloss.errors import (
     ZerolossError,
 )
 from zeroloss.message import ID_HEADER, Message, new_message, uuid7
-from zeroloss.outbox.base import Delivered, OutboxStore, State, Stats
+from zeroloss.outbox.base import Delivered, OutboxAdmin, OutboxStore, State, Stats
 
 if TYPE_CHECKING:
     from zeroloss.brokers.base import Broker, Outcome, Status
@@ -92,6 +92,7 @@ __all__ = [
     "MessageError",
     "MissingExtraError",
     "NatsBroker",
+    "OutboxAdmin",
     "OutboxStore",
     "Outcome",
     "PoisonMessage",

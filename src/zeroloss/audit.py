@@ -10,7 +10,7 @@ broker and, optionally, a consumer group's inbox.
 * **Inbox:** every ``success`` id against the consumer group's inbox (``seen``). Messages created
   less than ``grace_s`` ago are not judged (the consumer may not have got to them yet). A message
   a consumer dead-lettered has no inbox row either: look in the ``.dlq`` topic before repairing.
-* **Repair:** :meth:`~zeroloss.outbox.base.OutboxStore.resend` moves the missing ones back to
+* **Repair:** :meth:`~zeroloss.outbox.base.OutboxAdmin.resend` moves the missing ones back to
   ``pending``; the relay publishes them again under the same id, so a consumer that did get
   them drops the copy. A resent message goes out after later messages of its key.
 
@@ -29,7 +29,7 @@ from typing import Any
 
 from zeroloss.errors import ConfigError
 from zeroloss.message import ID_HEADER
-from zeroloss.outbox.base import Delivered, OutboxStore
+from zeroloss.outbox.base import Delivered, OutboxAdmin
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class AuditReport:
         return out
 
 
-def _pages(store: OutboxStore, since_s: float | None, page: int) -> Iterator[list[Delivered]]:
+def _pages(store: OutboxAdmin, since_s: float | None, page: int) -> Iterator[list[Delivered]]:
     started = time.time()
     after: str | None = None
     while True:
@@ -99,7 +99,7 @@ def _pages(store: OutboxStore, since_s: float | None, page: int) -> Iterator[lis
 
 
 def audit(
-    store: OutboxStore,
+    store: OutboxAdmin,
     *,
     target: str | None = None,
     inbox: Any = None,
@@ -137,7 +137,7 @@ def audit(
     return report
 
 
-def repair(store: OutboxStore, ids: Iterable[str], chunk: int = 1000) -> int:
+def repair(store: OutboxAdmin, ids: Iterable[str], chunk: int = 1000) -> int:
     """Send the given ``success`` messages again (``success`` → ``pending``)."""
     todo = list(ids)
     return sum(store.resend(todo[i : i + chunk]) for i in range(0, len(todo), chunk))

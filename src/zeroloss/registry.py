@@ -13,7 +13,7 @@ from typing import Any
 
 from zeroloss.brokers.base import Broker
 from zeroloss.errors import ConfigError
-from zeroloss.outbox.base import OutboxStore
+from zeroloss.outbox.base import OutboxAdmin
 
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 SOURCE_SCHEMES = ("spool", *SQL_SCHEMES)
@@ -44,7 +44,7 @@ def spool_path(url: str) -> str:
     return path
 
 
-def open_store(url: str, *, table: str | None = None, create: bool = False) -> OutboxStore:
+def open_store(url: str, *, table: str | None = None, create: bool = False) -> OutboxAdmin:
     """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool
     must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool."""
     scheme = scheme_of(url)

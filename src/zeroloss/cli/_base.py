@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from zeroloss.errors import ConfigError, UnknownMessageError, ZerolossError
-from zeroloss.outbox.base import OutboxStore
+from zeroloss.outbox.base import OutboxAdmin
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +100,7 @@ def json_option(fn: F) -> F:
 
 
 @contextlib.contextmanager
-def opened_store(source: str, table: str) -> Iterator[OutboxStore]:
+def opened_store(source: str, table: str) -> Iterator[OutboxAdmin]:
     from zeroloss.registry import open_store
 
     store = open_store(source, table=table)

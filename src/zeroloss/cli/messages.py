@@ -34,7 +34,7 @@ from zeroloss.cli._base import (
 )
 from zeroloss.errors import MalformedMessageError, UnknownMessageError
 from zeroloss.message import Message, decode
-from zeroloss.outbox.base import OutboxStore, State
+from zeroloss.outbox.base import OutboxAdmin, State
 
 _CHUNK = 100
 _SHOW_BYTES = 1024
@@ -49,7 +49,7 @@ _HELP = {
 }
 
 
-def _not_here(store: OutboxStore, state: State) -> str | None:
+def _not_here(store: OutboxAdmin, state: State) -> str | None:
     if state in store.states:
         return None
     return (f"this outbox ({type(store).__name__}) never has {state.value} messages: they occur only in a file "
@@ -86,17 +86,17 @@ def _row(m: Message, txids: dict[str, str]) -> dict[str, Any]:
             "last_error": m.last_error, **({"transaction": txids[m.id]} if m.id in txids else {})}
 
 
-def _txids(store: OutboxStore, state: State) -> dict[str, str]:
+def _txids(store: OutboxAdmin, state: State) -> dict[str, str]:
     get: Callable[[State], dict[str, str]] | None = getattr(store, "transaction_ids", None)
     return get(state) if get is not None and state is State.DOUBT else {}
 
 
-def _malformed_names(store: OutboxStore) -> list[str]:
+def _malformed_names(store: OutboxAdmin) -> list[str]:
     paths: Callable[[], list[str]] | None = getattr(store, "malformed_paths", None)
     return [os.path.basename(p) for p in paths()] if paths is not None else []
 
 
-def _malformed_path(store: OutboxStore, name: str) -> str:
+def _malformed_path(store: OutboxAdmin, name: str) -> str:
     paths: Callable[[], list[str]] = getattr(store, "malformed_paths", list)
     for p in paths():
         if os.path.basename(p) == name:
@@ -112,7 +112,7 @@ def _why_malformed(data: bytes) -> str:
     return "decodes now; it was quarantined for its name or an id that did not match its file name"
 
 
-def _resolve(store: OutboxStore, state: State, ids: Sequence[str], all_: bool) -> list[str]:
+def _resolve(store: OutboxAdmin, state: State, ids: Sequence[str], all_: bool) -> list[str]:
     """The ids the command acts on, all checked to be in ``state``; exit 2 naming the others."""
     if bool(ids) == all_:
         raise click.UsageError("give message ids or --all (not both)")

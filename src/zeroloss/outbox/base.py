@@ -5,7 +5,7 @@ States (the one vocabulary, see DESIGN.md): ``tmp`` → ``pending`` → ``sendin
 
 Per-key order is the store's job at claim time: a pending message is claimable only when no
 *earlier* message with the same key is still ``pending`` outside this claim (waiting out a
-backoff, or locked by another relay), ``sending`` or ``failed``. A ``failed`` message therefore
+backoff, or locked by another relay), ``sending`` or ``failed`` (spool: or ``doubt``). Such a message therefore
 *parks* its key until an operator requeues or purges it; messages without a key never wait.
 """
 
@@ -103,11 +103,9 @@ class RecoveryReport:
 
 @runtime_checkable
 class OutboxStore(Protocol):
-    """Where committed messages wait for the relay. Every method is safe to call from any
-    process sharing the store; a relay's view is always "what I claimed under my lease"."""
-
-    states: frozenset[State]
-    """The states this kind of store can hold (``doubt`` and ``malformed`` only occur in a spool)."""
+    """Where committed messages wait for the relay: what the relay needs, and no more (the
+    operators' side is :class:`OutboxAdmin`). Every method is safe to call from any process
+    sharing the store; a relay's view is always "what I claimed under my lease"."""
 
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         """Move up to ``limit`` due ``pending`` messages to ``sending`` under a lease of
@@ -142,6 +140,27 @@ class OutboxStore(Protocol):
         leftover ``tmp`` files and quarantine unreadable ones."""
         ...
 
+    def purge_success(self, older_than_s: float) -> int:
+        """Delete ``success`` records older than ``older_than_s`` seconds (retention)."""
+        ...
+
+    def stats(self) -> Stats:
+        """Counts per state and the ages an operator needs."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class OutboxAdmin(OutboxStore, Protocol):
+    """The relay's store plus what operators and ``audit`` do with it: look messages up, give
+    failed ones another chance or delete them, page through the delivered, send lost ones again."""
+
+    states: frozenset[State]
+    """The states this kind of store can hold (``doubt`` and ``malformed`` only occur in a spool)."""
+
     def get(self, message_id: str) -> tuple[State, Message]:
         """The message with that id and its state; UnknownMessageError if there is none."""
         ...
@@ -154,10 +173,6 @@ class OutboxStore(Protocol):
         """``failed`` (or spool ``doubt``) → ``pending`` with attempts reset to 0 and no
         backoff, which also un-parks their keys. Returns how many moved; ids in other states
         raise UnknownMessageError naming them, and nothing moves."""
-        ...
-
-    def purge_success(self, older_than_s: float) -> int:
-        """Delete ``success`` records older than ``older_than_s`` seconds (retention)."""
         ...
 
     def purge(self, state: State, message_ids: Sequence[str] | None = None) -> int:
@@ -181,14 +196,6 @@ class OutboxStore(Protocol):
         so the relay publishes them again under the same id (``audit --repair``, for records the
         broker lost). Returns how many moved; ids not in ``success`` raise UnknownMessageError
         naming them, and nothing moves."""
-        ...
-
-    def stats(self) -> Stats:
-        """Counts per state and the ages an operator needs."""
-        ...
-
-    def close(self) -> None:
-        """Release connections and files."""
         ...
 
 
