@@ -12,8 +12,9 @@ PUBLIC = [
     "ID_HEADER", "Broker", "BrokerError", "ConfigError", "Consumer", "Delivered", "FileSpool", "Inbox",
     "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
     "Outcome", "OutboxAdmin", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox",
-    "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State", "Stats", "Status",
-    "StoreError", "UnknownMessageError", "ZerolossError", "new_message", "open_broker", "open_store", "uuid7",
+    "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State",
+    "Stats", "Status", "StoreError", "UnknownMessageError", "ZerolossError", "new_message", "open_broker",
+    "open_store", "uuid7",
 ]  # fmt: skip
 
 
