@@ -20,14 +20,14 @@ only reaches back as far as the relay's success retention (7 days by default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroloss.errors import ConfigError
+from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER
 from zeroloss.outbox.base import Delivered, OutboxAdmin
 
@@ -154,44 +154,27 @@ def _parse(location: str) -> tuple[str, int, int] | None:
 
 
 class _BrokerReader:
-    """Reads recorded positions back with one consumer, assigned (never subscribed)."""
+    """Reads recorded positions back (:class:`~zeroloss.brokers.kafka_reader.KafkaReader`)."""
 
     def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
-        from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+        from zeroloss.brokers.kafka_reader import KafkaReader
 
-        self.ck = _kafka()
         self.idle_s = idle_s
-        self.timeout_s = timeout_s
-        self.consumer: Any = self.ck.Consumer({
-            "bootstrap.servers": parse_bootstrap(url),
-            "group.id": f"zeroloss-audit-{uuid.uuid4().hex[:8]}",  # required by the client; never joined
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "logger": logging.getLogger("zeroloss.librdkafka"),
-        })
-        try:
-            md = self.consumer.list_topics(timeout=timeout_s)  # all topics: asking for one could auto-create it
-        except self.ck.KafkaException as exc:
-            self.consumer.close()
-            from zeroloss.errors import BrokerError
-
-            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc}") from exc
-        self.partitions = {name: set(t.partitions) for name, t in md.topics.items() if t.error is None}
+        self.reader = KafkaReader(url, timeout_s=timeout_s, purpose="audit")
 
     def close(self) -> None:
-        self.consumer.close()
+        self.reader.close()
 
     def check(self, batch: list[Delivered], out: BrokerFindings) -> None:
         want: dict[tuple[str, int], dict[int, list[str]]] = {}  # several ids can claim one position
         for d in batch:
             loc = _parse(d.location)
+            parts = None if loc is None else self.reader.partitions(loc[0])
             if loc is None:
                 out.missing[d.message.id] = f"no broker position recorded ({d.location!r})"
-            elif loc[0] not in self.partitions:
+            elif parts is None:
                 out.missing[d.message.id] = f"topic {loc[0]} does not exist on the broker"
-            elif loc[1] not in self.partitions[loc[0]]:
+            elif loc[1] not in parts:
                 out.missing[d.message.id] = f"partition {loc[0]}/{loc[1]} does not exist on the broker"
             else:
                 want.setdefault((loc[0], loc[1]), {}).setdefault(loc[2], []).append(d.message.id)
@@ -199,46 +182,30 @@ class _BrokerReader:
             self._read(want, out)
 
     def _read(self, want: dict[tuple[str, int], dict[int, list[str]]], out: BrokerFindings) -> None:
-        ck = self.ck
         last = {tp: max(offsets) for tp, offsets in want.items()}
-        self.consumer.assign([ck.TopicPartition(t, p, min(offsets)) for (t, p), offsets in want.items()])
-        at_end: set[tuple[str, int]] = set()
-        progress = time.monotonic()
-        deadline = progress + self.timeout_s
+        starts = {tp: min(offsets) for tp, offsets in want.items()}
         try:
-            while want:
-                for rec in self.consumer.consume(1000, 0.2):
-                    tp = (rec.topic(), rec.partition())
-                    err = rec.error()
-                    if err is not None:
-                        if err.code() == ck.KafkaError._PARTITION_EOF:
-                            at_end.add(tp)
-                        else:
-                            log.warning("audit read %s/%s: %s", tp[0], tp[1], err)
-                        continue
+            with contextlib.closing(self.reader.scan(starts, idle_s=self.idle_s)) as records:
+                for rec in records:
+                    tp = (rec.topic, rec.partition)
                     left = want.get(tp)
                     if left is None:
                         continue
-                    progress = time.monotonic()
-                    at_end.discard(tp)
-                    offset = rec.offset()
-                    got = dict(rec.headers() or []).get(ID_HEADER, b"").decode(errors="replace")
-                    for mid in left.pop(offset, ()):
+                    got = rec.id or ""
+                    for mid in left.pop(rec.offset, ()):
                         if got == mid:
                             out.confirmed += 1
                         else:
-                            out.missing[mid] = (f"offset {offset} of {tp[0]}/{tp[1]} holds "
+                            out.missing[mid] = (f"offset {rec.offset} of {tp[0]}/{tp[1]} holds "
                                                 f"{got or 'a record without ' + ID_HEADER}")
-                    if not left or offset >= last[tp]:
+                    if not left or rec.offset >= last[tp]:
                         self._give_up(tp, want.pop(tp), out, "no record at offset {o} of {t}/{p}")
-                if want and (all(tp in at_end for tp in want) or time.monotonic() - progress > self.idle_s):
-                    break
-                if time.monotonic() > deadline:
-                    break
-            for tp in list(want):
-                self._give_up(tp, want.pop(tp), out, "not found: {t}/{p} ends before offset {o}")
-        finally:
-            self.consumer.unassign()
+                    if not want:
+                        break
+        except BrokerError as exc:  # partitions not read to their end in time: what is left is not found
+            log.warning("audit: %s", exc)
+        for tp in list(want):
+            self._give_up(tp, want.pop(tp), out, "not found: {t}/{p} ends before offset {o}")
 
     @staticmethod
     def _give_up(tp: tuple[str, int], left: dict[int, list[str]], out: BrokerFindings, why: str) -> None:

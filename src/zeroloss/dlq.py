@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Generator, Iterable
 from contextlib import closing
 from dataclasses import asdict, dataclass
@@ -37,7 +36,7 @@ from typing import Any
 
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Status, Stored, TopicReader, publish_one
-from zeroloss.brokers.kafka import KafkaBroker, _kafka, parse_bootstrap
+from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.errors import BrokerError, ConfigError, UnknownMessageError
 from zeroloss.message import ID_HEADER, REPLAY_HEADER, Headers, Message
 
@@ -160,13 +159,6 @@ class DeadLetter:
         return d
 
 
-def _parse(rec: Any) -> DeadLetter:
-    """A Kafka record as a dead letter."""
-    raw = [(k, v or b"") for k, v in rec.headers() or []]
-    return _letter(rec.topic(), rec.partition(), rec.offset(), f"{rec.topic()}/{rec.partition()}/{rec.offset()}",
-                   None, rec.key(), rec.value() or b"", raw)
-
-
 def _stored(topic: str, s: Stored) -> DeadLetter:
     """A message another broker keeps, read by :meth:`TopicReader.read`, as a dead letter."""
     return _letter(topic, 0, s.offset, s.position, s.id, s.key, s.value, list(s.headers))
@@ -219,46 +211,18 @@ def _scan(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, No
 
 
 def _scan_kafka(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, None, None]:
-    """Every record of ``topic`` from the beginning, without joining a group; ends when every
-    partition has been read to its end (the client's end-of-partition event, which follows the
-    fetch responses: right on Kafka and on Tansu alike). Stopping after a quiet spell instead
-    would return a partial list, silently, from a broker slow to answer the first fetch."""
-    ck = _kafka()
-    consumer: Any = ck.Consumer({
-        "bootstrap.servers": parse_bootstrap(url),
-        "group.id": f"zeroloss-dlq-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-    })
-    try:
-        try:
-            meta = consumer.list_topics(topic, timeout=10)
-        except ck.KafkaException as exc:  # unreachable: one clear line, not the client's traceback
-            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc.args[0]}") from exc
-        parts = meta.topics[topic].partitions if topic in meta.topics else {}
-        if not parts:
+    """Every record of ``topic`` from the beginning, each partition read to its end."""
+    from zeroloss.brokers.kafka_reader import KafkaReader
+
+    with KafkaReader(url, timeout_s=timeout_s, purpose="dlq") as reader:
+        if reader.partitions(topic) is None:
             origin = topic[: -len(DLQ_SUFFIX)] if topic.endswith(DLQ_SUFFIX) else topic
-            if origin not in consumer.list_topics(timeout=10).topics:  # a typo, not "no dead letters yet"
+            if reader.partitions(origin) is None:  # a typo, not "no dead letters yet"
                 raise ConfigError(f"no topic {origin!r} nor {topic!r} at {url}: check the name")
             return
-        consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
-        deadline = time.monotonic() + timeout_s
-        at_end: set[int] = set()
-        while len(at_end) < len(parts):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"could not read {topic} partition(s) {sorted(set(parts) - at_end)} to the end "
-                                  f"within {timeout_s:.0f}s at {url}: is their leader up?")
-            for rec in consumer.consume(500, 0.2):
-                err = rec.error()
-                if err is None:
-                    at_end.discard(rec.partition())
-                    yield _parse(rec)
-                elif err.code() == ck.KafkaError._PARTITION_EOF:
-                    at_end.add(rec.partition())
-    finally:
-        consumer.close()
+        for rec in reader.scan(reader.from_start(topic)):
+            yield _letter(rec.topic, rec.partition, rec.offset, rec.position, None, rec.key, rec.value,
+                          list(rec.headers))
 
 
 def list_dead_letters(url: str, topic: str, limit: int = 100, *,

@@ -10,15 +10,11 @@ their way).
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
-from zeroloss.brokers.kafka import _kafka, parse_bootstrap
-from zeroloss.errors import BrokerError
-from zeroloss.message import ID_HEADER
+from zeroloss.brokers.kafka_reader import KafkaReader
 
 
 @dataclass
@@ -34,46 +30,24 @@ class Readback:
 
 def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: float = 3.0,
                timeout_s: float = 60.0) -> Readback:
-    ck = _kafka()
     want = set(expect)
-    consumer: Any = ck.Consumer({
-        "bootstrap.servers": parse_bootstrap(url),
-        "group.id": f"zeroloss-readback-{uuid.uuid4().hex[:8]}",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "enable.partition.eof": True,
-    })
     out = Readback()
-    try:
-        try:
-            meta = consumer.list_topics(topic, timeout=10)
-        except ck.KafkaException as exc:
-            raise BrokerError(f"cannot read the broker's metadata at {url}: {exc.args[0]}") from exc
-        parts = meta.topics[topic].partitions if topic in meta.topics else {}
-        consumer.assign([ck.TopicPartition(topic, p, ck.OFFSET_BEGINNING) for p in parts])
+    with KafkaReader(url, timeout_s=timeout_s, purpose="readback") as reader:
+        starts = reader.from_start(topic)
         deadline = time.monotonic() + timeout_s
         last_new = time.monotonic()
-        at_end: set[int] = set()  # partitions read to their end since their last record
-        while time.monotonic() < deadline:
-            batch = consumer.consume(1000, 0.2)
-            for rec in batch:
-                err = rec.error()
-                if err is not None:
-                    if err.code() == ck.KafkaError._PARTITION_EOF:
-                        at_end.add(rec.partition())
-                    continue
-                at_end.discard(rec.partition())
+        while True:
+            # Each pass reads every partition to its end: never stop short of copies further on.
+            for rec in reader.scan(starts):
                 last_new = time.monotonic()
-                mid = dict(rec.headers() or []).get(ID_HEADER, b"").decode()
+                mid = rec.id or ""
                 out.records += 1
                 out.ids[mid] += 1
-                if out.ids[mid] == 1 and rec.key() is not None:
-                    out.order.setdefault(rec.key(), []).append(mid)
-            if len(at_end) < len(parts):
-                continue  # never stop short of the end: copies further on must be counted too
-            if not want or want.issubset(out.ids) or time.monotonic() - last_new > idle_s:
+                if out.ids[mid] == 1 and rec.key is not None:
+                    out.order.setdefault(rec.key, []).append(mid)
+                starts[(rec.topic, rec.partition)] = rec.offset + 1
+            if not want or want.issubset(out.ids) or not starts:
                 break
-    finally:
-        consumer.close()
+            if time.monotonic() - last_new > idle_s or time.monotonic() > deadline:
+                break  # expected ids that did not come: the caller sees them missing
     return out

@@ -118,6 +118,7 @@ class Stored:
     key: bytes | None
     value: bytes
     headers: Headers  # the message's own headers, without the id and the key
+    partition: int = 0  # Kafka: the partition (part of position too); 0 where the broker has none
 
 
 @runtime_checkable
