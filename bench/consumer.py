@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from bench.common import VALUE, Row, machine, say, table
-from zeroloss.brokers.kafka import _kafka
+from zeroloss.brokers.kafka import kafka_module
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.inbox import SqlInbox
@@ -26,7 +26,7 @@ GROUP_CONF = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 
 
 def fill(bootstrap: str, topic: str, n: int) -> None:
-    ck = _kafka()
+    ck = kafka_module()
     p = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5})
     for i in range(n):
         while True:
@@ -41,7 +41,7 @@ def fill(bootstrap: str, topic: str, n: int) -> None:
 
 def bare(bootstrap: str, topic: str, n: int) -> float:
     """Seconds for a bare consumer to read n messages, committing synchronously per batch."""
-    ck = _kafka()
+    ck = kafka_module()
     c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"bare-{uuid.uuid4().hex[:8]}",
                      "enable.auto.commit": False, "auto.offset.reset": "earliest", **GROUP_CONF})
     c.subscribe([topic])

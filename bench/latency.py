@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.common import VALUE, Row, machine, say, table
 from bench.relay_throughput import PG
-from zeroloss.brokers.kafka import _kafka
+from zeroloss.brokers.kafka import kafka_module
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.inbox import SqlInbox
@@ -122,7 +122,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
 
 
 def bare(bootstrap: str, rate: float, seconds: float) -> list[float]:
-    ck = _kafka()
+    ck = kafka_module()
     topic = f"lat-bare-{uuid.uuid4().hex[:8]}"
     p = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
     p.produce(topic, value=b"warm-up")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import VALUE, Row, machine, median_rate, say, table
-from zeroloss.brokers.kafka import KafkaBroker, _kafka
+from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.outbox.base import OutboxStore
 from zeroloss.outbox.spool import FileSpool
@@ -27,7 +27,7 @@ PG = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def bare_producer(bootstrap: str, n: int) -> int:
-    ck = _kafka()
+    ck = kafka_module()
     p = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5})
     topic = f"bare-{uuid.uuid4().hex[:8]}"
     acked = 0
@@ -52,7 +52,7 @@ def bare_producer(bootstrap: str, n: int) -> int:
 
 def naive_producer(bootstrap: str, n: int) -> int:
     """What many services write: produce, then flush, per message."""
-    ck = _kafka()
+    ck = kafka_module()
     p = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
     topic = f"naive-{uuid.uuid4().hex[:8]}"
     for i in range(n):

@@ -18,7 +18,8 @@ from tests.test_consumer import make_db
 from zeroloss.brokers.base import Status
 from zeroloss.cli import main
 from zeroloss.consumer import Consumer
-from zeroloss.dlq import DeadLetterPublisher, dead_letter, list_dead_letters
+from zeroloss.consumer.dead_letters import DeadLetterPublisher, dead_letter
+from zeroloss.dlq import list_dead_letters
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.message import new_message, uuid7
 from zeroloss.readback import read_topic

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from tests.conftest import PG_URL, REDIS_URL, require_service, unique_topic
 from zeroloss import dlq
-from zeroloss.brokers.kafka import KafkaBroker, _kafka
+from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError, StoreError, UnknownMessageError
@@ -210,7 +210,7 @@ def test_poison_and_exhausted_messages_are_dead_lettered_then_replayed_once(kafk
 
 def test_foreign_records_without_an_id_are_deduplicated_by_position(kafka: EmbeddedBroker, db: Db) -> None:
     topic = unique_topic("c")
-    ck = _kafka()
+    ck = kafka_module()
     producer = ck.Producer({"bootstrap.servers": kafka.bootstrap})
     for i in range(40):
         producer.produce(topic, value=b"plain %d" % i, key=b"k%d" % (i % 4))
@@ -288,7 +288,7 @@ def test_a_redis_inbox_dedups_effects_queued_on_its_pipeline(kafka: EmbeddedBrok
 
 def test_an_undecodable_id_header_is_dead_lettered_at_once(kafka: EmbeddedBroker, db: Db) -> None:
     topic = unique_topic("c")
-    producer = _kafka().Producer({"bootstrap.servers": kafka.bootstrap})
+    producer = kafka_module().Producer({"bootstrap.servers": kafka.bootstrap})
     producer.produce(topic, value=b"bad", headers=[(ID_HEADER, b"\xff\xfe")])
     assert producer.flush(15) == 0
     c = consumer(kafka, topic, db.inbox)
@@ -334,7 +334,7 @@ def test_transactional_mode_commits_outputs_dead_letters_and_offsets_together(ka
 @pytest.mark.kafka_cluster
 def test_an_aborted_transaction_is_redone_with_the_same_output_ids(kafka_cluster: Any) -> None:
     kafka = kafka_cluster
-    ck = _kafka()
+    ck = kafka_module()
     topic, out_topic = unique_topic("c"), unique_topic("out")
     msgs = [new_message(topic, b"v%d" % i) for i in range(60)]
     publish(kafka.url, msgs)
@@ -359,7 +359,7 @@ def test_an_aborted_transaction_is_redone_with_the_same_output_ids(kafka_cluster
                 raise ck.KafkaException(ck.KafkaError(ck.KafkaError._STATE, "injected", txn_requires_abort=True))
             self.real.commit_transaction(*args)
 
-    txn = c._txn
+    txn = c.handling.txn
     assert txn is not None
     ensure = txn._ensure
 
@@ -489,10 +489,10 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
 
 
 def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
-    from zeroloss import consumer as consumer_module
     from zeroloss import metrics
+    from zeroloss.consumer import kafka_loop
 
-    monkeypatch.setattr(consumer_module, "LAG_EVERY_S", 0.1)
+    monkeypatch.setattr(kafka_loop, "LAG_EVERY_S", 0.1)
     topic = unique_topic("lag")
     publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(30)])
     c = consumer(kafka, topic, db.inbox)
@@ -505,7 +505,7 @@ def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monke
     seen_lags: list[dict[str, float]] = []
 
     def watch() -> None:
-        while not c._stop.is_set():
+        while not c.handling.stop.is_set():
             if (now := lags()) and (not seen_lags or now != seen_lags[-1]):
                 seen_lags.append(now)
             time.sleep(0.02)
@@ -562,15 +562,16 @@ def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
 
 
 def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
-    from zeroloss import consumer as consumer_module
+    from zeroloss.consumer.handling import RUN_BUDGET_S
 
     c = Consumer("kafka://127.0.0.1:1", "g", ["t"], db.inbox, transaction_batch=100)
-    assert c._run_limit() == 100  # nothing measured yet
-    c._handler_s = consumer_module.RUN_BUDGET_S / 4  # a slow handler: a few per transaction
-    assert c._run_limit() == 4
-    c._handler_s = consumer_module.RUN_BUDGET_S * 10  # slower than the budget: one at a time
-    assert c._run_limit() == 1
-    c._handler_s = 1e-5
-    assert c._run_limit() == 100
+    h = c.handling
+    assert h.run_limit() == 100  # nothing measured yet
+    h.handler_s = RUN_BUDGET_S / 4  # a slow handler: a few per transaction
+    assert h.run_limit() == 4
+    h.handler_s = RUN_BUDGET_S * 10  # slower than the budget: one at a time
+    assert h.run_limit() == 1
+    h.handler_s = 1e-5
+    assert h.run_limit() == 100
     c.close()
     assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share

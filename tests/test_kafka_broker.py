@@ -114,8 +114,8 @@ def test_a_restarted_relay_fences_the_open_transaction_its_dead_predecessor_left
     tid = f"fence-{topic}"
     dead = (
         "import os\n"
-        "from zeroloss.brokers.kafka import _kafka, producer_config\n"
-        f"p = _kafka().Producer(producer_config({kafka.bootstrap!r}, {tid!r}, 5))\n"
+        "from zeroloss.brokers.kafka import kafka_module, producer_config\n"
+        f"p = kafka_module().Producer(producer_config({kafka.bootstrap!r}, {tid!r}, 5))\n"
         "p.init_transactions(10); p.begin_transaction()\n"
         f"p.produce({topic!r}, key=b'k', value=b'never committed'); p.flush(10)\n"
         "os._exit(9)\n"
@@ -141,8 +141,8 @@ def test_a_restarted_relay_with_nothing_to_send_still_fences_at_once(kafka: Embe
     relay_id = f"fence-idle-{topic}"
     dead = (
         "import os\n"
-        "from zeroloss.brokers.kafka import _kafka, producer_config\n"
-        f"p = _kafka().Producer(producer_config({kafka.bootstrap!r}, 'zeroloss-relay-{relay_id}', 5))\n"
+        "from zeroloss.brokers.kafka import kafka_module, producer_config\n"
+        f"p = kafka_module().Producer(producer_config({kafka.bootstrap!r}, 'zeroloss-relay-{relay_id}', 5))\n"
         "p.init_transactions(10); p.begin_transaction()\n"
         f"p.produce({topic!r}, key=b'k', value=b'never committed'); p.flush(10)\n"
         "os._exit(9)\n"

@@ -10,10 +10,10 @@ import pytest
 
 from tests.broker_harness import AMQP_URL, harness
 from tests.conftest import unique_topic
-from zeroloss import dlq
 from zeroloss.brokers.base import Status
 from zeroloss.brokers.rabbitmq import RabbitSubscription
 from zeroloss.brokers.subscription import Delivery
+from zeroloss.consumer import dead_letters as dlq
 from zeroloss.errors import BrokerError
 from zeroloss.message import new_message
 

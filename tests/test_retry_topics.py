@@ -16,11 +16,11 @@ from tests.conftest import unique_topic
 from tests.test_consumer import FAST_GROUP, Db, consumer, make_db, publish
 from zeroloss import dlq
 from zeroloss.consumer import Consumer, PoisonMessage, Received
+from zeroloss.consumer.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy, retry_pattern
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
 from zeroloss.message import new_message
 from zeroloss.readback import read_topic
-from zeroloss.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy, retry_pattern
 
 pytestmark = pytest.mark.kafka_cluster
 

@@ -16,11 +16,12 @@ import sqlalchemy as sa
 from tests.broker_harness import harness
 from tests.conftest import require_service, unique_topic
 from tests.test_consumer import FAST_GROUP, Db, make_db
-from zeroloss import dlq
 from zeroloss.brokers.base import Broker, Status
-from zeroloss.brokers.subscription import Subscription, open_subscription
+from zeroloss.brokers.subscription import Subscription
 from zeroloss.consumer import Consumer, Received
+from zeroloss.consumer import dead_letters as dlq
 from zeroloss.message import ID_HEADER, Message, new_message
+from zeroloss.registry import open_subscription
 
 
 @dataclass
@@ -285,7 +286,7 @@ def _break(name: str, sub: Any) -> None:
 def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effect(
     name: str, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zeroloss.brokers import subscription
+    from zeroloss.consumer import runtime
 
     config = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
     with harness(name) as h:
@@ -298,13 +299,13 @@ def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effe
         finally:
             b.close()
         subs: list[Any] = []
-        real_open = subscription.open_subscription
+        real_open = runtime.open_subscription
 
         def capture(*a: Any, **kw: Any) -> Subscription:
             subs.append(real_open(*a, **kw))
             return subs[-1]
 
-        monkeypatch.setattr(subscription, "open_subscription", capture)
+        monkeypatch.setattr(runtime, "open_subscription", capture)
         c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=config[name], backoff_base_s=0.05,
                      max_backoff_s=0.2, batch_size=10)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from zeroloss.brokers.base import Broker
+from zeroloss.brokers.subscription import Subscription
 from zeroloss.errors import ConfigError
 from zeroloss.outbox.base import OutboxAdmin
 
@@ -90,3 +92,25 @@ def open_broker(url: str, *, relay_id: str | None = None, timeout_s: float = 30.
 
         return RedisStreamBroker(url, timeout_s=timeout_s, **options)
     raise ConfigError(f"unknown target scheme {scheme!r} in {url!r}; use one of: {', '.join(TARGET_SCHEMES)}")
+
+
+SUBSCRIPTION_SCHEMES = ("amqp", "amqps", "nats", "redis", "rediss")
+
+
+def open_subscription(url: str, group: str, topics: Sequence[str], **options: Any) -> Subscription:
+    """The subscription behind a source URL (not Kafka: the consumer has its own loop for it)."""
+    scheme = scheme_of(url)
+    if scheme in ("amqp", "amqps"):
+        from zeroloss.brokers.rabbitmq import RabbitSubscription
+
+        return RabbitSubscription(url, group, topics, **options)
+    if scheme == "nats":
+        from zeroloss.brokers.nats import NatsSubscription
+
+        return NatsSubscription(url, group, topics, **options)
+    if scheme in ("redis", "rediss"):
+        from zeroloss.brokers.redis import RedisSubscription
+
+        return RedisSubscription(url, group, topics, **options)
+    raise ConfigError(f"no subscription for scheme {scheme!r} in {url!r}; use kafka:// or one of "
+                      f"{', '.join(SUBSCRIPTION_SCHEMES)}")

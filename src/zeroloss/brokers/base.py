@@ -129,9 +129,15 @@ class TopicReader(Protocol):
         ...
 
 
+DLQ_SUFFIX = ".dlq"
+
+
+def dlq_topic(topic: str, suffix: str = DLQ_SUFFIX) -> str:
+    """``orders`` → ``orders.dlq``; a name already ending in the suffix is returned as is."""
+    return topic if topic.endswith(suffix) else topic + suffix
+
+
 def with_dead_letters(topics: Sequence[str]) -> list[str]:
     """``["orders"]`` → ``["orders", "orders.dlq"]``: each topic then its dead-letter topic, once
     each (a topic that already is a dead-letter topic is not given another)."""
-    from zeroloss.dlq import dlq_topic  # not at the top: zeroloss.dlq imports this module
-
     return list(dict.fromkeys(name for t in topics for name in (t, dlq_topic(t))))

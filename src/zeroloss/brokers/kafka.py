@@ -130,7 +130,8 @@ LIBRDKAFKA_LOG = logging.getLogger("zeroloss.librdkafka")
 LIBRDKAFKA_LOG.addFilter(RepeatFilter())
 
 
-def _kafka() -> Any:
+def kafka_module() -> Any:
+    """The confluent_kafka module; MissingExtraError naming zeroloss[kafka] when it is not installed."""
     try:
         import confluent_kafka
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -140,7 +141,7 @@ def _kafka() -> Any:
 
 def admin_module() -> Any:
     """``confluent_kafka.admin`` (imported by name: its stubs do not export what it has)."""
-    _kafka()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
+    kafka_module()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
     return importlib.import_module("confluent_kafka.admin")
 
 
@@ -192,7 +193,7 @@ def ensure_topics(url: str, topics: Sequence[str], *, like: str | None = None, t
     """Create those of ``topics`` that do not exist yet, with as many partitions as ``like`` has
     (else the broker's default); returns the names created. One that appears meanwhile (another
     process created it) is fine. BrokerError if the broker cannot be asked or refuses."""
-    ck, adm = _kafka(), admin_module()
+    ck, adm = kafka_module(), admin_module()
     admin = adm.AdminClient({"bootstrap.servers": parse_bootstrap(url), "logger": log})
     try:
         meta = admin.list_topics(timeout=timeout_s)
@@ -227,7 +228,7 @@ class KafkaBroker:
         timeout_s: float = 30.0,
         config: dict[str, Any] | None = None,
     ) -> None:
-        self._ck = _kafka()
+        self._ck = kafka_module()
         self.bootstrap = parse_bootstrap(url)
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroloss.brokers.base import Stored
-from zeroloss.brokers.kafka import _kafka, parse_bootstrap
+from zeroloss.brokers.kafka import kafka_module, parse_bootstrap
 from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER, Headers
 
@@ -55,7 +55,7 @@ class KafkaReader:
     def __init__(self, url: str, *, timeout_s: float = 60.0, purpose: str = "read") -> None:
         self.url = url
         self.timeout_s = timeout_s
-        self._ck = _kafka()
+        self._ck = kafka_module()
         self._consumer: Any = self._ck.Consumer({
             "bootstrap.servers": parse_bootstrap(url),
             "group.id": f"zeroloss-{purpose}-{uuid.uuid4().hex[:8]}",  # required by the client; never joined

@@ -11,8 +11,8 @@ import json
 
 import click
 
+from zeroloss.brokers.base import DLQ_SUFFIX
 from zeroloss.cli._base import errors_to_exit_codes, main, option, target_option
-from zeroloss.dlq import DLQ_SUFFIX
 
 
 def _original(topic: str) -> str:

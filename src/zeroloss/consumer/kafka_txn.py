@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from zeroloss.brokers.kafka import _kafka, parse_bootstrap, producer_config
+from zeroloss.brokers.kafka import kafka_module, parse_bootstrap, producer_config
 from zeroloss.message import ID_HEADER, Message, new_message
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class KafkaTransactions:
 
     def __init__(self, url: str, transactional_id: str, *, timeout_s: float = 30.0,
                  config: dict[str, Any] | None = None) -> None:
-        self._ck = _kafka()
+        self._ck = kafka_module()
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s
         self._conf = producer_config(parse_bootstrap(url), transactional_id, timeout_s, config)

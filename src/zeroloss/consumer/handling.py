@@ -1,0 +1,238 @@
+"""The one handling loop every broker's messages go through: attempts, backoff, outages, dead letters.
+
+A message is handled in one inbox transaction (claim its id, run ``handler(msg, tx)``, commit);
+a claim that exists already makes it a duplicate. What happens after is the broker's half, given
+as a :class:`Settlement` — Kafka marks an offset done and may pass the message to a retry topic,
+the others ack it or touch it while it waits:
+
+* the handler raises → the same message again after ``backoff_s`` (order kept); after
+  ``max_attempts``, or at once for poison (:class:`~zeroloss.errors.MessageError`), it is
+  dead-lettered, and the loop moves on only once the dead letter is stored;
+* the inbox itself fails (database or Redis down) → nobody's fault: retried, no attempt spent,
+  for as long as it takes;
+* runs of messages can share one inbox transaction (:meth:`Handling.shared_transaction`): one
+  bulk claim and one commit instead of one per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from sqlalchemy.exc import DBAPIError
+
+from zeroloss.backoff import backoff_s
+from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
+from zeroloss.errors import MalformedMessageError, MessageError, StoreError
+from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
+from zeroloss.received import Handler, Received
+
+log = logging.getLogger(__name__)
+
+RUN_BUDGET_S = 2.0  # about how long one shared inbox transaction may stay open
+
+
+class TransactionAborted(Exception):
+    """A handler left its inbox transaction failed: it counts as the handler's failure."""
+
+
+class HandlerFailed(Exception):
+    """The handler raised ``exc`` (or left its transaction aborted)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+class _RunAgain(Exception):
+    """A handler in a shared transaction raised: roll back, and run the messages before it again."""
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A failure of the infrastructure rather than of the message: do not spend an attempt."""
+    if isinstance(exc, StoreError):
+        return exc.retriable
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class Settlement(Protocol):
+    """The broker's half of handling one message."""
+
+    def done(self) -> None:
+        """It succeeded or was a duplicate (Kafka: nothing yet, the caller marks the offset; others: ack)."""
+        ...
+
+    def dead_letter(self, error: BaseException, attempts: int, first_failure: float) -> bool:
+        """Store it as a dead letter; True once stored, False if stopping interrupted."""
+        ...
+
+    def retry_later(self, error: Exception, attempts: int, first_failure: float) -> bool | None:
+        """Pass it on to be retried elsewhere (Kafka retry topics): True once passed, False if
+        stopping interrupted; None where it is retried in place."""
+        ...
+
+    def before_backoff(self) -> bool:
+        """Before waiting out a backoff (Kafka: commit what is done); False: stop here."""
+        ...
+
+    def after_backoff(self) -> None:
+        """After the wait, before the next try (others: keep the delivery ours)."""
+        ...
+
+
+Finished = Callable[[str, str, "Received | None", "float | None"], None]
+
+
+@dataclass(slots=True)
+class Handling:
+    """The handler, the inbox and the retry rules, shared by the Kafka and subscription loops."""
+
+    group: str
+    inbox: Inbox | None
+    txn: KafkaTransactions | None
+    max_attempts: int
+    backoff_base_s: float
+    max_backoff_s: float
+    transaction_batch: int
+    stop: threading.Event
+    finished: Finished  # (topic, outcome, message, started): counters and metrics
+    count_store_error: Callable[[], None]
+    handler: Handler | None = None
+    handler_s: float = 0.0  # moving average of one handler call, for the shared transactions' size
+
+    def run_limit(self) -> int:
+        """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
+        so a transaction stays open about RUN_BUDGET_S at most — not long enough to meet the
+        inbox's idle-in-transaction timeout or to hold its row locks for long."""
+        if self.handler_s <= 0:
+            return self.transaction_batch
+        return max(1, min(self.transaction_batch, int(RUN_BUDGET_S / self.handler_s)))
+
+    def handle(self, msg: Received, settle: Settlement, *, attempts: int = 0, first_failure: float | None = None,
+               failure: Exception | None = None) -> bool:
+        """Handle ``msg`` to the end: True once it succeeded, was a duplicate, was passed on or
+        was dead-lettered; False if stopping interrupted a wait (it will be redelivered).
+        ``failure``: its handler already raised this once, in a shared transaction."""
+        outages = 0
+        while True:
+            error: Exception
+            if failure is not None:  # the first attempt already ran, in a shared transaction
+                error, faulty, failure = failure, True, None
+            else:
+                started = time.monotonic()
+                try:
+                    fresh = self.attempt(replace(msg, attempts=attempts + 1))
+                except TxnAborted:
+                    raise
+                except HandlerFailed as failed:
+                    error, faulty = failed.exc, not is_outage(failed.exc)
+                except MessageError as exc:  # the inbox refused the id itself
+                    return settle.dead_letter(exc, attempts, first_failure or time.time())
+                except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
+                    error, faulty = exc, False
+                else:
+                    settle.done()
+                    self.finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
+                    if not fresh:
+                        log.debug("message %s: duplicate, skipped", msg.id)
+                    return True
+            if faulty:
+                attempts += 1
+                first_failure = first_failure or time.time()
+                if isinstance(error, (MessageError, MalformedMessageError)):  # poison: no retry can fix it
+                    return settle.dead_letter(error, attempts, first_failure)
+                passed = settle.retry_later(error, attempts, first_failure)
+                if passed is not None:
+                    return passed
+                if attempts >= self.max_attempts:
+                    return settle.dead_letter(error, attempts, first_failure)
+                self.finished(msg.topic, "retry", None, None)
+                delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
+                log.warning("message %s failed (attempt %d of %d): %r; again in %.2fs",
+                            msg.id, attempts, self.max_attempts, error, delay)
+            else:  # nobody's fault: no attempt spent
+                outages += 1
+                self.count_store_error()
+                delay = backoff_s(outages, self.backoff_base_s, self.max_backoff_s)
+                log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, error, delay)
+            if not settle.before_backoff():
+                return False
+            if self.stop.wait(delay):
+                log.info("stopping: message %s left for redelivery", msg.id)
+                return False
+            settle.after_backoff()
+
+    def attempt(self, msg: Received) -> bool:
+        """One try in one transaction; True if the handler ran, False for a duplicate."""
+        if self.txn is not None:
+            out = Outbound(msg.id, msg.timestamp_ms)
+            self.call(msg, out)
+            self.txn.add(out.messages)
+            return True
+        if self.inbox is None:
+            self.call(msg, None)
+            return True
+        with self.inbox.transaction() as tx:
+            if not self.inbox.claim(tx, self.group, msg.id):
+                return False
+            self.call(msg, tx)
+        return True
+
+    def call(self, msg: Received, tx: Any) -> None:
+        assert self.handler is not None
+        try:
+            self.handler(msg, tx)
+        except Exception as exc:
+            raise HandlerFailed(exc) from exc
+        if transaction_aborted(tx):
+            raise HandlerFailed(TransactionAborted(
+                "the handler returned after a database error it caught: its transaction is aborted and "
+                "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"))
+
+    def shared_transaction(self, msgs: list[Received]) -> tuple[list[tuple[bool, float]], Exception | None] | None:
+        """One inbox transaction for ``msgs``: one bulk claim, the handlers of the fresh ones, one
+        commit. Returns, for the messages that committed (a prefix of ``msgs``), (fresh, when its
+        handling began), and the exception of the message after them if its handler raised. A
+        handler that raises rolls the whole transaction back; the messages before it run again in
+        a new one (their effects were undone with it) and the failed one counts that run as its
+        first attempt. None if the transaction itself failed (the database went away, the commit
+        failed): none of it happened."""
+        assert isinstance(self.inbox, BatchInbox)
+        failure: Exception | None = None
+        outcomes: list[tuple[bool, float]] = []
+        while msgs:
+            started = time.monotonic()
+            outcomes = []
+            try:
+                with self.inbox.transaction() as tx:
+                    fresh = self.inbox.claim_many(tx, self.group, [m.id for m in msgs])
+                    for n, msg in enumerate(msgs):
+                        if msg.id not in fresh:
+                            outcomes.append((False, started))
+                            continue
+                        fresh.discard(msg.id)  # the same id twice in one run: the second is a duplicate
+                        began = time.monotonic()
+                        try:
+                            self.call(msg, tx)
+                        except HandlerFailed as failed:
+                            if is_outage(failed.exc):
+                                raise
+                            failure, msgs = failed.exc, msgs[:n]
+                            raise _RunAgain() from None
+                        outcomes.append((True, began))
+                        self.handler_s = 0.9 * self.handler_s + 0.1 * (time.monotonic() - began)
+            except _RunAgain:
+                continue
+            except TxnAborted:
+                raise
+            except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
+                self.count_store_error()
+                log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
+                            self.group, len(msgs), exc)
+                return None
+            break
+        return (outcomes if msgs else []), failure

@@ -1,0 +1,274 @@
+"""The consumer runtime: :class:`Consumer` — ``handler(msg, tx)`` inside one inbox transaction per
+message; acks and offsets only after the work they cover is done.
+
+It holds the settings, the handler and the counters, and runs one of two loops: Kafka's offsets and
+rebalances (:mod:`.kafka_loop`) or a message-by-message :class:`~zeroloss.brokers.subscription.
+Subscription` (:mod:`.subscription_loop`). Both hand every message to the one handling loop
+(:mod:`.handling`: attempts, backoff, outages, dead letters). SIGTERM/SIGINT (handlers installed
+by :meth:`Consumer.run` in the main thread) or :meth:`Consumer.stop` let the handler call in
+flight finish; a message waiting out a retry backoff is left for redelivery; what is done is
+committed and the client closed.
+
+Claims older than ``inbox_retention_s`` (7 days) are purged hourly; a redelivery later than that
+would run again, so keep it above the longest possible redelivery delay. With ``inbox=None``
+there is no dedup (at-least-once) and ``tx`` is None; with ``transactional=True`` (Kafka, no
+inbox) the handler produces through ``tx.send`` and outputs, dead letters and offsets commit in
+one Kafka transaction per batch (:mod:`.kafka_txn`). The details are in ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zeroloss import metrics
+from zeroloss.brokers.base import DLQ_SUFFIX
+from zeroloss.brokers.kafka import parse_bootstrap
+from zeroloss.consumer.dead_letters import DeadLetterPublisher
+from zeroloss.consumer.handling import Handling
+from zeroloss.consumer.kafka_loop import KafkaLoop, consumer_config
+from zeroloss.consumer.kafka_txn import KafkaTransactions
+from zeroloss.consumer.retry_topics import check_delays
+from zeroloss.consumer.subscription_loop import SubscriptionLoop
+from zeroloss.errors import ConfigError
+from zeroloss.http import HealthServer
+from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
+from zeroloss.message import id_time
+from zeroloss.received import Handler, Received
+from zeroloss.registry import SUBSCRIPTION_SCHEMES, open_subscription, scheme_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ConsumerCounters:
+    processed: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    store_errors: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    rebalances: int = 0
+    assignments: int = 0
+
+
+def _created(msg: Received) -> float:
+    """When the message was made: the time in its UUIDv7 id, else the record's timestamp."""
+    try:
+        if len(msg.id) == 36 and uuid.UUID(msg.id).version == 7:
+            return id_time(msg.id)
+    except ValueError:
+        pass
+    return msg.timestamp_ms / 1000
+
+
+class Consumer:
+    def __init__(
+        self,
+        source: str,
+        group: str,
+        topics: Iterable[str],
+        inbox: str | Inbox | None,
+        *,
+        config: dict[str, Any] | None = None,
+        max_attempts: int = 5,
+        backoff_base_s: float = 0.2,
+        max_backoff_s: float = 30.0,
+        batch_size: int = 500,
+        poll_s: float = 0.2,
+        dlq_suffix: str = DLQ_SUFFIX,
+        dlq_config: dict[str, Any] | None = None,
+        transactional: bool = False,
+        transactional_id: str | None = None,
+        inbox_retention_s: float | None = 7 * 86400.0,
+        purge_every_s: float = 3600.0,
+        metrics_port: int | None = None,
+        retry_delays_s: Sequence[float] = (),
+        transaction_batch: int = 100,
+    ) -> None:
+        self.url = source
+        kafka = scheme_of(source) == "kafka"
+        self.topics = list(topics)
+        if not self.topics:
+            raise ConfigError("a consumer needs at least one topic")
+        if not group or len(group) > MAX_ID_LEN:
+            raise ConfigError(f"the group name must be 1-{MAX_ID_LEN} characters: {group!r}")
+        if max_attempts < 1:
+            raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
+        if transaction_batch < 1:
+            raise ConfigError(f"transaction_batch must be at least 1, got {transaction_batch}")
+        self.group = group
+        if kafka:
+            self.conf = consumer_config(parse_bootstrap(source), group, config)
+        else:  # RabbitMQ, NATS, Redis: `config` holds the subscription's options
+            if scheme_of(source) not in SUBSCRIPTION_SCHEMES:
+                raise ConfigError(f"cannot consume from {source!r}: use kafka://, {', '.join(SUBSCRIPTION_SCHEMES)}")
+            if transactional:
+                raise ConfigError("transactional=True is for Kafka sources only")
+            if retry_delays_s:
+                raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
+                                  "retry in place (RabbitMQ, NATS and Redis redeliver by themselves)")
+            self.conf = dict(config or {})
+        self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
+        self._owns_inbox = isinstance(inbox, str)
+        # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
+        self.retry_delays_s = check_delays(retry_delays_s)
+        self.inbox_retention_s = inbox_retention_s  # keep it above the longest redelivery delay
+        self.purge_every_s = purge_every_s
+        self._next_purge = 0.0
+        txn: KafkaTransactions | None = None
+        if transactional:
+            if self.inbox is not None:
+                raise ConfigError("transactional=True is for handlers that only produce to Kafka: pass inbox=None")
+            txn = KafkaTransactions(source, transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}",
+                                    config=dlq_config)
+        self._stop = threading.Event()
+        self.counters = ConsumerCounters()
+        self.handling = Handling(
+            group=group, inbox=self.inbox, txn=txn, max_attempts=max_attempts, backoff_base_s=backoff_base_s,
+            max_backoff_s=max_backoff_s,
+            # Up to this many messages share one inbox transaction and one bulk claim: one commit (one
+            # fsync) per run instead of per message. Inboxes that cannot (Redis): 1.
+            transaction_batch=transaction_batch if isinstance(self.inbox, BatchInbox) else 1,
+            stop=self._stop, finished=self._finished, count_store_error=self._count_store_error,
+        )
+        self._loop_impl: KafkaLoop | SubscriptionLoop
+        self._dlq: DeadLetterPublisher | None
+        if kafka:
+            self._dlq = DeadLetterPublisher(source, config=dlq_config)  # makes nothing until used
+            self._loop_impl = KafkaLoop(
+                self.handling, source, self.conf, self.topics, retry_delays_s=self.retry_delays_s,
+                batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix, dlq=self._dlq,
+                housekeeping=self._purge, counters=self.counters,
+            )
+        else:
+            self._dlq = None
+            self._loop_impl = SubscriptionLoop(
+                self.handling, lambda: open_subscription(self.url, self.group, self.topics, **self.conf),
+                batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix or DLQ_SUFFIX,
+                housekeeping=self._purge, counters=self.counters,
+            )
+        # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
+        self.health: HealthServer | None = None
+        if metrics_port is not None:
+            self.health = HealthServer(metrics_port, ready=self._readiness).start()
+
+    @property
+    def max_attempts(self) -> int:
+        return self.handling.max_attempts
+
+    @property
+    def transaction_batch(self) -> int:
+        return self.handling.transaction_batch
+
+    def _count_store_error(self) -> None:
+        self.counters.store_errors += 1
+
+    def _finished(self, topic: str, outcome: str, msg: Received | None = None, started: float | None = None) -> None:
+        """Count a message's outcome here and in Prometheus (one vocabulary for both); for a
+        handled ``msg``, how long its handling took since ``started`` and how old it is."""
+        field_name = {"processed": "processed", "duplicate": "duplicates", "retry": "retries",
+                      "dead_lettered": "dead_lettered"}[outcome]
+        setattr(self.counters, field_name, getattr(self.counters, field_name) + 1)
+        seconds = None if started is None else time.monotonic() - started
+        age = None if msg is None or outcome != "processed" else time.time() - _created(msg)
+        metrics.consumer_processed(self.group, topic, outcome, seconds, age)
+
+    def handler(self, fn: Handler) -> Handler:
+        """Decorator: register the function called as ``fn(msg, tx)`` for every message."""
+        if self.handling.handler is not None:
+            raise ConfigError("this consumer already has a handler")
+        self.handling.handler = fn
+        return fn
+
+    # -- running ----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Finish the message in flight, commit, leave the group (safe from any thread, and from
+        a signal handler). A stopped consumer stays stopped: ``run*`` return at once."""
+        self._stop.set()
+
+    @property
+    def assigned(self) -> set[tuple[str, int]]:
+        loop = self._loop_impl
+        return set(loop.assignment) if isinstance(loop, KafkaLoop) else set()
+
+    def run(self) -> None:
+        """Consume until :meth:`stop` or SIGTERM/SIGINT (handlers installed in the main thread only)."""
+        restore = self._install_signal_handlers()
+        try:
+            self._loop(lambda: False)
+        finally:
+            restore()
+
+    def run_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        self._loop(lambda: time.monotonic() >= deadline)
+
+    def run_until_idle(self, idle_s: float = 2.0, timeout_s: float | None = None) -> None:
+        """Consume until this consumer has had its assignment and then no message arrived for
+        ``idle_s``; never returns before the first assignment. TimeoutError after ``timeout_s``."""
+        start = time.monotonic()
+        loop = self._loop_impl
+
+        def finished() -> bool:
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                raise TimeoutError(f"consumer not idle within {timeout_s}s (assigned: {loop.assigned})")
+            return loop.assigned and not loop.waiting and time.monotonic() - loop.last_activity >= idle_s
+
+        self._loop(finished)
+
+    def _readiness(self) -> tuple[bool, str]:
+        if self._stop.is_set():
+            return False, "stopping"
+        return (True, "assigned") if self._loop_impl.assigned else (False, "waiting for a partition assignment")
+
+    def close(self) -> None:
+        """Release the dead-letter producer, the metrics server and an inbox this consumer opened
+        from a URL."""
+        if self.health is not None:
+            self.health.close()
+            self.health = None
+        if self._dlq is not None:
+            self._dlq.close()
+        if self._owns_inbox and self.inbox is not None:
+            self.inbox.close()
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        sigs = (signal.SIGTERM, signal.SIGINT)
+        old = {s: signal.getsignal(s) for s in sigs}
+        for s in sigs:
+            signal.signal(s, lambda *_: self.stop())
+
+        def restore() -> None:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+        return restore
+
+    def _loop(self, finished: Callable[[], bool]) -> None:
+        if self.handling.handler is None:
+            raise ConfigError("register a handler with @consumer.handler before running")
+        try:
+            self._loop_impl.run(finished)
+        finally:
+            log.info("consumer %s stopped: %s", self.group, self.counters)
+
+    def _purge(self) -> None:
+        if self.inbox is None or self.inbox_retention_s is None or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + self.purge_every_s
+        try:
+            if n := self.inbox.purge(self.inbox_retention_s):
+                log.info("inbox: forgot %d claims older than %.0fs", n, self.inbox_retention_s)
+        except Exception as exc:  # retention is housekeeping: never stop consuming for it
+            log.warning("inbox purge failed: %s", exc)
