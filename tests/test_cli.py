@@ -167,8 +167,8 @@ def _states(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("how", ["sql", "command"])
 def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path, kafka: object) -> None:
-    """tx-commit is sent, tx-rollback discarded, tx-unknown goes to doubt/ (command: exit 2), and
-    tx-broken (the resolver could not ask) stays in tmp/ to be asked again."""
+    """tx-commit is sent, tx-rollback discarded, tx-unknown goes to doubt/ (command: prints unknown),
+    and tx-broken (the resolver crashed: exit 1, never read as an answer) stays in tmp/."""
     import sqlite3
 
     root = tmp_path / "spool"
@@ -186,10 +186,10 @@ def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path,
         script.write_text(
             "import sqlite3, sys\n"
             "txid = sys.argv[1]\n"
-            "if txid == 'tx-broken': print('cannot reach the database', file=sys.stderr); sys.exit(5)\n"
-            "if txid == 'tx-unknown': sys.exit(2)\n"
+            "if txid == 'tx-broken': raise ConnectionError('cannot reach the database')  # exit 1, a traceback\n"
+            "if txid == 'tx-unknown': print('unknown'); sys.exit(0)\n"
             f"row = sqlite3.connect({str(app_db)!r}).execute('SELECT 1 FROM spool_txids WHERE txid = ?', (txid,))\n"
-            "sys.exit(0 if row.fetchone() else 1)\n"
+            "print('committed' if row.fetchone() else 'rolled-back')\n"
         )
         opts = ["--resolver-command", f"{sys.executable} {script}"]
         expected = {"tx-commit": "success", "tx-unknown": "doubt", "tx-broken": "tmp"}
@@ -225,3 +225,26 @@ def test_resolver_options_that_cannot_work_exit_2(source: str, opts: list[str], 
     code, out = run("relay", "--source", source, "--target", "kafka://127.0.0.1:1", "--drain", *opts)
     assert code == 2, out
     assert needle in out
+
+
+def test_tmp_grace_keeps_a_running_transaction_from_its_resolver(tmp_path: Path, kafka: object) -> None:
+    """A transaction running longer than the default grace (60 s) must not be asked about: its
+    "no row" would read as rolled back and its messages be discarded. --tmp-grace-s covers it."""
+    import os
+    import time
+
+    root = tmp_path / "spool"
+    _crashed_spool(root, ["tx-long"])
+    for name in os.listdir(root / "tmp"):
+        os.utime(root / "tmp" / name, (time.time() - 120, time.time() - 120))  # two minutes in
+    script = tmp_path / "resolve.py"
+    script.write_text("print('rolled-back')\n")  # what a resolver says of a transaction still open
+    base = [sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{root}", "--target",
+            kafka.url, "--drain", "--resolver-command", f"{sys.executable} {script}"]  # type: ignore[attr-defined]
+    kept = subprocess.run([*base, "--tmp-grace-s", "600"], capture_output=True, text=True, timeout=120)
+    assert kept.returncode == 0, kept.stderr
+    assert _states(root) == {"tx-long": "tmp"}
+    gone = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 0, gone.stderr
+    assert _states(root) == {}  # with the default 60 s it was asked, and discarded
+    assert "rolled back; tmp file discarded" in gone.stderr

@@ -179,6 +179,27 @@ def test_a_doubt_message_parks_its_key_like_failed(spool: FileSpool) -> None:
     assert [m.id for m in spool.claim(10, lease_s=30)] == [doubtful, later]  # in key order
 
 
+def test_a_crash_leftover_the_resolver_cannot_settle_still_blocks_its_key(spool: FileSpool) -> None:
+    """Committed (the app says so later) but left in tmp/ by a crash: while the resolver cannot
+    answer, the key's later messages wait, as behind a doubt message; a young tmp file (a
+    transaction still running) blocks nothing."""
+    tx = spool.transaction("tx-crashed").__enter__()
+    first = tx.add(topic="t", value=b"first", key=b"A")
+    age(os.path.join(spool.root, "tmp", f"{first}.tx-crashed.zlm"))
+    live = spool.transaction("tx-live").__enter__()
+    live.add(topic="t", value=b"running", key=b"B")
+    second, other = add(spool, b"second", key=b"A"), add(spool, b"other", key=b"B")
+
+    def down(txid: str) -> bool | None:
+        raise ConnectionError("the app's database is down")
+
+    assert spool.recover(down).promoted == 0
+    assert [m.id for m in spool.claim(10, lease_s=30)] == [other]
+    assert spool.get(second)[0] is State.PENDING
+    assert spool.recover(lambda txid: True).promoted == 1
+    assert [m.id for m in spool.claim(10, lease_s=30)] == [first, second]
+
+
 def test_a_transaction_slower_than_tmp_grace_takes_its_messages_back(tmp_path: Path) -> None:
     spool = FileSpool(tmp_path / "s", tmp_grace_s=0)
     with spool.transaction("slow") as tx:

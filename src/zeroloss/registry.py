@@ -46,14 +46,18 @@ def spool_path(url: str) -> str:
     return path
 
 
-def open_store(url: str, *, table: str | None = None, create: bool = False) -> OutboxAdmin:
+def open_store(url: str, *, table: str | None = None, create: bool = False,
+               tmp_grace_s: float | None = None) -> OutboxAdmin:
     """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool
-    must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool."""
+    must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool.
+    ``tmp_grace_s``: a spool's, when not the default."""
     scheme = scheme_of(url)
     if scheme == "spool":
         from zeroloss.outbox.spool import FileSpool
 
-        return FileSpool(spool_path(url), create=create)
+        if tmp_grace_s is None:
+            return FileSpool(spool_path(url), create=create)
+        return FileSpool(spool_path(url), create=create, tmp_grace_s=tmp_grace_s)
     if scheme in SQL_SCHEMES:
         from zeroloss.outbox.sql import SqlOutbox
 

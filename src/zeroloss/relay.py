@@ -165,11 +165,11 @@ class Relay:
             self._next_stats = now + s.stats_every_s
         if now >= self._next_recover:
             report = self.store.recover(self.resolver)
-            if report.lease_expired or report.doubt or report.malformed:
+            if report.lease_expired or report.doubt or report.malformed or report.discarded:
                 log.warning("recovered: %s", report)
             if s.success_retention_s is not None:
                 self.store.purge_success(s.success_retention_s)
-            self._next_recover = now + s.recover_every_s
+            self._next_recover = time.monotonic() + s.recover_every_s  # from its end: a slow resolver waits too
         batch = self.store.claim(s.batch_size, s.lease_s)
         self._store_problem = None
         self._store_failures = 0

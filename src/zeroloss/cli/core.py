@@ -113,13 +113,16 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @option("--resolver-db", envvar="ZEROLOSS_RESOLVER_DB", default=None, metavar="URL",
         help="The app's database for --resolver-sql.")
 @option("--resolver-command", envvar="ZEROLOSS_RESOLVER_COMMAND", default=None, metavar="CMD",
-        help="Spool: settle tmp/ files by running CMD TXID: exit 0 committed, 1 rolled back, 2 cannot tell "
-             "(doubt/); other codes: asked again at the next recover.")
+        help="Spool: settle tmp/ files by running CMD TXID, which prints committed, rolled-back or unknown "
+             "(doubt/) and exits 0; anything else: asked again at the next recover.")
+@option("--tmp-grace-s", envvar="ZEROLOSS_TMP_GRACE_S", default=60.0, show_default=True, type=click.FloatRange(1),
+        help="Spool: tmp/ files younger than this belong to running transactions and are left alone; longer "
+             "than the app's longest transaction, or a resolver answers 'rolled back' for one still running.")
 @errors_to_exit_codes
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
           backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
           metrics_port: int | None, metrics_host: str, resolver_sql: str | None, resolver_db: str | None,
-          resolver_command: str | None) -> None:
+          resolver_command: str | None, tmp_grace_s: float) -> None:
     """Publish committed messages from the outbox to the broker until SIGTERM."""
     # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
     stopping = threading.Event()
@@ -151,7 +154,7 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
     settings = RelaySettings(batch_size=batch_size, max_attempts=max_attempts, lease_s=lease_s,
                              backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s,
                              stats_every_s=None if metrics_port is None else 5.0)
-    store = open_store(source, table=table)
+    store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
     r = Relay(store, broker, settings, resolver=resolver)
     relays.append(r)

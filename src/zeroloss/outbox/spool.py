@@ -332,6 +332,9 @@ class FileSpool:
                     seen = self._info(state, name, mid)
                     if seen is not None and seen[0].key is not None and mid < blockers.get(seen[0].key, "~"):
                         blockers[seen[0].key] = mid
+            for mid, key in self._unsettled_tmp(now):
+                if key is not None and mid < blockers.get(key, "~"):
+                    blockers[key] = mid
             held: set[bytes] = set()  # keys with an earlier pending message left behind in this scan
             out: list[Message] = []
             for mid, name in self._names(State.PENDING, quarantine=True):
@@ -384,6 +387,28 @@ class FileSpool:
             if held:
                 self._sync(State.SENDING)
             return held
+
+    def _unsettled_tmp(self, now: float) -> list[tuple[str, bytes | None]]:
+        """(id, key) of the ``tmp`` files older than ``tmp_grace_s``: crash leftovers that recover
+        could not settle yet (no answer from the resolver), which may have committed — so they
+        block their keys like ``doubt``. Younger ones belong to transactions still running (and may
+        be half written): they do not."""
+        out = []
+        cutoff = now - self.tmp_grace_s
+        with os.scandir(self._dir[State.TMP]) as it:
+            for entry in it:
+                parts = _split(entry.name)
+                if parts is None:
+                    continue
+                try:
+                    if entry.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                got = self._info(State.TMP, entry.name, parts[0], quarantine=False)
+                if got is not None:
+                    out.append((parts[0], got[0].key))
+        return out
 
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         with self._lock, self._translate("succeed"):
@@ -490,6 +515,7 @@ class FileSpool:
 
     def _recover_tmp(self, resolver: Resolver | None, report: RecoveryReport) -> None:
         answers: dict[str, bool | Exception | None] = {}
+        failed: Exception | None = None
         cutoff = time.time() - self.tmp_grace_s
         with os.scandir(self._dir[State.TMP]) as it:
             entries = sorted(it, key=lambda e: e.name)
@@ -508,15 +534,19 @@ class FileSpool:
                 continue
             mid, txid = parts
             if txid not in answers:
+                if failed is not None:  # the resolver failed this time: do not wait on it for each txid
+                    continue
                 answers[txid] = None if resolver is None else self._ask(resolver, txid)
             answer = answers[txid]
             if isinstance(answer, Exception):
+                failed = answer
                 continue  # could not ask: not "unknown" (doubt needs a person); ask again next time
             if answer is False:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     report.discarded += 1
-                    log.info("message %s: transaction %s rolled back, tmp file discarded", mid, txid)
+                    log.warning("message %s: the resolver says transaction %s rolled back; tmp file discarded",
+                                mid, txid)
                 continue
             if self._read(State.TMP, entry.name, mid) is None:
                 continue
