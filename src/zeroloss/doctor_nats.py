@@ -80,7 +80,12 @@ async def _checks(url: str, topic: str | None, min_replication: int, monitor: st
         js = nc.jetstream(timeout=timeout_s)
         try:
             await js.account_info()
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.TimeoutError) as exc:
+            return [*checks, Check("nats jetstream", Verdict.FAIL, f"no answer within {timeout_s:g}s ({exc}): "
+                                   "JetStream is off, or a cluster has no JetStream meta leader (servers lost)",
+                                   "bring the cluster's servers back (nats server report jetstream), or start "
+                                   "nats-server with -js")]
+        except nats.errors.Error as exc:
             return [*checks, Check("nats jetstream", Verdict.FAIL, f"not available: {type(exc).__name__}: {exc}",
                                    "start nats-server with -js (or jetstream {} in its config)")]
         streams = []

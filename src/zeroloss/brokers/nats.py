@@ -5,9 +5,9 @@ One stream per topic, created idempotently on first use: name :func:`stream_name
 ``ZL_orders``; ``.`` and ``_`` escaped, stream names cannot contain dots), subject = the topic,
 file storage, ``duplicate_window`` = ``dedup_window_s``, ``replicas`` replicas (1 unless asked:
 ``zeroloss init --replication-factor N`` creates them with N ahead of the relay, which is the way
-to get more than one server's disk; ``zeroloss doctor`` fails a stream below ``--min-replication``). Publishes name the expected stream
-(``Nats-Expected-Stream``), so a message can never land in some other stream that happens to
-listen on the subject.
+to get more than one server's disk; ``zeroloss doctor`` fails a stream below ``--min-replication``).
+Publishes name the expected stream (``Nats-Expected-Stream``), so a message can never land in some
+other stream that happens to listen on the subject.
 
 **Dedup window.** JetStream drops a message whose ``Nats-Msg-Id`` it saw within the stream's
 duplicate window and answers with the original's ack (``duplicate=True``): that absorbs the
