@@ -456,3 +456,22 @@ def test_nats_r3_with_sync_always_on_a_cluster_passes_and_a_lost_server_is_seen(
         time.sleep(0.5)  # the leader marks a follower offline after missing its heartbeats
     assert check["verdict"] == "warn", check
     assert f"['n{victim}'] offline or not current" in check["detail"]
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_a_queue_doctor_cannot_read_is_a_warning_not_a_traceback(amqp_topic: str) -> None:
+    import aio_pika
+
+    async def hold_exclusive_and_run() -> tuple[int, dict[str, Any]]:
+        conn = await aio_pika.connect(AMQP_URL)
+        try:
+            ch = await conn.channel()
+            await ch.declare_queue(amqp_topic, exclusive=True)  # RESOURCE_LOCKED for any other connection
+            return await asyncio.to_thread(run, "--target", AMQP_URL, "--topic", amqp_topic)
+        finally:
+            await conn.close()
+
+    _, doc = asyncio.run(hold_exclusive_and_run())
+    check = by_name(doc)[f"queue {amqp_topic}"]
+    assert check["verdict"] == "warn" and check["detail"].startswith("cannot read it:"), check
+    assert "RESOURCE_LOCKED" in check["detail"] or "locked" in check["detail"].lower()

@@ -20,6 +20,8 @@ queue exists, then a declare with the arguments believed so far is answered eith
 (nothing changes) or PRECONDITION_FAILED naming one argument and its current value; that value
 is taken and the declare repeated until it is equivalent. Policies (``rabbitmqctl set_policy``)
 cannot be seen this way: a setting a policy provides shows as missing, and the line says so.
+The passive declare comes first in every round, so doctor creates nothing (short of the queue
+being deleted between the two declares of one round).
 """
 
 from __future__ import annotations
@@ -72,15 +74,22 @@ async def _checks(url: str, topic: str | None, timeout_s: float) -> list[Check]:
         if topic is None:
             return [*checks, Check("queue", Verdict.SKIP, "no --topic given", "pass --topic T to check its queues")]
         dead = topic if topic.endswith(DLQ_SUFFIX) else topic + DLQ_SUFFIX
-        if topic != dead:
-            read = await _queue_arguments(conn, topic, aiormq)
+        for name in dict.fromkeys((topic, dead)):
+            try:
+                read = await _queue_arguments(conn, name, aiormq)
+            except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as exc:
+                # e.g. RESOURCE_LOCKED: an exclusive queue of another connection; access refused
+                checks.append(Check(f"queue {name}", Verdict.WARN, f"cannot read it: {type(exc).__name__}: {exc}",
+                                    "give this user configure permission on the queue, or check it by hand"))
+                continue
             if read is None:
-                return [*checks, _missing(topic)]
-            flags, args = read
-            checks += [_type_check(topic, flags, args), _dead_letter_check(topic, dead, args),
-                       _delivery_limit_check(topic, args, version)]
-        read = await _queue_arguments(conn, dead, aiormq)
-        checks.append(_missing(dead) if read is None else _type_check(dead, *read))
+                checks.append(_missing(name))
+            elif name == dead:
+                checks.append(_type_check(name, *read))
+            else:
+                flags, args = read
+                checks += [_type_check(name, flags, args), _dead_letter_check(name, dead, args),
+                           _delivery_limit_check(name, args, version)]
         return checks
     finally:
         await conn.close()
