@@ -229,3 +229,42 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("ZEROLOSS_TARGET", raising=False)
     monkeypatch.delenv("ZEROLOSS_SOURCE", raising=False)
     yield
+
+
+# -- --replication-factor: what the cluster can hold, or a clear error naming the option -----------
+
+
+@pytest.mark.nats
+def test_nats_replicas_asked_for_are_used_and_more_than_the_server_holds_is_refused(topic: str) -> None:
+    with harness("nats") as h:
+        h.topics.append(topic)
+        code, out = run("init", "--target", NATS_URL, "--topic", topic, "--replication-factor", "3")
+        assert code == 2, out
+        assert "--replication-factor 3 is more than this NATS deployment can hold" in out
+        assert "1 when not clustered" in out
+        assert asyncio.run(_nats_subjects(topic)) is None  # nothing created
+        code, out = run("init", "--target", NATS_URL, "--topic", topic, "--replication-factor", "1")
+        assert code == 0, out
+        assert f"created         stream ZL_{topic}  (subject {topic}, file storage, 1 replica(s)" in out
+
+
+@pytest.mark.kafka
+def test_kafka_a_replication_factor_above_the_live_brokers_is_refused(kafka: Any, topic: str) -> None:
+    code, out = run("init", "--target", kafka.url, "--topic", topic, "--replication-factor", "2")
+    assert code == 2, out
+    assert "--replication-factor 2 is more than the Kafka cluster at" in out and "1 live broker(s)" in out
+    assert kafka_partitions(kafka.bootstrap, topic) == 0  # nothing created
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_refuses_a_replication_factor_saying_why(topic: str) -> None:
+    require_service("rabbitmq")
+    code, out = run("init", "--target", AMQP_URL, "--topic", topic, "--replication-factor", "3")
+    assert code == 2, out
+    assert "--replication-factor is not taken for RabbitMQ" in out
+    assert asyncio.run(_amqp_queue(topic)) is None
+
+
+def test_a_replication_factor_below_one_is_bad_usage(topic: str) -> None:
+    code, out = run("init", "--target", NATS_URL, "--topic", topic, "--replication-factor", "0")
+    assert code == 2 and "--replication-factor" in out and "0 is not in the range x>=1" in out

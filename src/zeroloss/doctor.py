@@ -17,6 +17,8 @@ the fix. What is checked:
   report defaults) gives ``warn`` with the value Kafka would use by default — never a crash.
 * **Redis** (``redis://``): ``appendonly`` and ``appendfsync`` (``no`` → fail; ``everysec`` →
   warn: up to 1 s of writes lost in a crash; ``always`` → ok) and ``maxmemory-policy``.
+* **NATS JetStream** (``nats://``) and **RabbitMQ** (``amqp://``): see
+  :mod:`zeroloss.doctor_nats` and :mod:`zeroloss.doctor_rabbitmq`.
 * **Outbox** (``--source``): reachable and initialised; PostgreSQL ``fsync`` and
   ``synchronous_commit``, MariaDB/MySQL ``innodb_flush_log_at_trx_commit`` (a commit the app saw
   must survive a crash, or the relay may publish a message whose transaction is then lost).
@@ -34,6 +36,7 @@ from zeroloss.errors import ConfigError, ZerolossError
 
 if TYPE_CHECKING:
     from zeroloss.outbox.base import Stats
+    from zeroloss.relay import RelaySettings
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,11 @@ def run_doctor(
     table: str = "zeroloss_outbox",
     min_replication: int = 3,
     timeout_s: float = 10.0,
+    nats_monitor: str | None = None,
+    relay: RelaySettings | None = None,
+    relay_timeout_s: float = 30.0,
 ) -> list[Check]:
-    """All checks that apply to the given URLs, in order."""
+    """All checks that apply to the given URLs, in order (``relay*``: the relay's settings)."""
     from zeroloss.registry import scheme_of
 
     checks: list[Check] = []
@@ -86,8 +92,17 @@ def run_doctor(
             checks += kafka_checks(target, topic=topic, min_replication=min_replication, timeout_s=timeout_s)
         elif scheme in ("redis", "rediss"):
             checks += redis_checks(target, timeout_s=timeout_s)
+        elif scheme == "nats":  # NATS and RabbitMQ: a module each, to keep this one readable
+            from zeroloss.doctor_nats import nats_checks
+
+            checks += nats_checks(target, topic=topic, min_replication=min_replication, monitor=nats_monitor,
+                                  relay=relay, relay_timeout_s=relay_timeout_s, timeout_s=timeout_s)
+        elif scheme in ("amqp", "amqps"):
+            from zeroloss.doctor_rabbitmq import rabbitmq_checks
+
+            checks += rabbitmq_checks(target, topic=topic, timeout_s=timeout_s)
         else:
-            raise ConfigError(f"doctor knows kafka:// and redis:// targets, not {scheme!r}")
+            raise ConfigError(f"doctor knows kafka://, nats://, amqp:// and redis:// targets, not {scheme!r}")
     if not checks:
         raise ConfigError("nothing to check: give --target URL and/or --source URL")
     return checks

@@ -341,6 +341,14 @@ class KafkaBroker:
         spec = spec or TopicSpec()
         names = with_dead_letters(topics)
         admin = self._admin()
+        if spec.replication_factor is not None:  # a broker may accept more and hold fewer copies
+            try:
+                brokers = len(admin.list_topics(timeout=self.timeout_s).brokers)
+            except self._ck.KafkaException as exc:
+                raise self._admin_error(exc, "list brokers") from exc
+            if spec.replication_factor > brokers:
+                raise ConfigError(f"--replication-factor {spec.replication_factor} is more than the Kafka cluster at "
+                                  f"{self.bootstrap} can hold: it has {brokers} live broker(s), one copy each")
         new_topic = admin_module().NewTopic
         new = [new_topic(t, spec.partitions or -1, spec.replication_factor or -1) for t in names]
         futures = admin.create_topics(new, request_timeout=self.timeout_s, operation_timeout=self.timeout_s)

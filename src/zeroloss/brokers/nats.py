@@ -3,9 +3,11 @@ ack; our id travels as ``Nats-Msg-Id`` so the stream itself drops a republished 
 
 One stream per topic, created idempotently on first use: name :func:`stream_name` (``orders`` →
 ``ZL_orders``; ``.`` and ``_`` escaped, stream names cannot contain dots), subject = the topic,
-file storage, ``duplicate_window`` = ``dedup_window_s``. Publishes name the expected stream
-(``Nats-Expected-Stream``), so a message can never land in some other stream that happens to
-listen on the subject.
+file storage, ``duplicate_window`` = ``dedup_window_s``, ``replicas`` replicas (1 unless asked:
+``zeroloss init --replication-factor N`` creates them with N ahead of the relay, which is the way
+to get more than one server's disk; ``zeroloss doctor`` fails a stream below ``--min-replication``).
+Publishes name the expected stream (``Nats-Expected-Stream``), so a message can never land in some
+other stream that happens to listen on the subject.
 
 **Dedup window.** JetStream drops a message whose ``Nats-Msg-Id`` it saw within the stream's
 duplicate window and answers with the original's ack (``duplicate=True``): that absorbs the
@@ -67,6 +69,8 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 ERR_SUBJECTS_OVERLAP = 10065
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_STREAM_NOT_FOUND = 10059
+# Replicas the deployment cannot place: not clustered, no suitable peers, insufficient resources.
+ERR_TOO_MANY_REPLICAS = (10074, 10005, 10023)
 
 
 def _nats() -> Any:
@@ -213,6 +217,9 @@ class NatsBroker:
                         raise
         except nats.js.errors.APIError as exc:
             self._refused[topic] = f"cannot create stream {name!r}: {exc}"
+            if replicas is not None and exc.err_code in ERR_TOO_MANY_REPLICAS:
+                self._refused[topic] = (f"--replication-factor {replicas} is more than this NATS deployment can hold "
+                                        f"(at most its number of JetStream servers; 1 when not clustered): {exc}")
             return False
         except ValueError as exc:  # nats-py checks names before asking: e.g. a wildcard in the topic
             self._refused[topic] = f"topic {topic!r} cannot be a NATS subject and stream: {exc}"

@@ -160,9 +160,14 @@ class RabbitBroker:
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
         """Declare each topic's exchanges and quorum queues (see the module docstring)."""
         spec = spec or TopicSpec()
-        if spec.partitions is not None or spec.replication_factor is not None:
-            raise ConfigError("RabbitMQ queues have no partitions and no replication factor to set here "
-                              "(a quorum queue's replicas follow the cluster's size); those options are for Kafka")
+        if spec.partitions is not None:
+            raise ConfigError("RabbitMQ queues have no partitions; --partitions is for Kafka")
+        if spec.replication_factor is not None:
+            # x-quorum-initial-group-size is one of the arguments a re-declaration must repeat: the
+            # relay and the consumers declare the queue with fixed arguments and would be refused.
+            raise ConfigError("--replication-factor is not taken for RabbitMQ: a quorum queue gets a replica on "
+                              "every node of the cluster (RabbitMQ's default initial group size); to limit it, "
+                              "use a policy or rabbitmq-queues grow/shrink")
         out: list[Declared] = self._admin_run(self._declare_ahead(topics), topics, "declaring")
         if spec.group:
             out.append(Declared("consumer group", spec.group, "nothing needed",

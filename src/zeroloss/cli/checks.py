@@ -16,23 +16,38 @@ if TYPE_CHECKING:
 
 
 @main.command()
-@option("--target", envvar="ZEROLOSS_TARGET", metavar="URL", help="kafka://HOST:PORT or redis://HOST:PORT/DB")
-@option("--topic", metavar="T", help="Also check this Kafka topic's replication and settings.")
+@option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
+        help="kafka://HOST:PORT, nats://HOST:PORT, amqp://USER:PASS@HOST/ or redis://HOST:PORT/DB")
+@option("--topic", metavar="T", help="Also check this topic's Kafka topic, NATS streams or RabbitMQ queues.")
 @option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
 @option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
 @option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
-        help="Replication factor a topic needs.")
+        help="Replication factor a Kafka topic needs; replicas a NATS stream needs.")
 @option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
+@option("--nats-monitor", metavar="URL",
+        help="NATS: the server's monitoring endpoint, read for its sync interval [default: http://TARGET-HOST:8222].")
+@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1),
+        help="The relay's --lease-s (NATS: part of the retry horizon the duplicate window must cover).")
+@option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
+        type=click.FloatRange(0, min_open=True), help="The relay's --max-backoff-s (likewise).")
+@option("--relay-timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True,
+        type=click.FloatRange(1), help="The relay's --timeout-s (likewise).")
 @json_option
 @errors_to_exit_codes
 def doctor(target: str | None, topic: str | None, source: str | None, table: str, min_replication: int,
-           timeout_s: float, as_json: bool) -> None:
+           timeout_s: float, nats_monitor: str | None, lease_s: float, max_backoff_s: float, relay_timeout_s: float,
+           as_json: bool) -> None:
     """Check the settings that decide whether messages can be lost; one line per check with its
-    verdict (ok / warn / fail / skip) and the fix. Exit 1 if any check fails."""
-    from zeroloss.doctor import Verdict, overall, run_doctor
+    verdict (ok / warn / fail / skip) and the fix. Exit 1 if any check fails.
 
+    The relay options (--lease-s, --max-backoff-s, --relay-timeout-s) read the relay's own
+    environment variables, so doctor run beside the relay judges the settings it runs with."""
+    from zeroloss.doctor import Verdict, overall, run_doctor
+    from zeroloss.relay import RelaySettings
+
+    relay = RelaySettings(lease_s=lease_s, max_backoff_s=max_backoff_s)
     checks = run_doctor(target, topic=topic, source=source, table=table, min_replication=min_replication,
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, nats_monitor=nats_monitor, relay=relay, relay_timeout_s=relay_timeout_s)
     verdict = overall(checks)
     if as_json:
         click.echo(json.dumps({"verdict": verdict.value, "checks": [c.as_dict() for c in checks]}, indent=2))

@@ -35,8 +35,9 @@ from zeroloss.outbox.base import Resolver, Stats
 @option("--partitions", type=click.IntRange(1), default=None,
         help="Kafka: partitions of a topic created now [default: the broker's default].")
 @option("--replication-factor", type=click.IntRange(1), default=None,
-        help="Kafka: replication factor of a topic created now; NATS: stream replicas [default: the "
-                   "broker's default].")
+        help="Copies of what is created now: Kafka topic replication factor [default: the broker's "
+                   "default.replication.factor]; NATS stream replicas [default: 1: one server's disk]. More than "
+                   "the cluster can hold is an error. RabbitMQ: not taken (a quorum queue is on every node).")
 @option("--group", default=None, metavar="NAME",
         help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
                    "... MKSTREAM).")
