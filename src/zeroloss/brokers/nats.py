@@ -34,7 +34,10 @@ Headers are text in NATS: a header value that is printable UTF-8 goes as is, any
 an API error (limits, wrong stream) → ``RETRY``; no stream answering (deleted behind our back) →
 ``RETRY`` and the stream is created again; the topic's subject already owned by another stream,
 a payload over the server's ``max_payload``, a header that cannot be expressed → ``REJECTED``;
-not connected / no answer within ``timeout_s`` → :class:`BrokerError`.
+not connected / no answer within ``timeout_s`` → :class:`BrokerError`. When that happens after
+part of the batch was acked, the acked part is ``DELIVERED`` and the rest ``UNDECIDED`` (sent
+again, no attempt spent): a batch slower than ``timeout_s`` (a hot key, one round trip per
+message) still moves forward by what was acked in time.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 ERR_SUBJECTS_OVERLAP = 10065
 ERR_STREAM_NAME_IN_USE = 10058
 ERR_STREAM_NOT_FOUND = 10059
+DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
 
 
 def _nats() -> Any:
@@ -129,6 +133,7 @@ class NatsBroker:
         self._js: Any = None
         self._streams: dict[str, str] = {}  # topic → its stream, known to exist
         self._refused: dict[str, str] = {}  # topic → why no stream can be made for it
+        self._broken = False  # a send failed broker-wide: replace the connection before the next batch
         self.connections_made = 0
 
     # -- the sync face ------------------------------------------------------------------------
@@ -137,7 +142,8 @@ class NatsBroker:
         if not messages:
             return []
         try:
-            return self._loop.run(self._publish(messages), self.timeout_s + 1.0)
+            # _publish keeps its own deadline of timeout_s; this one only backs it up.
+            return self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
         except TimeoutError:
             self._drop()
             raise BrokerError(f"NATS at {self.url} did not ack within {self.timeout_s}s") from None
@@ -156,7 +162,7 @@ class NatsBroker:
     # -- on the loop --------------------------------------------------------------------------
 
     async def _connect(self) -> Any:
-        if self._nc is not None and self._nc.is_connected:
+        if self._nc is not None and self._nc.is_connected and not self._broken:
             return self._js
         await self._disconnect()
 
@@ -177,6 +183,7 @@ class NatsBroker:
 
     async def _disconnect(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
+        self._broken = False
         self._streams.clear()
         self._refused.clear()
         if nc is not None and not nc.is_closed:
@@ -326,11 +333,16 @@ class NatsBroker:
         return out
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
-        await self._connect()
-        self._refused.clear()  # looked at again every batch: an operator may have fixed it
-        for topic in sorted({m.topic for m in messages}):
-            await self.ensure_stream(topic)
-        return await publish_in_waves(messages, self._send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        async with asyncio.timeout_at(deadline):  # connecting counts against the batch's time
+            await self._connect()
+            self._refused.clear()  # looked at again every batch: an operator may have fixed it
+            for topic in sorted({m.topic for m in messages}):
+                await self.ensure_stream(topic)
+        outcomes = await publish_in_waves(messages, self._send, deadline)
+        if self._broken:  # what came back was kept; the connection is not
+            await self._disconnect()
+        return outcomes
 
     async def _send(self, m: Message) -> Outcome:
         nats = self._nats
@@ -355,6 +367,7 @@ class NatsBroker:
         except nats.js.errors.APIError as exc:
             return Outcome(m, Status.RETRY, error=f"stream {stream} refused it: {exc}")
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            self._broken = True
             raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
         return Outcome(m, Status.DELIVERED, location=f"{ack.stream}/{ack.seq}")
 
