@@ -166,13 +166,16 @@ class NatsBroker:
             return []
         try:
             # _publish keeps its own deadline of timeout_s; this one only backs it up.
-            return self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
+            outcomes = self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
         except TimeoutError:
             self._drop()
             raise BrokerError(f"NATS at {self.url} did not ack within {self.timeout_s}s") from None
         except BrokerWide as exc:
             self._drop()
             raise BrokerError(f"NATS at {self.url}: {exc}") from exc
+        if self._broken:  # a send failed broker-wide after part was acknowledged: keep that, not the connection
+            self._drop()
+        return outcomes
 
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
@@ -364,10 +367,7 @@ class NatsBroker:
             self._refused.clear()  # looked at again every batch: an operator may have fixed it
             for topic in sorted({m.topic for m in messages}):
                 await self.ensure_stream(topic)
-        outcomes = await publish_in_waves(messages, self._send, deadline)
-        if self._broken:  # what came back was kept; the connection is not
-            await self._disconnect()
-        return outcomes
+        return await publish_in_waves(messages, self._send, deadline)
 
     async def _send(self, m: Message) -> Outcome:
         nats = self._nats

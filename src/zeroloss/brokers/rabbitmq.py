@@ -130,13 +130,16 @@ class RabbitBroker:
             return []
         try:
             # _publish keeps its own deadline of timeout_s; this one only backs it up.
-            return self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
+            outcomes = self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
         except TimeoutError:
             self._drop()
             raise BrokerError(f"RabbitMQ at {self._where} did not confirm within {self.timeout_s}s") from None
         except BrokerWide as exc:
             self._drop()
             raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
+        if self._broken:  # a send failed broker-wide after part was acknowledged: keep that, not the connection
+            self._drop()
+        return outcomes
 
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
@@ -310,10 +313,7 @@ class RabbitBroker:
         async with asyncio.timeout_at(deadline):  # connecting counts against the batch's time
             await self._connect()
             await self._declare({m.topic for m in messages})
-        outcomes = await publish_in_waves(messages, self._send, deadline)
-        if self._broken:  # what came back was kept; the connection is not
-            await self._drop_connection()
-        return outcomes
+        return await publish_in_waves(messages, self._send, deadline)
 
     async def _send(self, m: Message) -> Outcome:
         if m.topic in self._conflicts:
