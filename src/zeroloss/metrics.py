@@ -4,7 +4,8 @@ Other modules only call the small functions below; they never create metrics. La
 one vocabulary: ``state`` is a :class:`~zeroloss.outbox.base.State` value; the relay's
 ``outcome`` is what became of a claimed message (``delivered`` → success, ``retry`` → pending
 with an attempt spent, ``rejected`` / ``exhausted`` → failed, ``held`` → pending behind its key,
-``outage`` → pending, the broker as a whole failed); the consumer's ``outcome`` is
+``undecided`` → pending, the batch stopped before the broker answered for it, ``outage`` → pending,
+the broker as a whole failed); the consumer's ``outcome`` is
 ``processed``, ``duplicate`` (the inbox already had it), ``retry`` or ``dead_lettered``.
 
 Two registries: :data:`REGISTRY` is what a long-running process serves on ``/metrics``
@@ -45,7 +46,7 @@ platform_collector.PlatformCollector(registry=REGISTRY)
 gc_collector.GCCollector(registry=REGISTRY)
 
 STATES = ("tmp", "pending", "sending", "success", "failed", "doubt", "malformed")
-RELAY_OUTCOMES = frozenset({"delivered", "retry", "rejected", "exhausted", "held", "outage"})
+RELAY_OUTCOMES = frozenset({"delivered", "retry", "rejected", "exhausted", "held", "undecided", "outage"})
 RELAY_ERROR_KINDS = frozenset({"broker", "store"})
 CONSUMER_OUTCOMES = frozenset({"processed", "duplicate", "retry", "dead_lettered"})
 AUDIT_WHERE = ("broker", "inbox")

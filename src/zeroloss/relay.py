@@ -2,8 +2,11 @@
 
 Outcomes map to store moves one to one: DELIVERED → ``success`` (with the broker location),
 RETRY → ``pending`` with attempts+1 and a backoff, REJECTED → ``failed``, HELD → ``pending``
-unchanged (it waits behind its key). A broker-wide failure (BrokerError) puts the whole batch
-back *without* spending attempts — an outage is nobody's fault — and the relay backs off.
+unchanged (it waits behind its key), UNDECIDED (the broker never answered for it: the batch hit
+its deadline or a broker-wide failure after part of it was acknowledged) → ``pending`` unchanged
+too, so what was acknowledged is kept and the rest goes again. A broker-wide failure
+(BrokerError) puts the whole batch back *without* spending attempts — an outage is nobody's
+fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
 """
 
@@ -50,6 +53,7 @@ class RelayCounters:
     retried: int = 0
     failed: int = 0
     held: int = 0
+    undecided: int = 0
     broker_errors: int = 0
     store_errors: int = 0
 
@@ -220,6 +224,7 @@ class Relay:
         self._broker_problem = None
         self._outage = 0
         delivered, retry, failed = [], [], []
+        undecided: list[str] = []  # the errors of the UNDECIDED ones
         for o in outcomes:
             m = o.message
             if o.status is Status.DELIVERED:
@@ -231,6 +236,9 @@ class Relay:
                 log.info("message %s: retry %d in %.1fs: %s", m.id, attempts, delay, o.error)
             elif o.status is Status.REJECTED:
                 failed.append(replace(m, attempts=m.attempts + 1, last_error=o.error))
+            elif o.status is Status.UNDECIDED:  # not its fault: back at the head of its key, nothing spent
+                retry.append(m)
+                undecided.append(o.error or "no answer")
             else:  # HELD: back in line behind its key, nothing spent
                 retry.append(m)
                 self.counters.held += 1
@@ -238,12 +246,17 @@ class Relay:
             self.store.succeed(delivered)
             self.counters.delivered += len(delivered)
             metrics.relay_delivered(d.message for d in delivered)
+        if undecided:
+            log.warning("%d of %d messages not acknowledged in this batch (%s); sent again with the next",
+                        len(undecided), len(outcomes), undecided[0])
         if retry:
             self.store.retry(retry)
             self.counters.retried += len(retry)
+            self.counters.undecided += len(undecided)
             held_n = sum(1 for o in outcomes if o.status is Status.HELD)
-            metrics.relay_outcome("retry", len(retry) - held_n)
+            metrics.relay_outcome("retry", len(retry) - held_n - len(undecided))
             metrics.relay_outcome("held", held_n)
+            metrics.relay_outcome("undecided", len(undecided))
         if failed:
             self._fail(failed, None)
 

@@ -10,10 +10,16 @@ awaited together; before the next wave, every message whose key failed is ``HELD
 one key are thereby sequential (one round trip each), different keys are pipelined: a batch of
 many keys costs a few round trips, a batch of one hot key costs one round trip per message.
 
-A send that fails in a way that says nothing about the message (connection lost, no answer in
-time) raises :class:`BrokerWide`; the whole batch then goes back to the relay unspent, including
-what earlier waves delivered — the republished copies carry the same id, and the broker's dedup
-or the consumer's inbox drops them.
+**Progress is kept.** The batch has one deadline (the adapter's ``timeout_s`` from the start of
+the publish, so a claim's lease still outlives it); a hot key of many messages can take longer
+than that. What the broker acknowledged before the deadline, or before a send failed in a way
+that says nothing about the message (connection lost: :class:`BrokerWide`), is reported as it
+is — ``DELIVERED`` and marked ``success`` — and only the rest comes back ``UNDECIDED``, to be sent
+again without spending attempts. So every publish that hears anything from the broker moves the
+backlog forward, and at most the messages in flight at the cut are sent twice (same id: the
+broker's dedup or the consumer's inbox drops the copy). A message is ``DELIVERED`` only from its
+own acknowledgement, never because time ran out. When nothing at all was answered, the batch is
+an outage: :class:`BrokerWide` is raised and the relay backs off.
 """
 
 from __future__ import annotations
@@ -52,26 +58,61 @@ def waves(messages: Sequence[Message]) -> list[list[Message]]:
 
 
 async def publish_in_waves(
-    messages: Sequence[Message], send: Callable[[Message], Awaitable[Outcome]]
+    messages: Sequence[Message], send: Callable[[Message], Awaitable[Outcome]], deadline: float
 ) -> list[Outcome]:
-    """Publish with ``send`` wave by wave; one Outcome per message, in the input order. ``send``
-    returns DELIVERED, RETRY or REJECTED, or raises :class:`BrokerWide`."""
+    """Publish with ``send`` wave by wave until ``deadline`` (event-loop time); one Outcome per
+    message, in the input order. ``send`` returns DELIVERED, RETRY or REJECTED, or raises
+    :class:`BrokerWide`. Messages the broker did not answer for — in flight at the deadline or at
+    a broker-wide failure, or in a wave not started — are UNDECIDED. A wave is not started when
+    the slowest wave so far would not fit before the deadline (better unsent than cut in flight).
+    Raises :class:`BrokerWide` when nothing at all was decided."""
+    loop = asyncio.get_running_loop()
     outcomes: dict[str, Outcome] = {}
     blocked: set[bytes] = set()
-    for wave in waves(messages):
+    stopped: str | None = None  # why the rest of the batch is UNDECIDED
+    slowest = 0.0
+    for n, wave in enumerate(waves(messages)):
+        if stopped is None and n > 0 and loop.time() + slowest > deadline:
+            stopped = "not sent: the batch ran out of time (timeout_s); it goes with the next batch"
+        if stopped is not None:
+            for m in wave:
+                outcomes[m.id] = Outcome(m, Status.UNDECIDED, error=stopped)
+            continue
         live = []
         for m in wave:
             if m.key is not None and m.key in blocked:
                 outcomes[m.id] = Outcome(m, Status.HELD, error=HELD_REASON)
             else:
                 live.append(m)
-        results = await asyncio.gather(*(send(m) for m in live), return_exceptions=True)
-        for m, r in zip(live, results, strict=True):
-            if isinstance(r, BaseException):
-                raise r
-            outcomes[m.id] = r
-            if r.status is not Status.DELIVERED and m.key is not None:
-                blocked.add(m.key)
+        if not live:
+            continue
+        started = loop.time()
+        tasks = [asyncio.ensure_future(send(m)) for m in live]
+        done, cut = await asyncio.wait(tasks, timeout=max(0.0, deadline - started))
+        for t in cut:  # no answer before the deadline: whatever it becomes, we do not count it
+            t.cancel()
+        await asyncio.gather(*cut, return_exceptions=True)  # let the cancellations finish
+        slowest = max(slowest, loop.time() - started)
+        unexpected: BaseException | None = None
+        for m, t in zip(live, tasks, strict=True):
+            exc = None if t not in done else t.exception()
+            if t not in done:
+                stopped = stopped or "not acknowledged before the batch's deadline (timeout_s)"
+                outcomes[m.id] = Outcome(m, Status.UNDECIDED, error=stopped)
+            elif isinstance(exc, BrokerWide):
+                stopped = str(exc)
+                outcomes[m.id] = Outcome(m, Status.UNDECIDED, error=f"broker-wide failure: {exc}")
+            elif exc is not None:
+                unexpected = unexpected or exc
+            else:
+                r = t.result()
+                outcomes[m.id] = r
+                if r.status is not Status.DELIVERED and m.key is not None:
+                    blocked.add(m.key)
+        if unexpected is not None:  # a bug, not the broker: nothing of this batch is reported
+            raise unexpected
+    if stopped is not None and all(o.status is Status.UNDECIDED for o in outcomes.values()):
+        raise BrokerWide(stopped)  # no answer at all: an outage, the relay backs off
     return [outcomes[m.id] for m in messages]
 
 

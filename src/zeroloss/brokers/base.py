@@ -5,7 +5,9 @@ and remove it again (the demo's clean-up).
 
 A broker-wide failure (unreachable, no progress, fenced) is not any one message's fault: the
 adapter raises :class:`~zeroloss.errors.BrokerError` and the relay puts the whole batch back
-without spending attempts. Everything else is reported per message as an :class:`Outcome`.
+without spending attempts. Everything else is reported per message as an :class:`Outcome` — also
+when such a failure (or the batch's deadline) comes after part of the batch was acknowledged:
+then the acknowledged part is DELIVERED and the rest UNDECIDED, so progress is never thrown away.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ class Status(enum.StrEnum):
     RETRY = "retry"  # this message failed in a way that may pass later: spend an attempt
     REJECTED = "rejected"  # can never pass as it is (too large, invalid topic): to `failed`
     HELD = "held"  # not sent because an earlier message of its key failed in this batch
+    # No answer for it: the batch stopped (deadline, broker-wide failure) before the broker said
+    # anything about this message. Maybe stored, maybe not: back to pending unspent, sent again.
+    UNDECIDED = "undecided"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,9 +43,10 @@ class Outcome:
 class Broker(Protocol):
     def publish(self, messages: Sequence[Message]) -> list[Outcome]:
         """Publish in order; return one Outcome per message, in the same order. Once a message
-        of a key is RETRY or REJECTED, every later message of that key in the batch must be
-        HELD, never delivered: that is how per-key order survives a failure. Raise BrokerError
-        when the broker as a whole failed and nothing can be said per message."""
+        of a key is RETRY, REJECTED or UNDECIDED, every later message of that key in the batch
+        must be HELD or UNDECIDED, never delivered: that is how per-key order survives a failure.
+        DELIVERED only on the broker's acknowledgement of that message. Raise BrokerError when
+        the broker as a whole failed and nothing can be said per message."""
         ...
 
     def close(self) -> None:

@@ -33,10 +33,16 @@ concurrently (``asyncio.gather``), one key's messages one after another.
 Headers are text in NATS: a header value that is printable UTF-8 goes as is, anything else as
 ``b64:`` + base64 (:func:`zeroloss.brokers._batch.value_bytes` decodes either); the key goes in
 ``zeroloss-key``, always base64. Outcomes: stream ack → ``DELIVERED`` (location ``stream/seq``);
-an API error (limits, wrong stream) → ``RETRY``; no stream answering (deleted behind our back) →
-``RETRY`` and the stream is created again; the topic's subject already owned by another stream,
-a payload over the server's ``max_payload``, a header that cannot be expressed → ``REJECTED``;
-not connected / no answer within ``timeout_s`` → :class:`BrokerError`.
+an API error about the request (4xx: limits, wrong stream) → ``RETRY``; the topic's subject
+already owned by another stream, a stream configuration the server refuses, a payload over the
+server's ``max_payload``, a header that cannot be expressed → ``REJECTED``. What is JetStream's
+state rather than the request's (:func:`broker_wide`: 503 not enabled or temporarily unavailable,
+500 server errors — from stream info, stream creation or a publish), no stream answering
+(deleted behind our back: created again next batch; or JetStream down), not connected, no answer
+within ``timeout_s`` → :class:`BrokerError`, no attempt spent. When that happens after
+part of the batch was acked, the acked part is ``DELIVERED`` and the rest ``UNDECIDED`` (sent
+again, no attempt spent): a batch slower than ``timeout_s`` (a hot key, one round trip per
+message) still moves forward by what was acked in time.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ ERR_STREAM_NAME_IN_USE = 10058
 ERR_STREAM_NOT_FOUND = 10059
 # Replicas the deployment cannot place: not clustered, no suitable peers, insufficient resources.
 ERR_TOO_MANY_REPLICAS = (10074, 10005, 10023)
+ERR_STREAM_INVALID_CONFIG = 10052  # 500, yet about what we asked for: waiting will not fix it
+ERR_REPLICAS_NOT_SUPPORTED = 10074  # 500: replicas > 1 on a server that is not clustered
+ERR_NO_PEERS = 10005  # 400, yet a cluster with a node down: heals when the node returns
+DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
 
 
 def _nats() -> Any:
@@ -81,6 +91,23 @@ def _nats() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise MissingExtraError("nats-py", "nats", "the NATS JetStream broker adapter") from exc
     return nats
+
+
+def broker_wide(exc: Exception) -> bool:
+    """Is this JetStream API error the server's state rather than the request's fault? 503
+    (JetStream not enabled, temporarily unavailable — a leader election —, insufficient
+    resources, a store failure) and 500 (server errors) heal by waiting: an outage, retried with
+    backoff, no attempt spent. A 4xx, and the few 500s that name our stream's configuration,
+    are about this request: the same request fails the same way until a person acts."""
+    code = getattr(exc, "err_code", None)
+    if code == ERR_NO_PEERS:
+        return True
+    if code in (ERR_STREAM_INVALID_CONFIG, ERR_REPLICAS_NOT_SUPPORTED):
+        return False
+    nats = _nats()
+    if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError)):
+        return True  # a bare 503 (no JSON body) comes without a code
+    return (getattr(exc, "code", None) or 0) >= 500
 
 
 def check_url(url: str) -> str:
@@ -133,6 +160,7 @@ class NatsBroker:
         self._js: Any = None
         self._streams: dict[str, str] = {}  # topic → its stream, known to exist
         self._refused: dict[str, str] = {}  # topic → why no stream can be made for it
+        self._broken = False  # a send failed broker-wide: replace the connection before the next batch
         self.connections_made = 0
 
     # -- the sync face ------------------------------------------------------------------------
@@ -141,13 +169,17 @@ class NatsBroker:
         if not messages:
             return []
         try:
-            return self._loop.run(self._publish(messages), self.timeout_s + 1.0)
+            # _publish keeps its own deadline of timeout_s; this one only backs it up.
+            outcomes = self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
         except TimeoutError:
             self._drop()
             raise BrokerError(f"NATS at {self.url} did not ack within {self.timeout_s}s") from None
         except BrokerWide as exc:
             self._drop()
             raise BrokerError(f"NATS at {self.url}: {exc}") from exc
+        if self._broken:  # a send failed broker-wide after part was acknowledged: keep that, not the connection
+            self._drop()
+        return outcomes
 
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
@@ -160,7 +192,7 @@ class NatsBroker:
     # -- on the loop --------------------------------------------------------------------------
 
     async def _connect(self) -> Any:
-        if self._nc is not None and self._nc.is_connected:
+        if self._nc is not None and self._nc.is_connected and not self._broken:
             return self._js
         await self._disconnect()
 
@@ -181,6 +213,7 @@ class NatsBroker:
 
     async def _disconnect(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
+        self._broken = False
         self._streams.clear()
         self._refused.clear()
         if nc is not None and not nc.is_closed:
@@ -216,10 +249,13 @@ class NatsBroker:
                     else:
                         raise
         except nats.js.errors.APIError as exc:
-            self._refused[topic] = f"cannot create stream {name!r}: {exc}"
-            if replicas is not None and exc.err_code in ERR_TOO_MANY_REPLICAS:
+            if replicas is not None and exc.err_code in ERR_TOO_MANY_REPLICAS:  # init asked for them by name
                 self._refused[topic] = (f"--replication-factor {replicas} is more than this NATS deployment can hold "
                                         f"(at most its number of JetStream servers; 1 when not clustered): {exc}")
+                return False
+            if broker_wide(exc):  # JetStream unavailable, not the topic's fault: no message is failed for it
+                raise BrokerWide(f"stream {name!r}: {exc}") from exc
+            self._refused[topic] = f"cannot create stream {name!r}: {exc}"
             return False
         except ValueError as exc:  # nats-py checks names before asking: e.g. a wildcard in the topic
             self._refused[topic] = f"topic {topic!r} cannot be a NATS subject and stream: {exc}"
@@ -333,11 +369,13 @@ class NatsBroker:
         return out
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
-        await self._connect()
-        self._refused.clear()  # looked at again every batch: an operator may have fixed it
-        for topic in sorted({m.topic for m in messages}):
-            await self.ensure_stream(topic)
-        return await publish_in_waves(messages, self._send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        async with asyncio.timeout_at(deadline):  # connecting counts against the batch's time
+            await self._connect()
+            self._refused.clear()  # looked at again every batch: an operator may have fixed it
+            for topic in sorted({m.topic for m in messages}):
+                await self.ensure_stream(topic)
+        return await publish_in_waves(messages, self._send, deadline)
 
     async def _send(self, m: Message) -> Outcome:
         nats = self._nats
@@ -351,17 +389,22 @@ class NatsBroker:
             return Outcome(m, Status.REJECTED, error=str(exc))
         stream = self._streams.get(m.topic)
         if stream is None:  # found missing earlier in this batch
-            return Outcome(m, Status.RETRY, error=f"no stream answers on {m.topic!r}")
+            raise BrokerWide(f"no stream answers on {m.topic!r}")
         try:
             ack = await self._js.publish(m.topic, m.value, timeout=self.timeout_s, stream=stream, headers=headers)
         except nats.errors.MaxPayloadError as exc:
             return Outcome(m, Status.REJECTED, error=f"larger than the server's max_payload: {exc}")
-        except nats.js.errors.NoStreamResponseError:
-            self._streams.pop(m.topic, None)  # deleted behind our back: made again next batch
-            return Outcome(m, Status.RETRY, error=f"no stream answers on {m.topic!r}")
+        except nats.js.errors.NoStreamResponseError as exc:
+            # Deleted behind our back (made again next batch) or JetStream not answering: either
+            # way not this message's fault, so no attempt is spent on it.
+            self._streams.pop(m.topic, None)
+            raise BrokerWide(f"no stream answers on {m.topic!r}") from exc
         except nats.js.errors.APIError as exc:
+            if broker_wide(exc):
+                raise BrokerWide(f"stream {stream}: {exc}") from exc
             return Outcome(m, Status.RETRY, error=f"stream {stream} refused it: {exc}")
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            self._broken = True
             raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
         return Outcome(m, Status.DELIVERED, location=f"{ack.stream}/{ack.seq}")
 

@@ -26,7 +26,10 @@ key), the key in the ``zeroloss-key`` header, delivery mode 2 (persistent). Outc
 * a header name used twice (an AMQP table holds one value per name) → ``REJECTED``; the broker
   does not keep the order of differently named headers either;
 * connection or channel lost, no answer within ``timeout_s`` → :class:`BrokerError`; the
-  connection is dropped and made again by the next publish.
+  connection is dropped and made again by the next publish. When that happens after part of the
+  batch was confirmed, the confirmed part is ``DELIVERED`` and the rest ``UNDECIDED`` (sent again,
+  no attempt spent): a batch slower than ``timeout_s`` (a hot key, one round trip per message)
+  still moves forward by what was confirmed in time.
 
 Batches are pipelined in key waves (:mod:`zeroloss.brokers._batch`), which keeps per-key order
 and the HELD rule without transactions.
@@ -55,6 +58,7 @@ from zeroloss.received import Received
 log = logging.getLogger(__name__)
 
 DLQ_SUFFIX = ".dlq"
+DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
 
 
 def _aio_pika() -> Any:
@@ -116,6 +120,7 @@ class RabbitBroker:
         self._exchanges: dict[str, Any] = {}  # topic → declared exchange on this connection
         self._conflicts: dict[str, str] = {}  # topic → why its topology cannot be declared
         self._stale: set[str] = set()  # topics a message came back from unroutable
+        self._broken = False  # a send failed broker-wide: replace the connection before the next batch
         self.connections_made = 0  # tests read it
 
     # -- the sync face --------------------------------------------------------------------
@@ -124,13 +129,17 @@ class RabbitBroker:
         if not messages:
             return []
         try:
-            return self._loop.run(self._publish(messages), self.timeout_s)
+            # _publish keeps its own deadline of timeout_s; this one only backs it up.
+            outcomes = self._loop.run(self._publish(messages), self.timeout_s + DEADLINE_GRACE_S)
         except TimeoutError:
             self._drop()
             raise BrokerError(f"RabbitMQ at {self._where} did not confirm within {self.timeout_s}s") from None
         except BrokerWide as exc:
             self._drop()
             raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
+        if self._broken:  # a send failed broker-wide after part was acknowledged: keep that, not the connection
+            self._drop()
+        return outcomes
 
     def _drop(self) -> None:
         with contextlib.suppress(TimeoutError, RuntimeError):
@@ -256,7 +265,7 @@ class RabbitBroker:
 
     async def _connect(self) -> Any:
         if self._conn is not None and not self._conn.is_closed and self._channel is not None \
-                and not self._channel.is_closed:
+                and not self._channel.is_closed and not self._broken:
             return self._channel
         await self._drop_connection()
         try:
@@ -271,6 +280,7 @@ class RabbitBroker:
 
     async def _drop_connection(self) -> None:
         conn, self._conn, self._channel = self._conn, None, None
+        self._broken = False
         self._exchanges.clear()
         self._conflicts.clear()
         self._stale.clear()
@@ -304,9 +314,11 @@ class RabbitBroker:
             self._exchanges[topic] = await self._channel.get_exchange(topic, ensure=False)
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:
-        await self._connect()
-        await self._declare({m.topic for m in messages})
-        return await publish_in_waves(messages, self._send)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        async with asyncio.timeout_at(deadline):  # connecting counts against the batch's time
+            await self._connect()
+            await self._declare({m.topic for m in messages})
+        return await publish_in_waves(messages, self._send, deadline)
 
     async def _send(self, m: Message) -> Outcome:
         if m.topic in self._conflicts:
@@ -333,6 +345,7 @@ class RabbitBroker:
         except self._aiormq.exceptions.DeliveryError as exc:  # basic.nack
             return Outcome(m, Status.RETRY, error=f"nacked by the broker (queue full or internal error): {exc}")
         except self._wide_errors() as exc:
+            self._broken = True
             raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
         return Outcome(m, Status.DELIVERED, location=m.topic)
 
