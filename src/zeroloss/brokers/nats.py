@@ -83,7 +83,7 @@ ERR_NO_PEERS = 10005  # 400, yet a cluster with a node down: heals when the node
 DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
 
 
-def _nats() -> Any:
+def nats_module() -> Any:
     try:
         import nats
         import nats.js.api
@@ -104,7 +104,7 @@ def broker_wide(exc: Exception) -> bool:
         return True
     if code in (ERR_STREAM_INVALID_CONFIG, ERR_REPLICAS_NOT_SUPPORTED):
         return False
-    nats = _nats()
+    nats = nats_module()
     if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError)):
         return True  # a bare 503 (no JSON body) comes without a code
     return (getattr(exc, "code", None) or 0) >= 500
@@ -150,7 +150,7 @@ class NatsBroker:
         dedup_window_s: float = 300.0,
         replicas: int = 1,
     ) -> None:
-        self._nats = _nats()
+        self._nats = nats_module()
         self.url = check_url(url)
         self.timeout_s = timeout_s
         self.dedup_window_s = dedup_window_s
@@ -430,7 +430,7 @@ class NatsSubscription:
 
     def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
                  ack_wait_s: float = 30.0, max_deliver: int = 100, dedup_window_s: float = 300.0) -> None:
-        self._nats = _nats()
+        self._nats = nats_module()
         self.group = group
         self.topics = list(topics)
         self.ack_wait_s = ack_wait_s

@@ -61,7 +61,7 @@ DLQ_SUFFIX = ".dlq"
 DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
 
 
-def _aio_pika() -> Any:
+def aio_pika_module() -> Any:
     try:
         import aio_pika
     except ImportError as exc:  # pragma: no cover - depends on the installation
@@ -89,7 +89,7 @@ def queue_arguments(topic: str, delivery_limit: int) -> dict[str, Any]:
 async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> None:
     """Declare (idempotently) the exchanges and quorum queues of ``topic``; the broker raises a
     channel error (406 PRECONDITION_FAILED) when something of that name exists differently."""
-    ap = _aio_pika()
+    ap = aio_pika_module()
     dead = topic if topic.endswith(DLQ_SUFFIX) else topic + DLQ_SUFFIX
     dlx = await channel.declare_exchange(dead, ap.ExchangeType.FANOUT, durable=True)
     dlq = await channel.declare_queue(dead, durable=True, arguments={"x-queue-type": "quorum"})
@@ -106,7 +106,7 @@ class RabbitBroker:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
                  connection_name: str = "zeroloss-relay") -> None:
-        self._ap = _aio_pika()
+        self._ap = aio_pika_module()
         import aiormq
 
         self._aiormq = aiormq
@@ -378,7 +378,7 @@ class RabbitSubscription:
 
     def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
                  timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
-        self._ap = _aio_pika()
+        self._ap = aio_pika_module()
         import aiormq
 
         self._aiormq = aiormq

@@ -1,4 +1,4 @@
-"""``zeroloss doctor`` for RabbitMQ (``amqp://``). A module of its own because doctor.py holds the
+"""``zeroloss doctor`` for RabbitMQ (``amqp://``). A module of its own because checks.py holds the
 verdicts and the other brokers and would pass 400 lines with these.
 
 What is checked, and what each can lose:
@@ -30,7 +30,7 @@ import asyncio
 import re
 from typing import Any
 
-from zeroloss.doctor import Check, Verdict
+from zeroloss.doctor.base import Check, Verdict
 
 POLICY_NOTE = ("(read from the queue's arguments; a policy may set it instead, which AMQP cannot show: "
                "rabbitmqctl list_queues name effective_policy_definition)")
@@ -45,9 +45,9 @@ def rabbitmq_checks(url: str, *, topic: str | None = None, timeout_s: float = 10
 
 
 async def _checks(url: str, topic: str | None, timeout_s: float) -> list[Check]:
-    from zeroloss.brokers.rabbitmq import DLQ_SUFFIX, _aio_pika, check_url
+    from zeroloss.brokers.rabbitmq import DLQ_SUFFIX, aio_pika_module, check_url
 
-    ap = _aio_pika()
+    ap = aio_pika_module()
     import aiormq
 
     check_url(url)

@@ -18,7 +18,7 @@ the fix. What is checked:
 * **Redis** (``redis://``): ``appendonly`` and ``appendfsync`` (``no`` → fail; ``everysec`` →
   warn: up to 1 s of writes lost in a crash; ``always`` → ok) and ``maxmemory-policy``.
 * **NATS JetStream** (``nats://``) and **RabbitMQ** (``amqp://``): see
-  :mod:`zeroloss.doctor_nats` and :mod:`zeroloss.doctor_rabbitmq`.
+  :mod:`zeroloss.doctor.nats` and :mod:`zeroloss.doctor.rabbitmq`.
 * **Outbox** (``--source``): reachable and initialised; PostgreSQL ``fsync`` and
   ``synchronous_commit``, MariaDB/MySQL ``innodb_flush_log_at_trx_commit`` (a commit the app saw
   must survive a crash, or the relay may publish a message whose transaction is then lost).
@@ -26,12 +26,11 @@ the fix. What is checked:
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from zeroloss.doctor.base import Check, Verdict
 from zeroloss.errors import ConfigError, ZerolossError
 
 if TYPE_CHECKING:
@@ -43,29 +42,6 @@ log = logging.getLogger(__name__)
 KAFKA_DEFAULTS = {"min.insync.replicas": "1", "unclean.leader.election.enable": "false",
                   "default.replication.factor": "1"}
 """What Apache Kafka uses when nothing is configured (reported when a broker does not say)."""
-
-
-class Verdict(enum.StrEnum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "fail"
-    SKIP = "skip"
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    verdict: Verdict
-    detail: str
-    fix: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items()}
-
-
-def overall(checks: list[Check]) -> Verdict:
-    verdicts = {c.verdict for c in checks}
-    return Verdict.FAIL if Verdict.FAIL in verdicts else Verdict.WARN if Verdict.WARN in verdicts else Verdict.OK
 
 
 def run_doctor(
@@ -93,12 +69,12 @@ def run_doctor(
         elif scheme in ("redis", "rediss"):
             checks += redis_checks(target, timeout_s=timeout_s)
         elif scheme == "nats":  # NATS and RabbitMQ: a module each, to keep this one readable
-            from zeroloss.doctor_nats import nats_checks
+            from zeroloss.doctor.nats import nats_checks
 
             checks += nats_checks(target, topic=topic, min_replication=min_replication, monitor=nats_monitor,
                                   relay=relay, relay_timeout_s=relay_timeout_s, timeout_s=timeout_s)
         elif scheme in ("amqp", "amqps"):
-            from zeroloss.doctor_rabbitmq import rabbitmq_checks
+            from zeroloss.doctor.rabbitmq import rabbitmq_checks
 
             checks += rabbitmq_checks(target, topic=topic, timeout_s=timeout_s)
         else:

@@ -1,4 +1,4 @@
-"""``zeroloss doctor`` for NATS JetStream (``nats://``). A module of its own because doctor.py
+"""``zeroloss doctor`` for NATS JetStream (``nats://``). A module of its own because checks.py
 holds the verdicts and the other brokers and would pass 400 lines with these.
 
 What is checked, and what each can lose:
@@ -26,7 +26,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from zeroloss.doctor import Check, Verdict
+from zeroloss.doctor.base import Check, Verdict
 from zeroloss.relay import RelaySettings
 
 DEFAULT_SYNC_S = 120.0
@@ -63,9 +63,9 @@ def nats_checks(url: str, *, topic: str | None = None, min_replication: int = 3,
 
 async def _checks(url: str, topic: str | None, min_replication: int, monitor: str | None, relay: RelaySettings,
                   relay_timeout_s: float, timeout_s: float) -> list[Check]:
-    from zeroloss.brokers.nats import _nats, check_url
+    from zeroloss.brokers.nats import check_url, nats_module
 
-    nats = _nats()
+    nats = nats_module()
     check_url(url)
     try:
         nc = await nats.connect(servers=[url], connect_timeout=timeout_s, allow_reconnect=False,
