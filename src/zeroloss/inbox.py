@@ -74,6 +74,9 @@ class BatchInbox(Inbox, Protocol):
         ...
 
 
+_PQTRANS_INERROR = 3  # libpq's PQTRANS_INERROR: psycopg 3 reports an IntEnum, psycopg2 a plain int
+
+
 def transaction_aborted(tx: Any) -> bool:
     """Whether ``tx`` (a handler's SQLAlchemy connection) is in a transaction the database has
     already failed: PostgreSQL aborts a transaction at its first error, and a COMMIT then rolls
@@ -81,9 +84,9 @@ def transaction_aborted(tx: Any) -> bool:
     effects silently. (MariaDB and SQLite keep the transaction usable after a failed statement.)"""
     if not isinstance(tx, sa.Connection) or tx.dialect.name != "postgresql":
         return False
-    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3
+    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3 and psycopg2 alike
     status = getattr(info, "transaction_status", None)
-    return status is not None and status.name == "INERROR"
+    return isinstance(status, int) and status == _PQTRANS_INERROR
 
 
 def _check(group: str, message_id: str) -> None:
