@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import PG_URL, REDIS_URL, require_service, unique_topic
+from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service, unique_topic
+from tests.deadlock import Deadlock
 from zeroloss import dlq
 from zeroloss.brokers.kafka import KafkaBroker, _kafka
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
@@ -77,6 +78,9 @@ def make_db(kind: str, tmp_path: Path) -> Iterator[Db]:
         if kind == "psycopg2":  # a user's own engine on the other PostgreSQL driver
             pytest.importorskip("psycopg2")
             target = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))
+    elif kind == "mariadb":
+        require_service("mariadb")
+        url = target = MARIADB_URL
     else:
         url = target = f"sqlite:///{tmp_path / 'app.db'}"
     inbox = SqlInbox(target, table=f"zl_inbox_{suffix}")
@@ -585,6 +589,50 @@ def _swallowed_error_does_not_lose_its_run(kafka: EmbeddedBroker, db: Db, per_tr
         guard.drop(db.inbox.engine)
     assert db.counts() == Counter({m.id: 1 for m in msgs})
     assert c.counters.retries == 1
+
+
+@pytest.fixture
+def maria_db(tmp_path: Path) -> Iterator[Db]:
+    yield from make_db("mariadb", tmp_path)
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("per_transaction", [1, 100])
+def test_a_handler_that_swallows_an_innodb_deadlock_is_run_again_whole(
+    kafka: EmbeddedBroker, maria_db: Db, per_transaction: int
+) -> None:
+    """InnoDB rolls the whole transaction back on a deadlock — the claims and effects of every
+    message of the run so far. A handler that catches the error and carries on runs its later
+    statements in a new transaction, which the consumer used to commit and ack: half an effect,
+    no claim, never retried (and, shared, the earlier messages' effects simply gone)."""
+    db = maria_db
+    lock = Deadlock(db.inbox.engine)
+    topic = unique_topic("deadlock")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    c = consumer(kafka, topic, db.inbox, transaction_batch=per_transaction)
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        db.record(msg, tx)
+        if msg.value == b"4":  # an effect in two statements, a deadlock between them the first time
+            if not lock.caught:
+                lock.in_handler(tx)
+            tx.execute(db.effects.insert(), {"msg_id": msg.id, "msg_key": "after", "attempts": msg.attempts})
+
+    try:
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+        lock.drop()
+    assert len(lock.caught) == 1
+    # each effect exactly once: message 4 both its halves, from the run after the deadlock
+    assert db.counts() == Counter({m.id: 1 for m in msgs}) + Counter({msgs[4].id: 1})
+    assert all(db.inbox.seen(c.group, m.id) for m in msgs)
+    # alone, it is the handler's failed attempt; shared, the whole run is taken again one by one
+    assert c.counters.retries == (1 if per_transaction == 1 else 0)
+    assert c.counters.processed == len(msgs) and c.counters.dead_lettered == 0
 
 
 def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:

@@ -20,6 +20,9 @@ Failures:
 * poison — a ``zeroloss-id`` header that is not UTF-8 or longer than 255 characters, or a handler
   raising :class:`PoisonMessage` (or any :class:`~zeroloss.errors.MessageError` /
   :class:`~zeroloss.errors.MalformedMessageError`) → dead-lettered at once.
+* the handler's transaction ended under it (it caught a deadlock the database answered with a
+  rollback: :class:`~zeroloss.errors.TransactionLostError` from the inbox's commit) → the
+  handler's failure, as if it had raised; a shared transaction's messages are taken one by one.
 * the inbox itself fails (database or Redis down: a retriable StoreError, or a handler's statement
   on a connection that was lost) → nobody's fault: retried without spending attempts, for as long
   as it takes. The partition waits; nothing is committed past it.
@@ -67,7 +70,14 @@ from zeroloss import metrics
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.kafka import _kafka, ensure_topics, parse_bootstrap
 from zeroloss.dlq import DLQ_SUFFIX, DeadLetterPublisher, dead_letter
-from zeroloss.errors import BrokerError, ConfigError, MalformedMessageError, MessageError, StoreError
+from zeroloss.errors import (
+    BrokerError,
+    ConfigError,
+    MalformedMessageError,
+    MessageError,
+    StoreError,
+    TransactionLostError,
+)
 from zeroloss.http import HealthServer
 from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox, transaction_aborted
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
@@ -648,6 +658,10 @@ class Consumer:
                 continue
             except TxnAborted:
                 raise
+            except TransactionLostError as exc:  # a handler caught a deadlock: which one? each alone says
+                log.warning("consumer %s: a transaction of %d messages was lost under its handlers (%s); "
+                            "taking them one by one", self.group, len(msgs), exc)
+                return None
             except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
                 self.counters.store_errors += 1
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
@@ -745,10 +759,13 @@ class Consumer:
         if self.inbox is None:
             self._call(msg, None)
             return True
-        with self.inbox.transaction() as tx:
-            if not self.inbox.claim(tx, self.group, msg.id):
-                return False
-            self._call(msg, tx)
+        try:
+            with self.inbox.transaction() as tx:
+                if not self.inbox.claim(tx, self.group, msg.id):
+                    return False
+                self._call(msg, tx)
+        except TransactionLostError as exc:  # the handler caught the error that ended it
+            raise _HandlerFailed(exc) from exc
         return True
 
     def _call(self, msg: Received, tx: Any) -> None:
