@@ -591,6 +591,32 @@ def _swallowed_error_does_not_lose_its_run(kafka: EmbeddedBroker, db: Db, per_tr
     assert c.counters.retries == 1
 
 
+@pytest.mark.postgres
+def test_an_id_header_the_inbox_cannot_store_is_dead_lettered_not_retried_forever(
+    kafka: EmbeddedBroker, pg_db: Db
+) -> None:
+    """A foreign zeroloss-id with a NUL: PostgreSQL refuses it at every claim, which the consumer
+    took for an inbox outage — the partition stuck behind it for good, no attempt ever spent."""
+    topic = unique_topic("c")
+    producer = _kafka().Producer({"bootstrap.servers": kafka.bootstrap})
+    producer.produce(topic, value=b"nul", headers=[(ID_HEADER, b"order\x00-1")], partition=0)
+    assert producer.flush(15) == 0
+    after = new_message(topic, b"after")
+    publish(kafka.url, [after])
+    c = consumer(kafka, topic, pg_db.inbox)
+    c.handler(pg_db.record)
+    try:
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+    assert c.counters.dead_lettered == 1 and c.counters.store_errors == 0
+    assert pg_db.counts() == Counter({after.id: 1})
+    (letter,) = dlq.list_dead_letters(kafka.url, topic)
+    assert letter.error_type == "PoisonMessage" and "NUL" in letter.error_message
+    assert letter.id == f"{topic}/0/0"
+
+
 @pytest.fixture
 def maria_db(tmp_path: Path) -> Iterator[Db]:
     yield from make_db("mariadb", tmp_path)

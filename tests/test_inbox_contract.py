@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service
 from tests.deadlock import Deadlock
-from zeroloss.errors import MessageError, TransactionLostError
+from zeroloss.errors import ConfigError, MessageError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, RedisInbox, SqlInbox, open_inbox
 
 KINDS = [
@@ -110,10 +110,35 @@ def test_a_rolled_back_claim_leaves_no_trace(inbox: Any) -> None:
 
 
 def test_bad_ids_are_message_errors(inbox: Any) -> None:
-    for group, mid in (("g", ""), ("", "m"), ("g", "x" * 256)):
+    for group, mid in (("g", ""), ("g", "x" * 256)):
         with pytest.raises(MessageError), inbox.transaction() as tx:
             inbox.claim(tx, group, mid)
+    with pytest.raises(ConfigError), inbox.transaction() as tx:  # the consumer's setting, not the message
+        inbox.claim(tx, "", "m")
     assert claim(inbox, "g", "x" * 255) is True
+    assert claim(inbox, "g", "\U0001f600" * 255) is True  # the column counts characters, 4-byte ones too
+
+
+def test_an_id_the_database_cannot_store_is_the_message_s_error_not_an_outage(inbox: Any) -> None:
+    """A NUL (PostgreSQL refuses it) or a lone surrogate (no encoding) used to fail every claim as a
+    retriable StoreError — retried forever — or escape as a bare UnicodeEncodeError."""
+    for mid in ("a\x00b", "x\ud800y"):
+        with pytest.raises(MessageError), inbox.transaction() as tx:
+            inbox.claim(tx, "g", mid)
+        if isinstance(inbox, BatchInbox):
+            with pytest.raises(MessageError), inbox.transaction() as tx:
+                inbox.claim_many(tx, "g", ["fine", mid])
+    assert not inbox.seen("g", "fine")
+
+
+def test_ids_that_differ_only_in_a_trailing_space_are_never_taken_for_each_other(inbox: Any) -> None:
+    """MariaDB's _bin collations pad with spaces: "a " found the claim of "a" and was skipped as its
+    duplicate — lost. It must be claimed on its own or refused (a dead letter)."""
+    assert claim(inbox, "g", "a") is True
+    try:
+        assert claim(inbox, "g", "a ") is True
+    except MessageError:
+        assert isinstance(inbox, SqlInbox) and inbox.dialect in ("mysql", "mariadb")
 
 
 def test_purge_forgets_claims_older_than_the_retention(inbox: Any) -> None:

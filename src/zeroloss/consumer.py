@@ -17,8 +17,9 @@ Failures:
   (Kafka) the retries go through delay topics ``<topic>.retry.<n>`` instead, so a failing message
   does not hold its partition (and loses its place in its key's order): see
   :mod:`zeroloss.retry_topics`.
-* poison — a ``zeroloss-id`` header that is not UTF-8 or longer than 255 characters, or a handler
-  raising :class:`PoisonMessage` (or any :class:`~zeroloss.errors.MessageError` /
+* poison — a ``zeroloss-id`` header no inbox can store (not UTF-8, over 255 characters, a NUL:
+  :func:`~zeroloss.inbox.id_problem`), an id the inbox refuses (a MessageError from the claim), or
+  a handler raising :class:`PoisonMessage` (or any :class:`~zeroloss.errors.MessageError` /
   :class:`~zeroloss.errors.MalformedMessageError`) → dead-lettered at once.
 * the handler's transaction ended under it (it caught a deadlock the database answered with a
   rollback: :class:`~zeroloss.errors.TransactionLostError` from the inbox's commit) → the
@@ -79,7 +80,7 @@ from zeroloss.errors import (
     TransactionLostError,
 )
 from zeroloss.http import HealthServer
-from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox, transaction_aborted
+from zeroloss.inbox import BatchInbox, Inbox, id_problem, open_inbox, transaction_aborted
 from zeroloss.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.message import Message, id_time, validate_topic
 from zeroloss.received import Handler, PoisonMessage, Received, from_record, position, record_headers
@@ -198,8 +199,8 @@ class Consumer:
         self.topics = list(topics)
         if not self.topics:
             raise ConfigError("a consumer needs at least one topic")
-        if not group or len(group) > MAX_ID_LEN:
-            raise ConfigError(f"the group name must be 1-{MAX_ID_LEN} characters: {group!r}")
+        if (why := id_problem(group)) is not None:  # else every claim would fail: all dead-lettered
+            raise ConfigError(f"the group name {group!r:.80} {why}")
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
         self.group = group

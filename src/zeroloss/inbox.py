@@ -32,7 +32,7 @@ from urllib.parse import quote
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
 from zeroloss.sqlurl import configure_sqlite, make_engine
@@ -93,10 +93,30 @@ def transaction_aborted(tx: Any) -> bool:
     return isinstance(status, int) and status == _PQTRANS_INERROR
 
 
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a message id (or group name) in every inbox; None if it can.
+
+    Checked where a consumed record becomes a :class:`~zeroloss.received.Received`, and again by
+    the claim: an id the database refuses would otherwise fail the claim on every delivery — an
+    outage that never heals — instead of making one dead letter."""
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if len(value) > MAX_ID_LEN:
+        return f"is {len(value)} characters long; the inbox's column holds {MAX_ID_LEN}"
+    if "\x00" in value:
+        return "contains a NUL character, which PostgreSQL cannot store"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate)"
+    return None
+
+
 def _check(group: str, message_id: str) -> None:
-    for what, v in (("group", group), ("message id", message_id)):
-        if not isinstance(v, str) or not v or len(v) > MAX_ID_LEN:
-            raise MessageError(f"inbox {what} must be a non-empty str of at most {MAX_ID_LEN} characters: {v!r}")
+    if (why := id_problem(group)) is not None:
+        raise ConfigError(f"inbox group {group!r:.80} {why}")
+    if (why := id_problem(message_id)) is not None:
+        raise MessageError(f"message id {message_id!r:.80} {why}")
 
 
 def open_inbox(url: str) -> Inbox:
@@ -284,7 +304,7 @@ class SqlInbox:
         rows that were new), where the database can say which rows it inserted; else one claim
         each."""
         for mid in message_ids:
-            _check(group, mid)
+            self._check(group, mid)
         if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
             self._returning_known = True
             if self._insert is not None and tx.dialect.insert_returning:
@@ -295,11 +315,23 @@ class SqlInbox:
         rows = [{"group_name": group, "message_id": mid, "processed_at": now} for mid in dict.fromkeys(message_ids)]
         try:
             return set(tx.execute(self._insert_returning, rows).scalars().all())
+        except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
+            raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
             raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {exc}", retriable=True) from exc
 
-    def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
+    def _check(self, group: str, message_id: str) -> None:
         _check(group, message_id)
+        if self.dialect in ("mysql", "mariadb"):
+            # Their _bin collations pad with spaces: "a " would find the claim of "a" and be
+            # skipped as its duplicate. A dead letter instead of a silent loss.
+            for what, v in (("group", group), ("message id", message_id)):
+                if v.endswith(" "):
+                    raise (ConfigError if what == "group" else MessageError)(
+                        f"{what} {v!r:.80} ends with a space, which MariaDB/MySQL ignore in comparisons")
+
+    def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
+        self._check(group, message_id)
         row = {"group_name": group, "message_id": message_id, "processed_at": self.clock()}
         try:
             if self._insert is not None:
@@ -310,6 +342,8 @@ class SqlInbox:
                 return True
             except IntegrityError:
                 return False
+        except DataError as exc:  # the database cannot store this id (e.g. its encoding lacks a character)
+            raise MessageError(f"the inbox refused message id {message_id!r:.80}: {exc.orig}") from exc
         except DBAPIError as exc:
             raise StoreError(f"inbox claim failed for {group}/{message_id}: {exc}", retriable=True) from exc
 
