@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import PG_URL, REDIS_URL, require_service, unique_topic
+from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service, unique_topic
+from tests.deadlock import Deadlock
 from zeroloss import dlq
 from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
@@ -70,12 +71,19 @@ class Db:
 
 def make_db(kind: str, tmp_path: Path) -> Iterator[Db]:
     suffix = uuid.uuid4().hex[:10]
-    if kind == "postgresql":
+    target: str | sa.Engine
+    if kind in ("postgresql", "psycopg2"):
         require_service("postgres")
-        url = PG_URL
+        url = target = PG_URL
+        if kind == "psycopg2":  # a user's own engine on the other PostgreSQL driver
+            pytest.importorskip("psycopg2")
+            target = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))
+    elif kind == "mariadb":
+        require_service("mariadb")
+        url = target = MARIADB_URL
     else:
-        url = f"sqlite:///{tmp_path / 'app.db'}"
-    inbox = SqlInbox(url, table=f"zl_inbox_{suffix}")
+        url = target = f"sqlite:///{tmp_path / 'app.db'}"
+    inbox = SqlInbox(target, table=f"zl_inbox_{suffix}")
     inbox.create_schema()
     effects = effects_table(f"zl_effects_{suffix}")
     effects.create(inbox.engine)
@@ -85,6 +93,8 @@ def make_db(kind: str, tmp_path: Path) -> Iterator[Db]:
         effects.drop(inbox.engine)
         inbox.drop_schema()
         inbox.close()
+        if isinstance(target, sa.Engine):
+            target.dispose()
 
 
 @pytest.fixture
@@ -530,13 +540,32 @@ def pg_db(tmp_path: Path) -> Iterator[Db]:
     yield from make_db("postgresql", tmp_path)
 
 
+@contextlib.contextmanager
+def stopped_after(c: Consumer, seconds: float) -> Iterator[None]:
+    """A consumer that takes a fault for an outage retries inside one message forever and never
+    gets back to run_until_idle's timeout: stop it, so the test fails instead of hanging."""
+    timer = threading.Timer(seconds, c.stop)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 @pytest.mark.parametrize("per_transaction", [100, 1])
 def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
-    kafka: EmbeddedBroker, pg_db: Db, per_transaction: int
+    kafka: EmbeddedBroker, tmp_path: Path, per_transaction: int, driver: str
 ) -> None:
     """On PostgreSQL a failed statement aborts the transaction and COMMIT then rolls back without
-    raising: the consumer must notice, or every message of the run would be lost silently."""
-    db = pg_db
+    raising: the consumer must notice, or every message of the run would be lost silently. With a
+    psycopg2 engine the driver reports the transaction status as a plain int, which the check
+    used to take for psycopg 3's enum — an AttributeError on every message, retried forever."""
+    for db in make_db("postgresql" if driver == "psycopg" else driver, tmp_path):
+        _swallowed_error_does_not_lose_its_run(kafka, db, per_transaction)
+
+
+def _swallowed_error_does_not_lose_its_run(kafka: EmbeddedBroker, db: Db, per_transaction: int) -> None:
     topic = unique_topic("swallow")
     msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
     publish(kafka.url, msgs)
@@ -553,12 +582,83 @@ def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
                 tx.execute(guard.insert(), [{"n": 1}, {"n": 1}])
 
     try:
-        c.run_until_idle(idle_s=1.5, timeout_s=60)
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
     finally:
         c.close()
         guard.drop(db.inbox.engine)
     assert db.counts() == Counter({m.id: 1 for m in msgs})
     assert c.counters.retries == 1
+
+
+@pytest.mark.postgres
+def test_an_id_header_the_inbox_cannot_store_is_dead_lettered_not_retried_forever(
+    kafka: EmbeddedBroker, pg_db: Db
+) -> None:
+    """A foreign zeroloss-id with a NUL: PostgreSQL refuses it at every claim, which the consumer
+    took for an inbox outage — the partition stuck behind it for good, no attempt ever spent."""
+    topic = unique_topic("c")
+    producer = _kafka().Producer({"bootstrap.servers": kafka.bootstrap})
+    producer.produce(topic, value=b"nul", headers=[(ID_HEADER, b"order\x00-1")], partition=0)
+    assert producer.flush(15) == 0
+    after = new_message(topic, b"after")
+    publish(kafka.url, [after])
+    c = consumer(kafka, topic, pg_db.inbox)
+    c.handler(pg_db.record)
+    try:
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+    assert c.counters.dead_lettered == 1 and c.counters.store_errors == 0
+    assert pg_db.counts() == Counter({after.id: 1})
+    (letter,) = dlq.list_dead_letters(kafka.url, topic)
+    assert letter.error_type == "PoisonMessage" and "NUL" in letter.error_message
+    assert letter.id == f"{topic}/0/0"
+
+
+@pytest.fixture
+def maria_db(tmp_path: Path) -> Iterator[Db]:
+    yield from make_db("mariadb", tmp_path)
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("per_transaction", [1, 100])
+def test_a_handler_that_swallows_an_innodb_deadlock_is_run_again_whole(
+    kafka: EmbeddedBroker, maria_db: Db, per_transaction: int
+) -> None:
+    """InnoDB rolls the whole transaction back on a deadlock — the claims and effects of every
+    message of the run so far. A handler that catches the error and carries on runs its later
+    statements in a new transaction, which the consumer used to commit and ack: half an effect,
+    no claim, never retried (and, shared, the earlier messages' effects simply gone)."""
+    db = maria_db
+    lock = Deadlock(db.inbox.engine)
+    topic = unique_topic("deadlock")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    c = consumer(kafka, topic, db.inbox, transaction_batch=per_transaction)
+
+    @c.handler
+    def handle(msg: Received, tx: sa.Connection) -> None:
+        db.record(msg, tx)
+        if msg.value == b"4":  # an effect in two statements, a deadlock between them the first time
+            if not lock.caught:
+                lock.in_handler(tx)
+            tx.execute(db.effects.insert(), {"msg_id": msg.id, "msg_key": "after", "attempts": msg.attempts})
+
+    try:
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+        lock.drop()
+    assert len(lock.caught) == 1
+    # each effect exactly once: message 4 both its halves, from the run after the deadlock
+    assert db.counts() == Counter({m.id: 1 for m in msgs}) + Counter({msgs[4].id: 1})
+    assert all(db.inbox.seen(c.group, m.id) for m in msgs)
+    # alone, it is the handler's failed attempt; shared, the whole run is taken again one by one
+    assert c.counters.retries == (1 if per_transaction == 1 else 0)
+    assert c.counters.processed == len(msgs) and c.counters.dead_lettered == 0
 
 
 def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:

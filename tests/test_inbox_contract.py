@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections import Counter
@@ -13,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service
-from zeroloss.errors import MessageError
+from tests.deadlock import Deadlock
+from zeroloss.errors import ConfigError, MessageError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, RedisInbox, SqlInbox, open_inbox
 
 KINDS = [
@@ -108,10 +110,35 @@ def test_a_rolled_back_claim_leaves_no_trace(inbox: Any) -> None:
 
 
 def test_bad_ids_are_message_errors(inbox: Any) -> None:
-    for group, mid in (("g", ""), ("", "m"), ("g", "x" * 256)):
+    for group, mid in (("g", ""), ("g", "x" * 256)):
         with pytest.raises(MessageError), inbox.transaction() as tx:
             inbox.claim(tx, group, mid)
+    with pytest.raises(ConfigError), inbox.transaction() as tx:  # the consumer's setting, not the message
+        inbox.claim(tx, "", "m")
     assert claim(inbox, "g", "x" * 255) is True
+    assert claim(inbox, "g", "\U0001f600" * 255) is True  # the column counts characters, 4-byte ones too
+
+
+def test_an_id_the_database_cannot_store_is_the_message_s_error_not_an_outage(inbox: Any) -> None:
+    """A NUL (PostgreSQL refuses it) or a lone surrogate (no encoding) used to fail every claim as a
+    retriable StoreError — retried forever — or escape as a bare UnicodeEncodeError."""
+    for mid in ("a\x00b", "x\ud800y"):
+        with pytest.raises(MessageError), inbox.transaction() as tx:
+            inbox.claim(tx, "g", mid)
+        if isinstance(inbox, BatchInbox):
+            with pytest.raises(MessageError), inbox.transaction() as tx:
+                inbox.claim_many(tx, "g", ["fine", mid])
+    assert not inbox.seen("g", "fine")
+
+
+def test_ids_that_differ_only_in_a_trailing_space_are_never_taken_for_each_other(inbox: Any) -> None:
+    """MariaDB's _bin collations pad with spaces: "a " found the claim of "a" and was skipped as its
+    duplicate — lost. It must be claimed on its own or refused (a dead letter)."""
+    assert claim(inbox, "g", "a") is True
+    try:
+        assert claim(inbox, "g", "a ") is True
+    except MessageError:
+        assert isinstance(inbox, SqlInbox) and inbox.dialect in ("mysql", "mariadb")
 
 
 def test_purge_forgets_claims_older_than_the_retention(inbox: Any) -> None:
@@ -169,6 +196,59 @@ def test_sql_effects_commit_and_roll_back_with_the_claim(sql_inbox: Any) -> None
             assert conn.execute(sa.select(sa.func.count()).select_from(effects)).scalar() == 1
     finally:
         effects.drop(inbox.engine)
+
+
+def _fx(inbox: Any) -> sa.Table:
+    effects = sa.Table(f"zl_fx_{uuid.uuid4().hex[:10]}", sa.MetaData(), sa.Column("mid", sa.String(64)))
+    effects.create(inbox.engine)
+    return effects
+
+
+def _rows(inbox: Any, effects: sa.Table) -> list[str]:
+    with inbox.engine.connect() as conn:
+        return sorted(conn.execute(sa.select(effects.c.mid)).scalars())
+
+
+def test_a_transaction_that_ended_under_its_block_commits_nothing(sql_inbox: Any) -> None:
+    """The block ends the transaction (a raw ROLLBACK, as a handler's own error handling might) and
+    carries on: what follows ran outside the claim's transaction and must not commit without it."""
+    inbox = sql_inbox
+    effects = _fx(inbox)
+    try:
+        with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.execute(effects.insert(), {"mid": "before"})
+            tx.exec_driver_sql("ROLLBACK")
+            with contextlib.suppress(TransactionLostError):  # SQLite refuses it at once, the others at commit
+                tx.execute(effects.insert(), {"mid": "after"})
+        assert not inbox.seen("g", "m") and _rows(inbox, effects) == []
+        with inbox.transaction() as tx:  # the retry does all of it, once
+            assert inbox.claim(tx, "g", "m")
+            tx.execute(effects.insert(), [{"mid": "before"}, {"mid": "after"}])
+        assert inbox.seen("g", "m") and _rows(inbox, effects) == ["after", "before"]
+    finally:
+        effects.drop(inbox.engine)
+
+
+@pytest.mark.mariadb
+@pytest.mark.parametrize("ids", [1, 5])
+def test_a_swallowed_innodb_deadlock_commits_nothing(tmp_path: Path, ids: int) -> None:
+    """InnoDB rolls the whole transaction back on a deadlock — claims and effects — and what a
+    handler runs after catching the error starts a new one, which the commit used to commit."""
+    for inbox in make_inbox("mariadb", tmp_path):
+        effects = _fx(inbox)
+        lock = Deadlock(inbox.engine)
+        mids = [f"m{i}" for i in range(ids)]
+        try:
+            with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+                assert inbox.claim_many(tx, "g", mids) == set(mids)
+                tx.execute(effects.insert(), {"mid": "before"})
+                lock.in_handler(tx)
+                tx.execute(effects.insert(), {"mid": "after"})
+            assert not any(inbox.seen("g", m) for m in mids) and _rows(inbox, effects) == []
+        finally:
+            lock.drop()
+            effects.drop(inbox.engine)
 
 
 def test_a_bulk_claim_returns_exactly_the_new_ids(sql_inbox: Any) -> None:

@@ -331,3 +331,58 @@ def test_sources_the_consumer_cannot_read_are_refused_up_front() -> None:
         Consumer("mqtt://host", "g", ["t"], None)
     with pytest.raises(ConfigError, match="Kafka sources only"):
         Consumer("redis://127.0.0.1:1/0", "g", ["t"], None, transactional=True)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_foreign_ids_no_inbox_can_tell_apart_or_store_are_dead_lettered(tmp_path: Path) -> None:
+    """Two foreign ids that are not UTF-8 used to be decoded with replacement characters into the
+    same string — the second skipped as the first's duplicate, lost; a NUL in an id failed every
+    claim on PostgreSQL, taken for an outage and retried forever. Each is a dead letter now, and
+    what comes after them is processed."""
+    import redis
+
+    from tests.broker_harness import HARNESSES
+    from tests.test_consumer import stopped_after
+
+    with harness("redis") as h:
+        topic = unique_topic("ids")
+        h.topics.append(topic)
+        r = redis.Redis.from_url(HARNESSES["redis"]().url)
+        try:
+            for raw in (b"\xff-1", b"\xfe-1", b"order\x00-2"):
+                r.xadd(topic, {b"id": raw, b"value": b"foreign"})
+        finally:
+            r.close()
+        after = new_message(topic, b"after")
+        b = h.make()
+        try:
+            assert {o.status for o in b.publish([after])} == {Status.DELIVERED}
+        finally:
+            b.close()
+        for db in make_db("postgresql", tmp_path):
+            c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config={"claim_idle_s": 1.0, "claim_every_s": 0.2},
+                         backoff_base_s=0.01, poll_s=0.2)
+            c.handler(db.record)
+            try:
+                with stopped_after(c, 60):
+                    c.run_until_idle(idle_s=1.5, timeout_s=60)
+            finally:
+                c.close()
+            assert db.counts() == Counter({after.id: 1})
+            assert c.counters.dead_lettered == 3 and c.counters.duplicates == 0
+            letters = h.read_headers(topic + ".dlq")
+            assert len(letters) == 3 and all(mid.startswith(f"{topic}/") for mid, _ in letters)
+            assert all(hs[dlq.H_ERROR_TYPE] == b"MessageError" for _, hs in letters)
+
+
+def test_ids_are_checked_where_a_delivery_is_made() -> None:
+    """RabbitMQ's message_id, NATS's Nats-Msg-Id (str) and Redis's id field (bytes) all go
+    through check_id: what no inbox can store becomes poison under the fallback id."""
+    from zeroloss.brokers.subscription import check_id
+
+    assert check_id(None, "t/1") == ("t/1", None)
+    assert check_id("abc", "t/1") == check_id(b"abc", "t/1") == ("abc", None)
+    for bad in ("a\x00b", "", "x" * 256, b"\xff1", "x\ud800y", b"a\x00b"):
+        mid, why = check_id(bad, "t/1")
+        assert mid == "t/1" and why, bad

@@ -11,6 +11,7 @@ thing again later can succeed, so the decision is one attribute read::
     ├── UnknownMessageError    no message with that id in that state     (not retriable)
     ├── StoreError             the outbox or inbox could not do its work (retriable by flag)
     │   └── SpoolFullError     no space left for the spool               (retriable)
+    ├── TransactionLostError   an inbox transaction ended under its handler (retriable; the handler's failure)
     └── BrokerError            the broker refused or could not be reached (retriable by flag)
 
 Client libraries' exceptions are translated into these inside the module that called the
@@ -65,6 +66,14 @@ class StoreError(ZerolossError):
 
 class SpoolFullError(StoreError):
     """The spool's filesystem is full: nothing was written, the caller's transaction should roll back."""
+
+    retriable = True
+
+
+class TransactionLostError(ZerolossError):
+    """An inbox transaction had ended before its commit — the database rolled it back after an
+    error the handler caught (a deadlock), or the handler ended it. Nothing of it was committed;
+    the consumer counts it as the handler's failure and runs the message again."""
 
     retriable = True
 

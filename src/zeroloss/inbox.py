@@ -30,13 +30,15 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError
+from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
 from zeroloss.sqlurl import configure_sqlite, make_engine
 
 MAX_ID_LEN = 255
+_MARK = "zeroloss_inbox_open"  # the savepoint SqlInbox.transaction() takes at its start and releases at its end
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 
 
@@ -74,22 +76,47 @@ class BatchInbox(Inbox, Protocol):
         ...
 
 
+_PQTRANS_INERROR = 3  # libpq's PQTRANS_INERROR: psycopg 3 reports an IntEnum, psycopg2 a plain int
+
+
 def transaction_aborted(tx: Any) -> bool:
     """Whether ``tx`` (a handler's SQLAlchemy connection) is in a transaction the database has
     already failed: PostgreSQL aborts a transaction at its first error, and a COMMIT then rolls
     it back *without raising* — a handler that caught that error would lose its claim and
-    effects silently. (MariaDB and SQLite keep the transaction usable after a failed statement.)"""
+    effects silently. A look at the driver's own state (no round trip), so it runs after every
+    handler and blames the right message of a shared transaction; the savepoint check of
+    :meth:`SqlInbox.transaction` covers every dialect and every other way a transaction ends."""
     if not isinstance(tx, sa.Connection) or tx.dialect.name != "postgresql":
         return False
-    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3
+    info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3 and psycopg2 alike
     status = getattr(info, "transaction_status", None)
-    return status is not None and status.name == "INERROR"
+    return isinstance(status, int) and status == _PQTRANS_INERROR
+
+
+def id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a message id (or group name) in every inbox; None if it can.
+
+    Checked where a consumed record becomes a :class:`~zeroloss.received.Received`, and again by
+    the claim: an id the database refuses would otherwise fail the claim on every delivery — an
+    outage that never heals — instead of making one dead letter."""
+    if not isinstance(value, str) or not value:
+        return "is empty"
+    if len(value) > MAX_ID_LEN:
+        return f"is {len(value)} characters long; the inbox's column holds {MAX_ID_LEN}"
+    if "\x00" in value:
+        return "contains a NUL character, which PostgreSQL cannot store"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate)"
+    return None
 
 
 def _check(group: str, message_id: str) -> None:
-    for what, v in (("group", group), ("message id", message_id)):
-        if not isinstance(v, str) or not v or len(v) > MAX_ID_LEN:
-            raise MessageError(f"inbox {what} must be a non-empty str of at most {MAX_ID_LEN} characters: {v!r}")
+    if (why := id_problem(group)) is not None:
+        raise ConfigError(f"inbox group {group!r:.80} {why}")
+    if (why := id_problem(message_id)) is not None:
+        raise MessageError(f"message id {message_id!r:.80} {why}")
 
 
 def open_inbox(url: str) -> Inbox:
@@ -124,6 +151,17 @@ def inbox_table(name: str, metadata: sa.MetaData | None = None) -> sa.Table:
     )
 
 
+def _sqlite_outside_transaction(conn: sa.Connection, cursor: Any, statement: str, *_: Any) -> None:
+    """SQLite ends a transaction by itself after some errors (a full disk, an I/O error) or when a
+    handler runs ROLLBACK; pysqlite then runs each later statement in autocommit — committed at
+    once, outside the claim's transaction, and again when the message is retried. Refuse them
+    (a local flag, no round trip): unlike MariaDB and PostgreSQL, a rollback cannot undo them."""
+    if (conn.get_execution_options().get("zeroloss_inbox") and not cursor.connection.in_transaction
+            and not statement.startswith("BEGIN")):
+        raise TransactionLostError("the inbox transaction has ended (SQLite rolled it back, or the handler ended "
+                                   "it): this statement would commit on its own, so it is refused")
+
+
 class SqlInbox:
     """The inbox as a table in the handler's own database; effects written with ``tx`` are
     exactly-once."""
@@ -143,6 +181,9 @@ class SqlInbox:
                 configure_sqlite(self.engine)
         else:
             self.engine, self._owns_engine = make_engine(url_or_engine), True
+        if self.engine.dialect.name == "sqlite" and not event.contains(self.engine, "before_cursor_execute",
+                                                                       _sqlite_outside_transaction):
+            event.listen(self.engine, "before_cursor_execute", _sqlite_outside_transaction)
         self.table = inbox_table(table)
         self.clock = clock
         self.dialect = self.engine.dialect.name
@@ -150,6 +191,8 @@ class SqlInbox:
         self._insert_returning: Any = None  # set at the first claim_many: see there
         self._returning_known = False
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
+        # the savepoint check of transaction(); a dialect zeroloss does not know goes without it
+        self._marks = self.dialect in ("postgresql", "mysql", "mariadb", "sqlite")
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
         """Why: a consumer frozen mid-handler (SIGSTOP, a GC pause, a hung host) keeps its
@@ -193,19 +236,27 @@ class SqlInbox:
         """A connection in a transaction: committed when the block ends normally, rolled back when
         it raises. Failures to begin or commit are StoreError (retriable); the block's own
         exceptions pass through untouched. A commit whose outcome is unknown is safe to retry:
-        if it did commit, the retry's claim finds the row."""
+        if it did commit, the retry's claim finds the row.
+
+        :class:`~zeroloss.errors.TransactionLostError`, after a rollback, when the block ended
+        normally but the transaction it was given had ended under it: the database rolled it back
+        after an error the block caught and carried on from (an InnoDB deadlock or lock-wait
+        timeout, PostgreSQL's abort, SQLite's rollback on a full disk), or the block committed or
+        rolled back by itself. What ran after that ran outside the claim's transaction; committing
+        it would apply part of an effect with no claim. The proof is a savepoint taken at the
+        start and released before the commit: only the transaction that took it can release it."""
         try:
             conn = self.engine.connect()
             if self.dialect == "sqlite":  # take the write lock up front: no busy upgrade deadlock
-                conn = conn.execution_options(zeroloss_immediate=True)
+                conn = conn.execution_options(zeroloss_immediate=True, zeroloss_inbox=True)
             trans = conn.begin()
-            if self._session_limits is not None:
-                conn.exec_driver_sql(self._session_limits)
+            self._begin(conn)
         except DBAPIError as exc:
             raise StoreError(f"inbox database unavailable: {exc}", retriable=True) from exc
         try:
             try:
                 yield conn
+                self._still_open(conn)
             except BaseException:
                 with suppress(DBAPIError):  # the connection is gone; the server rolls back by itself
                     trans.rollback()
@@ -217,12 +268,43 @@ class SqlInbox:
         finally:
             conn.close()
 
+    def _begin(self, conn: sa.Connection) -> None:
+        """The session limits and the savepoint, in one round trip where the driver allows."""
+        mark = f"SAVEPOINT {_MARK}" if self._marks else None
+        limits = self._session_limits
+        if limits is not None and self.dialect in ("mysql", "mariadb"):
+            # SET SESSION outlives the transaction: once per connection is enough, which keeps the
+            # savepoint free of an extra round trip (PyMySQL sends one statement at a time).
+            info = conn.connection.info
+            if info.get("zeroloss_inbox_limits") != limits:
+                conn.exec_driver_sql(limits)
+                info["zeroloss_inbox_limits"] = limits
+            limits = None
+        statement = "; ".join(x for x in (limits, mark) if x is not None)  # PostgreSQL: SET LOCAL; SAVEPOINT
+        if statement:
+            conn.exec_driver_sql(statement)
+
+    def _still_open(self, conn: sa.Connection) -> None:
+        """Release the savepoint of :meth:`_begin`; only the transaction that took it can."""
+        if not self._marks:
+            return
+        try:
+            conn.exec_driver_sql(f"RELEASE SAVEPOINT {_MARK}")
+        except DBAPIError as exc:
+            if exc.connection_invalidated:  # the connection broke: nothing was committed, an outage
+                raise StoreError(f"inbox commit failed, the connection is lost: {exc}", retriable=True) from exc
+            raise TransactionLostError(
+                "the inbox transaction had ended before its commit: the database rolled it back after an "
+                "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
+                f"rolled back itself; nothing of it is committed and the message counts as failed ({exc.orig})"
+            ) from exc
+
     def claim_many(self, tx: sa.Connection, group: str, message_ids: Sequence[str]) -> set[str]:
         """One statement for a consumer's whole run of messages (``INSERT … RETURNING`` of the
         rows that were new), where the database can say which rows it inserted; else one claim
         each."""
         for mid in message_ids:
-            _check(group, mid)
+            self._check(group, mid)
         if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
             self._returning_known = True
             if self._insert is not None and tx.dialect.insert_returning:
@@ -233,11 +315,23 @@ class SqlInbox:
         rows = [{"group_name": group, "message_id": mid, "processed_at": now} for mid in dict.fromkeys(message_ids)]
         try:
             return set(tx.execute(self._insert_returning, rows).scalars().all())
+        except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
+            raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
             raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {exc}", retriable=True) from exc
 
-    def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
+    def _check(self, group: str, message_id: str) -> None:
         _check(group, message_id)
+        if self.dialect in ("mysql", "mariadb"):
+            # Their _bin collations pad with spaces: "a " would find the claim of "a" and be
+            # skipped as its duplicate. A dead letter instead of a silent loss.
+            for what, v in (("group", group), ("message id", message_id)):
+                if v.endswith(" "):
+                    raise (ConfigError if what == "group" else MessageError)(
+                        f"{what} {v!r:.80} ends with a space, which MariaDB/MySQL ignore in comparisons")
+
+    def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
+        self._check(group, message_id)
         row = {"group_name": group, "message_id": message_id, "processed_at": self.clock()}
         try:
             if self._insert is not None:
@@ -248,6 +342,8 @@ class SqlInbox:
                 return True
             except IntegrityError:
                 return False
+        except DataError as exc:  # the database cannot store this id (e.g. its encoding lacks a character)
+            raise MessageError(f"the inbox refused message id {message_id!r:.80}: {exc.orig}") from exc
         except DBAPIError as exc:
             raise StoreError(f"inbox claim failed for {group}/{message_id}: {exc}", retriable=True) from exc
 

@@ -2,7 +2,8 @@
 
 :func:`from_record` turns a confluent-kafka record into a :class:`Received`. The message id is the
 ``zeroloss-id`` header or, for a foreign record without one, ``"topic/partition/offset"``; a header
-that is not UTF-8 or not 1-255 characters makes the record poison.
+that no inbox can store (not UTF-8, not 1-255 characters, a NUL: :func:`~zeroloss.inbox.id_problem`)
+makes the record poison.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroloss.errors import MessageError
-from zeroloss.inbox import MAX_ID_LEN
+from zeroloss.inbox import id_problem
 from zeroloss.message import ID_HEADER, Headers
 
 
@@ -63,7 +64,7 @@ def from_record(rec: Any) -> Received:
             mid = raw.decode()
         except UnicodeDecodeError as exc:
             raise PoisonMessage(f"header {ID_HEADER} is not UTF-8: {raw[:80]!r}") from exc
-        if not mid or len(mid) > MAX_ID_LEN:
-            raise PoisonMessage(f"header {ID_HEADER} must be 1-{MAX_ID_LEN} characters, got {len(mid)}")
+        if (why := id_problem(mid)) is not None:
+            raise PoisonMessage(f"header {ID_HEADER} {mid!r:.80} {why}")
     ts = rec.timestamp()[1]
     return Received(mid, rec.topic(), rec.partition(), rec.offset(), rec.key(), rec.value(), headers, ts)

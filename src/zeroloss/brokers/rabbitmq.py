@@ -442,7 +442,7 @@ class RabbitSubscription:
         key = raw.pop(KEY_HEADER, None)
         headers = tuple((k, _header_bytes(v)) for k, v in raw.items())
         mid = raw.get(ID_HEADER)
-        mid = _header_bytes(mid).decode("utf-8", "replace") if mid is not None else m.message_id
+        mid = _header_bytes(mid) if mid is not None else m.message_id  # check_id decodes strictly
         topic = m.routing_key or (self.topics[0] if len(self.topics) == 1 else "")
         mid, poison = check_id(mid, f"{topic}/{m.delivery_tag}")
         ts = int(m.timestamp.timestamp() * 1000) if m.timestamp else 0

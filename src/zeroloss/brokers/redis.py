@@ -346,7 +346,7 @@ class RedisSubscription:
 
     def _delivery(self, topic: str, eid: Any, f: dict[bytes, bytes]) -> Delivery:
         eid = eid.decode() if isinstance(eid, bytes) else str(eid)
-        mid, poison = check_id(entry_id(f), f"{topic}/{eid}")
+        mid, poison = check_id(f.get(F_ID), f"{topic}/{eid}")  # bytes: check_id decodes strictly
         try:
             headers = decode_headers(f.get(F_HEADERS))
         except ValueError as exc:

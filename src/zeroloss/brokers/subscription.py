@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from zeroloss.inbox import MAX_ID_LEN
+from zeroloss.inbox import id_problem
 from zeroloss.message import Message
 from zeroloss.received import Received
 
@@ -61,10 +61,17 @@ class Subscription(Protocol):
     def close(self) -> None: ...
 
 
-def check_id(mid: str | None, fallback: str) -> tuple[str, str | None]:
-    """(id, poison reason): the message id to deduplicate by, or why it is unusable."""
+def check_id(mid: str | bytes | None, fallback: str) -> tuple[str, str | None]:
+    """(id, poison reason): the message id to deduplicate by, or why it is unusable — an id no
+    inbox can store fails at the claim on every delivery, and an id decoded with replacement
+    characters could match another message's and be skipped as its duplicate. Bytes must be UTF-8."""
     if mid is None:
         return fallback, None
-    if not mid or len(mid) > MAX_ID_LEN:
-        return fallback, f"message id must be 1-{MAX_ID_LEN} characters, got {len(mid)}"
+    if isinstance(mid, bytes):
+        try:
+            mid = mid.decode()
+        except UnicodeDecodeError:
+            return fallback, f"message id {mid[:80]!r} is not UTF-8"
+    if (why := id_problem(mid)) is not None:
+        return fallback, f"message id {mid!r:.80} {why}"
     return mid, None

@@ -6,8 +6,13 @@ as a :class:`Settlement` — Kafka marks an offset done and may pass the message
 the others ack it or touch it while it waits:
 
 * the handler raises → the same message again after ``backoff_s`` (order kept); after
-  ``max_attempts``, or at once for poison (:class:`~zeroloss.errors.MessageError`), it is
-  dead-lettered, and the loop moves on only once the dead letter is stored;
+  ``max_attempts``, or at once for poison (:class:`~zeroloss.errors.MessageError`: an id no inbox
+  can store — :func:`~zeroloss.inbox.id_problem` —, an id the inbox refuses, or a handler raising
+  :class:`~zeroloss.received.PoisonMessage`), it is dead-lettered, and the loop moves on only
+  once the dead letter is stored;
+* the handler's transaction ended under it (it caught a deadlock the database answered with a
+  rollback: :class:`~zeroloss.errors.TransactionLostError` from the inbox's commit) → the
+  handler's failure, as if it had raised; a shared transaction's messages are taken one by one;
 * the inbox itself fails (database or Redis down) → nobody's fault: retried, no attempt spent,
   for as long as it takes;
 * runs of messages can share one inbox transaction (:meth:`Handling.shared_transaction`): one
@@ -27,7 +32,7 @@ from sqlalchemy.exc import DBAPIError
 
 from zeroloss.backoff import backoff_s
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
-from zeroloss.errors import MalformedMessageError, MessageError, StoreError
+from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
 from zeroloss.received import Handler, Received
 
@@ -176,10 +181,13 @@ class Handling:
         if self.inbox is None:
             self.call(msg, None)
             return True
-        with self.inbox.transaction() as tx:
-            if not self.inbox.claim(tx, self.group, msg.id):
-                return False
-            self.call(msg, tx)
+        try:
+            with self.inbox.transaction() as tx:
+                if not self.inbox.claim(tx, self.group, msg.id):
+                    return False
+                self.call(msg, tx)
+        except TransactionLostError as exc:  # the handler caught the error that ended it
+            raise HandlerFailed(exc) from exc
         return True
 
     def call(self, msg: Received, tx: Any) -> None:
@@ -229,6 +237,10 @@ class Handling:
                 continue
             except TxnAborted:
                 raise
+            except TransactionLostError as exc:  # a handler caught a deadlock: which one? each alone says
+                log.warning("consumer %s: a transaction of %d messages was lost under its handlers (%s); "
+                            "taking them one by one", self.group, len(msgs), exc)
+                return None
             except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
                 self.count_store_error()
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",

@@ -38,7 +38,7 @@ from zeroloss.consumer.retry_topics import check_delays
 from zeroloss.consumer.subscription_loop import SubscriptionLoop
 from zeroloss.errors import ConfigError
 from zeroloss.http import HealthServer
-from zeroloss.inbox import MAX_ID_LEN, BatchInbox, Inbox, open_inbox
+from zeroloss.inbox import BatchInbox, Inbox, id_problem, open_inbox
 from zeroloss.message import id_time
 from zeroloss.received import Handler, Received
 from zeroloss.registry import SUBSCRIPTION_SCHEMES, open_subscription, scheme_of
@@ -98,8 +98,8 @@ class Consumer:
         self.topics = list(topics)
         if not self.topics:
             raise ConfigError("a consumer needs at least one topic")
-        if not group or len(group) > MAX_ID_LEN:
-            raise ConfigError(f"the group name must be 1-{MAX_ID_LEN} characters: {group!r}")
+        if (why := id_problem(group)) is not None:  # else every claim would fail: all dead-lettered
+            raise ConfigError(f"the group name {group!r:.80} {why}")
         if max_attempts < 1:
             raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
         if transaction_batch < 1:
