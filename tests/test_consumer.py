@@ -598,7 +598,7 @@ def test_an_id_header_the_inbox_cannot_store_is_dead_lettered_not_retried_foreve
     """A foreign zeroloss-id with a NUL: PostgreSQL refuses it at every claim, which the consumer
     took for an inbox outage — the partition stuck behind it for good, no attempt ever spent."""
     topic = unique_topic("c")
-    producer = _kafka().Producer({"bootstrap.servers": kafka.bootstrap})
+    producer = kafka_module().Producer({"bootstrap.servers": kafka.bootstrap})
     producer.produce(topic, value=b"nul", headers=[(ID_HEADER, b"order\x00-1")], partition=0)
     assert producer.flush(15) == 0
     after = new_message(topic, b"after")

@@ -245,12 +245,13 @@ def test_librdkafka_repeats_are_held_back_and_counted() -> None:
     assert f.filter(again) and "(and 298 more like it in 30s)" in again.getMessage()
 
 
-def _small_topic(cluster: Any, max_bytes: int) -> str:
-    """A one-partition topic on the cluster that refuses record batches over ``max_bytes``."""
+def _small_topic(cluster: Any, max_bytes: int, partitions: int = 1) -> str:
+    """A topic on the cluster that refuses record batches over ``max_bytes``."""
     from confluent_kafka.admin import NewTopic
 
     topic = unique_topic("small")
-    futures = cluster.admin().create_topics([NewTopic(topic, 1, 3, config={"max.message.bytes": str(max_bytes)})])
+    config = {"max.message.bytes": str(max_bytes)}
+    futures = cluster.admin().create_topics([NewTopic(topic, partitions, 3, config=config)])
     futures[topic].result(30)
     cluster.wait_in_sync(topic)
     return topic
@@ -258,26 +259,32 @@ def _small_topic(cluster: Any, max_bytes: int) -> str:
 
 @pytest.mark.kafka_cluster
 @pytest.mark.parametrize("transactional", [True, False])
+@pytest.mark.parametrize(("partitions", "max_bytes", "n", "size"), [(1, 2000, 30, 100), (3, 100_000, 500, 200)],
+                         ids=["1-partition", "3-partitions"])
 def test_a_batch_over_the_topics_size_limit_fails_only_the_message_too_big_by_itself(
-    kafka_cluster: Any, transactional: bool
+    kafka_cluster: Any, transactional: bool, partitions: int, max_bytes: int, n: int, size: int
 ) -> None:
     """The broker refuses a whole record batch over max.message.bytes, small records too (librdkafka
-    does not split it): each is tried alone, so only the big one is REJECTED and its key HELD."""
-    topic = _small_topic(kafka_cluster, 2000)
+    does not split it): the round goes again in halves, so only the big one is REJECTED and its key
+    HELD. With several partitions the failed transaction also purges the records still queued for
+    the others (_PURGE_QUEUE): innocent too, not an outage (that was a batch retried forever)."""
+    topic = _small_topic(kafka_cluster, max_bytes, partitions)
     broker = KafkaBroker(kafka_cluster.url, transactional_id=f"test-{topic}" if transactional else None,
                          timeout_s=15)
-    small = [new_message(topic, b"s%d" % i + b"." * 100, key=b"k%d" % i) for i in range(30)]  # > 2000 together
-    big = new_message(topic, b"x" * 5000, key=b"k0")
+    small = [new_message(topic, b"s%d." % i + b"." * size, key=b"k%d" % i) for i in range(n)]
+    big = new_message(topic, b"x" * (max_bytes * 2), key=b"k0")
     after_big = new_message(topic, b"after", key=b"k0")
+    warm = new_message(topic, b"warm", key=b"warm")  # a relay's producer is running already
     try:
-        outcomes = {o.message.id: o for o in broker.publish([*small, big, after_big])}
+        assert [o.status for o in broker.publish([warm])] == [Status.DELIVERED]
+        outcomes = {o.message.id: o for o in broker.publish([*small[: n // 2], big, after_big, *small[n // 2 :]])}
     finally:
         broker.close()
-    assert [outcomes[m.id].status for m in small] == [Status.DELIVERED] * 30
+    assert [outcomes[m.id].status for m in small] == [Status.DELIVERED] * n
     assert outcomes[big.id].status is Status.REJECTED and "MSG_SIZE_TOO_LARGE" in (outcomes[big.id].error or "")
     assert outcomes[after_big.id].status is Status.HELD
-    seen = read_topic(kafka_cluster.url, topic, expect=[m.id for m in small])
-    assert set(seen.ids) == {m.id for m in small}
+    seen = read_topic(kafka_cluster.url, topic, expect=[warm.id, *(m.id for m in small)])
+    assert set(seen.ids) == {warm.id, *(m.id for m in small)}
 
 
 @pytest.mark.kafka_cluster

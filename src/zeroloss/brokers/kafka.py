@@ -18,8 +18,8 @@ Without a transactional id nothing can take back a message once acknowledged, so
 its ``n-1``-th was acknowledged, and is ``HELD`` if that failed — a later message of a key is never
 stored ahead of an earlier one that failed. The broker refuses a whole produce request whose
 record batch exceeds the topic's ``max.message.bytes`` (librdkafka does not split it as the Java
-client does), so on a size error in a round of several messages each is sent again alone: only a
-message too large by itself is ``REJECTED``.
+client does), so on a size error in a round of several messages they are sent again in halves,
+down to one if need be: only a message too large by itself is ``REJECTED``.
 
 :meth:`KafkaBroker.declare` creates topics with the AdminClient (partitions and replication
 factor: the broker's defaults unless given); a topic that exists is left exactly as it is.
@@ -400,18 +400,23 @@ class KafkaBroker:
         blocked: set[bytes] = set()  # keys with a failure in this batch: later ones are HELD
         position = {m.id: n for n, m in enumerate(messages)}
         for group in [list(messages)] if self.transactional_id else waves(messages):
-            todo, alone = group, False
-            # Each round delivers everything left, settles at least one message, or switches to
-            # one message per round; so this ends within 2 * len(group) + 1 rounds.
-            while todo:
-                if alone:
-                    for m in todo:
-                        self._round([m], outcomes, blocked)
-                    break
-                again, oversized = self._round(todo, outcomes, blocked)
-                alone = bool(oversized)
-                todo = sorted([*again, *oversized], key=lambda m: position[m.id])
+            self._publish_part(group, outcomes, blocked, position)
         return [outcomes[m.id] for m in messages]
+
+    def _publish_part(self, todo: list[Message], outcomes: dict[str, Outcome], blocked: set[bytes],
+                      position: dict[str, int]) -> None:
+        """Rounds over ``todo`` until each message has its outcome. Each round delivers what is
+        left, settles at least one message, or meets a size error it cannot pin on one message;
+        then the rest goes in two halves, the earlier entirely first (key order), down to single
+        messages if need be: about 2·log2(n) extra rounds for one big record in n, not n."""
+        while todo:
+            again, oversized = self._round(todo, outcomes, blocked)
+            todo = sorted([*again, *oversized], key=lambda m: position[m.id])
+            if oversized:
+                half = len(todo) // 2  # >= 1: a round of one message never reports oversized
+                self._publish_part(todo[:half], outcomes, blocked, position)
+                self._publish_part(todo[half:], outcomes, blocked, position)
+                return
 
     def _round(
         self, todo: list[Message], outcomes: dict[str, Outcome], blocked: set[bytes]
@@ -464,6 +469,10 @@ class KafkaBroker:
             raise BrokerError("Kafka producer lost delivery reports; the batch will be sent again")
 
         failed = {mid: err for mid, (err, _) in reports.items() if err is not None}
+        if transactional and any(e.name() not in BROKER_WIDE_ERRORS for e in failed.values()):
+            # A record's own error failed the transaction, and librdkafka purged the records still
+            # queued for other partitions: those are innocent and go again, not an outage.
+            failed = {mid: e for mid, e in failed.items() if e.name() != "_PURGE_QUEUE"}
         wide = sorted({e.name() for e in failed.values() if e.name() in BROKER_WIDE_ERRORS})
         if wide:
             if transactional:
