@@ -1,5 +1,7 @@
 """What a consumer group has already done: the inbox that turns at-least-once delivery into
 exactly-once effects.
+(Over 400 lines: the Inbox protocol and its SQL and Redis forms, which share the claim contract
+and its tests.)
 
 The consumer opens ``with inbox.transaction() as tx``, calls ``inbox.claim(tx, group, id)`` and,
 only when that returns True, runs the handler with ``tx``; the transaction commits the claim and

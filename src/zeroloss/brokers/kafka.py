@@ -1,4 +1,6 @@
 """Kafka adapter (confluent-kafka / librdkafka): idempotent, transactional, acks=all.
+(Over 400 lines: the transactional producer and its error handling, whose cases only make sense
+read together; the reader is kafka_reader.py, the consumer loop consumer/kafka_loop.py.)
 
 One broker transaction per batch. Errors are classified the way librdkafka documents them:
 

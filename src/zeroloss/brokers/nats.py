@@ -1,5 +1,7 @@
 """NATS JetStream adapter (nats-py on a private event loop): every publish waits for its stream
 ack; our id travels as ``Nats-Msg-Id`` so the stream itself drops a republished copy.
+(Over 400 lines: the publishing and the consuming side of one client library, kept together as
+for every adapter.)
 
 One stream per topic, created idempotently on first use: name :func:`stream_name` (``orders`` →
 ``ZL_orders``; ``.`` and ``_`` escaped, stream names cannot contain dots), subject = the topic,

@@ -1,5 +1,7 @@
 """RabbitMQ adapter (aio-pika on a private event loop): publisher confirms, mandatory routing,
 persistent messages, quorum queues.
+(Over 400 lines: the publishing and the consuming side of one client library, kept together as
+for every adapter.)
 
 Topology, declared idempotently the first time a connection publishes to a topic::
 

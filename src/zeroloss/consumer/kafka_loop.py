@@ -1,4 +1,6 @@
 """The consumer's loop for Kafka: offsets committed only after the work they cover is done.
+(Over 400 lines: one client's life — fetch, runs, commits, rebalances, retry-topic pauses — whose
+parts share its offsets; split, each would reach into the others' state.)
 
 After each batch the done offsets are committed synchronously, so a commit never covers a
 message that has neither succeeded nor been dead-lettered: a partition's done offset only moves

@@ -1,4 +1,6 @@
 """The file spool: an :class:`~zeroloss.outbox.base.OutboxStore` in a local directory.
+(Over 400 lines: every transition of a crash-safe directory store — their rename and fsync
+order is the design, best read in one place; the fsync batching is _fsync.py.)
 
 Layout under the root; directory names are the State values, and every file name starts with
 the 36-character message id (UUIDv7), so name order is time order::

@@ -1,4 +1,6 @@
 """The SQL outbox: one table in the application's own database (SQLite, PostgreSQL, MariaDB/MySQL).
+(Over 400 lines: one table's every transition, for three dialects; the table itself is
+_sqltable.py.)
 
 ``add`` inserts on the caller's connection inside the caller's transaction, so the message commits
 or rolls back with the business rows. The relay side claims with ``FOR UPDATE SKIP LOCKED`` on
