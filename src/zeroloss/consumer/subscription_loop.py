@@ -2,7 +2,8 @@
 
     fetch a batch ──► per delivery: inbox transaction (claim id + handler) ──► commit ──► ack
                       │ handler fails: same delivery again after a backoff (touch keeps it ours)
-                      └ max attempts, or poison: dead_letter (durably parked, then settled)
+                      └ max attempts, or poison: dead_letter (stored, then settled; refused
+                        for good: smaller, else parked in a file — see consumer.dead_letters)
     stopping ──► release what was fetched but not processed (redelivered soon)
 
 Handling itself (attempts, backoff, outages) is :mod:`zeroloss.consumer.handling`; this module
@@ -20,7 +21,7 @@ from typing import Any
 
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.subscription import Delivery, DeliveryLimitReached, Subscription
-from zeroloss.consumer.dead_letters import dead_letter
+from zeroloss.consumer.dead_letters import dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
 from zeroloss.errors import BrokerError, ConfigError, MessageError
 
@@ -193,16 +194,17 @@ class SubscriptionLoop:
             value=msg.value, headers=msg.headers, error=exc, attempts=attempts, first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
-        failures = 0
-        while True:
-            try:
-                where = sub.dead_letter(d, letter)
-                break
-            except BrokerError as err:
-                failures += 1
-                log.error("message %s: dead letter failed (%s); the message is held", msg.id, err)
-                if not err.retriable or h.stop.wait(backoff_s(failures, h.backoff_base_s, h.max_backoff_s)):
-                    return False
+        stored = store_letter(letter, lambda m: sub.dead_letter(d, m), h.parking, h.stop, h.backoff_base_s,
+                              h.max_backoff_s)
+        if stored is None:
+            return False
+        where, parked = stored
+        if parked:  # durably in the parking lot: only now may the broker forget the original
+            self.ack(sub, d)
+            h.finished(msg.topic, "parked", None, None)
+            log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
+                      "attempts: %s: %s", msg.id, where, attempts, type(exc).__name__, exc)
+            return True
         h.finished(msg.topic, "dead_lettered", None, None)
         log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
                   msg.id, where, attempts, type(exc).__name__, exc)
