@@ -6,7 +6,8 @@ one vocabulary: ``state`` is a :class:`~zeroloss.outbox.base.State` value; the r
 with an attempt spent, ``rejected`` / ``exhausted`` → failed, ``held`` → pending behind its key,
 ``undecided`` → pending, the batch stopped before the broker answered for it, ``outage`` → pending,
 the broker as a whole failed); the consumer's ``outcome`` is
-``processed``, ``duplicate`` (the inbox already had it), ``retry`` or ``dead_lettered``.
+``processed``, ``duplicate`` (the inbox already had it), ``retry``, ``dead_lettered`` or ``parked``
+(a dead letter the broker refused for good, kept in a file: see :mod:`zeroloss.consumer.dead_letters`).
 
 Two registries: :data:`REGISTRY` is what a long-running process serves on ``/metrics``
 (:mod:`zeroloss.http`); :data:`AUDIT_REGISTRY` holds the last audit's result, which the
@@ -48,7 +49,7 @@ gc_collector.GCCollector(registry=REGISTRY)
 STATES = ("tmp", "pending", "sending", "success", "failed", "doubt", "malformed")
 RELAY_OUTCOMES = frozenset({"delivered", "retry", "rejected", "exhausted", "held", "undecided", "outage"})
 RELAY_ERROR_KINDS = frozenset({"broker", "store"})
-CONSUMER_OUTCOMES = frozenset({"processed", "duplicate", "retry", "dead_lettered"})
+CONSUMER_OUTCOMES = frozenset({"processed", "duplicate", "retry", "dead_lettered", "parked"})
 AUDIT_WHERE = ("broker", "inbox")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)

@@ -23,7 +23,8 @@ class PoisonMessage(MessageError):
 
 @dataclass(frozen=True, slots=True)
 class Received:
-    """One record as the handler sees it. ``attempts`` counts this process's tries, from 1."""
+    """One record as the handler sees it. ``attempts`` counts tries from 1: this process's, plus,
+    on RabbitMQ and NATS, the broker's earlier deliveries of it that were never settled."""
 
     id: str  # the zeroloss-id header, or "topic/partition/offset" for foreign records
     topic: str

@@ -422,7 +422,9 @@ def durable_name(group: str) -> str:
 class NatsSubscription:
     """A durable pull consumer per topic's stream (durable = the group): explicit acks,
     ``ack_wait_s`` before an unacked message is redelivered (``touch`` pushes it back while the
-    handler retries), ``max_deliver`` redeliveries at most. Dead letters are published to the
+    handler retries), ``max_deliver`` deliveries at most: past that the server drops a message
+    silently, so the consumer reads each delivery's count (``num_delivered``) and dead-letters a
+    message at its second-to-last delivery (see :mod:`zeroloss.brokers.subscription`). Dead letters are published to the
     ``<topic>.dlq`` stream (with our error headers, ``Nats-Msg-Id`` = the id, so a repeated dead
     letter is dropped within the window), then the original is ``term``-inated.
 
@@ -439,6 +441,11 @@ class NatsSubscription:
         self.max_deliver = max_deliver
         self.broker = NatsBroker(url, timeout_s=timeout_s, dedup_window_s=dedup_window_s)
         self._subs: list[tuple[str, Any]] = []
+        self.max_deliveries: int | None = None  # the durables' own MaxDeliver, read back from the server
+        # Fetch one message at a time until a fetch brings no redelivery: after a crash, the message
+        # that killed the consumer is then delivered again alone, and the ones fetched along with
+        # it before do not share its delivery count (and its dead letter at the limit).
+        self._careful = True
         try:
             self._run(self._open())
         except BaseException:
@@ -470,6 +477,11 @@ class NatsSubscription:
             sub = await js.pull_subscribe(topic, durable=durable_name(self.group), stream=stream_name(topic),
                                           config=config)
             self._subs.append((topic, sub))
+            # An existing durable keeps the MaxDeliver it was made with, whatever we asked for.
+            info = await js.consumer_info(stream_name(topic), durable_name(self.group))
+            limit = info.config.max_deliver
+            if limit is not None and limit > 0:
+                self.max_deliveries = min(limit, self.max_deliveries or limit)
 
     async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
         nats = self._nats
@@ -487,8 +499,12 @@ class NatsSubscription:
         return out
 
     def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
-        msgs = self._run(self._fetch(max_messages, timeout_s), timeout_s + self.broker.timeout_s)
-        return [self._delivery(m) for m in msgs]
+        want = 1 if self._careful else max_messages
+        msgs = self._run(self._fetch(want, timeout_s), timeout_s + self.broker.timeout_s)
+        out = [self._delivery(m) for m in msgs]
+        if out:
+            self._careful = any(d.delivered > 1 for d in out)
+        return out
 
     def _delivery(self, m: Any) -> Delivery:
         raw = dict(m.headers or {})
@@ -500,7 +516,7 @@ class NatsSubscription:
         ts = int(meta.timestamp.timestamp() * 1000) if meta.timestamp else 0
         received = Received(mid, m.subject, 0, seq, None if key is None else value_bytes(key), m.data,
                             headers, ts)
-        return Delivery(received, m, poison)
+        return Delivery(received, m, poison, delivered=meta.num_delivered or 0)
 
     def ack(self, d: Delivery) -> None:
         self._run(d.token.ack())

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 DLQ_SUFFIX = ".dlq"
 DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of what was cut
+DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
 def aio_pika_module() -> Any:
@@ -374,8 +375,9 @@ class RabbitSubscription:
     exchange ``<topic>.dlq`` through a :class:`RabbitBroker` — publisher confirm, ``mandatory`` —
     and only after that confirm is the original acked. A letter that is not confirmed raises
     :class:`BrokerError` and the original stays unacked (held). The queue's own dead-lettering
-    (``x-delivery-limit``, at-least-once strategy, with RabbitMQ's ``x-death`` header only) is left
-    as the broker's backstop for a message that keeps killing its consumer before we can act.
+    (``x-delivery-limit``, at-least-once strategy, with RabbitMQ's ``x-death`` header only) is the
+    broker's backstop: the consumer reads ``x-delivery-count`` and dead-letters a message itself,
+    with its error headers, at the delivery before the queue would.
     """
 
     def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
@@ -390,10 +392,14 @@ class RabbitSubscription:
         self.prefetch = prefetch
         self.timeout_s = timeout_s
         self.delivery_limit = delivery_limit
+        # A message returned more than delivery_limit times is dead-lettered by the queue itself
+        # (x-death only, no error headers): the consumer dead-letters it before that.
+        self.max_deliveries: int | None = delivery_limit + 1
         self._loop = LoopThread("zeroloss-rabbitmq-consumer")
         self._conn: Any = None
         self._channel: Any = None  # the consuming channel: the broker may close it alone
         self._inbox: asyncio.Queue[Any] | None = None
+        self._queues: list[tuple[Any, str]] = []  # (queue, consumer tag)
         self._dlq: RabbitBroker | None = None  # made by the first dead letter
         try:
             self._run(self._open())
@@ -419,14 +425,20 @@ class RabbitSubscription:
                 await declare_topology(ch, topic, self.delivery_limit)
         channel = self._channel = await self._conn.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
+        await self._consume()
+
+    async def _consume(self) -> None:
+        assert self._inbox is not None and self._channel is not None
         for topic in self.topics:
-            queue = await channel.declare_queue(topic, passive=True)
-            await queue.consume(self._inbox.put, no_ack=False)
+            queue = await self._channel.declare_queue(topic, passive=True)
+            self._queues.append((queue, await queue.consume(self._inbox.put, no_ack=False)))
 
     async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
         assert self._inbox is not None
         if self._conn is None or self._conn.is_closed or self._channel is None or self._channel.is_closed:
             raise ConnectionError("the connection or the consuming channel is closed")
+        if not self._queues:  # released without stopping after all: consume again
+            await self._consume()
         try:
             first = await asyncio.wait_for(self._inbox.get(), timeout_s)
         except TimeoutError:
@@ -442,6 +454,10 @@ class RabbitSubscription:
     def _delivery(self, m: Any) -> Delivery:
         raw = dict(m.headers or {})
         key = raw.pop(KEY_HEADER, None)
+        # The quorum queue's count of earlier deliveries that were returned (nack, or the channel
+        # closed while holding it): broker metadata, not the message's, so not passed on.
+        count = raw.pop(DELIVERY_COUNT_HEADER, None)
+        delivered = count + 1 if isinstance(count, int) else (0 if m.redelivered else 1)
         headers = tuple((k, _header_bytes(v)) for k, v in raw.items())
         mid = raw.get(ID_HEADER)
         mid = _header_bytes(mid) if mid is not None else m.message_id  # check_id decodes strictly
@@ -450,7 +466,7 @@ class RabbitSubscription:
         ts = int(m.timestamp.timestamp() * 1000) if m.timestamp else 0
         received = Received(mid, topic, 0, m.delivery_tag or 0, None if key is None else _header_bytes(key),
                             m.body, headers, ts)
-        return Delivery(received, m, poison)
+        return Delivery(received, m, poison, delivered=delivered)
 
     def ack(self, d: Delivery) -> None:
         self._run(d.token.ack())
@@ -476,6 +492,12 @@ class RabbitSubscription:
 
     def release(self, ds: Sequence[Delivery]) -> None:
         async def give_back() -> None:
+            # Stop the flow first (release means stopping): a requeued message would otherwise be
+            # pushed straight back into our prefetch and returned again at close, counted twice
+            # toward the queue's delivery limit.
+            queues, self._queues = self._queues, []
+            for queue, tag in queues:
+                await queue.cancel(tag)
             for d in ds:
                 await d.token.nack(requeue=True)
 

@@ -296,6 +296,7 @@ class RedisSubscription:
         self.name = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._next_claim = 0.0
         self._claim_from = {t: "0-0" for t in self.topics}
+        self.max_deliveries: int | None = None  # Redis never gives up on a pending entry by itself
         self._client = self._r.Redis.from_url(url, socket_timeout=timeout_s + 5,
                                               socket_connect_timeout=min(timeout_s, 5.0))
         self._dlq = RedisStreamBroker(url, timeout_s=timeout_s)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from zeroloss.errors import MessageError
 from zeroloss.inbox import id_problem
 from zeroloss.message import Message
 from zeroloss.received import Received
@@ -34,10 +35,21 @@ class Delivery:
     received: Received
     token: Any
     poison: str | None = None  # why it cannot be processed at all (unusable id): dead-lettered at once
+    delivered: int = 0  # which delivery this is by the broker's own count (1: the first); 0: unknown
+
+
+class DeliveryLimitReached(MessageError):
+    """The broker has handed a message out so often without it being settled (the consumer died,
+    lost its connection or was stopped each time it had it) that its next delivery could be its
+    last: dead-lettered by us, with this error, rather than dropped by the broker."""
 
 
 @runtime_checkable
 class Subscription(Protocol):
+    # How many times the broker delivers a message before it drops it or dead-letters it by
+    # itself (NATS ``max_deliver``, RabbitMQ ``x-delivery-limit`` + 1); None: no such limit.
+    max_deliveries: int | None
+
     def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
         """Up to ``max_messages`` deliveries, waiting at most ``timeout_s`` for the first."""
         ...
@@ -55,7 +67,8 @@ class Subscription(Protocol):
         ...
 
     def release(self, ds: Sequence[Delivery]) -> None:
-        """Give back deliveries that were fetched but not processed: redelivered soon."""
+        """Give back deliveries that were fetched but not processed: redelivered soon. Called
+        when the consumer stops; each counts as a delivery toward the broker's limit."""
         ...
 
     def close(self) -> None: ...

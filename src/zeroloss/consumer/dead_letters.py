@@ -12,20 +12,34 @@ A dead letter is the original record (key, value, headers) plus these headers::
     zeroloss-dlq-original-offset
     zeroloss-dlq-first-failure        epoch seconds of the first failed attempt
 
+A dead letter the broker refuses for good (too large once the error headers are added: Kafka's
+``MSG_SIZE_TOO_LARGE``; a topology conflict) is sent again smaller — the error message cut to
+:data:`SHRUNK_ERROR_CHARS`, then every error header dropped but the origin (``zeroloss-dlq-shrunk``
+says which; the full error is in the consumer's ERROR log line). If even that is refused it is
+**parked**: written to a file in the consumer's ``parked_dir`` (the spool's message codec, fsynced,
+the refusal in ``last_error``) before the original is acked or its offset committed, counted as
+the consumer outcome ``parked`` and logged at ERROR with its id and file; the consumer moves on
+instead of retrying it forever. :func:`parked` lists them.
+
 Reading them back (``zeroloss dlq list|show|replay``) is :mod:`zeroloss.dlq`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import DLQ_SUFFIX, dlq_topic, publish_one
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.errors import BrokerError
-from zeroloss.message import ID_HEADER, Headers, Message
+from zeroloss.message import ID_HEADER, Headers, Message, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,10 @@ H_ORIGINAL_TOPIC = PREFIX + "original-topic"
 H_ORIGINAL_PARTITION = PREFIX + "original-partition"
 H_ORIGINAL_OFFSET = PREFIX + "original-offset"
 H_FIRST_FAILURE = PREFIX + "first-failure"
+H_SHRUNK = PREFIX + "shrunk"  # "error-truncated" / "error-dropped": the broker refused the full letter
 MAX_ERROR_CHARS = 2000
+SHRUNK_ERROR_CHARS = 200
+PARKED_SUFFIX = ".zlm"
 
 
 def dead_letter(
@@ -66,6 +83,94 @@ def dead_letter(
         (H_FIRST_FAILURE, repr(first_failure).encode()),
     )
     return Message(id=message_id, topic=dlq_topic(topic, suffix), value=value or b"", key=key, headers=kept + ours)
+
+
+def smaller(letter: Message) -> list[Message]:
+    """Smaller forms of a dead letter the broker refused for good: the error message cut short,
+    then no error headers but the origin (what ``replay`` needs)."""
+    keep = (H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET)
+    cut = tuple((k, v[:SHRUNK_ERROR_CHARS] if k == H_ERROR_MESSAGE else v) for k, v in letter.headers)
+    bare = tuple((k, v) for k, v in letter.headers if not k.startswith(PREFIX) or k in keep)
+    return [replace(letter, headers=(*cut, (H_SHRUNK, b"error-truncated"))),
+            replace(letter, headers=(*bare, (H_SHRUNK, b"error-dropped")))]
+
+
+class ParkingLot:
+    """Dead letters no broker would take, one file each in ``root`` (made on first use)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(root)  # the log names it; a later chdir must not move it
+
+    def park(self, letter: Message, why: str) -> str:
+        """Write ``letter`` durably (file and directory fsynced) and return its path; OSError if
+        it could not be: then nothing may be acked."""
+        os.makedirs(self.root, exist_ok=True)
+        name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
+        tmp, path = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name + PARKED_SUFFIX)
+        data = encode(replace(letter, last_error=why))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        dirfd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+        return path
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def parked(root: str | os.PathLike[str]) -> list[tuple[str, Message]]:
+    """Every parked letter in ``root``, oldest first: (path, the letter with the refusal in
+    ``last_error``)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in sorted(n for n in os.listdir(root) if n.endswith(PARKED_SUFFIX)):
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+            out.append((path, decode(f.read())))
+    return out
+
+
+def store_letter(letter: Message, publish: Callable[[Message], str], lot: ParkingLot, stop: threading.Event,
+                 backoff_base_s: float, max_backoff_s: float) -> tuple[str, bool] | None:
+    """Store a dead letter: ``publish`` it (which raises BrokerError); refused for good, its
+    :func:`smaller` forms; refused still, park it. Retriable failures (and a parking lot that
+    cannot be written) back off and try again, holding the original. Returns (where, parked), or
+    None if ``stop`` was set while waiting."""
+    failures = 0
+    while True:
+        try:
+            refusal: BrokerError | None = None
+            for form in (letter, *smaller(letter)):
+                try:
+                    where = publish(form)
+                except BrokerError as exc:
+                    if exc.retriable:
+                        raise
+                    refusal = exc
+                    continue
+                if refusal is not None:
+                    log.error("dead letter %s refused as it was (%s); stored %s to %s", letter.id, refusal,
+                              (form.header(H_SHRUNK) or b"").decode(), where)
+                return where, False
+            return lot.park(letter, f"refused by the broker: {refusal}"), True
+        except (BrokerError, OSError) as err:
+            failures += 1
+            log.error("message %s: dead letter not stored (%s); the message is held", letter.id, err)
+        if stop.wait(backoff_s(failures, backoff_base_s, max_backoff_s)):
+            return None
 
 
 class DeadLetterPublisher:

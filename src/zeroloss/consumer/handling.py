@@ -25,12 +25,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from sqlalchemy.exc import DBAPIError
 
 from zeroloss.backoff import backoff_s
+from zeroloss.consumer.dead_letters import ParkingLot
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
@@ -106,6 +107,8 @@ class Handling:
     stop: threading.Event
     finished: Finished  # (topic, outcome, message, started): counters and metrics
     count_store_error: Callable[[], None]
+    # where a dead letter that no broker would take is kept (zeroloss.consumer.dead_letters)
+    parking: ParkingLot = field(default_factory=lambda: ParkingLot("zeroloss-parked"))
     handler: Handler | None = None
     handler_s: float = 0.0  # moving average of one handler call, for the shared transactions' size
 

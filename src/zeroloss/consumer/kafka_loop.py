@@ -28,7 +28,7 @@ from typing import Any
 
 from zeroloss import metrics
 from zeroloss.brokers.kafka import ensure_topics, kafka_module
-from zeroloss.consumer.dead_letters import DeadLetterPublisher, dead_letter
+from zeroloss.consumer.dead_letters import DeadLetterPublisher, dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_txn import TxnAborted
 from zeroloss.consumer.retry_topics import Origin, origin, retry_copy, retry_pattern, retry_topic
@@ -453,9 +453,20 @@ class KafkaLoop:
             value=rec.value(), headers=record_headers(rec), error=exc, attempts=attempts, first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
-        where = self._send(letter)
-        if where is None:
-            return False
+        if self.h.txn is not None:  # into the batch's transaction (a refusal aborts it: see the README)
+            self.h.txn.add([letter])
+            where, parked = letter.topic, False
+        else:
+            stored = store_letter(letter, self.dlq.publish, self.h.parking, self.h.stop, self.h.backoff_base_s,
+                                  self.h.max_backoff_s)
+            if stored is None:
+                return False
+            where, parked = stored
+        if parked:  # durably in the parking lot: only now may its offset be committed
+            self.h.finished(rec.topic(), "parked", None, None)
+            log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
+                      "attempts: %s: %s", mid, where, attempts, type(exc).__name__, exc)
+            return True
         self.h.finished(rec.topic(), "dead_lettered", None, None)
         log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
                   mid, where, attempts, type(exc).__name__, exc)

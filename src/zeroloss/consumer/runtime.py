@@ -19,6 +19,7 @@ one Kafka transaction per batch (:mod:`.kafka_txn`). The details are in ``docs/d
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import Any
 from zeroloss import metrics
 from zeroloss.brokers.base import DLQ_SUFFIX
 from zeroloss.brokers.kafka import parse_bootstrap
-from zeroloss.consumer.dead_letters import DeadLetterPublisher
+from zeroloss.consumer.dead_letters import DeadLetterPublisher, ParkingLot
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_loop import KafkaLoop, consumer_config
 from zeroloss.consumer.kafka_txn import KafkaTransactions
@@ -52,6 +53,7 @@ class ConsumerCounters:
     duplicates: int = 0
     retries: int = 0
     dead_lettered: int = 0
+    parked: int = 0  # dead letters the broker refused for good, kept in parked_dir
     store_errors: int = 0
     commits: int = 0
     commit_failures: int = 0
@@ -92,6 +94,7 @@ class Consumer:
         metrics_port: int | None = None,
         retry_delays_s: Sequence[float] = (),
         transaction_batch: int = 100,
+        parked_dir: str | os.PathLike[str] = "zeroloss-parked",
     ) -> None:
         self.url = source
         kafka = scheme_of(source) == "kafka"
@@ -138,6 +141,8 @@ class Consumer:
             # fsync) per run instead of per message. Inboxes that cannot (Redis): 1.
             transaction_batch=transaction_batch if isinstance(self.inbox, BatchInbox) else 1,
             stop=self._stop, finished=self._finished, count_store_error=self._count_store_error,
+            # made on first use; it must outlive the process: a volume, not a container's scratch space
+            parking=ParkingLot(parked_dir),
         )
         self._loop_impl: KafkaLoop | SubscriptionLoop
         self._dlq: DeadLetterPublisher | None
@@ -175,7 +180,7 @@ class Consumer:
         """Count a message's outcome here and in Prometheus (one vocabulary for both); for a
         handled ``msg``, how long its handling took since ``started`` and how old it is."""
         field_name = {"processed": "processed", "duplicate": "duplicates", "retry": "retries",
-                      "dead_lettered": "dead_lettered"}[outcome]
+                      "dead_lettered": "dead_lettered", "parked": "parked"}[outcome]
         setattr(self.counters, field_name, getattr(self.counters, field_name) + 1)
         seconds = None if started is None else time.monotonic() - started
         age = None if msg is None or outcome != "processed" else time.time() - _created(msg)

@@ -2,7 +2,8 @@
 
     fetch a batch ──► per delivery: inbox transaction (claim id + handler) ──► commit ──► ack
                       │ handler fails: same delivery again after a backoff (touch keeps it ours)
-                      └ max attempts, or poison: dead_letter (durably parked, then settled)
+                      └ max attempts, or poison: dead_letter (stored, then settled; refused
+                        for good: smaller, else parked in a file — see consumer.dead_letters)
     stopping ──► release what was fetched but not processed (redelivered soon)
 
 Handling itself (attempts, backoff, outages) is :mod:`zeroloss.consumer.handling`; this module
@@ -15,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from zeroloss.backoff import backoff_s
-from zeroloss.brokers.subscription import Delivery, Subscription
-from zeroloss.consumer.dead_letters import dead_letter
+from zeroloss.brokers.subscription import Delivery, DeliveryLimitReached, Subscription
+from zeroloss.consumer.dead_letters import dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
-from zeroloss.errors import BrokerError, MessageError
+from zeroloss.errors import BrokerError, ConfigError, MessageError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,34 @@ class _Settle:
 
     def after_backoff(self) -> None:
         self.sub.touch(self.d)
+
+
+def check_limits(max_attempts: int, max_deliveries: int | None) -> None:
+    """The consumer must give up on a message (dead-letter it) before the broker does, with a
+    delivery to spare: the broker's own limit drops the message (NATS) or dead-letters it without
+    our error headers (RabbitMQ)."""
+    if max_deliveries is None:
+        return
+    if max_deliveries < 3 or max_attempts > max_deliveries - 2:
+        raise ConfigError(f"max_attempts={max_attempts} needs a broker delivery limit of at least "
+                          f"{max(3, max_attempts + 2)} (max_attempts + 2), but the broker delivers a message "
+                          f"{max_deliveries} times at most: past that it would drop or dead-letter it by itself; "
+                          f"lower max_attempts or raise the limit (NATS max_deliver, RabbitMQ delivery_limit)")
+
+
+def _last_chance(sub: Subscription, d: Delivery) -> bool:
+    """Is this the broker's second-to-last delivery of ``d``, or later? Then it is not handled
+    again but dead-lettered: a handler that kills the process once more would leave one delivery
+    for the dead-lettering, none for another try. Counts cannot tell a message that kills its
+    consumer from one fetched along with it, so the limit is the broker's, not ``max_attempts``:
+    nothing is dead-lettered unhandled that the broker would not have given up on anyway."""
+    limit = sub.max_deliveries
+    return limit is not None and d.delivered >= limit - 1
+
+
+def _plain(sub: Subscription, d: Delivery) -> bool:
+    """May ``d`` share a transaction with others (not poison, not at its delivery limit)?"""
+    return d.poison is None and not _last_chance(sub, d)
 
 
 class SubscriptionLoop:
@@ -74,6 +104,11 @@ class SubscriptionLoop:
                 log.error("consumer %s: cannot subscribe (%s); again in %.1fs", h.group, exc, delay)
                 h.stop.wait(delay)
                 continue
+            try:
+                check_limits(h.max_attempts, sub.max_deliveries)
+            except ConfigError:
+                sub.close()
+                raise
             self.assigned = True
             self.last_activity = time.monotonic()
             try:
@@ -102,12 +137,12 @@ class SubscriptionLoop:
                 sub.release(batch[i:])
                 return
             failure: Exception | None = None
-            if h.transaction_batch > 1 and batch[i].poison is None:
+            if h.transaction_batch > 1 and _plain(sub, batch[i]):
                 run: list[Delivery] = []
                 limit = h.run_limit()
-                while i + len(run) < len(batch) and len(run) < limit and batch[i + len(run)].poison is None:
+                while i + len(run) < len(batch) and len(run) < limit and _plain(sub, batch[i + len(run)]):
                     run.append(batch[i + len(run)])
-                result = h.shared_transaction([d.received for d in run])
+                result = h.shared_transaction([replace(d.received, attempts=max(1, d.delivered)) for d in run])
                 if result is None:  # none of the run happened: each on its own
                     for k, d in enumerate(run):
                         if h.stop.is_set() or not self._handle(sub, d):
@@ -128,9 +163,19 @@ class SubscriptionLoop:
             i += 1
 
     def _handle(self, sub: Subscription, d: Delivery, failure: Exception | None = None) -> bool:
+        # Earlier deliveries that were not settled count as attempts: the handler failed and the
+        # consumer stopped during its backoff, or it died in the handler. (A delivery fetched but
+        # released unhandled at a stop counts too: that can only make the dead letter come sooner.)
+        earlier = max(0, d.delivered - 1)
         if d.poison is not None:
             return self.dead_letter(sub, d, MessageError(d.poison), 0, time.time())
-        return self.h.handle(d.received, _Settle(self, sub, d), failure=failure)
+        if _last_chance(sub, d):
+            why = DeliveryLimitReached(
+                f"delivered {d.delivered} times without being settled (the broker gives up after "
+                f"{sub.max_deliveries}): the consumer died, lost its connection or was stopped while it had it, "
+                f"each time; see the consumer's log for the handler's errors")
+            return self.dead_letter(sub, d, why, earlier, time.time())
+        return self.h.handle(d.received, _Settle(self, sub, d), attempts=earlier, failure=failure)
 
     def ack(self, sub: Subscription, d: Delivery) -> None:
         """Ack after the commit. A lost ack is harmless: the redelivery is an inbox duplicate."""
@@ -149,16 +194,17 @@ class SubscriptionLoop:
             value=msg.value, headers=msg.headers, error=exc, attempts=attempts, first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
-        failures = 0
-        while True:
-            try:
-                where = sub.dead_letter(d, letter)
-                break
-            except BrokerError as err:
-                failures += 1
-                log.error("message %s: dead letter failed (%s); the message is held", msg.id, err)
-                if not err.retriable or h.stop.wait(backoff_s(failures, h.backoff_base_s, h.max_backoff_s)):
-                    return False
+        stored = store_letter(letter, lambda m: sub.dead_letter(d, m), h.parking, h.stop, h.backoff_base_s,
+                              h.max_backoff_s)
+        if stored is None:
+            return False
+        where, parked = stored
+        if parked:  # durably in the parking lot: only now may the broker forget the original
+            self.ack(sub, d)
+            h.finished(msg.topic, "parked", None, None)
+            log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
+                      "attempts: %s: %s", msg.id, where, attempts, type(exc).__name__, exc)
+            return True
         h.finished(msg.topic, "dead_lettered", None, None)
         log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
                   msg.id, where, attempts, type(exc).__name__, exc)
