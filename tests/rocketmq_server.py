@@ -10,12 +10,15 @@ RocketMQ's own ``bin/mqbroker --enable-proxy`` runs), with heaps of 128 and 256 
     python -m tests.rocketmq_server start|stop [--wipe]|status
 
 The broker flushes every message to disk before it answers (``flushDiskType=SYNC_FLUSH``); it is
-an ``ASYNC_MASTER``: with no slave, a ``SYNC_MASTER`` would answer every send SLAVE_NOT_AVAILABLE.
+an ``ASYNC_MASTER``, because there is no slave: it says what it is, so a check of broker role and
+replicas (``zeroloss doctor``) can tell that this broker has no copy of the data on a second machine.
+(A ``SYNC_MASTER`` without a slave answers sends just the same in 5.5.0 - ``inSyncReplicas`` is 1 by
+default, so it waits for no one - measured here: SEND_OK in 17 ms, no SLAVE_NOT_AVAILABLE.)
 Topics are not auto-created (``autoCreateTopicEnable=false``): RocketMQ 5 topics carry a message
-type (NORMAL, FIFO, DELAY, TRANSACTION) that the proxy checks on every send, so each topic is made
-on purpose with its type (:meth:`RocketMQServer.create_topics`); consumer groups must exist too
-before a gRPC consumer can join (the proxy answers "group not found" otherwise), see
-:meth:`RocketMQServer.create_groups`.
+type (NORMAL, FIFO, DELAY, TRANSACTION) that the client checks against the route before every send
+(and the proxy again), so each topic is made on purpose with its type
+(:meth:`RocketMQServer.create_topics`); consumer groups must exist too before a gRPC consumer can
+receive (the proxy answers "group not found" otherwise), see :meth:`RocketMQServer.create_group`.
 
 Processes are tracked by pid files (``<dir>/<process>/pid``), not by child handles, so another
 process (``make rocketmq-stop``, a later pytest run) can reuse or stop them. Settings from the
@@ -380,8 +383,8 @@ class RocketMQServer:
             "brokerClusterName": CLUSTER,
             "brokerName": BROKER_NAME,
             "brokerId": "0",
-            # One broker, no slave: ASYNC_MASTER (a SYNC_MASTER would wait for a slave that never
-            # comes and answer SLAVE_NOT_AVAILABLE). Durability comes from the flush instead:
+            # One broker, no slave: ASYNC_MASTER says so (a SYNC_MASTER with inSyncReplicas 1, the
+            # default, would wait for no slave either). Durability here comes from the flush:
             "brokerRole": "ASYNC_MASTER",
             # a send is answered only once the message is on disk (fsync of the commit log).
             "flushDiskType": "SYNC_FLUSH",
