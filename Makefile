@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint services install clean bench bench-quick chaos cluster cluster-stop
+.PHONY: demo test lint services install clean bench bench-quick chaos cluster cluster-stop rocketmq rocketmq-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,6 +58,15 @@ cluster: install
 
 cluster-stop: install
 	$(BIN)/python -m tests.kafka_cluster stop $(if $(WIPE),--wipe)
+
+# Apache RocketMQ 5: a name server on 127.0.0.1:19876 and a broker (10911) with its gRPC proxy on
+# 127.0.0.1:18081 in the same JVM (rocketmq://127.0.0.1:18081), SYNC_FLUSH; jars fetched once by Maven.
+# Tests reuse it when up (fixture rocketmq). `make rocketmq-stop WIPE=1` also deletes its data.
+rocketmq: install
+	$(BIN)/python -m tests.rocketmq_server start
+
+rocketmq-stop: install
+	$(BIN)/python -m tests.rocketmq_server stop $(if $(WIPE),--wipe)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -152,5 +152,39 @@ def kafka_cluster(_kafka_cluster_session: Any) -> Any:
     return cluster
 
 
+@pytest.fixture(scope="session")
+def _rocketmq_session() -> Iterator[Any]:
+    """Apache RocketMQ 5 (tests/rocketmq_server.py): a name server and a SYNC_FLUSH broker with its
+    gRPC proxy in local mode, at rocketmq://127.0.0.1:18081.
+
+    Reused when already up (`make rocketmq`), and then left running; stopped at the end only if
+    this session started it. Fault tests must restart the process they kill."""
+    from tests.rocketmq_server import RocketMQServer
+
+    server = RocketMQServer()
+    missing = server.missing_tools()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the RocketMQ server needs {' and '.join(missing)} on PATH")
+        pytest.skip(f"no {' or '.join(missing)} for the RocketMQ server")
+    was_running = any(server.running().values())
+    server.start()
+    try:
+        yield server
+    finally:
+        if not was_running:
+            server.stop()
+
+
+@pytest.fixture
+def rocketmq(_rocketmq_session: Any) -> Any:
+    """The RocketMQ server, both processes listening: one an earlier test left down (or someone
+    stopped by hand) is started again before this test rather than failing it by timeouts."""
+    server = _rocketmq_session
+    if not server.answering():
+        server.start()
+    return server
+
+
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
