@@ -31,9 +31,11 @@ test: install services lint
 	$(MAKE) bench-quick
 
 # Every fault-injection scenario at full size (the cluster-* ones on the three-broker Kafka cluster,
-# started if it is not up); prints the table, writes bench/results/chaos.md.
+# started if it is not up); prints the table, writes bench/results/chaos.md; then every crash-test
+# variant (make test runs a subset to stay under 20 minutes).
 chaos: install services
 	$(BIN)/python -m tests.chaos
+	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_relay_crash.py tests/test_brokers_crash.py
 
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.
 bench: install services

@@ -186,5 +186,15 @@ def rocketmq(_rocketmq_session: Any) -> Any:
     return server
 
 
+FULL_CRASH_MATRIX = os.environ.get("ZEROLOSS_CRASH_MATRIX") == "full"
+
+
+def only_in_the_full_crash_matrix(what: str) -> None:
+    """Skip a crash-test variant in `make test` (kept under 20 minutes on 2 cores) that `make chaos`
+    runs with ZEROLOSS_CRASH_MATRIX=full; the variants kept in `make test` cover the same code."""
+    if not FULL_CRASH_MATRIX:
+        pytest.skip(f"{what}: in make chaos (ZEROLOSS_CRASH_MATRIX=full)")
+
+
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
