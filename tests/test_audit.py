@@ -138,3 +138,12 @@ def test_audit_needs_somewhere_to_look(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--target" in result.output
     result = CliRunner().invoke(main, ["audit", "--source", f"spool://{tmp_path / 's'}", "--inbox", "sqlite://"])
     assert result.exit_code == 2 and "--group" in result.output
+
+
+def test_an_unreachable_broker_is_an_error_even_with_nothing_to_check(tmp_path: Path) -> None:
+    """An empty ledger against a broker that does not answer must not read as "0 missing, fine"."""
+    assert CliRunner().invoke(main, ["init", "--source", f"spool://{tmp_path / 's'}"]).exit_code == 0
+    result = CliRunner().invoke(main, ["audit", "--source", f"spool://{tmp_path / 's'}", "--target",
+                                       f"kafka://127.0.0.1:{free_port()}", "--timeout-s", "3"])
+    assert result.exit_code == 1, result.output
+    assert "cannot read the broker's metadata" in result.output

@@ -161,6 +161,11 @@ class _BrokerReader:
 
         self.idle_s = idle_s
         self.reader = KafkaReader(url, timeout_s=timeout_s, purpose="audit")
+        try:
+            self.reader.partitions("")  # an unreachable broker says so now, even with nothing to check
+        except BaseException:
+            self.reader.close()
+            raise
 
     def close(self) -> None:
         self.reader.close()
