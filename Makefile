@@ -27,7 +27,7 @@ lint: install
 
 # Ends with bench-quick (about 15 s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.
 test: install services lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 3 --dist loadgroup
 	$(MAKE) bench-quick
 
 # Every fault-injection scenario at full size (the cluster-* ones on the three-broker Kafka cluster,

@@ -198,3 +198,16 @@ def only_in_the_full_crash_matrix(what: str) -> None:
 
 def unique_topic(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# Servers on fixed ports that tests stop, kill or pause: under pytest-xdist (make test runs
+# several workers) every test of one such server goes to the same worker, one after another.
+SHARED_SERVERS = ("kafka_cluster", "rocketmq")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for server in SHARED_SERVERS:
+            if item.get_closest_marker(server) or server in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(server))
+                break
