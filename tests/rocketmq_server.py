@@ -291,6 +291,11 @@ class RocketMQServer:
     def url(self) -> str:
         return f"rocketmq://{self.endpoint}"
 
+    @property
+    def zeroloss_url(self) -> str:
+        """The target URL for zeroloss: the gRPC proxy, and the name server for its admin work."""
+        return f"rocketmq://{self.endpoint}?namesrv={self.namesrv_addr}"
+
     def _process(self, name: str) -> Process:
         if name not in self.processes:
             raise ValueError(f"processes are {list(self.processes)}, not {name!r}")

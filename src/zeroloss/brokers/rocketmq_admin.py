@@ -14,7 +14,8 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ MASTER_ID = 0
 class RequestCode:
     """The remoting protocol's request codes used here (org.apache.rocketmq.remoting.protocol.RequestCode)."""
 
+    PULL_MESSAGE = 11
     QUERY_MESSAGE = 12
     UPDATE_AND_CREATE_TOPIC = 17
     UPDATE_BROKER_CONFIG = 25
@@ -50,6 +52,10 @@ class ResponseCode:
     SYSTEM_ERROR = 1
     SYSTEM_BUSY = 2
     TOPIC_NOT_EXIST = 17
+    PULL_NOT_FOUND = 19
+    PULL_RETRY_IMMEDIATELY = 20
+    PULL_OFFSET_MOVED = 21
+    QUERY_NOT_FOUND = 22
     SUBSCRIPTION_GROUP_NOT_EXIST = 26
 
 
@@ -132,6 +138,74 @@ def loads(body: bytes) -> Any:
             out.append(c)
         i += 1
     return json.loads("".join(out))
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A message as the broker stores it (its commit-log record), as a query or pull returns it."""
+
+    topic: str
+    queue_id: int
+    queue_offset: int
+    physical_offset: int
+    store_timestamp_ms: int
+    reconsume_times: int
+    body: bytes
+    properties: dict[str, str]
+
+    @property
+    def message_id(self) -> str | None:
+        """The client's message id (UNIQ_KEY), what the gRPC API calls the message id."""
+        return self.properties.get("UNIQ_KEY")
+
+
+MAGIC_V1 = 0xDAA320A7  # MessageDecoder.MESSAGE_MAGIC_CODE: topic length in one byte
+MAGIC_V2 = 0xDAA320A8  # MESSAGE_MAGIC_CODE_V2: topic length in two bytes
+COMPRESSED_FLAG = 0x1
+BORN_HOST_V6_FLAG = 0x1 << 4
+STORE_HOST_V6_FLAG = 0x1 << 5
+NAME_VALUE_SEPARATOR, PROPERTY_SEPARATOR = "\x01", "\x02"
+
+
+def decode_messages(buf: bytes) -> list[StoredMessage]:
+    """Commit-log records back to back (the body of a pull or query answer), as MessageDecoder
+    lays them out; ValueError for bytes that are not such records."""
+    out: list[StoredMessage] = []
+    i = 0
+    try:
+        while i < len(buf):
+            total, magic = struct.unpack_from(">iI", buf, i)
+            if magic not in (MAGIC_V1, MAGIC_V2) or total <= 0:
+                raise ValueError(f"no message record at byte {i} (magic {magic:#x})")
+            p = i + 12  # past total size, magic code, body CRC
+            queue_id, _flag, queue_offset, physical, sysflag, _born = struct.unpack_from(">iiqqiq", buf, p)
+            p += 36 + (16 if sysflag & BORN_HOST_V6_FLAG else 4) + 4
+            (stored,) = struct.unpack_from(">q", buf, p)
+            p += 8 + (16 if sysflag & STORE_HOST_V6_FLAG else 4) + 4
+            reconsume, _prepared, body_length = struct.unpack_from(">iqi", buf, p)
+            p += 16
+            body = buf[p : p + body_length]
+            p += body_length
+            if sysflag & COMPRESSED_FLAG:
+                body = zlib.decompress(body)
+            if magic == MAGIC_V2:
+                (topic_length,) = struct.unpack_from(">h", buf, p)
+                p += 2
+            else:
+                topic_length = buf[p]
+                p += 1
+            topic = buf[p : p + topic_length].decode()
+            p += topic_length
+            (props_length,) = struct.unpack_from(">h", buf, p)
+            p += 2
+            text = buf[p : p + props_length].decode("utf-8", "replace")
+            props = dict(kv.split(NAME_VALUE_SEPARATOR, 1) for kv in text.split(PROPERTY_SEPARATOR)
+                         if NAME_VALUE_SEPARATOR in kv)
+            out.append(StoredMessage(topic, queue_id, queue_offset, physical, stored, reconsume, body, props))
+            i += total
+    except (struct.error, IndexError, zlib.error) as exc:
+        raise ValueError(f"a truncated or foreign message record at byte {i}: {exc}") from exc
+    return out
 
 
 def parse_address(text: str, default_port: int = DEFAULT_NAMESRV_PORT) -> tuple[str, int]:
@@ -257,13 +331,14 @@ class RocketMQAdmin:
         """A topic configuration's message type; a topic made without one counts as NORMAL."""
         return str((config.get("attributes") or {}).get("message.type") or "NORMAL")
 
-    def create_topics(self, topics: Mapping[str, str], queues: int = 4, wait_s: float = 30.0) -> None:
+    def create_topics(self, topics: Mapping[str, str], queues: int = 4, wait_s: float = 30.0,
+                      brokers: Iterable[str] | None = None) -> None:
         """Create or update topics, name → message type (NORMAL, FIFO, DELAY, TRANSACTION), on every
-        master, and wait until the name server routes each of them."""
+        master (or on ``brokers``, addresses), and wait until the name server routes each of them."""
         bad = {t: k for t, k in topics.items() if k not in MESSAGE_TYPES}
         if bad:
             raise ConfigError(f"RocketMQ message types are {', '.join(MESSAGE_TYPES)}, not {bad}")
-        for address in self.masters().values():
+        for address in brokers if brokers is not None else self.masters().values():
             for name, kind in topics.items():
                 # "+message.type=FIFO" is mqadmin updateTopic's -a syntax for a topic attribute.
                 self.request(address, RequestCode.UPDATE_AND_CREATE_TOPIC, {
@@ -314,6 +389,57 @@ class RocketMQAdmin:
         for address in self.masters().values():
             self.request(address, RequestCode.DELETE_SUBSCRIPTIONGROUP, {"groupName": group, "cleanOffset": "true"},
                          what=f"deleting consumer group {group!r} on {address}")
+
+    # -- messages -----------------------------------------------------------------------------
+
+    def query_messages(self, topic: str, key: str, *, unique: bool = False, max_num: int = 32,
+                       begin_ms: int = 0, end_ms: int | None = None) -> list[StoredMessage]:
+        """The stored messages of ``topic`` with message key ``key`` (or message id, ``unique``), from
+        every master's index (QUERY_MESSAGE, what ``mqadmin queryMsgByKey`` / ``queryMsgByUniqueKey``
+        do); [] when none. The index is written shortly after the message (asynchronously)."""
+        fields = {"topic": topic, "key": key, "maxNum": str(max_num), "beginTimestamp": str(begin_ms),
+                  "endTimestamp": str(end_ms if end_ms is not None else int(time.time() * 1000) + 60_000)}
+        if unique:
+            fields["_UNIQUE_KEY_QUERY"] = "true"
+        out: list[StoredMessage] = []
+        for address in self.masters().values():
+            header, body = self.call(address, RequestCode.QUERY_MESSAGE, fields)
+            code = int(header.get("code", -1))
+            if code == ResponseCode.SUCCESS:
+                out.extend(decode_messages(body))
+            elif code not in (ResponseCode.QUERY_NOT_FOUND, ResponseCode.TOPIC_NOT_EXIST):
+                raise RemotingError(f"query of {key!r} in topic {topic!r} on {address}", code,
+                                    str(header.get("remark")))
+        return out
+
+    def read_queue(self, broker: str, topic: str, queue_id: int, offset: int = 0, *,
+                   group: str = "zeroloss-reader", batch: int = 32) -> Iterator[StoredMessage]:
+        """Every message of one queue from ``offset`` to its end, leaving them there (PULL_MESSAGE
+        with ``group``, which commits no offset; the broker must have the group or create groups)."""
+        while True:
+            header, body = self.call(broker, RequestCode.PULL_MESSAGE, {
+                "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "queueOffset": str(offset),
+                "maxMsgNums": str(batch), "sysFlag": "4", "commitOffset": "0", "suspendTimeoutMillis": "0",
+                "subscription": "*", "subVersion": "0", "expressionType": "TAG"})
+            code = int(header.get("code", -1))
+            if code in (ResponseCode.PULL_NOT_FOUND, ResponseCode.PULL_OFFSET_MOVED):
+                return
+            if code not in (ResponseCode.SUCCESS, ResponseCode.PULL_RETRY_IMMEDIATELY):
+                raise RemotingError(f"reading queue {queue_id} of topic {topic!r} on {broker}", code,
+                                    str(header.get("remark")))
+            got = decode_messages(body) if code == ResponseCode.SUCCESS else []
+            yield from got
+            following = int((header.get("extFields") or {}).get("nextBeginOffset", offset))
+            if following <= offset and not got:
+                return
+            offset = following
+
+    def read_topic(self, topic: str, *, group: str = "zeroloss-reader") -> Iterator[StoredMessage]:
+        """Every message of ``topic`` on every master, queue by queue, each queue in offset order."""
+        for address in self.masters().values():
+            config = self.topic_config(topic, address)
+            for queue_id in range(int((config or {}).get("readQueueNums", 0))):
+                yield from self.read_queue(address, topic, queue_id, group=group)
 
     # -- brokers ------------------------------------------------------------------------------
 
