@@ -513,3 +513,40 @@ def test_rocketmq_location_finds_the_message_by_its_id(rocketmq: Any) -> None:
             time.sleep(0.1)
         assert [(m.properties["zeroloss-id"], m.queue_offset) for m in found] == [(out.message.id, int(offset))]
         assert [m.message_id for m in admin.query_messages(name, out.message.id)] == [mid]
+
+
+def test_rocketmq_interrupt_cuts_a_publish_to_a_proxy_that_never_answers() -> None:
+    """A listener that takes connections and says nothing (a hung proxy): interrupt() makes the
+    publish give up with a retriable BrokerError long before its 30 s timeout would."""
+    import socket
+    import threading
+
+    from zeroloss.brokers.base import Interruptible
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # the kernel completes the handshakes; nobody ever reads or writes
+        broker = RocketMQBroker(f"rocketmq://127.0.0.1:{hole.getsockname()[1]}", timeout_s=30)
+        assert isinstance(broker, Interruptible)
+        errors: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                broker.publish([new_message("t", b"v", key=b"k")])
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=publish)
+        t.start()
+        try:
+            conn, _ = hole.accept()  # the client connected: the publish is in flight, waiting for an answer
+            broker.interrupt()
+            t.join()
+            conn.close()
+        finally:
+            broker.close()
+        assert len(errors) == 1 and isinstance(errors[0], BrokerError) and errors[0].retriable
+        assert "interrupted" in str(errors[0])
+        with pytest.raises(BrokerError, match="interrupted"):  # and every later publish
+            broker.publish([new_message("t", b"v")])

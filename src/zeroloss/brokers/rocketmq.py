@@ -256,7 +256,7 @@ class RocketMQBroker:
         producer = self._ensure_producer()
         kinds: dict[str, str | Refusal] = {}
         for topic in sorted({m.topic for m in messages}):
-            kinds[topic] = self._kind(producer, topic)
+            kinds[topic] = await self._kind(producer, topic)
 
         async def send(m: Message) -> Outcome:
             kind = kinds[m.topic]
@@ -266,7 +266,21 @@ class RocketMQBroker:
 
         return await publish_in_waves(messages, send, deadline)
 
-    def _kind(self, producer: Any, topic: str) -> str | Refusal:
+    async def _answer(self, future: Any, limit_s: float | None = None) -> Any:
+        """The result of one of the client's futures, awaited in slices so that :meth:`interrupt`
+        cuts it short (BrokerWide); after ``limit_s`` a TimeoutError."""
+        wrapped = asyncio.wrap_future(future)
+        give_up = None if limit_s is None else asyncio.get_running_loop().time() + limit_s
+        while True:
+            if self._interrupted.is_set():
+                raise BrokerWide("interrupted, the relay is stopping")
+            if give_up is not None and asyncio.get_running_loop().time() >= give_up:
+                raise TimeoutError(f"no answer within {limit_s:.0f}s")
+            done, _ = await asyncio.wait({wrapped}, timeout=WAIT_SLICE_S)
+            if done:
+                return wrapped.result()
+
+    async def _kind(self, producer: Any, topic: str) -> str | Refusal:
         """The message type of ``topic`` on the broker (NORMAL, FIFO, ...), from a route query of
         our own: the client's says only "failed to fetch route" for a missing topic and a dead proxy
         alike. A Refusal when the topic itself is the problem."""
@@ -285,7 +299,9 @@ class RocketMQBroker:
             future = producer.rpc_client.query_topic_route_async(
                 producer.client_configuration.rpc_endpoints, req, metadata=producer.sign(),
                 timeout=self.request_timeout)
-            res = future.result(self.request_timeout + 5)
+            res = await self._answer(future, self.request_timeout + 5.0)
+        except BrokerWide:
+            raise
         except Exception as exc:  # grpc's AioRpcError (UNAVAILABLE, DEADLINE_EXCEEDED), a future timeout
             raise BrokerWide(f"route of topic {name!r}: {_describe(exc)}") from exc
         code = res.status.code
@@ -337,15 +353,10 @@ class RocketMQBroker:
         except Exception as exc:
             self._broken = True
             raise BrokerWide(_describe(exc)) from exc
-        wrapped = asyncio.wrap_future(future)
-        while True:
-            if self._interrupted.is_set():
-                raise BrokerWide("interrupted, the relay is stopping")
-            done, _ = await asyncio.wait({wrapped}, timeout=WAIT_SLICE_S)
-            if done:
-                break
         try:
-            receipt = wrapped.result()
+            receipt = await self._answer(future)  # the batch's deadline is publish_in_waves's
+        except BrokerWide:
+            raise
         except Exception as exc:
             return self._failed(m, exc)
         return Outcome(m, Status.DELIVERED, location=location(msg.topic, receipt))
