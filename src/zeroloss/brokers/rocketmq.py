@@ -64,6 +64,7 @@ T = TypeVar("T")
 
 DEFAULT_PROXY_PORT = 8081
 TOPIC_PATTERN = re.compile(r"^[%|a-zA-Z0-9_-]+$")
+MESSAGE_ID = re.compile(r"[0-9A-Fa-f]{16,64}")
 MAX_TOPIC_LENGTH = 127
 MAX_GROUP_LENGTH = 64  # the proxy's maxMessageGroupSize
 MAX_KEY_LENGTH = 128
@@ -177,6 +178,15 @@ def location(topic: str, receipt: Any) -> str:
     picks it (by message group) and does not say which; the queue in the receipt is the client's
     guess, wrong about half the time (measured). The message id finds the message (QUERY_MESSAGE)."""
     return f"{topic}/{receipt.message_id}/{receipt.offset}"
+
+
+def parse_location(text: str) -> tuple[str, str, int] | None:
+    """(RocketMQ topic, message id, queue offset) from a :func:`location`, None for anything else
+    (a message id is hex: 34 digits from RocketMQ 5 clients, 32 from older ones)."""
+    parts = text.split("/")
+    if len(parts) != 3 or not MESSAGE_ID.fullmatch(parts[1]) or not parts[2].lstrip("-").isdigit():
+        return None
+    return parts[0], parts[1], int(parts[2])
 
 
 class RocketMQBroker:

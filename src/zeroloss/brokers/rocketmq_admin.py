@@ -10,6 +10,7 @@ cluster, as ``mqadmin updateTopic -c CLUSTER`` does. No client library is needed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import struct
@@ -34,6 +35,8 @@ class RequestCode:
     UPDATE_AND_CREATE_TOPIC = 17
     UPDATE_BROKER_CONFIG = 25
     GET_BROKER_CONFIG = 26
+    GET_MAX_OFFSET = 30
+    GET_MIN_OFFSET = 31
     VIEW_MESSAGE_BY_ID = 33
     GET_ROUTEINFO_BY_TOPIC = 105
     GET_BROKER_CLUSTER_INFO = 106
@@ -152,6 +155,7 @@ class StoredMessage:
     reconsume_times: int
     body: bytes
     properties: dict[str, str]
+    broker: str = ""  # the address of the broker that answered with it
 
     @property
     def message_id(self) -> str | None:
@@ -406,7 +410,7 @@ class RocketMQAdmin:
             header, body = self.call(address, RequestCode.QUERY_MESSAGE, fields)
             code = int(header.get("code", -1))
             if code == ResponseCode.SUCCESS:
-                out.extend(decode_messages(body))
+                out.extend(dataclasses.replace(m, broker=address) for m in decode_messages(body))
             elif code not in (ResponseCode.QUERY_NOT_FOUND, ResponseCode.TOPIC_NOT_EXIST):
                 raise RemotingError(f"query of {key!r} in topic {topic!r} on {address}", code,
                                     str(header.get("remark")))
@@ -427,12 +431,25 @@ class RocketMQAdmin:
             if code not in (ResponseCode.SUCCESS, ResponseCode.PULL_RETRY_IMMEDIATELY):
                 raise RemotingError(f"reading queue {queue_id} of topic {topic!r} on {broker}", code,
                                     str(header.get("remark")))
-            got = decode_messages(body) if code == ResponseCode.SUCCESS else []
+            got = [dataclasses.replace(m, broker=broker) for m in decode_messages(body)] if code == 0 else []
             yield from got
             following = int((header.get("extFields") or {}).get("nextBeginOffset", offset))
             if following <= offset and not got:
                 return
             offset = following
+
+    def queue_offsets(self, broker: str, topic: str, queue_id: int) -> tuple[int, int]:
+        """(first, next) offset of one queue on ``broker``: what a consumer can still read is
+        first <= offset < next (0, 0 for a queue or topic the broker does not have)."""
+        fields = {"topic": topic, "queueId": str(queue_id)}
+        ends = []
+        for code in (RequestCode.GET_MIN_OFFSET, RequestCode.GET_MAX_OFFSET):
+            header, _ = self.call(broker, code, fields)
+            if int(header.get("code", -1)) != ResponseCode.SUCCESS:
+                raise RemotingError(f"offsets of queue {queue_id} of topic {topic!r} on {broker}",
+                                    int(header.get("code", -1)), str(header.get("remark")))
+            ends.append(int((header.get("extFields") or {}).get("offset", 0)))
+        return ends[0], ends[1]
 
     def read_topic(self, topic: str, *, group: str = "zeroloss-reader") -> Iterator[StoredMessage]:
         """Every message of ``topic`` on every master, queue by queue, each queue in offset order."""
