@@ -550,3 +550,23 @@ def test_rocketmq_interrupt_cuts_a_publish_to_a_proxy_that_never_answers() -> No
         assert "interrupted" in str(errors[0])
         with pytest.raises(BrokerError, match="interrupted"):  # and every later publish
             broker.publish([new_message("t", b"v")])
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_a_reserved_property_is_rejected_and_any_key_becomes_a_group(rocketmq: Any) -> None:
+    """A header named like one of RocketMQ's system properties is refused by the proxy (REJECTED);
+    a key of any length or bytes still makes a valid message group (a digest past 63 characters)."""
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        topic = topic_for(h, "props")
+        long_key = b"a key with spaces " * 10
+        msgs = [new_message(topic, b"a", key=b"A", headers={"KEYS": b"x"}),
+                new_message(topic, b"b", key=long_key), new_message(topic, b"c", key=long_key),
+                new_message(topic, b"d", key=b"\x00\xff")]
+        broker = h.make()
+        try:
+            out = broker.publish(msgs)
+        finally:
+            broker.close()
+        assert [o.status for o in out] == [Status.REJECTED, Status.DELIVERED, Status.DELIVERED, Status.DELIVERED]
+        assert "property is used by system: KEYS" in (out[0].error or "")
+        assert by_key(h.read(topic)) == {long_key: [msgs[1].id, msgs[2].id], b"\x00\xff": [msgs[3].id]}

@@ -6,6 +6,8 @@ It is what ``mqadmin`` speaks, over one TCP connection per request with JSON hea
 per request where ``mqadmin`` takes a JVM start. The brokers are found through the name server's
 cluster info (``GET_BROKER_CLUSTER_INFO``): topics and groups are made on every master of the
 cluster, as ``mqadmin updateTopic -c CLUSTER`` does. No client library is needed.
+(Over 400 lines: one wire protocol — framing, its lenient JSON, the commit-log record format — and
+the requests made with it; split, each half would need the other's internals.)
 """
 
 from __future__ import annotations
