@@ -292,14 +292,19 @@ class RocketMQBroker:
         cuts it short (BrokerWide); after ``limit_s`` a TimeoutError."""
         wrapped = asyncio.wrap_future(future)
         give_up = None if limit_s is None else asyncio.get_running_loop().time() + limit_s
-        while True:
-            if self._interrupted.is_set():
-                raise BrokerWide("interrupted, the relay is stopping")
-            if give_up is not None and asyncio.get_running_loop().time() >= give_up:
-                raise TimeoutError(f"no answer within {limit_s:.0f}s")
-            done, _ = await asyncio.wait({wrapped}, timeout=WAIT_SLICE_S)
-            if done:
-                return wrapped.result()
+        try:
+            while True:
+                if self._interrupted.is_set():
+                    raise BrokerWide("interrupted, the relay is stopping")
+                if give_up is not None and asyncio.get_running_loop().time() >= give_up:
+                    raise TimeoutError(f"no answer within {limit_s:.0f}s")
+                done, _ = await asyncio.wait({wrapped}, timeout=WAIT_SLICE_S)
+                if done:
+                    return wrapped.result()
+        finally:
+            # Left unanswered (interrupt, deadline, the batch cut): cancel it, or its late answer
+            # would be handed to this batch's event loop after asyncio.run closed it.
+            wrapped.cancel()
 
     async def _kind(self, producer: Any, topic: str) -> str | Refusal:
         """The message type of ``topic`` on the broker (NORMAL, FIFO, ...), from a route query of
