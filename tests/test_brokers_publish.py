@@ -570,3 +570,23 @@ def test_rocketmq_a_reserved_property_is_rejected_and_any_key_becomes_a_group(ro
         assert [o.status for o in out] == [Status.REJECTED, Status.DELIVERED, Status.DELIVERED, Status.DELIVERED]
         assert "property is used by system: KEYS" in (out[0].error or "")
         assert by_key(h.read(topic)) == {long_key: [msgs[1].id, msgs[2].id], b"\x00\xff": [msgs[3].id]}
+
+
+def test_rocketmq_the_clients_failed_heartbeat_callbacks_are_not_logged_as_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the proxy is down the client's heartbeat callback raises every 10 s and
+    concurrent.futures logs a gRPC traceback as an ERROR: dropped; other errors there still show."""
+    import logging
+
+    import grpc
+
+    from zeroloss.brokers.rocketmq import rocketmq_module
+
+    rocketmq_module()
+    down = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")
+    futures_log = logging.getLogger("concurrent.futures")
+    with caplog.at_level(logging.ERROR):
+        futures_log.error("exception calling callback for %r", "<Future>", exc_info=(type(down), down, None))
+        futures_log.error("exception calling callback for %r", "<Future>", exc_info=(ValueError, ValueError("x"), None))
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [ValueError]

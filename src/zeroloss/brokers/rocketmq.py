@@ -94,7 +94,23 @@ class Refusal:
     error: str
 
 
+class _ClientCallbackNoise(logging.Filter):
+    """rocketmq-python-client's heartbeat callback re-raises a failed heartbeat (every 10 s while
+    the proxy is down), which concurrent.futures logs as an ERROR with a gRPC traceback: noise
+    beside the relay's own outage report. Only such records (a gRPC error in a future's callback)
+    are dropped; they stay in the client's own log (~/logs/rocketmq_python)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__module__.startswith("grpc")
+                    and str(record.msg).startswith("exception calling callback"))
+
+
+_NOISE = _ClientCallbackNoise()
+
+
 def rocketmq_module() -> Any:
+    logging.getLogger("concurrent.futures").addFilter(_NOISE)  # the same filter object: added once
     try:
         import rocketmq
         import rocketmq.grpc_protocol
