@@ -1,6 +1,6 @@
-"""Per-broker test harnesses for Kafka (the three-broker cluster), RabbitMQ, NATS JetStream and
-Redis Streams: the adapter under test, a URL nobody listens on, and a read-back with the
-broker's own client (not our adapters)."""
+"""Per-broker test harnesses for Kafka (the three-broker cluster), RabbitMQ, NATS JetStream, Redis
+Streams and Apache RocketMQ 5: the adapter under test, a URL nobody listens on, and a read-back
+with the broker's own client (not our adapters; RocketMQ: its remoting protocol's pull)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ class BrokerHarness:
     drop: Callable[[str], None]  # remove what a test made for a topic
     read_headers: Callable[[str], Letters]
     topics: list[str] = field(default_factory=list)
+    # What must exist before the relay publishes to a topic (RocketMQ: the topic itself, typed).
+    create: Callable[[str], None] = lambda topic: None
+
+    def new_topic(self, topic: str) -> str:
+        """Register ``topic`` for clean-up and create what the broker needs ahead of publishing."""
+        self.topics.append(topic)
+        self.create(topic)
+        return topic
 
 
 def by_key(entries: Entries) -> dict[bytes, list[str]]:
@@ -235,6 +243,43 @@ def redis_harness() -> BrokerHarness:
     )
 
 
+# -- RocketMQ (tests/rocketmq_server.py) --------------------------------------------------------
+
+
+def rocketmq_harness(url: str) -> BrokerHarness:
+    """Topics are FIFO, made ahead (the server does not auto-create them), read back queue by queue
+    with PULL_MESSAGE: each key's messages sit in one queue (its message group), in stored order."""
+    from zeroloss.brokers._batch import value_bytes
+    from zeroloss.brokers.rocketmq import RocketMQBroker, check_url, rocketmq_topic
+    from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+
+    admin = RocketMQAdmin(check_url(url).namesrv)
+
+    def read(topic: str) -> Entries:
+        out: Entries = []
+        for m in admin.read_topic(rocketmq_topic(topic), group="zl-harness-reader"):
+            key = m.properties.get("zeroloss-key")
+            out.append((m.properties[ID_HEADER], None if key is None else value_bytes(key)))
+        return out
+
+    def read_headers(topic: str) -> Letters:
+        return [(m.properties[ID_HEADER], {k: value_bytes(v) for k, v in m.properties.items()})
+                for m in admin.read_topic(rocketmq_topic(topic), group="zl-harness-reader")]
+
+    def create(topic: str) -> None:
+        admin.create_topics({rocketmq_topic(topic): "FIFO", rocketmq_topic(topic + ".dlq"): "FIFO"})
+
+    def drop(topic: str) -> None:
+        with contextlib.suppress(Exception):
+            admin.delete_topics([rocketmq_topic(topic), rocketmq_topic(topic + ".dlq")])
+
+    return BrokerHarness(
+        "rocketmq", url, "rocketmq://127.0.0.1:18999?namesrv=127.0.0.1:19998",
+        lambda url=url, **kw: RocketMQBroker(url, **{"timeout_s": 10.0, **kw}),
+        read, drop, read_headers, create=create,
+    )
+
+
 # -- Kafka (the real three-broker cluster) -------------------------------------------------------
 
 
@@ -307,17 +352,33 @@ def kafka_harness(url: str) -> BrokerHarness:
 HARNESSES: dict[str, Callable[[], BrokerHarness]] = {
     "rabbitmq": rabbitmq_harness, "nats": nats_harness, "redis": redis_harness,
 }
-# RabbitMQ, NATS and Redis; Kafka's crash suites are test_relay_crash.py and test_consumer_crash.py.
-OTHER_BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in HARNESSES]
+# RabbitMQ, NATS, Redis and RocketMQ; Kafka's crash suites are test_relay_crash.py and test_consumer_crash.py.
+OTHER_BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in (*HARNESSES, "rocketmq")]
 BROKERS = [pytest.param("kafka", id="kafka", marks=pytest.mark.kafka_cluster), *OTHER_BROKERS]
+# Brokers whose harness needs a URL from a fixture that starts (or reuses) the broker's processes.
+FIXTURE_URLS: dict[str, Callable[[Any], str]] = {
+    "kafka": lambda cluster: str(cluster.url), "rocketmq": lambda server: str(server.zeroloss_url),
+}
+FIXTURES = {"kafka": "kafka_cluster", "rocketmq": "rocketmq"}
+
+
+def fixture_url(request: pytest.FixtureRequest, name: str) -> str | None:
+    """The URL of broker ``name`` from its fixture (Kafka's cluster, the RocketMQ server), else None."""
+    if name not in FIXTURES:
+        return None
+    return FIXTURE_URLS[name](request.getfixturevalue(FIXTURES[name]))
 
 
 @contextlib.contextmanager
 def harness(name: str, url: str | None = None) -> Iterator[BrokerHarness]:
-    """The harness for ``name``; Kafka's needs the cluster's ``url`` (the kafka_cluster fixture)."""
+    """The harness for ``name``; Kafka's and RocketMQ's need the ``url`` of their fixture's broker
+    (:func:`fixture_url`)."""
     if name == "kafka":
         assert url is not None, "the kafka harness needs the cluster's URL"
         h = kafka_harness(url)
+    elif name == "rocketmq":
+        assert url is not None, "the rocketmq harness needs the server's URL (fixture rocketmq)"
+        h = rocketmq_harness(url)
     else:
         require_service(name)
         h = HARNESSES[name]()

@@ -39,7 +39,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -48,6 +47,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from zeroloss.brokers.rocketmq_admin import (  # noqa: F401 - RequestCode, ResponseCode, remoting_call: for tests
+    MESSAGE_TYPES,
+    RequestCode,
+    ResponseCode,
+    RocketMQAdmin,
+    remoting_call,
+)
 
 T = TypeVar("T")
 
@@ -59,7 +66,6 @@ CLUSTER = "DefaultCluster"
 BROKER_NAME = "broker-a"
 CHECK_TOPIC = "zeroloss-rocketmq-check"
 CHECK_GROUP = "zeroloss-rocketmq-check"
-MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION")
 # One GC thread: the JVMs share 2 cores with the tests. Heaps and the JIT are set per process.
 DEFAULT_JVM_OPTS = "-XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError -XX:-OmitStackTraceInFastThrow"
 HEAPS = {
@@ -151,50 +157,6 @@ def _rss_kib(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return None
-
-
-class RequestCode:
-    """The remoting protocol's request codes used here (org.apache.rocketmq.remoting.protocol.RequestCode)."""
-
-    UPDATE_AND_CREATE_TOPIC = 17
-    UPDATE_BROKER_CONFIG = 25
-    GET_BROKER_CONFIG = 26
-    GET_ROUTEINFO_BY_TOPIC = 105
-    GET_BROKER_CLUSTER_INFO = 106
-    UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
-
-
-class ResponseCode:
-    TOPIC_NOT_EXIST = 17
-
-
-def remoting_call(address: tuple[str, int], code: int, fields: Mapping[str, str] | None = None,
-                  body: bytes = b"", timeout: float = 10.0) -> tuple[dict[str, Any], bytes]:
-    """One request/response of RocketMQ's remoting protocol with a JSON header.
-
-    A frame is: int32 length of what follows, int32 header length (its top byte the serialization,
-    0 = JSON), the header, the body. The answer's header is JSON too; its body is whatever the
-    request returns (a route's JSON uses bare integer keys, which Python's json does not read)."""
-    header = json.dumps({"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0,
-                         "extFields": dict(fields or {})}).encode()
-    frame = struct.pack(">ii", 4 + len(header) + len(body), len(header)) + header + body
-    with socket.create_connection(address, timeout=timeout) as s:
-        s.sendall(frame)
-
-        def read(n: int) -> bytes:
-            buf = b""
-            while len(buf) < n:
-                chunk = s.recv(n - len(buf))
-                if not chunk:
-                    raise ConnectionError(f"{address[0]}:{address[1]} closed the connection")
-                buf += chunk
-            return buf
-
-        (length,) = struct.unpack(">i", read(4))
-        data = read(length)
-    header_length = struct.unpack(">i", data[:4])[0] & 0xFFFFFF
-    answer: dict[str, Any] = json.loads(data[4:4 + header_length])
-    return answer, data[4 + header_length:]
 
 
 def receive(consumer: Any, max_messages: int = 32, invisible_seconds: int = 15, settle: float = 10.0) -> list[Any]:
@@ -328,6 +290,11 @@ class RocketMQServer:
     @property
     def url(self) -> str:
         return f"rocketmq://{self.endpoint}"
+
+    @property
+    def zeroloss_url(self) -> str:
+        """The target URL for zeroloss: the gRPC proxy, and the name server for its admin work."""
+        return f"rocketmq://{self.endpoint}?namesrv={self.namesrv_addr}"
 
     def _process(self, name: str) -> Process:
         if name not in self.processes:
@@ -475,7 +442,12 @@ class RocketMQServer:
                               start_new_session=True, check=True, cwd=proc.dir)
         proc.pid_file.write_text(done.stdout.strip() + "\n")
 
-    # --- admin requests ------------------------------------------------------------------------
+    # --- admin requests (zeroloss.brokers.rocketmq_admin) --------------------------------------
+    @property
+    def rocketmq_admin(self) -> RocketMQAdmin:
+        """The remoting-protocol admin client on this server's name server (what zeroloss itself uses)."""
+        return RocketMQAdmin(self.namesrv_addr)
+
     def remoting(self, port: int, code: int, fields: Mapping[str, str] | None = None, body: bytes = b"",
                  timeout: float = 10.0) -> tuple[dict[str, Any], bytes]:
         """One request in RocketMQ's own remoting protocol (what mqadmin speaks), JSON headers, to the
@@ -483,28 +455,10 @@ class RocketMQServer:
         mqadmin takes a JVM start and 3-4 s per command."""
         return remoting_call(("127.0.0.1", port), code, fields, body, timeout)
 
-    def _broker_request(self, code: int, fields: Mapping[str, str] | None = None, body: bytes = b"") -> bytes:
-        header, answer = self.remoting(self.broker_port, code, fields, body)
-        if header.get("code") != 0:
-            raise ServerError(f"broker request {code} {dict(fields or {})} failed: "
-                              f"code {header.get('code')}, {header.get('remark')}")
-        return answer
-
     def create_topics(self, topics: Mapping[str, str], queues: int = 4) -> None:
         """Create or update topics, name -> message type (NORMAL, FIFO, DELAY, TRANSACTION), on the
         broker, and wait until the name server routes each of them (the broker registers at once)."""
-        bad = {t: k for t, k in topics.items() if k not in MESSAGE_TYPES}
-        if bad:
-            raise ValueError(f"message types are {MESSAGE_TYPES}, not {bad}")
-        for name, kind in topics.items():
-            # UPDATE_AND_CREATE_TOPIC; "+message.type=FIFO" is mqadmin updateTopic's -a syntax.
-            self._broker_request(RequestCode.UPDATE_AND_CREATE_TOPIC, {
-                "topic": name, "defaultTopic": "TBW102", "readQueueNums": str(queues),
-                "writeQueueNums": str(queues), "perm": "6", "topicFilterType": "SINGLE_TAG",
-                "topicSysFlag": "0", "order": "false", "attributes": f"+message.type={kind}"})
-        deadline = time.monotonic() + 30
-        for name in topics:
-            _poll(f"a route to topic {name}", deadline, lambda n=name: True if self.routed(n) else None)  # type: ignore[misc]
+        self.rocketmq_admin.create_topics(topics, queues=queues)
 
     def create_topic(self, topic: str, message_type: str = "NORMAL", queues: int = 4) -> None:
         self.create_topics({topic: message_type}, queues=queues)
@@ -514,16 +468,11 @@ class RocketMQServer:
         ("group not found"). ``fifo`` sets consumeMessageOrderly, which a FIFO topic's consumers need
         for per-message-group order; after ``retry_max_times`` failed deliveries a message goes to
         ``%DLQ%<group>``."""
-        config = {"groupName": group, "consumeEnable": True, "consumeFromMinEnable": True,
-                  "consumeBroadcastEnable": False, "consumeMessageOrderly": fifo, "retryQueueNums": 1,
-                  "retryMaxTimes": retry_max_times, "brokerId": 0, "whichBrokerWhenConsumeSlowly": 1,
-                  "notifyConsumerIdsChangedEnable": True}
-        self._broker_request(RequestCode.UPDATE_AND_CREATE_SUBSCRIPTIONGROUP, body=json.dumps(config).encode())
+        self.rocketmq_admin.create_group(group, fifo=fifo, retry_max_times=retry_max_times)
 
     def broker_registered(self) -> bool:
         """Whether the name server lists this broker in the cluster (GET_BROKER_CLUSTER_INFO)."""
-        header, body = self.remoting(self.namesrv_port, RequestCode.GET_BROKER_CLUSTER_INFO)
-        return header.get("code") == 0 and f'"{self.broker_addr}"'.encode() in body
+        return self.rocketmq_admin.broker_registered(self.broker_addr)
 
     def _register(self) -> bool | None:
         """Have the broker register with the name server now, True once the name server lists it.
@@ -534,22 +483,16 @@ class RocketMQServer:
         default, 6 = read and write) makes the broker register at once."""
         if self.broker_registered():
             return True
-        self._broker_request(RequestCode.UPDATE_BROKER_CONFIG, body=b"brokerPermission=6\n")
+        self.rocketmq_admin.update_broker_config({"brokerPermission": "6"}, self.broker_addr)
         return True if self.broker_registered() else None
 
     def routed(self, topic: str) -> bool:
         """Whether the name server has a route for ``topic`` (False while it has none)."""
-        header, _ = self.remoting(self.namesrv_port, RequestCode.GET_ROUTEINFO_BY_TOPIC, {"topic": topic})
-        if header.get("code") == ResponseCode.TOPIC_NOT_EXIST:
-            return False
-        if header.get("code") != 0:
-            raise ServerError(f"route query for {topic}: code {header.get('code')}, {header.get('remark')}")
-        return True
+        return self.rocketmq_admin.routed(topic)
 
     def broker_config(self) -> dict[str, str]:
         """The running broker's configuration as it reports it (what mqadmin getBrokerConfig prints)."""
-        text = self._broker_request(RequestCode.GET_BROKER_CONFIG).decode()
-        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        return self.rocketmq_admin.broker_config(self.broker_addr)
 
     def admin(self, *args: str, timeout: float = 60.0) -> str:
         """Run ``mqadmin ARGS -n <name server>`` (org.apache.rocketmq.tools.command.MQAdminStartup)

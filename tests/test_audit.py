@@ -147,3 +147,45 @@ def test_an_unreachable_broker_is_an_error_even_with_nothing_to_check(tmp_path: 
                                        f"kafka://127.0.0.1:{free_port()}", "--timeout-s", "3"])
     assert result.exit_code == 1, result.output
     assert "cannot read the broker's metadata" in result.output
+
+
+@pytest.mark.rocketmq
+@pytest.mark.parametrize("outbox", ["sqlite"], indirect=True)
+def test_rocketmq_audit_finds_each_message_by_its_id_and_what_no_consumer_can_reach(
+    rocketmq: Any, outbox: OutboxHarness
+) -> None:
+    """Confirmed by message id (the broker's index) and the queue's readable offsets; after the
+    topic is deleted and made again, the messages are still in the commit log and its index, but
+    no consumer can read them: missing, saying so."""
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+
+    topic = unique_topic("audit")
+    broker = RocketMQBroker(rocketmq.zeroloss_url, timeout_s=10)
+    try:
+        broker.declare([topic])
+        ids = [outbox.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 3)) for i in range(20)]
+        Relay(outbox.store, broker, FAST).drain(timeout_s=60)
+        code, doc = audit(*source(outbox), "--target", rocketmq.zeroloss_url)
+        assert code == 0 and doc["broker"]["confirmed"] == 20 and doc["missing"] == [], doc
+        broker.delete([topic])
+        broker.declare([topic])  # the same name, empty queues
+        code, doc = audit(*source(outbox), "--target", rocketmq.zeroloss_url)
+        assert code == 1 and doc["missing"] == sorted(ids), doc
+        assert all("no consumer can read it" in why for why in doc["broker"]["missing"].values()), doc
+    finally:
+        broker.delete([topic])
+        broker.close()
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_audit_a_position_that_is_not_a_message_id_is_missing(rocketmq: Any, tmp_path: Path) -> None:
+    from zeroloss.outbox.spool import FileSpool
+
+    spool = FileSpool(tmp_path / "spool")
+    with spool.transaction() as tx:
+        mid = tx.add(topic="t", value=b"v")
+    (claimed,) = spool.claim(10, 60)
+    spool.succeed([Delivered(claimed, "t/0/17")])  # a Kafka-style position: no message id to look up
+    code, doc = audit("--source", f"spool://{spool.root}", "--target", rocketmq.zeroloss_url)
+    assert code == 1 and doc["missing"] == [mid]
+    assert "no RocketMQ message id recorded" in doc["broker"]["missing"][mid]

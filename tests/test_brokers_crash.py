@@ -1,5 +1,5 @@
-"""A relay SIGKILLed at random points loses nothing on RabbitMQ, NATS JetStream and Redis Streams
-(the same scenario as test_relay_crash.py for Kafka), and NATS's dedup window drops every copy."""
+"""A relay SIGKILLed at random points loses nothing on RabbitMQ, NATS JetStream, Redis Streams and
+RocketMQ (the same scenario as test_relay_crash.py for Kafka), and NATS's dedup window drops every copy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker_harness import OTHER_BROKERS, BrokerHarness, harness
+from tests.broker_harness import OTHER_BROKERS, BrokerHarness, fixture_url, harness
 from tests.conftest import OutboxHarness, only_in_the_full_crash_matrix, unique_topic
 from tests.test_relay_crash import source_url, start_relay, wait_until
 from zeroloss.outbox.base import State
@@ -25,7 +25,7 @@ MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "1500"))
 
 @pytest.fixture(params=OTHER_BROKERS)
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
-    with harness(request.param) as h:
+    with harness(request.param, fixture_url(request, request.param)) as h:
         yield h
 
 
@@ -36,8 +36,7 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     if outbox.kind != "spool":  # the spool variant of each broker stays in make test
         only_in_the_full_crash_matrix(f"relay SIGKILL from a {outbox.kind} outbox")
     rng = random.Random(int(os.environ.get("ZEROLOSS_SEED", time.time())))
-    topic = unique_topic("crash")
-    target.topics.append(topic)
+    topic = target.new_topic(unique_topic("crash"))
     ids = [outbox.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 13)) for i in range(MESSAGES)]
     source = source_url(outbox)
     table = getattr(getattr(outbox.store, "table", None), "name", None)

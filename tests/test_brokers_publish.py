@@ -1,4 +1,4 @@
-"""The Kafka (three-broker cluster), RabbitMQ, NATS JetStream and Redis Streams adapters against
+"""The Kafka (three-broker cluster), RabbitMQ, NATS JetStream, Redis Streams and RocketMQ adapters against
 the real services: relay delivery in key order, outages that spend no attempts, unroutable or
 invalid destinations, dedup."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.broker_harness import BROKERS, BrokerHarness, by_key, harness
+from tests.broker_harness import BROKERS, BrokerHarness, by_key, fixture_url, harness
 from tests.conftest import OutboxHarness, unique_topic
 from zeroloss.brokers._batch import publish_in_waves, text_value, value_bytes, waves
 from zeroloss.brokers._loop import LoopThread
@@ -28,15 +28,12 @@ FAST = RelaySettings(batch_size=100, backoff_base_s=0.01, max_backoff_s=0.05, id
 
 @pytest.fixture(params=BROKERS)
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
-    url = request.getfixturevalue("kafka_cluster").url if request.param == "kafka" else None
-    with harness(request.param, url) as h:
+    with harness(request.param, fixture_url(request, request.param)) as h:
         yield h
 
 
 def topic_for(h: BrokerHarness, prefix: str = "pub") -> str:
-    t = unique_topic(prefix)
-    h.topics.append(t)
-    return t
+    return h.new_topic(unique_topic(prefix))
 
 
 # -- no service needed ---------------------------------------------------------------------------
@@ -86,9 +83,10 @@ def test_the_registry_opens_each_scheme_without_connecting() -> None:
     from zeroloss.brokers.nats import NatsBroker
     from zeroloss.brokers.rabbitmq import RabbitBroker
     from zeroloss.brokers.redis import RedisStreamBroker
+    from zeroloss.brokers.rocketmq import RocketMQBroker
 
     for url, cls in (("amqp://u:p@127.0.0.1:1/", RabbitBroker), ("nats://127.0.0.1:1", NatsBroker),
-                     ("redis://127.0.0.1:1/0", RedisStreamBroker)):
+                     ("redis://127.0.0.1:1/0", RedisStreamBroker), ("rocketmq://127.0.0.1:1", RocketMQBroker)):
         b = open_broker(url, timeout_s=1)
         try:
             assert isinstance(b, cls) and isinstance(b, Broker)
@@ -391,3 +389,204 @@ def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_at
             broker.close()
         assert outbox.store.get(mid)[0] is State.SUCCESS
         assert [m for m, _ in h.read(topic)] == [mid]
+
+
+# -- RocketMQ: what the broker and the client refuse, and what is not SEND_OK ---------------------
+
+
+def test_rocketmq_urls_name_the_proxy_the_name_server_and_credentials() -> None:
+    from zeroloss.brokers.rocketmq import check_url, rocketmq_topic
+
+    u = check_url("rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876")
+    assert (u.endpoint, u.namesrv, u.cluster, u.access_key) == ("127.0.0.1:18081", "127.0.0.1:19876", None, "")
+    u = check_url("rocketmq://ak:s%2Fk@mq.example")  # RocketMQ's default ports: proxy 8081, name server 9876
+    assert (u.endpoint, u.namesrv, u.access_key, u.secret_key) == ("mq.example:8081", "mq.example:9876", "ak", "s/k")
+    assert check_url("rocketmq://h:1?namesrv=a:1;b:2&cluster=C").cluster == "C"
+    for bad, why in (("kafka://h:1", "not a RocketMQ URL"), ("rocketmq://h:1?queues=3", "unknown setting"),
+                     ("rocketmq://h:1?namesrv=a:b", "HOST:PORT"), ("rocketmq://:1", "no proxy host"),
+                     ("rocketmq://h:x", "bad port")):
+        with pytest.raises(ConfigError, match=why):
+            check_url(bad)
+    assert rocketmq_topic("orders.dlq") == "orders_dlq"  # RocketMQ allows no '.' in a topic name
+    with pytest.raises(ValueError, match="cannot be a RocketMQ topic"):
+        rocketmq_topic("x" * 200)  # zeroloss allows 249 characters, RocketMQ 127
+
+
+def test_rocketmq_what_is_not_send_ok_is_never_delivered() -> None:
+    """The proxy turns FLUSH_DISK_TIMEOUT, FLUSH_SLAVE_TIMEOUT and SLAVE_NOT_AVAILABLE into these
+    codes and the client raises them; they are the broker's state: broker-wide, no attempt spent.
+    (A real broker that times out its flush cannot be had on demand: the client's own exceptions.)"""
+    from rocketmq.v5.exception import (
+        BadRequestException,
+        InternalErrorException,
+        NotFoundException,
+        ProxyTimeoutException,
+        TooManyRequestsException,
+    )
+
+    from zeroloss.brokers._batch import BrokerWide
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+
+    b = RocketMQBroker("rocketmq://127.0.0.1:1", timeout_s=3)
+    m = new_message("t", b"v", key=b"k")
+    try:
+        for exc, name in ((ProxyTimeoutException("flush", 50401), "FLUSH_DISK_TIMEOUT"),
+                          (ProxyTimeoutException("slave", 50402), "FLUSH_SLAVE_TIMEOUT"),
+                          (InternalErrorException("ha", 50002), "SLAVE_NOT_AVAILABLE"),
+                          (TooManyRequestsException("busy", 42900), "TOO_MANY_REQUESTS"),
+                          (OSError("reset"), "reset")):
+            with pytest.raises(BrokerWide, match=name):
+                b._failed(m, exc)
+        assert b._failed(m, BadRequestException("bad property", 40015)).status is Status.REJECTED
+        assert b._failed(m, NotFoundException("no topic", 40402)).status is Status.RETRY
+    finally:
+        b.close()
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_refusals_hold_only_their_key(rocketmq: Any) -> None:
+    """A missing topic is RETRY (init creates it), an empty body and a topic name RocketMQ cannot
+    have are REJECTED, a TRANSACTION topic refuses the relay's messages; each holds its key only."""
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        fine = topic_for(h, "fine")
+        missing = unique_topic("missing")
+        tx = unique_topic("tx")
+        h.topics.append(tx)
+        rocketmq.create_topic(tx, "TRANSACTION")
+        msgs = [new_message(missing, b"a", key=b"A"), new_message(fine, b"a2", key=b"A"),
+                new_message(fine, b"", key=b"B"), new_message(fine, b"b2", key=b"B"),
+                new_message("x" * 200, b"c", key=b"C"), new_message(tx, b"d", key=b"D"),
+                new_message(fine, b"e", key=b"E"), new_message(fine, b"f", key=None, headers={"h": b""})]
+        broker = h.make()
+        try:
+            out = broker.publish(msgs)
+        finally:
+            broker.close()
+        assert [o.status for o in out] == [Status.RETRY, Status.HELD, Status.REJECTED, Status.HELD, Status.REJECTED,
+                                           Status.REJECTED, Status.DELIVERED, Status.DELIVERED]
+        assert "does not exist" in (out[0].error or "") and "zeroloss init" in (out[0].error or "")
+        assert "empty body" in (out[2].error or "")
+        assert "cannot be a RocketMQ topic" in (out[4].error or "")
+        assert "message type" in (out[5].error or "")
+        assert sorted(i for i, _ in h.read(fine)) == sorted(m.id for m in msgs[6:])
+        letters = dict(h.read_headers(fine))
+        assert letters[msgs[7].id]["h"] == b"" and letters[msgs[6].id]["zeroloss-key"] == b"E"
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_a_normal_topic_takes_keyed_messages_without_order(rocketmq: Any,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        topic = unique_topic("normal")
+        h.topics.append(topic)
+        rocketmq.create_topic(topic, "NORMAL")
+        msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(3)]
+        broker = h.make()
+        try:
+            out = broker.publish(msgs)
+        finally:
+            broker.close()
+        assert {o.status for o in out} == {Status.DELIVERED}
+        assert "is NORMAL, not FIFO" in caplog.text
+        assert sorted(i for i, _ in h.read(topic)) == sorted(m.id for m in msgs)
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_location_finds_the_message_by_its_id(rocketmq: Any) -> None:
+    """The location is topic/message-id/queue-offset; the broker finds the message by that id and
+    by our id (a message key), at that offset."""
+    from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        topic = topic_for(h, "loc")
+        broker = h.make()
+        try:
+            (out,) = broker.publish([new_message(topic, b"v", key=b"k")])
+        finally:
+            broker.close()
+        assert out.location is not None
+        name, mid, offset = out.location.split("/")
+        admin = RocketMQAdmin(rocketmq.namesrv_addr)
+        deadline = time.monotonic() + 30
+        while not (found := admin.query_messages(name, mid, unique=True)):  # the index is written asynchronously
+            assert time.monotonic() < deadline, "the broker never indexed the message"
+            time.sleep(0.1)
+        assert [(m.properties["zeroloss-id"], m.queue_offset) for m in found] == [(out.message.id, int(offset))]
+        assert [m.message_id for m in admin.query_messages(name, out.message.id)] == [mid]
+
+
+def test_rocketmq_interrupt_cuts_a_publish_to_a_proxy_that_never_answers() -> None:
+    """A listener that takes connections and says nothing (a hung proxy): interrupt() makes the
+    publish give up with a retriable BrokerError long before its 30 s timeout would."""
+    import socket
+    import threading
+
+    from zeroloss.brokers.base import Interruptible
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # the kernel completes the handshakes; nobody ever reads or writes
+        broker = RocketMQBroker(f"rocketmq://127.0.0.1:{hole.getsockname()[1]}", timeout_s=30)
+        assert isinstance(broker, Interruptible)
+        errors: list[BaseException] = []
+
+        def publish() -> None:
+            try:
+                broker.publish([new_message("t", b"v", key=b"k")])
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=publish)
+        t.start()
+        try:
+            conn, _ = hole.accept()  # the client connected: the publish is in flight, waiting for an answer
+            broker.interrupt()
+            t.join()
+            conn.close()
+        finally:
+            broker.close()
+        assert len(errors) == 1 and isinstance(errors[0], BrokerError) and errors[0].retriable
+        assert "interrupted" in str(errors[0])
+        with pytest.raises(BrokerError, match="interrupted"):  # and every later publish
+            broker.publish([new_message("t", b"v")])
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_a_reserved_property_is_rejected_and_any_key_becomes_a_group(rocketmq: Any) -> None:
+    """A header named like one of RocketMQ's system properties is refused by the proxy (REJECTED);
+    a key of any length or bytes still makes a valid message group (a digest past 63 characters)."""
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        topic = topic_for(h, "props")
+        long_key = b"a key with spaces " * 10
+        msgs = [new_message(topic, b"a", key=b"A", headers={"KEYS": b"x"}),
+                new_message(topic, b"b", key=long_key), new_message(topic, b"c", key=long_key),
+                new_message(topic, b"d", key=b"\x00\xff")]
+        broker = h.make()
+        try:
+            out = broker.publish(msgs)
+        finally:
+            broker.close()
+        assert [o.status for o in out] == [Status.REJECTED, Status.DELIVERED, Status.DELIVERED, Status.DELIVERED]
+        assert "property is used by system: KEYS" in (out[0].error or "")
+        assert by_key(h.read(topic)) == {long_key: [msgs[1].id, msgs[2].id], b"\x00\xff": [msgs[3].id]}
+
+
+def test_rocketmq_the_clients_failed_heartbeat_callbacks_are_not_logged_as_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the proxy is down the client's heartbeat callback raises every 10 s and
+    concurrent.futures logs a gRPC traceback as an ERROR: dropped; other errors there still show."""
+    import logging
+
+    import grpc
+
+    from zeroloss.brokers.rocketmq import rocketmq_module
+
+    rocketmq_module()
+    down = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")
+    futures_log = logging.getLogger("concurrent.futures")
+    with caplog.at_level(logging.ERROR):
+        futures_log.error("exception calling callback for %r", "<Future>", exc_info=(type(down), down, None))
+        futures_log.error("exception calling callback for %r", "<Future>", exc_info=(ValueError, ValueError("x"), None))
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [ValueError]

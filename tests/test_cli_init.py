@@ -268,3 +268,61 @@ def test_rabbitmq_refuses_a_replication_factor_saying_why(topic: str) -> None:
 def test_a_replication_factor_below_one_is_bad_usage(topic: str) -> None:
     code, out = run("init", "--target", NATS_URL, "--topic", topic, "--replication-factor", "0")
     assert code == 2 and "--replication-factor" in out and "0 is not in the range x>=1" in out
+
+
+# -- RocketMQ: typed topics, made through the name server ------------------------------------------
+
+
+def _rocketmq_topic_config(server: Any, name: str) -> dict[str, Any] | None:
+    """The broker's own answer to GET_TOPIC_CONFIG (None: no such topic)."""
+    import json
+
+    header, body = server.remoting(server.broker_port, 351, {"topic": name})
+    return json.loads(body) if header["code"] == 0 else None
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_fifo_topics_dlq_and_group_are_created_once(rocketmq: Any, topic: str) -> None:
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+
+    group = unique_topic("grp")
+    args = ["init", "--target", rocketmq.zeroloss_url, "--topic", topic, "--partitions", "2", "--group", group]
+    try:
+        for action in ("created", "exists"):
+            code, out = run(*args)
+            assert code == 0, out
+            assert f"{action:<15} topic {topic}  (FIFO, 2 queue(s) on 1 broker(s))" in out, out
+            assert f"{action:<15} topic {topic}.dlq  (RocketMQ topic {topic}_dlq, FIFO, 2 queue(s)" in out, out
+            assert f"{action:<15} consumer group {group}  (orderly True, retry max times 16" in out, out
+        for name in (topic, f"{topic}_dlq"):
+            config = _rocketmq_topic_config(rocketmq, name)
+            assert config is not None and config["attributes"] == {"message.type": "FIFO"}
+            assert config["writeQueueNums"] == config["readQueueNums"] == 2
+    finally:
+        broker = RocketMQBroker(rocketmq.zeroloss_url)
+        try:
+            broker.delete([topic])  # the demo's clean-up: both topics, from the broker and the name server
+        finally:
+            broker.close()
+    assert _rocketmq_topic_config(rocketmq, topic) is None and _rocketmq_topic_config(rocketmq, f"{topic}_dlq") is None
+    assert not rocketmq.routed(topic)
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_a_transaction_topic_and_replicas_are_configuration_errors(rocketmq: Any, topic: str) -> None:
+    with harness("rocketmq", rocketmq.zeroloss_url) as h:
+        h.topics.append(topic)
+        rocketmq.create_topic(topic, "TRANSACTION")
+        code, out = run("init", "--target", rocketmq.zeroloss_url, "--topic", topic)
+        assert code == 2, out
+        assert f"RocketMQ topic {topic!r} exists with message type TRANSACTION" in out
+        code, out = run("init", "--target", rocketmq.zeroloss_url, "--topic", topic, "--replication-factor", "2")
+        assert code == 2, out
+        assert "RocketMQ keeps copies per broker" in out
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_an_unreachable_name_server_says_how_to_name_it(rocketmq: Any) -> None:
+    code, out = run("init", "--target", f"rocketmq://{rocketmq.endpoint}", "--topic", "t", "--timeout-s", "2")
+    assert code == 1, out
+    assert f"RocketMQ name server {rocketmq.endpoint.split(':')[0]}:9876" in out and "?namesrv=HOST:PORT" in out

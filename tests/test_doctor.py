@@ -153,7 +153,7 @@ def test_the_outbox_is_checked(tmp_path: Path) -> None:
 
 def test_bad_usage_exits_2() -> None:
     result = CliRunner().invoke(main, ["doctor", "--target", "mqtt://localhost/"])  # amqp:// and nats:// are known now
-    assert result.exit_code == 2 and "kafka://, nats://, amqp:// and redis://" in result.output
+    assert result.exit_code == 2 and "kafka://, nats://, amqp://, redis:// and rocketmq://" in result.output
     result = CliRunner().invoke(main, ["doctor"])
     assert result.exit_code == 2 and "nothing to check" in result.output
 

@@ -493,3 +493,81 @@ def test_nats_r3_with_the_default_sync_is_a_warning_not_a_failure(nats_cluster: 
     assert check["verdict"] == "warn" and code == 0, doc
     assert "120s" in check["detail"]
     assert "the stream has 3 replicas: a power cut of all their servers" in check["detail"]
+
+
+# -- RocketMQ -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def rmq(rocketmq: Any) -> Iterator[tuple[Any, str, str]]:
+    """The server, a topic and a group name; the topics are deleted afterwards."""
+    from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+
+    topic, group = unique_topic("doc"), unique_topic("docgrp")
+    yield rocketmq, topic, group
+    admin = RocketMQAdmin(rocketmq.namesrv_addr)
+    with contextlib.suppress(Exception):
+        admin.delete_topics([topic, f"{topic}_dlq"])
+    with contextlib.suppress(Exception):
+        admin.delete_group(group)
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_what_init_makes_passes_and_the_single_async_master_is_named(rmq: tuple[Any, str, str]) -> None:
+    server, topic, group = rmq
+    result = CliRunner().invoke(main, ["init", "--target", server.zeroloss_url, "--topic", topic, "--group", group])
+    assert result.exit_code == 0, result.output
+    code, doc = run("--target", server.zeroloss_url, "--topic", topic, "--group", group)
+    checks = by_name(doc)
+    assert code == 1 and doc["verdict"] == "fail"
+    assert checks["broker broker-a flushDiskType"]["verdict"] == "ok"
+    assert "SYNC_FLUSH" in checks["broker broker-a flushDiskType"]["detail"]
+    role = checks["broker broker-a role"]
+    assert role["verdict"] == "fail" and "ASYNC_MASTER" in role["detail"] and "has no slave" in role["detail"]
+    assert checks[f"topic {topic}"]["verdict"] == "ok" and "FIFO" in checks[f"topic {topic}"]["detail"]
+    assert checks[f"topic {topic}_dlq ({topic}.dlq)"]["verdict"] == "ok"
+    grp = checks[f"consumer group {group}"]
+    assert grp["verdict"] == "ok" and "max reconsume times 16" in grp["detail"] and "orderly True" in grp["detail"]
+    assert "up to 3 attempts" in checks["producer send timeout and retries"]["detail"]
+    # One copy is all that is asked for: then nothing fails.
+    code, doc = run("--target", server.zeroloss_url, "--topic", topic, "--group", group, "--min-replication", "1")
+    assert code == 0 and doc["verdict"] == "ok", doc
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_a_normal_topic_a_missing_dlq_and_a_weak_group_are_each_named(rmq: tuple[Any, str, str]) -> None:
+    server, topic, group = rmq
+    server.create_topic(topic, "NORMAL")
+    server.create_group(group, fifo=False, retry_max_times=0)
+    code, doc = run("--target", server.zeroloss_url, "--topic", topic, "--group", group, "--min-replication", "1")
+    checks = by_name(doc)
+    assert code == 1
+    assert checks[f"topic {topic}"]["verdict"] == "warn" and "NORMAL" in checks[f"topic {topic}"]["detail"]
+    dlq = checks[f"topic {topic}_dlq ({topic}.dlq)"]
+    assert dlq["verdict"] == "fail" and "does not exist" in dlq["detail"] and "zeroloss init" in dlq["fix"]
+    assert checks[f"consumer group {group}"]["verdict"] == "warn"
+    assert "goes straight to the DLQ" in checks[f"consumer group {group}"]["detail"]
+    code, doc = run("--target", server.zeroloss_url, "--group", unique_topic("nogroup"))
+    assert next(c for c in doc["checks"] if c["name"].startswith("consumer group"))["verdict"] == "fail"
+
+
+@pytest.mark.rocketmq
+def test_rocketmq_an_unreachable_name_server_fails_without_a_traceback(rocketmq: Any) -> None:
+    code, doc = run("--target", f"rocketmq://{rocketmq.endpoint}?namesrv=127.0.0.1:19998", "--timeout-s", "2")
+    checks = by_name(doc)
+    assert code == 1 and checks["rocketmq proxy"]["verdict"] == "ok"
+    assert checks["rocketmq name server"]["verdict"] == "fail" and "?namesrv=" in checks["rocketmq name server"]["fix"]
+
+
+def test_rocketmq_flush_and_role_verdicts_for_brokers_this_machine_does_not_run() -> None:
+    """A broker's configuration as it reports it (no slave-ful cluster runs here): the judgement."""
+    from zeroloss.doctor.rocketmq import flush_check, role_check
+
+    assert flush_check("b", {"flushDiskType": "ASYNC_FLUSH"}, 0).verdict == "fail"
+    assert flush_check("b", {"flushDiskType": "ASYNC_FLUSH", "brokerRole": "SYNC_MASTER"}, 1).verdict == "warn"
+    alone = role_check("b", {"brokerRole": "SYNC_MASTER"}, 0, 2)
+    assert alone.verdict == "fail" and "no slave registered" in alone.detail
+    assert role_check("b", {"brokerRole": "SYNC_MASTER"}, 2, 3).verdict == "ok"
+    assert role_check("b", {"brokerRole": "SYNC_MASTER"}, 1, 3).verdict == "fail"
+    lagging = role_check("b", {"brokerRole": "ASYNC_MASTER"}, 1, 2)
+    assert lagging.verdict == "fail" and "copy later" in lagging.detail

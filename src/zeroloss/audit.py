@@ -2,11 +2,17 @@
 broker and, optionally, a consumer group's inbox.
 
 * **Broker:** every ``success`` message recorded where the broker put it (``topic/partition/
-  offset``). The audit reads those positions back — per page of the ledger, per partition, one
+  offset``). Kafka: the audit reads those positions back — per page of the ledger, per partition, one
   seek to the lowest recorded offset and forward to the highest, with ``assign()`` (no group
   join, nothing committed) — and confirms the record at each offset carries that ``zeroloss-id``.
   A message is *missing* when its topic or partition is gone, the partition ends before it, or
   another record sits at its offset (the broker lost data and reused the offsets).
+  RocketMQ (``topic/message-id/queue-offset``): each message is looked up by the message id the
+  broker answered with (QUERY_MESSAGE on the broker's index, no consumer group); it must carry
+  that ``zeroloss-id`` and still lie within its queue's readable offsets (a deleted topic's
+  messages stay in the commit log and its index, but no consumer reaches them). That proves the
+  broker stores it where a consumer can read it. A message not yet indexed (the index follows
+  the commit log by milliseconds) is asked for again until ``idle_s`` has passed.
 * **Inbox:** every ``success`` id against the consumer group's inbox (``seen``). Messages created
   less than ``grace_s`` ago are not judged (the consumer may not have got to them yet). A message
   a consumer dead-lettered has no inbox row either: look in the ``.dlq`` topic before repairing.
@@ -118,7 +124,7 @@ def audit(
     if inbox is not None and not group:
         raise ConfigError("--inbox needs --group: whose inbox to check")
     report = AuditReport()
-    reader = _BrokerReader(target, timeout_s=timeout_s, idle_s=idle_s) if target is not None else None
+    reader = _reader(target, timeout_s=timeout_s, idle_s=idle_s) if target is not None else None
     if reader is not None:
         report.broker = BrokerFindings(target or "")
     if inbox is not None and group:
@@ -144,6 +150,74 @@ def repair(store: OutboxAdmin, ids: Iterable[str], chunk: int = 1000) -> int:
 
 
 # -- the broker ----------------------------------------------------------------------------------
+
+
+def _reader(url: str, *, timeout_s: float, idle_s: float) -> _BrokerReader | _RocketMQReader:
+    from zeroloss.registry import scheme_of
+
+    if scheme_of(url) == "rocketmq":
+        return _RocketMQReader(url, timeout_s=timeout_s, idle_s=idle_s)
+    return _BrokerReader(url, timeout_s=timeout_s, idle_s=idle_s)
+
+
+class _RocketMQReader:
+    """Finds each recorded RocketMQ message by its broker message id (the remoting protocol's
+    QUERY_MESSAGE through the name server's brokers) and checks it carries our id."""
+
+    def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
+        from zeroloss.brokers.rocketmq import check_url
+        from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+
+        config = check_url(url)
+        self.idle_s = idle_s
+        self.admin = RocketMQAdmin(config.namesrv, timeout_s=min(timeout_s, 10.0), cluster=config.cluster)
+        self.admin.masters()  # an unreachable name server says so now, even with nothing to check
+        self._topics: dict[str, bool] = {}
+
+    def close(self) -> None:
+        pass
+
+    def _exists(self, topic: str) -> bool:
+        if topic not in self._topics:
+            self._topics[topic] = self.admin.topic_config(topic) is not None
+        return self._topics[topic]
+
+    def check(self, batch: list[Delivered], out: BrokerFindings) -> None:
+        from zeroloss.brokers.rocketmq import parse_location
+
+        left: dict[str, tuple[str, str, int]] = {}
+        for d in batch:
+            loc = parse_location(d.location)
+            if loc is None:
+                out.missing[d.message.id] = f"no RocketMQ message id recorded ({d.location!r})"
+            elif not self._exists(loc[0]):
+                out.missing[d.message.id] = f"topic {loc[0]} does not exist on the broker"
+            else:
+                left[d.message.id] = loc
+        deadline = time.monotonic() + self.idle_s
+        while left:
+            for mid, (topic, broker_id, _) in list(left.items()):
+                found = self.admin.query_messages(topic, broker_id, unique=True)
+                mine = [m for m in found if m.properties.get(ID_HEADER) == mid]
+                if mine:
+                    del left[mid]
+                    m = mine[0]
+                    first, end = self.admin.queue_offsets(m.broker, topic, m.queue_id)
+                    if first <= m.queue_offset < end:
+                        out.confirmed += 1
+                    else:
+                        out.missing[mid] = (f"message {broker_id} is in the commit log, but queue {m.queue_id} of "
+                                            f"{topic} on {m.broker} holds offsets {first}-{end - 1}, not its "
+                                            f"{m.queue_offset}: no consumer can read it (topic deleted, or data lost)")
+                elif found:
+                    out.missing[mid] = (f"message {broker_id} of {topic} carries "
+                                        f"{found[0].properties.get(ID_HEADER) or 'no ' + ID_HEADER}")
+                    del left[mid]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)  # the broker's index is written just after the commit log: ask again
+        for mid, (topic, broker_id, offset) in left.items():
+            out.missing[mid] = f"not found: {topic} has no message {broker_id} (queue offset {offset})"
 
 
 def _parse(location: str) -> tuple[str, int, int] | None:

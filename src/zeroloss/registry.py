@@ -19,7 +19,7 @@ from zeroloss.outbox.base import OutboxAdmin
 
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 SOURCE_SCHEMES = ("spool", *SQL_SCHEMES)
-TARGET_SCHEMES = ("kafka", "amqp", "amqps", "nats", "redis", "rediss")
+TARGET_SCHEMES = ("kafka", "amqp", "amqps", "nats", "redis", "rediss", "rocketmq")
 
 
 def scheme_of(url: str) -> str:
@@ -95,6 +95,10 @@ def open_broker(url: str, *, relay_id: str | None = None, timeout_s: float = 30.
         from zeroloss.brokers.redis import RedisStreamBroker
 
         return RedisStreamBroker(url, timeout_s=timeout_s, **options)
+    if scheme == "rocketmq":
+        from zeroloss.brokers.rocketmq import RocketMQBroker
+
+        return RocketMQBroker(url, timeout_s=timeout_s, **options)
     raise ConfigError(f"unknown target scheme {scheme!r} in {url!r}; use one of: {', '.join(TARGET_SCHEMES)}")
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.chaos import bad_input, broker_faults, spool_faults
+from tests.chaos import bad_input, broker_faults, rocketmq_faults, spool_faults
 from tests.chaos.pipeline import Ledger, Pipeline, Size, wait_until, zeroloss_cli
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
 from zeroloss.readback import read_topic
@@ -366,6 +366,7 @@ FULL_SIZES: dict[str, Size] = {
     "handler-failures": Size(messages=20_000, kills=10, outage_s=20),
     "zombie-consumer": Size(messages=25_000, kills=10, outage_s=20),
     **broker_faults.FULL_SIZES,
+    **rocketmq_faults.FULL_SIZES,
 }
 SHORT_SIZES: dict[str, Size] = dict(broker_faults.SHORT_SIZES)
 
@@ -395,4 +396,5 @@ SCENARIOS: dict[str, Any] = {
     "spool-crash-before-promotion": spool_faults.crash_before_promotion,
     "bad-input": bad_input.bad_input,
     **broker_faults.CLUSTER_SCENARIOS,  # on the three-node Apache Kafka cluster, not on Tansu
+    **rocketmq_faults.ROCKETMQ_SCENARIOS,  # each on a RocketMQ server of its own, never the shared one
 }

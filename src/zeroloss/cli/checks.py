@@ -17,12 +17,16 @@ if TYPE_CHECKING:
 
 @main.command()
 @option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
-        help="kafka://HOST:PORT, nats://HOST:PORT, amqp://USER:PASS@HOST/ or redis://HOST:PORT/DB")
-@option("--topic", metavar="T", help="Also check this topic's Kafka topic, NATS streams or RabbitMQ queues.")
+        help="kafka://HOST:PORT, nats://HOST:PORT, amqp://USER:PASS@HOST/, redis://HOST:PORT/DB or "
+             "rocketmq://HOST:PORT?namesrv=HOST:PORT")
+@option("--topic", metavar="T",
+        help="Also check this topic's Kafka topic, NATS streams, RabbitMQ queues or RocketMQ topics.")
+@option("--group", metavar="G", help="RocketMQ: also check this consumer group (max reconsume times, order).")
 @option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
 @option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
 @option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
-        help="Replication factor a Kafka topic needs; replicas a NATS stream needs.")
+        help="Replication factor a Kafka topic needs; replicas a NATS stream needs; copies a RocketMQ broker "
+             "makes (master + synchronous slaves).")
 @option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
 @option("--nats-monitor", metavar="URL",
         help="NATS: the server's monitoring endpoint, read for its sync interval [default: http://TARGET-HOST:8222].")
@@ -34,9 +38,9 @@ if TYPE_CHECKING:
         type=click.FloatRange(1), help="The relay's --timeout-s (likewise).")
 @json_option
 @errors_to_exit_codes
-def doctor(target: str | None, topic: str | None, source: str | None, table: str, min_replication: int,
-           timeout_s: float, nats_monitor: str | None, lease_s: float, max_backoff_s: float, relay_timeout_s: float,
-           as_json: bool) -> None:
+def doctor(target: str | None, topic: str | None, group: str | None, source: str | None, table: str,
+           min_replication: int, timeout_s: float, nats_monitor: str | None, lease_s: float, max_backoff_s: float,
+           relay_timeout_s: float, as_json: bool) -> None:
     """Check the settings that decide whether messages can be lost; one line per check with its
     verdict (ok / warn / fail / skip) and the fix. Exit 1 if any check fails.
 
@@ -47,7 +51,8 @@ def doctor(target: str | None, topic: str | None, source: str | None, table: str
 
     relay = RelaySettings(lease_s=lease_s, max_backoff_s=max_backoff_s)
     checks = run_doctor(target, topic=topic, source=source, table=table, min_replication=min_replication,
-                        timeout_s=timeout_s, nats_monitor=nats_monitor, relay=relay, relay_timeout_s=relay_timeout_s)
+                        timeout_s=timeout_s, nats_monitor=nats_monitor, relay=relay, relay_timeout_s=relay_timeout_s,
+                        group=group)
     verdict = overall(checks)
     if as_json:
         click.echo(json.dumps({"verdict": verdict.value, "checks": [c.as_dict() for c in checks]}, indent=2))

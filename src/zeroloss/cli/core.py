@@ -33,14 +33,15 @@ from zeroloss.outbox.base import Resolver, Stats
 @option("--topic", "topics", multiple=True, metavar="NAME",
         help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
 @option("--partitions", type=click.IntRange(1), default=None,
-        help="Kafka: partitions of a topic created now [default: the broker's default].")
+        help="Kafka: partitions of a topic created now [default: the broker's default]; RocketMQ: queues per "
+             "broker [default: 4].")
 @option("--replication-factor", type=click.IntRange(1), default=None,
         help="Copies of what is created now: Kafka topic replication factor [default: the broker's "
                    "default.replication.factor]; NATS stream replicas [default: 1: one server's disk]. More than "
                    "the cluster can hold is an error. RabbitMQ: not taken (a quorum queue is on every node).")
 @option("--group", default=None, metavar="NAME",
         help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
-                   "... MKSTREAM).")
+                   "... MKSTREAM; RocketMQ: an orderly subscription group on every master).")
 @option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
         help="How long to wait for the broker's answers.")
 @option("--notify", is_flag=True,

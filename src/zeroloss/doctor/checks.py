@@ -17,8 +17,8 @@ the fix. What is checked:
   report defaults) gives ``warn`` with the value Kafka would use by default — never a crash.
 * **Redis** (``redis://``): ``appendonly`` and ``appendfsync`` (``no`` → fail; ``everysec`` →
   warn: up to 1 s of writes lost in a crash; ``always`` → ok) and ``maxmemory-policy``.
-* **NATS JetStream** (``nats://``) and **RabbitMQ** (``amqp://``): see
-  :mod:`zeroloss.doctor.nats` and :mod:`zeroloss.doctor.rabbitmq`.
+* **NATS JetStream** (``nats://``), **RabbitMQ** (``amqp://``) and **RocketMQ** (``rocketmq://``):
+  see :mod:`zeroloss.doctor.nats`, :mod:`zeroloss.doctor.rabbitmq` and :mod:`zeroloss.doctor.rocketmq`.
 * **Outbox** (``--source``): reachable and initialised; PostgreSQL ``fsync`` and
   ``synchronous_commit``, MariaDB/MySQL ``innodb_flush_log_at_trx_commit`` (a commit the app saw
   must survive a crash, or the relay may publish a message whose transaction is then lost).
@@ -55,8 +55,10 @@ def run_doctor(
     nats_monitor: str | None = None,
     relay: RelaySettings | None = None,
     relay_timeout_s: float = 30.0,
+    group: str | None = None,
 ) -> list[Check]:
-    """All checks that apply to the given URLs, in order (``relay*``: the relay's settings)."""
+    """All checks that apply to the given URLs, in order (``relay*``: the relay's settings;
+    ``group``: a RocketMQ consumer group)."""
     from zeroloss.registry import scheme_of
 
     checks: list[Check] = []
@@ -77,8 +79,14 @@ def run_doctor(
             from zeroloss.doctor.rabbitmq import rabbitmq_checks
 
             checks += rabbitmq_checks(target, topic=topic, timeout_s=timeout_s)
+        elif scheme == "rocketmq":
+            from zeroloss.doctor.rocketmq import rocketmq_checks
+
+            checks += rocketmq_checks(target, topic=topic, group=group, min_replication=min_replication,
+                                      relay_timeout_s=relay_timeout_s, timeout_s=timeout_s)
         else:
-            raise ConfigError(f"doctor knows kafka://, nats://, amqp:// and redis:// targets, not {scheme!r}")
+            raise ConfigError(f"doctor knows kafka://, nats://, amqp://, redis:// and rocketmq:// targets, "
+                              f"not {scheme!r}")
     if not checks:
         raise ConfigError("nothing to check: give --target URL and/or --source URL")
     return checks
