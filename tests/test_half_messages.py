@@ -398,9 +398,9 @@ class TestOnTheBroker:
     def test_an_unreachable_broker_is_a_broker_error_before_anything_runs(self, pg_table: HalfMessageTable) -> None:
         ran: list[bool] = []
         # The client's startup does not fail without a broker (it logs and retries routes); the send does.
-        with HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table, request_timeout=2) as producer:
-            with pytest.raises(BrokerError, match="not sent"):
-                producer.send("t", b"x", lambda conn: ran.append(True))
+        with (HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table, request_timeout=2) as producer,
+              pytest.raises(BrokerError, match="not sent")):
+            producer.send("t", b"x", lambda conn: ran.append(True))
         assert ran == []
 
 
