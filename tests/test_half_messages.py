@@ -209,6 +209,37 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
     assert HalfMessageTable(url).resolve("not-a-zeroloss-id") is Resolution.UNKNOWN
 
 
+def test_a_check_back_that_cannot_be_answered_is_unknown(tmp_path: Path) -> None:
+    """No zeroloss id, a check that raises or answers something else: UNKNOWN (asked again),
+    never ROLLBACK."""
+    from rocketmq import Message
+
+    def message(**props: str) -> Any:
+        m = Message()
+        m.topic, m.body = "t", b"x"
+        for k, v in props.items():
+            m.add_property(k, v)
+        return m
+
+    def raises(back: CheckBack) -> Resolution:
+        raise ConnectionError("database down")
+
+    url = "rocketmq://127.0.0.1:1"
+    table = HalfMessageTable(f"sqlite:///{tmp_path / 'x.db'}")
+    assert HalfMessageProducer(url, ["t"], table).resolve(message()) is Resolution.UNKNOWN
+    assert HalfMessageProducer(url, ["t"], raises).resolve(message(**{ID_HEADER: uuid7()})) is Resolution.UNKNOWN
+    wrong = HalfMessageProducer(url, ["t"], lambda back: "rollback")  # type: ignore[arg-type,return-value]
+    assert wrong.resolve(message(**{ID_HEADER: uuid7()})) is Resolution.UNKNOWN
+    seen: list[CheckBack] = []
+    asks = HalfMessageProducer(url, ["t"], lambda back: seen.append(back) or Resolution.COMMIT)  # type: ignore[func-returns-value]
+    half_id = uuid7()
+    assert asks.resolve(message(**{ID_HEADER: half_id, "kind": "order", "TRANSACTION_CHECK_TIMES": "3"})) \
+        is Resolution.COMMIT
+    assert seen == [CheckBack(id=half_id, topic="t", key=None, value=b"x", headers={"kind": "order"},
+                              message_id=None, check_times=3)]  # type: ignore[arg-type]
+    table.close()
+
+
 # -- on the RocketMQ server ----------------------------------------------------------------------------
 
 
@@ -305,9 +336,22 @@ class TestOnTheBroker:
             conn.execute(effects.insert().values(note="doomed"))
             raise ValueError("out of stock")
 
+        # A deferred constraint fails at COMMIT itself: zeroloss cannot tell from the error whether
+        # the commit happened, asks the fence (ROLLBACK: it did not), and rolls the message back.
+        deferred = _name("deferred")
+        with pg_table.engine.begin() as conn:
+            conn.exec_driver_sql(f"CREATE TABLE {deferred} (n int, CONSTRAINT {deferred}_u UNIQUE (n) "
+                                 "DEFERRABLE INITIALLY DEFERRED)")
+        _made.append((sa.Table(deferred, sa.MetaData()), pg_table.engine))
+
+        def fails_at_commit(conn: sa.Connection) -> None:
+            conn.exec_driver_sql(f"INSERT INTO {deferred} VALUES (1), (1)")
+
         with HalfMessageProducer(server.url, [topic], pg_table) as producer, _consumer(server, topic) as consumer:
             with pytest.raises(ValueError, match="out of stock"):
                 producer.send(topic, b"doomed", fails)
+            with pytest.raises(StoreError, match="did not commit"):
+                producer.send(topic, b"doomed at commit", fails_at_commit)
             later = producer.send(topic, b"later", lambda conn: None)
             got = _receive_until(consumer, lambda got: later.id in _ids(got))
             got += _receive_until(consumer, lambda _: False, timeout=1)  # a copy behind it
@@ -404,6 +448,9 @@ class TestOnTheBroker:
         with (HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table, request_timeout=2) as producer,
               pytest.raises(BrokerError, match="not sent")):
             producer.send("t", b"x", lambda conn: ran.append(True))
+        with HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table) as producer, \
+                pytest.raises(MessageError, match="non-empty"):
+            producer.send("t", b"", lambda conn: ran.append(True))
         assert ran == []
 
 
