@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,22 @@ def test_a_transaction_ended_under_the_callable_is_lost_not_committed(half_table
     assert half_table.outcome(half_id) is None
     with half_table.engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(effects)).scalar() == 0
+
+
+def test_an_error_the_callable_caught_is_a_lost_transaction(half_table: HalfMessageTable) -> None:
+    """PostgreSQL aborts a transaction at its first error, and COMMIT then rolls it back without
+    raising: a callable that caught the error must not get a committed half message."""
+    if half_table.dialect != "postgresql":
+        pytest.skip("only PostgreSQL aborts the whole transaction at an error")
+    half_id = uuid7()
+
+    def swallows(conn: sa.Connection) -> None:
+        with suppress(sa.exc.DBAPIError):
+            conn.exec_driver_sql("SELECT 1 / 0")
+
+    with pytest.raises(TransactionLostError, match="PostgreSQL aborted it"):
+        half_table.run(half_id, "t", "m", swallows)
+    assert half_table.outcome(half_id) is None
 
 
 def test_a_check_back_during_the_local_transaction_is_unknown_not_rollback(half_table: HalfMessageTable) -> None:

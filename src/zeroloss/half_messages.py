@@ -44,6 +44,7 @@ from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from zeroloss.errors import BrokerError, ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
+from zeroloss.inbox import transaction_aborted
 from zeroloss.message import ID_HEADER, id_time, uuid7, validate_topic
 from zeroloss.outbox.base import id_floor
 from zeroloss.sqlurl import SQLITE_BUSY_TIMEOUT_MS, configure_sqlite, make_engine
@@ -188,23 +189,33 @@ class HalfMessageTable:
         transactionTimeOut and the broker decided first); _CommitOutcomeUnknown if COMMIT raised."""
         try:
             conn = self.engine.connect()
-            tx = conn.begin()
         except DBAPIError as exc:
             raise StoreError(f"local transaction database unavailable: {exc}", retriable=True) from exc
         try:
             try:
                 try:
+                    tx = conn.begin()
                     conn.execute(self.table.insert().values(
                         id=half_id, topic=topic, outcome=COMMITTED, message_id=message_id, created_at=self.clock()))
                 except IntegrityError as exc:
                     raise StoreError(f"half message {half_id}: a check-back already decided rollback before the "
                                      "local transaction began (it started after the broker's transactionTimeOut)",
                                      retriable=True) from exc
-                result = local_transaction(conn)
-                still = conn.execute(sa.select(self.table.c.outcome).where(self.table.c.id == half_id)).scalar()
+                except DBAPIError as exc:
+                    raise StoreError(f"half message {half_id}: cannot write its row: {exc}", retriable=True) from exc
+                result = local_transaction(conn)  # its own exceptions pass through untouched
+                if transaction_aborted(conn):  # PostgreSQL: an error the callable caught; COMMIT would roll back
+                    still = None
+                else:
+                    try:
+                        still = conn.execute(sa.select(self.table.c.outcome).where(self.table.c.id == half_id)).scalar()
+                    except DBAPIError as exc:
+                        raise StoreError(f"half message {half_id}: cannot read its row back: {exc}",
+                                         retriable=True) from exc
                 if still != COMMITTED:
                     raise TransactionLostError(f"half message {half_id}: the local transaction ended under the "
-                                               "callable (its row is gone); nothing of it is committed")
+                                               "callable (its row is gone, or PostgreSQL aborted it); nothing of "
+                                               "it is committed")
             except BaseException:
                 try:
                     conn.rollback()  # whatever transaction the connection is in now, should tx have ended
