@@ -35,7 +35,8 @@ test: install services lint
 # variant (make test runs a subset to stay under 20 minutes).
 chaos: install services
 	$(BIN)/python -m tests.chaos
-	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_relay_crash.py tests/test_brokers_crash.py
+	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_relay_crash.py tests/test_brokers_crash.py \
+	  tests/test_half_messages.py
 
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.
 bench: install services

@@ -377,6 +377,13 @@ class RocketMQServer:
             # of a core with the broker idle (measured here). Every 10 s instead; after a crash the
             # timer goes on from its checkpoint and re-reads its log, so no delayed message is lost.
             "timerFlushIntervalMs": "10000",
+            # Transactional (half) messages: the broker asks a producer about a half message left
+            # open for transactionTimeOut (6 s by default), scanning every transactionCheckInterval
+            # (30 s): a crash test would wait up to 36 s per check-back. 3 s and 2 s here; both are
+            # read at each scan, so UPDATE_BROKER_CONFIG changes them at runtime too (after the scan
+            # thread's current wait). transactionCheckMax stays 15 (then the broker drops it).
+            "transactionTimeOut": "3000",
+            "transactionCheckInterval": "2000",
         }
         props.update(self.broker_props)
         return "".join(f"{k}={v}\n" for k, v in props.items())
