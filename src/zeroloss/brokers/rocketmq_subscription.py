@@ -119,6 +119,16 @@ def rocketmq_topic(topic: str) -> str:
     return topic.replace("_", "__").replace(".", "_d")
 
 
+def _key(ours: str | None, keys: Sequence[str], group: str | None, from_zeroloss: bool) -> str | None:
+    """The key's text: ``zeroloss-key``, else the first message key; the message group only for a
+    foreign message (zeroloss gives a keyless message on a FIFO topic a group of its own choosing)."""
+    if ours is not None:
+        return ours
+    if keys:
+        return keys[0]
+    return None if from_zeroloss else group
+
+
 def _broker_error(what: str, exc: BaseException) -> BrokerError:
     return BrokerError(f"RocketMQ {what}: {type(exc).__name__}: {exc}")
 
@@ -249,18 +259,24 @@ class RocketMQSubscription:
 
     def _open(self, settle_s: float) -> None:
         where = f"at {self.url} (group {self.group}, topics {', '.join(self._by_name)})"
+        # The client starts "successfully" with nothing to talk to, and says why only in its own
+        # log: an unreachable proxy is told apart from a missing group or topic here.
+        host, _, port = parse_url(self.url).proxy.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=min(self.timeout_s, 5.0)).close()
+        except OSError as exc:
+            raise BrokerError(f"RocketMQ {where}: the proxy does not answer: {exc}") from exc
         try:
             self._consumer.startup()
         except Exception as exc:
-            # The client says no more than "failed to fetch topic route" for both causes.
-            raise BrokerError(f"RocketMQ {where}: cannot subscribe ({exc}): the proxy does not answer, or a topic "
-                              f"does not exist (zeroloss init --target {self.url} creates them)") from exc
+            raise _broker_error(f"{where}: cannot subscribe", exc) from exc
         self._started = True
         event = self._consumer._init_settings_event
         if event is None or not event.wait(settle_s):
-            raise BrokerError(f"RocketMQ {where}: the proxy accepted no settings for the consumer group within "
-                              f"{settle_s:.0f}s: the group does not exist (zeroloss init --group {self.group} creates "
-                              f"it) or the proxy cannot reach the broker")
+            # The settings go to the brokers a topic's route names and are refused for an unknown group.
+            raise BrokerError(f"RocketMQ {where}: the proxy accepted no settings for the consumer within "
+                              f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
+                              f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker")
         self.max_deliveries = self._consumer.max_attempts
 
     # -- receiving ------------------------------------------------------------------------------
@@ -286,8 +302,9 @@ class RocketMQSubscription:
     def _delivery(self, m: Any) -> Delivery:
         props = dict(m.properties or {})
         topic = self._by_name.get(m.topic, m.topic)
-        mid, poison = check_id(props.pop(ID_HEADER, None) or m.message_id, f"{m.topic}/{m.message_id}")
-        key_text = props.pop(KEY_HEADER, None) or (sorted(m.keys)[0] if m.keys else None) or m.message_group
+        ours = props.pop(ID_HEADER, None)
+        mid, poison = check_id(ours or m.message_id, f"{m.topic}/{m.message_id}")
+        key_text = _key(props.pop(KEY_HEADER, None), sorted(m.keys or ()), m.message_group, ours is not None)
         # The proxy passes some of RocketMQ's own properties on as user properties (a FIFO
         # message's __SHARDINGKEY): they are not the message's headers, and sent on they would
         # make a dead letter a FIFO message that its NORMAL topic refuses.
@@ -528,8 +545,8 @@ class RocketMQReader:
         for s in found:
             props = dict(s.properties)
             mid = props.get(ID_HEADER) or props.get("UNIQ_KEY")
-            key_text = props.get(KEY_HEADER) or (props["KEYS"].split(" ")[0] if props.get("KEYS") else None) \
-                or props.get("__SHARDINGKEY")
+            key_text = _key(props.get(KEY_HEADER), props.get("KEYS", "").split(), props.get("__SHARDINGKEY"),
+                            ID_HEADER in props)
             headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items())
                             if k not in (ID_HEADER, KEY_HEADER) and not _system_property(k))
             yield Stored(f"{name}/{s.queue_id}/{s.queue_offset}", s.queue_offset, mid,
