@@ -101,10 +101,10 @@ def test_a_missing_group_or_an_unreachable_proxy_is_a_broker_error_that_says_so(
     rocketmq.create_topic(topic)
     group = rocketmq_plain.unique("missing")
     with pytest.raises(BrokerError, match=f"group or a topic does not exist.*--group {group}"):
-        RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], settle_s=2)
+        RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], settle_s=1)
     rocketmq.create_group(group)
     with pytest.raises(BrokerError, match="group or a topic does not exist"):
-        RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [rocketmq_plain.unique("notopic")], settle_s=2)
+        RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [rocketmq_plain.unique("notopic")], settle_s=1)
     with pytest.raises(BrokerError, match="the proxy does not answer"):
         RocketMQSubscription("rocketmq://127.0.0.1:1", "g", [topic])
 
@@ -137,7 +137,7 @@ def test_a_slow_handler_keeps_its_message_past_the_invisible_duration(rocketmq: 
         assert started.wait(60)
         since = time.monotonic()
         # past the first invisible duration, plus RocketMQ's few seconds to make an expired message visible
-        while time.monotonic() - since < 10 + 5 and not stolen:
+        while time.monotonic() - since < 10 + 4 and not stolen:
             stolen.extend(receive(other, 1, 10))
         release.set()
         runner.join(120)
@@ -156,18 +156,18 @@ class Crash(BaseException):
 def test_a_message_that_kills_its_consumer_is_dead_lettered_before_rocketmq_gives_up(
     rocketmq: RocketMQServer, db: Db
 ) -> None:
-    """retryMaxTimes 3: RocketMQ delivers 4 times, then moves the message to %DLQ%<group> without
-    our error. zeroloss reads delivery_attempt and dead-letters it itself at the third."""
+    """retryMaxTimes 2: RocketMQ delivers 3 times, then moves the message to %DLQ%<group> without
+    our error. zeroloss reads delivery_attempt and dead-letters it itself at the second."""
     topic = rocketmq_plain.unique("dcrash")
-    group = rocketmq_plain.prepare(rocketmq, topic, fifo=False, retry_max_times=3)
+    group = rocketmq_plain.prepare(rocketmq, topic, fifo=False, retry_max_times=2)
     msg = new_message(topic, b"payload", key=b"k")
     publish(rocketmq, [msg], fifo=False)
     url = rocketmq_plain.url(rocketmq)
     seen: list[int] = []
     for _ in range(6):  # each a new process's life; the crash leaves the message unsettled
-        if seen and len(seen) >= 2 and list(RocketMQReader(url).read(topic + ".dlq")):
+        if seen and list(RocketMQReader(url).read(topic + ".dlq")):
             break
-        c = Consumer(url, group, [topic], db.inbox, config={"invisible_s": 10.0}, max_attempts=2, poll_s=0.2)
+        c = Consumer(url, group, [topic], db.inbox, config={"invisible_s": 10.0}, max_attempts=1, poll_s=0.2)
 
         @c.handler
         def crash(m: Received, tx: sa.Connection) -> None:
@@ -175,7 +175,8 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_before_rocketmq_give
             raise Crash()
 
         try:
-            c.run_until_idle(idle_s=6.0, timeout_s=60)  # RocketMQ's revive takes a few seconds
+            # RocketMQ's revive takes 2-3 s: a life that ends before it just means one more life
+            c.run_until_idle(idle_s=3.0, timeout_s=60)
         except Crash:
             pass
         finally:
@@ -184,8 +185,8 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_before_rocketmq_give
     assert [s.id for s in letters] == [msg.id], f"the handler saw attempts {seen}"
     headers = dict(letters[0].headers)
     assert headers[dlq.H_ERROR_TYPE] == b"DeliveryLimitReached", headers
-    assert b"delivered 3 times" in headers[dlq.H_ERROR_MESSAGE]
-    assert seen == [1, 2]  # handled at deliveries 1 and 2; the third is dead-lettered, not handled
+    assert b"delivered 2 times" in headers[dlq.H_ERROR_MESSAGE]
+    assert seen == [1]  # handled at delivery 1; the second is dead-lettered, not handled
     assert (letters[0].key, letters[0].value) == (msg.key, msg.value)
 
 

@@ -88,7 +88,7 @@ def rocketmq_contract(server: Any) -> Contract:
                 for s in RocketMQReader(url).read(topic + ".dlq")]
 
     return Contract("rocketmq", url, lambda: rocketmq_plain.PlainProducer(server), {"invisible_s": 10.0}, letters,
-                    prepare=lambda t: rocketmq_plain.prepare(server, t), redelivery_s=6.0)
+                    prepare=lambda t: rocketmq_plain.prepare(server, t), redelivery_s=3.0)
 
 
 def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes]]]:
