@@ -242,3 +242,33 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
     finally:
         again.close()
     assert db.counts() == Counter({m.id: 1 for m in bad})
+
+
+
+
+def test_a_failed_receive_or_ack_is_a_broker_error_and_a_consumer_waits_out_a_dead_proxy(
+    rocketmq: RocketMQServer, db: Db
+) -> None:
+    """A receive or ack the client cannot do is a BrokerError (the loop backs off and subscribes
+    again); a consumer that cannot subscribe keeps trying without raising. (A real proxy outage is
+    not staged here: the shared server must not be killed, and a TCP proxy in between only sees the
+    route query — the route hands the client the proxy's own address.)"""
+    topic = rocketmq_plain.unique("gone")
+    group = rocketmq_plain.prepare(rocketmq, topic, fifo=False)
+    publish(rocketmq, [new_message(topic, b"x", key=b"k")], fifo=False)
+    sub = RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], invisible_s=10)
+    try:
+        got: list[Any] = []
+        while not got:
+            got = sub.fetch(10, 1.0)
+        sub._consumer.shutdown()  # the client gone under the subscription
+        with pytest.raises(BrokerError, match="ack of"):
+            sub.ack(got[0])
+        with pytest.raises(BrokerError, match="receive failed"):
+            sub.fetch(10, 0.2)
+    finally:
+        sub.close()
+    c = Consumer("rocketmq://127.0.0.1:1", group, [topic], db.inbox, backoff_base_s=0.05, max_backoff_s=0.2)
+    c.handler(db.record)
+    c.run_for(1.0)  # keeps trying to subscribe, never raises, stops on time
+    assert not c.assigned and db.counts() == Counter()
