@@ -1,10 +1,12 @@
 """Publishing to the RocketMQ test server with the plain rocketmq-python-client Producer, the way
 zeroloss's relay writes a message there (so the consumer side can be tested on its own): the id as
-the user property ``zeroloss-id``, the key as the message key (and, on a FIFO topic, the message
-group), headers as user properties — text as is, other bytes ``b64:`` + base64."""
+the user property ``zeroloss-id`` and a message key, the key's bytes as ``zeroloss-key`` (base64)
+and as a message key and, on a FIFO topic, the message group (the id when there is no key),
+headers as user properties — text as is, other bytes ``b64:`` + base64."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -57,9 +59,10 @@ class PlainProducer:
                 msg.add_property(k, text_value(v))
             if m.key is not None:
                 msg.keys = text_value(m.key)
-                msg.add_property(KEY_HEADER, text_value(m.key))
+                msg.add_property(KEY_HEADER, "b64:" + base64.b64encode(m.key).decode())
+            msg.keys = m.id  # a second index key, as the relay adds: not the message's key
             if self.fifo:
-                msg.message_group = text_value(m.key) if m.key else "no-key"
+                msg.message_group = text_value(m.key) if m.key is not None else m.id
             receipt = self._producer.send(msg)
             out.append(Outcome(m, Status.DELIVERED, location=f"{msg.topic}/{receipt.message_id}"))
         return out

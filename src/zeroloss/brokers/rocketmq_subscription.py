@@ -30,14 +30,18 @@ is lost, but it carries no error headers and ``zeroloss dlq`` does not see it (`
 queryMsgByKey`` does).
 
 **Names.** RocketMQ topic names allow ``[A-Za-z0-9_-%|]``, no dots; zeroloss topics allow dots
-(``orders.dlq``). :func:`rocketmq_topic` maps one to the other injectively: ``_`` → ``__``,
-``.`` → ``_d`` (``orders`` stays ``orders``, ``orders.dlq`` is ``orders_ddlq``). The dead-letter
-topic must exist like every RocketMQ topic (auto-creation is off on a production broker).
+(``orders.dlq``). :func:`rocketmq_topic` maps them as the relay's publishing side does: ``.`` →
+``_`` (``orders.dlq`` is ``orders_dlq``). The dead-letter topic must exist like every RocketMQ
+topic (``zeroloss init`` makes it; auto-creation is off on a production broker). RocketMQ refuses
+an empty body: a dead letter of an empty message is refused for good, and so parked in a file
+(:mod:`zeroloss.consumer.dead_letters`).
 
 **Message fields** (what the relay's publish side writes): ``zeroloss-id`` user property = the id
-(else RocketMQ's own message id, stable across redeliveries); the key in the ``zeroloss-key``
-property when there, else the first of the message keys, else the message group; our headers are
-user properties, text as is, other bytes ``b64:`` + base64 (:func:`zeroloss.brokers._batch.value_bytes`).
+(else RocketMQ's own message id, stable across redeliveries); the key is the ``zeroloss-key``
+property (a zeroloss message without it has no key: its message keys and FIFO group are the
+relay's choice, e.g. its id); a foreign message's key is its first message key, else its message
+group; our headers are user properties, text as is, other bytes ``b64:`` + base64
+(:func:`zeroloss.brokers._batch.value_bytes`).
 
 **Reading without consuming** (:class:`RocketMQReader`, ``zeroloss dlq``) uses the broker's
 remoting protocol, which the gRPC proxy does not offer: the name server's route names each broker
@@ -115,18 +119,16 @@ def client_config(url: str, timeout_s: float) -> Any:
 
 
 def rocketmq_topic(topic: str) -> str:
-    """The RocketMQ topic of a zeroloss topic (no dots there): ``_`` → ``__``, ``.`` → ``_d``."""
-    return topic.replace("_", "__").replace(".", "_d")
+    """The RocketMQ topic of a zeroloss topic (no dots there): ``orders.dlq`` → ``orders_dlq``."""
+    return topic.replace(".", "_")
 
 
 def _key(ours: str | None, keys: Sequence[str], group: str | None, from_zeroloss: bool) -> str | None:
-    """The key's text: ``zeroloss-key``, else the first message key; the message group only for a
-    foreign message (zeroloss gives a keyless message on a FIFO topic a group of its own choosing)."""
-    if ours is not None:
+    """The key's text: ``zeroloss-key``; for a foreign message the first message key, else its
+    message group (a zeroloss message's keys and group also index its id: not its key)."""
+    if ours is not None or from_zeroloss:
         return ours
-    if keys:
-        return keys[0]
-    return None if from_zeroloss else group
+    return keys[0] if keys else group
 
 
 def _broker_error(what: str, exc: BaseException) -> BrokerError:
@@ -169,6 +171,7 @@ class LetterPublisher:
         if m.key is not None:
             msg.add_property(KEY_HEADER, text_value(m.key))
             msg.keys = text_value(m.key)
+        msg.keys = m.id  # found by its id too (mqadmin queryMsgByKey), as the relay's messages are
         if fifo:
             msg.message_group = text_value(m.key) if m.key is not None else m.id
         return msg
