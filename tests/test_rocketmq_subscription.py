@@ -226,6 +226,9 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
         rows = json.loads(listed.output)
         assert sorted(r["id"] for r in rows) == sorted(m.id for m in bad)
         assert {r["error_type"] for r in rows} == {"ValueError"} and {r["original_topic"] for r in rows} == {topic}
+        # the message's own headers only: none of RocketMQ's stored properties (BORN_TIMESTAMP, ...),
+        # which the proxy would refuse in a replay
+        assert sorted(r["headers"] for r in rows) == [[["trace", "t0"]], [["trace", "t1"]]]
     shown = run(main, ["dlq", "show", "--target", url, f"{topic}.dlq", bad[1].id])
     assert shown.exit_code == 0 and f"bad total in {bad[1].id}" in shown.output and "bad 1" in shown.output
     typo = run(main, ["dlq", "list", "--target", url, rocketmq_plain.unique("typo")])
