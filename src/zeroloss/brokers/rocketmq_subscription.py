@@ -546,6 +546,8 @@ class RocketMQReader:
             broker = (host, int(port))
             for queue in range(int(q["readQueueNums"])):
                 found.extend(self._queue(broker, name, queue))
+        # Queues are independent logs: oldest first across them means holding them all (a dead-letter
+        # topic is small; a large topic read this way costs its size in memory).
         found.sort(key=lambda s: (s.store_ms, s.queue_id, s.queue_offset))
         for s in found:
             props = dict(s.properties)
