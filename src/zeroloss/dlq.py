@@ -7,8 +7,10 @@ topic *with the original id*, so the consumer's inbox runs it at most once even 
 replayed twice, and leaves the letters where they are.
 
 Brokers: Kafka (``<topic>.dlq`` read from the beginning without joining a group), NATS JetStream
-(the ``<topic>.dlq`` stream, message by message with ``get_msg``) and Redis Streams (``XRANGE`` of
-``<topic>.dlq``) — all read without consuming. RabbitMQ is refused: a queue cannot be read
+(the ``<topic>.dlq`` stream, message by message with ``get_msg``), Redis Streams (``XRANGE`` of
+``<topic>.dlq``) and RocketMQ (each queue of ``<topic>.dlq`` pulled over the remoting protocol
+without committing an offset, see :mod:`zeroloss.brokers.rocketmq_subscription`) — all read
+without consuming. RabbitMQ is refused: a queue cannot be read
 without taking messages off it (see :meth:`zeroloss.brokers.rabbitmq.RabbitBroker.read`).
 """
 
@@ -111,6 +113,12 @@ def _scan(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, No
 
     if scheme_of(url) == "kafka":  # read by the consumer API, which the KafkaBroker does not wrap
         yield from _scan_kafka(url, topic, timeout_s=timeout_s)
+        return
+    if scheme_of(url) == "rocketmq":  # the remoting protocol, which the gRPC publisher does not speak
+        from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+
+        for stored in RocketMQReader(url, timeout_s=timeout_s).read(topic):
+            yield _stored(topic, stored)
         return
     broker = open_broker(url, timeout_s=timeout_s)
     try:

@@ -102,7 +102,7 @@ def open_broker(url: str, *, relay_id: str | None = None, timeout_s: float = 30.
     raise ConfigError(f"unknown target scheme {scheme!r} in {url!r}; use one of: {', '.join(TARGET_SCHEMES)}")
 
 
-SUBSCRIPTION_SCHEMES = ("amqp", "amqps", "nats", "redis", "rediss")
+SUBSCRIPTION_SCHEMES = ("amqp", "amqps", "nats", "redis", "rediss", "rocketmq")
 
 
 def open_subscription(url: str, group: str, topics: Sequence[str], **options: Any) -> Subscription:
@@ -120,5 +120,9 @@ def open_subscription(url: str, group: str, topics: Sequence[str], **options: An
         from zeroloss.brokers.redis import RedisSubscription
 
         return RedisSubscription(url, group, topics, **options)
+    if scheme == "rocketmq":
+        from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription
+
+        return RocketMQSubscription(url, group, topics, **options)
     raise ConfigError(f"no subscription for scheme {scheme!r} in {url!r}; use kafka:// or one of "
                       f"{', '.join(SUBSCRIPTION_SCHEMES)}")

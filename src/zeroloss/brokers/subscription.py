@@ -1,5 +1,5 @@
 """The consuming seam for brokers that acknowledge message by message (RabbitMQ, NATS JetStream,
-Redis Streams): :class:`Subscription`, which each of those adapters implements beside its
+Redis Streams, RocketMQ): :class:`Subscription`, which each of those adapters implements beside its
 publishing side. The loop that drives it is :mod:`zeroloss.consumer.subscription_loop`; Kafka's
 offset-commit loop is :mod:`zeroloss.consumer.kafka_loop`.
 
@@ -47,7 +47,8 @@ class DeliveryLimitReached(MessageError):
 @runtime_checkable
 class Subscription(Protocol):
     # How many times the broker delivers a message before it drops it or dead-letters it by
-    # itself (NATS ``max_deliver``, RabbitMQ ``x-delivery-limit`` + 1); None: no such limit.
+    # itself (NATS ``max_deliver``, RabbitMQ ``x-delivery-limit`` + 1, RocketMQ the group's
+    # ``retryMaxTimes`` + 1); None: no such limit.
     max_deliveries: int | None
 
     def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:

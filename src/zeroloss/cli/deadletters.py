@@ -1,7 +1,7 @@
 """``zeroloss dlq list|show|replay``: read a topic's dead letters and send chosen ones back.
 
 TOPIC may be the original topic (``orders``) or its dead-letter topic (``orders.dlq``). Kafka, NATS
-JetStream and Redis Streams; RabbitMQ is refused with the reason (see :mod:`zeroloss.dlq`).
+JetStream, Redis Streams and RocketMQ; RabbitMQ is refused with the reason (see :mod:`zeroloss.dlq`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _original(topic: str) -> str:
 
 @main.group()
 def dlq() -> None:
-    """Dead letters of a topic (Kafka, NATS JetStream, Redis Streams): list, show, replay."""
+    """Dead letters of a topic (Kafka, NATS JetStream, Redis Streams, RocketMQ): list, show, replay."""
 
 
 @dlq.command("list")

@@ -110,14 +110,14 @@ class Consumer:
         self.group = group
         if kafka:
             self.conf = consumer_config(parse_bootstrap(source), group, config)
-        else:  # RabbitMQ, NATS, Redis: `config` holds the subscription's options
+        else:  # RabbitMQ, NATS, Redis, RocketMQ: `config` holds the subscription's options
             if scheme_of(source) not in SUBSCRIPTION_SCHEMES:
                 raise ConfigError(f"cannot consume from {source!r}: use kafka://, {', '.join(SUBSCRIPTION_SCHEMES)}")
             if transactional:
                 raise ConfigError("transactional=True is for Kafka sources only")
             if retry_delays_s:
                 raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
-                                  "retry in place (RabbitMQ, NATS and Redis redeliver by themselves)")
+                                  "retry in place (RabbitMQ, NATS, Redis and RocketMQ redeliver by themselves)")
             self.conf = dict(config or {})
         self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
         self._owns_inbox = isinstance(inbox, str)

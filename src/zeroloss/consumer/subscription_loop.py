@@ -1,4 +1,4 @@
-"""The consumer's loop for brokers that acknowledge message by message (RabbitMQ, NATS, Redis)::
+"""The consumer's loop for brokers that acknowledge message by message (RabbitMQ, NATS, Redis, RocketMQ)::
 
     fetch a batch ──► per delivery: inbox transaction (claim id + handler) ──► commit ──► ack
                       │ handler fails: same delivery again after a backoff (touch keeps it ours)
