@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
+
 from zeroloss import metrics
 from zeroloss.brokers.base import DLQ_SUFFIX
 from zeroloss.brokers.kafka import parse_bootstrap
@@ -77,7 +79,7 @@ class Consumer:
         source: str,
         group: str,
         topics: Iterable[str],
-        inbox: str | Inbox | None,
+        inbox: str | sa.Engine | Inbox | None,
         *,
         config: dict[str, Any] | None = None,
         max_attempts: int = 5,
@@ -119,8 +121,9 @@ class Consumer:
                 raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
                                   "retry in place (RabbitMQ, NATS and Redis redeliver by themselves)")
             self.conf = dict(config or {})
-        self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
-        self._owns_inbox = isinstance(inbox, str)
+        # a URL or the app's Engine: an inbox of our own (an Engine stays the app's to dispose)
+        self._owns_inbox = isinstance(inbox, (str, sa.Engine))
+        self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, (str, sa.Engine)) else inbox
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
         self.retry_delays_s = check_delays(retry_delays_s)
         self.inbox_retention_s = inbox_retention_s  # keep it above the longest redelivery delay

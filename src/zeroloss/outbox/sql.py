@@ -44,7 +44,7 @@ from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessag
 from zeroloss.message import Message, new_message
 from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
-from zeroloss.sqlurl import configure_sqlite, make_engine
+from zeroloss.sqlurl import engine_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -92,7 +92,7 @@ class SqlOutbox:
 
     def __init__(
         self,
-        url: str,
+        url: str | sa.Engine | None = None,
         *,
         table: str = "zeroloss_outbox",
         engine: sa.Engine | None = None,
@@ -103,11 +103,15 @@ class SqlOutbox:
         self._clock = clock  # this machine's; leases and backoffs are kept in the database's (_now)
         self._clock_offset = 0.0
         self._clock_checked = -math.inf
-        self._owns_engine = engine is None
-        self.engine = make_engine(url) if engine is None else engine
-        if engine is not None and engine.dialect.name == "sqlite":
-            configure_sqlite(engine)
-        shown = self.engine.url if engine is not None else sa.engine.make_url(url)
+        # SqlOutbox(url), SqlOutbox(engine), and the older SqlOutbox(url, engine=engine) (the URL
+        # was only shown then; the engine is what is used)
+        if engine is not None and isinstance(url, sa.Engine) and url is not engine:
+            raise ConfigError("SqlOutbox got two different engines: pass one, SqlOutbox(engine)")
+        given = engine if engine is not None else url
+        if given is None:
+            raise ConfigError("SqlOutbox needs a SQL URL or a SQLAlchemy Engine: SqlOutbox('sqlite:///app.db')")
+        self.engine, self._owns_engine = engine_of(given, "SqlOutbox")
+        shown = sa.engine.make_url(url) if isinstance(url, str) else self.engine.url
         self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
         self.max_message_bytes = max_message_bytes
         name = self.engine.dialect.name
