@@ -199,17 +199,17 @@ class SqlOutbox:
 
     @overload
     def add(
-        self, conn: sa.Connection | Session, *, topic: str, value: bytes,
-        key: bytes | None = None, headers: HeadersIn | None = None,
+        self, conn: sa.Connection | Session, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str: ...
     @overload
     def add(
-        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: bytes,
-        key: bytes | None = None, headers: HeadersIn | None = None,
+        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> Coroutine[Any, Any, str]: ...
     def add(
         self, conn: sa.Connection | Session | AsyncConnection | AsyncSession, *, topic: str,
-        value: bytes, key: bytes | None = None, headers: HeadersIn | None = None,
+        value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str | Coroutine[Any, Any, str]:
         """Insert one message in the caller's transaction (never commits); return its id.
 
