@@ -675,3 +675,39 @@ def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
     assert h.run_limit() == 100
     c.close()
     assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+                                  pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
+        kind: str, kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    """Issue 15: a table the handler writes to that does not exist (migrations not run) is the
+    deployment's fault and the same for every message: the consumer backs off without spending
+    attempts, dead-letters nothing, and handles them all once the table is there."""
+    db = next(iter(gen := make_db(kind, tmp_path)))
+    topic = unique_topic("schema")
+    invoices = sa.Table(f"zl_invoices_{uuid.uuid4().hex[:8]}", sa.MetaData(),
+                        sa.Column("msg_id", sa.String(64), primary_key=True))
+    publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k") for i in range(3)])
+    c = consumer(kafka, topic, db.inbox, max_attempts=2, max_backoff_s=0.2)
+    c.handler(lambda msg, tx: tx.execute(invoices.insert(), {"msg_id": msg.id}))
+    runner = threading.Thread(target=c.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 90
+        while c.counters.store_errors < 4:  # backed off a few times, past max_attempts
+            assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
+            time.sleep(0.05)
+        assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+        invoices.create(db.inbox.engine)  # the migration runs
+        while c.counters.processed < 3:
+            assert time.monotonic() < deadline, c.counters
+            time.sleep(0.05)
+    finally:
+        c.stop()
+        runner.join(30)
+        c.close()
+        invoices.drop(db.inbox.engine, checkfirst=True)
+        gen.close()
+    assert c.counters.dead_lettered == 0
+    assert not dlq.list_dead_letters(kafka.url, topic)
