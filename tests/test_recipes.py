@@ -4,6 +4,8 @@ embedded broker, from an HTTP request to the consumer's effect."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from zeroloss.relay import RelaySettings
 from zeroloss.sqlurl import normalize_url
 
 pytestmark = pytest.mark.kafka
+ROOT = Path(__file__).resolve().parent.parent
 FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}  # Tansu joins in session/2
 
 
@@ -183,3 +186,23 @@ def test_an_async_handler_runs_in_the_inbox_transaction_from_an_asyncio_app(
     finally:
         outbox.close()
         inbox.close()
+
+
+@pytest.mark.postgres
+def test_django_atomic_holds_the_order_and_its_message(pg_database: str, tmp_path: Path) -> None:
+    """In a process of its own: Django's settings are once per process."""
+    done = subprocess.run([sys.executable, "-m", "examples.django_orders", pg_database], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["orders"] == 2 and "outside transaction.atomic()" in report["refused"]
+    outbox = SqlOutbox(pg_database)
+    try:
+        sent = sorted(outbox.list(State.PENDING), key=lambda m: m.id)
+        assert [json.loads(m.value) for m in sent] == [
+            {"id": report["placed"][0], "customer": "customer-7", "total": "99.50"},
+            {"id": report["placed"][1], "customer": "customer-8", "total": "12.00"}]
+        assert [m.key for m in sent] == [b"customer-7", b"customer-8"]
+        assert all(m.header("content-type") == b"application/json" for m in sent)
+    finally:
+        outbox.close()

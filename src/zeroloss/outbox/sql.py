@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 from zeroloss import metrics
 from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
 from zeroloss.message import Message, new_message
+from zeroloss.outbox import django
 from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
 from zeroloss.sqlurl import engine_of
@@ -203,17 +204,24 @@ class SqlOutbox:
         key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str: ...
     @overload
-    def add(
+    def add(  # type: ignore[overload-overlap]  # first match wins: async callers get a coroutine
         self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
         key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> Coroutine[Any, Any, str]: ...
+    @overload
     def add(
-        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession, *, topic: str,
+        self, conn: object, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
+    ) -> str: ...  # Django's connection, inside transaction.atomic() (outbox/django.py)
+    def add(
+        self, conn: object, *, topic: str,
         value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str | Coroutine[Any, Any, str]:
         """Insert one message in the caller's transaction (never commits); return its id.
 
-        With an AsyncConnection/AsyncSession this returns a coroutine: ``await outbox.add(...)``.
+        ``conn``: a SQLAlchemy Connection or Session, or Django's connection inside
+        ``transaction.atomic()``; with an AsyncConnection/AsyncSession this returns a coroutine:
+        ``await outbox.add(...)``. ``value``: bytes, a str or a JSON-able object (:mod:`zeroloss.payload`).
         """
         msg = new_message(topic, value, key, headers, max_bytes=self.max_message_bytes)
         return self._insert(conn, [row_of(msg)], msg.id)
@@ -250,9 +258,14 @@ class SqlOutbox:
 
         if isinstance(conn, (AsyncConnection, AsyncSession)):
             return self._insert_async(conn, stmt, params if rows else None, result)
+        if django.is_django_connection(conn):
+            if rows:
+                django.insert(conn, self.table, self.engine.dialect, rows)
+                metrics.outbox_added(len(rows))
+            return result
         raise ConfigError(
-            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession "
-            f"(the one running the business transaction), got {type(conn).__name__}"
+            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession, or "
+            f"Django's connection (the one running the business transaction), got {type(conn).__name__}"
         )
 
     async def _insert_async(
