@@ -4,7 +4,8 @@
 A real project has the model in an app's ``models.py`` and the settings in ``settings.py``; this
 file sets both up in a few lines so that it runs alone: ``python -m examples.django_orders URL``
 (a SQL URL: ``postgresql://user@host/db`` or ``sqlite:///shop.db``). It places two orders, lets a
-third roll back, shows that ``add`` outside ``atomic`` is refused, and prints what it did as JSON.
+third roll back, shows that ``add`` outside ``atomic`` (or with an outbox on another kind of
+database) is refused, and prints what it did as JSON.
 """
 
 from __future__ import annotations
@@ -68,8 +69,17 @@ def main(url: str) -> dict[str, Any]:
         refused = ""
     except ConfigError as exc:
         refused = str(exc)
+    other = SqlOutbox("sqlite://" if connection.vendor != "sqlite" else "postgresql://nobody@127.0.0.1:1/none")
+    try:
+        with transaction.atomic():
+            other.add(connection, topic="orders", value=b"x")  # an outbox on another kind of database
+        mismatch = ""
+    except ConfigError as exc:
+        mismatch = str(exc)
+    other.close()
     outbox.close()
-    return {"placed": [o.pk for o in placed], "orders": Order.objects.count(), "refused": refused}
+    return {"placed": [o.pk for o in placed], "orders": Order.objects.count(), "refused": refused,
+            "mismatch": mismatch}
 
 
 if __name__ == "__main__":

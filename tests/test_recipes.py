@@ -196,6 +196,7 @@ def test_django_atomic_holds_the_order_and_its_message(pg_database: str, tmp_pat
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["orders"] == 2 and "outside transaction.atomic()" in report["refused"]
+    assert "Django's connection is postgresql, the outbox's engine sqlite" in report["mismatch"]
     outbox = SqlOutbox(pg_database)
     try:
         sent = sorted(outbox.list(State.PENDING), key=lambda m: m.id)
