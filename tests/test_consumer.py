@@ -20,11 +20,13 @@ from tests.deadlock import Deadlock
 from zeroloss import dlq
 from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
+from zeroloss.consumer.handling import is_outage, schema_problem
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError, StoreError, UnknownMessageError
 from zeroloss.inbox import RedisInbox, SqlInbox
 from zeroloss.message import ID_HEADER, Message, new_message
 from zeroloss.readback import read_topic
+from zeroloss.sqlurl import make_engine
 
 pytestmark = pytest.mark.kafka
 
@@ -679,6 +681,32 @@ def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
                                   pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, tmp_path: Path) -> None:
+    """What schema_problem reads, on each database: missing table and column are the deployment's;
+    a duplicate key is the handler's (or the message's), retried then dead-lettered as before."""
+    url = {"sqlite": f"sqlite:///{tmp_path / 'x.db'}", "postgresql": PG_URL, "mariadb": MARIADB_URL}[kind]
+    if kind != "sqlite":
+        require_service("postgres" if kind == "postgresql" else kind)
+    engine = make_engine(url)
+    name = f"zl_schema_{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)"))
+            conn.execute(sa.text(f"INSERT INTO {name} (id) VALUES (1)"))
+        for statement, expected in [(f"INSERT INTO {name}_missing (id) VALUES (1)", "no such table"),
+                                    (f"INSERT INTO {name} (nope) VALUES (1)", "no such column"),
+                                    (f"INSERT INTO {name} (id) VALUES (1)", None)]:
+            with pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as conn:
+                conn.execute(sa.text(statement))
+            assert schema_problem(caught.value) == expected, (statement, caught.value.orig)
+            assert is_outage(caught.value) is (expected is not None)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
         kind: str, kafka: EmbeddedBroker, tmp_path: Path) -> None:
     """Issue 15: a table the handler writes to that does not exist (migrations not run) is the

@@ -24,6 +24,7 @@ the others ack it or touch it while it waits:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -67,7 +68,8 @@ _SCHEMA_SQLSTATES = {"42P01": "no such table", "42703": "no such column", "42883
                      "3F000": "no such schema", "42501": "permission denied"}  # PostgreSQL
 _SCHEMA_MYSQL = {1146: "no such table", 1054: "no such column", 1305: "no such function",
                  1049: "no such database", 1142: "permission denied", 1143: "permission denied"}
-_SCHEMA_SQLITE = ("no such table", "no such column", "no such function")
+# SQLite says it in words: "no such table: t", "no such column: c", "table t has no column named c"
+_SCHEMA_SQLITE = re.compile(r"^(?:(no such (?:table|column|function))|table \S+ has no column named )")
 
 
 def schema_problem(exc: BaseException) -> str | None:
@@ -80,8 +82,9 @@ def schema_problem(exc: BaseException) -> str | None:
     args: tuple[object, ...] = getattr(orig, "args", ())
     if args and isinstance(args[0], int) and args[0] in _SCHEMA_MYSQL:
         return _SCHEMA_MYSQL[args[0]]
-    text = str(orig)
-    return next((what for what in _SCHEMA_SQLITE if text.startswith(what)), None)
+    if (m := _SCHEMA_SQLITE.match(str(orig))) is None:
+        return None
+    return m.group(1) or "no such column"
 
 
 def is_outage(exc: BaseException) -> bool:
