@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/zeroloss demo
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
 
 # Ends with bench-quick (about 15 s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.

@@ -20,11 +20,13 @@ from tests.deadlock import Deadlock
 from zeroloss import dlq
 from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
+from zeroloss.consumer.handling import is_outage, schema_problem
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError, StoreError, UnknownMessageError
 from zeroloss.inbox import RedisInbox, SqlInbox
 from zeroloss.message import ID_HEADER, Message, new_message
 from zeroloss.readback import read_topic
+from zeroloss.sqlurl import make_engine
 
 pytestmark = pytest.mark.kafka
 
@@ -675,3 +677,65 @@ def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
     assert h.run_limit() == 100
     c.close()
     assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
+                                  pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, tmp_path: Path) -> None:
+    """What schema_problem reads, on each database: missing table and column are the deployment's;
+    a duplicate key is the handler's (or the message's), retried then dead-lettered as before."""
+    url = {"sqlite": f"sqlite:///{tmp_path / 'x.db'}", "postgresql": PG_URL, "mariadb": MARIADB_URL}[kind]
+    if kind != "sqlite":
+        require_service("postgres" if kind == "postgresql" else kind)
+    engine = make_engine(url)
+    name = f"zl_schema_{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)"))
+            conn.execute(sa.text(f"INSERT INTO {name} (id) VALUES (1)"))
+        for statement, expected in [(f"INSERT INTO {name}_missing (id) VALUES (1)", "no such table"),
+                                    (f"INSERT INTO {name} (nope) VALUES (1)", "no such column"),
+                                    (f"INSERT INTO {name} (id) VALUES (1)", None)]:
+            with pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as conn:
+                conn.execute(sa.text(statement))
+            assert schema_problem(caught.value) == expected, (statement, caught.value.orig)
+            assert is_outage(caught.value) is (expected is not None)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
+        kind: str, kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    """Issue 15: a table the handler writes to that does not exist (migrations not run) is the
+    deployment's fault and the same for every message: the consumer backs off without spending
+    attempts, dead-letters nothing, and handles them all once the table is there."""
+    db = next(iter(gen := make_db(kind, tmp_path)))
+    topic = unique_topic("schema")
+    invoices = sa.Table(f"zl_invoices_{uuid.uuid4().hex[:8]}", sa.MetaData(),
+                        sa.Column("msg_id", sa.String(64), primary_key=True))
+    publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k") for i in range(3)])
+    c = consumer(kafka, topic, db.inbox, max_attempts=2, max_backoff_s=0.2)
+    c.handler(lambda msg, tx: tx.execute(invoices.insert(), {"msg_id": msg.id}))
+    runner = threading.Thread(target=c.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 90
+        while c.counters.store_errors < 4:  # backed off a few times, past max_attempts
+            assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
+            time.sleep(0.05)
+        assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+        invoices.create(db.inbox.engine)  # the migration runs
+        while c.counters.processed < 3:
+            assert time.monotonic() < deadline, c.counters
+            time.sleep(0.05)
+    finally:
+        c.stop()
+        runner.join(30)
+        c.close()
+        invoices.drop(db.inbox.engine, checkfirst=True)
+        gen.close()
+    assert c.counters.dead_lettered == 0
+    assert not dlq.list_dead_letters(kafka.url, topic)

@@ -22,9 +22,11 @@ def test_uuid7_is_version_7_strictly_increasing_and_time_ordered() -> None:
 
 
 def test_new_message_validates_every_field_with_a_clear_reason() -> None:
-    with pytest.raises(MessageError, match="value must be bytes, got str"):
-        new_message("t", "text")  # type: ignore[arg-type]
-    with pytest.raises(MessageError, match="key must be bytes"):
+    with pytest.raises(MessageError, match="value of type object cannot be sent as JSON"):
+        new_message("t", object())
+    with pytest.raises(MessageError, match="value is None"):
+        new_message("t", None)
+    with pytest.raises(MessageError, match="key must be bytes or str"):
         new_message("t", b"v", key=5)  # type: ignore[arg-type]
     with pytest.raises(MessageError, match="invalid topic name"):
         new_message("bad topic!", b"v")

@@ -37,7 +37,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
-from zeroloss.sqlurl import configure_sqlite, make_engine
+from zeroloss.sqlurl import engine_of
 
 MAX_ID_LEN = 255
 _MARK = "zeroloss_inbox_open"  # the savepoint SqlInbox.transaction() takes at its start and releases at its end
@@ -121,9 +121,10 @@ def _check(group: str, message_id: str) -> None:
         raise MessageError(f"message id {message_id!r:.80} {why}")
 
 
-def open_inbox(url: str) -> Inbox:
-    """An inbox from a URL: ``redis://…`` / ``rediss://…`` → RedisInbox, any SQL URL → SqlInbox."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+def open_inbox(url: str | sa.Engine) -> Inbox:
+    """An inbox from a URL: ``redis://…`` / ``rediss://…`` → RedisInbox, any SQL URL (or a
+    SQLAlchemy Engine) → SqlInbox."""
+    if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
         return RedisInbox(url)
     return SqlInbox(url)
 
@@ -177,12 +178,7 @@ class SqlInbox:
         lock_timeout_s: float = 10.0,
         idle_in_transaction_timeout_s: float = 60.0,
     ) -> None:
-        if isinstance(url_or_engine, sa.Engine):
-            self.engine, self._owns_engine = url_or_engine, False
-            if self.engine.dialect.name == "sqlite":
-                configure_sqlite(self.engine)
-        else:
-            self.engine, self._owns_engine = make_engine(url_or_engine), True
+        self.engine, self._owns_engine = engine_of(url_or_engine, "SqlInbox")
         if self.engine.dialect.name == "sqlite" and not event.contains(self.engine, "before_cursor_execute",
                                                                        _sqlite_outside_transaction):
             event.listen(self.engine, "before_cursor_execute", _sqlite_outside_transaction)

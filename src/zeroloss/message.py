@@ -27,7 +27,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from zeroloss import tracing
 from zeroloss.errors import MalformedMessageError, MessageError
+from zeroloss.payload import CONTENT_TYPE, encode_key, encode_value
 
 ID_HEADER = "zeroloss-id"
 """Header carrying the envelope id on every record, so consumers can drop duplicates."""
@@ -111,10 +113,7 @@ def _as_bytes(what: str, data: object) -> bytes:
         return data
     if isinstance(data, (bytearray, memoryview)):
         return bytes(data)
-    raise MessageError(
-        f"{what} must be bytes, got {type(data).__name__}; encode it first "
-        f"(for example json.dumps(obj).encode())"
-    )
+    raise MessageError(f"{what} must be bytes, got {type(data).__name__}; encode it first (for example s.encode())")
 
 
 def _normalize_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None) -> Headers:
@@ -133,17 +132,24 @@ def _normalize_headers(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]
 
 def new_message(
     topic: str,
-    value: bytes,
-    key: bytes | None = None,
+    value: object,
+    key: bytes | str | None = None,
     headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None = None,
     *,
     max_bytes: int | None = None,
 ) -> Message:
-    """Build a validated message with a fresh id; raise MessageError naming what is wrong."""
+    """Build a validated message with a fresh id; raise MessageError naming what is wrong.
+
+    ``value`` may be bytes (sent as they are) or a str or JSON-able object, which
+    :mod:`zeroloss.payload` encodes and labels with a ``content-type`` header; the current trace
+    context goes into the headers too (:mod:`zeroloss.tracing`)."""
     validate_topic(topic)
-    value_b = _as_bytes("value", value)
-    key_b = None if key is None else _as_bytes("key", key)
+    value_b, content_type = encode_value(value)
+    key_b = encode_key(key)
     hdrs = _normalize_headers(headers)
+    if content_type is not None and not any(k.lower() == CONTENT_TYPE for k, _ in hdrs):
+        hdrs = (*hdrs, (CONTENT_TYPE, content_type.encode()))
+    hdrs = tracing.inject(hdrs)  # the W3C traceparent of the app's current span, with OpenTelemetry
     if max_bytes is not None:
         size = len(value_b) + len(key_b or b"") + sum(len(k) + len(v) for k, v in hdrs)
         if size > max_bytes:

@@ -107,3 +107,22 @@ def _sqlite_begin(conn: sa.Connection) -> None:
     if opts.get("isolation_level") == "AUTOCOMMIT":
         return
     conn.exec_driver_sql("BEGIN IMMEDIATE" if opts.get("zeroloss_immediate") else "BEGIN")
+
+
+def engine_of(url_or_engine: object, what: str) -> tuple[sa.Engine, bool]:
+    """The Engine for a URL (made here: True, the caller owns and disposes it) or the app's own
+    Engine as given (False: the app disposes it). ``what`` names the caller in the errors.
+
+    An AsyncEngine is refused: zeroloss's own statements run synchronously, and an async driver's
+    engine cannot (``add`` takes the app's AsyncConnection/AsyncSession all the same)."""
+    if isinstance(url_or_engine, str):
+        return make_engine(url_or_engine), True
+    if isinstance(url_or_engine, sa.Engine):
+        if url_or_engine.dialect.name == "sqlite":
+            configure_sqlite(url_or_engine)
+        return url_or_engine, False
+    if hasattr(url_or_engine, "sync_engine"):  # an AsyncEngine, without importing the asyncio extension
+        raise ConfigError(
+            f"{what} needs a URL or a synchronous Engine, got an AsyncEngine; pass its URL "
+            "(e.g. postgresql://…), then give add() your AsyncConnection or AsyncSession")
+    raise ConfigError(f"{what} needs a SQL URL (str) or a SQLAlchemy Engine, got {type(url_or_engine).__name__}")

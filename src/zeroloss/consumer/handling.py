@@ -14,7 +14,9 @@ the others ack it or touch it while it waits:
   rollback: :class:`~zeroloss.errors.TransactionLostError` from the inbox's commit) → the
   handler's failure, as if it had raised; a shared transaction's messages are taken one by one;
 * the inbox itself fails (database or Redis down) → nobody's fault: retried, no attempt spent,
-  for as long as it takes;
+  for as long as it takes; so is a handler whose database lacks a table, column or right
+  (:func:`schema_problem`) — the deployment's fault, the same for every message: dead-lettering
+  them all would only make a pile to replay once the migrations run;
 * runs of messages can share one inbox transaction (:meth:`Handling.shared_transaction`): one
   bulk claim and one commit instead of one per message.
 """
@@ -22,6 +24,7 @@ the others ack it or touch it while it waits:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -58,11 +61,44 @@ class _RunAgain(Exception):
     """A handler in a shared transaction raised: roll back, and run the messages before it again."""
 
 
+# The database is not set up for the handler's statements: a table, column, function or schema
+# that does not exist, or a right not granted. Every message would fail the same way until someone
+# runs the migrations or grants the right, so it is the deployment's fault, not the message's.
+_SCHEMA_SQLSTATES = {"42P01": "no such table", "42703": "no such column", "42883": "no such function",
+                     "3F000": "no such schema", "42501": "permission denied"}  # PostgreSQL
+_SCHEMA_MYSQL = {1146: "no such table", 1054: "no such column", 1305: "no such function",
+                 1049: "no such database", 1142: "permission denied", 1143: "permission denied"}
+# SQLite says it in words: "no such table: t", "no such column: c", "table t has no column named c"
+_SCHEMA_SQLITE = re.compile(r"^(?:(no such (?:table|column|function))|table \S+ has no column named )")
+
+
+def schema_problem(exc: BaseException) -> str | None:
+    """What is missing from the database, when ``exc`` says the handler's schema is not there."""
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    if (state := getattr(orig, "sqlstate", None)) in _SCHEMA_SQLSTATES:
+        return _SCHEMA_SQLSTATES[state]
+    args: tuple[object, ...] = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _SCHEMA_MYSQL:
+        return _SCHEMA_MYSQL[args[0]]
+    if (m := _SCHEMA_SQLITE.match(str(orig))) is None:
+        return None
+    return m.group(1) or "no such column"
+
+
 def is_outage(exc: BaseException) -> bool:
-    """A failure of the infrastructure rather than of the message: do not spend an attempt."""
+    """A failure of the infrastructure or the deployment rather than of the message: do not spend
+    an attempt (the database is down, or not set up for the handler: :func:`schema_problem`)."""
     if isinstance(exc, StoreError):
         return exc.retriable
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    return isinstance(exc, DBAPIError) and (bool(exc.connection_invalidated) or schema_problem(exc) is not None)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own message, without SQLAlchemy's [SQL: …] block."""
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
 
 
 class Settlement(Protocol):
@@ -162,11 +198,16 @@ class Handling:
                 delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
                 log.warning("message %s failed (attempt %d of %d): %r; again in %.2fs",
                             msg.id, attempts, self.max_attempts, error, delay)
-            else:  # nobody's fault: no attempt spent
+            else:  # not the message's fault: no attempt spent
                 outages += 1
                 self.count_store_error()
                 delay = backoff_s(outages, self.backoff_base_s, self.max_backoff_s)
-                log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, error, delay)
+                if (missing := schema_problem(error)) is not None:
+                    log.error("message %s: the handler's database is not set up for it (%s: %s); not the "
+                              "message's fault, so no attempt is spent: run the migrations or grant the right; "
+                              "again in %.1fs", msg.id, missing, _first_line(error), delay)
+                else:
+                    log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, error, delay)
             if not settle.before_backoff():
                 return False
             if self.stop.wait(delay):

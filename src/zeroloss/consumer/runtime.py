@@ -26,12 +26,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
+
+import sqlalchemy as sa
 
 from zeroloss import metrics
 from zeroloss.brokers.base import DLQ_SUFFIX
 from zeroloss.brokers.kafka import parse_bootstrap
 from zeroloss.consumer.dead_letters import DeadLetterPublisher, ParkingLot
+from zeroloss.consumer.handlers import RegisteredHandler
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_loop import KafkaLoop, consumer_config
 from zeroloss.consumer.kafka_txn import KafkaTransactions
@@ -41,10 +44,11 @@ from zeroloss.errors import ConfigError
 from zeroloss.http import HealthServer
 from zeroloss.inbox import BatchInbox, Inbox, id_problem, open_inbox
 from zeroloss.message import id_time
-from zeroloss.received import Handler, Received
+from zeroloss.received import Received
 from zeroloss.registry import SUBSCRIPTION_SCHEMES, open_subscription, scheme_of
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(slots=True)
@@ -77,7 +81,7 @@ class Consumer:
         source: str,
         group: str,
         topics: Iterable[str],
-        inbox: str | Inbox | None,
+        inbox: str | sa.Engine | Inbox | None,
         *,
         config: dict[str, Any] | None = None,
         max_attempts: int = 5,
@@ -119,8 +123,9 @@ class Consumer:
                 raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
                                   "retry in place (RabbitMQ, NATS, Redis and RocketMQ redeliver by themselves)")
             self.conf = dict(config or {})
-        self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, str) else inbox
-        self._owns_inbox = isinstance(inbox, str)
+        # a URL or the app's Engine: an inbox of our own (an Engine stays the app's to dispose)
+        self._owns_inbox = isinstance(inbox, (str, sa.Engine))
+        self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, (str, sa.Engine)) else inbox
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
         self.retry_delays_s = check_delays(retry_delays_s)
         self.inbox_retention_s = inbox_retention_s  # keep it above the longest redelivery delay
@@ -133,6 +138,7 @@ class Consumer:
             txn = KafkaTransactions(source, transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}",
                                     config=dlq_config)
         self._stop = threading.Event()
+        self._registered: RegisteredHandler | None = None
         self.counters = ConsumerCounters()
         self.handling = Handling(
             group=group, inbox=self.inbox, txn=txn, max_attempts=max_attempts, backoff_base_s=backoff_base_s,
@@ -186,12 +192,23 @@ class Consumer:
         age = None if msg is None or outcome != "processed" else time.time() - _created(msg)
         metrics.consumer_processed(self.group, topic, outcome, seconds, age)
 
-    def handler(self, fn: Handler) -> Handler:
-        """Decorator: register the function called as ``fn(msg, tx)`` for every message."""
-        if self.handling.handler is not None:
-            raise ConfigError("this consumer already has a handler")
-        self.handling.handler = fn
-        return fn
+    @overload
+    def handler(self, fn: F, /) -> F: ...
+    @overload
+    def handler(self, fn: None = None, /, *, model: type[Any]) -> Callable[[F], F]: ...
+    def handler(self, fn: Callable[..., Any] | None = None, /, *, model: type[Any] | None = None) -> Any:
+        """Decorator: register the function called for every message, as ``fn(msg, tx)``; with
+        ``model=Order`` as ``fn(order, tx)``, the value decoded into an ``Order`` (a pydantic model,
+        a dataclass, …; one that is not is dead-lettered at once); ``async def`` works too
+        (:mod:`.handlers`)."""
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            if self.handling.handler is not None:
+                raise ConfigError("this consumer already has a handler")
+            self._registered = RegisteredHandler(fn, model)
+            self.handling.handler = self._registered
+            return fn
+
+        return register if fn is None else register(fn)
 
     # -- running ----------------------------------------------------------------------------
 
@@ -245,6 +262,8 @@ class Consumer:
             self._dlq.close()
         if self._owns_inbox and self.inbox is not None:
             self.inbox.close()
+        if self._registered is not None:
+            self._registered.close()
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
@@ -263,6 +282,8 @@ class Consumer:
     def _loop(self, finished: Callable[[], bool]) -> None:
         if self.handling.handler is None:
             raise ConfigError("register a handler with @consumer.handler before running")
+        if self._registered is not None:
+            self._registered.check_can_run()
         try:
             self._loop_impl.run(finished)
         finally:

@@ -19,18 +19,20 @@ import sqlalchemy as sa
 
 from zeroloss.errors import ConfigError
 from zeroloss.outbox.base import Resolver
-from zeroloss.sqlurl import make_engine
+from zeroloss.sqlurl import engine_of, make_engine
 
 
-def sql_resolver(url: str, query: str, timeout_s: float = 10.0) -> Resolver:
-    """Runs ``query`` with ``:txid`` bound on the database at ``url``: a row means committed, no
+def sql_resolver(url: str | sa.Engine, query: str, timeout_s: float = 10.0) -> Resolver:
+    """Runs ``query`` with ``:txid`` bound on the database at ``url`` (or the app's Engine, whose
+    own connect timeouts then apply): a row means committed, no
     row means rolled back. Only sound when the row is written in the app's transaction, asked of
     the primary (a lagging replica says "no row" for a commit it has not seen) and after the
     transaction ended (``tmp_grace_s`` longer than the longest one). A database that does not
     answer within ``timeout_s`` (connect or statement) counts as not asked."""
     if ":txid" not in query:
         raise ConfigError(f"the resolver query must use the parameter :txid, got {query!r}")
-    engine = make_engine(url, connect_args=_timeouts(url, timeout_s))
+    engine = (make_engine(url, connect_args=_timeouts(url, timeout_s)) if isinstance(url, str)
+              else engine_of(url, "sql_resolver")[0])
     statement = sa.text(query)
 
     def resolve(txid: str) -> bool | None:

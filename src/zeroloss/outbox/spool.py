@@ -129,8 +129,8 @@ class SpoolTransaction:
     def add(
         self,
         topic: str,
-        value: bytes,
-        key: bytes | None = None,
+        value: object,
+        key: bytes | str | None = None,
         headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None = None,
     ) -> str:
         """Validate, write and fsync one message into ``tmp/``; return its id. Raises

@@ -42,9 +42,10 @@ from sqlalchemy.orm import Session
 from zeroloss import metrics
 from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
 from zeroloss.message import Message, new_message
+from zeroloss.outbox import django
 from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
-from zeroloss.sqlurl import configure_sqlite, make_engine
+from zeroloss.sqlurl import engine_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -92,7 +93,7 @@ class SqlOutbox:
 
     def __init__(
         self,
-        url: str,
+        url: str | sa.Engine | None = None,
         *,
         table: str = "zeroloss_outbox",
         engine: sa.Engine | None = None,
@@ -103,11 +104,15 @@ class SqlOutbox:
         self._clock = clock  # this machine's; leases and backoffs are kept in the database's (_now)
         self._clock_offset = 0.0
         self._clock_checked = -math.inf
-        self._owns_engine = engine is None
-        self.engine = make_engine(url) if engine is None else engine
-        if engine is not None and engine.dialect.name == "sqlite":
-            configure_sqlite(engine)
-        shown = self.engine.url if engine is not None else sa.engine.make_url(url)
+        # SqlOutbox(url), SqlOutbox(engine), and the older SqlOutbox(url, engine=engine) (the URL
+        # was only shown then; the engine is what is used)
+        if engine is not None and isinstance(url, sa.Engine) and url is not engine:
+            raise ConfigError("SqlOutbox got two different engines: pass one, SqlOutbox(engine)")
+        given = engine if engine is not None else url
+        if given is None:
+            raise ConfigError("SqlOutbox needs a SQL URL or a SQLAlchemy Engine: SqlOutbox('sqlite:///app.db')")
+        self.engine, self._owns_engine = engine_of(given, "SqlOutbox")
+        shown = sa.engine.make_url(url) if isinstance(url, str) else self.engine.url
         self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
         self.max_message_bytes = max_message_bytes
         name = self.engine.dialect.name
@@ -195,21 +200,28 @@ class SqlOutbox:
 
     @overload
     def add(
-        self, conn: sa.Connection | Session, *, topic: str, value: bytes,
-        key: bytes | None = None, headers: HeadersIn | None = None,
+        self, conn: sa.Connection | Session, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str: ...
     @overload
-    def add(
-        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: bytes,
-        key: bytes | None = None, headers: HeadersIn | None = None,
+    def add(  # type: ignore[overload-overlap]  # first match wins: async callers get a coroutine
+        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> Coroutine[Any, Any, str]: ...
+    @overload
     def add(
-        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession, *, topic: str,
-        value: bytes, key: bytes | None = None, headers: HeadersIn | None = None,
+        self, conn: object, *, topic: str, value: object,
+        key: bytes | str | None = None, headers: HeadersIn | None = None,
+    ) -> str: ...  # Django's connection, inside transaction.atomic() (outbox/django.py)
+    def add(
+        self, conn: object, *, topic: str,
+        value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str | Coroutine[Any, Any, str]:
         """Insert one message in the caller's transaction (never commits); return its id.
 
-        With an AsyncConnection/AsyncSession this returns a coroutine: ``await outbox.add(...)``.
+        ``conn``: a SQLAlchemy Connection or Session, or Django's connection inside
+        ``transaction.atomic()``; with an AsyncConnection/AsyncSession this returns a coroutine:
+        ``await outbox.add(...)``. ``value``: bytes, a str or a JSON-able object (:mod:`zeroloss.payload`).
         """
         msg = new_message(topic, value, key, headers, max_bytes=self.max_message_bytes)
         return self._insert(conn, [row_of(msg)], msg.id)
@@ -246,9 +258,14 @@ class SqlOutbox:
 
         if isinstance(conn, (AsyncConnection, AsyncSession)):
             return self._insert_async(conn, stmt, params if rows else None, result)
+        if django.is_django_connection(conn):
+            if rows:
+                django.insert(conn, self.table, self.engine.dialect, rows)
+                metrics.outbox_added(len(rows))
+            return result
         raise ConfigError(
-            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession "
-            f"(the one running the business transaction), got {type(conn).__name__}"
+            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession, or "
+            f"Django's connection (the one running the business transaction), got {type(conn).__name__}"
         )
 
     async def _insert_async(

@@ -1,0 +1,65 @@
+"""How a function registered with ``@consumer.handler`` becomes the one ``handler(msg, tx)`` the
+handling loop calls.
+
+* ``@consumer.handler`` on ``def fn(msg, tx)``: called as it is.
+* ``@consumer.handler(model=Order)`` on ``def fn(order, tx)``: the value is decoded into an
+  ``Order`` first (:meth:`~zeroloss.received.Received.decode`: a pydantic model, a dataclass, …).
+  A value that is not one is poison — dead-lettered at once with the reason, never retried.
+* ``async def fn(…)``: run to completion on an event loop the consumer keeps for it, in the
+  consumer's thread and inside the inbox transaction (``tx`` stays a synchronous connection: its
+  statements block that loop, which is fine, as nothing else runs on it). An app whose thread
+  already runs an event loop starts the consumer in a thread: ``await asyncio.to_thread(consumer.run)``.
+
+Every call runs in the trace context the producer's ``traceparent`` header carries
+(:mod:`zeroloss.tracing`; nothing without OpenTelemetry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from zeroloss import tracing
+from zeroloss.errors import ConfigError
+from zeroloss.received import Received
+
+
+class RegisteredHandler:
+    """``fn`` as registered, callable as ``handler(msg, tx)``."""
+
+    def __init__(self, fn: Callable[..., Any], model: type[Any] | None = None) -> None:
+        if not callable(fn):
+            raise ConfigError(f"a handler must be a function, got {type(fn).__name__}")
+        self.fn = fn
+        self.model = model
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __call__(self, msg: Received, tx: Any) -> None:
+        with tracing.handling(msg.topic, msg.id, msg.headers):
+            result = self.fn(msg if self.model is None else msg.decode(self.model), tx)
+            if inspect.isawaitable(result):
+                self._complete(result)
+
+    def check_can_run(self) -> None:
+        """ConfigError, before any message is taken, where an async handler could not run."""
+        if not self.is_async:
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        raise ConfigError("an async handler cannot run on a thread whose event loop is running: start the "
+                          "consumer in a thread of its own, e.g. await asyncio.to_thread(consumer.run)")
+
+    def _complete(self, awaitable: Any) -> None:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()  # kept: making one per message would cost more
+        self._loop.run_until_complete(awaitable)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
