@@ -124,8 +124,10 @@ def test_a_hot_key_slower_than_the_timeout_moves_forward_every_batch(outbox: Out
         deadline = time.monotonic() + 90
         try:
             while (done := outbox.store.stats().counts[State.SUCCESS]) < n:
-                # an outage or two on a loaded machine is tolerated; a livelock is all outages
-                assert relay.counters.broker_errors <= 2, f"no progress: {done} of {n} delivered ({relay.counters})"
+                # A livelock is batch after batch with nothing marked; a loaded machine may cost a
+                # batch or two (an outage, a timeout before the first confirm), never five in a row.
+                stalled = len(progress) - progress.index(done) if done in progress else 0
+                assert stalled < 5, f"no progress in {stalled} batches: {done} of {n} delivered ({relay.counters})"
                 assert time.monotonic() < deadline, f"{done} of {n} delivered in 90 s ({relay.counters})"
                 relay.run_once()
                 progress.append(done)

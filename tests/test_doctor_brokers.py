@@ -441,7 +441,14 @@ def test_nats_r3_with_sync_always_on_a_cluster_passes_and_a_lost_server_is_seen(
     result = CliRunner().invoke(main, ["init", "--target", url, "--topic", topic, "--replication-factor", "5"])
     assert result.exit_code == 2 and "--replication-factor 5 is more than this NATS deployment" in result.output
     init(url, topic, "--replication-factor", "3")
-    code, doc = run("--target", url, "--topic", topic, "--nats-monitor", monitor)
+    # A new stream's followers report "current" once they caught up with the leader: on a loaded
+    # machine that can take a moment after init, so wait (bounded) for the all-current state.
+    deadline = time.monotonic() + 30
+    while True:
+        code, doc = run("--target", url, "--topic", topic, "--nats-monitor", monitor)
+        if doc["verdict"] == "ok" or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert code == 0 and doc["verdict"] == "ok", doc
     replicas = by_name(doc)[f"stream {stream_name(topic)} replicas"]["detail"]
     assert replicas.startswith("3, leader n") and "every replica current" in replicas
