@@ -205,6 +205,9 @@ def unique_topic(prefix: str = "t") -> str:
 SHARED_SERVERS = ("kafka_cluster", "rocketmq")
 
 
+# tryfirst: xdist's worker turns the xdist_group marks into node ids in its own hook; this one must
+# run before it, or the groups are silently ignored (the CI check saw two workers on the cluster).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         for server in SHARED_SERVERS:
