@@ -32,12 +32,12 @@ test: install services lint
 	$(BIN)/pytest -q -n 3 --dist loadgroup -m "not rocketmq"
 	$(MAKE) bench-quick
 
-# Every fault-injection scenario at full size (the cluster-* ones on the three-broker Kafka cluster,
-# started if it is not up); prints the table, writes bench/results/chaos.md; then every crash-test
-# variant (make test runs a subset to stay under 20 minutes).
 test-rocketmq: install services
 	$(BIN)/pytest -q -m rocketmq
 
+# Every fault-injection scenario at full size (the cluster-* ones on the three-broker Kafka cluster,
+# started if it is not up); prints the table, writes bench/results/chaos.md; then every crash-test
+# variant (make test runs a subset to stay under 20 minutes).
 chaos: install services
 	$(BIN)/python -m tests.chaos
 	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/test_relay_crash.py tests/test_brokers_crash.py \

@@ -214,3 +214,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if item.get_closest_marker(server) or server in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(server))
                 break
+
+
+# A check that the grouping took: pytest 9.2 renamed the attribute xdist's loadgroup writes, and the
+# groups were then ignored without a word (two workers killed and restarted the same cluster node).
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
+        return
+    ungrouped = [item.nodeid for item in session.items
+                 if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if ungrouped:
+        raise pytest.UsageError(f"--dist loadgroup did not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): "
+                                "tests of a shared server would run on several workers at once; "
+                                "check the pytest / pytest-xdist versions pinned in pyproject.toml")
