@@ -34,7 +34,8 @@ CONFIG = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s":
           "rocketmq": {"invisible_s": 10.0}}
 
 
-@pytest.fixture(params=OTHER_BROKERS)
+# RocketMQ's variant is the test below (its own topic set-up, and in make chaos for its 25 s a kill).
+@pytest.fixture(params=[p for p in OTHER_BROKERS if p.values != ("rocketmq",)])
 def target(request: pytest.FixtureRequest) -> Iterator[BrokerHarness]:
     with harness(request.param) as h:
         yield h
