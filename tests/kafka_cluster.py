@@ -24,7 +24,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,23 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.jvm_service import (
+    Jvm,
+    ServiceError,
+    cache_dir,
+    env_int,
+    fetch_jars,
+    java,
+    missing_tools,
+    pid_state,
+    poll,
+    port_open,
+    refuse_ephemeral_ports,
+    rss_kib,
+    stop,
+    tail,
+)
 
 T = TypeVar("T")
 
@@ -49,61 +65,12 @@ _rdkafka_log = logging.getLogger("tests.kafka_cluster.librdkafka")
 _rdkafka_log.addHandler(logging.NullHandler())  # the CLI prints none of it; pytest still captures it via root
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ServiceError):
     """The cluster did not reach the state asked for in time; the message carries the node logs' tails."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZEROLOSS_CACHE") or Path.home() / ".cache" / "zeroloss")
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _poll(what: str, deadline: float, check: Callable[[], T | None], interval: float = 0.2) -> T:
-    """Call ``check`` until it returns something other than None (or raises ClusterError).
-
-    Other exceptions count as "not yet" and the last one is quoted in the timeout error."""
-    last: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if result is not None:
-                return result
-        except ClusterError:
-            raise
-        except Exception as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise ClusterError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
-        time.sleep(interval)
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range of source ports for outgoing connections (Linux default 32768-60999)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
+    return poll(what, deadline, check, interval, ClusterError)
 
 
 def _new_cluster_id() -> str:
@@ -114,17 +81,8 @@ def _new_cluster_id() -> str:
             return text
 
 
-def _pid_state(pid: int) -> str | None:
-    """The process's state letter from /proc (R, S, T, Z, ...), None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2]  # the command name in parentheses may itself contain spaces
-
-
 @dataclass(frozen=True)
-class Node:
+class Node(Jvm):
     id: int
     port: int
     controller_port: int
@@ -139,38 +97,12 @@ class Node:
         return self.dir / "node.log"
 
     @property
-    def pid_file(self) -> Path:
-        return self.dir / "pid"
-
-    @property
     def data(self) -> Path:
         return self.dir / "data"
 
-    def _is_me(self, pid: int) -> bool:
-        state = _pid_state(pid)
-        if state is None or state in "ZX":  # a zombie: dead, only not reaped yet by whoever adopted it
-            return False
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        return b"kafka.Kafka" in args and os.fsencode(self.props) in args
-
-    def pid(self) -> int | None:
-        """The pid of this node's JVM if it is running (stopped by SIGSTOP counts), else None.
-
-        The pid file is checked against the command line (pids get recycled); without a good pid
-        file, /proc is searched, so a node whose pid file was lost can still be stopped."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            if self._is_me(pid):
-                return pid
-        except (FileNotFoundError, ValueError):
-            pass
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and self._is_me(int(entry.name)):
-                return int(entry.name)
-        return None
+    @property
+    def marks(self) -> tuple[bytes, ...]:
+        return b"kafka.Kafka", os.fsencode(self.props)
 
 
 class KafkaCluster:
@@ -189,18 +121,13 @@ class KafkaCluster:
         self.version = version or os.environ.get("ZEROLOSS_KAFKA_VERSION") or "4.1.1"
         self.dir = Path(directory or os.environ.get("ZEROLOSS_KAFKA_DIR") or cache_dir() / "kafka-cluster")
         self.libs = cache_dir() / f"kafka-{self.version}" / "libs"
-        first = port or _env_int("ZEROLOSS_KAFKA_PORT", 19092)
-        first_controller = controller_port or _env_int("ZEROLOSS_KAFKA_CONTROLLER_PORT", 19192)
+        first = port or env_int("ZEROLOSS_KAFKA_PORT", 19092)
+        first_controller = controller_port or env_int("ZEROLOSS_KAFKA_CONTROLLER_PORT", 19192)
         self.nodes = {
             i: Node(i, first + n, first_controller + n, self.dir / f"node-{i}") for n, i in enumerate(NODE_IDS)
         }
-        low, high = _ephemeral_ports()
-        clash = [p for n in self.nodes.values() for p in (n.port, n.controller_port) if low <= p <= high]
-        if clash:
-            # While a node is down, any outgoing connection may be given its port as a source
-            # port, and the restarted node then fails with "Address already in use" (seen here).
-            raise ClusterError(f"ports {clash} lie in the kernel's ephemeral range {low}-{high}: pick ports "
-                               "below it (ZEROLOSS_KAFKA_PORT, ZEROLOSS_KAFKA_CONTROLLER_PORT)")
+        refuse_ephemeral_ports([p for n in self.nodes.values() for p in (n.port, n.controller_port)],
+                               "ZEROLOSS_KAFKA_PORT, ZEROLOSS_KAFKA_CONTROLLER_PORT", ClusterError)
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_KAFKA_JVM_OPTS") or DEFAULT_JVM_OPTS)
         self.extra_props = dict(extra_props or {})
         self.start_timeout = float(os.environ.get("ZEROLOSS_KAFKA_START_TIMEOUT") or 180)
@@ -220,36 +147,18 @@ class KafkaCluster:
             raise ValueError(f"node ids are {list(self.nodes)}, not {node_id}")
         return self.nodes[node_id]
 
+    def _jars_cached(self) -> bool:
+        return (self.libs / f"kafka_2.13-{self.version}.jar").exists()
+
     def missing_tools(self) -> list[str]:
         """What this machine lacks to run the cluster: java always, mvn only while the jars are not cached."""
-        missing = [] if os.environ.get("JAVA_HOME") or shutil.which("java") else ["java"]
-        if not (self.libs / f"kafka_2.13-{self.version}.jar").exists() and shutil.which("mvn") is None:
-            missing.append("mvn")
-        return missing
+        return missing_tools(self._jars_cached())
 
     # --- jars ----------------------------------------------------------------------------------
     def fetch_jars(self) -> None:
         """Copy the broker's jars from Maven into the cache, once per version."""
-        if (self.libs / f"kafka_2.13-{self.version}.jar").exists():
-            return
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise ClusterError(f"no Kafka jars in {self.libs} and no `mvn` on PATH to fetch them")
-        print(f"kafka_cluster: fetching Apache Kafka {self.version} jars with Maven into {self.libs}", flush=True)
-        # Into a scratch folder first, renamed when complete, so an interrupted fetch is not taken as a cache.
-        scratch = self.libs.with_name(f"libs.partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        cmd = [mvn, "-q", "-B", "-f", str(POM), f"-Dkafka.version={self.version}",
-               "dependency:copy-dependencies", f"-DoutputDirectory={scratch}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-            output = (done.stdout + done.stderr)[-4000:]
-            raise ClusterError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{output}")
-        try:
-            scratch.rename(self.libs)
-        except OSError:  # another process finished the same fetch first
-            shutil.rmtree(scratch, ignore_errors=True)
+        if not self._jars_cached():
+            fetch_jars(self.libs, POM, f"kafka.version={self.version}", f"Apache Kafka {self.version}", ClusterError)
 
     # --- node configuration --------------------------------------------------------------------
     def _properties(self, node: Node) -> str:
@@ -298,11 +207,7 @@ class KafkaCluster:
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
     def _java(self) -> str:
-        home = os.environ.get("JAVA_HOME")
-        java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-        if not java or not Path(java).exists():
-            raise ClusterError("no `java` (17 or newer) on PATH or in JAVA_HOME")
-        return java
+        return java(ClusterError)
 
     def _format(self, nodes: Iterable[Node]) -> None:
         """Write each new node's meta.properties and bootstrap checkpoint (kafka-storage format)."""
@@ -339,13 +244,7 @@ class KafkaCluster:
                 raise ClusterError(f"port {port} of node {node.id} is taken by a process that is not this node")
         cmd = [self._java(), *self.jvm_opts, "-Djava.awt.headless=true",
                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{self.libs}/*", "kafka.Kafka", str(node.props)]
-        # The shell backgrounds the JVM and exits: no Popen is left to reap, whichever process stops it.
-        script = f"{shlex.join(cmd)} </dev/null >>{shlex.quote(str(node.log))} 2>&1 & echo $!"
-        with node.log.open("a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting node {node.id}: {shlex.join(cmd)}\n")
-        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
-                              start_new_session=True, check=True)
-        node.pid_file.write_text(done.stdout.strip() + "\n")
+        node.launch(cmd, node.log, f"node {node.id}")
 
     # --- admin helpers -------------------------------------------------------------------------
     def admin(self) -> Any:
@@ -367,7 +266,7 @@ class KafkaCluster:
         sending to a paused broker, whose socket accepts the request and never answers."""
         from confluent_kafka.admin import AdminClient
 
-        up = [n for n in self.nodes.values() if (pid := n.pid()) is not None and _pid_state(pid) != "T"]
+        up = [n for n in self.nodes.values() if (pid := n.pid()) is not None and pid_state(pid) != "T"]
         if not up:
             raise ClusterError("no node is running unpaused")
         admin = AdminClient({"bootstrap.servers": ",".join(f"127.0.0.1:{n.port}" for n in up),
@@ -546,28 +445,7 @@ class KafkaCluster:
         return stopped
 
     def _stop_nodes(self, nodes: Iterable[Node], timeout: float = 30.0) -> list[int]:
-        pids = {n.id: pid for n in nodes if (pid := n.pid()) is not None}
-        for pid in pids.values():
-            os.kill(pid, signal.SIGCONT)  # a paused JVM cannot act on SIGTERM
-            os.kill(pid, signal.SIGTERM)
-        gone = self._wait_exit(pids, timeout)
-        if not gone:
-            for node_id in pids:
-                if (pid := self.nodes[node_id].pid()) is not None:
-                    os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pids, 10):
-                raise ClusterError(f"nodes {[i for i in pids if self.nodes[i].pid()]} survived SIGKILL")
-        for node_id in pids:
-            self.nodes[node_id].pid_file.unlink(missing_ok=True)
-        return sorted(pids)
-
-    def _wait_exit(self, pids: Mapping[int, int], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while any(self.nodes[i].pid() is not None for i in pids):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return stop({n.id: n for n in nodes}, timeout, ClusterError)
 
     # --- per-node faults -----------------------------------------------------------------------
     def pid(self, node_id: int) -> int:
@@ -598,7 +476,7 @@ class KafkaCluster:
     def paused(self, node_id: int) -> bool:
         """The node's JVM runs but is stopped (SIGSTOP)."""
         pid = self._node(node_id).pid()
-        return pid is not None and _pid_state(pid) == "T"
+        return pid is not None and pid_state(pid) == "T"
 
     def restart(self, node_id: int, topic: str | None = None, timeout: float = 90.0) -> None:
         """Start a stopped node again on its data; wait until it is a broker again and, given
@@ -624,19 +502,11 @@ class KafkaCluster:
     # --- reporting -------------------------------------------------------------------------------
     def log_tails(self, node_ids: Iterable[int] | None = None, lines: int = 25) -> str:
         ids = list(node_ids) if node_ids is not None else list(self.nodes)
-        return "\n".join(f"--- node {i}: tail of {self.nodes[i].log}\n{_tail(self.nodes[i].log, lines)}" for i in ids)
+        return "\n".join(f"--- node {i}: tail of {self.nodes[i].log}\n{tail(self.nodes[i].log, lines)}" for i in ids)
 
     def rss_kib(self) -> dict[int, int | None]:
         """Resident memory of each running node's JVM, in KiB."""
-        out: dict[int, int | None] = {}
-        for i, node in self.nodes.items():
-            pid = node.pid()
-            out[i] = None
-            if pid is not None:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        out[i] = int(line.split()[1])
-        return out
+        return {i: (rss_kib(pid) if (pid := n.pid()) is not None else None) for i, n in self.nodes.items()}
 
     def status(self) -> str:
         running = self.running()
@@ -644,7 +514,7 @@ class KafkaCluster:
         lines = [f"Apache Kafka {self.version} cluster in {self.dir}, bootstrap {self.bootstrap}"]
         for i, node in self.nodes.items():
             pid = running[i]
-            paused = ", paused" if pid and _pid_state(pid) == "T" else ""
+            paused = ", paused" if pid and pid_state(pid) == "T" else ""
             state = f"pid {pid}{paused}, RSS {(rss[i] or 0) // 1024} MiB" if pid else "not running"
             lines.append(f"  node {i}: :{node.port} (controller :{node.controller_port}) {state}; log {node.log}")
         lines.append(f"  answering: {'yes' if self.answering() else 'no'}")

@@ -38,7 +38,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +47,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tests.jvm_service import (
+    Jvm,
+    ServiceError,
+    cache_dir,
+    env_int,
+    fetch_jars,
+    java,
+    missing_tools,
+    pid_state,
+    poll,
+    port_open,
+    refuse_ephemeral_ports,
+    rss_kib,
+    stop,
+    tail,
+)
 from zeroloss.brokers.rocketmq_admin import (  # noqa: F401 - RequestCode, ResponseCode, remoting_call: for tests
     MESSAGE_TYPES,
     RequestCode,
@@ -83,80 +98,12 @@ MAIN_CLASS = {
 }
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceError):
     """The server did not reach the state asked for in time; the message carries the logs' tails."""
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ZEROLOSS_CACHE") or Path.home() / ".cache" / "zeroloss")
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name) or default)
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _poll(what: str, deadline: float, check: Callable[[], T | None], interval: float = 0.2) -> T:
-    """Call ``check`` until it returns something other than None (or raises ServerError).
-
-    Other exceptions count as "not yet" and the last one is quoted in the timeout error."""
-    last: BaseException | None = None
-    while True:
-        try:
-            result = check()
-            if result is not None:
-                return result
-        except ServerError:
-            raise
-        except Exception as e:
-            last = e
-        if time.monotonic() >= deadline:
-            raise ServerError(f"timed out waiting for {what}" + (f" (last error: {last})" if last else ""))
-        time.sleep(interval)
-
-
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range of source ports for outgoing connections (Linux default 32768-60999)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def _pid_state(pid: int) -> str | None:
-    """The process's state letter from /proc (R, S, T, Z, ...), None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return stat[stat.rindex(")") + 2]  # the command name in parentheses may itself contain spaces
-
-
-def _rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return None
+    return poll(what, deadline, check, interval, ServerError)
 
 
 def receive(consumer: Any, max_messages: int = 32, invisible_seconds: int = 15, settle: float = 10.0) -> list[Any]:
@@ -176,7 +123,7 @@ def receive(consumer: Any, max_messages: int = 32, invisible_seconds: int = 15, 
 
 
 @dataclass(frozen=True)
-class Process:
+class Process(Jvm):
     """One of the two JVMs: ``namesrv`` or ``broker`` (the broker with the gRPC proxy inside)."""
 
     name: str
@@ -193,34 +140,8 @@ class Process:
         return self.dir / "process.log"
 
     @property
-    def pid_file(self) -> Path:
-        return self.dir / "pid"
-
-    def _is_me(self, pid: int) -> bool:
-        state = _pid_state(pid)
-        if state is None or state in "ZX":  # a zombie: dead, only not reaped yet by whoever adopted it
-            return False
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (FileNotFoundError, ProcessLookupError):
-            return False
-        return MAIN_CLASS[self.name].encode() in args and os.fsencode(self.config) in args
-
-    def pid(self) -> int | None:
-        """The pid of this JVM if it is running (stopped by SIGSTOP counts), else None.
-
-        The pid file is checked against the command line (pids get recycled); without a good pid
-        file, /proc is searched, so a process whose pid file was lost can still be stopped."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-            if self._is_me(pid):
-                return pid
-        except (FileNotFoundError, ValueError):
-            pass
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and self._is_me(int(entry.name)):
-                return int(entry.name)
-        return None
+    def marks(self) -> tuple[bytes, ...]:
+        return MAIN_CLASS[self.name].encode(), os.fsencode(self.config)
 
     def listening(self) -> bool:
         return all(port_open(p) for p in self.probe)
@@ -247,9 +168,9 @@ class RocketMQServer:
         self.version = version or os.environ.get("ZEROLOSS_ROCKETMQ_VERSION") or DEFAULT_VERSION
         self.dir = Path(directory or os.environ.get("ZEROLOSS_ROCKETMQ_DIR") or cache_dir() / "rocketmq-server")
         self.libs = cache_dir() / f"rocketmq-{self.version}" / "libs"
-        self.namesrv_port = namesrv_port or _env_int("ZEROLOSS_ROCKETMQ_NAMESRV_PORT", 19876)
-        self.broker_port = broker_port or _env_int("ZEROLOSS_ROCKETMQ_BROKER_PORT", 10911)
-        self.proxy_port = proxy_port or _env_int("ZEROLOSS_ROCKETMQ_PROXY_PORT", 18081)
+        self.namesrv_port = namesrv_port or env_int("ZEROLOSS_ROCKETMQ_NAMESRV_PORT", 19876)
+        self.broker_port = broker_port or env_int("ZEROLOSS_ROCKETMQ_BROKER_PORT", 10911)
+        self.proxy_port = proxy_port or env_int("ZEROLOSS_ROCKETMQ_PROXY_PORT", 18081)
         # The broker's "fast" (VIP) port is listenPort - 2 and its HA port listenPort + 1.
         broker_ports = (self.broker_port, self.broker_port - 2, self.broker_port + 1,
                         self.proxy_port, self.proxy_remoting_port)
@@ -257,13 +178,8 @@ class RocketMQServer:
             "namesrv": Process("namesrv", self.dir / "namesrv", (self.namesrv_port,), (self.namesrv_port,)),
             "broker": Process("broker", self.dir / "broker", broker_ports, (self.broker_port, self.proxy_port)),
         }
-        low, high = _ephemeral_ports()
-        clash = [p for proc in self.processes.values() for p in proc.ports if low <= p <= high]
-        if clash:
-            # While a process is down, any outgoing connection may be given its port as a source
-            # port, and the restarted process then fails with "Address already in use".
-            raise ServerError(f"ports {clash} lie in the kernel's ephemeral range {low}-{high}: pick ports below it "
-                              "(ZEROLOSS_ROCKETMQ_NAMESRV_PORT, _BROKER_PORT, _PROXY_PORT)")
+        refuse_ephemeral_ports([p for proc in self.processes.values() for p in proc.ports],
+                               "ZEROLOSS_ROCKETMQ_NAMESRV_PORT, _BROKER_PORT, _PROXY_PORT", ServerError)
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_ROCKETMQ_JVM_OPTS") or DEFAULT_JVM_OPTS)
         self.broker_props = dict(broker_props or {})
         self.proxy_props = dict(proxy_props or {})
@@ -303,10 +219,7 @@ class RocketMQServer:
 
     def missing_tools(self) -> list[str]:
         """What this machine lacks to run the server: java always, mvn only while the jars are not cached."""
-        missing = [] if os.environ.get("JAVA_HOME") or shutil.which("java") else ["java"]
-        if not self._jars_cached() and shutil.which("mvn") is None:
-            missing.append("mvn")
-        return missing
+        return missing_tools(self._jars_cached())
 
     # --- jars ----------------------------------------------------------------------------------
     def _jars_cached(self) -> bool:
@@ -314,26 +227,9 @@ class RocketMQServer:
 
     def fetch_jars(self) -> None:
         """Copy the name server's, broker's, proxy's and admin tool's jars from Maven into the cache, once."""
-        if self._jars_cached():
-            return
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise ServerError(f"no RocketMQ jars in {self.libs} and no `mvn` on PATH to fetch them")
-        print(f"rocketmq_server: fetching Apache RocketMQ {self.version} jars with Maven into {self.libs}", flush=True)
-        # Into a scratch folder first, renamed when complete, so an interrupted fetch is not taken as a cache.
-        scratch = self.libs.with_name(f"libs.partial-{os.getpid()}")
-        shutil.rmtree(scratch, ignore_errors=True)
-        cmd = [mvn, "-q", "-B", "-f", str(POM), f"-Drocketmq.version={self.version}",
-               "dependency:copy-dependencies", f"-DoutputDirectory={scratch}"]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
-        if done.returncode != 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-            output = (done.stdout + done.stderr)[-4000:]
-            raise ServerError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{output}")
-        try:
-            scratch.rename(self.libs)
-        except OSError:  # another process finished the same fetch first
-            shutil.rmtree(scratch, ignore_errors=True)
+        if not self._jars_cached():
+            fetch_jars(self.libs, POM, f"rocketmq.version={self.version}", f"Apache RocketMQ {self.version}",
+                       ServerError)
 
     # --- configuration -------------------------------------------------------------------------
     def _namesrv_properties(self) -> str:
@@ -407,11 +303,7 @@ class RocketMQServer:
         return json.dumps(config, indent=2) + "\n"
 
     def _java(self) -> str:
-        home = os.environ.get("JAVA_HOME")
-        java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-        if not java or not Path(java).exists():
-            raise ServerError("no `java` (17 or newer) on PATH or in JAVA_HOME")
-        return java
+        return java(ServerError)
 
     def _jvm(self, role: str, home: Path) -> list[str]:
         """java and its options for ``role`` (namesrv, broker, admin), with ``home`` as user.home:
@@ -441,13 +333,7 @@ class RocketMQServer:
             if port_open(port):
                 raise ServerError(f"port {port} of the {proc.name} is taken by a process that is not this server's")
         cmd = self._command(proc)
-        # The shell backgrounds the JVM and exits: no Popen is left to reap, whichever process stops it.
-        script = f"{shlex.join(cmd)} </dev/null >>{shlex.quote(str(proc.log))} 2>&1 & echo $!"
-        with proc.log.open("a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {proc.name}: {shlex.join(cmd)}\n")
-        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
-                              start_new_session=True, check=True, cwd=proc.dir)
-        proc.pid_file.write_text(done.stdout.strip() + "\n")
+        proc.launch(cmd, proc.log, proc.name)
 
     # --- admin requests (zeroloss.brokers.rocketmq_admin) --------------------------------------
     @property
@@ -629,27 +515,7 @@ class RocketMQServer:
         return stopped
 
     def _stop(self, procs: Iterable[Process], timeout: float = 30.0) -> list[str]:
-        pids = {p.name: pid for p in procs if (pid := p.pid()) is not None}
-        for pid in pids.values():
-            os.kill(pid, signal.SIGCONT)  # a paused JVM cannot act on SIGTERM
-            os.kill(pid, signal.SIGTERM)
-        if not self._wait_exit(pids, timeout):
-            for name in pids:
-                if (pid := self.processes[name].pid()) is not None:
-                    os.kill(pid, signal.SIGKILL)
-            if not self._wait_exit(pids, 10):
-                raise ServerError(f"{[n for n in pids if self.processes[n].pid()]} survived SIGKILL")
-        for name in pids:
-            self.processes[name].pid_file.unlink(missing_ok=True)
-        return sorted(pids)
-
-    def _wait_exit(self, pids: Mapping[str, int], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while any(self.processes[n].pid() is not None for n in pids):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
-        return True
+        return stop({p.name: p for p in procs}, timeout, ServerError)
 
     # --- faults ------------------------------------------------------------------------------------
     def pid(self, name: str = "broker") -> int:
@@ -695,12 +561,12 @@ class RocketMQServer:
     # --- reporting -------------------------------------------------------------------------------
     def log_tails(self, names: Iterable[str] | None = None, lines: int = 25) -> str:
         chosen = list(names) if names is not None else list(self.processes)
-        return "\n".join(f"--- {n}: tail of {self.processes[n].log}\n{_tail(self.processes[n].log, lines)}"
+        return "\n".join(f"--- {n}: tail of {self.processes[n].log}\n{tail(self.processes[n].log, lines)}"
                          for n in chosen)
 
     def rss_kib(self) -> dict[str, int | None]:
         """Resident memory of each running JVM, in KiB."""
-        return {name: (_rss_kib(pid) if (pid := p.pid()) is not None else None)
+        return {name: (rss_kib(pid) if (pid := p.pid()) is not None else None)
                 for name, p in self.processes.items()}
 
     def status(self) -> str:
@@ -709,7 +575,7 @@ class RocketMQServer:
         lines = [f"Apache RocketMQ {self.version} in {self.dir}, gRPC endpoint {self.endpoint} ({self.url})"]
         for name, proc in self.processes.items():
             pid = running[name]
-            paused = ", paused" if pid and _pid_state(pid) == "T" else ""
+            paused = ", paused" if pid and pid_state(pid) == "T" else ""
             state = f"pid {pid}{paused}, RSS {(rss[name] or 0) // 1024} MiB" if pid else "not running"
             ports = ", ".join(f":{p}" for p in proc.ports)
             lines.append(f"  {name}: {ports} {state}; log {proc.log}")
