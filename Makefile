@@ -24,6 +24,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/mypy
+	$(BIN)/mypy tests bench examples
 
 # Three workers; the tests of each fixed-port server (Kafka cluster, RocketMQ) run on one worker
 # (tests/conftest.py). Ends with bench-quick (about 15 s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.

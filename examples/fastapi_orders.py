@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, Numeric, String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from zeroloss import Consumer, SqlOutbox
+from zeroloss import Consumer, SqlInbox, SqlOutbox
 
 
 class Base(DeclarativeBase):
@@ -53,7 +53,7 @@ class Order(BaseModel):
 
 def create_app(db_url: str) -> FastAPI:
     engine = create_engine(db_url)
-    Base.metadata.create_all(engine, tables=[OrderRow.__table__])  # your migrations, in a real app
+    Base.metadata.create_all(engine, tables=[Base.metadata.tables["orders"]])  # your migrations, in a real app
     outbox = SqlOutbox(engine)
     outbox.create_schema()  # or `zeroloss init --source URL` at deploy time
     sessions = sessionmaker(engine)
@@ -78,10 +78,10 @@ def create_app(db_url: str) -> FastAPI:
 
 def billing(broker: str, db_url: str, *, topic: str = "orders", group: str = "billing") -> Consumer:
     engine = create_engine(db_url)
-    Base.metadata.create_all(engine, tables=[Invoice.__table__])
-    consumer = Consumer(broker, group=group, topics=[topic], inbox=engine)
-    assert consumer.inbox is not None
-    consumer.inbox.create_schema()
+    Base.metadata.create_all(engine, tables=[Base.metadata.tables["invoices"]])
+    inbox = SqlInbox(engine)
+    inbox.create_schema()  # the inbox table, with your migrations in a real app
+    consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox)
 
     @consumer.handler(model=Order)
     def bill(order: Order, tx: Connection) -> None:

@@ -9,7 +9,7 @@ import base64
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -197,12 +197,17 @@ def nats_harness() -> BrokerHarness:
 # -- Redis --------------------------------------------------------------------------------------
 
 
+def _xrange(r: Any, topic: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XRANGE of a client without decode_responses (redis-py types it for both)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(topic))
+
+
 def _redis_read(topic: str) -> Entries:
     import redis
 
     r = redis.Redis.from_url(REDIS_URL)
     try:
-        return [(f[b"id"].decode(), f.get(b"key")) for _, f in r.xrange(topic)]
+        return [(f[b"id"].decode(), f.get(b"key")) for _, f in _xrange(r, topic)]
     finally:
         r.close()
 
@@ -215,7 +220,7 @@ def _redis_read_headers(topic: str) -> Letters:
     r = redis.Redis.from_url(REDIS_URL)
     try:
         out: Letters = []
-        for _, f in r.xrange(topic):
+        for _, f in _xrange(r, topic):
             h = {k: base64.b64decode(v) for k, v in json.loads(f.get(b"headers", b"[]"))}
             out.append((f[b"id"].decode(), h))
         return out
@@ -310,7 +315,7 @@ def _kafka_records(bootstrap: str, topic: str) -> list[Any]:
                 assert time.monotonic() < deadline, f"reading {topic} back took over 60 s"
                 for rec in c.consume(1000, 0.2):
                     if not rec.error():
-                        got[rec.partition()].append(rec)
+                        got[cast(int, rec.partition())].append(rec)
             want = ends()
         return [rec for p in sorted(got) for rec in got[p]]
     finally:

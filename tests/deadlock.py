@@ -55,7 +55,7 @@ class Deadlock:
         try:
             self._bump(tx, 2)  # the cycle closes on whichever request comes second
         except OperationalError as exc:  # the handler's mistake: it carries on as if nothing happened
-            assert exc.orig.args[0] == ER_LOCK_DEADLOCK, exc
+            assert exc.orig is not None and exc.orig.args[0] == ER_LOCK_DEADLOCK, exc
             self.caught.append(exc)
         thread.join(30)
         assert not thread.is_alive() and not self.rival_errors, self.rival_errors

@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
             print("ready", flush=True)
             stop.wait()
         return 0
-    make_id = half_messages.uuid7
+    make_id = half_messages.uuid7  # type: ignore[attr-defined]
 
     def announced_id() -> str:  # the id, printed before anything is sent, so the test knows it
         value = make_id()
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     if mode == "after-local-commit":
         from rocketmq.v5.producer.producer import Transaction
 
-        Transaction.commit = _kill_me  # type: ignore[method-assign]
+        Transaction.commit = _kill_me
     elif mode == "before-local-commit":
         event.listen(table.engine, "commit", _kill_me)  # runs before SQLAlchemy sends COMMIT
     else:

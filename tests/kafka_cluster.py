@@ -252,7 +252,7 @@ class KafkaCluster:
         if self._admin is None:
             from confluent_kafka.admin import AdminClient
 
-            self._admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _rdkafka_log})
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap, "logger": _rdkafka_log})  # type: ignore[dict-item]
         return self._admin
 
     def client_config(self, **extra: Any) -> dict[str, Any]:
@@ -270,7 +270,7 @@ class KafkaCluster:
         if not up:
             raise ClusterError("no node is running unpaused")
         admin = AdminClient({"bootstrap.servers": ",".join(f"127.0.0.1:{n.port}" for n in up),
-                             "logger": _rdkafka_log})
+                             "logger": _rdkafka_log})  # type: ignore[dict-item]
         return admin.list_topics(topic=topic, timeout=timeout)
 
     def broker_ids(self, timeout: float = 5.0) -> set[int]:

@@ -46,6 +46,7 @@ async def _amqp_queue(name: str) -> int | None:
             return None
         count = q.declaration_result.message_count
         await ch.close()
+        assert count is not None
         return int(count)
     finally:
         await conn.close()

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ class Db:
         return out
 
 
-def make_db(kind: str, tmp_path: Path) -> Iterator[Db]:
+def make_db(kind: str, tmp_path: Path) -> Generator[Db, None, None]:
     suffix = uuid.uuid4().hex[:10]
     target: str | sa.Engine
     if kind in ("postgresql", "psycopg2"):

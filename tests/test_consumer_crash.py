@@ -80,7 +80,9 @@ def test_a_consumer_sigkilled_at_random_points_applies_every_effect_exactly_once
     msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 13)) for i in range(MESSAGES)]
     publish(kafka.url, msgs)
     log = tmp_path / "consumer.log"
-    total = lambda: sum(db.counts().values())  # noqa: E731
+    def total() -> int:
+        return sum(db.counts().values())
+
     child = start(kafka, group, topic, db, log)
     try:
         for _ in range(KILLS):
@@ -155,7 +157,9 @@ def test_with_retry_topics_a_sigkilled_consumer_still_applies_every_effect_exact
     msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 13)) for i in range(n)]
     publish(kafka.url, msgs)
     log = tmp_path / "consumer.log"
-    total = lambda: sum(db.counts().values())  # noqa: E731
+    def total() -> int:
+        return sum(db.counts().values())
+
     child = start(kafka, group, topic, db, log, "run", "retry")
     try:
         for _ in range(3):

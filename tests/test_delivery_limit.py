@@ -28,7 +28,8 @@ from zeroloss.message import new_message
 
 BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in ("nats", "rabbitmq")]
 DELIVERIES = 5  # the broker's limit in these tests: NATS max_deliver, RabbitMQ delivery_limit + 1
-CONFIG = {"nats": {"ack_wait_s": 1.0, "max_deliver": DELIVERIES}, "rabbitmq": {"delivery_limit": DELIVERIES - 1}}
+CONFIG: dict[str, dict[str, Any]] = {"nats": {"ack_wait_s": 1.0, "max_deliver": DELIVERIES},
+                                     "rabbitmq": {"delivery_limit": DELIVERIES - 1}}
 PUBLISH = {"nats": {}, "rabbitmq": {"delivery_limit": DELIVERIES - 1}}  # the queue is declared by the first user
 
 
@@ -55,6 +56,12 @@ def publish_one(h: BrokerHarness, topic: str) -> str:
     finally:
         broker.close()
     return msg.id
+
+
+def dead_lettered(h: BrokerHarness, topic: str, found: list[tuple[str, dict[str, bytes]]]) -> bool:
+    """Whether the topic's dead letters (added to ``found``) are there yet."""
+    found.extend(letters(h, topic))
+    return bool(found)
 
 
 def lives(h: BrokerHarness, topic: str, db: Db, handler: Callable[[Consumer, Received, Any], None],
@@ -102,7 +109,7 @@ def test_a_message_failing_in_every_life_is_dead_lettered_with_its_error(target:
         raise ValueError(f"cannot handle {msg.id}")
 
     found: list[tuple[str, dict[str, bytes]]] = []
-    seen = lives(target, topic, db, fail_then_stop, until=lambda: bool(found.extend(letters(target, topic)) or found))
+    seen = lives(target, topic, db, fail_then_stop, until=lambda: dead_lettered(target, topic, found))
     assert [m for m, _ in found] == [mid], f"not dead-lettered; the handler saw attempts {seen}"
     headers = found[0][1]
     assert headers[dlq.H_ERROR_TYPE] == b"ValueError"
@@ -122,7 +129,7 @@ def test_a_message_that_kills_its_consumer_every_time_is_dead_lettered_before_th
         raise Crash()
 
     found: list[tuple[str, dict[str, bytes]]] = []
-    seen = lives(target, topic, db, crash, until=lambda: bool(found.extend(letters(target, topic)) or found))
+    seen = lives(target, topic, db, crash, until=lambda: dead_lettered(target, topic, found))
     assert [m for m, _ in found] == [mid], f"dropped by the broker: the handler saw attempts {seen}"
     headers = found[0][1]
     assert headers[dlq.H_ERROR_TYPE] == b"DeliveryLimitReached", headers

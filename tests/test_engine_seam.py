@@ -82,7 +82,7 @@ def test_what_cannot_work_is_refused_by_name(tmp_path: Path) -> None:
             SqlInbox(5)  # type: ignore[arg-type]
         for make in (SqlOutbox, SqlInbox):
             with pytest.raises(ConfigError, match="AsyncEngine; pass its URL"):
-                make(aengine)  # type: ignore[operator]
+                make(aengine)  # type: ignore[arg-type]
     finally:
         one.dispose()
         two.dispose()

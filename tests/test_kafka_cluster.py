@@ -41,8 +41,8 @@ def read(cluster: KafkaCluster, topic: str, count: int, timeout: float = 20.0) -
         deadline = time.monotonic() + timeout
         while len(got) < count and time.monotonic() < deadline:
             msg = c.poll(0.5)
-            if msg is not None and not msg.error():
-                got.append(msg.value())
+            if msg is not None and not msg.error() and (value := msg.value()) is not None:
+                got.append(value)
     finally:
         c.close()
     return got

@@ -25,6 +25,7 @@ def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[str]]:
     edges: dict[str, set[str]] = {m: set() for m in mods}
     private: list[str] = []
     for mod, path in mods.items():
+        targets: list[tuple[str, str | None]]
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 targets = [(a.name, None) for a in node.names]

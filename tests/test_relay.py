@@ -216,7 +216,7 @@ def test_store_errors_back_off_growing_not_at_a_fixed_pace() -> None:
             relay.stop()
         return False
 
-    relay._stop.wait = record  # type: ignore[method-assign]
+    relay._stop.wait = record  # type: ignore[method-assign,assignment]
     relay.run()
     assert relay.counters.store_errors == 6
     # exponential with jitter: the 6th wait is well past the first (0.5 s base, 16 s nominal)

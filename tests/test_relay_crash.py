@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "3000"))
 def source_url(h: OutboxHarness) -> str:
     if h.kind == "spool":
         return f"spool://{h.store.root}"
-    url = h.store.engine.url.render_as_string(hide_password=False)
+    url: str = h.store.engine.url.render_as_string(hide_password=False)
     return url
 
 
@@ -47,7 +48,7 @@ def start_relay(source: str, target: str, log: Path, table: str | None) -> subpr
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:
@@ -66,7 +67,9 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     source = source_url(outbox)
     table = getattr(getattr(outbox.store, "table", None), "name", None)
     log = tmp_path / "relay.log"
-    delivered = lambda: outbox.store.stats().counts[State.SUCCESS]  # noqa: E731
+    def delivered() -> int:
+        return int(outbox.store.stats().counts[State.SUCCESS])
+
     starts = 0
     relay = start_relay(source, kafka.url, log, table)
     try:

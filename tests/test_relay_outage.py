@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from zeroloss.outbox.base import State
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 
-def wait_until(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
         if time.monotonic() > deadline:

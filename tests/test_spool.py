@@ -425,7 +425,7 @@ def test_group_sync_covers_each_caller_with_an_fsync_that_started_after_it(
         gate.wait(0.002)  # stay in flight a moment so others pile up behind this fsync
         fsyncs.append((started, next(clock)))
 
-    monkeypatch.setattr(_fsync.os, "fsync", slow_fsync)
+    monkeypatch.setattr(os, "fsync", slow_fsync)
     fd = os.open(tmp_path, os.O_RDONLY)
     sync = _fsync.GroupSync(fd, window_s=0.001)
 
@@ -453,7 +453,7 @@ def test_group_sync_reports_a_failed_fsync_to_every_caller_it_covered(
     def broken(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(_fsync.os, "fsync", broken)
+    monkeypatch.setattr(os, "fsync", broken)
     fd = os.open(tmp_path, os.O_RDONLY)
     sync = _fsync.GroupSync(fd)
     with pytest.raises(OSError, match="directory fsync failed"):

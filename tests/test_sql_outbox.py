@@ -131,7 +131,7 @@ def test_invalid_messages_are_refused_before_anything_is_written(make_outbox: Ma
         with pytest.raises(MessageError, match="topic"):
             outbox.add_many(conn, [{"topic": "ok", "value": b"1"}, {"topic": "bad topic", "value": b"2"}])
         with pytest.raises(ConfigError, match="Connection, Session"):
-            outbox.add(outbox.engine, topic="t", value=b"x")  # type: ignore[call-overload]
+            outbox.add(outbox.engine, topic="t", value=b"x")
     assert _count(outbox) == 0
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -108,7 +108,7 @@ def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes
         while time.monotonic() - last_new < 2.0:  # the high watermark is not trusted on Tansu
             for rec in c.consume(100, 0.2):
                 if rec.error() is None:
-                    h = {k: v or b"" for k, v in rec.headers() or []}
+                    h = {k: v or b"" for k, v in cast(list[tuple[str, bytes]], rec.headers() or [])}
                     out.append((h[ID_HEADER].decode(), h))
                     last_new = time.monotonic()
     finally:
@@ -323,8 +323,8 @@ def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effe
             assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
         finally:
             b.close()
-        subs: list[Any] = []
-        real_open = runtime.open_subscription
+        subs: list[Subscription] = []
+        real_open = runtime.open_subscription  # type: ignore[attr-defined]
 
         def capture(*a: Any, **kw: Any) -> Subscription:
             subs.append(real_open(*a, **kw))

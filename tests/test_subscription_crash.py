@@ -89,7 +89,9 @@ def kill_at_random_points(url: str, name: str, topic: str, make: Callable[[], Br
     finally:
         broker.close()
     log = tmp_path / "consumer.log"
-    total = lambda: sum(db.counts().values())  # noqa: E731
+    def total() -> int:
+        return sum(db.counts().values())
+
     child = start(url, name, group, topic, db, log)
     try:
         for _ in range(kills):

@@ -119,9 +119,9 @@ def _ledger(server: RocketMQServer, topic: str, committed: list[tuple[str, bytes
     if strangers:
         problems.append(f"{len(strangers)} never-committed message(s) on the broker")
     by_key: dict[bytes, list[str]] = {}
-    for mid, key in committed:
+    for mid, committed_key in committed:
         if seen[mid]:
-            by_key.setdefault(key, []).append(mid)
+            by_key.setdefault(committed_key, []).append(mid)
     out_of_order = sum(1 for key, mids in by_key.items() if [m for m in order.get(key, []) if m in known] != mids)
     notes += "".join(f"; PROBLEM: {p}" for p in problems)
     return Ledger("RocketMQ broker SIGKILL + restart mid-stream", len(ids), faults, lost,
