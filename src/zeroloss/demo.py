@@ -6,11 +6,13 @@ zeroloss Consumer bills every order through a SqlInbox (the relay's duplicates a
 ledger is printed. Exit 1 on any loss or double effect.
 
 The broker is an embedded Kafka-compatible one by default (topic ``orders``), or ``target``: any
-broker URL zeroloss speaks (``kafka://``, ``amqp://``, ``nats://``, ``redis://``). There the run
-uses a topic and consumer group of its own (``orders-<random>``), so earlier data cannot
-interfere, declares the topic first (what ``zeroloss init --target`` does) and deletes it after a
-clean run; after a loss it is kept for inspection. A Kafka consumer group stays behind on an
-external Kafka (its offsets expire with the broker's retention for empty groups).
+broker URL zeroloss speaks (``kafka://``, ``amqp://``, ``nats://``, ``redis://``, ``rocketmq://``).
+There the run uses a topic and consumer group of its own (``orders-<random>``), so earlier data
+cannot interfere, declares the topic and the group first (what ``zeroloss init --target URL --group``
+does: RocketMQ's consumers cannot join a group that does not exist) and deletes the topic after a
+clean run, and the group where the broker keeps one as an object (RocketMQ); after a loss both are
+kept for inspection. A Kafka consumer group stays behind on an external Kafka (its offsets expire
+with the broker's retention for empty groups).
 
 Only Kafka can be read back from the broker without consuming (a RabbitMQ queue is emptied by the
 consumer), so on the other brokers "unique ids" and "duplicates" are counted from what the
@@ -36,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
-from zeroloss.brokers.base import TopicAdmin
+from zeroloss.brokers.base import GroupAdmin, Reachable, TopicAdmin, TopicSpec
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
@@ -51,7 +53,7 @@ TOPIC = "orders"
 # group.min.session.timeout.ms (6 s by default), so these are for the embedded broker only.
 EMBEDDED_GROUP_CONFIG = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 BROKER_NAMES = {"kafka": "Kafka", "amqp": "RabbitMQ", "amqps": "RabbitMQ", "nats": "NATS JetStream",
-                "redis": "Redis Streams", "rediss": "Redis Streams"}
+                "redis": "Redis Streams", "rediss": "Redis Streams", "rocketmq": "RocketMQ"}
 
 shop = MetaData()
 orders_t = Table("orders", shop, Column("id", Integer, primary_key=True),
@@ -118,15 +120,20 @@ def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: st
             raise ConfigError(f"the demo cannot declare topics on {safe_url(run.url)}")
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="zeroloss-demo-"))
         echo(f"broker {safe_url(run.url)} ({BROKER_NAMES.get(scheme_of(run.url), '?')}), topic {run.topic}")
-        for declared in admin.declare([run.topic]):
+        if isinstance(admin, Reachable):  # else a dead endpoint shows only as the relay's 2-minute wait
+            admin.check_reachable()  # before declaring, which would leave a topic behind
+        for declared in admin.declare([run.topic], TopicSpec(group=run.group)):
             echo(f"  {declared}")
         code = _run(orders, run, Path(tmp), echo, started)
         if target is not None:
             if code == 0:
                 admin.delete([run.topic])
                 echo(f"removed {run.topic} and {run.topic}.dlq from the broker")
+                if isinstance(admin, GroupAdmin):
+                    admin.delete_group(run.group)
+                    echo(f"removed consumer group {run.group} from the broker")
             else:
-                echo(f"kept {run.topic} on the broker for inspection")
+                echo(f"kept {run.topic} (and consumer group {run.group}) on the broker for inspection")
     return code
 
 

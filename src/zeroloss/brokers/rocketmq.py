@@ -48,6 +48,7 @@ import base64
 import hashlib
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -268,6 +269,18 @@ class RocketMQBroker:
 
     def close(self) -> None:
         self._drop()
+
+    def check_reachable(self) -> None:
+        """BrokerError unless the gRPC proxy accepts a connection (Reachable). Declaring goes to the
+        name server, so it says nothing of the proxy the relay sends to, and the client's producer
+        starts "successfully" with nothing to talk to: a relay would retry against a dead port."""
+        host, _, port = self.config.endpoint.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=min(self.timeout_s, 5.0)).close()
+        except OSError as exc:
+            raise BrokerError(f"RocketMQ proxy {self.config.endpoint} (the URL's HOST:PORT, gRPC) does not accept "
+                              f"connections: {type(exc).__name__}: {exc}; start it (mqbroker --enable-proxy, "
+                              f"or mqproxy) or fix the URL") from exc
 
     def interrupt(self) -> None:
         self._interrupted.set()
@@ -496,6 +509,10 @@ class RocketMQBroker:
             except ValueError:
                 continue  # cannot exist on RocketMQ
         self._admin_call("deleting", lambda admin: admin.delete_topics(names))
+
+    def delete_group(self, group: str) -> None:
+        """Delete the consumer group and its offsets from every master (GroupAdmin)."""
+        self._admin_call(f"deleting consumer group {group!r}", lambda admin: admin.delete_group(group))
 
 
 def _describe(exc: BaseException) -> str:
