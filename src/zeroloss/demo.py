@@ -133,7 +133,8 @@ def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: st
                     admin.delete_group(run.group)
                     echo(f"removed consumer group {run.group} from the broker")
             else:
-                echo(f"kept {run.topic} (and consumer group {run.group}) on the broker for inspection")
+                group = f" and consumer group {run.group}" if isinstance(admin, GroupAdmin) else ""
+                echo(f"kept {run.topic}{group} on the broker for inspection")
     return code
 
 
