@@ -14,8 +14,8 @@ clean run, and the group where the broker keeps one as an object (RocketMQ); aft
 kept for inspection. A Kafka consumer group stays behind on an external Kafka (its offsets expire
 with the broker's retention for empty groups).
 
-Only Kafka can be read back from the broker without consuming (a RabbitMQ queue is emptied by the
-consumer), so on the other brokers "unique ids" and "duplicates" are counted from what the
+Kafka and RocketMQ are read back from the broker without consuming (a RabbitMQ queue is emptied
+by the consumer); on the other brokers "unique ids" and "duplicates" are counted from what the
 consumer received: the inbox's claims and the deliveries it skipped as duplicates. The ledger
 says which.
 """
@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,22 @@ def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
 def _out_of_order(by_key: dict[bytes, list[str]] | dict[str, list[int]]) -> int:
     """Keys whose sequence is not ascending (UUIDv7 ids and order numbers both grow with commit order)."""
     return sum(1 for seq in by_key.values() if list(seq) != sorted(seq))
+
+
+def _rocketmq_view(run: Run) -> BrokerView:
+    """The topic as the RocketMQ brokers keep it, pulled from every queue over the remoting protocol
+    without a group (what ``zeroloss dlq`` reads with): a SimpleConsumer's acks remove nothing."""
+    from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+
+    copies: Counter[str] = Counter()
+    by_key: dict[bytes, list[str]] = {}
+    for stored in RocketMQReader(run.url).read(run.topic):  # oldest first; a key's messages share a queue
+        mid = stored.id or ""
+        copies[mid] += 1
+        if copies[mid] == 1 and stored.key is not None:
+            by_key.setdefault(stored.key, []).append(mid)
+    return BrokerView(set(copies), copies.total() - len(copies), _out_of_order(by_key), "read back from the broker",
+                      "same zeroloss-id: a consumer's inbox drops them")
 
 
 def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: str | None = None) -> int:
@@ -219,10 +236,12 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
             seen = read_topic(run.url, run.topic, expect=committed, idle_s=5)
             view = BrokerView(set(seen.ids), seen.duplicates, _out_of_order(seen.order), "read back from the broker",
                               "same zeroloss-id: a consumer's inbox drops them")
+        elif scheme_of(run.url) == "rocketmq":
+            view = _rocketmq_view(run)
         else:
             name = BROKER_NAMES.get(scheme_of(run.url), "this broker")
             view = BrokerView(claimed, billing.counters.duplicates, _out_of_order(by_customer),
-                              f"as the consumer received them: the demo reads only Kafka back, not {name}",
+                              f"as the consumer received them: the demo reads only Kafka and RocketMQ back, not {name}",
                               "copies the consumer received; its inbox dropped them")
         lost = [m for m in committed if m not in view.ids]
         stats = outbox.stats()
