@@ -721,7 +721,7 @@ def try_it(server: RocketMQServer) -> str:
     """What ``make rocketmq`` prints after starting: the zeroloss URL and the demo on it (quoted: the
     ``?`` is a glob character to zsh)."""
     return (f"zeroloss target: {server.zeroloss_url}\n"
-            f"try it:          .venv/bin/zeroloss demo --target '{server.zeroloss_url}'\n"
+            f"try it:          .venv/bin/zeroloss demo --target '{server.zeroloss_url}'  (or make demo-rocketmq)\n"
             f"                 (outbox -> relay, SIGKILLed once -> RocketMQ -> consumer with inbox; "
             f"prints lost 0, double effects 0)")
 
