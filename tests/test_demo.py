@@ -113,9 +113,10 @@ def test_the_demo_on_an_unreachable_rocketmq_name_server_says_which_one() -> Non
     with socket.socket() as proxy:  # only accepts connections: the demo checks no more before declaring
         proxy.bind(("127.0.0.1", 0))
         proxy.listen()
-        result = CliRunner().invoke(main, ["demo", "--orders", "10", "--target",
-                                           f"rocketmq://127.0.0.1:{proxy.getsockname()[1]}?namesrv=127.0.0.1:{port}"])
+        url = f"rocketmq://ak:s3cret-key@127.0.0.1:{proxy.getsockname()[1]}?namesrv=127.0.0.1:{port}"
+        result = CliRunner().invoke(main, ["demo", "--orders", "10", "--target", url])
     assert result.exit_code == 1, result.output
     assert f"error: RocketMQ name server 127.0.0.1:{port}" in result.output
     assert "while declaring" in result.output and "ConnectionRefusedError" in result.output
     assert "Traceback" not in result.output
+    assert "s3cret-key" not in result.output  # the secret key of the URL is masked: rocketmq://ak:***@...

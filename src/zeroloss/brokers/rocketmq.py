@@ -61,6 +61,7 @@ from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dea
 from zeroloss.brokers.rocketmq_admin import DEFAULT_NAMESRV_PORT, RocketMQAdmin, parse_address
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
+from zeroloss.registry import safe_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -448,7 +449,7 @@ class RocketMQBroker:
         except BrokerError as exc:
             if not exc.retriable:
                 raise
-            raise BrokerError(f"RocketMQ name server {self.config.namesrv} (from {self.url!r}; set it with "
+            raise BrokerError(f"RocketMQ name server {self.config.namesrv} (from {safe_url(self.url)!r}; set it with "
                               f"?namesrv=HOST:PORT) while {doing}: {exc}") from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
