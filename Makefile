@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test-rocketmq demo test lint services install clean bench bench-quick chaos cluster cluster-stop rocketmq rocketmq-stop
+.PHONY: test-rocketmq demo demo-rocketmq test lint services install clean bench bench-quick chaos cluster cluster-stop rocketmq rocketmq-stop
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -74,6 +74,10 @@ cluster-stop: install
 # Tests reuse it when up (fixture rocketmq). `make rocketmq-stop WIPE=1` also deletes its data.
 rocketmq: install
 	$(BIN)/python -m tests.rocketmq_server start
+
+# The demo on that server (started if down): outbox -> relay (SIGKILLed once) -> RocketMQ -> consumer.
+demo-rocketmq: rocketmq
+	$(BIN)/zeroloss demo --target "$$($(BIN)/python -c 'from tests.rocketmq_server import RocketMQServer; print(RocketMQServer().zeroloss_url)')"
 
 rocketmq-stop: install
 	$(BIN)/python -m tests.rocketmq_server stop $(if $(WIPE),--wipe)

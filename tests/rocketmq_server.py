@@ -583,6 +583,15 @@ class RocketMQServer:
         return "\n".join(lines)
 
 
+def try_it(server: RocketMQServer) -> str:
+    """What ``make rocketmq`` prints after starting: the zeroloss URL and the demo on it (quoted: the
+    ``?`` is a glob character to zsh)."""
+    return (f"zeroloss target: {server.zeroloss_url}\n"
+            f"try it:          .venv/bin/zeroloss demo --target '{server.zeroloss_url}'  (or make demo-rocketmq)\n"
+            f"                 (outbox -> relay, SIGKILLed once -> RocketMQ -> consumer with inbox; "
+            f"prints lost 0, double effects 0)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.rocketmq_server", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -600,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rocketmq_server: up in {time.monotonic() - t0:.1f} s, {server.url} (RSS {rss})")
             else:
                 print(f"rocketmq_server: already running, {server.url}")
+            print(try_it(server))
         elif args.command == "stop":
             stopped = server.stop(wipe=args.wipe)
             said = f"stopped {', '.join(stopped)}" if stopped else "nothing was running"

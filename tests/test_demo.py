@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.broker_harness import AMQP_URL, NATS_URL
 from tests.conftest import REDIS_URL, require_service
 from tests.test_cli_init import _amqp_queue, _nats_subjects, _redis, kafka_partitions
+from zeroloss.cli import main
 from zeroloss.demo import run_demo
 
 pytestmark = pytest.mark.slow
@@ -64,3 +67,56 @@ def test_the_demo_runs_against_an_external_kafka(kafka: Any) -> None:
     text, topic = _demo_against(kafka.url)
     assert "read back from the broker" in text
     assert kafka_partitions(kafka.bootstrap, topic) == 0
+
+
+@pytest.mark.rocketmq
+def test_the_demo_runs_against_rocketmq_and_cleans_up(rocketmq: Any) -> None:
+    """Issue 13's "done when": outbox -> relay (SIGKILLed) -> RocketMQ -> consumer with inbox, lost 0
+    and double effects 0; the topics and the consumer group it declared are gone after it."""
+    from zeroloss.brokers.rocketmq import rocketmq_topic
+    from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+
+    text, topic = _demo_against(rocketmq.zeroloss_url)
+    assert "(RocketMQ)" in text
+    assert "unique ids on the broker 200  (read back from the broker)" in text  # not only what was consumed
+    group = re.search(r"created\s+consumer group (zeroloss-demo-[0-9a-f]{8})", text)
+    assert group, text  # created ahead: a RocketMQ consumer cannot join a group that does not exist
+    assert f"removed consumer group {group[1]} from the broker" in text
+    admin = RocketMQAdmin(rocketmq.namesrv_addr)
+    for t in (topic, topic + ".dlq"):
+        assert not admin.routed(rocketmq_topic(t))
+    assert admin.group_config(group[1]) is None
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # closed again when this returns: nothing listens there
+
+
+def test_the_demo_on_an_unreachable_rocketmq_proxy_says_so_before_declaring_anything() -> None:
+    """Declaring goes to the name server, and the relay would retry a dead proxy for minutes: the
+    proxy is checked first. Exit 1 with one line naming it; nothing created (the name server here
+    is the shared test server's port, up or not: it is never asked)."""
+    port = _closed_port()
+    result = CliRunner().invoke(main, ["demo", "--orders", "10", "--target",
+                                       f"rocketmq://127.0.0.1:{port}?namesrv=127.0.0.1:19876"])
+    assert result.exit_code == 1, result.output
+    assert (f"error: RocketMQ proxy 127.0.0.1:{port} (the URL's HOST:PORT, gRPC) does not accept connections"
+            in result.output)
+    assert "created" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_demo_on_an_unreachable_rocketmq_name_server_says_which_one() -> None:
+    port = _closed_port()
+    with socket.socket() as proxy:  # only accepts connections: the demo checks no more before declaring
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        url = f"rocketmq://ak:s3cret-key@127.0.0.1:{proxy.getsockname()[1]}?namesrv=127.0.0.1:{port}"
+        result = CliRunner().invoke(main, ["demo", "--orders", "10", "--target", url])
+    assert result.exit_code == 1, result.output
+    assert f"error: RocketMQ name server 127.0.0.1:{port}" in result.output
+    assert "while declaring" in result.output and "ConnectionRefusedError" in result.output
+    assert "Traceback" not in result.output
+    assert "s3cret-key" not in result.output  # the secret key of the URL is masked: rocketmq://ak:***@...

@@ -6,14 +6,16 @@ zeroloss Consumer bills every order through a SqlInbox (the relay's duplicates a
 ledger is printed. Exit 1 on any loss or double effect.
 
 The broker is an embedded Kafka-compatible one by default (topic ``orders``), or ``target``: any
-broker URL zeroloss speaks (``kafka://``, ``amqp://``, ``nats://``, ``redis://``). There the run
-uses a topic and consumer group of its own (``orders-<random>``), so earlier data cannot
-interfere, declares the topic first (what ``zeroloss init --target`` does) and deletes it after a
-clean run; after a loss it is kept for inspection. A Kafka consumer group stays behind on an
-external Kafka (its offsets expire with the broker's retention for empty groups).
+broker URL zeroloss speaks (``kafka://``, ``amqp://``, ``nats://``, ``redis://``, ``rocketmq://``).
+There the run uses a topic and consumer group of its own (``orders-<random>``), so earlier data
+cannot interfere, declares the topic and the group first (what ``zeroloss init --target URL --group``
+does: RocketMQ's consumers cannot join a group that does not exist) and deletes the topic after a
+clean run, and the group where the broker keeps one as an object (RocketMQ); after a loss both are
+kept for inspection. A Kafka consumer group stays behind on an external Kafka (its offsets expire
+with the broker's retention for empty groups).
 
-Only Kafka can be read back from the broker without consuming (a RabbitMQ queue is emptied by the
-consumer), so on the other brokers "unique ids" and "duplicates" are counted from what the
+Kafka and RocketMQ are read back from the broker without consuming (a RabbitMQ queue is emptied
+by the consumer); on the other brokers "unique ids" and "duplicates" are counted from what the
 consumer received: the inbox's claims and the deliveries it skipped as duplicates. The ledger
 says which.
 """
@@ -29,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,7 @@ from typing import Any
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
-from zeroloss.brokers.base import TopicAdmin
+from zeroloss.brokers.base import GroupAdmin, Reachable, TopicAdmin, TopicSpec
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
@@ -51,7 +54,7 @@ TOPIC = "orders"
 # group.min.session.timeout.ms (6 s by default), so these are for the embedded broker only.
 EMBEDDED_GROUP_CONFIG = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
 BROKER_NAMES = {"kafka": "Kafka", "amqp": "RabbitMQ", "amqps": "RabbitMQ", "nats": "NATS JetStream",
-                "redis": "Redis Streams", "rediss": "Redis Streams"}
+                "redis": "Redis Streams", "rediss": "Redis Streams", "rocketmq": "RocketMQ"}
 
 shop = MetaData()
 orders_t = Table("orders", shop, Column("id", Integer, primary_key=True),
@@ -103,6 +106,22 @@ def _out_of_order(by_key: dict[bytes, list[str]] | dict[str, list[int]]) -> int:
     return sum(1 for seq in by_key.values() if list(seq) != sorted(seq))
 
 
+def _rocketmq_view(run: Run) -> BrokerView:
+    """The topic as the RocketMQ brokers keep it, pulled from every queue over the remoting protocol
+    without a group (what ``zeroloss dlq`` reads with): a SimpleConsumer's acks remove nothing."""
+    from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+
+    copies: Counter[str] = Counter()
+    by_key: dict[bytes, list[str]] = {}
+    for stored in RocketMQReader(run.url).read(run.topic):  # oldest first; a key's messages share a queue
+        mid = stored.id or ""
+        copies[mid] += 1
+        if copies[mid] == 1 and stored.key is not None:
+            by_key.setdefault(stored.key, []).append(mid)
+    return BrokerView(set(copies), copies.total() - len(copies), _out_of_order(by_key), "read back from the broker",
+                      "same zeroloss-id: a consumer's inbox drops them")
+
+
 def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: str | None = None) -> int:
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -118,15 +137,21 @@ def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: st
             raise ConfigError(f"the demo cannot declare topics on {safe_url(run.url)}")
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="zeroloss-demo-"))
         echo(f"broker {safe_url(run.url)} ({BROKER_NAMES.get(scheme_of(run.url), '?')}), topic {run.topic}")
-        for declared in admin.declare([run.topic]):
+        if isinstance(admin, Reachable):  # else a dead endpoint shows only as the relay's 2-minute wait
+            admin.check_reachable()  # before declaring, which would leave a topic behind
+        for declared in admin.declare([run.topic], TopicSpec(group=run.group)):
             echo(f"  {declared}")
         code = _run(orders, run, Path(tmp), echo, started)
         if target is not None:
             if code == 0:
                 admin.delete([run.topic])
                 echo(f"removed {run.topic} and {run.topic}.dlq from the broker")
+                if isinstance(admin, GroupAdmin):
+                    admin.delete_group(run.group)
+                    echo(f"removed consumer group {run.group} from the broker")
             else:
-                echo(f"kept {run.topic} on the broker for inspection")
+                group = f" and consumer group {run.group}" if isinstance(admin, GroupAdmin) else ""
+                echo(f"kept {run.topic}{group} on the broker for inspection")
     return code
 
 
@@ -211,10 +236,12 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
             seen = read_topic(run.url, run.topic, expect=committed, idle_s=5)
             view = BrokerView(set(seen.ids), seen.duplicates, _out_of_order(seen.order), "read back from the broker",
                               "same zeroloss-id: a consumer's inbox drops them")
+        elif scheme_of(run.url) == "rocketmq":
+            view = _rocketmq_view(run)
         else:
             name = BROKER_NAMES.get(scheme_of(run.url), "this broker")
             view = BrokerView(claimed, billing.counters.duplicates, _out_of_order(by_customer),
-                              f"as the consumer received them: the demo reads only Kafka back, not {name}",
+                              f"as the consumer received them: the demo reads only Kafka and RocketMQ back, not {name}",
                               "copies the consumer received; its inbox dropped them")
         lost = [m for m in committed if m not in view.ids]
         stats = outbox.stats()

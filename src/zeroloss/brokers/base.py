@@ -113,6 +113,26 @@ class TopicAdmin(Protocol):
         ...
 
 
+@runtime_checkable
+class GroupAdmin(Protocol):
+    """An adapter whose broker keeps a consumer group as an object of its own, created ahead
+    (RocketMQ's subscription groups), which a caller that made one can remove again."""
+
+    def delete_group(self, group: str) -> None:
+        """Remove the consumer group and its offsets; a group that does not exist is fine."""
+        ...
+
+
+@runtime_checkable
+class Reachable(Protocol):
+    """An adapter whose admin work goes to another endpoint than its messages (RocketMQ: the
+    name server, not the proxy), so that a successful declare does not show the broker answers."""
+
+    def check_reachable(self) -> None:
+        """Raise BrokerError, saying what to fix, unless the endpoint messages go to answers."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Stored:
     """A message as the broker keeps it, read without consuming it (``zeroloss dlq`` reads dead

@@ -48,6 +48,7 @@ import base64
 import hashlib
 import logging
 import re
+import socket
 import threading
 import time
 import urllib.parse
@@ -60,6 +61,7 @@ from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dea
 from zeroloss.brokers.rocketmq_admin import DEFAULT_NAMESRV_PORT, RocketMQAdmin, parse_address
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
+from zeroloss.registry import safe_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -269,6 +271,18 @@ class RocketMQBroker:
     def close(self) -> None:
         self._drop()
 
+    def check_reachable(self) -> None:
+        """BrokerError unless the gRPC proxy accepts a connection (Reachable). Declaring goes to the
+        name server, so it says nothing of the proxy the relay sends to, and the client's producer
+        starts "successfully" with nothing to talk to: a relay would retry against a dead port."""
+        host, _, port = self.config.endpoint.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=min(self.timeout_s, 5.0)).close()
+        except OSError as exc:
+            raise BrokerError(f"RocketMQ proxy {self.config.endpoint} (the URL's HOST:PORT, gRPC) does not accept "
+                              f"connections: {type(exc).__name__}: {exc}; start it (mqbroker --enable-proxy, "
+                              f"or mqproxy) or fix the URL") from exc
+
     def interrupt(self) -> None:
         self._interrupted.set()
 
@@ -435,7 +449,7 @@ class RocketMQBroker:
         except BrokerError as exc:
             if not exc.retriable:
                 raise
-            raise BrokerError(f"RocketMQ name server {self.config.namesrv} (from {self.url!r}; set it with "
+            raise BrokerError(f"RocketMQ name server {self.config.namesrv} (from {safe_url(self.url)!r}; set it with "
                               f"?namesrv=HOST:PORT) while {doing}: {exc}") from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
@@ -496,6 +510,10 @@ class RocketMQBroker:
             except ValueError:
                 continue  # cannot exist on RocketMQ
         self._admin_call("deleting", lambda admin: admin.delete_topics(names))
+
+    def delete_group(self, group: str) -> None:
+        """Delete the consumer group and its offsets from every master (GroupAdmin)."""
+        self._admin_call(f"deleting consumer group {group!r}", lambda admin: admin.delete_group(group))
 
 
 def _describe(exc: BaseException) -> str:

@@ -277,9 +277,9 @@ def broker(port: int, storage: str) -> None:
 @main.command()
 @option("--orders", default=3000, show_default=True, type=click.IntRange(10))
 @option("--target", default=None, metavar="URL",
-        help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
-                   "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "
-                   "that the demo never writes to a production broker by accident.")
+        help="Run against this broker (kafka://, amqp://, nats://, redis://, rocketmq://) on a topic of its own, "
+                   "removed afterwards, instead of an embedded Kafka-compatible broker. Not read from "
+                   "ZEROLOSS_TARGET, so that the demo never writes to a production broker by accident.")
 @errors_to_exit_codes
 def demo(orders: int, target: str | None) -> None:
     """Shop → outbox → relay (SIGKILLed once) → broker → consumer, then a ledger. Exit 1 on loss."""
