@@ -392,3 +392,28 @@ def harness(name: str, url: str | None = None) -> Iterator[BrokerHarness]:
     finally:
         for t in h.topics:
             h.drop(t)
+
+
+def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes]]]:
+    """(id, headers) of every record of ``topic``, read with a plain confluent-kafka consumer."""
+    import time
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+    out: list[tuple[str, dict[str, bytes]]] = []
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        last_new = time.monotonic()
+        while time.monotonic() - last_new < 2.0:  # the high watermark is not trusted on Tansu
+            for rec in c.consume(100, 0.2):
+                if rec.error() is None:
+                    h = {k: v or b"" for k, v in cast(list[tuple[str, bytes]], rec.headers() or [])}
+                    out.append((h[ID_HEADER].decode(), h))
+                    last_new = time.monotonic()
+    finally:
+        c.close()
+    return out

@@ -300,7 +300,12 @@ class KafkaCluster:
         deadline = time.monotonic() + timeout
 
         def in_sync() -> bool | None:
-            parts = self._partitions(topic, timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            try:
+                parts = self._partitions(topic, timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            except ClusterError as e:
+                if "UNKNOWN_TOPIC_OR_PART" in str(e):  # just created: not in every node's metadata yet
+                    return None
+                raise
             last.clear()
             last.update({i: list(p.isrs) for i, p in parts.items()})
             ok = bool(parts) and all(want <= set(p.isrs) and p.leader >= 0 for p in parts.values())

@@ -14,7 +14,8 @@ import pytest
 
 from tests.broker_harness import OTHER_BROKERS, BrokerHarness, fixture_url, harness
 from tests.conftest import OutboxHarness, only_in_the_full_crash_matrix, unique_topic
-from tests.test_relay_crash import source_url, start_relay, wait_until
+from tests.relay_process import source_url, start_relay
+from tests.waiting import wait_until
 from zeroloss.outbox.base import State
 
 pytestmark = pytest.mark.slow

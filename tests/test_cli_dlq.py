@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from tests.broker_harness import harness
 from tests.conftest import require_service, unique_topic
-from tests.test_consumer import make_db
+from tests.effects_db import make_db
 from zeroloss.brokers.base import Status
 from zeroloss.cli import main
 from zeroloss.consumer import Consumer

@@ -4,7 +4,7 @@ relay and the consumer need; the result is checked with each broker's own client
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.broker_harness import AMQP_URL, NATS_URL, harness
+from tests.broker_inspect import amqp_queue, kafka_partitions, nats_subjects, with_redis
 from tests.conftest import REDIS_URL, require_service, unique_topic
 from zeroloss.cli import main
 
@@ -19,64 +20,6 @@ from zeroloss.cli import main
 def run(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
-
-
-# -- what exists, asked of each broker with its own client ----------------------------------------
-
-
-def kafka_partitions(bootstrap: str, topic: str) -> int:
-    """Partitions of ``topic`` (0: no such topic)."""
-    from confluent_kafka.admin import AdminClient
-
-    md = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10)
-    return len(md.topics[topic].partitions) if topic in md.topics and md.topics[topic].error is None else 0
-
-
-async def _amqp_queue(name: str) -> int | None:
-    """Messages in queue ``name``, or None when there is no such queue."""
-    import aio_pika
-    import aiormq
-
-    conn = await aio_pika.connect(AMQP_URL)
-    try:
-        ch = await conn.channel()
-        try:
-            q = await ch.declare_queue(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        count = q.declaration_result.message_count
-        await ch.close()
-        assert count is not None
-        return int(count)
-    finally:
-        await conn.close()
-
-
-async def _nats_subjects(topic: str) -> list[str] | None:
-    import nats
-    import nats.js.errors
-
-    from zeroloss.brokers.nats import stream_name
-
-    nc = await nats.connect(NATS_URL)
-    try:
-        try:
-            info = await nc.jetstream().stream_info(stream_name(topic))
-        except nats.js.errors.NotFoundError:
-            return None
-        return list(info.config.subjects or [])
-    finally:
-        await nc.close()
-
-
-def _redis(fn: Callable[[Any], Any]) -> Any:
-    import redis
-
-    r = redis.Redis.from_url(REDIS_URL)
-    try:
-        return fn(r)
-    finally:
-        r.close()
 
 
 # -- the tests ----------------------------------------------------------------------------------
@@ -122,8 +65,8 @@ def test_rabbitmq_quorum_queues_are_declared_once(topic: str) -> None:
         code, out = run("init", "--target", AMQP_URL, "--topic", topic)
         assert code == 0, out
         assert f"exists          queue {topic}  (quorum" in out
-        assert asyncio.run(_amqp_queue(topic)) == 0
-        assert asyncio.run(_amqp_queue(topic + ".dlq")) == 0
+        assert asyncio.run(amqp_queue(topic)) == 0
+        assert asyncio.run(amqp_queue(topic + ".dlq")) == 0
 
 
 @pytest.mark.rabbitmq
@@ -153,8 +96,8 @@ def test_nats_streams_are_created_once(topic: str) -> None:
             code, out = run("init", "--target", NATS_URL, "--topic", topic)
             assert code == 0, out
             assert f"{action:<15} stream ZL_{topic}  (subject {topic}, file storage" in out
-        assert asyncio.run(_nats_subjects(topic)) == [topic]
-        assert asyncio.run(_nats_subjects(topic + ".dlq")) == [topic + ".dlq"]
+        assert asyncio.run(nats_subjects(topic)) == [topic]
+        assert asyncio.run(nats_subjects(topic + ".dlq")) == [topic + ".dlq"]
 
 
 @pytest.mark.redis
@@ -164,20 +107,20 @@ def test_redis_needs_nothing_without_a_group_and_creates_stream_and_group_with_o
         code, out = run("init", "--target", REDIS_URL, "--topic", topic)
         assert code == 0, out
         assert f"nothing needed  stream {topic}  (made by the first XADD" in out
-        assert _redis(lambda r: r.exists(topic)) == 0  # honest: nothing was made
+        assert with_redis(lambda r: r.exists(topic)) == 0  # honest: nothing was made
         for action in ("created", "exists"):
             code, out = run("init", "--target", REDIS_URL, "--topic", topic, "--group", "billing")
             assert code == 0, out
             assert f"{action:<15} consumer group billing  (on stream {topic}" in out
-        assert _redis(lambda r: r.type(topic)) == b"stream"
-        assert [g["name"] for g in _redis(lambda r: r.xinfo_groups(topic))] == [b"billing"]
+        assert with_redis(lambda r: r.type(topic)) == b"stream"
+        assert [g["name"] for g in with_redis(lambda r: r.xinfo_groups(topic))] == [b"billing"]
 
 
 @pytest.mark.redis
 def test_redis_a_key_that_is_not_a_stream_is_a_configuration_error(topic: str) -> None:
     with harness("redis") as h:
         h.topics.append(topic)
-        _redis(lambda r: r.set(topic, "x"))
+        with_redis(lambda r: r.set(topic, "x"))
         code, out = run("init", "--target", REDIS_URL, "--topic", topic)
         assert code == 2, out
         assert f"Redis key {topic!r} holds a string, not a stream" in out
@@ -243,7 +186,7 @@ def test_nats_replicas_asked_for_are_used_and_more_than_the_server_holds_is_refu
         assert code == 2, out
         assert "--replication-factor 3 is more than this NATS deployment can hold" in out
         assert "1 when not clustered" in out
-        assert asyncio.run(_nats_subjects(topic)) is None  # nothing created
+        assert asyncio.run(nats_subjects(topic)) is None  # nothing created
         code, out = run("init", "--target", NATS_URL, "--topic", topic, "--replication-factor", "1")
         assert code == 0, out
         assert f"created         stream ZL_{topic}  (subject {topic}, file storage, 1 replica(s)" in out
@@ -263,7 +206,7 @@ def test_rabbitmq_refuses_a_replication_factor_saying_why(topic: str) -> None:
     code, out = run("init", "--target", AMQP_URL, "--topic", topic, "--replication-factor", "3")
     assert code == 2, out
     assert "--replication-factor is not taken for RabbitMQ" in out
-    assert asyncio.run(_amqp_queue(topic)) is None
+    assert asyncio.run(amqp_queue(topic)) is None
 
 
 def test_a_replication_factor_below_one_is_bad_usage(topic: str) -> None:

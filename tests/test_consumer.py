@@ -7,8 +7,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import sqlalchemy as sa
 
 from tests.conftest import MARIADB_URL, PG_URL, REDIS_URL, require_service, unique_topic
 from tests.deadlock import Deadlock
+from tests.effects_db import Db, make_db
+from tests.embedded_kafka import consumer, publish
 from zeroloss import dlq
 from zeroloss.brokers.kafka import KafkaBroker, kafka_module
 from zeroloss.consumer import Consumer, PoisonMessage, Received, consumer_config
@@ -24,97 +25,15 @@ from zeroloss.consumer.handling import is_outage, schema_problem
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError, StoreError, UnknownMessageError
 from zeroloss.inbox import RedisInbox, SqlInbox
-from zeroloss.message import ID_HEADER, Message, new_message
+from zeroloss.message import ID_HEADER, new_message
 from zeroloss.readback import read_topic
 from zeroloss.sqlurl import make_engine
 
 pytestmark = pytest.mark.kafka
 
-FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}  # Tansu joins in session/2
-
-
-def effects_table(name: str) -> sa.Table:
-    return sa.Table(
-        name,
-        sa.MetaData(),
-        sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-        sa.Column("msg_id", sa.String(255), nullable=False),
-        sa.Column("msg_key", sa.String(64)),
-        sa.Column("attempts", sa.Integer),
-    )
-
-
-@dataclass
-class Db:
-    """An inbox plus an effects table (deliberately without a unique constraint) in one database."""
-
-    url: str
-    inbox: SqlInbox
-    effects: sa.Table
-
-    def record(self, msg: Received, tx: sa.Connection) -> None:
-        key = msg.key.decode() if msg.key is not None else None
-        tx.execute(self.effects.insert(), {"msg_id": msg.id, "msg_key": key, "attempts": msg.attempts})
-
-    def counts(self) -> Counter[str]:
-        with self.inbox.engine.connect() as conn:
-            return Counter(dict(conn.execute(
-                sa.select(self.effects.c.msg_id, sa.func.count()).group_by(self.effects.c.msg_id)
-            ).all()))
-
-    def order(self) -> dict[str | None, list[str]]:
-        out: dict[str | None, list[str]] = {}
-        with self.inbox.engine.connect() as conn:
-            for mid, key in conn.execute(sa.select(self.effects.c.msg_id, self.effects.c.msg_key)
-                                         .order_by(self.effects.c.seq)):
-                out.setdefault(key, []).append(mid)
-        return out
-
-
-def make_db(kind: str, tmp_path: Path) -> Generator[Db, None, None]:
-    suffix = uuid.uuid4().hex[:10]
-    target: str | sa.Engine
-    if kind in ("postgresql", "psycopg2"):
-        require_service("postgres")
-        url = target = PG_URL
-        if kind == "psycopg2":  # a user's own engine on the other PostgreSQL driver
-            pytest.importorskip("psycopg2")
-            target = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))
-    elif kind == "mariadb":
-        require_service("mariadb")
-        url = target = MARIADB_URL
-    else:
-        url = target = f"sqlite:///{tmp_path / 'app.db'}"
-    inbox = SqlInbox(target, table=f"zl_inbox_{suffix}")
-    inbox.create_schema()
-    effects = effects_table(f"zl_effects_{suffix}")
-    effects.create(inbox.engine)
-    try:
-        yield Db(url, inbox, effects)
-    finally:
-        effects.drop(inbox.engine)
-        inbox.drop_schema()
-        inbox.close()
-        if isinstance(target, sa.Engine):
-            target.dispose()
-
-
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Db]:
     yield from make_db("sqlite", tmp_path)
-
-
-def publish(url: str, msgs: list[Message]) -> None:
-    broker = KafkaBroker(url, timeout_s=15)
-    try:
-        assert {o.status.value for o in broker.publish(msgs)} == {"delivered"}
-    finally:
-        broker.close()
-
-
-def consumer(kafka: EmbeddedBroker, topic: str, inbox: Any, group: str | None = None, **kw: Any) -> Consumer:
-    return Consumer(kafka.url, group or f"g-{topic}", [topic], inbox,
-                    config={**FAST_GROUP, **kw.pop("config", {})}, backoff_base_s=0.01, **kw)
 
 
 def test_unsafe_settings_are_refused() -> None:
@@ -436,7 +355,6 @@ def test_a_consumer_that_joined_before_its_topic_existed_picks_it_up(
     refresh, so it guards the behaviour without reproducing that stall.)"""
     import threading
 
-    from zeroloss.brokers.kafka import KafkaBroker
     from zeroloss.consumer import Consumer
 
     topic = unique_topic("late")
@@ -469,7 +387,6 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
     import urllib.error
     import urllib.request
 
-    from zeroloss.brokers.kafka import KafkaBroker
     from zeroloss.consumer import Consumer
 
     topic = unique_topic("metrics")

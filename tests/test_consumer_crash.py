@@ -11,14 +11,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import unique_topic
-from tests.test_consumer import Db, consumer, make_db, publish
+from tests.effects_db import Db, assert_exactly_once, make_db
+from tests.embedded_kafka import consumer, publish
+from tests.waiting import wait_until
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.message import new_message
 
@@ -41,23 +42,6 @@ def start(kafka: EmbeddedBroker, group: str, topic: str, db: Db, log: Path, mode
            *extra]
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def assert_exactly_once(db: Db, ids: list[str]) -> None:
-    counts = db.counts()
-    missing = [i for i in ids if counts[i] == 0]
-    doubled = {i: n for i, n in counts.items() if n > 1}
-    assert not missing, f"{len(missing)} effects lost"
-    assert not doubled, f"{len(doubled)} effects applied more than once"
-    assert set(counts) == set(ids)
 
 
 def last_assignment(log: Path) -> list[tuple[str, int]]:

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.broker_harness import NATS_URL, harness
+from tests.broker_harness import NATS_URL, harness, kafka_letters
 from tests.conftest import unique_topic
-from tests.test_consumer import FAST_GROUP, Db, make_db
-from tests.test_subscription_contract import kafka_letters
+from tests.effects_db import Db, make_db
+from tests.embedded_kafka import FAST_GROUP
 from zeroloss.brokers.base import Status
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.consumer import Consumer, Received

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tests.broker_harness import BrokerHarness, harness
 from tests.conftest import unique_topic
-from tests.test_consumer import Db, make_db
+from tests.effects_db import Db, make_db
 from zeroloss.brokers.base import Status
 from zeroloss.consumer import Consumer, Received
 from zeroloss.consumer import dead_letters as dlq

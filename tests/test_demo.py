@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from tests.broker_harness import AMQP_URL, NATS_URL
+from tests.broker_inspect import amqp_queue, kafka_partitions, nats_subjects, with_redis
 from tests.conftest import REDIS_URL, require_service
-from tests.test_cli_init import _amqp_queue, _nats_subjects, _redis, kafka_partitions
 from zeroloss.cli import main
 from zeroloss.demo import run_demo
 
@@ -55,11 +55,11 @@ def test_the_demo_runs_against_another_broker_and_cleans_up(name: str) -> None:
     # Nothing left behind, asked of the broker's own client.
     for t in (topic, topic + ".dlq"):
         if name == "rabbitmq":
-            assert asyncio.run(_amqp_queue(t)) is None
+            assert asyncio.run(amqp_queue(t)) is None
         elif name == "redis":
-            assert _redis(lambda r: r.exists(t)) == 0  # noqa: B023
+            assert with_redis(lambda r: r.exists(t)) == 0  # noqa: B023
         else:
-            assert asyncio.run(_nats_subjects(t)) is None
+            assert asyncio.run(nats_subjects(t)) is None
 
 
 @pytest.mark.kafka

@@ -9,19 +9,9 @@ from dataclasses import replace
 import pytest
 
 from tests.conftest import OutboxHarness
+from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, UnknownMessageError
 from zeroloss.outbox.base import Delivered, OutboxAdmin, OutboxStore, State
-
-
-def wait_for(cond, timeout_s: float = 10.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = cond()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_is_an_outbox_store_and_admin(outbox: OutboxHarness) -> None:
@@ -59,7 +49,7 @@ def test_expired_lease_returns_message_to_pending(outbox: OutboxHarness) -> None
     mid = outbox.add(topic="t", value=b"x")
     [msg] = outbox.store.claim(1, lease_s=0.2)
     assert outbox.store.claim(1, lease_s=0.2) == []
-    wait_for(lambda: outbox.store.recover().lease_expired == 1, what="lease expiry")
+    wait_until(lambda: outbox.store.recover().lease_expired == 1, what="lease expiry")
     assert outbox.store.get(mid)[0] is State.PENDING
     [again] = outbox.store.claim(1, lease_s=30)
     assert again.id == msg.id

@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import OutboxHarness, only_in_the_full_crash_matrix, unique_topic
+from tests.relay_process import source_url, start_relay
+from tests.waiting import wait_until
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.outbox.base import State
 from zeroloss.readback import read_topic
@@ -29,31 +28,6 @@ def kafka(kafka_cluster: Any) -> Any:
 
 KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "4"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "3000"))
-
-
-def source_url(h: OutboxHarness) -> str:
-    if h.kind == "spool":
-        return f"spool://{h.store.root}"
-    url: str = h.store.engine.url.render_as_string(hide_password=False)
-    return url
-
-
-def start_relay(source: str, target: str, log: Path, table: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ}
-    if table:
-        env["ZEROLOSS_TABLE"] = table
-    cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", source, "--target", target,
-           "--batch-size", "100", "--lease-s", "3", "--timeout-s", "2.5", "--relay-id", "crash"]
-    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_relay_sigkilled_at_random_points_loses_nothing(

@@ -8,27 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from tests.conftest import unique_topic
+from tests.waiting import wait_until
 from zeroloss.cli import main
 from zeroloss.embedded_broker import EmbeddedBroker, free_port, port_open
 from zeroloss.outbox.base import State
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
-
-
-def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_relay_waits_out_a_dead_broker_and_delivers_everything(tmp_path: Path) -> None:

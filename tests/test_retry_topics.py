@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import unique_topic
-from tests.test_consumer import FAST_GROUP, Db, consumer, make_db, publish
+from tests.effects_db import Db, make_db
+from tests.embedded_kafka import FAST_GROUP, consumer, publish
 from zeroloss import dlq
 from zeroloss.consumer import Consumer, PoisonMessage, Received
 from zeroloss.consumer.retry_topics import H_ATTEMPTS, H_NOT_BEFORE, H_ORIGINAL_TOPIC, origin, retry_copy, retry_pattern

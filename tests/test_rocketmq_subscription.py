@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from tests import rocketmq_plain
+from tests.effects_db import Db, make_db
 from tests.rocketmq_server import RocketMQServer, receive
-from tests.test_consumer import Db, make_db
 from zeroloss.brokers.base import Status
 from zeroloss.brokers.rocketmq_subscription import RocketMQReader, RocketMQSubscription, parse_url, rocketmq_topic
 from zeroloss.brokers.subscription import Subscription

@@ -10,25 +10,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
 from zeroloss.outbox import _fsync
 from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.spool import FileSpool
-
-
-def wait_for(cond: Callable[[], object], timeout_s: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -493,7 +486,7 @@ def test_a_producer_killed_mid_transaction_loses_and_duplicates_nothing(tmp_path
     root, journal = tmp_path / "spool", tmp_path / "journal"
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(root), str(journal)])
     try:
-        wait_for(
+        wait_until(
             lambda: journal.exists() and "p0-10 " in journal.read_text() and len(os.listdir(root / "pending")) >= 300,
             timeout_s=120,
             what="the child to commit 100 transactions, one of them left unpromoted",

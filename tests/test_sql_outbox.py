@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from tests.conftest import MARIADB_URL, PG_URL, require_service
-from tests.test_outbox_contract import wait_for
+from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, UnknownMessageError
 from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
@@ -339,7 +339,7 @@ def test_retry_and_fail_by_a_relay_that_lost_its_lease_change_nothing(
     with slow.engine.begin() as conn:
         mid = slow.add(conn, topic="t", value=b"x", key=b"K")
     [mine] = slow.claim(1, lease_s=0.05)
-    wait_for(lambda: other.recover().lease_expired == 1, what="the lease to expire")
+    wait_until(lambda: other.recover().lease_expired == 1, what="the lease to expire")
     caplog.set_level(logging.WARNING, logger="zeroloss.outbox.sql")
     slow.retry([replace(mine, attempts=1, not_before=time.time() + 3600, last_error="late")])
     assert other.get(mid)[0] is State.PENDING  # recovered, not claimed: still untouched
@@ -415,7 +415,8 @@ def test_stats_counts_every_state_and_expired_leases(make_outbox: MakeOutbox) ->
     with outbox.engine.begin() as conn:
         outbox.add_many(conn, [{"topic": "t", "value": b"1"}, {"topic": "t", "value": b"2"}])
     outbox.claim(1, lease_s=0.01)
-    stats = wait_for(lambda: (s := outbox.stats()).expired_leases == 1 and s, what="an expired lease")
+    wait_until(lambda: outbox.stats().expired_leases == 1, what="an expired lease")
+    stats = outbox.stats()
     assert set(stats.counts) == set(State)
     assert (stats.counts[State.SENDING], stats.counts[State.PENDING], stats.counts[State.DOUBT]) == (1, 1, 0)
     assert stats.oldest_pending_age_s is not None and stats.oldest_pending_age_s >= 0

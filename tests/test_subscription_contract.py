@@ -8,14 +8,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tests.broker_harness import harness
+from tests.broker_harness import harness, kafka_letters
 from tests.conftest import require_service, unique_topic
-from tests.test_consumer import FAST_GROUP, Db, make_db
+from tests.effects_db import Db, make_db
+from tests.embedded_kafka import FAST_GROUP
 from zeroloss.brokers.base import Broker, Status
 from zeroloss.brokers.subscription import Subscription
 from zeroloss.consumer import Consumer, Received
@@ -89,31 +90,6 @@ def rocketmq_contract(server: Any) -> Contract:
 
     return Contract("rocketmq", url, lambda: rocketmq_plain.PlainProducer(server), {"invisible_s": 10.0}, letters,
                     prepare=lambda t: rocketmq_plain.prepare(server, t), redelivery_s=3.0)
-
-
-def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes]]]:
-    """(id, headers) of every record of ``topic``, read with a plain confluent-kafka consumer."""
-    import time
-    import uuid
-
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "isolation.level": "read_committed"})
-    out: list[tuple[str, dict[str, bytes]]] = []
-    try:
-        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-        last_new = time.monotonic()
-        while time.monotonic() - last_new < 2.0:  # the high watermark is not trusted on Tansu
-            for rec in c.consume(100, 0.2):
-                if rec.error() is None:
-                    h = {k: v or b"" for k, v in cast(list[tuple[str, bytes]], rec.headers() or [])}
-                    out.append((h[ID_HEADER].decode(), h))
-                    last_new = time.monotonic()
-    finally:
-        c.close()
-    return out
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ import pytest
 
 from tests.broker_harness import OTHER_BROKERS, BrokerHarness, harness
 from tests.conftest import only_in_the_full_crash_matrix, unique_topic
-from tests.test_consumer import Db, make_db
-from tests.test_consumer_crash import assert_exactly_once, wait_until
+from tests.effects_db import Db, assert_exactly_once, make_db
+from tests.waiting import wait_until
 from zeroloss.brokers.base import Broker, Status
 from zeroloss.consumer import Consumer
 from zeroloss.message import new_message

@@ -16,26 +16,12 @@ from zeroloss.brokers.base import Broker
 from zeroloss.brokers.subscription import Subscription
 from zeroloss.errors import ConfigError
 from zeroloss.outbox.base import OutboxAdmin
+from zeroloss.urls import safe_url as safe_url  # re-exported: the CLI and the demo print URLs
+from zeroloss.urls import scheme_of as scheme_of
 
 SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb")
 SOURCE_SCHEMES = ("spool", *SQL_SCHEMES)
 TARGET_SCHEMES = ("kafka", "amqp", "amqps", "nats", "redis", "rediss", "rocketmq")
-
-
-def scheme_of(url: str) -> str:
-    scheme, sep, _ = url.partition("://")
-    if not sep or not scheme:
-        raise ConfigError(f"{url!r} is not a URL; write SCHEME://..., e.g. sqlite:///app.db or kafka://host:9092")
-    return scheme.split("+", 1)[0].lower()
-
-
-def safe_url(url: str) -> str:
-    """The URL with the password it may carry masked, for printing: ``amqp://u:***@host/``."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def spool_path(url: str) -> str:

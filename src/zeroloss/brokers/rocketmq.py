@@ -61,7 +61,7 @@ from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dea
 from zeroloss.brokers.rocketmq_admin import DEFAULT_NAMESRV_PORT, RocketMQAdmin, parse_address
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
-from zeroloss.registry import safe_url
+from zeroloss.urls import safe_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
