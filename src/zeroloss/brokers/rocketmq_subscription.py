@@ -5,7 +5,10 @@ reading a topic back without consuming it (``zeroloss dlq``) through the broker'
 **Receiving.** One SimpleConsumer in the consumer group (the group must exist: ``zeroloss init
 --group`` or ``mqadmin updateSubGroup``; the proxy refuses a group it does not know). ``receive``
 makes a message invisible to the group for ``invisible_s`` (RocketMQ's minimum is 10 s); it is
-acked only after the inbox transaction committed. While zeroloss holds a message — its handler
+acked only after the inbox transaction committed. A group's first receive on a queue would start
+at its last message (the proxy's pop, unless the first is still in memory): before receiving, the
+group's queues without an offset are set to their first message (as ``zeroloss init --group`` does).
+While zeroloss holds a message — its handler
 running, its retries' backoff, waiting behind earlier messages of the batch — a background thread
 extends the invisibility (``change_invisible_duration``) every ``invisible_s / 3``, so a slow
 handler does not see its message handed to another consumer mid-work. Extending is not a delivery
@@ -71,6 +74,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from zeroloss.brokers._batch import KEY_HEADER, text_value, value_bytes
 from zeroloss.brokers.base import DLQ_SUFFIX, Outcome, Status, Stored, publish_one
+from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -281,6 +285,25 @@ class RocketMQSubscription:
                               f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
                               f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker")
         self.max_deliveries = self._consumer.max_attempts
+        self._start_at_first()
+
+    def _start_at_first(self) -> None:
+        """Before the first receive: the group's queues without an offset are set to their first
+        message, as ``zeroloss init --group`` does, for a group made otherwise or a queue added since.
+        The proxy would start them at the last message and skip the backlog
+        (:meth:`~zeroloss.brokers.rocketmq_admin.RocketMQAdmin.start_group_at_first`). This needs
+        the name server; without it the consumer still runs, on the offsets it has, and says so."""
+        host, port = parse_url(self.url).namesrv
+        admin = RocketMQAdmin(f"{host}:{port}", timeout_s=min(self.timeout_s, 10.0))
+        try:
+            started = admin.start_group_at_first(self.group, list(self._by_name))
+        except BrokerError as exc:
+            log.warning("RocketMQ group %s: could not check its offsets through the name server %s:%d (%s): on a "
+                        "queue where it has none its first receive starts at the last message and skips the "
+                        "backlog (zeroloss init --group %s sets them)", self.group, host, port, exc, self.group)
+            return
+        if started:
+            log.info("RocketMQ group %s had no offset on %d queue(s): set to their first message", self.group, started)
 
     # -- receiving ------------------------------------------------------------------------------
 
