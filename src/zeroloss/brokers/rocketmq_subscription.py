@@ -57,6 +57,7 @@ empty. The name server is ``?namesrv=HOST:PORT`` in the URL (default: the proxy'
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -251,6 +252,8 @@ class RocketMQSubscription:
         self._lock = threading.Lock()  # receipt handles: an ack must use the latest extension's
         self._held: dict[int, _Held] = {}
         self._closed = threading.Event()
+        # change_invisible_duration blocks in the client: a pool runs a batch's calls side by side.
+        self._calls = concurrent.futures.ThreadPoolExecutor(MAX_RECEIVE_BATCH, f"zeroloss-rocketmq-{group}-calls")
         self._letters = LetterPublisher(url, timeout_s=timeout_s)
         subscription = {name: self._rmq.FilterExpression() for name in self._by_name}
         self._consumer = _settings_consumer(self._rmq)(client_config(url, timeout_s), group, subscription,
@@ -356,26 +359,42 @@ class RocketMQSubscription:
         with self._lock:
             held = self._held.get(id(d.token))
             if held is not None:
-                self._extend(held, time.monotonic())
+                self._extend([held], time.monotonic())
 
-    def _extend(self, held: _Held, now: float) -> None:
-        """Under the lock: invisible for another ``invisible_s`` from now."""
+    def _invisible(self, msgs: Sequence[Any], seconds: int) -> dict[int, BaseException | None]:
+        """Under the lock: ``change_invisible_duration(m, seconds)`` for every message at once, so
+        that a broker that answers nothing costs one request timeout, not one per message (one
+        after another, 32 held messages were 32 timeouts under the lock: acks waited that long,
+        and a stop twice as long). id(message) → None if done, else why not."""
         try:
-            self._consumer.change_invisible_duration(held.message, self.invisible_s)
-            held.extended = now
-        except Exception as exc:
-            # It may be handed to another consumer; the inbox still lets only one of them commit.
-            log.warning("could not keep message %s invisible (%s: %s): it may be redelivered",
-                        held.message.message_id, type(exc).__name__, exc)
+            calls = {id(m): self._calls.submit(self._consumer.change_invisible_duration, m, seconds) for m in msgs}
+        except RuntimeError:  # the pool is shut down: the subscription is closed
+            return {id(m): BrokerError("the subscription is closed") for m in msgs}
+        # The client's own deadline ends each call after its request timeout; the margin is for its threads.
+        concurrent.futures.wait(calls.values(), timeout=self.timeout_s + 5)
+        return {key: call.exception() if call.done() else TimeoutError(f"no answer within {self.timeout_s + 5:.0f}s")
+                for key, call in calls.items()}
+
+    def _extend(self, helds: Sequence[_Held], now: float) -> None:
+        """Under the lock: invisible for another ``invisible_s`` from now."""
+        failed = self._invisible([h.message for h in helds], self.invisible_s)
+        for held in helds:
+            exc = failed[id(held.message)]
+            if exc is None:
+                held.extended = now
+            else:
+                # It may be handed to another consumer; the inbox still lets only one of them commit.
+                log.warning("could not keep message %s invisible (%s: %s): it may be redelivered",
+                            held.message.message_id, type(exc).__name__, exc)
 
     def _extend_loop(self) -> None:
         period = self.invisible_s / 3
         while not self._closed.wait(min(1.0, period / 2)):
             now = time.monotonic()
             with self._lock:
-                for held in list(self._held.values()):
-                    if now - held.extended >= period and not self._closed.is_set():
-                        self._extend(held, now)
+                due = [h for h in self._held.values() if now - h.extended >= period]
+                if due and not self._closed.is_set():
+                    self._extend(due, now)
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
         where = publish_one(self._letters, letter, "dead letter")
@@ -396,11 +415,11 @@ class RocketMQSubscription:
         with self._lock:
             for m in msgs:
                 self._held.pop(id(m), None)
-                try:
-                    self._consumer.change_invisible_duration(m, 0)
-                except Exception as exc:
-                    log.warning("could not give message %s back (%s): it comes back after %ds",
-                                m.message_id, exc, self.invisible_s)
+            failed = self._invisible(msgs, 0)
+        for m in msgs:
+            if (exc := failed[id(m)]) is not None:
+                log.warning("could not give message %s back (%s: %s): it comes back after %ds",
+                            m.message_id, type(exc).__name__, exc, self.invisible_s)
 
     def close(self) -> None:
         """What is still held goes back at once rather than after ``invisible_s`` (a handler that
@@ -415,6 +434,7 @@ class RocketMQSubscription:
             self._started = False
             with contextlib.suppress(Exception):
                 self._consumer.shutdown()
+        self._calls.shutdown(wait=False)  # a call still in flight ends by its own deadline
         self._letters.close()
 
 
