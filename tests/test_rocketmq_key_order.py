@@ -52,7 +52,7 @@ def test_an_orderly_group_gives_a_keys_next_message_to_no_one_while_the_one_befo
         assert [d.received.value for d in held] == [b"A1"]
         assert [d.received.value for _ in range(2) for d in second.fetch(1, 1.0)] == []
         first.ack(held[0])
-        after: list[bytes] = []
+        after: list[bytes | None] = []
         while not after:
             after = [d.received.value for d in first.fetch(1, 1.0) + second.fetch(1, 1.0)]
         assert after == [b"A2"]

@@ -91,7 +91,7 @@ def test_a_consumer_sets_the_offsets_of_a_group_made_without_init_and_reads_the_
     sub = RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], settle_s=30)
     try:
         assert committed(rocketmq, group, topic) == firsts(rocketmq, topic)
-        got: set[bytes] = set()
+        got: set[bytes | None] = set()
         deadline = time.monotonic() + 30
         while len(got) < 8 and time.monotonic() < deadline:
             for d in sub.fetch(10, 1.0):
