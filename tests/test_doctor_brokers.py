@@ -535,6 +535,8 @@ def test_rocketmq_what_init_makes_passes_and_the_single_async_master_is_named(rm
     assert checks[f"topic {topic}_dlq ({topic}.dlq)"]["verdict"] == "ok"
     grp = checks[f"consumer group {group}"]
     assert grp["verdict"] == "ok" and "max reconsume times 16" in grp["detail"] and "orderly True" in grp["detail"]
+    # init set the group's offsets: its first receive reads from each queue's first message.
+    assert checks[f"consumer group {group} offsets on {topic}"]["verdict"] == "ok"
     assert "up to 3 attempts" in checks["producer send timeout and retries"]["detail"]
     # One copy is all that is asked for: then nothing fails.
     code, doc = run("--target", server.zeroloss_url, "--topic", topic, "--group", group, "--min-replication", "1")
@@ -554,6 +556,9 @@ def test_rocketmq_a_normal_topic_a_missing_dlq_and_a_weak_group_are_each_named(r
     assert dlq["verdict"] == "fail" and "does not exist" in dlq["detail"] and "zeroloss init" in dlq["fix"]
     assert checks[f"consumer group {group}"]["verdict"] == "warn"
     assert "goes straight to the DLQ" in checks[f"consumer group {group}"]["detail"]
+    offsets = checks[f"consumer group {group} offsets on {topic}"]  # made without init: none yet
+    assert offsets["verdict"] == "warn" and "none on 4 queue(s)" in offsets["detail"]
+    assert "starts at the queue's last message" in offsets["detail"] and "zeroloss init" in offsets["fix"]
     code, doc = run("--target", server.zeroloss_url, "--group", unique_topic("nogroup"))
     assert next(c for c in doc["checks"] if c["name"].startswith("consumer group"))["verdict"] == "fail"
 

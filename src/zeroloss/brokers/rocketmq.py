@@ -455,7 +455,9 @@ class RocketMQBroker:
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
         """Create each topic and its dead-letter topic as FIFO topics on every master (``--partitions``
         is the queues per broker), and the consumer group if asked (orderly, 16 retries before
-        RocketMQ's own ``%DLQ%``). A topic that exists is left as it is: NORMAL is said to keep no
+        RocketMQ's own ``%DLQ%``) with its offsets at each queue's first message where it has none
+        (RocketMQ would start it at the last: :meth:`RocketMQAdmin.start_group_at_first`).
+        A topic that exists is left as it is: NORMAL is said to keep no
         order, DELAY or TRANSACTION is a ConfigError (the relay's messages are neither)."""
         spec = spec or TopicSpec()
         if spec.replication_factor is not None:
@@ -466,9 +468,11 @@ class RocketMQBroker:
             names = {t: rocketmq_topic(t) for t in with_dead_letters(topics)}
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return self._admin_call("declaring", lambda admin: self._declare(admin, names, queues, spec.group))
+        subscribed = [names[t] for t in topics]
+        return self._admin_call("declaring", lambda admin: self._declare(admin, names, queues, spec.group, subscribed))
 
-    def _declare(self, admin: RocketMQAdmin, names: dict[str, str], queues: int, group: str | None) -> list[Declared]:
+    def _declare(self, admin: RocketMQAdmin, names: dict[str, str], queues: int, group: str | None,
+                 subscribed: Sequence[str] = ()) -> list[Declared]:
         out: list[Declared] = []
         masters = admin.masters()
         for topic, name in names.items():
@@ -496,9 +500,12 @@ class RocketMQBroker:
             if not exists:
                 admin.create_group(group, fifo=True)
             config = admin.group_config(group) or {}
+            # Else its first receive would start at each queue's last message (rocketmq_admin).
+            started = admin.start_group_at_first(group, subscribed)
             out.append(Declared("consumer group", group, "exists" if exists else "created",
                                 f"orderly {config.get('consumeMessageOrderly')}, retry max times "
-                                f"{config.get('retryMaxTimes')} before %DLQ%{group}"))
+                                f"{config.get('retryMaxTimes')} before %DLQ%{group}"
+                                + (f"; set to read {started} queue(s) from their first message" if started else "")))
         return out
 
     def delete(self, topics: Sequence[str]) -> None:

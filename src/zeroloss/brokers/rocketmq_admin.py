@@ -34,6 +34,8 @@ class RequestCode:
 
     PULL_MESSAGE = 11
     QUERY_MESSAGE = 12
+    QUERY_CONSUMER_OFFSET = 14
+    UPDATE_CONSUMER_OFFSET = 15
     UPDATE_AND_CREATE_TOPIC = 17
     UPDATE_BROKER_CONFIG = 25
     GET_BROKER_CONFIG = 26
@@ -390,6 +392,52 @@ class RocketMQAdmin:
         data = loads(self.request(address, RequestCode.GET_ALL_SUBSCRIPTIONGROUP_CONFIG, what="consumer groups"))
         found = (data.get("subscriptionGroupTable") or {}).get(group)
         return dict(found) if isinstance(found, dict) else None
+
+    def group_offset(self, group: str, topic: str, queue_id: int, broker: str) -> int | None:
+        """The offset ``group`` has committed on one queue of ``topic`` at ``broker``, None when it
+        has none (QUERY_CONSUMER_OFFSET with setZeroIfNotFound=false: without it the broker answers
+        0 for a group it knows nothing of while the queue's first message is in memory)."""
+        header, _ = self.call(broker, RequestCode.QUERY_CONSUMER_OFFSET, {
+            "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "setZeroIfNotFound": "false"})
+        code = int(header.get("code", -1))
+        if code == ResponseCode.QUERY_NOT_FOUND:
+            return None
+        if code != ResponseCode.SUCCESS:
+            raise RemotingError(f"offset of group {group!r} on queue {queue_id} of topic {topic!r} at {broker}",
+                                code, str(header.get("remark")))
+        return int((header.get("extFields") or {}).get("offset", 0))
+
+    def missing_offsets(self, group: str, topic: str) -> list[tuple[str, int, int, int]]:
+        """The queues of ``topic`` where ``group`` has no committed offset: (broker address, queue,
+        first offset, next offset) each."""
+        out = []
+        for address in self.masters().values():
+            config = self.topic_config(topic, address)
+            for queue_id in range(int((config or {}).get("readQueueNums", 0))):
+                if self.group_offset(group, topic, queue_id, address) is None:
+                    out.append((address, queue_id, *self.queue_offsets(address, topic, queue_id)))
+        return out
+
+    def start_group_at_first(self, group: str, topics: Iterable[str]) -> int:
+        """Commit, for ``group``, each queue's first offset wherever the group has none yet, so that
+        it reads every message still stored; the number of queues set.
+
+        Why: the gRPC proxy's receive (a "pop") starts a group without an offset at the queue's LAST
+        message (ConsumeInitMode.MAX, fixed in ReceiveMessageActivity) unless the queue's first
+        message is still in memory (BrokerConfig.initPopOffsetByCheckMsgInMem, and the commit log
+        since it within accessMessageInMemoryMaxRatio of RAM): a backlog published before a new
+        group's first receive would be skipped. A queue that already has an offset is left as is.
+        Between the query and the commit another consumer's first receive may commit its own
+        start: moving it back to the first message redelivers, which the inbox absorbs."""
+        done = 0
+        topics = list(topics)
+        for topic in topics:
+            for address, queue_id, first, _next in self.missing_offsets(group, topic):
+                self.request(address, RequestCode.UPDATE_CONSUMER_OFFSET, {
+                    "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "commitOffset": str(first)},
+                    what=f"setting group {group!r} to the first message of queue {queue_id} of {topic!r} on {address}")
+                done += 1
+        return done
 
     def delete_group(self, group: str) -> None:
         for address in self.masters().values():

@@ -3,9 +3,13 @@ reading a topic back without consuming it (``zeroloss dlq``) through the broker'
 (Over 400 lines: the subscription, its dead-letter publisher and the dead-letter reader of one broker.)
 
 **Receiving.** One SimpleConsumer in the consumer group (the group must exist: ``zeroloss init
---group`` or ``mqadmin updateSubGroup``; the proxy refuses a group it does not know). ``receive``
+--group`` or ``mqadmin updateSubGroup``; the proxy refuses a group it does not know; on a FIFO
+topic it must be orderly, ``-o true``, else it is refused: it would take a key's messages out of order). ``receive``
 makes a message invisible to the group for ``invisible_s`` (RocketMQ's minimum is 10 s); it is
-acked only after the inbox transaction committed. While zeroloss holds a message — its handler
+acked only after the inbox transaction committed. A group's first receive on a queue would start
+at its last message (the proxy's pop, unless the first is still in memory): before receiving, the
+group's queues without an offset are set to their first message (as ``zeroloss init --group`` does).
+While zeroloss holds a message — its handler
 running, its retries' backoff, waiting behind earlier messages of the batch — a background thread
 extends the invisibility (``change_invisible_duration``) every ``invisible_s / 3``, so a slow
 handler does not see its message handed to another consumer mid-work. Extending is not a delivery
@@ -54,6 +58,7 @@ empty. The name server is ``?namesrv=HOST:PORT`` in the URL (default: the proxy'
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -71,6 +76,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from zeroloss.brokers._batch import KEY_HEADER, text_value, value_bytes
 from zeroloss.brokers.base import DLQ_SUFFIX, Outcome, Status, Stored, publish_one
+from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
@@ -89,6 +95,7 @@ _REFUSED = ("BadRequestException", "PayloadTooLargeException", "PayloadEmptyExce
 def rocketmq_module() -> Any:
     try:
         import rocketmq
+        import rocketmq.grpc_protocol  # MessageType, to tell a FIFO topic's route
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise MissingExtraError("rocketmq-python-client", "rocketmq", "the RocketMQ broker adapter") from exc
     return rocketmq
@@ -210,10 +217,13 @@ def _settings_consumer(rmq: Any) -> Any:
 
     class SettingsConsumer(rmq.SimpleConsumer):  # type: ignore[misc]
         max_attempts: int | None = None
+        fifo: bool | None = None  # the group's consumeMessageOrderly: its receives are FIFO
 
         def reset_setting(self, settings: Any) -> None:
             if settings.HasField("backoff_policy") and settings.backoff_policy.max_attempts > 0:
                 self.max_attempts = int(settings.backoff_policy.max_attempts)
+            if settings.HasField("subscription"):
+                self.fifo = bool(settings.subscription.fifo)
             super().reset_setting(settings)
 
     return SettingsConsumer
@@ -247,6 +257,8 @@ class RocketMQSubscription:
         self._lock = threading.Lock()  # receipt handles: an ack must use the latest extension's
         self._held: dict[int, _Held] = {}
         self._closed = threading.Event()
+        # change_invisible_duration blocks in the client: a pool runs a batch's calls side by side.
+        self._calls = concurrent.futures.ThreadPoolExecutor(MAX_RECEIVE_BATCH, f"zeroloss-rocketmq-{group}-calls")
         self._letters = LetterPublisher(url, timeout_s=timeout_s)
         subscription = {name: self._rmq.FilterExpression() for name in self._by_name}
         self._consumer = _settings_consumer(self._rmq)(client_config(url, timeout_s), group, subscription,
@@ -281,6 +293,49 @@ class RocketMQSubscription:
                               f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
                               f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker")
         self.max_deliveries = self._consumer.max_attempts
+        self._check_order(where)
+        self._start_at_first()
+
+    def _check_order(self, where: str) -> None:
+        """A FIFO topic read by a group that is not orderly keeps no key order: the proxy receives
+        for such a group without the FIFO lock, so a key's next message goes to another consumer
+        (or comes first after a redelivery) while the one before it is still being handled
+        (measured on 5.5.0). zeroloss promises key order on FIFO topics: such a group is refused."""
+        if self._consumer.fifo is not False:
+            return
+        fifo_type = self._rmq.grpc_protocol.MessageType.FIFO
+        unordered = []
+        for name in self._by_name:
+            try:
+                route = self._consumer._retrieve_topic_route_data(name)
+            except Exception as exc:  # the receive will say what is wrong with the topic
+                log.warning("RocketMQ %s: cannot read the route of %s to check its type (%s)", where, name, exc)
+                continue
+            if any(fifo_type in q.accept_message_types for q in route.message_queues):
+                unordered.append(name)
+        if unordered:
+            raise ConfigError(f"RocketMQ {where}: the group is not orderly (consumeMessageOrderly=false) but "
+                              f"{', '.join(unordered)} is a FIFO topic: a key's messages would be handled out of "
+                              f"order; make it orderly: zeroloss init --target URL --group {self.group} TOPIC..., "
+                              f"or mqadmin updateSubGroup -g {self.group} -o true")
+
+    def _start_at_first(self) -> None:
+        """Before the first receive: the group's queues without an offset are set to their first
+        message, as ``zeroloss init --group`` does, for a group made otherwise or a queue added since.
+        The proxy would start them at the last message and skip the backlog
+        (:meth:`~zeroloss.brokers.rocketmq_admin.RocketMQAdmin.start_group_at_first`). This needs
+        the name server; without it the consumer still runs, on the offsets it has, and says so."""
+        host, port = parse_url(self.url).namesrv
+        admin = RocketMQAdmin(f"{host}:{port}", timeout_s=min(self.timeout_s, 10.0))
+        try:
+            started = admin.start_group_at_first(self.group, list(self._by_name))
+        except BrokerError as exc:
+            log.warning("RocketMQ group %s: could not check its offsets through the name server %s:%d (%s): on a "
+                        "queue where it has none its first receive starts at the last message and skips the "
+                        "backlog (zeroloss init --group %s sets them)", self.group, host, port, exc, self.group)
+            return
+        if started:
+            log.info("RocketMQ group %s had no offset on %d queue(s): set to their first message", self.group, started)
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -333,26 +388,42 @@ class RocketMQSubscription:
         with self._lock:
             held = self._held.get(id(d.token))
             if held is not None:
-                self._extend(held, time.monotonic())
+                self._extend([held], time.monotonic())
 
-    def _extend(self, held: _Held, now: float) -> None:
-        """Under the lock: invisible for another ``invisible_s`` from now."""
+    def _invisible(self, msgs: Sequence[Any], seconds: int) -> dict[int, BaseException | None]:
+        """Under the lock: ``change_invisible_duration(m, seconds)`` for every message at once, so
+        that a broker that answers nothing costs one request timeout, not one per message (one
+        after another, 32 held messages were 32 timeouts under the lock: acks waited that long,
+        and a stop twice as long). id(message) → None if done, else why not."""
         try:
-            self._consumer.change_invisible_duration(held.message, self.invisible_s)
-            held.extended = now
-        except Exception as exc:
-            # It may be handed to another consumer; the inbox still lets only one of them commit.
-            log.warning("could not keep message %s invisible (%s: %s): it may be redelivered",
-                        held.message.message_id, type(exc).__name__, exc)
+            calls = {id(m): self._calls.submit(self._consumer.change_invisible_duration, m, seconds) for m in msgs}
+        except RuntimeError:  # the pool is shut down: the subscription is closed
+            return {id(m): BrokerError("the subscription is closed") for m in msgs}
+        # The client's own deadline ends each call after its request timeout; the margin is for its threads.
+        concurrent.futures.wait(calls.values(), timeout=self.timeout_s + 5)
+        return {key: call.exception() if call.done() else TimeoutError(f"no answer within {self.timeout_s + 5:.0f}s")
+                for key, call in calls.items()}
+
+    def _extend(self, helds: Sequence[_Held], now: float) -> None:
+        """Under the lock: invisible for another ``invisible_s`` from now."""
+        failed = self._invisible([h.message for h in helds], self.invisible_s)
+        for held in helds:
+            exc = failed[id(held.message)]
+            if exc is None:
+                held.extended = now
+            else:
+                # It may be handed to another consumer; the inbox still lets only one of them commit.
+                log.warning("could not keep message %s invisible (%s: %s): it may be redelivered",
+                            held.message.message_id, type(exc).__name__, exc)
 
     def _extend_loop(self) -> None:
         period = self.invisible_s / 3
         while not self._closed.wait(min(1.0, period / 2)):
             now = time.monotonic()
             with self._lock:
-                for held in list(self._held.values()):
-                    if now - held.extended >= period and not self._closed.is_set():
-                        self._extend(held, now)
+                due = [h for h in self._held.values() if now - h.extended >= period]
+                if due and not self._closed.is_set():
+                    self._extend(due, now)
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
         where = publish_one(self._letters, letter, "dead letter")
@@ -373,11 +444,11 @@ class RocketMQSubscription:
         with self._lock:
             for m in msgs:
                 self._held.pop(id(m), None)
-                try:
-                    self._consumer.change_invisible_duration(m, 0)
-                except Exception as exc:
-                    log.warning("could not give message %s back (%s): it comes back after %ds",
-                                m.message_id, exc, self.invisible_s)
+            failed = self._invisible(msgs, 0)
+        for m in msgs:
+            if (exc := failed[id(m)]) is not None:
+                log.warning("could not give message %s back (%s: %s): it comes back after %ds",
+                            m.message_id, type(exc).__name__, exc, self.invisible_s)
 
     def close(self) -> None:
         """What is still held goes back at once rather than after ``invisible_s`` (a handler that
@@ -392,6 +463,7 @@ class RocketMQSubscription:
             self._started = False
             with contextlib.suppress(Exception):
                 self._consumer.shutdown()
+        self._calls.shutdown(wait=False)  # a call still in flight ends by its own deadline
         self._letters.close()
 
 

@@ -21,7 +21,9 @@ What is checked, and what each can lose:
 * the **consumer group** (``--group``): exists (a gRPC consumer cannot join one that does not),
   orderly when the topic is FIFO (else the consumer takes a key's messages out of order), and its
   **max reconsume times** (retryMaxTimes: failed deliveries before RocketMQ moves a message to
-  ``%DLQ%<group>``).
+  ``%DLQ%<group>``), and its **offsets** on the topic's queues: a queue where it has none is read
+  from its last message by its first receive (the proxy starts a new group there unless the first
+  message is still in memory): the messages before it are skipped.
 * the relay's **producer**: its send timeout and retries (rocketmq-python-client sends up to 3
   times, not configurable; each attempt gets a third of the relay's ``--timeout-s``).
 """
@@ -90,7 +92,11 @@ def rocketmq_checks(url: str, *, topic: str | None = None, group: str | None = N
                             "pass --group G to check its max reconsume times and order"))
     else:
         first = next(iter(masters.values()))
-        checks.append(group_check(group, admin.group_config(group, first), fifo_topic))
+        group_config = admin.group_config(group, first)
+        checks.append(group_check(group, group_config, fifo_topic))
+        if group_config is not None and topic is not None and fifo_topic is not None:
+            rname = rocketmq_topic(topic)
+            checks.append(offsets_check(group, topic, admin.missing_offsets(group, rname)))
     per_attempt = max(1, int(relay_timeout_s // CLIENT_SEND_ATTEMPTS))
     checks.append(Check("producer send timeout and retries", Verdict.OK,
                         f"each message: up to {CLIENT_SEND_ATTEMPTS} attempts (rocketmq-python-client, fixed) of "
@@ -195,3 +201,19 @@ def group_check(group: str, config: dict[str, Any] | None, fifo_topic: bool | No
         return Check(label, Verdict.WARN, detail + ": a message whose handler fails once goes straight to the DLQ",
                      f"mqadmin updateSubGroup -g {group} -r 16")
     return Check(label, Verdict.OK, detail)
+
+
+def offsets_check(group: str, topic: str, missing: list[tuple[str, int, int, int]]) -> Check:
+    """The queues of ``topic`` where ``group`` has no offset: (broker, queue, first, next) each."""
+    label = f"consumer group {group} offsets on {topic}"
+    if not missing:
+        return Check(label, Verdict.OK, "set on every queue: a consumer goes on from there")
+    # The proxy's first receive starts at next - 1 (the last message): those before it are skipped.
+    skipped = sum(max(0, nxt - 1 - first) for _, _, first, nxt in missing)
+    queues = ", ".join(f"{broker}/{queue}" for broker, queue, _, _ in missing)
+    return Check(label, Verdict.WARN,
+                 f"none on {len(missing)} queue(s) ({queues}): a consumer's first receive there starts at the "
+                 f"queue's last message unless its first is still in the broker's memory, skipping up to "
+                 f"{skipped} stored message(s) now",
+                 f"zeroloss init --target URL --topic {topic} --group {group} (or starting the zeroloss consumer) "
+                 "sets them to each queue's first message")
