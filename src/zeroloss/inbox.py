@@ -37,6 +37,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
+from zeroloss.logs import brief
 from zeroloss.sqlurl import configure_sqlite, make_engine
 
 MAX_ID_LEN = 255
@@ -228,7 +229,7 @@ class SqlInbox:
         try:
             self.table.metadata.create_all(self.engine, checkfirst=True)
         except DBAPIError as exc:
-            raise StoreError(f"cannot create the inbox table {self.table.name}: {exc}", retriable=True) from exc
+            raise StoreError(f"cannot create the inbox table {self.table.name}: {brief(exc)}", retriable=True) from exc
 
     def drop_schema(self) -> None:
         self.table.drop(self.engine, checkfirst=True)
@@ -254,7 +255,7 @@ class SqlInbox:
             trans = conn.begin()
             self._begin(conn)
         except DBAPIError as exc:
-            raise StoreError(f"inbox database unavailable: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox database unavailable: {brief(exc)}", retriable=True) from exc
         try:
             try:
                 yield conn
@@ -266,7 +267,7 @@ class SqlInbox:
             try:
                 trans.commit()
             except DBAPIError as exc:
-                raise StoreError(f"inbox commit failed: {exc}", retriable=True) from exc
+                raise StoreError(f"inbox commit failed: {brief(exc)}", retriable=True) from exc
         finally:
             conn.close()
 
@@ -294,7 +295,7 @@ class SqlInbox:
             conn.exec_driver_sql(f"RELEASE SAVEPOINT {_MARK}")
         except DBAPIError as exc:
             if exc.connection_invalidated:  # the connection broke: nothing was committed, an outage
-                raise StoreError(f"inbox commit failed, the connection is lost: {exc}", retriable=True) from exc
+                raise StoreError(f"inbox commit failed, the connection is lost: {brief(exc)}", retriable=True) from exc
             raise TransactionLostError(
                 "the inbox transaction had ended before its commit: the database rolled it back after an "
                 "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
@@ -320,7 +321,8 @@ class SqlInbox:
         except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
             raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
-            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {brief(exc)}",
+                             retriable=True) from exc
 
     def _check(self, group: str, message_id: str) -> None:
         _check(group, message_id)
@@ -347,7 +349,7 @@ class SqlInbox:
         except DataError as exc:  # the database cannot store this id (e.g. its encoding lacks a character)
             raise MessageError(f"the inbox refused message id {message_id!r:.80}: {exc.orig}") from exc
         except DBAPIError as exc:
-            raise StoreError(f"inbox claim failed for {group}/{message_id}: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim failed for {group}/{message_id}: {brief(exc)}", retriable=True) from exc
 
     def seen(self, group: str, message_id: str) -> bool:
         t = self.table
@@ -475,7 +477,7 @@ class RedisInbox:
                 retriable=True,
             ) from exc
         except self._errors() as exc:
-            raise StoreError(f"inbox commit to Redis failed: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox commit to Redis failed: {brief(exc)}", retriable=True) from exc
 
     def claim(self, tx: RedisTx, group: str, message_id: str) -> bool:
         _check(group, message_id)
@@ -499,7 +501,7 @@ class RedisInbox:
                     raise StoreError(f"inbox key {key} stayed reserved past its lease", retriable=True)
                 time.sleep(0.005)  # another transaction holds it: wait for its commit or rollback
         except self._errors() as exc:
-            raise StoreError(f"inbox claim on Redis failed: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim on Redis failed: {brief(exc)}", retriable=True) from exc
 
     def seen(self, group: str, message_id: str) -> bool:
         value = self.client.get(self.key(group, message_id))

@@ -111,13 +111,21 @@ def opened_store(source: str, table: str) -> Iterator[OutboxAdmin]:
 
 
 @click.group()
-@option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@option("-v", "--verbose", count=True,
+        help="More log output: -v adds zeroloss's debug lines, -vv every library's.")
+@option("-q", "--quiet", count=True, help="Less log output: -q warnings and errors only, -qq errors only.")
 @click.version_option(package_name="zeroloss")
-def main(verbose: int) -> None:
+def main(verbose: int, quiet: int) -> None:
     """zeroloss: lossless delivery from your database to a broker and on to your handler.
+
+    Log lines go to stderr with their time and level; by default zeroloss's INFO lines (what the
+    relay is doing) and other libraries' warnings.
 
     Exit codes: 0 ok, 1 a problem was found, 2 bad usage or configuration
     (status: 0/1/2 = ok/warn/critical).
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from zeroloss.logs import logging_setup
+
+    level = min(max(logging.INFO - 10 * verbose + 10 * quiet, logging.DEBUG), logging.CRITICAL)
+    others = logging.DEBUG if verbose >= 2 else max(logging.WARNING, level)
+    logging_setup(level, others=others)

@@ -105,6 +105,8 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
         help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
                    "Relays sharing one host and outbox need distinct ids.")
 @option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
+@option("--progress-s", envvar="ZEROLOSS_PROGRESS_S", default=10.0, show_default=True, type=click.FloatRange(0),
+        help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never.")
 @option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
         help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
 @option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
@@ -124,14 +126,14 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
           backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
           metrics_port: int | None, metrics_host: str, resolver_sql: str | None, resolver_db: str | None,
-          resolver_command: str | None, tmp_grace_s: float) -> None:
+          resolver_command: str | None, tmp_grace_s: float, progress_s: float) -> None:
     """Publish committed messages from the outbox to the broker until SIGTERM."""
     # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
     stopping = threading.Event()
     relays: list[Any] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        logging.getLogger("zeroloss.relay").warning("signal %d: draining the batch in flight", signum)
+        logging.getLogger("zeroloss.relay").info("signal %d: stopping after the batch in flight", signum)
         stopping.set()
         for r in relays:
             r.stop()
@@ -155,7 +157,8 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
 
     settings = RelaySettings(batch_size=batch_size, max_attempts=max_attempts, lease_s=lease_s,
                              backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s,
-                             stats_every_s=None if metrics_port is None else 5.0)
+                             stats_every_s=None if metrics_port is None else 5.0,
+                             progress_every_s=progress_s or None)
     store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
     r = Relay(store, broker, settings, resolver=resolver)

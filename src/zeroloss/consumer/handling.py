@@ -35,6 +35,7 @@ from zeroloss.consumer.dead_letters import ParkingLot
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
+from zeroloss.logs import brief
 from zeroloss.received import Handler, Received
 
 log = logging.getLogger(__name__)
@@ -160,13 +161,13 @@ class Handling:
                     return settle.dead_letter(error, attempts, first_failure)
                 self.finished(msg.topic, "retry", None, None)
                 delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
-                log.warning("message %s failed (attempt %d of %d): %r; again in %.2fs",
-                            msg.id, attempts, self.max_attempts, error, delay)
+                log.warning("message %s failed (attempt %d of %d): %s; again in %.2fs",
+                            msg.id, attempts, self.max_attempts, brief(error), delay)
             else:  # nobody's fault: no attempt spent
                 outages += 1
                 self.count_store_error()
                 delay = backoff_s(outages, self.backoff_base_s, self.max_backoff_s)
-                log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, error, delay)
+                log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, brief(error), delay)
             if not settle.before_backoff():
                 return False
             if self.stop.wait(delay):
@@ -247,7 +248,7 @@ class Handling:
             except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
                 self.count_store_error()
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
-                            self.group, len(msgs), exc)
+                            self.group, len(msgs), brief(exc))
                 return None
             break
         return (outcomes if msgs else []), failure

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from zeroloss import metrics
 from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
+from zeroloss.logs import first_line
 from zeroloss.message import Message, new_message
 from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
@@ -496,7 +497,7 @@ class SqlOutbox:
             return n
 
         n = self._tx(run, "requeue failed messages")
-        log.info("requeued %d failed messages: %s", n, ", ".join(ids))
+        log.debug("requeued %d failed messages: %s", n, ", ".join(ids))
         return n
 
     def purge_success(self, older_than_s: float, *, chunk: int = 10_000) -> int:
@@ -543,7 +544,7 @@ class SqlOutbox:
             return sum(int(conn.execute(sa.delete(t).where(t.c.id.in_(p), failed)).rowcount) for p in _chunks(ids))
 
         n = self._tx(run, "purge failed messages")
-        log.info("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
+        log.debug("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
         return n
 
     def list_success(
@@ -577,7 +578,7 @@ class SqlOutbox:
             )
 
         n = self._tx(run, "resend delivered messages")
-        log.info("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
+        log.debug("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
         return n
 
     def stats(self) -> Stats:
@@ -671,7 +672,7 @@ class SqlOutbox:
                         return fn(conn)
             except DBAPIError as exc:
                 if attempt < _TX_ATTEMPTS and _is_transient(exc):
-                    log.info("%s: transient database conflict (%s), retrying", what, exc.orig)
+                    log.debug("%s: transient database conflict (%s), retrying", what, exc.orig)
                     time.sleep(random.uniform(0.002, 0.02) * attempt)
                     continue
                 raise self._store_error(exc, what) from exc
@@ -711,4 +712,4 @@ class SqlOutbox:
         if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
             return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
-        return StoreError(f"cannot {what} in {self.url}: {detail}", retriable=transient)
+        return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
