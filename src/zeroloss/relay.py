@@ -218,16 +218,25 @@ class Relay:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
         messages waiting out a backoff are waited for. TimeoutError past the deadline."""
         deadline = time.monotonic() + timeout_s
-        self._prepare()
-        while not self._stop.is_set():
-            if self.run_once():
-                continue
-            stats = self.store.stats()
-            if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
-            self._idle()
+        log.info("relay started (until drained): %s", self.describe())
+        self._progress = Progress(self.settings.progress_every_s)
+        try:
+            self._prepare()
+            while not self._stop.is_set():
+                if self.run_once():
+                    if self._progress.due():
+                        self._report()
+                    continue
+                stats = self.store.stats()
+                if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+                if self._progress.due():
+                    self._report()
+                self._idle()
+        finally:
+            log.info("%s", self.summary())
 
     def _prepare(self) -> None:
         """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
@@ -316,6 +325,7 @@ class Relay:
             self._stop.wait(delay)
             return
         metrics.relay_published(time.monotonic() - started, ok=True)
+        log.debug("published a batch of %d in %.0f ms", len(batch), 1000 * (time.monotonic() - started))
         self._broker_answered()
         delivered, retry, failed = [], [], []
         undecided: list[str] = []  # the errors of the UNDECIDED ones
