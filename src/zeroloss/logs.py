@@ -70,8 +70,13 @@ def brief(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None)  # sqlalchemy.exc.DBAPIError, without importing SQLAlchemy
     if orig is not None and hasattr(exc, "statement"):
         return f"{type(orig).__name__}: {first_line(str(orig))}"
-    text = " | ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    text = one_line(str(exc))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """``text``'s non-empty lines joined by `` | ``: a multi-line error in one log line or table row."""
+    return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 def first_line(text: str) -> str:

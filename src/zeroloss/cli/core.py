@@ -13,11 +13,13 @@ from typing import Any
 import click
 
 from zeroloss.cli._base import (
+    deprecated_alias,
     errors_to_exit_codes,
     json_option,
     main,
     opened_store,
     option,
+    prefer,
     source_option,
     source_options,
     target_option,
@@ -92,9 +94,12 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @main.command()
 @source_option
 @target_option
-@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1))
-@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
-@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
+@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1),
+        help="Messages claimed and published per broker transaction.")
+@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1),
+        help="Attempts per message before it goes to failed (broker outages spend none).")
+@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1),
+        help="How long a claim lasts unrenewed (renewed every third of it while publishing); above --timeout-s.")
 @option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True,
         type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
 @option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
@@ -202,22 +207,25 @@ def _resolver(source: str, sql: str | None, db: str | None, command: str | None)
 @main.command()
 @source_option
 @json_option
-@option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+@option("--watch-s", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
         help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
+@deprecated_alias("--watch", "--watch-s", "watch_old", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0)
 @option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
         type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
 @errors_to_exit_codes
-def status(source: str, table: str, as_json: bool, watch: float | None, max_pending_age_s: float) -> None:
+def status(source: str, table: str, as_json: bool, watch_s: float | None, watch_old: float | None,
+           max_pending_age_s: float) -> None:
     """Count messages in every state, with the oldest age per state, expired leases, parked and
     spool disk space, and a verdict with its reasons.
 
     Exit code = verdict: 0 ok, 1 warn, 2 critical (failed, doubt or malformed messages; disk over
     90%; oldest pending over 4x --max-pending-age-s; the store cannot be read). Note that 2 also
     means bad usage (a wrong URL or option), as for every zeroloss command: the message on stderr
-    says which. With --watch, the exit code after Ctrl-C is that of the last verdict.
+    says which. With --watch-s, the exit code after Ctrl-C is that of the last verdict.
     """
     from zeroloss import status as st
 
+    watch: float | None = prefer(watch_s, watch_old)
     thresholds = st.Thresholds(max_pending_age_s=max_pending_age_s)
     with opened_store(source, table) as store:
 
@@ -254,7 +262,8 @@ def status(source: str, table: str, as_json: bool, watch: float | None, max_pend
 
 
 @main.command()
-@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535),
+        help="Port on 127.0.0.1 to listen on.")
 @option("--storage", default="memory://tansu/", show_default=True,
         help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
 @errors_to_exit_codes
@@ -278,7 +287,8 @@ def broker(port: int, storage: str) -> None:
 
 
 @main.command()
-@option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@option("--orders", default=3000, show_default=True, type=click.IntRange(10),
+        help="How many orders the demo shop writes (each with its message).")
 @option("--target", default=None, metavar="URL",
         help="Run against this broker (kafka://, amqp://, nats://, redis://) on a topic of its own, removed "
                    "afterwards, instead of an embedded Kafka-compatible broker. Not read from ZEROLOSS_TARGET, so "

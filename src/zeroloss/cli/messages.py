@@ -30,9 +30,10 @@ from zeroloss.cli._base import (
     main,
     opened_store,
     option,
-    source_option,
+    source_options,
 )
 from zeroloss.errors import MalformedMessageError, UnknownMessageError
+from zeroloss.logs import one_line
 from zeroloss.message import Message, decode
 from zeroloss.outbox.base import OutboxAdmin, State
 
@@ -155,14 +156,15 @@ def _in_chunks(ids: list[str], label: str, fn: Callable[[list[str]], int]) -> in
 
 
 def _state_group(state: State) -> click.Group:
+    source_opt = source_options(spool_only=state is not State.FAILED)
     group = click.Group(state.value, help=_HELP[state], epilog=(
         "Exit codes: 0 done; 1 purge without --yes (it only says what it would delete); 2 bad usage, or an id "
         f"that is not {state.value} (the whole command is refused, nothing changes)."))
 
     @group.command("list")
-    @source_option
+    @source_opt
     @json_option
-    @option("--limit", default=100, show_default=True, type=click.IntRange(1))
+    @option("--limit", default=100, show_default=True, type=click.IntRange(1), help="Show at most this many.")
     @errors_to_exit_codes
     def list_cmd(source: str, table: str, as_json: bool, limit: int) -> None:
         """List them, oldest first."""
@@ -188,14 +190,14 @@ def _state_group(state: State) -> click.Group:
                 click.echo(f"{r['id']}  {r['bytes']} bytes  quarantined {r['quarantined_at']}")
             else:
                 tx = f"  tx={r['transaction']}" if "transaction" in r else ""
-                err = (r["last_error"] or "")[:80]
+                err = one_line(r["last_error"] or "")[:80]
                 click.echo(f"{r['id']}  {r['topic']}  key={r['key']}  attempts={r['attempts']}  "
                            f"created {r['created_at']}{tx}  {err}".rstrip())
         shown = f"showing {len(rows)} of {total}" if len(rows) < total else f"{total}"
         click.echo(f"{shown} {state.value} message(s)")
 
     @group.command("show")
-    @source_option
+    @source_opt
     @json_option
     @click.argument("message_id")
     @option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
@@ -233,7 +235,7 @@ def _state_group(state: State) -> click.Group:
     if state is not State.MALFORMED:
 
         @group.command("retry")
-        @source_option
+        @source_opt
         @click.argument("message_ids", nargs=-1)
         @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
         @errors_to_exit_codes
@@ -248,7 +250,7 @@ def _state_group(state: State) -> click.Group:
             click.echo(f"{n} message(s) back to pending; the relay will send them")
 
     @group.command("purge")
-    @source_option
+    @source_opt
     @click.argument("message_ids", nargs=-1)
     @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
     @option("--yes", is_flag=True, help="Really delete. Without it: say what would go, exit 1.")
