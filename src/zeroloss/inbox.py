@@ -354,8 +354,12 @@ class SqlInbox:
     def seen(self, group: str, message_id: str) -> bool:
         t = self.table
         q = sa.select(sa.literal(1)).where(t.c.group_name == group, t.c.message_id == message_id)
-        with self.engine.connect() as conn:
-            return conn.execute(q).first() is not None
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(q).first() is not None
+        except DBAPIError as exc:  # a missing table is the usual one: the message names it
+            raise StoreError(f"cannot read the inbox table {t.name!r}: {brief(exc)}",
+                             retriable=exc.connection_invalidated) from exc
 
     def purge(self, older_than_s: float) -> int:
         cutoff = self.clock() - older_than_s

@@ -472,6 +472,15 @@ class SqlOutbox:
             raise UnknownMessageError(f"no message with id {message_id!r} in outbox table {t.name!r}")
         return State(row.state), message_of(row)
 
+    def location(self, message_id: str) -> str:
+        """Where the broker put a ``success`` message (e.g. ``orders/2/1543``)."""
+        t = self.table
+        q = sa.select(t.c.location).where(t.c.id == message_id, t.c.state == State.SUCCESS.value)
+        row = self._tx(lambda c: c.execute(q).first(), "read a message's location", write=False)
+        if row is None:
+            raise UnknownMessageError(f"message {message_id} is not in success in outbox table {t.name!r}")
+        return str(row.location or "")
+
     def requeue(self, message_ids: Sequence[str]) -> int:
         ids = list(dict.fromkeys(message_ids))
         t = self.table
