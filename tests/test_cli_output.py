@@ -198,3 +198,57 @@ def test_brief_keeps_the_reason_of_a_database_error_and_drops_the_statement(tmp_
     assert brief(caught.value) == "OperationalError: no such table: missing_table"
     assert brief(ValueError("two\nlines")) == "ValueError: two | lines"
     engine.dispose()
+
+
+def test_an_inbox_outage_is_one_error_line_and_its_end_one_info_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The inbox's database goes away under the consumer (its connections cut, new ones refused)
+    and comes back: one ERROR, DEBUG while it lasts, one INFO when it is back; nothing lost."""
+    require_service("redis")
+    require_service("postgres")
+    import threading
+
+    from tests.conftest import PG_URL
+    from tests.delay_proxy import delay_proxy
+    from zeroloss.registry import open_broker, open_store
+    from zeroloss.relay import Relay
+
+    topic = unique_topic("inbox-outage")
+    store, broker = open_store(_outbox(tmp_path, topic, 3)), open_broker(REDIS_URL)
+    Relay(store, broker).drain(60)
+    store.close()
+    broker.close()
+    pg_port = int(PG_URL.rsplit(":", 1)[1].split("/")[0])
+    with delay_proxy(pg_port, 0.0) as proxy:
+        table = unique_topic("inbox").replace("-", "_")
+        inbox = SqlInbox(PG_URL.replace(f":{pg_port}/", f":{proxy.port}/"), table=table)
+        inbox.create_schema()
+        consumer = Consumer(REDIS_URL, group=unique_topic("g"), topics=[topic], inbox=inbox, backoff_base_s=0.05,
+                            max_backoff_s=0.2, parked_dir=tmp_path / "parked")
+        seen: list[str] = []
+
+        @consumer.handler
+        def handle(msg: Received, tx: Any) -> None:
+            seen.append(msg.id)
+
+        proxy.upstream = ("127.0.0.1", free_port())  # nothing listens there: the database is "down"
+        proxy.cut()
+        try:
+            with caplog.at_level(logging.DEBUG, logger="zeroloss"):
+                runner = threading.Thread(target=consumer.run_until_idle, kwargs={"idle_s": 0.5, "timeout_s": 120})
+                runner.start()
+                wait_until(lambda: "still fails" in caplog.text, 60, "a second failed try")
+                proxy.upstream = ("127.0.0.1", pg_port)
+                runner.join(120)
+                assert not runner.is_alive()
+        finally:
+            consumer.stop()
+            consumer.close()
+            inbox.drop_schema()
+            inbox.close()
+    assert len(set(seen)) == 3
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "the inbox's store failed" in errors[0].getMessage(), [r.getMessage() for r in errors]
+    back = [r for r in caplog.records if "the inbox is back after" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO

@@ -35,7 +35,7 @@ from zeroloss.consumer.dead_letters import ParkingLot
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
-from zeroloss.logs import brief
+from zeroloss.logs import age, brief
 from zeroloss.received import Handler, Received
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ class Handling:
     parking: ParkingLot = field(default_factory=lambda: ParkingLot("zeroloss-parked"))
     handler: Handler | None = None
     handler_s: float = 0.0  # moving average of one handler call, for the shared transactions' size
+    inbox_down_since: float | None = None  # monotonic: an inbox outage is said once, and its end
 
     def run_limit(self) -> int:
         """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
@@ -144,6 +145,10 @@ class Handling:
                 except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                     error, faulty = exc, False
                 else:
+                    if self.inbox_down_since is not None:
+                        log.info("consumer %s: the inbox is back after %s", self.group,
+                                 age(time.monotonic() - self.inbox_down_since))
+                        self.inbox_down_since = None
                     settle.done()
                     self.finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
                     if not fresh:
@@ -167,7 +172,13 @@ class Handling:
                 outages += 1
                 self.count_store_error()
                 delay = backoff_s(outages, self.backoff_base_s, self.max_backoff_s)
-                log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, brief(error), delay)
+                if self.inbox_down_since is None:  # once per outage; the tries after it are DEBUG
+                    self.inbox_down_since = time.monotonic()
+                    log.error("message %s: the inbox's store failed (%s); retrying with backoff (next in %.1fs)",
+                              msg.id, brief(error), delay)
+                else:
+                    log.debug("message %s: the inbox's store still fails (%s); again in %.1fs", msg.id,
+                              brief(error), delay)
             if not settle.before_backoff():
                 return False
             if self.stop.wait(delay):
