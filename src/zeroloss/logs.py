@@ -27,7 +27,9 @@ def logging_setup(level: int | str = logging.INFO, *, stream: IO[str] | None = N
     """Show zeroloss's log lines (start, progress, outages, summary at stop) with time and level
     on ``stream`` (stderr), from ``level`` up. Only the ``zeroloss`` logger is touched unless
     ``others`` is given: then the root logger gets the same handler at that level (the
-    ``zeroloss`` command does this, so that client libraries' warnings show too). Calling it
+    ``zeroloss`` command does this, so that client libraries' warnings show too) — if it has no
+    handler yet: like ``logging.basicConfig``, a configuration that is there already (the
+    application's, a test runner's) is left alone, and zeroloss's lines go to it. Calling it
     again replaces what the previous call installed. Returns the handler."""
     handler = logging.StreamHandler(stream) if stream is not None else _Stderr()
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -39,7 +41,7 @@ def logging_setup(level: int | str = logging.INFO, *, stream: IO[str] | None = N
     ours.setLevel(level)
     if others is None:
         ours.addHandler(handler)
-    else:
+    elif not root.handlers:
         root.setLevel(others)
         root.addHandler(handler)
     return handler

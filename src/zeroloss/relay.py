@@ -92,6 +92,7 @@ class Relay:
         self._progress = Progress(self.settings.progress_every_s)
         self._quiet = False  # the last progress line said "nothing to do": say it once
         self._broker_down_since: float | None = None  # monotonic, for "broker is back after …"
+        self._broker_last_error = ""
         self._store_down_since: float | None = None
 
     def stop(self) -> None:
@@ -175,7 +176,7 @@ class Relay:
 
     def _broker_failed(self, exc: BrokerError, what: str) -> None:
         """The first failure of an outage is a WARNING; the tries after it are DEBUG."""
-        self._broker_problem = str(exc)
+        self._broker_last_error = str(exc)
         if self._broker_down_since is None:
             self._broker_down_since = time.monotonic()
             log.warning("broker unavailable (%s); %s; messages wait in pending, no attempts spent, retrying with "
@@ -187,8 +188,6 @@ class Relay:
         if self._broker_down_since is not None:
             log.info("broker is back after %s", age(time.monotonic() - self._broker_down_since))
             self._broker_down_since = None
-        self._broker_problem = None
-        self._outage = 0
 
     def _report(self) -> None:
         """The progress line: what was delivered since the last one and what is still waiting."""
@@ -208,7 +207,7 @@ class Relay:
             self._quiet = False
         down = ""
         if self._broker_down_since is not None:
-            down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_problem}"
+            down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_last_error}"
         failed_now = stats.counts.get(State.FAILED, 0)
         log.info("relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
                  "%d failed in the outbox waiting for a person%s", c.delivered, rate, c.failed, backlog,
@@ -319,6 +318,7 @@ class Relay:
             self.counters.broker_errors += 1
             self._outage += 1
             delay = self._relay_backoff(exc)
+            self._broker_problem = str(exc)  # readiness: an outage once a publish failed
             self._broker_failed(exc, f"{len(batch)} messages back to pending for {delay:.1f}s")
             until = self.store.now() + delay
             self.store.retry([replace(m, not_before=until, last_error=str(exc)) for m in batch])
@@ -327,6 +327,8 @@ class Relay:
         metrics.relay_published(time.monotonic() - started, ok=True)
         log.debug("published a batch of %d in %.0f ms", len(batch), 1000 * (time.monotonic() - started))
         self._broker_answered()
+        self._broker_problem = None
+        self._outage = 0
         delivered, retry, failed = [], [], []
         undecided: list[str] = []  # the errors of the UNDECIDED ones
         for o in outcomes:
