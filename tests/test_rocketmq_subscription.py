@@ -221,7 +221,7 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
     assert c.counters.dead_lettered == 2
     run = CliRunner().invoke
     for _ in range(2):
-        listed = run(main, ["dlq", "list", "--target", url, topic, "--json"])
+        listed = run(main, ["dlq", "list", "--target", url, "--topic", topic, "--json"])
         assert listed.exit_code == 0, listed.output
         rows = json.loads(listed.output)
         assert sorted(r["id"] for r in rows) == sorted(m.id for m in bad)
@@ -229,13 +229,13 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
         # the message's own headers only: none of RocketMQ's stored properties (BORN_TIMESTAMP, ...),
         # which the proxy would refuse in a replay
         assert sorted(r["headers"] for r in rows) == [[["trace", "t0"]], [["trace", "t1"]]]
-    shown = run(main, ["dlq", "show", "--target", url, f"{topic}.dlq", bad[1].id])
+    shown = run(main, ["dlq", "show", "--target", url, "--topic", f"{topic}.dlq", bad[1].id])
     assert shown.exit_code == 0 and f"bad total in {bad[1].id}" in shown.output and "bad 1" in shown.output
-    typo = run(main, ["dlq", "list", "--target", url, rocketmq_plain.unique("typo")])
+    typo = run(main, ["dlq", "list", "--target", url, "--topic", rocketmq_plain.unique("typo")])
     assert typo.exit_code == 2 and "check the name" in typo.output
     if "rocketmq" not in TARGET_SCHEMES:
         pytest.skip("replay publishes through the relay's RocketMQ adapter (rocketmq://), on the rmq-pub branch")
-    replayed = run(main, ["dlq", "replay", "--target", url, topic, "--all"])
+    replayed = run(main, ["dlq", "replay", "--target", url, "--topic", topic, "--all"])
     assert replayed.exit_code == 0 and "replayed 2" in replayed.output, replayed.output
     again = Consumer(url, group, [topic], db.inbox, config={"invisible_s": 10.0})
     again.handler(db.record)
