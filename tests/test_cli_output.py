@@ -256,7 +256,8 @@ def test_an_inbox_outage_is_one_error_line_and_its_end_one_info_line(
             inbox.drop_schema()
             inbox.close()
     assert len(set(seen)) == 3
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # zeroloss's lines only: the test's delay proxy may log asyncio's own ERROR when cut() cancels its pumps
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("zeroloss")]
     assert len(errors) == 1 and "the inbox's store failed" in errors[0].getMessage(), [r.getMessage() for r in errors]
     back = [r for r in caplog.records if "the inbox is back after" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
