@@ -181,16 +181,14 @@ class Handling:
                 except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                     error, faulty = exc, False
                 else:
-                    if self.down_since is not None:
-                        back = "the handler's database is set up" if self.down_kind == _SCHEMA else "the inbox is back"
-                        log.info("consumer %s: %s after %s", self.group, back, age(time.monotonic() - self.down_since))
-                        self.down_since = self.down_kind = None
+                    self.say_back()
                     settle.done()
                     self.finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
                     if not fresh:
                         log.debug("message %s: duplicate, skipped", msg.id)
                     return True
             if faulty:
+                self.say_back()  # the handler's own failure: its database answered, so no outage now
                 attempts += 1
                 first_failure = first_failure or time.time()
                 if isinstance(error, (MessageError, MalformedMessageError)):  # poison: no retry can fix it
@@ -235,6 +233,14 @@ class Handling:
         else:
             log.error("message %s: the inbox's store failed (%s); retrying with backoff (next in %.1fs)",
                       msg.id, brief(error), delay)
+
+    def say_back(self) -> None:
+        """The end of an outage said by :meth:`say_outage`, once, at INFO."""
+        if self.down_since is None:
+            return
+        back = "the handler's database is set up" if self.down_kind == _SCHEMA else "the inbox is back"
+        log.info("consumer %s: %s after %s", self.group, back, age(time.monotonic() - self.down_since))
+        self.down_since = self.down_kind = None
 
     def attempt(self, msg: Received) -> bool:
         """One try in one transaction; True if the handler ran, False for a duplicate."""
