@@ -93,7 +93,7 @@ def test_records_without_a_usable_position_are_missing_with_the_reason(kafka: Em
         ids = [store.add(conn, topic=unique_topic("gone"), value=b"x") for _ in range(2)]
     a, b = store.claim(2, lease_s=30)
     store.succeed([Delivered(a, ""), Delivered(b, f"{b.topic}/0/5")])
-    code, doc = audit("--source", url, "--target", kafka.url, "--since", "3600")
+    code, doc = audit("--source", url, "--target", kafka.url, "--since-s", "3600")
     assert code == 1
     assert doc["broker"]["missing"] == {ids[0]: "no broker position recorded ('')",
                                         ids[1]: f"topic {b.topic} does not exist on the broker"}

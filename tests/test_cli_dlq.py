@@ -43,22 +43,22 @@ def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     pub.close()
     run = CliRunner().invoke
 
-    listed = run(main, ["dlq", "list", "--target", kafka.url, topic, "--json"])
+    listed = run(main, ["dlq", "list", "--target", kafka.url, "--topic", topic, "--json"])
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.output)
     assert [r["id"] for r in rows] == ids
     assert rows[0]["error_type"] == "ValueError" and rows[0]["attempts"] == 5
 
-    shown = run(main, ["dlq", "show", "--target", kafka.url, f"{topic}.dlq", ids[1]])
+    shown = run(main, ["dlq", "show", "--target", kafka.url, "--topic", f"{topic}.dlq", ids[1]])
     assert shown.exit_code == 0 and "bad total" in shown.output and "v1" in shown.output
 
-    unknown = run(main, ["dlq", "show", "--target", kafka.url, topic, uuid7()])
+    unknown = run(main, ["dlq", "show", "--target", kafka.url, "--topic", topic, uuid7()])
     assert unknown.exit_code == 2 and "no dead letter" in unknown.output
 
-    neither = run(main, ["dlq", "replay", "--target", kafka.url, topic])
+    neither = run(main, ["dlq", "replay", "--target", kafka.url, "--topic", topic])
     assert neither.exit_code == 2 and "--all" in neither.output
 
-    replayed = run(main, ["dlq", "replay", "--target", kafka.url, topic, "--all"])
+    replayed = run(main, ["dlq", "replay", "--target", kafka.url, "--topic", topic, "--all"])
     assert replayed.exit_code == 0 and "replayed 2" in replayed.output, replayed.output
     back = read_topic(kafka.url, topic, expect=ids)
     assert set(back.ids) == set(ids)  # with their original ids: the inbox runs each at most once
@@ -97,11 +97,11 @@ def test_a_slow_leader_delays_the_list_but_never_shortens_it(kafka: Any) -> None
 def test_a_topic_that_does_not_exist_is_bad_usage_not_zero_dead_letters(kafka: Any) -> None:
     from confluent_kafka.admin import NewTopic
 
-    typo = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, unique_topic("typo")])
+    typo = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, "--topic", unique_topic("typo")])
     assert typo.exit_code == 2 and "no topic" in typo.output and "check the name" in typo.output
     topic = unique_topic("orders")  # exists, has never dead-lettered anything: an honest zero
     kafka.admin().create_topics([NewTopic(topic, 1, 3)])[topic].result(30)
-    fine = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, topic])
+    fine = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, "--topic", topic])
     assert fine.exit_code == 0 and f"0 dead letter(s) in {topic}.dlq" in fine.output, fine.output
 
 
@@ -148,26 +148,26 @@ def test_dead_letters_on_nats_and_redis_are_listed_shown_and_replayed_once(name:
             assert consume().counters.dead_lettered == 1
             run = CliRunner().invoke
 
-            listed = run(main, ["dlq", "list", "--target", h.url, topic, "--json"])
+            listed = run(main, ["dlq", "list", "--target", h.url, "--topic", topic, "--json"])
             assert listed.exit_code == 0, listed.output
             rows = json.loads(listed.output)
             assert [r["id"] for r in rows] == [bad.id]
             assert rows[0]["error_type"] == "ValueError" and rows[0]["attempts"] == 2
             assert rows[0]["original_topic"] == topic and rows[0]["headers"] == [["trace", "t-2"]]
 
-            shown = run(main, ["dlq", "show", "--target", h.url, f"{topic}.dlq", bad.id])
+            shown = run(main, ["dlq", "show", "--target", h.url, "--topic", f"{topic}.dlq", bad.id])
             assert shown.exit_code == 0 and "total is negative" in shown.output, shown.output
-            assert run(main, ["dlq", "show", "--target", h.url, topic, uuid7()]).exit_code == 2
+            assert run(main, ["dlq", "show", "--target", h.url, "--topic", topic, uuid7()]).exit_code == 2
 
             broken = False
-            replayed = run(main, ["dlq", "replay", "--target", h.url, topic, "--all"])
+            replayed = run(main, ["dlq", "replay", "--target", h.url, "--topic", topic, "--all"])
             assert replayed.exit_code == 0 and "replayed 1" in replayed.output, replayed.output
             assert [mid for mid, _ in h.read(topic)].count(bad.id) == 2  # the original and its replay
             again = consume()
             assert again.counters.processed == 1
             assert db.counts() == Counter({m.id: 1 for m in msgs})
             # replaying it twice has no second effect: the inbox knows the id
-            assert run(main, ["dlq", "replay", "--target", h.url, topic, bad.id]).exit_code == 0
+            assert run(main, ["dlq", "replay", "--target", h.url, "--topic", topic, bad.id]).exit_code == 0
             assert consume().counters.duplicates == 1
             assert db.counts() == Counter({m.id: 1 for m in msgs})
         finally:

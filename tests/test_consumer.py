@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -625,10 +626,11 @@ def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, t
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
-        kind: str, kafka: EmbeddedBroker, tmp_path: Path) -> None:
+        kind: str, kafka: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 15: a table the handler writes to that does not exist (migrations not run) is the
     deployment's fault and the same for every message: the consumer backs off without spending
-    attempts, dead-letters nothing, and handles them all once the table is there."""
+    attempts, dead-letters nothing, and handles them all once the table is there. It says so once
+    at ERROR (what is missing, what to do; the tries after it are DEBUG) and once when it is over."""
     db = next(iter(gen := make_db(kind, tmp_path)))
     topic = unique_topic("schema")
     invoices = sa.Table(f"zl_invoices_{uuid.uuid4().hex[:8]}", sa.MetaData(),
@@ -637,6 +639,7 @@ def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
     c = consumer(kafka, topic, db.inbox, max_attempts=2, max_backoff_s=0.2)
     c.handler(lambda msg, tx: tx.execute(invoices.insert(), {"msg_id": msg.id}))
     runner = threading.Thread(target=c.run)
+    caplog.set_level(logging.DEBUG, logger="zeroloss")
     runner.start()
     try:
         deadline = time.monotonic() + 90
@@ -656,3 +659,9 @@ def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
         gen.close()
     assert c.counters.dead_lettered == 0
     assert not dlq.list_dead_letters(kafka.url, topic)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "not set up for it, no such table" in errors[0], errors
+    assert "run the migrations" in errors[0] and "[SQL:" not in caplog.text, caplog.text
+    assert [r for r in caplog.records if "the handler's database still fails" in r.getMessage()]
+    back = [r for r in caplog.records if "the handler's database is set up after" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO, back

@@ -13,7 +13,8 @@ PUBLIC = [
     "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
     "Outcome", "OutboxAdmin", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox",
     "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State",
-    "Stats", "Status", "StoreError", "UnknownMessageError", "ZerolossError", "new_message", "open_broker",
+    "Stats", "Status", "StoreError", "UnknownMessageError", "ZerolossError", "logging_setup", "new_message",
+    "open_broker",
     "open_store", "uuid7",
 ]  # fmt: skip
 

@@ -10,6 +10,7 @@ process to save the interpreter's start-up, and must exit 0."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from zeroloss import logs
 from zeroloss.cli import main
 from zeroloss.embedded_broker import EmbeddedBroker
 
@@ -41,8 +43,8 @@ def test_the_readme_marks_the_tour_runnable() -> None:
     assert "zeroloss relay" in blocks[2][1] and "Consumer(" in blocks[4][1]
 
 
-def test_the_five_minute_tour_runs_as_pasted(kafka: EmbeddedBroker, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_five_minute_tour_runs_as_pasted(kafka: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     suffix = uuid.uuid4().hex[:8]
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__readme__"}
@@ -65,9 +67,21 @@ def test_the_five_minute_tour_runs_as_pasted(kafka: EmbeddedBroker, tmp_path: Pa
             assert db.execute("SELECT order_id, customer, total FROM invoices ORDER BY order_id").fetchall() == [
                 (1, "customer-7", 99.5), (2, "customer-8", 12)]
         assert namespace["consumer"].counters.processed == 2
+        said = capsys.readouterr().err  # what the reader sees: the consumer's lines, with time and level
+        assert re.search(r"^\S+ \S+ INFO zeroloss.consumer.runtime: consumer started: kafka://", said, re.M), said
+        assert re.search(r"INFO zeroloss.consumer.runtime: consumer billing-\w+ stopped after \S+: 2 processed", said)
     finally:
+        undo_logging_setup()  # the consumer block's logging_setup(): the next tests in this worker have their own
         for value in namespace.values():  # what a script's exit would have closed
             if isinstance(value, sa.Engine):
                 value.dispose()
             elif hasattr(value, "close") and type(value).__module__.startswith("zeroloss"):
                 value.close()
+
+
+def undo_logging_setup() -> None:
+    """What ``zeroloss.logging_setup()`` left on the ``zeroloss`` logger: its handler and level."""
+    ours = logging.getLogger("zeroloss")
+    for h in [h for h in ours.handlers if getattr(h, logs._MARK, False)]:
+        ours.removeHandler(h)
+    ours.setLevel(logging.NOTSET)

@@ -221,7 +221,7 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
     assert c.counters.dead_lettered == 2
     run = CliRunner().invoke
     for _ in range(2):
-        listed = run(main, ["dlq", "list", "--target", url, topic, "--json"])
+        listed = run(main, ["dlq", "list", "--target", url, "--topic", topic, "--json"])
         assert listed.exit_code == 0, listed.output
         rows = json.loads(listed.output)
         assert sorted(r["id"] for r in rows) == sorted(m.id for m in bad)
@@ -229,13 +229,13 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
         # the message's own headers only: none of RocketMQ's stored properties (BORN_TIMESTAMP, ...),
         # which the proxy would refuse in a replay
         assert sorted(r["headers"] for r in rows) == [[["trace", "t0"]], [["trace", "t1"]]]
-    shown = run(main, ["dlq", "show", "--target", url, f"{topic}.dlq", bad[1].id])
+    shown = run(main, ["dlq", "show", "--target", url, "--topic", f"{topic}.dlq", bad[1].id])
     assert shown.exit_code == 0 and f"bad total in {bad[1].id}" in shown.output and "bad 1" in shown.output
-    typo = run(main, ["dlq", "list", "--target", url, rocketmq_plain.unique("typo")])
+    typo = run(main, ["dlq", "list", "--target", url, "--topic", rocketmq_plain.unique("typo")])
     assert typo.exit_code == 2 and "check the name" in typo.output
     if "rocketmq" not in TARGET_SCHEMES:
         pytest.skip("replay publishes through the relay's RocketMQ adapter (rocketmq://), on the rmq-pub branch")
-    replayed = run(main, ["dlq", "replay", "--target", url, topic, "--all"])
+    replayed = run(main, ["dlq", "replay", "--target", url, "--topic", topic, "--all"])
     assert replayed.exit_code == 0 and "replayed 2" in replayed.output, replayed.output
     again = Consumer(url, group, [topic], db.inbox, config={"invisible_s": 10.0})
     again.handler(db.record)
@@ -274,3 +274,53 @@ def test_a_failed_receive_or_ack_is_a_broker_error_and_a_consumer_waits_out_a_de
     c.handler(db.record)
     c.run_for(1.0)  # keeps trying to subscribe, never raises, stops on time
     assert not c.assigned and db.counts() == Counter()
+
+
+def test_relay_show_and_consumer_lines_on_rocketmq(rocketmq: RocketMQServer, db: Db, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 15 on RocketMQ: the relay's start line and summary name it, ``zeroloss show ID`` gives
+    a delivered message's location (topic/message-id/queue-offset), and the consumer says its
+    start, progress and summary lines like on the other brokers."""
+    import logging
+
+    from zeroloss import SqlOutbox
+    from zeroloss.registry import open_broker, open_store
+    from zeroloss.relay import Relay
+
+    topic = rocketmq_plain.unique("says")
+    group = rocketmq_plain.prepare(rocketmq, topic)
+    url = rocketmq_plain.url(rocketmq)
+    source = f"sqlite:///{tmp_path / 'app.db'}"
+    outbox = SqlOutbox(source)
+    outbox.create_schema()
+    with outbox.engine.begin() as conn:
+        ids = [outbox.add(conn, topic=topic, key=b"k%d" % (i % 2), value=b"v%d" % i) for i in range(3)]
+    outbox.close()
+    caplog.set_level(logging.INFO, logger="zeroloss")
+    store, broker = open_store(source), open_broker(url)
+    try:
+        Relay(store, broker).drain(60)
+    finally:
+        store.close()
+        broker.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "zeroloss.relay"]
+    assert any(m.startswith("relay started (until drained): ") and url in m for m in said), said
+    assert any(m.startswith("relay stopped after ") and "3 delivered" in m for m in said), said
+
+    shown = CliRunner().invoke(main, ["show", ids[0], "--source", source, "--json"])
+    assert shown.exit_code == 0, shown.output
+    doc = json.loads(shown.output)
+    name, _mid, offset = doc["location"].split("/")
+    assert doc["state"] == "success" and name == rocketmq_topic(topic) and offset.isdigit(), doc
+
+    c = Consumer(url, group, [topic], db.inbox, config={"invisible_s": 10.0}, progress_every_s=0.05)
+    c.handler(db.record)
+    try:
+        c.run_until_idle(idle_s=1.0, timeout_s=60)
+    finally:
+        c.close()
+    assert db.counts() == Counter({i: 1 for i in ids})
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("zeroloss.consumer")]
+    assert any(m.startswith("consumer started: ") and url in m and group in m for m in said), said
+    assert any(f"consumer {group} progress: " in m for m in said), said
+    assert any(m.startswith(f"consumer {group} stopped after ") and "3 processed" in m for m in said), said

@@ -115,7 +115,7 @@ def test_watch_refreshes_until_ctrl_c_and_exits_with_the_last_verdict(tmp_path: 
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "zeroloss", "status", "--source", f"spool://{tmp_path / 'spool'}",
-             "--json", "--watch", "0.1"],
+             "--json", "--watch-s", "0.1"],
             stdout=out, stderr=subprocess.STDOUT,
         )
     try:

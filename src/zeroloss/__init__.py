@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from zeroloss.brokers.redis import RedisStreamBroker
     from zeroloss.consumer import Consumer
     from zeroloss.inbox import Inbox, RedisInbox, SqlInbox
+    from zeroloss.logs import logging_setup
     from zeroloss.outbox.spool import FileSpool
     from zeroloss.outbox.sql import SqlOutbox
     from zeroloss.received import PoisonMessage, Received
@@ -61,6 +62,7 @@ _LAZY = {
     "RedisInbox": "zeroloss.inbox",
     "open_store": "zeroloss.registry",
     "open_broker": "zeroloss.registry",
+    "logging_setup": "zeroloss.logs",
 }
 
 
@@ -111,6 +113,7 @@ __all__ = [
     "StoreError",
     "UnknownMessageError",
     "ZerolossError",
+    "logging_setup",
     "new_message",
     "open_broker",
     "open_store",

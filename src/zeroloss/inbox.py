@@ -37,6 +37,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
 from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
+from zeroloss.logs import brief
 from zeroloss.sqlurl import engine_of
 
 MAX_ID_LEN = 255
@@ -224,7 +225,7 @@ class SqlInbox:
         try:
             self.table.metadata.create_all(self.engine, checkfirst=True)
         except DBAPIError as exc:
-            raise StoreError(f"cannot create the inbox table {self.table.name}: {exc}", retriable=True) from exc
+            raise StoreError(f"cannot create the inbox table {self.table.name}: {brief(exc)}", retriable=True) from exc
 
     def drop_schema(self) -> None:
         self.table.drop(self.engine, checkfirst=True)
@@ -250,7 +251,7 @@ class SqlInbox:
             trans = conn.begin()
             self._begin(conn)
         except DBAPIError as exc:
-            raise StoreError(f"inbox database unavailable: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox database unavailable: {brief(exc)}", retriable=True) from exc
         try:
             try:
                 yield conn
@@ -262,7 +263,7 @@ class SqlInbox:
             try:
                 trans.commit()
             except DBAPIError as exc:
-                raise StoreError(f"inbox commit failed: {exc}", retriable=True) from exc
+                raise StoreError(f"inbox commit failed: {brief(exc)}", retriable=True) from exc
         finally:
             conn.close()
 
@@ -290,7 +291,7 @@ class SqlInbox:
             conn.exec_driver_sql(f"RELEASE SAVEPOINT {_MARK}")
         except DBAPIError as exc:
             if exc.connection_invalidated:  # the connection broke: nothing was committed, an outage
-                raise StoreError(f"inbox commit failed, the connection is lost: {exc}", retriable=True) from exc
+                raise StoreError(f"inbox commit failed, the connection is lost: {brief(exc)}", retriable=True) from exc
             raise TransactionLostError(
                 "the inbox transaction had ended before its commit: the database rolled it back after an "
                 "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
@@ -316,7 +317,8 @@ class SqlInbox:
         except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
             raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
-            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {brief(exc)}",
+                             retriable=True) from exc
 
     def _check(self, group: str, message_id: str) -> None:
         _check(group, message_id)
@@ -343,13 +345,17 @@ class SqlInbox:
         except DataError as exc:  # the database cannot store this id (e.g. its encoding lacks a character)
             raise MessageError(f"the inbox refused message id {message_id!r:.80}: {exc.orig}") from exc
         except DBAPIError as exc:
-            raise StoreError(f"inbox claim failed for {group}/{message_id}: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim failed for {group}/{message_id}: {brief(exc)}", retriable=True) from exc
 
     def seen(self, group: str, message_id: str) -> bool:
         t = self.table
         q = sa.select(sa.literal(1)).where(t.c.group_name == group, t.c.message_id == message_id)
-        with self.engine.connect() as conn:
-            return conn.execute(q).first() is not None
+        try:
+            with self.engine.connect() as conn:
+                return conn.execute(q).first() is not None
+        except DBAPIError as exc:  # a missing table is the usual one: the message names it
+            raise StoreError(f"cannot read the inbox table {t.name!r}: {brief(exc)}",
+                             retriable=exc.connection_invalidated) from exc
 
     def purge(self, older_than_s: float) -> int:
         cutoff = self.clock() - older_than_s
@@ -471,7 +477,7 @@ class RedisInbox:
                 retriable=True,
             ) from exc
         except self._errors() as exc:
-            raise StoreError(f"inbox commit to Redis failed: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox commit to Redis failed: {brief(exc)}", retriable=True) from exc
 
     def claim(self, tx: RedisTx, group: str, message_id: str) -> bool:
         _check(group, message_id)
@@ -495,7 +501,7 @@ class RedisInbox:
                     raise StoreError(f"inbox key {key} stayed reserved past its lease", retriable=True)
                 time.sleep(0.005)  # another transaction holds it: wait for its commit or rollback
         except self._errors() as exc:
-            raise StoreError(f"inbox claim on Redis failed: {exc}", retriable=True) from exc
+            raise StoreError(f"inbox claim on Redis failed: {brief(exc)}", retriable=True) from exc
 
     def seen(self, group: str, message_id: str) -> bool:
         value = self.client.get(self.key(group, message_id))

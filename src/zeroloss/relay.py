@@ -8,6 +8,12 @@ too, so what was acknowledged is kept and the rest goes again. A broker-wide fai
 (BrokerError) puts the whole batch back *without* spending attempts — an outage is nobody's
 fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
+
+What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
+and settings (passwords masked); a progress line every ``progress_every_s`` while there is
+anything to say (delivered, rate, failed, backlog and the oldest pending message's age); one
+WARNING when the broker or the store goes away and one line when it is back (the tries between
+are DEBUG: the progress line says the outage goes on); a summary when it stops.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from zeroloss import metrics
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Interruptible, Status
 from zeroloss.errors import BrokerError, ConfigError, StoreError
+from zeroloss.logs import Progress, age
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
 
@@ -44,6 +51,8 @@ class RelaySettings:
     stats_every_s: float | None = None
     """Refresh the outbox gauges of :mod:`zeroloss.metrics` from ``store.stats()`` this often
     (None: never; ``zeroloss relay --metrics-port`` sets 5 s)."""
+    progress_every_s: float | None = 10.0
+    """Log a progress line this often (None: never); an idle relay with no backlog says nothing."""
 
 
 @dataclass(slots=True)
@@ -80,6 +89,11 @@ class Relay:
         self._store_failures = 0  # consecutive store failures, for their own backoff
         self._broker_problem: str | None = None
         self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
+        self._progress = Progress(self.settings.progress_every_s)
+        self._quiet = False  # the last progress line said "nothing to do": say it once
+        self._broker_down_since: float | None = None  # monotonic, for "broker is back after …"
+        self._broker_last_error = ""
+        self._store_down_since: float | None = None
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -100,43 +114,128 @@ class Relay:
             return False, f"broker outage ({self._outage} consecutive failures): {self._broker_problem}"
         return True, "ok"
 
+    def describe(self) -> str:
+        """Source, target and settings in one line, passwords masked (the start line)."""
+        from zeroloss.registry import safe_url
+
+        s = self.settings
+        return (f"{safe_url(_where(self.store))} -> {safe_url(_where(self.broker))} (batch {s.batch_size}, "
+                f"max attempts {s.max_attempts}, lease {s.lease_s:g}s, backoff {s.backoff_base_s:g}-"
+                f"{s.max_backoff_s:g}s, progress every "
+                f"{'never' if s.progress_every_s is None else f'{s.progress_every_s:g}s'})")
+
     def run(self) -> None:
         """Relay until :meth:`stop` (the CLI calls it on SIGTERM/SIGINT)."""
-        log.info("relay started (batch %d, max attempts %d)", self.settings.batch_size, self.settings.max_attempts)
-        self._prepare()
-        while not self._stop.is_set():
-            try:
-                handled = self.run_once()
-            except StoreError as exc:
-                if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
-                    # Wrong role, password, database or table at start-up: waiting cannot fix it.
-                    raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
-                self.counters.store_errors += 1
-                self._store_failures += 1
-                self._store_problem = str(exc)
-                metrics.relay_error("store")
-                delay = backoff_s(self._store_failures, self.settings.backoff_base_s, self.settings.max_backoff_s)
-                log.error("outbox store failed: %s; retrying in %.1fs", exc, delay)
-                self._stop.wait(delay)
-                continue
-            if handled == 0:
-                self._idle()
-        log.info("relay stopped: %s", self.counters)
+        log.info("relay started: %s", self.describe())
+        self._progress = Progress(self.settings.progress_every_s)
+        try:
+            self._prepare()
+            while not self._stop.is_set():
+                try:
+                    handled = self.run_once()
+                except StoreError as exc:
+                    if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
+                        # Wrong role, password, database or table at start-up: waiting cannot fix it.
+                        raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
+                    self._store_failed(exc)
+                    continue
+                if self._progress.due():
+                    self._report()
+                if handled == 0:
+                    self._idle()
+        finally:
+            log.info("%s", self.summary())
+
+    def summary(self) -> str:
+        """The line logged at stop: totals and how long it ran."""
+        c = self.counters
+        return (f"relay stopped after {age(self._progress.elapsed())}: {c.delivered} delivered, {c.failed} failed, "
+                f"{c.retried} sent again later (retries, held, unacknowledged), {c.broker_errors} broker and "
+                f"{c.store_errors} store failures")
+
+    def _store_failed(self, exc: StoreError) -> None:
+        self.counters.store_errors += 1
+        self._store_failures += 1
+        self._store_problem = str(exc)
+        metrics.relay_error("store")
+        delay = backoff_s(self._store_failures, self.settings.backoff_base_s, self.settings.max_backoff_s)
+        if self._store_down_since is None:
+            self._store_down_since = time.monotonic()
+            log.error("outbox store failed: %s; retrying with backoff (next in %.1fs)", exc, delay)
+        else:
+            log.debug("outbox store still failing: %s; next try in %.1fs", exc, delay)
+        self._stop.wait(delay)
+
+    def _store_answered(self) -> None:
+        if self._store_down_since is not None:
+            log.info("outbox store is back after %s (%d failed tries)",
+                     age(time.monotonic() - self._store_down_since), self._store_failures)
+            self._store_down_since = None
+        self._store_problem = None
+        self._store_failures = 0
+
+    def _broker_failed(self, exc: BrokerError, what: str) -> None:
+        """The first failure of an outage is a WARNING; the tries after it are DEBUG."""
+        self._broker_last_error = str(exc)
+        if self._broker_down_since is None:
+            self._broker_down_since = time.monotonic()
+            log.warning("broker unavailable (%s); %s; messages wait in pending, no attempts spent, retrying with "
+                        "backoff", exc, what)
+        else:
+            log.debug("broker still unavailable (%s); %s", exc, what)
+
+    def _broker_answered(self) -> None:
+        if self._broker_down_since is not None:
+            log.info("broker is back after %s", age(time.monotonic() - self._broker_down_since))
+            self._broker_down_since = None
+
+    def _report(self) -> None:
+        """The progress line: what was delivered since the last one and what is still waiting."""
+        c = self.counters
+        rate = self._progress.rate(c.delivered)
+        try:
+            stats = self.store.stats()
+        except StoreError as exc:  # the loop reports the outage itself
+            log.debug("no progress line: %s", exc)
+            return
+        backlog = stats.counts.get(State.PENDING, 0) + stats.counts.get(State.SENDING, 0)
+        if rate == 0 and backlog == 0 and self._broker_down_since is None:
+            if self._quiet:
+                return  # idle: said once, not every interval
+            self._quiet = True
+        else:
+            self._quiet = False
+        down = ""
+        if self._broker_down_since is not None:
+            down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_last_error}"
+        failed_now = stats.counts.get(State.FAILED, 0)
+        log.info("relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
+                 "%d failed in the outbox waiting for a person%s", c.delivered, rate, c.failed, backlog,
+                 age(stats.oldest_pending_age_s), failed_now, down)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
         messages waiting out a backoff are waited for. TimeoutError past the deadline."""
         deadline = time.monotonic() + timeout_s
-        self._prepare()
-        while not self._stop.is_set():
-            if self.run_once():
-                continue
-            stats = self.store.stats()
-            if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
-            self._idle()
+        log.info("relay started (until drained): %s", self.describe())
+        self._progress = Progress(self.settings.progress_every_s)
+        try:
+            self._prepare()
+            while not self._stop.is_set():
+                if self.run_once():
+                    if self._progress.due():
+                        self._report()
+                    continue
+                stats = self.store.stats()
+                if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+                if self._progress.due():
+                    self._report()
+                self._idle()
+        finally:
+            log.info("%s", self.summary())
 
     def _prepare(self) -> None:
         """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
@@ -149,7 +248,9 @@ class Relay:
             prepare()
             self._prepared = True
         except BrokerError as exc:
-            log.warning("broker not reachable yet (%s); trying again while idle", exc)
+            self._broker_failed(exc, "not reachable yet, trying again while idle")
+            return
+        self._broker_answered()
 
     def _idle(self) -> None:
         """Nothing to send: wait ``idle_wait_s``, or less where the store can say new work
@@ -175,8 +276,7 @@ class Relay:
                 self.store.purge_success(s.success_retention_s)
             self._next_recover = time.monotonic() + s.recover_every_s  # from its end: a slow resolver waits too
         batch = self.store.claim(s.batch_size, s.lease_s)
-        self._store_problem = None
-        self._store_failures = 0
+        self._store_answered()
         if not batch:
             return 0
         self.counters.claimed += len(batch)
@@ -208,19 +308,25 @@ class Relay:
             with self._lease_renewed(batch):
                 outcomes = self.broker.publish(batch)
         except BrokerError as exc:
+            if self._stop.is_set():  # cut short by stop(): a normal shutdown, not an outage
+                log.info("stopping: %d messages not acknowledged go back to pending, unspent", len(batch))
+                self.store.retry(batch)
+                return
             metrics.relay_published(time.monotonic() - started, ok=False)
             metrics.relay_error("broker")
             metrics.relay_outcome("outage", len(batch))
-            self._broker_problem = str(exc)
             self.counters.broker_errors += 1
             self._outage += 1
             delay = self._relay_backoff(exc)
-            log.warning("broker unavailable (%s); %d messages back to pending for %.1fs", exc, len(batch), delay)
+            self._broker_problem = str(exc)  # readiness: an outage once a publish failed
+            self._broker_failed(exc, f"{len(batch)} messages back to pending for {delay:.1f}s")
             until = self.store.now() + delay
             self.store.retry([replace(m, not_before=until, last_error=str(exc)) for m in batch])
             self._stop.wait(delay)
             return
         metrics.relay_published(time.monotonic() - started, ok=True)
+        log.debug("published a batch of %d in %.0f ms", len(batch), 1000 * (time.monotonic() - started))
+        self._broker_answered()
         self._broker_problem = None
         self._outage = 0
         delivered, retry, failed = [], [], []
@@ -306,3 +412,15 @@ class Relay:
 
     def _relay_backoff(self, exc: Exception) -> float:
         return backoff_s(max(1, self._outage), self.settings.backoff_base_s, self.settings.max_backoff_s)
+
+
+def _where(part: object) -> str:
+    """The URL (or path) a store or broker was opened with, for the start line."""
+    url = getattr(part, "url", None)
+    if isinstance(url, str):
+        return url
+    if (root := getattr(part, "root", None)) is not None:
+        return f"spool://{root}"
+    if isinstance(bootstrap := getattr(part, "bootstrap", None), str):
+        return f"kafka://{bootstrap}"
+    return type(part).__name__

@@ -182,7 +182,7 @@ def _cli_urls(work: Path, broker: EmbeddedBroker) -> list[Case]:
          "cannot read the broker's metadata"),
         ("doctor: broker host does not resolve", ["doctor", "--target", "kafka://no-such-host.invalid:9092",
                                                   "--timeout-s", "2"], 1, "fail  broker reachable"),
-        ("dlq list: broker unreachable", ["dlq", "list", "--target", nobody, "orders"], 1,
+        ("dlq list: broker unreachable", ["dlq", "list", "--target", nobody, "--topic", "orders"], 1,
          "cannot read the broker's metadata"),
     ]
     with ThreadPoolExecutor(len(runs)) as pool:

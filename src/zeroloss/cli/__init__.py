@@ -1,14 +1,14 @@
 """The ``zeroloss`` command: a click group whose commands live in the modules of this package,
 each a thin layer over one library function.
 
-========================  ===================================================================
+========================  ======================================================================================
 module                    commands
-========================  ===================================================================
+========================  ======================================================================================
 :mod:`.core`              ``init``, ``relay``, ``status``, ``broker``, ``demo``
-:mod:`.messages`          ``failed``, ``doubt``, ``malformed`` (list, show, retry, purge)
+:mod:`.messages`          ``show`` (any state); ``failed``, ``doubt``, ``malformed`` (list, show, retry, purge)
 :mod:`.checks`            ``doctor``, ``audit``
 :mod:`.deadletters`       ``dlq`` (list, show, replay)
-========================  ===================================================================
+========================  ======================================================================================
 """
 
 import zeroloss.cli.checks

@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING
 
 import click
 
-from zeroloss.cli._base import EXIT_PROBLEM, errors_to_exit_codes, json_option, main, opened_store, option
+from zeroloss.cli._base import (
+    EXIT_PROBLEM,
+    SOURCE_HELP,
+    TABLE_HELP,
+    deprecated_alias,
+    errors_to_exit_codes,
+    json_option,
+    main,
+    opened_store,
+    option,
+    prefer,
+)
 
 if TYPE_CHECKING:
     from zeroloss.audit import AuditReport
@@ -23,11 +34,12 @@ if TYPE_CHECKING:
         help="Also check this topic's Kafka topic, NATS streams, RabbitMQ queues or RocketMQ topics.")
 @option("--group", metavar="G", help="RocketMQ: also check this consumer group (max reconsume times, order).")
 @option("--source", envvar="ZEROLOSS_SOURCE", metavar="URL", help="Also check the outbox and its database.")
-@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True, help=TABLE_HELP)
 @option("--min-replication", default=3, show_default=True, type=click.IntRange(1),
         help="Replication factor a Kafka topic needs; replicas a NATS stream needs; copies a RocketMQ broker "
              "makes (master + synchronous slaves).")
-@option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5))
+@option("--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.5),
+        help="Longest wait for each server's answer.")
 @option("--nats-monitor", metavar="URL",
         help="NATS: the server's monitoring endpoint, read for its sync interval [default: http://TARGET-HOST:8222].")
 @option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1),
@@ -66,15 +78,16 @@ def doctor(target: str | None, topic: str | None, group: str | None, source: str
 
 
 @main.command()
-@option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help="The outbox.")
-@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True)
+@option("--source", envvar="ZEROLOSS_SOURCE", required=True, metavar="URL", help=SOURCE_HELP)
+@option("--table", envvar="ZEROLOSS_TABLE", default="zeroloss_outbox", show_default=True, help=TABLE_HELP)
 @option("--target", envvar="ZEROLOSS_TARGET", metavar="URL",
         help="Broker to read delivered messages back from: kafka://HOST:PORT")
 @option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
-@option("--inbox-table", default="zeroloss_inbox", show_default=True)
+@option("--inbox-table", default="zeroloss_inbox", show_default=True, help="The SQL inbox's table name.")
 @option("--group", metavar="G", help="Consumer group whose inbox to check (with --inbox).")
-@option("--since", "since_s", type=click.FloatRange(0), metavar="SECONDS",
+@option("--since-s", "since_s", type=click.FloatRange(0), metavar="SECONDS",
         help="Only messages created in the last SECONDS (default: the whole success ledger).")
+@deprecated_alias("--since", "--since-s", "since_old", type=click.FloatRange(0))
 @option("--grace-s", default=60.0, show_default=True, type=click.FloatRange(0),
         help="Inbox check: messages younger than this are not judged yet.")
 @option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
@@ -85,14 +98,15 @@ def doctor(target: str | None, topic: str | None, group: str | None, source: str
 @json_option
 @errors_to_exit_codes
 def audit(source: str, table: str, target: str | None, inbox_url: str | None, inbox_table: str, group: str | None,
-          since_s: float | None, grace_s: float, timeout_s: float, repair: bool, prom_file: str | None,
-          as_json: bool) -> None:
+          since_s: float | None, since_old: float | None, grace_s: float, timeout_s: float, repair: bool,
+          prom_file: str | None, as_json: bool) -> None:
     """Reconcile delivered (success) messages with the broker and/or a consumer group's inbox.
     Exit 1 while anything is missing (also right after --repair: audit again once the relay has
     sent them)."""
     from zeroloss import audit as au
     from zeroloss import metrics
 
+    since_s = prefer(since_s, since_old)
     with opened_store(source, table) as store:
         inbox = au.open_inbox(inbox_url, inbox_table) if inbox_url else None
         try:

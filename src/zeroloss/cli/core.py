@@ -13,11 +13,13 @@ from typing import Any
 import click
 
 from zeroloss.cli._base import (
+    deprecated_alias,
     errors_to_exit_codes,
     json_option,
     main,
     opened_store,
     option,
+    prefer,
     source_option,
     source_options,
     target_option,
@@ -92,9 +94,12 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @main.command()
 @source_option
 @target_option
-@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1))
-@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1))
-@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1))
+@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=500, show_default=True, type=click.IntRange(1),
+        help="Messages claimed and published per broker transaction.")
+@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1),
+        help="Attempts per message before it goes to failed (broker outages spend none).")
+@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1),
+        help="How long a claim lasts unrenewed (renewed every third of it while publishing); above --timeout-s.")
 @option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True,
         type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
 @option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
@@ -105,6 +110,8 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
         help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
                    "Relays sharing one host and outbox need distinct ids.")
 @option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
+@option("--progress-s", envvar="ZEROLOSS_PROGRESS_S", default=10.0, show_default=True, type=click.FloatRange(0),
+        help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never.")
 @option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
         help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
 @option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
@@ -124,14 +131,14 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 def relay(source: str, table: str, target: str, batch_size: int, max_attempts: int, lease_s: float,
           backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
           metrics_port: int | None, metrics_host: str, resolver_sql: str | None, resolver_db: str | None,
-          resolver_command: str | None, tmp_grace_s: float) -> None:
+          resolver_command: str | None, tmp_grace_s: float, progress_s: float) -> None:
     """Publish committed messages from the outbox to the broker until SIGTERM."""
     # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
     stopping = threading.Event()
     relays: list[Any] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        logging.getLogger("zeroloss.relay").warning("signal %d: draining the batch in flight", signum)
+        logging.getLogger("zeroloss.relay").info("signal %d: stopping after the batch in flight", signum)
         stopping.set()
         for r in relays:
             r.stop()
@@ -155,7 +162,8 @@ def relay(source: str, table: str, target: str, batch_size: int, max_attempts: i
 
     settings = RelaySettings(batch_size=batch_size, max_attempts=max_attempts, lease_s=lease_s,
                              backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s,
-                             stats_every_s=None if metrics_port is None else 5.0)
+                             stats_every_s=None if metrics_port is None else 5.0,
+                             progress_every_s=progress_s or None)
     store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
     r = Relay(store, broker, settings, resolver=resolver)
@@ -199,22 +207,25 @@ def _resolver(source: str, sql: str | None, db: str | None, command: str | None)
 @main.command()
 @source_option
 @json_option
-@option("--watch", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
+@option("--watch-s", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
         help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
+@deprecated_alias("--watch", "--watch-s", "watch_old", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0)
 @option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
         type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
 @errors_to_exit_codes
-def status(source: str, table: str, as_json: bool, watch: float | None, max_pending_age_s: float) -> None:
+def status(source: str, table: str, as_json: bool, watch_s: float | None, watch_old: float | None,
+           max_pending_age_s: float) -> None:
     """Count messages in every state, with the oldest age per state, expired leases, parked and
     spool disk space, and a verdict with its reasons.
 
     Exit code = verdict: 0 ok, 1 warn, 2 critical (failed, doubt or malformed messages; disk over
     90%; oldest pending over 4x --max-pending-age-s; the store cannot be read). Note that 2 also
     means bad usage (a wrong URL or option), as for every zeroloss command: the message on stderr
-    says which. With --watch, the exit code after Ctrl-C is that of the last verdict.
+    says which. With --watch-s, the exit code after Ctrl-C is that of the last verdict.
     """
     from zeroloss import status as st
 
+    watch: float | None = prefer(watch_s, watch_old)
     thresholds = st.Thresholds(max_pending_age_s=max_pending_age_s)
     with opened_store(source, table) as store:
 
@@ -251,7 +262,8 @@ def status(source: str, table: str, as_json: bool, watch: float | None, max_pend
 
 
 @main.command()
-@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535))
+@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535),
+        help="Port on 127.0.0.1 to listen on.")
 @option("--storage", default="memory://tansu/", show_default=True,
         help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
 @errors_to_exit_codes
@@ -275,7 +287,8 @@ def broker(port: int, storage: str) -> None:
 
 
 @main.command()
-@option("--orders", default=3000, show_default=True, type=click.IntRange(10))
+@option("--orders", default=3000, show_default=True, type=click.IntRange(10),
+        help="How many orders the demo shop writes (each with its message).")
 @option("--target", default=None, metavar="URL",
         help="Run against this broker (kafka://, amqp://, nats://, redis://, rocketmq://) on a topic of its own, "
                    "removed afterwards, instead of an embedded Kafka-compatible broker. Not read from "

@@ -1,4 +1,5 @@
-"""``zeroloss failed|doubt|malformed list|show|retry|purge``: the messages that wait for a person.
+"""``zeroloss show ID`` (one message in any state) and ``zeroloss failed|doubt|malformed
+list|show|retry|purge``: the messages that wait for a person.
 
 * ``failed``: attempts exhausted or not sendable. ``retry`` = requeue (attempts reset, the key
   un-parked); ``purge`` deletes (the key un-parks too).
@@ -30,9 +31,10 @@ from zeroloss.cli._base import (
     main,
     opened_store,
     option,
-    source_option,
+    source_options,
 )
 from zeroloss.errors import MalformedMessageError, UnknownMessageError
+from zeroloss.logs import one_line
 from zeroloss.message import Message, decode
 from zeroloss.outbox.base import OutboxAdmin, State
 
@@ -155,14 +157,15 @@ def _in_chunks(ids: list[str], label: str, fn: Callable[[list[str]], int]) -> in
 
 
 def _state_group(state: State) -> click.Group:
+    source_opt = source_options(spool_only=state is not State.FAILED)
     group = click.Group(state.value, help=_HELP[state], epilog=(
         "Exit codes: 0 done; 1 purge without --yes (it only says what it would delete); 2 bad usage, or an id "
         f"that is not {state.value} (the whole command is refused, nothing changes)."))
 
     @group.command("list")
-    @source_option
+    @source_opt
     @json_option
-    @option("--limit", default=100, show_default=True, type=click.IntRange(1))
+    @option("--limit", default=100, show_default=True, type=click.IntRange(1), help="Show at most this many.")
     @errors_to_exit_codes
     def list_cmd(source: str, table: str, as_json: bool, limit: int) -> None:
         """List them, oldest first."""
@@ -188,14 +191,14 @@ def _state_group(state: State) -> click.Group:
                 click.echo(f"{r['id']}  {r['bytes']} bytes  quarantined {r['quarantined_at']}")
             else:
                 tx = f"  tx={r['transaction']}" if "transaction" in r else ""
-                err = (r["last_error"] or "")[:80]
+                err = one_line(r["last_error"] or "")[:80]
                 click.echo(f"{r['id']}  {r['topic']}  key={r['key']}  attempts={r['attempts']}  "
                            f"created {r['created_at']}{tx}  {err}".rstrip())
         shown = f"showing {len(rows)} of {total}" if len(rows) < total else f"{total}"
         click.echo(f"{shown} {state.value} message(s)")
 
     @group.command("show")
-    @source_option
+    @source_opt
     @json_option
     @click.argument("message_id")
     @option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
@@ -233,7 +236,7 @@ def _state_group(state: State) -> click.Group:
     if state is not State.MALFORMED:
 
         @group.command("retry")
-        @source_option
+        @source_opt
         @click.argument("message_ids", nargs=-1)
         @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
         @errors_to_exit_codes
@@ -248,7 +251,7 @@ def _state_group(state: State) -> click.Group:
             click.echo(f"{n} message(s) back to pending; the relay will send them")
 
     @group.command("purge")
-    @source_option
+    @source_opt
     @click.argument("message_ids", nargs=-1)
     @option("--all", "all_", is_flag=True, help=f"Every {state.value} message.")
     @option("--yes", is_flag=True, help="Really delete. Without it: say what would go, exit 1.")
@@ -273,4 +276,102 @@ def _state_group(state: State) -> click.Group:
 
 for _state in (State.FAILED, State.DOUBT, State.MALFORMED):
     main.add_command(_state_group(_state))
+
+
+_NEXT = {
+    State.TMP: "written in an application transaction not committed yet; a crash leftover is settled by the "
+               "relay's recover (promoted, discarded, or moved to doubt)",
+    State.PENDING: "waiting for the relay",
+    State.SENDING: "claimed by a relay, which is publishing it (an expired lease returns it to pending)",
+    State.SUCCESS: "delivered: the broker acknowledged it",
+    State.FAILED: "waits for a person: `zeroloss failed retry ID` sends it again, `zeroloss failed purge ID --yes` "
+                  "deletes it",
+    State.DOUBT: "waits for a person: committed -> `zeroloss doubt retry ID`, rolled back -> `zeroloss doubt purge "
+                 "ID --yes`",
+    State.MALFORMED: "quarantined, never sent: inspect it, then `zeroloss malformed purge NAME --yes`",
+}
+
+
+@main.command("show")
+@source_options()
+@click.argument("message_id")
+@option("--inbox", "inbox_url", metavar="URL",
+        help="Also say whether --group handled it: the consumer's inbox (SQL URL or redis://).")
+@option("--inbox-table", default="zeroloss_inbox", show_default=True, help="The SQL inbox's table name.")
+@option("--group", metavar="G", help="The consumer group to look up in --inbox.")
+@option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
+@json_option
+@errors_to_exit_codes
+def show_any(source: str, table: str, message_id: str, inbox_url: str | None, inbox_table: str,
+             group: str | None, full: bool, as_json: bool) -> None:
+    """One message in whatever state it is: pending, sending, success (with where the broker put
+    it), failed (with its error), doubt, malformed; with --inbox and --group, whether that consumer
+    group handled it. An id the outbox does not know exits 2."""
+    if (inbox_url is None) != (group is None):
+        raise click.UsageError("--inbox URL and --group G go together")
+    with opened_store(source, table) as store:
+        doc = _describe(store, message_id, full)
+    if inbox_url is not None and group is not None:
+        from zeroloss.audit import open_inbox
+        from zeroloss.registry import safe_url
+
+        inbox = open_inbox(inbox_url, inbox_table)
+        try:
+            handled = inbox.seen(group, doc["id"])
+        finally:
+            inbox.close()
+        doc["inbox"] = safe_url(inbox_url)
+        doc["handled_by_group"] = {"group": group, "handled": handled}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    handled_doc = doc.pop("handled_by_group", None)
+    for k, v in doc.items():
+        click.echo(f"{k + ':':<16}{v}")
+    if handled_doc is not None:
+        verdict = ("yes: its effects are committed in the inbox's database" if handled_doc["handled"]
+                   else "no: not (yet) handled by this group, or its claim was purged after the inbox's retention")
+        click.echo(f"{'handled:':<16}{verdict} (group {handled_doc['group']})")
+
+
+def _describe(store: OutboxAdmin, message_id: str, full: bool) -> dict[str, Any]:
+    """Every field of the message, its state and what happens next; UnknownMessageError if none."""
+    try:
+        state, m = store.get(message_id)
+    except MalformedMessageError:  # quarantined: its file is named after the id it claimed
+        return _malformed_doc(store, next(n for n in _malformed_names(store) if n.startswith(message_id)), full)
+    except UnknownMessageError:
+        if message_id in _malformed_names(store):  # a malformed file named by its file name
+            return _malformed_doc(store, message_id, full)
+        raise UnknownMessageError(
+            f"no message {message_id!r} in this outbox, in any state; check the id and --source (a success "
+            "message is deleted after the relay's retention, 7 days by default)") from None
+    value, kind = _text_or_hex(m.value, full)
+    key, key_kind = _text_or_hex(m.key, True)
+    doc: dict[str, Any] = {"id": m.id, "state": state.value, "next": _NEXT[state], "topic": m.topic,
+                           f"key_{key_kind}": key}
+    if state is State.SUCCESS:
+        doc["location"] = store.location(m.id)
+    if state is State.PENDING and m.not_before > store.now():
+        doc["next"] = f"waiting out a retry backoff until {_when(m.not_before)}, then the relay sends it again"
+    doc.update({
+        "headers": {k: _text_or_hex(v, True)[0] for k, v in m.headers}, "created_at": _when(m.created_at),
+        "attempts": m.attempts, "not_before": _when(m.not_before), "last_error": m.last_error,
+        "bytes": len(m.value), f"value_{kind}": value,
+    })  # fmt: skip
+    if state in (State.DOUBT, State.TMP):
+        get: Callable[[State], dict[str, str]] | None = getattr(store, "transaction_ids", None)
+        if get is not None and (tx := get(state).get(m.id)) is not None:
+            doc["transaction"] = tx
+    return doc
+
+
+def _malformed_doc(store: OutboxAdmin, name: str, full: bool) -> dict[str, Any]:
+    path = _malformed_path(store, name)
+    with open(path, "rb") as f:
+        data = f.read()
+    shown, kind = _text_or_hex(data, full)
+    return {"id": name, "state": State.MALFORMED.value, "next": _NEXT[State.MALFORMED], "path": path,
+            "bytes": len(data), "quarantined_at": _when(os.stat(path).st_mtime), "why": _why_malformed(data),
+            f"content_{kind}": shown}
 

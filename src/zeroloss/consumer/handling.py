@@ -38,6 +38,7 @@ from zeroloss.consumer.dead_letters import ParkingLot
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
+from zeroloss.logs import age, brief
 from zeroloss.received import Handler, Received
 
 log = logging.getLogger(__name__)
@@ -95,10 +96,7 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (bool(exc.connection_invalidated) or schema_problem(exc) is not None)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The database's own message, without SQLAlchemy's [SQL: …] block."""
-    orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0][:300] if str(orig).strip() else type(orig).__name__
+_STORE, _SCHEMA = "store", "schema"  # the kinds of outage Handling.say_outage tells apart
 
 
 class Settlement(Protocol):
@@ -147,6 +145,10 @@ class Handling:
     parking: ParkingLot = field(default_factory=lambda: ParkingLot("zeroloss-parked"))
     handler: Handler | None = None
     handler_s: float = 0.0  # moving average of one handler call, for the shared transactions' size
+    # an outage (the inbox's store down, or the handler's database not set up: _SCHEMA) is said
+    # once at ERROR, again only if it changes kind, and its end at INFO; the tries between are DEBUG
+    down_since: float | None = None  # monotonic
+    down_kind: str | None = None
 
     def run_limit(self) -> int:
         """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
@@ -179,12 +181,14 @@ class Handling:
                 except Exception as exc:  # the inbox failed (StoreError, or anything unexpected from it)
                     error, faulty = exc, False
                 else:
+                    self.say_back()
                     settle.done()
                     self.finished(msg.topic, "processed" if fresh else "duplicate", msg, started)
                     if not fresh:
                         log.debug("message %s: duplicate, skipped", msg.id)
                     return True
             if faulty:
+                self.say_back()  # the handler's own failure: its database answered, so no outage now
                 attempts += 1
                 first_failure = first_failure or time.time()
                 if isinstance(error, (MessageError, MalformedMessageError)):  # poison: no retry can fix it
@@ -196,24 +200,47 @@ class Handling:
                     return settle.dead_letter(error, attempts, first_failure)
                 self.finished(msg.topic, "retry", None, None)
                 delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
-                log.warning("message %s failed (attempt %d of %d): %r; again in %.2fs",
-                            msg.id, attempts, self.max_attempts, error, delay)
+                log.warning("message %s failed (attempt %d of %d): %s; again in %.2fs",
+                            msg.id, attempts, self.max_attempts, brief(error), delay)
             else:  # not the message's fault: no attempt spent
                 outages += 1
                 self.count_store_error()
                 delay = backoff_s(outages, self.backoff_base_s, self.max_backoff_s)
-                if (missing := schema_problem(error)) is not None:
-                    log.error("message %s: the handler's database is not set up for it (%s: %s); not the "
-                              "message's fault, so no attempt is spent: run the migrations or grant the right; "
-                              "again in %.1fs", msg.id, missing, _first_line(error), delay)
-                else:
-                    log.error("message %s: the inbox's store failed (%s); again in %.1fs", msg.id, error, delay)
+                self.say_outage(msg, error, delay)
             if not settle.before_backoff():
                 return False
             if self.stop.wait(delay):
                 log.info("stopping: message %s left for redelivery", msg.id)
                 return False
             settle.after_backoff()
+
+    def say_outage(self, msg: Received, error: Exception, delay: float) -> None:
+        """Log one try that failed for nobody's fault: ERROR the first time (or when the kind of
+        outage changes), DEBUG while it lasts, so a long outage is not a wall of identical lines."""
+        missing = schema_problem(error)
+        kind = _STORE if missing is None else _SCHEMA
+        if self.down_since is not None and self.down_kind == kind:
+            log.debug("message %s: %s still fails (%s); again in %.1fs", msg.id,
+                      "the inbox's store" if kind == _STORE else "the handler's database", brief(error), delay)
+            return
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+        self.down_kind = kind
+        if missing is not None:
+            log.error("message %s: the handler's database is not set up for it, %s (%s); not the message's "
+                      "fault, so no attempt is spent: run the migrations or grant the right; retrying with "
+                      "backoff (next in %.1fs)", msg.id, missing, brief(error), delay)
+        else:
+            log.error("message %s: the inbox's store failed (%s); retrying with backoff (next in %.1fs)",
+                      msg.id, brief(error), delay)
+
+    def say_back(self) -> None:
+        """The end of an outage said by :meth:`say_outage`, once, at INFO."""
+        if self.down_since is None:
+            return
+        back = "the handler's database is set up" if self.down_kind == _SCHEMA else "the inbox is back"
+        log.info("consumer %s: %s after %s", self.group, back, age(time.monotonic() - self.down_since))
+        self.down_since = self.down_kind = None
 
     def attempt(self, msg: Received) -> bool:
         """One try in one transaction; True if the handler ran, False for a duplicate."""
@@ -285,10 +312,11 @@ class Handling:
                 log.warning("consumer %s: a transaction of %d messages was lost under its handlers (%s); "
                             "taking them one by one", self.group, len(msgs), exc)
                 return None
-            except Exception as exc:  # StoreError, a lost connection: nothing in the run happened
+            except Exception as exc:  # StoreError, a lost connection, an outage: nothing in the run happened
                 self.count_store_error()
+                cause = exc.exc if isinstance(exc, HandlerFailed) else exc  # an outage met by a handler
                 log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
-                            self.group, len(msgs), exc)
+                            self.group, len(msgs), brief(cause))
                 return None
             break
         return (outcomes if msgs else []), failure

@@ -33,6 +33,7 @@ from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_txn import TxnAborted
 from zeroloss.consumer.retry_topics import Origin, origin, retry_copy, retry_pattern, retry_topic
 from zeroloss.errors import BrokerError, ConfigError, MessageError
+from zeroloss.logs import brief
 from zeroloss.message import Message, validate_topic
 from zeroloss.received import Received, from_record, position, record_headers
 
@@ -126,6 +127,7 @@ class KafkaLoop:
         self.paused: dict[TP, float] = {}  # retry partition → when its head copy is due
         self.last_activity = 0.0
         self._next_lag = 0.0
+        self.lag: int | None = None  # records behind, summed over the owned partitions (progress line)
         self._retry_topics_ready = False
 
     @property
@@ -207,12 +209,15 @@ class KafkaLoop:
         self._next_lag = time.monotonic() + LAG_EVERY_S
         tps = [self._ck.TopicPartition(t, p) for t, p in sorted(self.assignment)]
         try:
+            total = 0
             for tp in self.client.position(tps):
                 _, high = self.client.get_watermark_offsets(tp, cached=True)
                 # a seek (a paused retry partition) leaves no position: count from what is done
                 at = tp.offset if tp.offset >= 0 else self.done.get((tp.topic, tp.partition), -1)
                 if high >= 0 and at >= 0:
                     metrics.consumer_lag(self.h.group, tp.topic, tp.partition, high - at)
+                    total += high - at
+            self.lag = total
         except self._ck.KafkaException as exc:  # metrics never stop consuming
             log.debug("consumer lag unavailable: %s", exc)
 
@@ -465,9 +470,8 @@ class KafkaLoop:
         if parked:  # durably in the parking lot: only now may its offset be committed
             self.h.finished(rec.topic(), "parked", None, None)
             log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
-                      "attempts: %s: %s", mid, where, attempts, type(exc).__name__, exc)
+                      "attempts: %s", mid, where, attempts, brief(exc))
             return True
         self.h.finished(rec.topic(), "dead_lettered", None, None)
-        log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
-                  mid, where, attempts, type(exc).__name__, exc)
+        log.error("message %s dead-lettered to %s after %d attempts: %s", mid, where, attempts, brief(exc))
         return True

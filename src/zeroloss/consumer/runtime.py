@@ -14,6 +14,11 @@ would run again, so keep it above the longest possible redelivery delay. With ``
 there is no dedup (at-least-once) and ``tx`` is None; with ``transactional=True`` (Kafka, no
 inbox) the handler produces through ``tx.send`` and outputs, dead letters and offsets commit in
 one Kafka transaction per batch (:mod:`.kafka_txn`). The details are in ``docs/design.md``.
+
+What it says (logger ``zeroloss.consumer``, INFO): a start line (source, group, topics, inbox,
+settings; passwords masked), a progress line every ``progress_every_s`` while it works
+(processed, rate, duplicates, retries, dead letters, lag where the broker tells it), outage and
+"is back" lines from the loops, and a summary when it stops.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from zeroloss.consumer.subscription_loop import SubscriptionLoop
 from zeroloss.errors import ConfigError
 from zeroloss.http import HealthServer
 from zeroloss.inbox import BatchInbox, Inbox, id_problem, open_inbox
+from zeroloss.logs import Progress, age
 from zeroloss.message import id_time
 from zeroloss.received import Received
 from zeroloss.registry import SUBSCRIPTION_SCHEMES, open_subscription, scheme_of
@@ -99,6 +105,7 @@ class Consumer:
         retry_delays_s: Sequence[float] = (),
         transaction_batch: int = 100,
         parked_dir: str | os.PathLike[str] = "zeroloss-parked",
+        progress_every_s: float | None = 10.0,
     ) -> None:
         self.url = source
         kafka = scheme_of(source) == "kafka"
@@ -140,6 +147,9 @@ class Consumer:
         self._stop = threading.Event()
         self._registered: RegisteredHandler | None = None
         self.counters = ConsumerCounters()
+        self.progress_every_s = progress_every_s  # a progress line this often while working (None: never)
+        self._progress = Progress(progress_every_s)
+        self._quiet = False  # the last progress line said "nothing to do": say it once
         self.handling = Handling(
             group=group, inbox=self.inbox, txn=txn, max_attempts=max_attempts, backoff_base_s=backoff_base_s,
             max_backoff_s=max_backoff_s,
@@ -157,14 +167,14 @@ class Consumer:
             self._loop_impl = KafkaLoop(
                 self.handling, source, self.conf, self.topics, retry_delays_s=self.retry_delays_s,
                 batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix, dlq=self._dlq,
-                housekeeping=self._purge, counters=self.counters,
+                housekeeping=self._housekeeping, counters=self.counters,
             )
         else:
             self._dlq = None
             self._loop_impl = SubscriptionLoop(
                 self.handling, lambda: open_subscription(self.url, self.group, self.topics, **self.conf),
                 batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix or DLQ_SUFFIX,
-                housekeeping=self._purge, counters=self.counters,
+                housekeeping=self._housekeeping, counters=self.counters,
             )
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
@@ -279,15 +289,59 @@ class Consumer:
 
         return restore
 
+    def describe(self) -> str:
+        """Source, group, topics, inbox and settings in one line, passwords masked (the start line)."""
+        from zeroloss.registry import safe_url
+
+        inbox = self.inbox
+        if inbox is None:
+            where = "no inbox (at-least-once)" if self.handling.txn is None else "Kafka transactions"
+        else:
+            engine = getattr(inbox, "engine", None)
+            url = engine.url.render_as_string(hide_password=True) if engine is not None else type(inbox).__name__
+            where = f"inbox {url}"
+        p = self.progress_every_s
+        return (f"{safe_url(self.url)} group {self.group} topics {', '.join(self.topics)}; {where} (max attempts "
+                f"{self.max_attempts}, retries {'in place' if not self.retry_delays_s else 'via retry topics'}, "
+                f"progress every {'never' if p is None else f'{p:g}s'})")
+
     def _loop(self, finished: Callable[[], bool]) -> None:
         if self.handling.handler is None:
             raise ConfigError("register a handler with @consumer.handler before running")
         if self._registered is not None:
             self._registered.check_can_run()
+        log.info("consumer started: %s", self.describe())
+        self._progress = Progress(self.progress_every_s)
+        start = (self.counters.processed, self.counters.duplicates, self.counters.dead_lettered,
+                 self.counters.parked, self.counters.retries)
         try:
             self._loop_impl.run(finished)
         finally:
-            log.info("consumer %s stopped: %s", self.group, self.counters)
+            c = self.counters
+            processed, duplicates, dead, parked, retries = (
+                now - then for now, then in zip((c.processed, c.duplicates, c.dead_lettered, c.parked, c.retries),
+                                                start, strict=True))
+            log.info("consumer %s stopped after %s: %d processed, %d duplicates skipped, %d dead-lettered, "
+                     "%d parked, %d retries", self.group, age(self._progress.elapsed()), processed, duplicates,
+                     dead, parked, retries)
+
+    def _housekeeping(self) -> None:
+        """Between batches: inbox retention, and the progress line when it is due."""
+        self._purge()
+        if not self._progress.due():
+            return
+        c = self.counters
+        rate = self._progress.rate(c.processed + c.duplicates)
+        lag = getattr(self._loop_impl, "lag", None)
+        if rate == 0 and not lag:
+            if self._quiet:
+                return  # idle: said once, not every interval
+            self._quiet = True
+        else:
+            self._quiet = False
+        log.info("consumer %s progress: %d processed (%.1f/s), %d duplicates skipped, %d retries, %d dead-lettered, "
+                 "%d parked; lag %s", self.group, c.processed, rate, c.duplicates, c.retries, c.dead_lettered,
+                 c.parked, "unknown" if lag is None else lag)
 
     def _purge(self) -> None:
         if self.inbox is None or self.inbox_retention_s is None or time.monotonic() < self._next_purge:

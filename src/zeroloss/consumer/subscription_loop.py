@@ -24,6 +24,7 @@ from zeroloss.brokers.subscription import Delivery, DeliveryLimitReached, Subscr
 from zeroloss.consumer.dead_letters import dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
 from zeroloss.errors import BrokerError, ConfigError, MessageError
+from zeroloss.logs import age, brief
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +96,19 @@ class SubscriptionLoop:
     def run(self, finished: Callable[[], bool]) -> None:
         """Consume until stopped or ``finished()``; reopen after broker failures."""
         h, outages = self.h, 0
+        down_since: float | None = None  # monotonic, for "broker is back after …"
         while not h.stop.is_set() and not finished():
             try:
                 sub = self.open_sub()
             except BrokerError as exc:
                 outages += 1
                 delay = backoff_s(outages, h.backoff_base_s, h.max_backoff_s)
-                log.error("consumer %s: cannot subscribe (%s); again in %.1fs", h.group, exc, delay)
+                if down_since is None:  # once per outage; the tries after it are DEBUG
+                    down_since = time.monotonic()
+                    log.error("consumer %s: cannot subscribe (%s); retrying with backoff (next in %.1fs)",
+                              h.group, exc, delay)
+                else:
+                    log.debug("consumer %s: still cannot subscribe (%s); again in %.1fs", h.group, exc, delay)
                 h.stop.wait(delay)
                 continue
             try:
@@ -115,6 +122,9 @@ class SubscriptionLoop:
                 while not h.stop.is_set() and not finished():
                     batch = sub.fetch(self.batch_size, self.poll_s)
                     outages = 0
+                    if down_since is not None:
+                        log.info("consumer %s: broker is back after %s", h.group, age(time.monotonic() - down_since))
+                        down_since = None
                     self._deliveries(sub, batch)
                     if batch:
                         self.last_activity = time.monotonic()
@@ -122,7 +132,12 @@ class SubscriptionLoop:
             except BrokerError as exc:
                 outages += 1
                 delay = backoff_s(outages, h.backoff_base_s, h.max_backoff_s)
-                log.error("consumer %s: broker failed (%s); subscribing again in %.1fs", h.group, exc, delay)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.error("consumer %s: broker failed (%s); subscribing again with backoff (next in %.1fs)",
+                              h.group, exc, delay)
+                else:
+                    log.debug("consumer %s: broker failed again (%s); next try in %.1fs", h.group, exc, delay)
                 h.stop.wait(delay)
             finally:
                 sub.close()
@@ -203,9 +218,8 @@ class SubscriptionLoop:
             self.ack(sub, d)
             h.finished(msg.topic, "parked", None, None)
             log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
-                      "attempts: %s: %s", msg.id, where, attempts, type(exc).__name__, exc)
+                      "attempts: %s", msg.id, where, attempts, brief(exc))
             return True
         h.finished(msg.topic, "dead_lettered", None, None)
-        log.error("message %s dead-lettered to %s after %d attempts: %s: %s",
-                  msg.id, where, attempts, type(exc).__name__, exc)
+        log.error("message %s dead-lettered to %s after %d attempts: %s", msg.id, where, attempts, brief(exc))
         return True

@@ -39,6 +39,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+EMBEDDED_CLUSTER_ID = "tansu_cluster"
+"""The cluster id the embedded broker (Tansu, ``zeroloss broker``) reports: how doctor knows it."""
+
+PRODUCTION_KAFKA = ("in production, point --target at a Kafka cluster of 3 or more brokers, create each topic with "
+                    "`zeroloss init --target kafka://HOST:9092 --topic T --replication-factor 3`, set "
+                    "min.insync.replicas=2 and unclean.leader.election.enable=false on it, and run doctor there")
+
+_ONE_NODE = ("replication.factor", "min.insync.replicas")
+"""Endings of the checks whose verdict on one node is decided by having one node, not by a
+setting (replication factor, default replication factor, min.insync.replicas, and the two compared)."""
+
 KAFKA_DEFAULTS = {"min.insync.replicas": "1", "unclean.leader.election.enable": "false",
                   "default.replication.factor": "1"}
 """What Apache Kafka uses when nothing is configured (reported when a broker does not say)."""
@@ -167,6 +178,23 @@ def _setting(key: str, topic_conf: dict[str, str], broker_conf: dict[str, str]) 
 
 def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3,
                  timeout_s: float = 10.0) -> list[Check]:
+    """The Kafka checks. On the embedded broker a replication of 1 is what it is built for (one
+    node, for trying out and tests): those checks warn, saying so and what production needs,
+    instead of failing the run; a setting that is weak anywhere (unclean election) still fails."""
+    checks = _kafka_checks(url, topic=topic, min_replication=min_replication, timeout_s=timeout_s)
+    if not any(c.name == "broker kind" and c.verdict is Verdict.WARN for c in checks):
+        return checks
+    return [_on_one_node(c) if c.name.endswith(_ONE_NODE) else c for c in checks]
+
+
+def _on_one_node(c: Check) -> Check:
+    if c.verdict not in (Verdict.FAIL, Verdict.WARN):
+        return c
+    return Check(c.name, Verdict.WARN, f"{c.detail}; expected on the embedded broker (one node, replication 1)",
+                 PRODUCTION_KAFKA)
+
+
+def _kafka_checks(url: str, *, topic: str | None, min_replication: int, timeout_s: float) -> list[Check]:
     from zeroloss.brokers.kafka import parse_bootstrap
 
     bootstrap = parse_bootstrap(url)
@@ -178,6 +206,10 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
         return [*checks, Check("broker reachable", Verdict.FAIL, f"{bootstrap}: {exc}",
                                "start the broker or fix --target")]
     checks.append(Check("broker reachable", Verdict.OK, f"{bootstrap}: {len(md.brokers)} broker(s)"))
+    if md.cluster_id == EMBEDDED_CLUSTER_ID:
+        checks.append(Check("broker kind", Verdict.WARN, "the embedded Kafka-compatible broker (Tansu, as `zeroloss "
+                            "broker` runs it): one node, so replication 1 is expected here, and its memory storage "
+                            "loses everything at a restart; it is for trying out and tests", PRODUCTION_KAFKA))
     broker_id = str(min(md.brokers)) if md.brokers else None
     broker_conf: dict[str, str] = {}
     if broker_id is not None:

@@ -169,6 +169,11 @@ class OutboxAdmin(OutboxStore, Protocol):
         """Up to ``limit`` messages in ``state``, oldest first (for operators)."""
         ...
 
+    def location(self, message_id: str) -> str:
+        """Where the broker put a ``success`` message (``topic/partition/offset`` or the broker's
+        own terms); UnknownMessageError if it is not in ``success``."""
+        ...
+
     def requeue(self, message_ids: Sequence[str]) -> int:
         """``failed`` (or spool ``doubt``) → ``pending`` with attempts reset to 0 and no
         backoff, which also un-parks their keys. Returns how many moved; ids in other states

@@ -637,7 +637,7 @@ class FileSpool:
                 self._cache.pop(mid, None)
                 os.rename(src, self._pending(mid))
                 moved += 1
-                log.info("message %s: requeued from %s/", mid, state.value)
+                log.debug("message %s: requeued from %s/", mid, state.value)
             self._sync(State.PENDING, State.FAILED, State.DOUBT)
             return moved
 
@@ -677,7 +677,7 @@ class FileSpool:
                     os.unlink(self._path(state, name))
                     self._cache.pop(name[:_ID_LEN], None)
                     purged += 1
-                    log.info("purged %s/%s", state.value, name)
+                    log.debug("purged %s/%s", state.value, name)
             if purged:
                 self._sync(state)
             return purged
@@ -724,7 +724,7 @@ class FileSpool:
                 self._cache.pop(mid, None)
                 os.rename(src, self._pending(mid))
                 moved += 1
-                log.info("message %s: back to pending to be sent again (%s)", mid, _RESENT)
+                log.debug("message %s: back to pending to be sent again (%s)", mid, _RESENT)
             if moved:
                 self._sync(State.PENDING, State.SUCCESS)
             return moved

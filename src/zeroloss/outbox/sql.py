@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from zeroloss import metrics
 from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
+from zeroloss.logs import first_line
 from zeroloss.message import Message, new_message
 from zeroloss.outbox import django
 from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
@@ -488,6 +489,15 @@ class SqlOutbox:
             raise UnknownMessageError(f"no message with id {message_id!r} in outbox table {t.name!r}")
         return State(row.state), message_of(row)
 
+    def location(self, message_id: str) -> str:
+        """Where the broker put a ``success`` message (e.g. ``orders/2/1543``)."""
+        t = self.table
+        q = sa.select(t.c.location).where(t.c.id == message_id, t.c.state == State.SUCCESS.value)
+        row = self._tx(lambda c: c.execute(q).first(), "read a message's location", write=False)
+        if row is None:
+            raise UnknownMessageError(f"message {message_id} is not in success in outbox table {t.name!r}")
+        return str(row.location or "")
+
     def requeue(self, message_ids: Sequence[str]) -> int:
         ids = list(dict.fromkeys(message_ids))
         t = self.table
@@ -513,7 +523,7 @@ class SqlOutbox:
             return n
 
         n = self._tx(run, "requeue failed messages")
-        log.info("requeued %d failed messages: %s", n, ", ".join(ids))
+        log.debug("requeued %d failed messages: %s", n, ", ".join(ids))
         return n
 
     def purge_success(self, older_than_s: float, *, chunk: int = 10_000) -> int:
@@ -560,7 +570,7 @@ class SqlOutbox:
             return sum(int(conn.execute(sa.delete(t).where(t.c.id.in_(p), failed)).rowcount) for p in _chunks(ids))
 
         n = self._tx(run, "purge failed messages")
-        log.info("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
+        log.debug("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
         return n
 
     def list_success(
@@ -594,7 +604,7 @@ class SqlOutbox:
             )
 
         n = self._tx(run, "resend delivered messages")
-        log.info("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
+        log.debug("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
         return n
 
     def stats(self) -> Stats:
@@ -688,7 +698,7 @@ class SqlOutbox:
                         return fn(conn)
             except DBAPIError as exc:
                 if attempt < _TX_ATTEMPTS and _is_transient(exc):
-                    log.info("%s: transient database conflict (%s), retrying", what, exc.orig)
+                    log.debug("%s: transient database conflict (%s), retrying", what, exc.orig)
                     time.sleep(random.uniform(0.002, 0.02) * attempt)
                     continue
                 raise self._store_error(exc, what) from exc
@@ -728,4 +738,4 @@ class SqlOutbox:
         if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
             return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
-        return StoreError(f"cannot {what} in {self.url}: {detail}", retriable=transient)
+        return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
