@@ -19,6 +19,7 @@ Usage: python -m bench.cli_relay [--messages N] [--keys 100,10000,0] [--reps R] 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -45,15 +46,23 @@ def keys_name(keys: int) -> str:
     return f"{keys:,} keys" if keys else "no keys"
 
 
-def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profile: Path | None) -> float:
-    """msgs/s of one ``zeroloss relay --drain`` process over N pending messages."""
+def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profile: Path | None,
+              analyze: bool, src: Path | None = None) -> float:
+    """msgs/s of one ``zeroloss relay --drain`` process over N pending messages; ``src``: another
+    zeroloss source tree (e.g. ``git archive main src``) makes the table and runs the relay."""
     run_id = uuid.uuid4().hex[:8]
+    env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
     outbox = SqlOutbox(PG, table=f"bench_{run_id}")
-    outbox.create_schema()
+    if src is None:
+        outbox.create_schema()
+    else:  # that version's table and indexes
+        subprocess.run([sys.executable, "-m", "zeroloss", "init", "--source", PG, "--table", outbox.table.name],
+                       env=env, check=True, capture_output=True)
     try:
         fill(outbox, f"cli-{run_id}", n, keys)
-        with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.exec_driver_sql(f"VACUUM ANALYZE {outbox.table.name}")  # as a table in steady use would be
+        if analyze:  # as autovacuum leaves a table in steady use; without: a backlog that just arrived
+            with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(f"VACUUM ANALYZE {outbox.table.name}")
         cmd = [sys.executable, "-m", "zeroloss", "relay", "--source", PG, "--table", outbox.table.name,
                "--target", broker_url, "--drain", "--relay-id", f"cli-{run_id}"]
         if batch_size:
@@ -61,9 +70,9 @@ def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profil
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
             out = profile / f"relay-{keys}keys-{run_id}"
-            cmd = ["py-spy", "record", "--native", "-r", "50", "-f", "raw", "-o", f"{out}.txt", "--", *cmd]
+            cmd = ["py-spy", "record", "--native", "-r", "50", "--idle", "-f", "raw", "-o", f"{out}.txt", "--", *cmd]
         t = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, timeout=3600)
+        done = subprocess.run(cmd, capture_output=True, timeout=3600, env=env)
         elapsed = time.perf_counter() - t
         if done.returncode != 0:
             say(done.stderr.decode(errors="replace")[-4000:])
@@ -71,7 +80,8 @@ def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profil
         counts = outbox.stats().counts
         if counts[State.SUCCESS] != n:
             raise RuntimeError(f"relay exited with the outbox at {counts}")
-        say(f"  zeroloss relay, {keys_name(keys)}: {n / elapsed:,.0f} msg/s ({elapsed:.1f} s)")
+        say(f"  zeroloss relay{'' if src is None else ' from ' + str(src)}, {keys_name(keys)}: "
+            f"{n / elapsed:,.0f} msg/s ({elapsed:.1f} s)")
         return n / elapsed
     finally:
         outbox.drop_schema()
@@ -143,12 +153,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="zeroloss relay --batch-size (default: its own)")
     ap.add_argument("--hand-batch", type=int, default=1000, help="the hand-written relay's LIMIT")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy the relay; collapsed stacks to this dir")
+    ap.add_argument("--compare-src", type=Path, default=None,
+                    help="also run the relay of another zeroloss source tree (before/after in one run), e.g. "
+                         "mkdir /tmp/old && git archive main src | tar -x -C /tmp/old, then /tmp/old/src")
+    ap.add_argument("--no-analyze", dest="analyze", action="store_false",
+                    help="relay a backlog that just arrived: no VACUUM ANALYZE of the outbox before the relay starts")
     args = ap.parse_args()
     n, reps = args.messages, args.reps
     key_counts = [int(k) for k in args.keys.split(",")]
     print(f"machine: {machine()}")
     print(f"messages: {n} x 200-byte values pending in PostgreSQL, `zeroloss relay --drain` as a process "
-          f"(start-up included), batch {args.batch_size or 'default'}; hand-written relay LIMIT {args.hand_batch}; "
+          f"(start-up included), {'VACUUM ANALYZE before' if args.analyze else 'no ANALYZE before'}, "
+          f"batch {args.batch_size or 'default'}; hand-written relay LIMIT {args.hand_batch}; "
           f"median of {reps}")
     rows: list[Row] = []
     with EmbeddedBroker() as broker:
@@ -156,8 +172,14 @@ def main() -> None:
         bare = median_rate(lambda: bare_producer(broker.bootstrap, n), reps)
         for keys in key_counts:
             say(f"{keys_name(keys)} ...")
-            ours = statistics.median(cli_relay(broker.url, n, keys, args.batch_size, args.profile)
+            ours = statistics.median(cli_relay(broker.url, n, keys, args.batch_size, args.profile, args.analyze)
                                      for _ in range(reps))
+            if args.compare_src is not None:
+                old = statistics.median(
+                    cli_relay(broker.url, n, keys, args.batch_size, None, args.analyze, args.compare_src)
+                    for _ in range(reps))
+                rows.append(Row(f"`zeroloss relay` vs {args.compare_src}'s, {keys_name(keys)}", ours,
+                                f"{args.compare_src}'s relay", old))
             hand = statistics.median(hand_relay(broker.bootstrap, n, keys, args.hand_batch) for _ in range(reps))
             rows += [
                 Row(f"`zeroloss relay`, PostgreSQL → Kafka, {keys_name(keys)}", ours,
