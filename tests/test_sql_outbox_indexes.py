@@ -120,3 +120,33 @@ def test_init_rebuilds_an_index_an_interrupted_build_left_invalid(pg_outbox: Sql
     changes = pg_outbox.create_schema()
     assert any(f"added index ix_{t}_pending " in c for c in changes), changes
     assert indexes(pg_outbox) == {f"ix_{t}_{s}": True for s in PARTIAL}
+
+
+@pytest.mark.postgres
+def test_a_claim_on_a_backlog_not_analyzed_yet_walks_the_pending_index(pg_outbox: SqlOutbox) -> None:
+    """A backlog that just arrived has no statistics: the planner took the table for nearly empty
+    and sorted every pending row (on disk, at 100k) for each claim. The claim's own statements,
+    replayed in one transaction, must walk the pending rows in id order instead."""
+    pg_outbox.create_schema()
+    with pg_outbox.engine.begin() as conn:
+        pg_outbox.add_many(conn, [{"topic": "t", "value": b"x" * 200, "key": b"k%d" % (i % 100)} for i in range(5000)])
+    seen: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, parameters: object, context: object, many: bool) -> None:
+        seen.append((statement, parameters))
+
+    sa.event.listen(pg_outbox.engine, "before_cursor_execute", record)
+    try:
+        assert len(pg_outbox.claim(500, lease_s=60)) == 500
+    finally:
+        sa.event.remove(pg_outbox.engine, "before_cursor_execute", record)
+    with pg_outbox.engine.connect() as conn, conn.begin() as tx:
+        plan = ""
+        for statement, params in seen:
+            if "FOR UPDATE SKIP LOCKED" in statement:
+                plan = "\n".join(conn.exec_driver_sql("EXPLAIN " + statement, params).scalars())  # type: ignore[arg-type]
+                break
+            if statement.lstrip().upper().startswith("SELECT"):
+                conn.exec_driver_sql(statement, params)  # type: ignore[arg-type]
+        tx.rollback()
+    assert f"ix_{pg_outbox.table.name}_pending" in plan and "Sort" not in plan, plan

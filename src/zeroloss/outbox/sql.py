@@ -133,6 +133,8 @@ class SqlOutbox:
             f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
             f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
         )
+        self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
+                                      "set_config('enable_sort', 'off', true)")  # this transaction only
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
 
@@ -387,6 +389,11 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> list[Message]:
             now = self._now()
+            if self._dialect == "postgresql":
+                # Walk the indexes in id order, whatever the statistics say. A backlog that just
+                # arrived (not analyzed yet: the planner believes the table is nearly empty) was
+                # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
+                conn.execute(self._claim_plan_pg)
             rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
             # Re-check after locking: another relay may have claimed (or still hold locked) an
             # earlier message of a candidate's key. The earliest non-candidate row per key that
@@ -410,13 +417,14 @@ class SqlOutbox:
                     if i not in candidates and (h not in blockers or i < blockers[h]):
                         blockers[h] = i
             chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
-            # The rows are ours (locked above): by primary key alone, never a scan of the backlog.
+            # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
+            # planner took a state condition for a scan of the whole backlog).
             for part in _chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else _CHUNK):
-                conn.execute(
-                    sa.update(t)
-                    .where(self._among(t.c.id, part), t.c.state == State.PENDING.value)
-                    .values(state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token)
-                )
+                where = [self._among(t.c.id, part)]
+                if self._dialect != "postgresql":
+                    where.append(t.c.state == State.PENDING.value)
+                conn.execute(sa.update(t).where(*where).values(
+                    state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token))
             return [message_of(r) for r in chosen]
 
         got = self._tx(run, "claim messages")
