@@ -150,3 +150,26 @@ def test_a_claim_on_a_backlog_not_analyzed_yet_walks_the_pending_index(pg_outbox
                 conn.exec_driver_sql(statement, params)  # type: ignore[arg-type]
         tx.rollback()
     assert f"ix_{pg_outbox.table.name}_pending" in plan and "Sort" not in plan, plan
+
+
+@pytest.mark.postgres
+def test_a_row_another_claim_holds_locked_stops_its_key_at_that_row(pg_outbox: SqlOutbox) -> None:
+    """The per-key re-check: another relay's claim, not committed yet, holds k's 2nd message locked
+    (SKIP LOCKED passes over it, and it is not ``sending`` yet). This claim may take k's 1st message,
+    never its 3rd and later ones; the other keys are untouched."""
+    pg_outbox.create_schema()
+    with pg_outbox.engine.begin() as conn:
+        ids = pg_outbox.add_many(conn, [{"topic": "t", "value": b"%d" % i, "key": b"k" if i % 2 else b"j"}
+                                        for i in range(12)])
+    k_ids = ids[1::2]
+    other = pg_outbox.engine.connect()
+    try:
+        with other.begin():
+            other.exec_driver_sql(f"SELECT id FROM {pg_outbox.table.name} WHERE id = %(i)s FOR UPDATE",
+                                  {"i": k_ids[1]}).all()
+            got = [m.id for m in pg_outbox.claim(100, lease_s=60)]
+            assert got == sorted(set(ids[0::2]) | {k_ids[0]})
+    finally:
+        other.close()
+    pg_outbox.succeed([Delivered(m, "t/0/0") for m in pg_outbox.list(State.SENDING, 100)])
+    assert [m.id for m in pg_outbox.claim(100, lease_s=60)] == k_ids[1:]  # the lock gone: the rest, in order
