@@ -87,13 +87,16 @@ def test_sqlite_keeps_the_full_indexes(tmp_path: Path) -> None:
 
 
 @pytest.mark.postgres
-def test_a_previous_version_table_keeps_working_and_init_upgrades_it(pg_outbox: SqlOutbox) -> None:
+def test_a_previous_version_table_keeps_working_and_init_upgrades_it(
+    pg_outbox: SqlOutbox, caplog: pytest.LogCaptureFixture
+) -> None:
     make_previous_version_table(pg_outbox)
     t = pg_outbox.table.name
     ids = add_keyed(pg_outbox, 12)
     first = pg_outbox.claim(4, lease_s=60)  # the relay of this version on the old table: works as before
     assert [m.id for m in first] == ids[:4]
     pg_outbox.succeed([Delivered(m, "t/0/0") for m in first])
+    assert f"zeroloss init --source {pg_outbox.url} --table {t}" in caplog.text  # and says how to upgrade
 
     result = CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", t])
     assert result.exit_code == 0, result.output
@@ -107,7 +110,12 @@ def test_a_previous_version_table_keeps_working_and_init_upgrades_it(pg_outbox: 
 
     again = CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", t])
     assert again.exit_code == 0 and "added index" not in again.output, again.output
-    drain_in_order(pg_outbox, ids[4:])
+    upgraded = SqlOutbox(PG_URL, table=t)  # a relay started after the upgrade uses them
+    try:
+        drain_in_order(upgraded, ids[4:])
+        assert upgraded._partial_indexes is True
+    finally:
+        upgraded.close()
 
 
 @pytest.mark.postgres

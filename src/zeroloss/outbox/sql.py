@@ -133,6 +133,7 @@ class SqlOutbox:
             f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
             f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
         )
+        self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
         self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
                                       "set_config('enable_sort', 'off', true)")  # this transaction only
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
@@ -389,7 +390,8 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> list[Message]:
             now = self._now()
-            if self._dialect == "postgresql":
+            partial = self._dialect == "postgresql" and self._has_partial_indexes(conn)
+            if partial:
                 # Walk the indexes in id order, whatever the statistics say. A backlog that just
                 # arrived (not analyzed yet: the planner believes the table is nearly empty) was
                 # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
@@ -402,7 +404,7 @@ class SqlOutbox:
             blockers: dict[str, str] = {}
             if keyed:
                 candidates = {r.id for r in rows}
-                if self._dialect == "postgresql":
+                if partial:  # without its index, walking each key in id order would walk its history
                     per_key = Counter(r.key_hash for r in keyed)
                     found = conn.execute(self._recheck_pg, {
                         "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
@@ -431,6 +433,24 @@ class SqlOutbox:
         if got:
             log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
         return got
+
+    def _has_partial_indexes(self, conn: sa.Connection) -> bool:
+        """Does the table have PostgreSQL's partial indexes (checked once)? A table made by an
+        earlier version has not until ``zeroloss init`` adds them; until then claims run as they
+        did, and the relay says how to make them cheaper."""
+        if self._partial_indexes is None:
+            names = [f"ix_{self.table.name}_{s}" for s in ("pending", "live")]
+            found = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = ANY(%(n)s) AND i.indisvalid",
+                {"t": self.engine.dialect.identifier_preparer.quote(self.table.name), "n": names}).scalar()
+            self._partial_indexes = found == len(names)
+            if not self._partial_indexes:
+                log.warning("outbox table %s lacks the indexes %s (made by an earlier zeroloss): each claim "
+                            "walks past the delivered rows; add them, without blocking writes, with: "
+                            "zeroloss init --source %s --table %s", self.table.name, " and ".join(names),
+                            self.url, self.table.name)
+        return self._partial_indexes
 
     def extend(self, messages: Sequence[Message], lease_s: float) -> int:
         t = self.table
