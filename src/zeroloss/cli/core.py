@@ -71,7 +71,8 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
             try:
                 create = getattr(store, "create_schema", None)
                 if create is not None:
-                    create(notify=True) if notify else create()
+                    for change in (create(notify=True) if notify else create()) or ():
+                        click.echo(change)
                 elif notify:
                     raise ConfigError("--notify needs a PostgreSQL outbox; a spool has no NOTIFY (the relay polls)")
             finally:
