@@ -3,6 +3,7 @@ previous version (full claim/key/done/wait indexes) by ``zeroloss init``."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -181,3 +182,34 @@ def test_a_row_another_claim_holds_locked_stops_its_key_at_that_row(pg_outbox: S
         other.close()
     pg_outbox.succeed([Delivered(m, "t/0/0") for m in pg_outbox.list(State.SENDING, 100)])
     assert [m.id for m in pg_outbox.claim(100, lease_s=60)] == k_ids[1:]  # the lock gone: the rest, in order
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("table_before", ["none", "previous version"])
+def test_replicas_calling_create_schema_at_once_all_start(pg_outbox: SqlOutbox, table_before: str) -> None:
+    """Four app replicas start together and each calls ``create_schema()``: on a new database, and
+    after an upgrade on a previous version's table (each then builds the partial indexes
+    CONCURRENTLY). Before the schema lock, all but one failed on PostgreSQL's catalog races
+    (duplicate pg_type key, "already exists", "tuple concurrently updated", deadlock)."""
+    if table_before == "previous version":
+        make_previous_version_table(pg_outbox)
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        outbox = SqlOutbox(PG_URL, table=pg_outbox.table.name)
+        try:
+            outbox.create_schema()
+        except BaseException as exc:  # collected: the assertion names them all
+            errors.append(exc)
+        finally:
+            outbox.close()
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    t = pg_outbox.table.name
+    assert all(indexes(pg_outbox)[f"ix_{t}_{s}"] for s in PARTIAL), indexes(pg_outbox)
+    drain_in_order(pg_outbox, add_keyed(pg_outbox, 6))

@@ -44,6 +44,7 @@ from zeroloss import metrics
 from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
 from zeroloss.message import Message, new_message
 from zeroloss.outbox import django
+from zeroloss.outbox._schemalock import schema_lock
 from zeroloss.outbox._sqltable import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
 from zeroloss.sqlurl import engine_of
@@ -155,7 +156,7 @@ class SqlOutbox:
         (PostgreSQL): also the trigger that wakes an idle relay at each commit — see the module's
         docstring for its cost; added only if missing, so running it on a live outbox takes no lock."""
         added: list[str] = []
-        with self._errors("create the outbox table"):
+        with self._errors("create the outbox table"), schema_lock(self.engine, self.table.name):
             existed = sa.inspect(self.engine).has_table(self.table.name)
             self.table.metadata.create_all(self.engine, checkfirst=True)
             if self._dialect == "postgresql":
