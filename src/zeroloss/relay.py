@@ -8,6 +8,8 @@ too, so what was acknowledged is kept and the rest goes again. A broker-wide fai
 (BrokerError) puts the whole batch back *without* spending attempts — an outage is nobody's
 fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
+In ``run``/``drain``, a SQL store marks a batch's deliveries in the transaction that claims the
+next batch (one commit per batch instead of two); a failed claim keeps them to mark again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Interruptible, Status
 from zeroloss.errors import BrokerError, ConfigError, StoreError
 from zeroloss.message import Message
-from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
+from zeroloss.outbox.base import ClaimsAfterRecording, Delivered, OutboxStore, Resolver, State, Wakeable
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,10 @@ class Relay:
         self._store_failures = 0  # consecutive store failures, for their own backoff
         self._broker_problem: str | None = None
         self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
+        # In run()/drain(), a batch's deliveries are recorded in the next claim's transaction
+        # (one commit per batch, not two) when the store can; until then they stay ``sending``.
+        self._looping = False
+        self._unrecorded: list[Delivered] = []
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -104,6 +110,11 @@ class Relay:
         """Relay until :meth:`stop` (the CLI calls it on SIGTERM/SIGINT)."""
         log.info("relay started (batch %d, max attempts %d)", self.settings.batch_size, self.settings.max_attempts)
         self._prepare()
+        with self._recording_with_the_next_claim():
+            self._run()
+        log.info("relay stopped: %s", self.counters)
+
+    def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 handled = self.run_once()
@@ -121,22 +132,59 @@ class Relay:
                 continue
             if handled == 0:
                 self._idle()
-        log.info("relay stopped: %s", self.counters)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
         messages waiting out a backoff are waited for. TimeoutError past the deadline."""
         deadline = time.monotonic() + timeout_s
         self._prepare()
-        while not self._stop.is_set():
-            if self.run_once():
-                continue
-            stats = self.store.stats()
-            if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
-            self._idle()
+        with self._recording_with_the_next_claim():
+            while not self._stop.is_set():
+                if self.run_once():
+                    continue
+                stats = self.store.stats()  # an empty claim recorded the last batch: nothing is held back
+                if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
+                self._idle()
+
+    @contextlib.contextmanager
+    def _recording_with_the_next_claim(self) -> Iterator[None]:
+        """Inside: deliveries wait for the next claim's transaction; on the way out (stop, error,
+        drained) whatever still waits is recorded on its own."""
+        self._looping = True
+        try:
+            yield
+        finally:
+            self._looping = False
+            try:
+                self._record()
+            except StoreError as exc:  # under their lease still: recovered and sent again, never lost
+                log.warning("%d delivered messages not marked delivered (%s): they will be sent again "
+                            "once their lease expires", len(self._unrecorded), exc)
+                self._unrecorded.clear()
+
+    def _claim(self) -> list[Message]:
+        """Claim the next batch; with the last batch's deliveries in the same transaction if the
+        store can (if it fails, neither happened and they are still ours to record)."""
+        s = self.settings
+        if self._unrecorded and isinstance(self.store, ClaimsAfterRecording):
+            batch = self.store.succeed_and_claim(self._unrecorded, s.batch_size, s.lease_s)
+            self._recorded()
+            return batch
+        self._record()
+        return self.store.claim(s.batch_size, s.lease_s)
+
+    def _record(self) -> None:
+        if self._unrecorded:
+            self.store.succeed(self._unrecorded)
+            self._recorded()
+
+    def _recorded(self) -> None:
+        self.counters.delivered += len(self._unrecorded)
+        metrics.relay_delivered(d.message for d in self._unrecorded)
+        self._unrecorded = []
 
     def _prepare(self) -> None:
         """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
@@ -174,7 +222,7 @@ class Relay:
             if s.success_retention_s is not None:
                 self.store.purge_success(s.success_retention_s)
             self._next_recover = time.monotonic() + s.recover_every_s  # from its end: a slow resolver waits too
-        batch = self.store.claim(s.batch_size, s.lease_s)
+        batch = self._claim()
         self._store_problem = None
         self._store_failures = 0
         if not batch:
@@ -242,10 +290,9 @@ class Relay:
             else:  # HELD: back in line behind its key, nothing spent
                 retry.append(m)
                 self.counters.held += 1
-        if delivered:
-            self.store.succeed(delivered)
-            self.counters.delivered += len(delivered)
-            metrics.relay_delivered(d.message for d in delivered)
+        self._unrecorded += delivered
+        if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
+            self._record()
         if undecided:
             log.warning("%d of %d messages not acknowledged in this batch (%s); sent again with the next",
                         len(undecided), len(outcomes), undecided[0])

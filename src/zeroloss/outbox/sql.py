@@ -403,54 +403,68 @@ class SqlOutbox:
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
             return []
-        limit = min(limit, _MAX_CLAIM)
-        t = self.table
+        got = self._tx(lambda conn: self._claim(conn, min(limit, _MAX_CLAIM), lease_s), "claim messages")
+        self._log_claimed(got)
+        return got
+
+    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+        where = {d.message.id: d.location[:255] for d in delivered}
 
         def run(conn: sa.Connection) -> list[Message]:
-            now = self._now()
-            partial = self._dialect == "postgresql" and self._has_partial_indexes(conn)
-            if partial:
-                # Walk the indexes in id order, whatever the statistics say. A backlog that just
-                # arrived (not analyzed yet: the planner believes the table is nearly empty) was
-                # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
-                conn.execute(self._claim_plan_pg)
-            rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
-            # Re-check after locking: another relay may have claimed (or still hold locked) an
-            # earlier message of a candidate's key. The earliest non-candidate row per key that
-            # still has to go first blocks that key's candidates from there on.
-            keyed = [r for r in rows if r.key_hash is not None]
-            blockers: dict[str, str] = {}
-            if keyed:
-                candidates = {r.id for r in rows}
-                if partial:  # without its index, walking each key in id order would walk its history
-                    per_key = Counter(r.key_hash for r in keyed)
-                    found = conn.execute(self._recheck_pg, {
-                        "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
-                        "max": max(r.id for r in keyed)})
-                else:
-                    found = conn.execute(sa.select(t.c.key_hash, t.c.id).where(
-                        t.c.key_hash.in_({r.key_hash for r in keyed}),
-                        t.c.state.in_(_BLOCKING),
-                        t.c.id <= max(r.id for r in keyed),
-                    ))
-                for h, i in found:
-                    if i not in candidates and (h not in blockers or i < blockers[h]):
-                        blockers[h] = i
-            chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
-            # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
-            # planner took a state condition for a scan of the whole backlog).
-            for part in _chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else _CHUNK):
-                where = [self._among(t.c.id, part)]
-                if self._dialect != "postgresql":
-                    where.append(t.c.state == State.PENDING.value)
-                conn.execute(sa.update(t).where(*where).values(
-                    state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token))
-            return [message_of(r) for r in chosen]
+            if where:
+                self._record(conn, where)
+            return self._claim(conn, min(limit, _MAX_CLAIM), lease_s) if limit > 0 else []
 
-        got = self._tx(run, "claim messages")
+        got = self._tx(run, "mark messages delivered and claim the next")
+        self._log_claimed(got)
+        return got
+
+    def _log_claimed(self, got: Sequence[Message]) -> None:
         if got:
             log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
-        return got
+
+    def _claim(self, conn: sa.Connection, limit: int, lease_s: float) -> list[Message]:
+        """The claim's statements, in the caller's transaction."""
+        t = self.table
+        now = self._now()
+        partial = self._dialect == "postgresql" and self._has_partial_indexes(conn)
+        if partial:
+            # Walk the indexes in id order, whatever the statistics say. A backlog that just
+            # arrived (not analyzed yet: the planner believes the table is nearly empty) was
+            # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
+            conn.execute(self._claim_plan_pg)
+        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
+        # Re-check after locking: another relay may have claimed (or still hold locked) an
+        # earlier message of a candidate's key. The earliest non-candidate row per key that
+        # still has to go first blocks that key's candidates from there on.
+        keyed = [r for r in rows if r.key_hash is not None]
+        blockers: dict[str, str] = {}
+        if keyed:
+            candidates = {r.id for r in rows}
+            if partial:  # without its index, walking each key in id order would walk its history
+                per_key = Counter(r.key_hash for r in keyed)
+                found = conn.execute(self._recheck_pg, {
+                    "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
+                    "max": max(r.id for r in keyed)})
+            else:
+                found = conn.execute(sa.select(t.c.key_hash, t.c.id).where(
+                    t.c.key_hash.in_({r.key_hash for r in keyed}),
+                    t.c.state.in_(_BLOCKING),
+                    t.c.id <= max(r.id for r in keyed),
+                ))
+            for h, i in found:
+                if i not in candidates and (h not in blockers or i < blockers[h]):
+                    blockers[h] = i
+        chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
+        # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
+        # planner took a state condition for a scan of the whole backlog).
+        for part in _chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else _CHUNK):
+            where = [self._among(t.c.id, part)]
+            if self._dialect != "postgresql":
+                where.append(t.c.state == State.PENDING.value)
+            conn.execute(sa.update(t).where(*where).values(
+                state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token))
+        return [message_of(r) for r in chosen]
 
     def _has_partial_indexes(self, conn: sa.Connection) -> bool:
         """Does the table have PostgreSQL's partial indexes (checked once)? A table made by an
@@ -489,26 +503,25 @@ class SqlOutbox:
 
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         where = {d.message.id: d.location[:255] for d in delivered}
-        if not where:
-            return
+        if where:
+            self._tx(lambda conn: self._record(conn, where), "mark messages delivered")
+
+    def _record(self, conn: sa.Connection, where: Mapping[str, str]) -> None:
+        """id → location: ``success``, in the caller's transaction."""
         t = self.table
+        now = self._now()
+        ids = sorted(where)
+        if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
+            conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
+            return
         stmt = (
             sa.update(t)
             .where(t.c.id == sa.bindparam("b_id"), t.c.state != State.SUCCESS.value)
             .values(state=State.SUCCESS.value, done_at=sa.bindparam("b_now"), lease_until=None,
                     location=sa.bindparam("b_loc"))
         )
-
-        def run(conn: sa.Connection) -> None:
-            now = self._now()
-            ids = sorted(where)
-            if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
-                conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
-                return
-            # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
-            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
-
-        self._tx(run, "mark messages delivered")
+        # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
+        conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
 
     def retry(self, messages: Sequence[Message]) -> None:
         self._release(messages, State.PENDING)
