@@ -480,7 +480,8 @@ class SqlOutbox:
             if not self._partial_indexes:
                 log.warning("outbox table %s lacks the indexes %s (made by an earlier zeroloss): each claim "
                             "walks past the delivered rows; add them, without blocking writes, with: "
-                            "zeroloss init --source %s --table %s", self.table.name, " and ".join(names),
+                            "zeroloss init --source %s --table %s (a running relay uses them once restarted)",
+                            self.table.name, " and ".join(names),
                             self.url, self.table.name)
         return self._partial_indexes
 
