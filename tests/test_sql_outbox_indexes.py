@@ -213,3 +213,29 @@ def test_replicas_calling_create_schema_at_once_all_start(pg_outbox: SqlOutbox, 
     t = pg_outbox.table.name
     assert all(indexes(pg_outbox)[f"ix_{t}_{s}"] for s in PARTIAL), indexes(pg_outbox)
     drain_in_order(pg_outbox, add_keyed(pg_outbox, 6))
+
+
+@pytest.mark.postgres
+def test_an_apps_create_schema_gives_up_an_upgrade_an_old_transaction_holds_back(pg_outbox: SqlOutbox) -> None:
+    """CREATE INDEX CONCURRENTLY waits for every older snapshot in the database (here a REPEATABLE
+    READ session that never touches the outbox, as a pg_dump is): an app calling create_schema()
+    at start-up on a previous version's table gives up after ``upgrade_wait_s``, says what to run,
+    leaves no invalid index behind, and its relay claims as before; ``zeroloss init`` (no bound)
+    adds them once the transaction has ended."""
+    make_previous_version_table(pg_outbox)
+    ids = add_keyed(pg_outbox, 6)
+    t = pg_outbox.table.name
+    with pg_outbox.engine.connect().execution_options(isolation_level="REPEATABLE READ") as old, old.begin():
+        old.exec_driver_sql("SELECT 1").all()  # its snapshot is now older than any index build
+        changes = pg_outbox.create_schema(upgrade_wait_s=0.3)
+        assert [c for c in changes if "NOT added" in c] == [
+            f"outbox table {t!r}: index ix_{t}_pending NOT added: a transaction open since before the build "
+            f"(a pg_dump, a REPEATABLE READ session) held it back past 0.3s; the relay works without it, only "
+            f"slower; add it with: zeroloss init --source {pg_outbox.url} --table {t}"]
+        assert indexes(pg_outbox) == {f"ix_{t}_{s}": True for s in OLD_DDL}  # nothing half-built left
+        with pg_outbox.engine.connect() as conn:  # no pooled connection keeps the build's lock timeout
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "0"
+        drain_in_order(pg_outbox, ids)
+    result = CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", t])
+    assert result.exit_code == 0 and f"added index ix_{t}_pending " in result.output, result.output
+    assert all(indexes(pg_outbox)[f"ix_{t}_{s}"] for s in PARTIAL)

@@ -150,17 +150,23 @@ class SqlOutbox:
 
     # -- schema ---------------------------------------------------------------------------------
 
-    def create_schema(self, *, notify: bool = False) -> list[str]:
+    def create_schema(self, *, notify: bool = False, upgrade_wait_s: float | None = 10.0) -> list[str]:
         """Create the table and its indexes if missing (idempotent); returns what it added to a
         table that already existed (an upgrade), for ``zeroloss init`` to say. ``notify``
         (PostgreSQL): also the trigger that wakes an idle relay at each commit — see the module's
-        docstring for its cost; added only if missing, so running it on a live outbox takes no lock."""
+        docstring for its cost; added only if missing, so running it on a live outbox takes no lock.
+
+        ``upgrade_wait_s`` (PostgreSQL, a table of an earlier version): a ``CREATE INDEX
+        CONCURRENTLY`` waits for every transaction holding a snapshot older than it, anywhere in
+        the database (a pg_dump, a REPEATABLE READ report); an application calling this at start-up
+        gives up after that long, says so and starts (the relay works without them, only slower).
+        ``None`` (``zeroloss init``): wait as long as it takes."""
         added: list[str] = []
         with self._errors("create the outbox table"), schema_lock(self.engine, self.table.name):
             existed = sa.inspect(self.engine).has_table(self.table.name)
             self.table.metadata.create_all(self.engine, checkfirst=True)
             if self._dialect == "postgresql":
-                added += self._create_partial_indexes(existed)
+                added += self._create_partial_indexes(existed, upgrade_wait_s)
             if not notify:
                 return added
             if self._dialect != "postgresql":
@@ -179,7 +185,7 @@ class SqlOutbox:
                                      f"FOR EACH STATEMENT EXECUTE FUNCTION {self.channel}_notify()")
         return added
 
-    def _create_partial_indexes(self, existed: bool) -> list[str]:
+    def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
         """PostgreSQL: the indexes of :data:`~zeroloss.outbox._sqltable.PG_PARTIAL_INDEXES`, each
         of the backlog or of the history only, so a claim's scans no longer walk past delivered
         rows. On a table of an earlier version the missing ones are built ``CONCURRENTLY`` (the app
@@ -202,7 +208,24 @@ class SqlOutbox:
                 if state is not None:  # an interrupted CONCURRENTLY build leaves it invalid: unused, yet updated
                     conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
                 how = "CONCURRENTLY " if existed else ""
-                conn.exec_driver_sql(f"CREATE INDEX {how}{quote(name)} ON {table} ({columns}) WHERE {where}")
+                try:
+                    if existed and wait_s is not None:  # this connection only; reset before it goes back to the pool
+                        conn.exec_driver_sql(f"SET lock_timeout = {max(1, int(wait_s * 1000))}")
+                    conn.exec_driver_sql(f"CREATE INDEX {how}{quote(name)} ON {table} ({columns}) WHERE {where}")
+                except DBAPIError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != "55P03":
+                        raise
+                    # Held back by an old transaction: the half-built index would be updated by
+                    # every write and used by no read; drop it (no wait: nothing uses it).
+                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
+                    added.append(f"outbox table {self.table.name!r}: index {name} NOT added: a transaction open "
+                                 f"since before the build (a pg_dump, a REPEATABLE READ session) held it back past "
+                                 f"{wait_s}s; the relay works without it, only slower; add it with: zeroloss init "
+                                 f"--source {self.url} --table {self.table.name}")
+                    log.warning("%s", added[-1])
+                    break  # the next build would wait for the same transaction
+                finally:
+                    conn.exec_driver_sql("RESET lock_timeout")
                 if existed:
                     added.append(f"outbox table {self.table.name!r}: added index {name} ({columns}) WHERE {where}, "
                                  "so claims no longer walk the delivered rows")
