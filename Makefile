@@ -49,13 +49,14 @@ chaos: install services
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.
 bench: install services
 	mkdir -p bench/results
-	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.enqueue \
+	{ $(BIN)/python -m bench.relay_throughput && $(BIN)/python -m bench.cli_relay && $(BIN)/python -m bench.enqueue \
 	  && $(BIN)/python -m bench.consumer && $(BIN)/python -m bench.latency && $(BIN)/python -m bench.scale_out && $(BIN)/python -m bench.growth; } \
 	  | tee bench/results/latest.md
 
 # Small counts, to keep the benchmarks from rotting; not a pass/fail on speed.
 bench-quick: install services
 	$(BIN)/python -m bench.relay_throughput --messages 2000 --reps 1
+	$(BIN)/python -m bench.cli_relay --messages 1000 --keys 100,0 --reps 1
 	$(BIN)/python -m bench.enqueue --txns 100 --reps 1
 	$(BIN)/python -m bench.consumer --messages 2000 --reps 1
 	$(BIN)/python -m bench.latency --rate 200 --seconds 3

@@ -103,13 +103,15 @@ def shorten(text: str) -> str:
 
 
 def explain(outbox: SqlOutbox, statements: list[tuple[str, Any]]) -> str:
-    """EXPLAIN (ANALYZE, BUFFERS) each statement, in a transaction rolled back afterwards."""
+    """EXPLAIN (ANALYZE, BUFFERS) each statement, all in one transaction rolled back afterwards:
+    the claim's ``set_config(..., true)`` holds for its transaction only, so the statements after
+    it must share it to be planned as the relay runs them."""
     out = []
-    for statement, params in statements:
-        with outbox.engine.connect() as conn, conn.begin() as tx:
+    with outbox.engine.connect() as conn, conn.begin() as tx:
+        for statement, params in statements:
             plan = conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + statement, params).scalars().all()
-            tx.rollback()
-        out += ["```sql", shorten(" ".join(statement.split())), "```", "```", *map(shorten, plan), "```", ""]
+            out += ["```sql", shorten(" ".join(statement.split())), "```", "```", *map(shorten, plan), "```", ""]
+        tx.rollback()
     return "\n".join(out)
 
 

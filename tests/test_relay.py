@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import OutboxHarness, unique_topic
+from tests.waiting import wait_until
 from zeroloss.brokers.base import Outcome, Status
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError
 from zeroloss.message import Message
 from zeroloss.outbox.base import State
+from zeroloss.outbox.sql import SqlOutbox
 from zeroloss.readback import read_topic
 from zeroloss.relay import Relay, RelaySettings
 
@@ -112,6 +114,48 @@ def test_a_rejected_message_fails_at_once(outbox: OutboxHarness) -> None:
     Relay(outbox.store, ScriptedBroker([{b"v": "reject"}]), FAST).drain(timeout_s=30)
     state, msg = outbox.store.get(mid)
     assert (state, msg.attempts, msg.last_error) == (State.FAILED, 1, "e")
+
+
+def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is_back(outbox: OutboxHarness) -> None:
+    """A SQL store records a batch's deliveries in the next claim's transaction. The table goes
+    away while a batch is in flight: that claim fails, so neither happened; the relay keeps the
+    deliveries (``sending``, under their lease), backs off, and records them once it is back."""
+    if not isinstance(outbox.store, SqlOutbox):
+        pytest.skip("only the SQL outbox records deliveries with the next claim")
+    for i in range(30):
+        outbox.add(topic="t", value=b"%d" % i)
+    table = outbox.store.table.name
+    entered, release = threading.Event(), threading.Event()
+
+    def rename(old: str, new: str) -> None:
+        with outbox.store.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    class SlowBroker(ScriptedBroker):
+        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+            return super().publish(messages)
+
+    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01, backoff_base_s=0.02,
+                                                              max_backoff_s=0.1, recover_every_s=3600))
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        assert entered.wait(10)
+        rename(table, f"{table}_away")
+        release.set()
+        wait_until(lambda: relay.counters.store_errors >= 2, what="claims failing on the missing table")
+        assert relay.counters.delivered == 0  # published and acknowledged, not recorded yet
+        rename(f"{table}_away", table)
+        wait_until(lambda: outbox.store.stats().counts[State.SUCCESS] == 30, what="everything recorded")
+    finally:
+        release.set()
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+    assert relay.counters.delivered == 30 and outbox.store.stats().counts[State.SENDING] == 0
 
 
 def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:

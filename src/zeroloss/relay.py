@@ -8,6 +8,8 @@ too, so what was acknowledged is kept and the rest goes again. A broker-wide fai
 (BrokerError) puts the whole batch back *without* spending attempts — an outage is nobody's
 fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
+In ``run``/``drain``, a SQL store marks a batch's deliveries in the transaction that claims the
+next batch (one commit per batch instead of two); a failed claim keeps them to mark again.
 
 What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
 and settings (passwords masked); a progress line every ``progress_every_s`` while there is
@@ -31,7 +33,7 @@ from zeroloss.brokers.base import Broker, Interruptible, Status
 from zeroloss.errors import BrokerError, ConfigError, StoreError
 from zeroloss.logs import Progress, age
 from zeroloss.message import Message
-from zeroloss.outbox.base import Delivered, OutboxStore, Resolver, State, Wakeable
+from zeroloss.outbox.base import ClaimsAfterRecording, Delivered, OutboxStore, Resolver, State, Wakeable
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,10 @@ class Relay:
         self._broker_down_since: float | None = None  # monotonic, for "broker is back after …"
         self._broker_last_error = ""
         self._store_down_since: float | None = None
+        # In run()/drain(), a batch's deliveries are recorded in the next claim's transaction
+        # (one commit per batch, not two) when the store can; until then they stay ``sending``.
+        self._looping = False
+        self._unrecorded: list[Delivered] = []
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -130,21 +136,25 @@ class Relay:
         self._progress = Progress(self.settings.progress_every_s)
         try:
             self._prepare()
-            while not self._stop.is_set():
-                try:
-                    handled = self.run_once()
-                except StoreError as exc:
-                    if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
-                        # Wrong role, password, database or table at start-up: waiting cannot fix it.
-                        raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
-                    self._store_failed(exc)
-                    continue
-                if self._progress.due():
-                    self._report()
-                if handled == 0:
-                    self._idle()
+            with self._recording_with_the_next_claim():
+                self._run()
         finally:
             log.info("%s", self.summary())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                handled = self.run_once()
+            except StoreError as exc:
+                if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
+                    # Wrong role, password, database or table at start-up: waiting cannot fix it.
+                    raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
+                self._store_failed(exc)
+                continue
+            if self._progress.due():
+                self._report()
+            if handled == 0:
+                self._idle()
 
     def summary(self) -> str:
         """The line logged at stop: totals and how long it ran."""
@@ -221,21 +231,59 @@ class Relay:
         self._progress = Progress(self.settings.progress_every_s)
         try:
             self._prepare()
-            while not self._stop.is_set():
-                if self.run_once():
+            with self._recording_with_the_next_claim():
+                while not self._stop.is_set():
+                    if self.run_once():
+                        if self._progress.due():
+                            self._report()
+                        continue
+                    stats = self.store.stats()  # an empty claim recorded the last batch: nothing is held back
+                    if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
+                        return
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
                     if self._progress.due():
                         self._report()
-                    continue
-                stats = self.store.stats()
-                if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
-                    return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"outbox not drained within {timeout_s}s: {stats.counts}")
-                if self._progress.due():
-                    self._report()
-                self._idle()
+                    self._idle()
         finally:
             log.info("%s", self.summary())
+
+    @contextlib.contextmanager
+    def _recording_with_the_next_claim(self) -> Iterator[None]:
+        """Inside: deliveries wait for the next claim's transaction; on the way out (stop, error,
+        drained) whatever still waits is recorded on its own."""
+        self._looping = True
+        try:
+            yield
+        finally:
+            self._looping = False
+            try:
+                self._record()
+            except StoreError as exc:  # under their lease still: recovered and sent again, never lost
+                log.warning("%d delivered messages not marked delivered (%s): they will be sent again "
+                            "once their lease expires", len(self._unrecorded), exc)
+                self._unrecorded.clear()
+
+    def _claim(self) -> list[Message]:
+        """Claim the next batch; with the last batch's deliveries in the same transaction if the
+        store can (if it fails, neither happened and they are still ours to record)."""
+        s = self.settings
+        if self._unrecorded and isinstance(self.store, ClaimsAfterRecording):
+            batch = self.store.succeed_and_claim(self._unrecorded, s.batch_size, s.lease_s)
+            self._recorded()
+            return batch
+        self._record()
+        return self.store.claim(s.batch_size, s.lease_s)
+
+    def _record(self) -> None:
+        if self._unrecorded:
+            self.store.succeed(self._unrecorded)
+            self._recorded()
+
+    def _recorded(self) -> None:
+        self.counters.delivered += len(self._unrecorded)
+        metrics.relay_delivered(d.message for d in self._unrecorded)
+        self._unrecorded = []
 
     def _prepare(self) -> None:
         """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
@@ -275,7 +323,7 @@ class Relay:
             if s.success_retention_s is not None:
                 self.store.purge_success(s.success_retention_s)
             self._next_recover = time.monotonic() + s.recover_every_s  # from its end: a slow resolver waits too
-        batch = self.store.claim(s.batch_size, s.lease_s)
+        batch = self._claim()
         self._store_answered()
         if not batch:
             return 0
@@ -348,10 +396,9 @@ class Relay:
             else:  # HELD: back in line behind its key, nothing spent
                 retry.append(m)
                 self.counters.held += 1
-        if delivered:
-            self.store.succeed(delivered)
-            self.counters.delivered += len(delivered)
-            metrics.relay_delivered(d.message for d in delivered)
+        self._unrecorded += delivered
+        if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
+            self._record()
         if undecided:
             log.warning("%d of %d messages not acknowledged in this batch (%s); sent again with the next",
                         len(undecided), len(outcomes), undecided[0])

@@ -73,7 +73,9 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
             try:
                 create = getattr(store, "create_schema", None)
                 if create is not None:
-                    create(notify=True) if notify else create()
+                    # init waits out old transactions an index build must outlast (an app's create_schema gives up)
+                    for change in create(notify=notify, upgrade_wait_s=None) or ():
+                        click.echo(change)
                 elif notify:
                     raise ConfigError("--notify needs a PostgreSQL outbox; a spool has no NOTIFY (the relay polls)")
             finally:

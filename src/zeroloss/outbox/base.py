@@ -212,3 +212,15 @@ class Wakeable(Protocol):
         """Return once new messages may be waiting, after ``timeout_s`` at most, or when
         ``interrupt`` is set."""
         ...
+
+
+@runtime_checkable
+class ClaimsAfterRecording(Protocol):
+    """A store that records one batch delivered and claims the next in one transaction: one
+    commit (a WAL flush) and one round of connection checkout per batch fewer."""
+
+    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+        """:meth:`OutboxStore.succeed` then :meth:`OutboxStore.claim`, committed together: the
+        claim sees the batch delivered (its keys' next messages may go), and if it fails, neither
+        happened (the delivered ones stay ``sending`` under their lease, to be recorded again)."""
+        ...

@@ -30,6 +30,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -44,7 +45,8 @@ from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessag
 from zeroloss.logs import first_line
 from zeroloss.message import Message, new_message
 from zeroloss.outbox import django
-from zeroloss.outbox._sqltable import key_hash, message_of, outbox_table, row_of
+from zeroloss.outbox._schemalock import schema_lock
+from zeroloss.outbox._sqltable import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
 from zeroloss.sqlurl import engine_of
 
@@ -128,6 +130,19 @@ class SqlOutbox:
             "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
             "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
         )
+        # claim()'s per-key re-check on PostgreSQL: each key's first undelivered rows in id order,
+        # one more than its candidates (enough to find the first that is not one). Per key, an
+        # ORDER BY id LIMIT is answered from the (key_hash, id) indexes, and the partial one holds
+        # no delivered rows: the cost does not grow with the history, whatever the statistics say.
+        blocking = ", ".join(f"'{s}'" for s in _BLOCKING)
+        self._recheck_pg = sa.text(
+            "SELECT k.h, x.id FROM unnest(CAST(:keys AS text[]), CAST(:n AS int[])) AS k(h, n) "
+            f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
+            f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
+        )
+        self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
+        self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
+                                      "set_config('enable_sort', 'off', true)")  # this transaction only
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
 
@@ -136,14 +151,25 @@ class SqlOutbox:
 
     # -- schema ---------------------------------------------------------------------------------
 
-    def create_schema(self, *, notify: bool = False) -> None:
-        """Create the table and its indexes if missing (idempotent). ``notify`` (PostgreSQL):
-        also the trigger that wakes an idle relay at each commit — see the module's docstring
-        for its cost; added only if missing, so running it on a live outbox takes no lock."""
-        with self._errors("create the outbox table"):
+    def create_schema(self, *, notify: bool = False, upgrade_wait_s: float | None = 10.0) -> list[str]:
+        """Create the table and its indexes if missing (idempotent); returns what it added to a
+        table that already existed (an upgrade), for ``zeroloss init`` to say. ``notify``
+        (PostgreSQL): also the trigger that wakes an idle relay at each commit — see the module's
+        docstring for its cost; added only if missing, so running it on a live outbox takes no lock.
+
+        ``upgrade_wait_s`` (PostgreSQL, a table of an earlier version): a ``CREATE INDEX
+        CONCURRENTLY`` waits for every transaction holding a snapshot older than it, anywhere in
+        the database (a pg_dump, a REPEATABLE READ report); an application calling this at start-up
+        gives up after that long, says so and starts (the relay works without them, only slower).
+        ``None`` (``zeroloss init``): wait as long as it takes."""
+        added: list[str] = []
+        with self._errors("create the outbox table"), schema_lock(self.engine, self.table.name):
+            existed = sa.inspect(self.engine).has_table(self.table.name)
             self.table.metadata.create_all(self.engine, checkfirst=True)
+            if self._dialect == "postgresql":
+                added += self._create_partial_indexes(existed, upgrade_wait_s)
             if not notify:
-                return
+                return added
             if self._dialect != "postgresql":
                 raise ConfigError(f"notify needs PostgreSQL; {self._dialect} has no NOTIFY (the relay polls)")
             table = self.engine.dialect.identifier_preparer.quote(self.table.name)
@@ -152,12 +178,67 @@ class SqlOutbox:
                     "SELECT 1 FROM pg_trigger WHERE tgname = %(t)s AND tgrelid = to_regclass(%(r)s)",
                     {"t": f"{self.channel}_notify", "r": table}).first()
                 if exists:
-                    return
+                    return added
                 conn.exec_driver_sql(
                     f"CREATE OR REPLACE FUNCTION {self.channel}_notify() RETURNS trigger LANGUAGE plpgsql AS "
                     f"$$ BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$")
                 conn.exec_driver_sql(f"CREATE TRIGGER {self.channel}_notify AFTER INSERT ON {table} "
                                      f"FOR EACH STATEMENT EXECUTE FUNCTION {self.channel}_notify()")
+        return added
+
+    def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
+        """PostgreSQL: the indexes of :data:`~zeroloss.outbox._sqltable.PG_PARTIAL_INDEXES`, each
+        of the backlog or of the history only, so a claim's scans no longer walk past delivered
+        rows. On a table of an earlier version the missing ones are built ``CONCURRENTLY`` (the app
+        keeps writing); one left invalid by an interrupted build is dropped and built again."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        table = quote(self.table.name)
+        added = []
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            def valid(name: str) -> bool | None:  # None: no such index on this table
+                return conn.exec_driver_sql(
+                    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = %(n)s", {"t": table, "n": name}
+                ).scalar()
+
+            for suffix, (columns, where) in PG_PARTIAL_INDEXES.items():
+                name = f"ix_{self.table.name}_{suffix}"
+                state = valid(name)
+                if state:
+                    continue
+                if state is not None:  # an interrupted CONCURRENTLY build leaves it invalid: unused, yet updated
+                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
+                how = "CONCURRENTLY " if existed else ""
+                try:
+                    if existed and wait_s is not None:  # this connection only; reset before it goes back to the pool
+                        conn.exec_driver_sql(f"SET lock_timeout = {max(1, int(wait_s * 1000))}")
+                    conn.exec_driver_sql(f"CREATE INDEX {how}{quote(name)} ON {table} ({columns}) WHERE {where}")
+                except DBAPIError as exc:
+                    if getattr(exc.orig, "sqlstate", None) != "55P03":
+                        raise
+                    # Held back by an old transaction: the half-built index would be updated by
+                    # every write and used by no read; drop it (no wait: nothing uses it).
+                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
+                    added.append(f"outbox table {self.table.name!r}: index {name} NOT added: a transaction open "
+                                 f"since before the build (a pg_dump, a REPEATABLE READ session) held it back past "
+                                 f"{wait_s}s; the relay works without it, only slower; add it with: zeroloss init "
+                                 f"--source {self.url} --table {self.table.name}")
+                    log.warning("%s", added[-1])
+                    break  # the next build would wait for the same transaction
+                finally:
+                    conn.exec_driver_sql("RESET lock_timeout")
+                if existed:
+                    added.append(f"outbox table {self.table.name!r}: added index {name} ({columns}) WHERE {where}, "
+                                 "so claims no longer walk the delivered rows")
+            if existed:
+                for old in (f"ix_{self.table.name}_claim", f"ix_{self.table.name}_key"):
+                    if valid(old) is not None:
+                        added.append(f"outbox table {self.table.name!r}: index {old} is no longer used on PostgreSQL "
+                                     f"and slows every relay write; drop it once no older relay runs: "
+                                     f"DROP INDEX CONCURRENTLY {quote(old)}")
+        for line in added:
+            log.info("%s", line)
+        return added
 
     def drop_schema(self) -> None:
         with self._errors("drop the outbox table"):
@@ -301,6 +382,14 @@ class SqlOutbox:
         stmt = stmt.order_by(t.c.id).limit(limit)
         return stmt if self._dialect == "sqlite" else stmt.with_for_update(skip_locked=True)
 
+    def _among(self, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
+        """``column IN values``; on PostgreSQL ``= ANY(array)``: one parameter and one statement
+        text whatever the count (psycopg re-parses a text of 500 placeholders at every call),
+        and the planner estimates it like the IN list it stands for."""
+        if self._dialect == "postgresql":
+            return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(sa.String)))
+        return column.in_(values)
+
     def _blocked_keys(self, conn: sa.Connection, now: float) -> set[str]:
         """Keys with a message in ``sending``, ``failed`` or waiting out a backoff. Excluding them
         *before* the LIMIT keeps a parked key's backlog from filling every claim window and
@@ -338,40 +427,87 @@ class SqlOutbox:
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
             return []
-        limit = min(limit, _MAX_CLAIM)
-        t = self.table
+        got = self._tx(lambda conn: self._claim(conn, min(limit, _MAX_CLAIM), lease_s), "claim messages")
+        self._log_claimed(got)
+        return got
+
+    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+        where = {d.message.id: d.location[:255] for d in delivered}
 
         def run(conn: sa.Connection) -> list[Message]:
-            now = self._now()
-            rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
-            # Re-check after locking: another relay may have claimed (or still hold locked) an
-            # earlier message of a candidate's key. The earliest non-candidate row per key that
-            # still has to go first blocks that key's candidates from there on.
-            keyed = [r for r in rows if r.key_hash is not None]
-            blockers: dict[str, str] = {}
-            if keyed:
-                candidates = {r.id for r in rows}
-                q = sa.select(t.c.key_hash, t.c.id).where(
+            if where:
+                self._record(conn, where)
+            return self._claim(conn, min(limit, _MAX_CLAIM), lease_s) if limit > 0 else []
+
+        got = self._tx(run, "mark messages delivered and claim the next")
+        self._log_claimed(got)
+        return got
+
+    def _log_claimed(self, got: Sequence[Message]) -> None:
+        if got:
+            log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
+
+    def _claim(self, conn: sa.Connection, limit: int, lease_s: float) -> list[Message]:
+        """The claim's statements, in the caller's transaction."""
+        t = self.table
+        now = self._now()
+        partial = self._dialect == "postgresql" and self._has_partial_indexes(conn)
+        if partial:
+            # Walk the indexes in id order, whatever the statistics say. A backlog that just
+            # arrived (not analyzed yet: the planner believes the table is nearly empty) was
+            # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
+            conn.execute(self._claim_plan_pg)
+        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
+        # Re-check after locking: another relay may have claimed (or still hold locked) an
+        # earlier message of a candidate's key. The earliest non-candidate row per key that
+        # still has to go first blocks that key's candidates from there on.
+        keyed = [r for r in rows if r.key_hash is not None]
+        blockers: dict[str, str] = {}
+        if keyed:
+            candidates = {r.id for r in rows}
+            if partial:  # without its index, walking each key in id order would walk its history
+                per_key = Counter(r.key_hash for r in keyed)
+                found = conn.execute(self._recheck_pg, {
+                    "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
+                    "max": max(r.id for r in keyed)})
+            else:
+                found = conn.execute(sa.select(t.c.key_hash, t.c.id).where(
                     t.c.key_hash.in_({r.key_hash for r in keyed}),
                     t.c.state.in_(_BLOCKING),
                     t.c.id <= max(r.id for r in keyed),
-                )
-                for h, i in conn.execute(q):
-                    if i not in candidates and (h not in blockers or i < blockers[h]):
-                        blockers[h] = i
-            chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
-            for part in _chunks([r.id for r in chosen]):
-                conn.execute(
-                    sa.update(t)
-                    .where(t.c.id.in_(part), t.c.state == State.PENDING.value)
-                    .values(state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token)
-                )
-            return [message_of(r) for r in chosen]
+                ))
+            for h, i in found:
+                if i not in candidates and (h not in blockers or i < blockers[h]):
+                    blockers[h] = i
+        chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
+        # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
+        # planner took a state condition for a scan of the whole backlog).
+        for part in _chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else _CHUNK):
+            where = [self._among(t.c.id, part)]
+            if self._dialect != "postgresql":
+                where.append(t.c.state == State.PENDING.value)
+            conn.execute(sa.update(t).where(*where).values(
+                state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token))
+        return [message_of(r) for r in chosen]
 
-        got = self._tx(run, "claim messages")
-        if got:
-            log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
-        return got
+    def _has_partial_indexes(self, conn: sa.Connection) -> bool:
+        """Does the table have PostgreSQL's partial indexes (checked once)? A table made by an
+        earlier version has not until ``zeroloss init`` adds them; until then claims run as they
+        did, and the relay says how to make them cheaper."""
+        if self._partial_indexes is None:
+            names = [f"ix_{self.table.name}_{s}" for s in ("pending", "live")]
+            found = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = ANY(%(n)s) AND i.indisvalid",
+                {"t": self.engine.dialect.identifier_preparer.quote(self.table.name), "n": names}).scalar()
+            self._partial_indexes = found == len(names)
+            if not self._partial_indexes:
+                log.warning("outbox table %s lacks the indexes %s (made by an earlier zeroloss): each claim "
+                            "walks past the delivered rows; add them, without blocking writes, with: "
+                            "zeroloss init --source %s --table %s (a running relay uses them once restarted)",
+                            self.table.name, " and ".join(names),
+                            self.url, self.table.name)
+        return self._partial_indexes
 
     def extend(self, messages: Sequence[Message], lease_s: float) -> int:
         t = self.table
@@ -392,26 +528,25 @@ class SqlOutbox:
 
     def succeed(self, delivered: Sequence[Delivered]) -> None:
         where = {d.message.id: d.location[:255] for d in delivered}
-        if not where:
-            return
+        if where:
+            self._tx(lambda conn: self._record(conn, where), "mark messages delivered")
+
+    def _record(self, conn: sa.Connection, where: Mapping[str, str]) -> None:
+        """id → location: ``success``, in the caller's transaction."""
         t = self.table
+        now = self._now()
+        ids = sorted(where)
+        if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
+            conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
+            return
         stmt = (
             sa.update(t)
             .where(t.c.id == sa.bindparam("b_id"), t.c.state != State.SUCCESS.value)
             .values(state=State.SUCCESS.value, done_at=sa.bindparam("b_now"), lease_until=None,
                     location=sa.bindparam("b_loc"))
         )
-
-        def run(conn: sa.Connection) -> None:
-            now = self._now()
-            ids = sorted(where)
-            if self._dialect == "postgresql":  # one statement over two arrays: ~2x an executemany
-                conn.execute(self._succeed_pg, {"ids": ids, "locs": [where[i] for i in ids], "now": now})
-                return
-            # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
-            conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
-
-        self._tx(run, "mark messages delivered")
+        # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
+        conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
 
     def retry(self, messages: Sequence[Message]) -> None:
         self._release(messages, State.PENDING)
