@@ -324,3 +324,32 @@ def test_relay_show_and_consumer_lines_on_rocketmq(rocketmq: RocketMQServer, db:
     assert any(m.startswith("consumer started: ") and url in m and group in m for m in said), said
     assert any(f"consumer {group} progress: " in m for m in said), said
     assert any(m.startswith(f"consumer {group} stopped after ") and "3 processed" in m for m in said), said
+
+
+def test_a_client_starts_on_a_thread_that_an_asyncio_run_left_without_an_event_loop(rocketmq: RocketMQServer) -> None:
+    """The client's start-up opens gRPC calls on the calling thread, which needs an event loop there;
+    asyncio.run() leaves none (the failure seen: 'There is no current event loop', no receive)."""
+    import asyncio
+    import threading
+
+    from rocketmq.v5.client.connection.rpc_client import RpcClient
+
+    from zeroloss.brokers import rocketmq_client
+
+    topic = rocketmq_plain.unique("loop")
+    rocketmq_plain.prepare(rocketmq, topic, fifo=False)
+    publish(rocketmq, [new_message(topic, b"x")], fifo=False)  # the client's I/O loop now exists
+    seen: list[object] = []
+
+    class Probe:
+        def startup(self) -> None:
+            seen.append(asyncio.get_event_loop())
+
+    def thread() -> None:
+        asyncio.run(asyncio.sleep(0))
+        rocketmq_client.start(Probe())
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join(30)
+    assert seen == [RpcClient.get_channel_io_loop()]

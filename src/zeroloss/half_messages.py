@@ -43,6 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from zeroloss.brokers import rocketmq_client
 from zeroloss.errors import BrokerError, ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
 from zeroloss.inbox import transaction_aborted
 from zeroloss.message import ID_HEADER, id_time, uuid7, validate_topic
@@ -369,7 +370,7 @@ class HalfMessageProducer:
                 return
             producer = Producer(self._config, self.topics, _Checker())
             try:
-                producer.startup()
+                rocketmq_client.start(producer)
             except Exception as exc:
                 raise BrokerError(f"cannot start a RocketMQ producer at {self.url}: {exc}") from exc
             self._producer = producer

@@ -56,6 +56,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from zeroloss.brokers import rocketmq_client
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves, text_value
 from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
 from zeroloss.brokers.rocketmq_admin import DEFAULT_NAMESRV_PORT, RocketMQAdmin, parse_address
@@ -251,7 +252,7 @@ class RocketMQBroker:
         self._drop()
         producer = self._rmq.Producer(self.client_config())
         try:
-            producer.startup()
+            rocketmq_client.start(producer)
         except Exception as exc:
             raise BrokerWide(f"cannot start a producer: {type(exc).__name__}: {exc}") from exc
         self._producer = producer

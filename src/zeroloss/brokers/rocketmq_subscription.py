@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from zeroloss.brokers import rocketmq_client
 from zeroloss.brokers._batch import KEY_HEADER, text_value, value_bytes
 from zeroloss.brokers.base import DLQ_SUFFIX, Outcome, Status, Stored, publish_one
 from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
@@ -161,7 +162,7 @@ class LetterPublisher:
         if self._producer is None:
             producer = self._rmq.Producer(client_config(self.url, self.timeout_s))
             try:
-                producer.startup()
+                rocketmq_client.start(producer)
             except Exception as exc:
                 raise _broker_error(f"at {self.url}: cannot start a producer", exc) from exc
             self._producer = producer
@@ -282,7 +283,7 @@ class RocketMQSubscription:
         except OSError as exc:
             raise BrokerError(f"RocketMQ {where}: the proxy does not answer: {exc}") from exc
         try:
-            self._consumer.startup()
+            rocketmq_client.start(self._consumer)
         except Exception as exc:
             raise _broker_error(f"{where}: cannot subscribe", exc) from exc
         self._started = True
