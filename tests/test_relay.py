@@ -12,12 +12,13 @@ import pytest
 
 from tests.conftest import OutboxHarness, unique_topic
 from tests.waiting import wait_until
+from zeroloss import metrics
 from zeroloss.brokers.base import Outcome, Status
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError
 from zeroloss.message import Message
-from zeroloss.outbox.base import State
+from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
 from zeroloss.readback import read_topic
 from zeroloss.relay import Relay, RelaySettings
@@ -156,6 +157,45 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
         t.join(10)
     assert not t.is_alive()
     assert relay.counters.delivered == 30 and outbox.store.stats().counts[State.SENDING] == 0
+
+
+def test_the_delivery_latency_ends_at_the_broker_ack_not_when_the_next_claim_records_it(
+    outbox: OutboxHarness,
+) -> None:
+    """A SQL store records a batch's deliveries in the next claim's transaction, which may take
+    long (a claim over a deep backlog, a store outage): the latency histogram is "creation →
+    broker ack", so that wait must not count. The next claim is held until the test has taken a
+    time mark; every ack came before the mark, so each observed latency is below mark - creation."""
+    if not isinstance(outbox.store, SqlOutbox):
+        pytest.skip("only the SQL outbox records deliveries with the next claim")
+    ids = [outbox.add(topic="t", value=b"%d" % i) for i in range(3)]
+    created = [outbox.store.get(i)[1].created_at for i in ids]
+    recording, marked = threading.Event(), threading.Event()
+
+    class SlowToRecord(SqlOutbox):
+        def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+            if not recording.is_set():
+                recording.set()
+                assert marked.wait(10)
+            return super().succeed_and_claim(delivered, limit, lease_s)
+
+    store = SlowToRecord(outbox.store.engine, table=outbox.store.table.name)
+    relay = Relay(store, ScriptedBroker([]), FAST)
+    histogram = "zeroloss_relay_delivery_latency_seconds"
+    sum_before = metrics.REGISTRY.get_sample_value(f"{histogram}_sum") or 0.0
+    count_before = metrics.REGISTRY.get_sample_value(f"{histogram}_count") or 0.0
+    t = threading.Thread(target=relay.drain, args=(30,))
+    t.start()
+    try:
+        assert recording.wait(10), "the relay never came to record the batch"
+        mark = time.time()
+    finally:
+        marked.set()
+        t.join(30)
+    assert not t.is_alive() and relay.counters.delivered == 3
+    assert (metrics.REGISTRY.get_sample_value(f"{histogram}_count") or 0.0) - count_before == 3
+    observed = (metrics.REGISTRY.get_sample_value(f"{histogram}_sum") or 0.0) - sum_before
+    assert observed < sum(mark - c for c in created), "the wait for the next claim was counted as latency"
 
 
 def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:

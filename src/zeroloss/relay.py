@@ -100,6 +100,10 @@ class Relay:
         # (one commit per batch, not two) when the store can; until then they stay ``sending``.
         self._looping = False
         self._unrecorded: list[Delivered] = []
+        # When the broker acknowledged them: the latency metric ends there, not at the recording
+        # (the next claim may be slow, or wait out a store outage). One time is enough: every
+        # publish follows a claim that recorded the batch before, so at most one batch waits.
+        self._acked_at = 0.0
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -282,7 +286,7 @@ class Relay:
 
     def _recorded(self) -> None:
         self.counters.delivered += len(self._unrecorded)
-        metrics.relay_delivered(d.message for d in self._unrecorded)
+        metrics.relay_delivered((d.message for d in self._unrecorded), now=self._acked_at)
         self._unrecorded = []
 
     def _prepare(self) -> None:
@@ -355,6 +359,7 @@ class Relay:
         try:
             with self._lease_renewed(batch):
                 outcomes = self.broker.publish(batch)
+                acked_at = time.time()  # before the renewer's join: an extend may be in flight
         except BrokerError as exc:
             if self._stop.is_set():  # cut short by stop(): a normal shutdown, not an outage
                 log.info("stopping: %d messages not acknowledged go back to pending, unspent", len(batch))
@@ -397,6 +402,7 @@ class Relay:
                 retry.append(m)
                 self.counters.held += 1
         self._unrecorded += delivered
+        self._acked_at = acked_at
         if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
             self._record()
         if undecided:
