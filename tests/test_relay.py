@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -157,6 +157,39 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
         t.join(10)
     assert not t.is_alive()
     assert relay.counters.delivered == 30 and outbox.store.stats().counts[State.SENDING] == 0
+
+
+def test_a_relay_records_its_deliveries_before_it_backs_off_or_idles(outbox: OutboxHarness) -> None:
+    """Deliveries wait for the next claim's transaction under their lease only: a relay that
+    waited with some unrecorded (a broker outage's backoff, an idle outbox) for longer than the
+    lease would have them recovered and sent again. The claim before each publish records them,
+    so during the backoff the first batch is already ``success``, and an idle relay holds nothing."""
+    for i in range(20):
+        outbox.add(topic="t", value=b"%d" % i)
+    settings = replace(FAST, batch_size=10, backoff_base_s=30, max_backoff_s=30)
+    broker = ScriptedBroker([{}, BrokerError("down")])
+    relay = Relay(outbox.store, broker, settings)
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: len(broker.calls) == 2, what="the second publish, which fails: a 30 s backoff")
+        assert outbox.store.stats().counts[State.SUCCESS] == 10 and relay.counters.delivered == 10
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+    for i in range(10):  # the failed batch waits out its 30 s backoff; these go now
+        outbox.add(topic="t", value=b"new %d" % i)
+    relay = Relay(outbox.store, ScriptedBroker([]), settings)
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:  # the last batch is recorded by the empty claim before the relay idles
+        wait_until(lambda: outbox.store.stats().counts[State.SUCCESS] == 20, what="the new ones recorded while idle")
+        assert relay.counters.delivered == 10 and outbox.store.stats().counts[State.SENDING] == 0
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
 
 
 def test_the_delivery_latency_ends_at_the_broker_ack_not_when_the_next_claim_records_it(
