@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -229,6 +230,60 @@ def test_the_delivery_latency_ends_at_the_broker_ack_not_when_the_next_claim_rec
     assert (metrics.REGISTRY.get_sample_value(f"{histogram}_count") or 0.0) - count_before == 3
     observed = (metrics.REGISTRY.get_sample_value(f"{histogram}_sum") or 0.0) - sum_before
     assert observed < sum(mark - c for c in created), "the wait for the next claim was counted as latency"
+
+
+def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
+    outbox: OutboxHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store goes away right after a batch was acknowledged, for longer than the lease: when
+    it is back, that batch is delivered and unrecorded, its lease expired. Recovering before
+    recording would put it back to ``pending`` (a warning about lost leases, and a moment in which
+    another relay may claim and send it again); the relay records it first."""
+    if not isinstance(outbox.store, SqlOutbox):
+        pytest.skip("only the SQL outbox records deliveries with the next claim")
+    for i in range(10):  # one batch: no other lease in flight once the store is back
+        outbox.add(topic="t", value=b"%d" % i)
+    store = outbox.store
+    table = store.table.name
+    entered, release = threading.Event(), threading.Event()
+
+    def rename(old: str, new: str) -> None:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    def lease_expired() -> bool:
+        with store.engine.connect() as conn:
+            until = conn.exec_driver_sql(f"SELECT max(lease_until) FROM {table}_away WHERE state = 'sending'").scalar()
+        return until is not None and store.now() > until
+
+    class SlowBroker(ScriptedBroker):
+        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+            return super().publish(messages)
+
+    settings = RelaySettings(batch_size=10, lease_s=0.5, idle_wait_s=0.01, backoff_base_s=0.02, max_backoff_s=0.1,
+                             recover_every_s=0, progress_every_s=None)
+    relay = Relay(store, SlowBroker([]), settings)
+    t = threading.Thread(target=relay.run)
+    caplog.set_level(logging.INFO, logger="zeroloss")
+    t.start()
+    try:
+        assert entered.wait(10)
+        rename(table, f"{table}_away")
+        release.set()
+        wait_until(lambda: relay.counters.store_errors >= 1, what="the claim failing on the missing table")
+        wait_until(lease_expired, what="the delivered batch's lease to expire")
+        rename(f"{table}_away", table)
+        wait_until(lambda: store.stats().counts[State.SUCCESS] == 10, what="everything recorded")
+    finally:
+        release.set()
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive() and relay.counters.delivered == 10
+    recovered = [r.getMessage() for r in caplog.records if "with an expired lease to pending" in r.getMessage()]
+    assert not recovered, recovered
 
 
 def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:

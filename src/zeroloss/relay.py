@@ -321,6 +321,9 @@ class Relay:
             self._refresh_stats()
             self._next_stats = now + s.stats_every_s
         if now >= self._next_recover:
+            # Ours first: a batch left unrecorded by a store outage longer than its lease would
+            # otherwise be put back to pending, for another relay to claim and send again.
+            self._record()
             report = self.store.recover(self.resolver)
             if report.lease_expired or report.doubt or report.malformed or report.discarded:
                 log.warning("recovered: %s", report)
