@@ -9,7 +9,9 @@ too, so what was acknowledged is kept and the rest goes again. A broker-wide fai
 fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
 In ``run``/``drain``, a SQL store marks a batch's deliveries in the transaction that claims the
-next batch (one commit per batch instead of two); a failed claim keeps them to mark again.
+next batch (one commit per batch instead of two); a failed claim keeps them to mark again, and
+they are marked on their own before a ``recover`` (which would otherwise take them back once a
+store outage outlasted their lease).
 
 What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
 and settings (passwords masked); a progress line every ``progress_every_s`` while there is
