@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from tests.conftest import OutboxHarness, unique_topic
 from tests.waiting import wait_until
+from zeroloss import metrics
 from zeroloss.brokers.base import Outcome, Status
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError
 from zeroloss.message import Message
-from zeroloss.outbox.base import State
+from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
 from zeroloss.readback import read_topic
 from zeroloss.relay import Relay, RelaySettings
@@ -156,6 +158,132 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
         t.join(10)
     assert not t.is_alive()
     assert relay.counters.delivered == 30 and outbox.store.stats().counts[State.SENDING] == 0
+
+
+def test_a_relay_records_its_deliveries_before_it_backs_off_or_idles(outbox: OutboxHarness) -> None:
+    """Deliveries wait for the next claim's transaction under their lease only: a relay that
+    waited with some unrecorded (a broker outage's backoff, an idle outbox) for longer than the
+    lease would have them recovered and sent again. The claim before each publish records them,
+    so during the backoff the first batch is already ``success``, and an idle relay holds nothing."""
+    for i in range(20):
+        outbox.add(topic="t", value=b"%d" % i)
+    settings = replace(FAST, batch_size=10, backoff_base_s=30, max_backoff_s=30)
+    broker = ScriptedBroker([{}, BrokerError("down")])
+    relay = Relay(outbox.store, broker, settings)
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: len(broker.calls) == 2, what="the second publish, which fails: a 30 s backoff")
+        assert outbox.store.stats().counts[State.SUCCESS] == 10 and relay.counters.delivered == 10
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+    for i in range(10):  # the failed batch waits out its 30 s backoff; these go now
+        outbox.add(topic="t", value=b"new %d" % i)
+    relay = Relay(outbox.store, ScriptedBroker([]), settings)
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:  # the last batch is recorded by the empty claim before the relay idles
+        wait_until(lambda: outbox.store.stats().counts[State.SUCCESS] == 20, what="the new ones recorded while idle")
+        assert relay.counters.delivered == 10 and outbox.store.stats().counts[State.SENDING] == 0
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+
+
+def test_the_delivery_latency_ends_at_the_broker_ack_not_when_the_next_claim_records_it(
+    outbox: OutboxHarness,
+) -> None:
+    """A SQL store records a batch's deliveries in the next claim's transaction, which may take
+    long (a claim over a deep backlog, a store outage): the latency histogram is "creation →
+    broker ack", so that wait must not count. The next claim is held until the test has taken a
+    time mark; every ack came before the mark, so each observed latency is below mark - creation."""
+    if not isinstance(outbox.store, SqlOutbox):
+        pytest.skip("only the SQL outbox records deliveries with the next claim")
+    ids = [outbox.add(topic="t", value=b"%d" % i) for i in range(3)]
+    created = [outbox.store.get(i)[1].created_at for i in ids]
+    recording, marked = threading.Event(), threading.Event()
+
+    class SlowToRecord(SqlOutbox):
+        def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+            if not recording.is_set():
+                recording.set()
+                assert marked.wait(10)
+            return super().succeed_and_claim(delivered, limit, lease_s)
+
+    store = SlowToRecord(outbox.store.engine, table=outbox.store.table.name)
+    relay = Relay(store, ScriptedBroker([]), FAST)
+    histogram = "zeroloss_relay_delivery_latency_seconds"
+    sum_before = metrics.REGISTRY.get_sample_value(f"{histogram}_sum") or 0.0
+    count_before = metrics.REGISTRY.get_sample_value(f"{histogram}_count") or 0.0
+    t = threading.Thread(target=relay.drain, args=(30,))
+    t.start()
+    try:
+        assert recording.wait(10), "the relay never came to record the batch"
+        mark = time.time()
+    finally:
+        marked.set()
+        t.join(30)
+    assert not t.is_alive() and relay.counters.delivered == 3
+    assert (metrics.REGISTRY.get_sample_value(f"{histogram}_count") or 0.0) - count_before == 3
+    observed = (metrics.REGISTRY.get_sample_value(f"{histogram}_sum") or 0.0) - sum_before
+    assert observed < sum(mark - c for c in created), "the wait for the next claim was counted as latency"
+
+
+def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
+    outbox: OutboxHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store goes away right after a batch was acknowledged, for longer than the lease: when
+    it is back, that batch is delivered and unrecorded, its lease expired. Recovering before
+    recording would put it back to ``pending`` (a warning about lost leases, and a moment in which
+    another relay may claim and send it again); the relay records it first."""
+    if not isinstance(outbox.store, SqlOutbox):
+        pytest.skip("only the SQL outbox records deliveries with the next claim")
+    for i in range(10):  # one batch: no other lease in flight once the store is back
+        outbox.add(topic="t", value=b"%d" % i)
+    store = outbox.store
+    table = store.table.name
+    entered, release = threading.Event(), threading.Event()
+
+    def rename(old: str, new: str) -> None:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
+
+    def lease_expired() -> bool:
+        with store.engine.connect() as conn:
+            until = conn.exec_driver_sql(f"SELECT max(lease_until) FROM {table}_away WHERE state = 'sending'").scalar()
+        return until is not None and store.now() > until
+
+    class SlowBroker(ScriptedBroker):
+        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+            return super().publish(messages)
+
+    settings = RelaySettings(batch_size=10, lease_s=0.5, idle_wait_s=0.01, backoff_base_s=0.02, max_backoff_s=0.1,
+                             recover_every_s=0, progress_every_s=None)
+    relay = Relay(store, SlowBroker([]), settings)
+    t = threading.Thread(target=relay.run)
+    caplog.set_level(logging.INFO, logger="zeroloss")
+    t.start()
+    try:
+        assert entered.wait(10)
+        rename(table, f"{table}_away")
+        release.set()
+        wait_until(lambda: relay.counters.store_errors >= 1, what="the claim failing on the missing table")
+        wait_until(lease_expired, what="the delivered batch's lease to expire")
+        rename(f"{table}_away", table)
+        wait_until(lambda: store.stats().counts[State.SUCCESS] == 10, what="everything recorded")
+    finally:
+        release.set()
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive() and relay.counters.delivered == 10
+    recovered = [r.getMessage() for r in caplog.records if "with an expired lease to pending" in r.getMessage()]
+    assert not recovered, recovered
 
 
 def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:

@@ -9,7 +9,9 @@ too, so what was acknowledged is kept and the rest goes again. A broker-wide fai
 fault — and the relay backs off.
 A store failure leaves the claimed messages under their lease; ``recover`` returns them.
 In ``run``/``drain``, a SQL store marks a batch's deliveries in the transaction that claims the
-next batch (one commit per batch instead of two); a failed claim keeps them to mark again.
+next batch (one commit per batch instead of two); a failed claim keeps them to mark again, and
+they are marked on their own before a ``recover`` (which would otherwise take them back once a
+store outage outlasted their lease).
 
 What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
 and settings (passwords masked); a progress line every ``progress_every_s`` while there is
@@ -100,6 +102,10 @@ class Relay:
         # (one commit per batch, not two) when the store can; until then they stay ``sending``.
         self._looping = False
         self._unrecorded: list[Delivered] = []
+        # When the broker acknowledged them: the latency metric ends there, not at the recording
+        # (the next claim may be slow, or wait out a store outage). One time is enough: every
+        # publish follows a claim that recorded the batch before, so at most one batch waits.
+        self._acked_at = 0.0
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -282,7 +288,7 @@ class Relay:
 
     def _recorded(self) -> None:
         self.counters.delivered += len(self._unrecorded)
-        metrics.relay_delivered(d.message for d in self._unrecorded)
+        metrics.relay_delivered((d.message for d in self._unrecorded), now=self._acked_at)
         self._unrecorded = []
 
     def _prepare(self) -> None:
@@ -317,6 +323,9 @@ class Relay:
             self._refresh_stats()
             self._next_stats = now + s.stats_every_s
         if now >= self._next_recover:
+            # Ours first: a batch left unrecorded by a store outage longer than its lease would
+            # otherwise be put back to pending, for another relay to claim and send again.
+            self._record()
             report = self.store.recover(self.resolver)
             if report.lease_expired or report.doubt or report.malformed or report.discarded:
                 log.warning("recovered: %s", report)
@@ -355,6 +364,7 @@ class Relay:
         try:
             with self._lease_renewed(batch):
                 outcomes = self.broker.publish(batch)
+                acked_at = time.time()  # before the renewer's join: an extend may be in flight
         except BrokerError as exc:
             if self._stop.is_set():  # cut short by stop(): a normal shutdown, not an outage
                 log.info("stopping: %d messages not acknowledged go back to pending, unspent", len(batch))
@@ -397,6 +407,7 @@ class Relay:
                 retry.append(m)
                 self.counters.held += 1
         self._unrecorded += delivered
+        self._acked_at = acked_at
         if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
             self._record()
         if undecided:
