@@ -1,7 +1,4 @@
-"""What a consumer group has already done: the inbox that turns at-least-once delivery into
-exactly-once effects.
-(Over 400 lines: the Inbox protocol and its SQL and Redis forms, which share the claim contract
-and its tests.)
+"""The inbox in the application's own SQL database (PostgreSQL, MariaDB/MySQL, SQLite).
 
 The consumer opens ``with inbox.transaction() as tx``, calls ``inbox.claim(tx, group, id)`` and,
 only when that returns True, runs the handler with ``tx``; the transaction commits the claim and
@@ -20,63 +17,27 @@ Message ids are our UUIDv7 ids or, for foreign records without a ``zeroloss-id``
 ``"topic/partition/offset"``.
 """
 
+
 from __future__ import annotations
 
 import re
-import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import Any, Protocol, runtime_checkable
-from urllib.parse import quote
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 
-from zeroloss.errors import ConfigError, MessageError, MissingExtraError, StoreError, TransactionLostError
+from zeroloss.errors import ConfigError, MessageError, StoreError, TransactionLostError
+from zeroloss.inbox.base import MAX_ID_LEN, check_ids
 from zeroloss.logs import brief
 from zeroloss.sqlurl import engine_of
 
-MAX_ID_LEN = 255
 _MARK = "zeroloss_inbox_open"  # the savepoint SqlInbox.transaction() takes at its start and releases at its end
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
-
-
-@runtime_checkable
-class Inbox(Protocol):
-    """Records which (group, message id) pairs have been processed."""
-
-    def transaction(self) -> AbstractContextManager[Any]:
-        """A unit of work; what it yields is handed to the handler as ``tx``."""
-        ...
-
-    def claim(self, tx: Any, group: str, message_id: str) -> bool:
-        """Mark the message processed by ``group`` as part of ``tx``; False if it already was."""
-        ...
-
-    def seen(self, group: str, message_id: str) -> bool:
-        """Whether a committed claim exists (tests, audit)."""
-        ...
-
-    def purge(self, older_than_s: float) -> int:
-        """Forget claims older than ``older_than_s``; returns how many. A redelivery older than
-        the retention is no longer recognised as a duplicate, so keep it above the longest
-        possible redelivery delay (consumer downtime plus the broker's retention)."""
-        ...
-
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class BatchInbox(Inbox, Protocol):
-    """An inbox whose transaction can hold many messages' claims and effects."""
-
-    def claim_many(self, tx: Any, group: str, message_ids: Sequence[str]) -> set[str]:
-        """Claim all of ``message_ids`` in ``tx``; the ones that were not claimed before."""
-        ...
 
 
 _PQTRANS_INERROR = 3  # libpq's PQTRANS_INERROR: psycopg 3 reports an IntEnum, psycopg2 a plain int
@@ -94,43 +55,6 @@ def transaction_aborted(tx: Any) -> bool:
     info = getattr(tx.connection.driver_connection, "info", None)  # psycopg 3 and psycopg2 alike
     status = getattr(info, "transaction_status", None)
     return isinstance(status, int) and status == _PQTRANS_INERROR
-
-
-def id_problem(value: str) -> str | None:
-    """Why ``value`` cannot be a message id (or group name) in every inbox; None if it can.
-
-    Checked where a consumed record becomes a :class:`~zeroloss.received.Received`, and again by
-    the claim: an id the database refuses would otherwise fail the claim on every delivery — an
-    outage that never heals — instead of making one dead letter."""
-    if not isinstance(value, str) or not value:
-        return "is empty"
-    if len(value) > MAX_ID_LEN:
-        return f"is {len(value)} characters long; the inbox's column holds {MAX_ID_LEN}"
-    if "\x00" in value:
-        return "contains a NUL character, which PostgreSQL cannot store"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode (it holds a lone surrogate)"
-    return None
-
-
-def _check(group: str, message_id: str) -> None:
-    if (why := id_problem(group)) is not None:
-        raise ConfigError(f"inbox group {group!r:.80} {why}")
-    if (why := id_problem(message_id)) is not None:
-        raise MessageError(f"message id {message_id!r:.80} {why}")
-
-
-def open_inbox(url: str | sa.Engine) -> Inbox:
-    """An inbox from a URL: ``redis://…`` / ``rediss://…`` → RedisInbox, any SQL URL (or a
-    SQLAlchemy Engine) → SqlInbox."""
-    if isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisInbox(url)
-    return SqlInbox(url)
-
-
-# -- SQL ------------------------------------------------------------------------------------
 
 
 def _id_type() -> sa.types.TypeEngine[str]:
@@ -321,7 +245,7 @@ class SqlInbox:
                              retriable=True) from exc
 
     def _check(self, group: str, message_id: str) -> None:
-        _check(group, message_id)
+        check_ids(group, message_id)
         if self.dialect in ("mysql", "mariadb"):
             # Their _bin collations pad with spaces: "a " would find the claim of "a" and be
             # skipped as its duplicate. A dead letter instead of a silent loss.
@@ -365,172 +289,3 @@ class SqlInbox:
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
-
-
-# -- Redis ----------------------------------------------------------------------------------
-
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-_DONE = b"done "
-_PENDING = b"pending "
-
-
-class RedisTx:
-    """What a RedisInbox transaction hands the handler.
-
-    ``client`` is the redis-py client. Commands queued on ``pipeline`` run in one MULTI/EXEC
-    together with the claim's final mark, so Redis effects queued there are exactly-once; anything
-    else the handler does (HTTP calls, other stores) is at-least-once with dedup.
-    """
-
-    def __init__(self, inbox: RedisInbox) -> None:
-        self.client: Any = inbox.client
-        self.token = secrets.token_hex(8).encode()
-        self._pipe: Any = inbox.client.pipeline(transaction=True)
-        self.keys: list[str] = []
-
-    @property
-    def pipeline(self) -> Any:
-        if not self._pipe.explicit_transaction:
-            self._pipe.multi()
-        return self._pipe
-
-
-class RedisInbox:
-    """The inbox as Redis keys ``{prefix}{group}:{message id}`` with a TTL of ``ttl_s``.
-
-    A claim is ``SET key "pending <token>" NX PX lease_s``: atomic, so of concurrent claims
-    exactly one wins; the others wait until the winner commits (→ False) or rolls back (→ they
-    retry the SET). On commit the key becomes ``"done <time>"`` with ``EX ttl_s`` in a
-    MULTI/EXEC guarded by WATCH; on rollback (handler raised) the reservation is deleted, so a
-    retry can claim again.
-
-    **Not atomic with the effect.** The effect and the mark live in different systems, so this is
-    at-least-once with dedup. The window is exactly: *after the handler's outside effect happened
-    and before the commit's EXEC reached Redis* (a crash, a lost connection, or a handler that ran
-    longer than ``lease_s`` so its reservation expired and another consumer claimed the message).
-    A message redelivered after such a failure runs its effect again — once the reservation has
-    expired, i.e. up to ``lease_s`` after the crash, during which a redelivery waits. Effects
-    queued on ``tx.pipeline`` are outside that window: they commit in the same EXEC as the mark.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        ttl_s: float = 7 * 86400.0,
-        prefix: str = "zeroloss:inbox:",
-        lease_s: float = 60.0,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        try:
-            import redis
-        except ImportError as exc:  # pragma: no cover - depends on the installation
-            raise MissingExtraError("redis", "redis", "the Redis inbox") from exc
-        self._redis = redis
-        self.client: Any = redis.Redis.from_url(url)
-        self.ttl_s = ttl_s
-        self.prefix = prefix
-        if lease_s < 1.0:
-            raise ConfigError(f"lease_s must be at least 1 second, got {lease_s}")
-        self.lease_s = lease_s
-        self.clock = clock
-        self._release = self.client.register_script(_RELEASE)
-        self._tx = threading.local()
-
-    def key(self, group: str, message_id: str) -> str:
-        return f"{self.prefix}{quote(group, safe='')}:{message_id}"
-
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        return (self._redis.ConnectionError, self._redis.TimeoutError)
-
-    @contextmanager
-    def transaction(self) -> Iterator[RedisTx]:
-        tx = RedisTx(self)
-        try:
-            try:
-                yield tx
-            except BaseException:
-                tx._pipe.reset()
-                for key in tx.keys:
-                    try:
-                        self._release(keys=[key], args=[_PENDING + tx.token])
-                    except self._errors():  # the reservation expires after lease_s anyway
-                        pass
-                raise
-            self._commit(tx)
-        finally:
-            tx._pipe.reset()
-
-    def _commit(self, tx: RedisTx) -> None:
-        if not tx.keys and not tx._pipe.command_stack:
-            return
-        pipe = tx.pipeline
-        done = _DONE + repr(self.clock()).encode()
-        for key in tx.keys:
-            pipe.set(key, done, ex=max(1, int(self.ttl_s)))
-        try:
-            pipe.execute()
-        except self._redis.WatchError as exc:
-            raise StoreError(
-                f"inbox reservation lost before commit (the handler took longer than lease_s={self.lease_s}s "
-                f"or Redis lost the key); keys {tx.keys}: the message will be retried and deduplicated",
-                retriable=True,
-            ) from exc
-        except self._errors() as exc:
-            raise StoreError(f"inbox commit to Redis failed: {brief(exc)}", retriable=True) from exc
-
-    def claim(self, tx: RedisTx, group: str, message_id: str) -> bool:
-        _check(group, message_id)
-        if tx._pipe.explicit_transaction:
-            raise StoreError("claim before using tx.pipeline: Redis cannot WATCH inside MULTI", retriable=False)
-        key = self.key(group, message_id)
-        if key in tx.keys:
-            return False
-        mine = _PENDING + tx.token
-        deadline = time.monotonic() + self.lease_s + 5.0
-        try:
-            while True:
-                if self.client.set(key, mine, nx=True, px=max(1, int(self.lease_s * 1000))):
-                    tx._pipe.watch(key)  # EXEC fails if the reservation expires (or is taken) from here on
-                    tx.keys.append(key)
-                    return True
-                value = self.client.get(key)
-                if value is not None and value.startswith(_DONE):
-                    return False
-                if time.monotonic() > deadline:
-                    raise StoreError(f"inbox key {key} stayed reserved past its lease", retriable=True)
-                time.sleep(0.005)  # another transaction holds it: wait for its commit or rollback
-        except self._errors() as exc:
-            raise StoreError(f"inbox claim on Redis failed: {brief(exc)}", retriable=True) from exc
-
-    def seen(self, group: str, message_id: str) -> bool:
-        value = self.client.get(self.key(group, message_id))
-        return value is not None and value.startswith(_DONE)
-
-    def purge(self, older_than_s: float) -> int:
-        """Keys expire by themselves after ``ttl_s``; this removes marks older than
-        ``older_than_s`` now (a SCAN over the prefix; nothing to do when that is ``ttl_s`` or more)."""
-        if older_than_s >= self.ttl_s:
-            return 0
-        cutoff = self.clock() - older_than_s
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"
-        removed = 0
-        batch: list[bytes] = []
-
-        def flush() -> int:
-            if not batch:
-                return 0
-            values = self.client.mget(batch)
-            old = [k for k, v in zip(batch, values, strict=True)
-                   if v is not None and v.startswith(_DONE) and float(v[len(_DONE):]) < cutoff]
-            batch.clear()
-            return int(self.client.delete(*old)) if old else 0
-
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                removed += flush()
-        return removed + flush()
-
-    def close(self) -> None:
-        self.client.close()
