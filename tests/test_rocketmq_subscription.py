@@ -6,6 +6,7 @@ reading ``<topic>.dlq`` without consuming it."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections import Counter
@@ -353,3 +354,19 @@ def test_a_client_starts_on_a_thread_that_an_asyncio_run_left_without_an_event_l
     t.start()
     t.join(30)
     assert seen == [RpcClient.get_channel_io_loop()]
+
+
+def test_errors_never_print_the_urls_secret_key() -> None:
+    """A bad URL and an unreachable proxy are reported with the URL's secret key masked."""
+    from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription, parse_url
+
+    with pytest.raises(ConfigError) as bad:
+        parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BrokerError) as down:
+        RocketMQSubscription(f"rocketmq://ak:SECRET@127.0.0.1:{port}?namesrv=127.0.0.1:{port}", "g", ["t"],
+                             timeout_s=2.0)
+    for exc in (bad.value, down.value):
+        assert "SECRET" not in str(exc) and "ak:***@" in str(exc), str(exc)

@@ -82,6 +82,7 @@ from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
 from zeroloss.received import Received
+from zeroloss.urls import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,12 @@ def parse_url(url: str) -> Endpoints:
     """``rocketmq://HOST:PORT[?namesrv=HOST:PORT]`` → the proxy and the name server."""
     parts = urlsplit(url)
     if parts.scheme != "rocketmq" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"not a RocketMQ URL: {url!r}; write rocketmq://HOST:PORT (the gRPC proxy), "
+        raise ConfigError(f"not a RocketMQ URL: {safe_url(url)!r}; write rocketmq://HOST:PORT (the gRPC proxy), "
                           f"optionally ?namesrv=HOST:PORT")
     ns = parse_qs(parts.query).get("namesrv", [f"{parts.hostname}:{DEFAULT_NAMESRV_PORT}"])[0]
     host, _, port = ns.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"RocketMQ URL {url!r}: namesrv={ns!r} is not HOST:PORT")
+        raise ConfigError(f"RocketMQ URL {safe_url(url)!r}: namesrv={ns!r} is not HOST:PORT")
     return Endpoints(f"{parts.hostname}:{parts.port}", (host, int(port)))
 
 
@@ -164,7 +165,7 @@ class LetterPublisher:
             try:
                 rocketmq_client.start(producer)
             except Exception as exc:
-                raise _broker_error(f"at {self.url}: cannot start a producer", exc) from exc
+                raise _broker_error(f"at {safe_url(self.url)}: cannot start a producer", exc) from exc
             self._producer = producer
         return self._producer
 
@@ -274,7 +275,7 @@ class RocketMQSubscription:
         self._extender.start()
 
     def _open(self, settle_s: float) -> None:
-        where = f"at {self.url} (group {self.group}, topics {', '.join(self._by_name)})"
+        where = f"at {safe_url(self.url)} (group {self.group}, topics {', '.join(self._by_name)})"
         # The client starts "successfully" with nothing to talk to, and says why only in its own
         # log: an unreachable proxy is told apart from a missing group or topic here.
         host, _, port = parse_url(self.url).proxy.rpartition(":")
@@ -347,7 +348,7 @@ class RocketMQSubscription:
             try:
                 msgs = list(self._consumer.receive(min(max_messages, MAX_RECEIVE_BATCH), self.invisible_s))
             except Exception as exc:
-                raise _broker_error(f"at {self.url}: receive failed", exc) from exc
+                raise _broker_error(f"at {safe_url(self.url)}: receive failed", exc) from exc
             if msgs:
                 break
         now = time.monotonic()
