@@ -82,6 +82,23 @@ class ScriptedBroker:
         pass
 
 
+@dataclass
+class GatedBroker(ScriptedBroker):
+    """A ScriptedBroker whose publish calls wait for ``release`` (at most ``hold_s``); ``entered``
+    is set when one arrives. ``first_only``: only the first call waits."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    first_only: bool = False
+    hold_s: float = 10.0
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        if not (self.first_only and self.entered.is_set()):
+            self.entered.set()
+            self.release.wait(self.hold_s)
+        return super().publish(messages)
+
+
 def test_an_outage_spends_no_attempts_and_a_retry_spends_one(outbox: OutboxHarness) -> None:
     mid = outbox.add(topic="t", value=b"v")
     broker = ScriptedBroker([BrokerError("down"), BrokerError("down"), {b"v": "retry"}])
@@ -127,20 +144,14 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
     for i in range(30):
         outbox.add(topic="t", value=b"%d" % i)
     table = outbox.store.table.name
-    entered, release = threading.Event(), threading.Event()
+    broker = GatedBroker([], first_only=True)
+    entered, release = broker.entered, broker.release
 
     def rename(old: str, new: str) -> None:
         with outbox.store.engine.begin() as conn:
             conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
 
-    class SlowBroker(ScriptedBroker):
-        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
-            if not entered.is_set():
-                entered.set()
-                release.wait(10)
-            return super().publish(messages)
-
-    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01, backoff_base_s=0.02,
+    relay = Relay(outbox.store, broker, RelaySettings(batch_size=10, idle_wait_s=0.01, backoff_base_s=0.02,
                                                               max_backoff_s=0.1, recover_every_s=3600))
     t = threading.Thread(target=relay.run)
     t.start()
@@ -245,7 +256,8 @@ def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
         outbox.add(topic="t", value=b"%d" % i)
     store = outbox.store
     table = store.table.name
-    entered, release = threading.Event(), threading.Event()
+    broker = GatedBroker([], first_only=True)
+    entered, release = broker.entered, broker.release
 
     def rename(old: str, new: str) -> None:
         with store.engine.begin() as conn:
@@ -256,16 +268,9 @@ def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
             until = conn.exec_driver_sql(f"SELECT max(lease_until) FROM {table}_away WHERE state = 'sending'").scalar()
         return until is not None and store.now() > until
 
-    class SlowBroker(ScriptedBroker):
-        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
-            if not entered.is_set():
-                entered.set()
-                release.wait(10)
-            return super().publish(messages)
-
     settings = RelaySettings(batch_size=10, lease_s=0.5, idle_wait_s=0.01, backoff_base_s=0.02, max_backoff_s=0.1,
                              recover_every_s=0, progress_every_s=None)
-    relay = Relay(store, SlowBroker([]), settings)
+    relay = Relay(store, broker, settings)
     t = threading.Thread(target=relay.run)
     caplog.set_level(logging.INFO, logger="zeroloss")
     t.start()
@@ -289,15 +294,10 @@ def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
 def test_stop_finishes_the_batch_in_flight(outbox: OutboxHarness) -> None:
     for i in range(50):
         outbox.add(topic="t", value=b"%d" % i)
-    entered, release = threading.Event(), threading.Event()
+    broker = GatedBroker([])
+    entered, release = broker.entered, broker.release
 
-    class SlowBroker(ScriptedBroker):
-        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
-            entered.set()
-            release.wait(10)
-            return super().publish(messages)
-
-    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01))
+    relay = Relay(outbox.store, broker, RelaySettings(batch_size=10, idle_wait_s=0.01))
     t = threading.Thread(target=relay.run)
     t.start()
     assert entered.wait(10)
@@ -315,15 +315,10 @@ def test_a_publish_that_outlives_its_lease_keeps_the_lease(outbox: OutboxHarness
     """A slow publish must not let recover() hand the batch to another relay meanwhile: the relay
     renews the lease every third of it until the broker answers (issue 11, item 13)."""
     mid = outbox.add(topic="t", value=b"slow", key=b"k")
-    entered, release = threading.Event(), threading.Event()
+    broker = GatedBroker([], hold_s=30)
+    entered, release = broker.entered, broker.release
 
-    class SlowBroker(ScriptedBroker):
-        def publish(self, messages: Sequence[Message]) -> list[Outcome]:
-            entered.set()
-            release.wait(30)
-            return super().publish(messages)
-
-    relay = Relay(outbox.store, SlowBroker([]), RelaySettings(batch_size=10, idle_wait_s=0.01, lease_s=1.0))
+    relay = Relay(outbox.store, broker, RelaySettings(batch_size=10, idle_wait_s=0.01, lease_s=1.0))
     t = threading.Thread(target=relay.drain, kwargs={"timeout_s": 60})
     t.start()
     try:
