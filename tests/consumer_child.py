@@ -1,4 +1,4 @@
-"""A consumer process for tests/test_consumer_crash.py and the chaos suite, killed and restarted
+"""A consumer process for tests/crash/test_consumer_crash.py and the chaos suite, killed and restarted
 by the test.
 
 usage: python tests/consumer_child.py KAFKA_URL GROUP TOPIC DB_URL INBOX_TABLE EFFECTS_TABLE run|idle [OPTION...]

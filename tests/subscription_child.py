@@ -1,4 +1,4 @@
-"""A consumer process for tests/test_subscription_crash.py (RabbitMQ, NATS, Redis sources).
+"""A consumer process for tests/crash/test_subscription_crash.py (RabbitMQ, NATS, Redis sources).
 
 usage: python tests/subscription_child.py URL GROUP TOPIC DB_URL INBOX_TABLE EFFECTS_TABLE CONFIG_JSON
 

@@ -33,7 +33,7 @@ def kafka(kafka_cluster: Any) -> Any:
 
 KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "4"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "2000"))
-CHILD = Path(__file__).with_name("consumer_child.py")
+CHILD = Path(__file__).resolve().parent.parent / "consumer_child.py"
 
 
 def start(kafka: EmbeddedBroker, group: str, topic: str, db: Db, log: Path, mode: str = "run",

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("ZEROLOSS_CRASH_KILLS", "3"))
 MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "1000"))
-CHILD = Path(__file__).with_name("subscription_child.py")
+CHILD = Path(__file__).resolve().parent.parent / "subscription_child.py"
 # redelivery of what a killed consumer held: at once (RabbitMQ), after AckWait (NATS), after the
 # claim idle time (Redis), after the invisible duration (RocketMQ: 10 s at least)
 CONFIG = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 2.0, "claim_every_s": 0.5},

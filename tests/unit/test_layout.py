@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src" / "zeroloss"
+SRC = Path(__file__).resolve().parents[2] / "src" / "zeroloss"
 
 
 def _modules() -> dict[str, Path]:
