@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -665,3 +666,95 @@ def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
     assert [r for r in caplog.records if "the handler's database still fails" in r.getMessage()]
     back = [r for r in caplog.records if "the handler's database is set up after" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO, back
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_batch_handler_gets_runs_of_messages_and_applies_each_effect_once(
+    kafka: EmbeddedBroker, tmp_path: Path, kind: str
+) -> None:
+    for database in make_db(kind, tmp_path):
+        _batch_handler_run(kafka, database)
+
+
+def _batch_handler_run(kafka: EmbeddedBroker, database: Db) -> None:
+    topic = unique_topic("c")
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 5)) for i in range(300)]
+    publish(kafka.url, msgs)
+    sizes: list[int] = []
+    c = consumer(kafka, topic, database.inbox, transaction_batch=50)
+
+    @c.handler(batch=True)
+    def handle(batch: list[Received], tx: sa.Connection) -> None:
+        sizes.append(len(batch))
+        tx.execute(database.effects.insert(), [
+            {"msg_id": m.id, "msg_key": m.key.decode() if m.key else None, "attempts": m.attempts} for m in batch])
+
+    c.run_until_idle(idle_s=2.0, timeout_s=90)
+    assert database.counts() == Counter({m.id: 1 for m in msgs})
+    assert c.counters.processed == 300 and sum(sizes) == 300
+    assert max(sizes) > 1 and max(sizes) <= 50  # runs shared one call, no more than transaction_batch
+    for key, ids in database.order().items():
+        assert ids == [m.id for m in msgs if m.key == (key or "").encode()]
+
+    publish(kafka.url, msgs[:100] + msgs[:10])  # the relay's at-least-once, twice in one run too
+    calls = len(sizes)
+    c.run_until_idle(idle_s=2.0, timeout_s=90)
+    assert c.counters.duplicates == 110 and len(sizes) == calls  # duplicates never reach the handler
+    assert database.counts() == Counter({m.id: 1 for m in msgs})
+
+
+def test_a_batch_that_raises_is_rolled_back_and_its_messages_are_taken_one_by_one(
+    kafka: EmbeddedBroker, db: Db
+) -> None:
+    topic = unique_topic("c")
+    msgs = [new_message(topic, b"ok-%d" % i, key=b"k%d" % (i % 2)) for i in range(40)]
+    poison = msgs[13] = new_message(topic, b"poison", key=b"k1")
+    broken = msgs[27] = new_message(topic, b"broken", key=b"k1")
+    publish(kafka.url, msgs)
+    calls: list[list[str]] = []
+    c = consumer(kafka, topic, db.inbox, max_attempts=2, transaction_batch=40)
+
+    @c.handler(batch=True)
+    def handle(batch: list[Received], tx: sa.Connection) -> None:
+        calls.append([m.id for m in batch])
+        for m in batch:
+            db.record(m, tx)  # written first: the batch's failure must roll every row back
+        for m in batch:
+            if m.value == b"poison":
+                raise PoisonMessage("cannot parse order")
+            if m.value == b"broken":
+                raise ValueError("always fails")
+
+    c.run_until_idle(idle_s=2.0, timeout_s=90)
+    assert db.counts() == Counter({m.id: 1 for m in msgs if m not in (poison, broken)})
+    assert c.counters.dead_lettered == 2 and c.counters.processed == 38
+    alone = [ids[0] for ids in calls if len(ids) == 1]
+    assert alone.count(poison.id) == 1 and alone.count(broken.id) == 2  # poison at once; the other after 2 tries
+    assert any(len(ids) > 1 and poison.id in ids for ids in calls)  # it was met in a batch first
+    letters = {d.id: d for d in dlq.list_dead_letters(kafka.url, topic)}
+    assert (letters[poison.id].error_type, letters[poison.id].attempts) == ("PoisonMessage", 1)
+    assert (letters[broken.id].error_type, letters[broken.id].attempts) == ("ValueError", 2)
+    for key, ids in db.order().items():
+        assert ids == [m.id for m in msgs if m.key == (key or "").encode() and m not in (poison, broken)]
+
+
+def test_a_batch_handler_with_a_model_gets_models_and_a_bad_value_is_poison(kafka: EmbeddedBroker, db: Db) -> None:
+    @dataclasses.dataclass
+    class Order:
+        order_id: int
+
+    topic = unique_topic("c")
+    msgs = [new_message(topic, b'{"order_id": %d}' % i) for i in range(10)]
+    bad = msgs[4] = new_message(topic, b"not json")
+    publish(kafka.url, msgs)
+    seen: list[int] = []
+    c = consumer(kafka, topic, db.inbox)
+
+    @c.handler(model=Order, batch=True)
+    def handle(orders: list[Order], tx: sa.Connection) -> None:
+        seen.extend(o.order_id for o in orders)
+
+    c.run_until_idle(idle_s=2.0, timeout_s=90)
+    assert sorted(seen) == [i for i in range(10) if i != 4]
+    assert c.counters.dead_lettered == 1
+    assert {d.id for d in dlq.list_dead_letters(kafka.url, topic)} == {bad.id}

@@ -79,6 +79,7 @@ class Received:
 
 
 Handler = Callable[[Received, Any], None]
+BatchHandler = Callable[[list[Received], Any], None]
 
 
 def position(rec: Any) -> str:

@@ -68,3 +68,27 @@ def handling(topic: str, message_id: str, headers: Headers) -> Iterator[None]:
                     "messaging.message.id": message_id},
     ):
         yield
+
+
+@contextlib.contextmanager
+def handling_batch(topic: str, messages: list[tuple[str, Headers]]) -> Iterator[None]:
+    """A batch handler's call: one span ``process <topic>`` linked to each message's producer
+    context (OpenTelemetry's messaging conventions for a batch), no parent; nothing without an SDK."""
+    api = _api()
+    provider = None if api is None else api[1].get_tracer_provider()
+    if api is None or type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        yield
+        return
+    propagate, trace = api
+    links = []
+    for _, headers in messages:
+        carrier = {k.lower(): v.decode("latin-1") for k, v in headers}
+        span_context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
+        if span_context.is_valid:
+            links.append(trace.Link(span_context))
+    with _tracer(provider).start_as_current_span(
+        f"process {topic}", context=trace.set_span_in_context(trace.INVALID_SPAN), kind=trace.SpanKind.CONSUMER,
+        links=links, attributes={"messaging.operation.type": "process", "messaging.destination.name": topic,
+                                 "messaging.batch.message_count": len(messages)},
+    ):
+        yield

@@ -200,6 +200,35 @@ def test_a_message_that_keeps_failing_is_dead_lettered_after_max_attempts(contra
     assert float(headers[dlq.H_FIRST_FAILURE]) > 0
 
 
+def test_a_batch_handler_applies_each_effect_once_and_a_failing_message_is_found_alone(
+    contract: Contract, db: Db
+) -> None:
+    topic = contract.topic()
+    msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 3)) for i in range(60)]
+    bad = msgs[17]
+    contract.publish(msgs)
+    c = consumer(contract, topic, db, max_attempts=2, transaction_batch=30)
+    sizes: Counter[int] = Counter()
+
+    @c.handler(batch=True)
+    def handle(batch: list[Received], tx: sa.Connection) -> None:
+        sizes[len(batch)] += 1
+        for m in batch:
+            db.record(m, tx)  # rolled back with the batch when one of it fails
+        if any(m.id == bad.id for m in batch):
+            raise ValueError("cannot handle this one")
+
+    try:
+        c.run_until_idle(idle_s=1.5 + contract.redelivery_s, timeout_s=90)
+    finally:
+        c.close()
+    assert db.counts() == Counter({m.id: 1 for m in msgs if m is not bad})
+    assert c.counters.dead_lettered == 1 and [mid for mid, _ in contract.dead_letters(topic)] == [bad.id]
+    assert max(sizes) > 1  # runs were handled together
+    for key, ids in db.order().items():
+        assert ids == [m.id for m in msgs if m.key == (key or "").encode() and m is not bad], f"key {key} out of order"
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
                                                                                               "redis")])
 def test_every_subscription_satisfies_the_protocol(name: str) -> None:

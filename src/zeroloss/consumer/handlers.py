@@ -5,6 +5,10 @@ handling loop calls.
 * ``@consumer.handler(model=Order)`` on ``def fn(order, tx)``: the value is decoded into an
   ``Order`` first (:meth:`~zeroloss.received.Received.decode`: a pydantic model, a dataclass, …).
   A value that is not one is poison — dead-lettered at once with the reason, never retried.
+* ``@consumer.handler(batch=True)`` on ``def fn(msgs, tx)``: a list of messages (or of models)
+  that share one inbox transaction — one ``executemany`` for their effects instead of a statement
+  each. A batch whose call raises is rolled back and its messages run again one at a time
+  (``fn([msg], tx)``), so attempts, backoff and dead letters stay per message.
 * ``async def fn(…)``: run to completion on an event loop the consumer keeps for it, in the
   consumer's thread and inside the inbox transaction (``tx`` stays a synchronous connection: its
   statements block that loop, which is fine, as nothing else runs on it). An app whose thread
@@ -29,17 +33,35 @@ from zeroloss.received import Received
 class RegisteredHandler:
     """``fn`` as registered, callable as ``handler(msg, tx)``."""
 
-    def __init__(self, fn: Callable[..., Any], model: type[Any] | None = None) -> None:
+    def __init__(self, fn: Callable[..., Any], model: type[Any] | None = None, batch: bool = False) -> None:
         if not callable(fn):
             raise ConfigError(f"a handler must be a function, got {type(fn).__name__}")
         self.fn = fn
         self.model = model
+        self.batch = batch
         self.is_async = inspect.iscoroutinefunction(fn)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __call__(self, msg: Received, tx: Any) -> None:
+        if self.batch:
+            self.call_many([msg], tx)
+            return
         with tracing.handling(msg.topic, msg.id, msg.headers):
             result = self.fn(msg if self.model is None else msg.decode(self.model), tx)
+            if inspect.isawaitable(result):
+                self._complete(result)
+
+    def call_many(self, msgs: list[Received], tx: Any) -> None:
+        """A batch handler's call; one message runs in its own trace context, more in one span
+        linked to theirs."""
+        assert self.batch
+        values = msgs if self.model is None else [m.decode(self.model) for m in msgs]
+        if len(msgs) == 1:
+            span = tracing.handling(msgs[0].topic, msgs[0].id, msgs[0].headers)
+        else:
+            span = tracing.handling_batch(msgs[0].topic, [(m.id, m.headers) for m in msgs])
+        with span:
+            result = self.fn(values, tx)
             if inspect.isawaitable(result):
                 self._complete(result)
 

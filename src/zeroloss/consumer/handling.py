@@ -39,7 +39,7 @@ from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
 from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
 from zeroloss.logs import age, brief
-from zeroloss.received import Handler, Received
+from zeroloss.received import BatchHandler, Handler, Received
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,10 @@ class HandlerFailed(Exception):
     def __init__(self, exc: Exception) -> None:
         super().__init__(str(exc))
         self.exc = exc
+
+
+class _BatchFailed(HandlerFailed):
+    """A batch handler raised: roll back; its messages are taken one by one to find which."""
 
 
 class _RunAgain(Exception):
@@ -144,6 +148,7 @@ class Handling:
     # where a dead letter that no broker would take is kept (zeroloss.consumer.dead_letters)
     parking: ParkingLot = field(default_factory=lambda: ParkingLot("zeroloss-parked"))
     handler: Handler | None = None
+    handle_many: BatchHandler | None = None  # a batch handler's call for a shared transaction's fresh messages
     handler_s: float = 0.0  # moving average of one handler call, for the shared transactions' size
     # an outage (the inbox's store down, or the handler's database not set up: _SCHEMA) is said
     # once at ERROR, again only if it changes kind, and its end at INFO; the tries between are DEBUG
@@ -267,6 +272,18 @@ class Handling:
             self.handler(msg, tx)
         except Exception as exc:
             raise HandlerFailed(exc) from exc
+        self._check_not_aborted(tx)
+
+    def call_many(self, msgs: list[Received], tx: Any) -> None:
+        assert self.handle_many is not None
+        try:
+            self.handle_many(msgs, tx)
+        except Exception as exc:
+            raise HandlerFailed(exc) from exc
+        self._check_not_aborted(tx)
+
+    @staticmethod
+    def _check_not_aborted(tx: Any) -> None:
         if transaction_aborted(tx):
             raise HandlerFailed(TransactionAborted(
                 "the handler returned after a database error it caught: its transaction is aborted and "
@@ -289,6 +306,9 @@ class Handling:
             try:
                 with self.inbox.transaction() as tx:
                     fresh = self.inbox.claim_many(tx, self.group, [m.id for m in msgs])
+                    if self.handle_many is not None:
+                        outcomes = self._batch(msgs, fresh, tx, started)
+                        break
                     for n, msg in enumerate(msgs):
                         if msg.id not in fresh:
                             outcomes.append((False, started))
@@ -308,6 +328,10 @@ class Handling:
                 continue
             except TxnAborted:
                 raise
+            except _BatchFailed as failed:  # which message? each alone says, with its own attempts
+                log.warning("consumer %s: the batch handler raised on %d messages (%s); taking them one by one",
+                            self.group, len(msgs), brief(failed.exc))
+                return None
             except TransactionLostError as exc:  # a handler caught a deadlock: which one? each alone says
                 log.warning("consumer %s: a transaction of %d messages was lost under its handlers (%s); "
                             "taking them one by one", self.group, len(msgs), exc)
@@ -320,3 +344,26 @@ class Handling:
                 return None
             break
         return (outcomes if msgs else []), failure
+
+    def _batch(self, msgs: list[Received], fresh: set[str], tx: Any, started: float) -> list[tuple[bool, float]]:
+        """The batch handler's one call for the fresh messages of ``msgs`` (a repeated id: the
+        second is a duplicate); _BatchFailed when it raised, an outage as itself."""
+        todo: list[Received] = []
+        outcomes: list[tuple[bool, float]] = []
+        for msg in msgs:
+            is_fresh = msg.id in fresh
+            fresh.discard(msg.id)
+            outcomes.append((is_fresh, started))
+            if is_fresh:
+                todo.append(msg)
+        if todo:
+            began = time.monotonic()
+            try:
+                self.call_many(todo, tx)
+            except HandlerFailed as failed:
+                if is_outage(failed.exc):
+                    raise
+                raise _BatchFailed(failed.exc) from None
+            per_message = (time.monotonic() - began) / len(todo)
+            self.handler_s = 0.9 * self.handler_s + 0.1 * per_message
+        return outcomes

@@ -205,17 +205,22 @@ class Consumer:
     @overload
     def handler(self, fn: F, /) -> F: ...
     @overload
-    def handler(self, fn: None = None, /, *, model: type[Any]) -> Callable[[F], F]: ...
-    def handler(self, fn: Callable[..., Any] | None = None, /, *, model: type[Any] | None = None) -> Any:
+    def handler(
+        self, fn: None = None, /, *, model: type[Any] | None = None, batch: bool = False
+    ) -> Callable[[F], F]: ...
+    def handler(self, fn: Callable[..., Any] | None = None, /, *, model: type[Any] | None = None,
+                batch: bool = False) -> Any:
         """Decorator: register the function called for every message, as ``fn(msg, tx)``; with
         ``model=Order`` as ``fn(order, tx)``, the value decoded into an ``Order`` (a pydantic model,
-        a dataclass, …; one that is not is dead-lettered at once); ``async def`` works too
-        (:mod:`.handlers`)."""
+        a dataclass, …; one that is not is dead-lettered at once); with ``batch=True`` as
+        ``fn(msgs, tx)`` for up to ``transaction_batch`` messages sharing one inbox transaction;
+        ``async def`` works too (:mod:`.handlers`)."""
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             if self.handling.handler is not None:
                 raise ConfigError("this consumer already has a handler")
-            self._registered = RegisteredHandler(fn, model)
+            self._registered = RegisteredHandler(fn, model, batch)
             self.handling.handler = self._registered
+            self.handling.handle_many = self._registered.call_many if batch else None
             return fn
 
         return register if fn is None else register(fn)
