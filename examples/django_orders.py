@@ -19,8 +19,7 @@ import django
 from django.conf import settings
 from sqlalchemy.engine import make_url
 
-from zeroloss import SqlOutbox
-from zeroloss.errors import ConfigError
+from zeroloss import ConfigError, SqlOutbox
 
 
 def django_database(url: str) -> dict[str, Any]:
