@@ -758,3 +758,24 @@ def test_a_batch_handler_with_a_model_gets_models_and_a_bad_value_is_poison(kafk
     assert sorted(seen) == [i for i in range(10) if i != 4]
     assert c.counters.dead_lettered == 1
     assert {d.id for d in dlq.list_dead_letters(kafka.url, topic)} == {bad.id}
+
+
+def test_a_batch_handler_may_use_up_the_list_it_is_given(kafka: EmbeddedBroker, db: Db) -> None:
+    """The list is the handler's: one that pops its messages off it used to empty the loop's own
+    list too, whose length then divided the call's time — a ZeroDivisionError after the handler
+    succeeded, counted as a store error, and every run rolled back and done again one by one."""
+    topic = unique_topic("c")
+    msgs = [new_message(topic, b"%d" % i) for i in range(30)]
+    publish(kafka.url, msgs)
+    sizes: list[int] = []
+    c = consumer(kafka, topic, db.inbox, transaction_batch=30)
+
+    @c.handler(batch=True)
+    def handle(batch: list[Received], tx: sa.Connection) -> None:
+        sizes.append(len(batch))
+        while batch:
+            db.record(batch.pop(0), tx)
+
+    c.run_until_idle(idle_s=1.5, timeout_s=60)
+    assert db.counts() == Counter({m.id: 1 for m in msgs})
+    assert c.counters.store_errors == 0 and sum(sizes) == 30 and max(sizes) > 1  # no run done twice

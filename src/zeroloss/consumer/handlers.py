@@ -55,7 +55,8 @@ class RegisteredHandler:
         """A batch handler's call; one message runs in its own trace context, more in one span
         linked to theirs."""
         assert self.batch
-        values = msgs if self.model is None else [m.decode(self.model) for m in msgs]
+        # a list of its own: the handler may consume it (pop, clear) without touching the loop's
+        values = list(msgs) if self.model is None else [m.decode(self.model) for m in msgs]
         if len(msgs) == 1:
             span = tracing.handling(msgs[0].topic, msgs[0].id, msgs[0].headers)
         else:

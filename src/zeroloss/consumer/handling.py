@@ -357,13 +357,13 @@ class Handling:
             if is_fresh:
                 todo.append(msg)
         if todo:
-            began = time.monotonic()
+            began, n = time.monotonic(), len(todo)  # counted before: the handler may empty its list
             try:
                 self.call_many(todo, tx)
             except HandlerFailed as failed:
                 if is_outage(failed.exc):
                     raise
                 raise _BatchFailed(failed.exc) from None
-            per_message = (time.monotonic() - began) / len(todo)
+            per_message = (time.monotonic() - began) / n
             self.handler_s = 0.9 * self.handler_s + 0.1 * per_message
         return outcomes
