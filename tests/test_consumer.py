@@ -582,6 +582,42 @@ def test_a_handler_that_swallows_an_innodb_deadlock_is_run_again_whole(
     assert c.counters.processed == len(msgs) and c.counters.dead_lettered == 0
 
 
+@pytest.mark.mariadb
+def test_a_batch_handler_that_swallows_an_innodb_deadlock_has_its_run_taken_one_by_one(
+    kafka: EmbeddedBroker, maria_db: Db
+) -> None:
+    """The batch's call returns normally, so the lost transaction shows only at the savepoint
+    check on leaving the inbox's block: the run must be rolled back and taken one by one, not
+    committed as the second statement's half of every effect with no claims."""
+    db = maria_db
+    lock = Deadlock(db.inbox.engine)
+    topic = unique_topic("deadlock")
+    msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
+    publish(kafka.url, msgs)
+    sizes: list[int] = []
+    c = consumer(kafka, topic, db.inbox, transaction_batch=100)
+
+    @c.handler(batch=True)
+    def handle(batch: list[Received], tx: sa.Connection) -> None:
+        sizes.append(len(batch))
+        for m in batch:
+            db.record(m, tx)
+        if not lock.caught and len(batch) > 1:  # a deadlock between its two statements, swallowed
+            lock.in_handler(tx)
+        tx.execute(db.effects.insert(), [{"msg_id": m.id, "msg_key": "after", "attempts": m.attempts} for m in batch])
+
+    try:
+        with stopped_after(c, 60):
+            c.run_until_idle(idle_s=1.5, timeout_s=60)
+    finally:
+        c.close()
+        lock.drop()
+    assert len(lock.caught) == 1 and max(sizes) > 1
+    assert db.counts() == Counter({m.id: 2 for m in msgs})  # both halves of each effect, once
+    assert all(db.inbox.seen(c.group, m.id) for m in msgs)
+    assert c.counters.processed == len(msgs) and c.counters.retries == 0 and c.counters.dead_lettered == 0
+
+
 def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
     from zeroloss.consumer.handling import RUN_BUDGET_S
 
