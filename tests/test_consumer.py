@@ -817,3 +817,26 @@ def test_a_batch_handler_may_use_up_the_list_it_is_given(kafka: EmbeddedBroker, 
     c.run_until_idle(idle_s=1.5, timeout_s=60)
     assert db.counts() == Counter({m.id: 1 for m in msgs})
     assert c.counters.store_errors == 0 and sum(sizes) == 30 and max(sizes) > 1  # no run done twice
+
+
+def test_a_batch_span_names_a_topic_only_when_the_batch_has_one() -> None:
+    """A consumer of several topics gets runs that mix them: the batch's span used to be named,
+    and give as its destination, the topic of its first message only."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from zeroloss.consumer.handlers import RegisteredHandler
+
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):  # set once per process (OpenTelemetry's rule)
+        trace.set_tracer_provider(TracerProvider())
+    seen: list[tuple[str, Any]] = []
+
+    def handle(batch: list[Received], tx: None) -> None:
+        span = trace.get_current_span()
+        seen.append((span.name, span.attributes.get("messaging.destination.name")))  # type: ignore[attr-defined]
+
+    handler = RegisteredHandler(handle, batch=True)
+    a, b = (Received(f"id-{t}-{i}", t, 0, i, None, b"v", ()) for i, t in enumerate(("orders", "refunds")))
+    handler.call_many([a, b], None)
+    handler.call_many([a, dataclasses.replace(a, id="id-2")], None)
+    assert seen == [("process", None), ("process orders", "orders")]
