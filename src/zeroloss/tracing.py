@@ -71,9 +71,11 @@ def handling(topic: str, message_id: str, headers: Headers) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def handling_batch(topic: str, messages: list[tuple[str, Headers]]) -> Iterator[None]:
+def handling_batch(topic: str | None, messages: list[tuple[str, Headers]]) -> Iterator[None]:
     """A batch handler's call: one span ``process <topic>`` linked to each message's producer
-    context (OpenTelemetry's messaging conventions for a batch), no parent; nothing without an SDK."""
+    context (OpenTelemetry's messaging conventions for a batch), no parent; nothing without an SDK.
+    ``topic`` None: the messages came from several topics, so the span is ``process`` with no
+    destination (the conventions' rule for a batch without one)."""
     api = _api()
     provider = None if api is None else api[1].get_tracer_provider()
     if api is None or type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
@@ -86,9 +88,12 @@ def handling_batch(topic: str, messages: list[tuple[str, Headers]]) -> Iterator[
         span_context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
         if span_context.is_valid:
             links.append(trace.Link(span_context))
+    attributes: dict[str, str | int] = {"messaging.operation.type": "process",
+                                        "messaging.batch.message_count": len(messages)}
+    if topic is not None:
+        attributes["messaging.destination.name"] = topic
     with _tracer(provider).start_as_current_span(
-        f"process {topic}", context=trace.set_span_in_context(trace.INVALID_SPAN), kind=trace.SpanKind.CONSUMER,
-        links=links, attributes={"messaging.operation.type": "process", "messaging.destination.name": topic,
-                                 "messaging.batch.message_count": len(messages)},
+        "process" if topic is None else f"process {topic}", context=trace.set_span_in_context(trace.INVALID_SPAN),
+        kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes,
     ):
         yield

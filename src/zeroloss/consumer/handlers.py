@@ -55,11 +55,14 @@ class RegisteredHandler:
         """A batch handler's call; one message runs in its own trace context, more in one span
         linked to theirs."""
         assert self.batch
-        values = msgs if self.model is None else [m.decode(self.model) for m in msgs]
+        # a list of its own: the handler may consume it (pop, clear) without touching the loop's
+        values = list(msgs) if self.model is None else [m.decode(self.model) for m in msgs]
         if len(msgs) == 1:
             span = tracing.handling(msgs[0].topic, msgs[0].id, msgs[0].headers)
         else:
-            span = tracing.handling_batch(msgs[0].topic, [(m.id, m.headers) for m in msgs])
+            # a consumer of several topics gets runs that mix them: then the span names none
+            topic = msgs[0].topic if all(m.topic == msgs[0].topic for m in msgs) else None
+            span = tracing.handling_batch(topic, [(m.id, m.headers) for m in msgs])
         with span:
             result = self.fn(values, tx)
             if inspect.isawaitable(result):

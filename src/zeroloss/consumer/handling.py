@@ -159,9 +159,11 @@ class Handling:
         """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
         so a transaction stays open about RUN_BUDGET_S at most — not long enough to meet the
         inbox's idle-in-transaction timeout or to hold its row locks for long."""
-        if self.handler_s <= 0:
+        # multiplied, not divided: a clock too coarse to see a call (0 s, again and again) decays
+        # the average toward 0 until RUN_BUDGET_S / handler_s is inf, which int() refuses
+        if self.handler_s * self.transaction_batch <= RUN_BUDGET_S:
             return self.transaction_batch
-        return max(1, min(self.transaction_batch, int(RUN_BUDGET_S / self.handler_s)))
+        return max(1, int(RUN_BUDGET_S / self.handler_s))
 
     def handle(self, msg: Received, settle: Settlement, *, attempts: int = 0, first_failure: float | None = None,
                failure: Exception | None = None) -> bool:
@@ -357,13 +359,13 @@ class Handling:
             if is_fresh:
                 todo.append(msg)
         if todo:
-            began = time.monotonic()
+            began, n = time.monotonic(), len(todo)  # counted before: the handler may empty its list
             try:
                 self.call_many(todo, tx)
             except HandlerFailed as failed:
                 if is_outage(failed.exc):
                     raise
                 raise _BatchFailed(failed.exc) from None
-            per_message = (time.monotonic() - began) / len(todo)
+            per_message = (time.monotonic() - began) / n
             self.handler_s = 0.9 * self.handler_s + 0.1 * per_message
         return outcomes
