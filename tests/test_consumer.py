@@ -633,6 +633,11 @@ def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
     h.handler_s = 5e-324  # where a clock that reads 0 s per call takes the average: not an OverflowError
     assert h.run_limit() == 100
     c.close()
+    batch = Consumer("kafka://127.0.0.1:1", "g", ["t"], db.inbox, transaction_batch=100)
+    batch.handler(batch=True)(lambda msgs, tx: None)
+    batch.handling.handler_s = RUN_BUDGET_S * 10  # a bulk call costing the same for 1 or 100: keep 100
+    assert batch.handling.run_limit() == 100
+    batch.close()
     assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share
 
 

@@ -158,7 +158,11 @@ class Handling:
     def run_limit(self) -> int:
         """Messages per shared transaction: ``transaction_batch``, fewer when handlers are slow,
         so a transaction stays open about RUN_BUDGET_S at most — not long enough to meet the
-        inbox's idle-in-transaction timeout or to hold its row locks for long."""
+        inbox's idle-in-transaction timeout or to hold its row locks for long. A batch handler's
+        runs stay ``transaction_batch`` long: its call may cost the same whatever the run's size
+        (a bulk HTTP request), and shrinking the runs then only divides the throughput."""
+        if self.handle_many is not None:
+            return self.transaction_batch
         # multiplied, not divided: a clock too coarse to see a call (0 s, again and again) decays
         # the average toward 0 until RUN_BUDGET_S / handler_s is inf, which int() refuses
         if self.handler_s * self.transaction_batch <= RUN_BUDGET_S:
