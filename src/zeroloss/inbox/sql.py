@@ -163,11 +163,14 @@ class SqlInbox:
 
         :class:`~zeroloss.errors.TransactionLostError`, after a rollback, when the block ended
         normally but the transaction it was given had ended under it: the database rolled it back
-        after an error the block caught and carried on from (an InnoDB deadlock or lock-wait
-        timeout, PostgreSQL's abort, SQLite's rollback on a full disk), or the block committed or
+        after an error the block caught and carried on from (an InnoDB deadlock, PostgreSQL's
+        abort, SQLite's rollback on a full disk), or the block committed or
         rolled back by itself. What ran after that ran outside the claim's transaction; committing
         it would apply part of an effect with no claim. The proof is a savepoint taken at the
-        start and released before the commit: only the transaction that took it can release it."""
+        start and released before the commit: only the transaction that took it can release it.
+        Not seen: an InnoDB lock-wait timeout on a server with ``innodb_rollback_on_timeout=OFF``
+        (the default) undoes only its statement, so a handler that swallows it commits the claim
+        without that statement's effect — let such errors propagate."""
         try:
             conn = self.engine.connect()
             if self.dialect == "sqlite":  # take the write lock up front: no busy upgrade deadlock
