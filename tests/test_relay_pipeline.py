@@ -223,3 +223,27 @@ def test_a_relay_killed_with_the_next_batch_claimed_leaves_both_to_recover_in_or
     assert sql.stats().counts[State.SUCCESS] == 20
     delivered_in_key_order(broker)
     assert [int(m.value) for m in broker.delivered][:10] == list(range(10))
+
+
+def test_in_flight_rows_do_not_hide_an_earlier_message_another_relay_holds(
+    outbox: OutboxHarness, sql: SqlOutbox
+) -> None:
+    """The claim's per-key re-check reads each key's first rows in id order: this relay's own
+    in-flight rows come first there, and must not push the row another relay holds locked (its
+    claim still open, so SKIP LOCKED passed over it) out of what the re-check reads; the later
+    message of that key would then go before it."""
+    if outbox.kind == "sqlite":
+        pytest.skip("SQLite has no row locks: one writer at a time")
+    ids = [outbox.add(topic="t", value=b"%d" % i, key=b"a") for i in range(7)]
+    in_flight = sql.claim(5, lease_s=60)
+    assert [m.id for m in in_flight] == ids[:5]
+    other = sql.engine.connect()
+    try:
+        with other.begin():  # another relay's claim, between its SELECT and its commit
+            t = sql.table
+            other.execute(sa.select(t.c.id).where(t.c.id == ids[5]).with_for_update())
+            got = sql.succeed_and_claim([], 10, lease_s=60, in_flight=in_flight)
+            assert got == [], f"{[m.value for m in got]} claimed while message 5 of its key is held"
+    finally:
+        other.close()
+    assert [m.id for m in sql.succeed_and_claim([], 10, lease_s=60, in_flight=in_flight)] == ids[5:]
