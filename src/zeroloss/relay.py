@@ -315,7 +315,7 @@ class Relay:
         recording, self._recording = self._recording, []
         try:
             batch = future.result()
-        except StoreError:
+        except BaseException:  # a store outage (or a bug): neither happened, record them again
             self._unrecorded = recording + self._unrecorded
             raise
         self._recorded(recording, self._recording_acked_at)

@@ -402,10 +402,13 @@ class SqlOutbox:
         if not in_flight:
             busy = sa.select(t.c.key_hash).where(t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
             return set(conn.scalars(sa.union(busy, backoff)))
-        # The busy rows' ids too, to leave the in-flight ones out (at most a few batches' worth).
-        busy_rows = sa.select(t.c.key_hash, t.c.id).where(
-            t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
-        blocked = {h for h, i in conn.execute(busy_rows) if i not in in_flight}
+        held = t.c.state.in_((State.SENDING.value, State.FAILED.value))
+        if self._dialect == "postgresql":  # one array parameter: the in-flight rows left out there
+            others = sa.not_(self._among(t.c.id, sorted(in_flight)))
+            return set(conn.scalars(sa.union(sa.select(t.c.key_hash).where(held, keyed, others), backoff)))
+        # Elsewhere the busy rows' ids too, to leave the in-flight ones out here (a batch or two).
+        blocked = {h for h, i in conn.execute(sa.select(t.c.key_hash, t.c.id).where(held, keyed))
+                   if i not in in_flight}
         return blocked | set(conn.scalars(backoff))
 
     def now(self) -> float:
