@@ -6,16 +6,15 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
-from tests.broker_doubles import GatedBroker, ScriptedBroker
 from tests.conftest import OutboxHarness, unique_topic
 from tests.waiting import wait_until
 from zeroloss import metrics
-from zeroloss.brokers.base import Outcome
+from zeroloss.brokers.base import Outcome, Status
 from zeroloss.brokers.kafka import KafkaBroker
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError
@@ -50,6 +49,54 @@ def test_relay_delivers_everything_in_key_order_and_records_locations(
     for key, got in seen.order.items():
         want = [ids[i] for i in range(700) if b"k%d" % (i % 7) == key]
         assert got == want, f"key {key!r} out of order"
+
+
+@dataclass
+class ScriptedBroker:
+    """A broker double for the relay's decision logic only (the real adapter has its own tests
+    against a real broker). ``script`` is consumed one step per publish call: a BrokerError is
+    raised, or a dict maps a message value to its reaction ("retry", "reject"); the rest of the
+    batch, and every call after the script, is delivered."""
+
+    script: list[object]
+    calls: list[list[bytes]] = field(default_factory=list)
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        self.calls.append([m.value for m in messages])
+        step = self.script.pop(0) if self.script else {}
+        if isinstance(step, BrokerError):
+            raise step
+        assert isinstance(step, dict)
+        out, failed_keys = [], set()
+        for m in messages:
+            status = {"retry": Status.RETRY, "reject": Status.REJECTED}.get(step.get(m.value, ""), Status.DELIVERED)
+            if m.key in failed_keys:
+                status = Status.HELD  # the Broker contract: nothing passes a failed message of its key
+            elif status is not Status.DELIVERED:
+                failed_keys.add(m.key)
+            location = "x/0/0" if status is Status.DELIVERED else None
+            out.append(Outcome(m, status, location=location, error=None if location else "e"))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class GatedBroker(ScriptedBroker):
+    """A ScriptedBroker whose publish calls wait for ``release`` (at most ``hold_s``); ``entered``
+    is set when one arrives. ``first_only``: only the first call waits."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    first_only: bool = False
+    hold_s: float = 10.0
+
+    def publish(self, messages: Sequence[Message]) -> list[Outcome]:
+        if not (self.first_only and self.entered.is_set()):
+            self.entered.set()
+            self.release.wait(self.hold_s)
+        return super().publish(messages)
 
 
 def test_an_outage_spends_no_attempts_and_a_retry_spends_one(outbox: OutboxHarness) -> None:
@@ -171,12 +218,11 @@ def test_the_delivery_latency_ends_at_the_broker_ack_not_when_the_next_claim_rec
     recording, marked = threading.Event(), threading.Event()
 
     class SlowToRecord(SqlOutbox):
-        def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float, *,
-                              in_flight: Sequence[Message] = ()) -> list[Message]:
-            if delivered and not recording.is_set():  # not a claim made while the batch is in flight
+        def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
+            if not recording.is_set():
                 recording.set()
                 assert marked.wait(10)
-            return super().succeed_and_claim(delivered, limit, lease_s, in_flight=in_flight)
+            return super().succeed_and_claim(delivered, limit, lease_s)
 
     store = SlowToRecord(outbox.store.engine, table=outbox.store.table.name)
     relay = Relay(store, ScriptedBroker([]), FAST)

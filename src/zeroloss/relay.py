@@ -13,12 +13,6 @@ next batch (one commit per batch instead of two); a failed claim keeps them to m
 they are marked on their own before a ``recover`` (which would otherwise take them back once a
 store outage outlasted their lease).
 
-Pipelined (``run``/``drain`` on a SQL store): while batch N is on the broker, a second thread
-records N-1 and claims N+1, N's own messages not holding their keys back. Per-key order: N+1 is
-published only after the broker answered for all of N, and N+1's messages of a key that had a
-message of N not delivered (retry, rejected, undecided, held, or the whole batch in an outage) go
-back to ``pending`` unpublished, behind it (docs/design.md, "The pipelined relay").
-
 What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
 and settings (passwords masked); a progress line every ``progress_every_s`` while there is
 anything to say (delivered, rate, failed, backlog and the oldest pending message's age); one
@@ -33,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from zeroloss import metrics
@@ -113,16 +106,9 @@ class Relay:
         self._looping = False
         self._unrecorded: list[Delivered] = []
         # When the broker acknowledged them: the latency metric ends there, not at the recording
-        # (the next claim may be slow, or wait out a store outage). One time per batch waiting.
+        # (the next claim may be slow, or wait out a store outage). One time is enough: every
+        # publish follows a claim that recorded the batch before, so at most one batch waits.
         self._acked_at = 0.0
-        # The pipeline: the claim of the next batch (recording ``_recording``) runs in
-        # ``_claimer`` while a batch is published; ``_hold_keys`` are the keys that batch did not
-        # deliver, whose messages in the next batch must not be published.
-        self._claimer: ThreadPoolExecutor | None = None
-        self._next: Future[list[Message]] | None = None
-        self._recording: list[Delivered] = []
-        self._recording_acked_at = 0.0
-        self._hold_keys: set[bytes] = set()
 
     def stop(self) -> None:
         """Ask the loop to return soon: a batch the broker has acknowledged is marked; one it has
@@ -276,19 +262,10 @@ class Relay:
         """Inside: deliveries wait for the next claim's transaction; on the way out (stop, error,
         drained) whatever still waits is recorded on its own."""
         self._looping = True
-        if isinstance(self.store, ClaimsAfterRecording):
-            self._claimer = ThreadPoolExecutor(1, thread_name_prefix="zeroloss-claim")
         try:
             yield
         finally:
             self._looping = False
-            try:
-                self._release_prefetched("the relay is stopping")
-            except StoreError as exc:  # claimed and never published: recovered once their lease expires
-                log.warning("claimed messages not put back to pending (%s): they go once their lease expires", exc)
-            if self._claimer is not None:
-                self._claimer.shutdown(wait=True)
-                self._claimer = None
             try:
                 self._record()
             except StoreError as exc:  # under their lease still: recovered and sent again, never lost
@@ -296,56 +273,13 @@ class Relay:
                             "once their lease expires", len(self._unrecorded), exc)
                 self._unrecorded.clear()
 
-    def _prefetch(self, in_flight: Sequence[Message]) -> None:
-        """Claim the next batch (recording the last one's deliveries) while ``in_flight`` is on
-        the broker; the next :meth:`run_once` takes it."""
-        if self._claimer is None or self._next is not None or self._stop.is_set():
-            return
-        assert isinstance(self.store, ClaimsAfterRecording)
-        self._recording, self._unrecorded = self._unrecorded, []
-        self._recording_acked_at = self._acked_at
-        self._hold_keys = set()
-        s = self.settings
-        self._next = self._claimer.submit(self.store.succeed_and_claim, self._recording, s.batch_size, s.lease_s,
-                                          in_flight=list(in_flight))
-
-    def _take_prefetched(self) -> list[Message] | None:
-        """The batch claimed while the last one was published (None: none was); StoreError if
-        that claim failed, its deliveries then waiting to be recorded again."""
-        if self._next is None:
-            return None
-        future, self._next = self._next, None
-        recording, self._recording = self._recording, []
-        try:
-            batch = future.result()
-        except BaseException:  # a store outage (or a bug): neither happened, record them again
-            self._unrecorded = recording + self._unrecorded
-            raise
-        self._recorded(recording, self._recording_acked_at)
-        return batch
-
-    def _prefetched_now(self) -> list[Message]:
-        """The next batch if its claim is done (for the lease renewer), else nothing."""
-        future = self._next
-        if future is None or not future.done() or future.exception() is not None:
-            return []
-        return future.result()
-
-    def _release_prefetched(self, why: str) -> None:
-        """The next batch goes back to ``pending`` unchanged, unpublished (an outage, a stop)."""
-        batch = self._take_prefetched()
-        if batch:
-            log.debug("%d claimed messages back to pending unpublished: %s", len(batch), why)
-            self.store.retry(batch)
-
     def _claim(self) -> list[Message]:
         """Claim the next batch; with the last batch's deliveries in the same transaction if the
         store can (if it fails, neither happened and they are still ours to record)."""
         s = self.settings
         if self._unrecorded and isinstance(self.store, ClaimsAfterRecording):
             batch = self.store.succeed_and_claim(self._unrecorded, s.batch_size, s.lease_s)
-            self._recorded(self._unrecorded, self._acked_at)
-            self._unrecorded = []
+            self._recorded()
             return batch
         self._record()
         return self.store.claim(s.batch_size, s.lease_s)
@@ -353,12 +287,12 @@ class Relay:
     def _record(self) -> None:
         if self._unrecorded:
             self.store.succeed(self._unrecorded)
-            self._recorded(self._unrecorded, self._acked_at)
-            self._unrecorded = []
+            self._recorded()
 
-    def _recorded(self, delivered: Sequence[Delivered], acked_at: float) -> None:
-        self.counters.delivered += len(delivered)
-        metrics.relay_delivered((d.message for d in delivered), now=acked_at)
+    def _recorded(self) -> None:
+        self.counters.delivered += len(self._unrecorded)
+        metrics.relay_delivered((d.message for d in self._unrecorded), now=self._acked_at)
+        self._unrecorded = []
 
     def _prepare(self) -> None:
         """Connect the broker before there is work (Kafka: fence a crashed predecessor's open
@@ -388,7 +322,6 @@ class Relay:
         """One iteration; returns how many messages it moved (0 = nothing to do)."""
         s = self.settings
         now = time.monotonic()
-        prefetched = self._take_prefetched()
         if s.stats_every_s is not None and now >= self._next_stats:
             self._refresh_stats()
             self._next_stats = now + s.stats_every_s
@@ -402,16 +335,14 @@ class Relay:
             if s.success_retention_s is not None:
                 self.store.purge_success(s.success_retention_s)
             self._next_recover = time.monotonic() + s.recover_every_s  # from its end: a slow resolver waits too
-        batch = prefetched or self._claim()
+        batch = self._claim()
         self._store_answered()
         if not batch:
             return 0
         self.counters.claimed += len(batch)
         metrics.relay_claimed(len(batch))
         exhausted, held, live = [], [], []
-        # Claimed while the last batch was on the broker: its keys that were not delivered keep
-        # their next messages back (they were not sent; their turn comes after the one that failed).
-        parked_keys, self._hold_keys = self._hold_keys if prefetched else set(), set()
+        parked_keys: set[bytes] = set()
         for m in batch:  # oldest first, so a key is parked before its later messages come up
             if m.key is not None and m.key in parked_keys:
                 held.append(m)
@@ -432,7 +363,6 @@ class Relay:
         return len(batch)
 
     def _publish(self, batch: Sequence[Message]) -> None:
-        self._prefetch(batch)
         started = time.monotonic()
         try:
             with self._lease_renewed(batch):
@@ -453,7 +383,6 @@ class Relay:
             self._broker_failed(exc, f"{len(batch)} messages back to pending for {delay:.1f}s")
             until = self.store.now() + delay
             self.store.retry([replace(m, not_before=until, last_error=str(exc)) for m in batch])
-            self._release_prefetched("broker outage")  # after the batch before it: no moment it could go first
             self._stop.wait(delay)
             return
         metrics.relay_published(time.monotonic() - started, ok=True)
@@ -480,8 +409,6 @@ class Relay:
             else:  # HELD: back in line behind its key, nothing spent
                 retry.append(m)
                 self.counters.held += 1
-        self._hold_keys |= {o.message.key for o in outcomes
-                            if o.status is not Status.DELIVERED and o.message.key is not None}
         self._unrecorded += delivered
         self._acked_at = acked_at
         if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
@@ -510,18 +437,14 @@ class Relay:
 
         def renew() -> None:
             while not done.wait(lease_s / 3):
-                # The next batch, claimed meanwhile, waits for this publish: its lease too.
-                for part, what in ((batch, "in flight"), (self._prefetched_now(), "claimed next")):
-                    if not part:
-                        continue
-                    try:
-                        held = self.store.extend(part, lease_s)
-                    except StoreError as exc:  # the lease may run out: duplicates, never a loss
-                        log.warning("could not renew the lease of %d messages %s: %s", len(part), what, exc)
-                        continue
-                    if held < len(part):
-                        log.warning("%d of %d messages %s lost their lease (expired and recovered): "
-                                    "they may be sent twice", len(part) - held, len(part), what)
+                try:
+                    held = self.store.extend(batch, lease_s)
+                except StoreError as exc:  # the lease may run out: duplicates, never a loss
+                    log.warning("could not renew the lease of %d messages in flight: %s", len(batch), exc)
+                    continue
+                if held < len(batch):
+                    log.warning("%d of %d messages in flight lost their lease (expired and recovered): "
+                                "they may be sent twice", len(batch) - held, len(batch))
 
         renewer = threading.Thread(target=renew, name="zeroloss-lease", daemon=True)
         renewer.start()

@@ -219,12 +219,8 @@ class ClaimsAfterRecording(Protocol):
     """A store that records one batch delivered and claims the next in one transaction: one
     commit (a WAL flush) and one round of connection checkout per batch fewer."""
 
-    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float, *,
-                          in_flight: Sequence[Message] = ()) -> list[Message]:
+    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
         """:meth:`OutboxStore.succeed` then :meth:`OutboxStore.claim`, committed together: the
         claim sees the batch delivered (its keys' next messages may go), and if it fails, neither
-        happened (the delivered ones stay ``sending`` under their lease, to be recorded again).
-        ``in_flight``: the caller's batch the broker has not answered for yet; its messages do
-        not hold their keys back, so the claim may return their keys' next messages — which the
-        caller must not publish before the broker acknowledged every in-flight one of that key."""
+        happened (the delivered ones stay ``sending`` under their lease, to be recorded again)."""
         ...

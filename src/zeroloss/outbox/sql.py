@@ -32,7 +32,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -391,25 +390,15 @@ class SqlOutbox:
             return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(sa.String)))
         return column.in_(values)
 
-    def _blocked_keys(self, conn: sa.Connection, now: float, in_flight: AbstractSet[str] = frozenset()) -> set[str]:
-        """Keys with a message in ``sending`` (other than ``in_flight``), ``failed`` or waiting out
-        a backoff. Excluding them *before* the LIMIT keeps a parked key's backlog from filling
-        every claim window and starving the other keys. Each part is a small set reached through
-        an index."""
+    def _blocked_keys(self, conn: sa.Connection, now: float) -> set[str]:
+        """Keys with a message in ``sending``, ``failed`` or waiting out a backoff. Excluding them
+        *before* the LIMIT keeps a parked key's backlog from filling every claim window and
+        starving the other keys. Each part is a small set reached through an index."""
         t = self.table
         keyed = t.c.key_hash.is_not(None)
+        busy = sa.select(t.c.key_hash).where(t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
         backoff = sa.select(t.c.key_hash).where(t.c.state == State.PENDING.value, t.c.not_before > now, keyed)
-        if not in_flight:
-            busy = sa.select(t.c.key_hash).where(t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
-            return set(conn.scalars(sa.union(busy, backoff)))
-        held = t.c.state.in_((State.SENDING.value, State.FAILED.value))
-        if self._dialect == "postgresql":  # one array parameter: the in-flight rows left out there
-            others = sa.not_(self._among(t.c.id, sorted(in_flight)))
-            return set(conn.scalars(sa.union(sa.select(t.c.key_hash).where(held, keyed, others), backoff)))
-        # Elsewhere the busy rows' ids too, to leave the in-flight ones out here (a batch or two).
-        blocked = {h for h, i in conn.execute(sa.select(t.c.key_hash, t.c.id).where(held, keyed))
-                   if i not in in_flight}
-        return blocked | set(conn.scalars(backoff))
+        return set(conn.scalars(sa.union(busy, backoff)))
 
     def now(self) -> float:
         return self._now()
@@ -442,14 +431,13 @@ class SqlOutbox:
         self._log_claimed(got)
         return got
 
-    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float, *,
-                          in_flight: Sequence[Message] = ()) -> list[Message]:
+    def succeed_and_claim(self, delivered: Sequence[Delivered], limit: int, lease_s: float) -> list[Message]:
         where = {d.message.id: d.location[:255] for d in delivered}
 
         def run(conn: sa.Connection) -> list[Message]:
             if where:
                 self._record(conn, where)
-            return self._claim(conn, min(limit, _MAX_CLAIM), lease_s, in_flight) if limit > 0 else []
+            return self._claim(conn, min(limit, _MAX_CLAIM), lease_s) if limit > 0 else []
 
         got = self._tx(run, "mark messages delivered and claim the next")
         self._log_claimed(got)
@@ -459,21 +447,17 @@ class SqlOutbox:
         if got:
             log.debug("claimed %d messages (%s .. %s) as %s", len(got), got[0].id, got[-1].id, self._token)
 
-    def _claim(self, conn: sa.Connection, limit: int, lease_s: float,
-               in_flight: Sequence[Message] = ()) -> list[Message]:
-        """The claim's statements, in the caller's transaction. ``in_flight``: this relay's batch
-        being published right now; its rows block neither their keys nor the re-check (the relay
-        publishes what this claims only after the broker has answered for them, see relay.py)."""
+    def _claim(self, conn: sa.Connection, limit: int, lease_s: float) -> list[Message]:
+        """The claim's statements, in the caller's transaction."""
         t = self.table
         now = self._now()
-        flying = {m.id for m in in_flight}
         partial = self._dialect == "postgresql" and self._has_partial_indexes(conn)
         if partial:
             # Walk the indexes in id order, whatever the statistics say. A backlog that just
             # arrived (not analyzed yet: the planner believes the table is nearly empty) was
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
             conn.execute(self._claim_plan_pg)
-        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now, flying)))).all()
+        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
         # Re-check after locking: another relay may have claimed (or still hold locked) an
         # earlier message of a candidate's key. The earliest non-candidate row per key that
         # still has to go first blocks that key's candidates from there on.
@@ -482,10 +466,7 @@ class SqlOutbox:
         if keyed:
             candidates = {r.id for r in rows}
             if partial:  # without its index, walking each key in id order would walk its history
-                # Per key: its candidates, plus its in-flight rows (which come first in id order).
                 per_key = Counter(r.key_hash for r in keyed)
-                ahead = Counter(key_hash(m.key) for m in in_flight if m.key is not None)
-                per_key = Counter({h: c + ahead[h] for h, c in per_key.items()})
                 found = conn.execute(self._recheck_pg, {
                     "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
                     "max": max(r.id for r in keyed)})
@@ -496,7 +477,7 @@ class SqlOutbox:
                     t.c.id <= max(r.id for r in keyed),
                 ))
             for h, i in found:
-                if i not in candidates and i not in flying and (h not in blockers or i < blockers[h]):
+                if i not in candidates and (h not in blockers or i < blockers[h]):
                     blockers[h] = i
         chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
         # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
