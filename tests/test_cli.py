@@ -248,3 +248,18 @@ def test_tmp_grace_keeps_a_running_transaction_from_its_resolver(tmp_path: Path,
     assert gone.returncode == 0, gone.stderr
     assert _states(root) == {}  # with the default 60 s it was asked, and discarded
     assert "rolled back; tmp file discarded" in gone.stderr
+
+
+@pytest.mark.parametrize(("opts", "batch"), [([], 2000), (["--batch-size", "700"], 700)], ids=["default", "given"])
+def test_a_relay_to_kafka_batches_2000_unless_told(opts: list[str], batch: int, tmp_path: Path, kafka: object) -> None:
+    """Kafka: one transaction per batch, so a bigger default (500 for the other brokers:
+    tests/test_cli_output.py); --batch-size still wins."""
+    source = f"sqlite:///{tmp_path / 'outbox.db'}"
+    assert run("init", "--source", source)[0] == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "zeroloss", "relay", "--source", source, "--target", kafka.url,  # type: ignore[attr-defined]
+         "--drain", *opts], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    start = next(line for line in proc.stderr.splitlines() if "relay started" in line)
+    assert f"(batch {batch}," in start, start
