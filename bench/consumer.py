@@ -41,12 +41,17 @@ def fill(bootstrap: str, topic: str, n: int) -> None:
     assert p.flush(60) == 0, "messages left unflushed"
 
 
+def plain_consumer(bootstrap: str, topic: str, prefix: str) -> Any:
+    """A confluent-kafka consumer in a new group, offsets committed by hand, from the start."""
+    c = kafka_module().Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-{uuid.uuid4().hex[:8]}",
+                                 "enable.auto.commit": False, "auto.offset.reset": "earliest", **GROUP_CONF})
+    c.subscribe([topic])
+    return c
+
+
 def bare(bootstrap: str, topic: str, n: int) -> float:
     """Seconds for a bare consumer to read n messages, committing synchronously per batch."""
-    ck = kafka_module()
-    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"bare-{uuid.uuid4().hex[:8]}",
-                     "enable.auto.commit": False, "auto.offset.reset": "earliest", **GROUP_CONF})
-    c.subscribe([topic])
+    c = plain_consumer(bootstrap, topic, "bare")
     seen, started = 0, 0.0
     try:
         while seen < n:
@@ -64,14 +69,11 @@ def bare(bootstrap: str, topic: str, n: int) -> float:
 def hand_written(bootstrap: str, topic: str, n: int) -> float:
     """Seconds for the blog-post consumer: per batch of up to 500, INSERT the effect rows with one
     executemany, COMMIT, then commit the offsets synchronously. At-least-once, no dedup."""
-    ck = kafka_module()
     engine = sa.create_engine(PG)
     effects = sa.Table(f"bench_hand_{uuid.uuid4().hex[:8]}", sa.MetaData(),
                        sa.Column("id", sa.String(64), nullable=False))
     effects.create(engine)
-    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": f"hand-{uuid.uuid4().hex[:8]}",
-                     "enable.auto.commit": False, "auto.offset.reset": "earliest", **GROUP_CONF})
-    c.subscribe([topic])
+    c = plain_consumer(bootstrap, topic, "hand")
     seen, started = 0, 0.0
     try:
         while seen < n:

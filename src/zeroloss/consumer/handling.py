@@ -274,22 +274,19 @@ class Handling:
 
     def call(self, msg: Received, tx: Any) -> None:
         assert self.handler is not None
-        try:
-            self.handler(msg, tx)
-        except Exception as exc:
-            raise HandlerFailed(exc) from exc
-        self._check_not_aborted(tx)
+        self._guarded(self.handler, msg, tx)
 
     def call_many(self, msgs: list[Received], tx: Any) -> None:
         assert self.handle_many is not None
-        try:
-            self.handle_many(msgs, tx)
-        except Exception as exc:
-            raise HandlerFailed(exc) from exc
-        self._check_not_aborted(tx)
+        self._guarded(self.handle_many, msgs, tx)
 
     @staticmethod
-    def _check_not_aborted(tx: Any) -> None:
+    def _guarded(fn: Callable[[Any, Any], None], arg: Any, tx: Any) -> None:
+        """``fn(arg, tx)``; HandlerFailed when it raised or left its transaction aborted."""
+        try:
+            fn(arg, tx)
+        except Exception as exc:
+            raise HandlerFailed(exc) from exc
         if transaction_aborted(tx):
             raise HandlerFailed(TransactionAborted(
                 "the handler returned after a database error it caught: its transaction is aborted and "
