@@ -85,7 +85,11 @@ def test_a_failing_message_waits_on_retry_topics_while_its_partition_flows(kafka
             raise ValueError(f"{msg.value!r} failed attempt {msg.attempts}")
         db.record(msg, tx)
 
-    c.run_until_idle(idle_s=2.0, timeout_s=120)
+    # Until both have run out their retries, not merely 2 s without a message: on the cluster a
+    # retry topic created at start may reach this consumer's metadata only at its next refresh (10 s).
+    deadline = time.monotonic() + 60
+    while (len(runs.get(flaky.id, ())) < 3 or len(runs.get(broken.id, ())) < 3) and time.monotonic() < deadline:
+        c.run_until_idle(idle_s=2.0, timeout_s=120)
     c.close()
     # every message's effect exactly once; the broken one has none and is a dead letter
     assert db.counts() == Counter({m.id: 1 for m in msgs if m is not broken})
