@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from tests.broker_harness import harness
 from tests.conftest import require_service, unique_topic
 from tests.effects_db import make_db
+from tests.waiting import wait_until
 from zeroloss.brokers.base import Status
 from zeroloss.cli import main
 from zeroloss.consumer import Consumer
@@ -101,7 +102,13 @@ def test_a_topic_that_does_not_exist_is_bad_usage_not_zero_dead_letters(kafka: A
     assert typo.exit_code == 2 and "no topic" in typo.output and "check the name" in typo.output
     topic = unique_topic("orders")  # exists, has never dead-lettered anything: an honest zero
     kafka.admin().create_topics([NewTopic(topic, 1, 3)])[topic].result(30)
-    fine = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, "--topic", topic])
+    # A topic just created reaches the other brokers' metadata a moment later: until then the one
+    # that answers says "no topic" (it did in a CI check), so ask until the cluster agrees.
+    def listed() -> Any:
+        result = CliRunner().invoke(main, ["dlq", "list", "--target", kafka.url, "--topic", topic])
+        return result if result.exit_code == 0 else None
+
+    fine = wait_until(listed, 30, f"{topic} in every broker's metadata", interval=0.5)
     assert fine.exit_code == 0 and f"0 dead letter(s) in {topic}.dlq" in fine.output, fine.output
 
 
