@@ -193,7 +193,13 @@ class Jvm:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {title}: {shlex.join(cmd)}\n")
         done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
                               start_new_session=True, check=True, cwd=self.dir)
-        self.pid_file.write_text(done.stdout.strip() + "\n")
+        pid = int(done.stdout.strip())
+        self.pid_file.write_text(f"{pid}\n")
+        # Until the forked shell has exec'd java its command line is the shell's, and pid() would
+        # say "not running" (a restart check read that as "exited"): wait for the exec or the exit.
+        deadline = time.monotonic() + 10
+        while not self._is_me(pid) and pid_state(pid) not in (None, "Z", "X") and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def wait_exit(jvms: Iterable[Jvm], timeout: float) -> bool:
