@@ -210,7 +210,6 @@ class LetterPublisher:
                 producer.shutdown()
 
 
-# -- consuming -----------------------------------------------------------------------------------
 
 
 def _settings_consumer(rmq: Any) -> Any:
