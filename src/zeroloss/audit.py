@@ -165,8 +165,8 @@ class _RocketMQReader:
     QUERY_MESSAGE through the name server's brokers) and checks it carries our id."""
 
     def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
-        from zeroloss.brokers.rocketmq import check_url
         from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+        from zeroloss.brokers.rocketmq_url import check_url
 
         config = check_url(url)
         self.idle_s = idle_s

@@ -109,7 +109,7 @@ def _out_of_order(by_key: dict[bytes, list[str]] | dict[str, list[int]]) -> int:
 def _rocketmq_view(run: Run) -> BrokerView:
     """The topic as the RocketMQ brokers keep it, pulled from every queue over the remoting protocol
     without a group (what ``zeroloss dlq`` reads with): a SimpleConsumer's acks remove nothing."""
-    from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+    from zeroloss.brokers.rocketmq_reader import RocketMQReader
 
     copies: Counter[str] = Counter()
     by_key: dict[bytes, list[str]] = {}

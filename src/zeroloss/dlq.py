@@ -115,7 +115,7 @@ def _scan(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, No
         yield from _scan_kafka(url, topic, timeout_s=timeout_s)
         return
     if scheme_of(url) == "rocketmq":  # the remoting protocol, which the gRPC publisher does not speak
-        from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+        from zeroloss.brokers.rocketmq_reader import RocketMQReader
 
         for stored in RocketMQReader(url, timeout_s=timeout_s).read(topic):
             yield _stored(topic, stored)

@@ -30,7 +30,6 @@ What is checked, and what each can lose:
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from zeroloss.doctor.base import Check, Verdict
@@ -41,8 +40,10 @@ SYNC_FIX = "set flushDiskType=SYNC_FLUSH in broker.conf and restart the broker"
 
 def rocketmq_checks(url: str, *, topic: str | None = None, group: str | None = None, min_replication: int = 3,
                     relay_timeout_s: float = 30.0, timeout_s: float = 10.0) -> list[Check]:
-    from zeroloss.brokers.rocketmq import CLIENT_SEND_ATTEMPTS, check_url, rocketmq_topic
+    from zeroloss.brokers.rocketmq import CLIENT_SEND_ATTEMPTS
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+    from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+    from zeroloss.brokers.rocketmq_url import check_url
 
     config = check_url(url)
     checks = [_proxy_check(config.endpoint, timeout_s)]
@@ -107,11 +108,10 @@ def rocketmq_checks(url: str, *, topic: str | None = None, group: str | None = N
 
 
 def _proxy_check(endpoint: str, timeout_s: float) -> Check:
-    host, _, port = endpoint.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
+    from zeroloss.brokers.rocketmq_client import proxy_refusal
+
+    exc = proxy_refusal(endpoint, timeout_s)
+    if exc is not None:
         return Check("rocketmq proxy", Verdict.FAIL, f"{endpoint}: {type(exc).__name__}: {exc}",
                      "start the proxy (mqbroker --enable-proxy, or mqproxy) or fix --target")
     return Check("rocketmq proxy", Verdict.OK, f"{endpoint} (gRPC) accepts connections")
