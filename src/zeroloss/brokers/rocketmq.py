@@ -1,45 +1,8 @@
 """Apache RocketMQ 5 adapter, publishing side: the official gRPC client (rocketmq-python-client,
-``zeroloss[rocketmq]``) sends to the broker's gRPC proxy, synchronously acknowledged.
-(Over 400 lines: the URL, the send and its error classes, and the TopicAdmin of one broker, kept
-together as for every adapter; the remoting protocol itself is rocketmq_admin.py.)
-
-**URL.** ``rocketmq://[ACCESS_KEY:SECRET_KEY@]HOST:PORT[?namesrv=HOST:PORT[;HOST:PORT]][&cluster=NAME]``:
-HOST:PORT is the gRPC proxy endpoint (``8081`` in RocketMQ's own configuration; the test server's is
-18081). The name server is needed only for admin work — ``zeroloss init``/``doctor``, the demo's
-clean-up — which the proxy does not offer; by default it is the proxy's host on RocketMQ's default
-name server port 9876. ``cluster`` limits topic and group creation to one broker cluster (default:
-every master the name server knows).
-
-**Delivered means SEND_OK.** The proxy turns the broker's ``FLUSH_DISK_TIMEOUT``,
-``FLUSH_SLAVE_TIMEOUT`` and ``SLAVE_NOT_AVAILABLE`` into the codes MASTER_PERSISTENCE_TIMEOUT,
-SLAVE_PERSISTENCE_TIMEOUT and HA_NOT_AVAILABLE, which the client raises: those are never DELIVERED.
-They are the broker's state, not the message's, so they are broker-wide (no attempt spent; the
-message may be stored all the same and is sent again: the consumer's inbox drops the copy). How
-durable SEND_OK is depends on the broker: ``flushDiskType=SYNC_FLUSH`` answers after the fsync,
-``SYNC_MASTER`` after a slave has it; ``zeroloss doctor`` checks both.
-
-**Order.** A key becomes the message group (the FIFO "sharding key": one group goes to one queue,
-stored in send order) and a message key (the broker's index, ``mqadmin queryMsgByKey``). Only a
-FIFO topic keeps a group's order for its consumers, so ``zeroloss init`` makes FIFO topics. On a
-NORMAL topic the client refuses messages with a group: keyed messages go there without one and
-have no order (a warning says so once per topic). Messages without a key get their own id as
-group on a FIFO topic (no order promised, spread over the queues). A batch goes in key waves
-(:mod:`zeroloss.brokers._batch`): every key concurrently, one key's messages one after another.
-
-**Carried.** ``zeroloss-id`` as a user property and as a second message key (so ``queryMsgByKey``
-finds a message by our id); the exact key bytes in ``zeroloss-key`` (text or ``b64:``); headers as
-user properties (text values as is, other bytes ``b64:``; one value per name). RocketMQ refuses an
-empty body: such a message is REJECTED. Topic names allow only ``[%|a-zA-Z0-9_-]``, so ``.``
-becomes ``_`` (:func:`rocketmq_topic`: ``orders.dlq`` is the RocketMQ topic ``orders_dlq``).
-
-**Outcomes.** SEND_OK → DELIVERED, location ``topic/message-id/queue-offset`` (:func:`location`). Refused for
-the message itself (bad property, too large, wrong message type for the topic, empty body) →
-REJECTED. The topic does not exist → RETRY (``zeroloss init`` creates it). Unreachable proxy,
-timeouts, persistence/HA failures, flow control (TOO_MANY_REQUESTS), internal errors, refused
-credentials → broker-wide: BrokerError when nothing was answered, else the answered part stands
-and the rest is UNDECIDED; the producer is then made anew (a new gRPC channel reconnects at once,
-an old one may sit in its reconnect backoff).
-"""
+``zeroloss[rocketmq]``) sends to the broker's gRPC proxy, synchronously acknowledged; delivered
+means SEND_OK. A key becomes the FIFO message group and a message key; a batch goes in key waves.
+Also RocketMQ's TopicAdmin, through :mod:`zeroloss.brokers.rocketmq_admin`. The URL, what
+SEND_OK means, order, what is carried and the outcomes: docs/design.md, "brokers/rocketmq.py"."""
 
 from __future__ import annotations
 

@@ -1,60 +1,9 @@
-"""Consuming Apache RocketMQ 5 through its gRPC proxy (rocketmq-python-client's SimpleConsumer), and
-reading a topic back without consuming it (``zeroloss dlq``) through the broker's remoting protocol.
-(Over 400 lines: the subscription, its dead-letter publisher and the dead-letter reader of one broker.)
-
-**Receiving.** One SimpleConsumer in the consumer group (the group must exist: ``zeroloss init
---group`` or ``mqadmin updateSubGroup``; the proxy refuses a group it does not know; on a FIFO
-topic it must be orderly, ``-o true``, else it is refused: it would take a key's messages out of order). ``receive``
-makes a message invisible to the group for ``invisible_s`` (RocketMQ's minimum is 10 s); it is
-acked only after the inbox transaction committed. A group's first receive on a queue would start
-at its last message (the proxy's pop, unless the first is still in memory): before receiving, the
-group's queues without an offset are set to their first message (as ``zeroloss init --group`` does).
-While zeroloss holds a message — its handler
-running, its retries' backoff, waiting behind earlier messages of the batch — a background thread
-extends the invisibility (``change_invisible_duration``) every ``invisible_s / 3``, so a slow
-handler does not see its message handed to another consumer mid-work. Extending is not a delivery
-(measured on 5.5.0: ``delivery_attempt`` stays); each redelivery (a consumer died, or
-:meth:`RocketMQSubscription.release` gave it back) is. Every extension returns a new receipt handle
-and an ack with a stale one is answered OK yet does nothing, so acks and extensions of one
-subscription are serialized under a lock.
-
-**Delivery limit.** The group's ``retryMaxTimes`` (16 by default) is what the proxy sends the
-client as ``backoff_policy.max_attempts`` (retryMaxTimes + 1 deliveries); that is
-``max_deliveries``. The broker's own count (``delivery_attempt``) feeds ``Delivery.delivered``, so
-the consumer dead-letters a message itself, with its error, at its second-to-last delivery.
-
-**Dead letters go to zeroloss's ``<topic>.dlq``, not RocketMQ's ``%DLQ%<group>``.** RocketMQ's DLQ
-keeps the message but not why it failed (no error, no attempt count we can set), it is per group
-rather than per topic, and its topic is created with read permission off. zeroloss's letter keeps
-the origin and the error headers of :mod:`zeroloss.consumer.dead_letters`, like every other broker,
-and ``zeroloss dlq`` reads and replays it. If RocketMQ's limit is reached anyway (the group's
-``retryMaxTimes`` lowered behind a running consumer's back, or a consumer dying at every delivery
-faster than it can dead-letter), RocketMQ moves the message to ``%DLQ%<group>`` by itself: nothing
-is lost, but it carries no error headers and ``zeroloss dlq`` does not see it (``mqadmin
-queryMsgByKey`` does).
-
-**Names.** RocketMQ topic names allow ``[A-Za-z0-9_-%|]``, no dots; zeroloss topics allow dots
-(``orders.dlq``). :func:`rocketmq_topic` maps them as the relay's publishing side does: ``.`` →
-``_`` (``orders.dlq`` is ``orders_dlq``). The dead-letter topic must exist like every RocketMQ
-topic (``zeroloss init`` makes it; auto-creation is off on a production broker). RocketMQ refuses
-an empty body: a dead letter of an empty message is refused for good, and so parked in a file
-(:mod:`zeroloss.consumer.dead_letters`).
-
-**Message fields** (what the relay's publish side writes): ``zeroloss-id`` user property = the id
-(else RocketMQ's own message id, stable across redeliveries); the key is the ``zeroloss-key``
-property (a zeroloss message without it has no key: its message keys and FIFO group are the
-relay's choice, e.g. its id); a foreign message's key is its first message key, else its message
-group; our headers are user properties, text as is, other bytes ``b64:`` + base64
-(:func:`zeroloss.brokers._batch.value_bytes`).
-
-**Reading without consuming** (:class:`RocketMQReader`, ``zeroloss dlq``) uses the broker's
-remoting protocol, which the gRPC proxy does not offer: the name server's route names each broker
-and queue; each queue is pulled from its min to its max offset as the built-in ``TOOLS_CONSUMER``
-group (what ``mqadmin`` uses) without committing an offset. No group's position moves, nothing is
-acked, every group still gets every message. A SimpleConsumer in a throwaway group was the other
-way: it needs a group created and deleted per read, and "the end" is only a receive that came back
-empty. The name server is ``?namesrv=HOST:PORT`` in the URL (default: the proxy's host, port 9876).
-"""
+"""Consuming Apache RocketMQ 5 through its gRPC proxy (rocketmq-python-client's SimpleConsumer): a
+received message stays invisible to the group while zeroloss holds it (extended in the background)
+and is acked after the inbox commit; the group's retry limit is ``max_deliveries``; dead letters
+go to zeroloss's ``<topic>.dlq`` through :class:`LetterPublisher`. Reading a topic without
+consuming it is :mod:`zeroloss.brokers.rocketmq_reader`. Receiving, the delivery limit, dead
+letters, names and message fields: docs/design.md, "brokers/rocketmq_subscription.py"."""
 
 from __future__ import annotations
 
