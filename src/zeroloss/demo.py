@@ -40,7 +40,7 @@ from typing import Any
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
 from zeroloss.brokers.base import GroupAdmin, Reachable, TopicAdmin, TopicSpec
-from zeroloss.consumer import Consumer, Received
+from zeroloss.consumer import Consumer, ConsumerSettings, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
 from zeroloss.inbox import SqlInbox
@@ -210,7 +210,7 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
         # its inbox row, so the relay's duplicates are skipped, never billed twice.
         inbox = SqlInbox(outbox.engine)
         inbox.create_schema()
-        billing = Consumer(run.url, group=run.group, topics=[run.topic], inbox=inbox, config=run.consumer_config)
+        billing = Consumer(run.url, run.group, [run.topic], inbox, ConsumerSettings(config=run.consumer_config))
 
         @billing.handler
         def bill(msg: Received, tx: Any) -> None:
