@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from zeroloss import metrics
-from zeroloss.brokers.kafka import ensure_topics, kafka_module
+from zeroloss.brokers.kafka_client import ensure_topics, kafka_module
 from zeroloss.consumer.dead_letters import DeadLetterPublisher, dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_txn import TxnAborted

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from zeroloss.brokers.kafka import kafka_module, parse_bootstrap, producer_config
+from zeroloss.brokers.kafka_client import kafka_module, parse_bootstrap, producer_config
 from zeroloss.message import ID_HEADER, Message, new_message
 
 log = logging.getLogger(__name__)

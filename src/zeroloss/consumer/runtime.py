@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from zeroloss import metrics
 from zeroloss.brokers.base import DLQ_SUFFIX
-from zeroloss.brokers.kafka import parse_bootstrap
+from zeroloss.brokers.kafka_client import parse_bootstrap
 from zeroloss.consumer.dead_letters import DeadLetterPublisher, ParkingLot
 from zeroloss.consumer.handlers import RegisteredHandler
 from zeroloss.consumer.handling import Handling

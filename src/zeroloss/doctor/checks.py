@@ -107,7 +107,7 @@ def run_doctor(
 
 
 def producer_checks(bootstrap: str) -> list[Check]:
-    from zeroloss.brokers.kafka import producer_config
+    from zeroloss.brokers.kafka_client import producer_config
 
     conf = producer_config(bootstrap, "zeroloss-relay-doctor", 30.0)
     fix = "zeroloss sets this itself; remove the override from the relay's producer config"
@@ -146,7 +146,7 @@ def consumer_checks() -> list[Check]:
 
 
 def _admin_module() -> Any:
-    from zeroloss.brokers.kafka import admin_module
+    from zeroloss.brokers.kafka_client import admin_module
 
     return admin_module()
 
@@ -195,7 +195,7 @@ def _on_one_node(c: Check) -> Check:
 
 
 def _kafka_checks(url: str, *, topic: str | None, min_replication: int, timeout_s: float) -> list[Check]:
-    from zeroloss.brokers.kafka import parse_bootstrap
+    from zeroloss.brokers.kafka_client import parse_bootstrap
 
     bootstrap = parse_bootstrap(url)
     checks = producer_checks(bootstrap) + consumer_checks()
