@@ -97,7 +97,7 @@ def nats_headers(m: Message) -> dict[str, str]:
 
 
 class NatsBroker:
-    """Publishes batches to JetStream; see the module docstring."""
+    """Publishes batches to JetStream; see docs/design.md, "brokers/nats.py"."""
 
     def __init__(
         self,

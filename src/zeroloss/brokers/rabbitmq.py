@@ -66,7 +66,7 @@ async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> Non
 
 
 class RabbitBroker:
-    """Publishes batches to RabbitMQ with publisher confirms; see the module docstring."""
+    """Publishes batches to RabbitMQ with publisher confirms; see docs/design.md, "brokers/rabbitmq.py"."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
                  connection_name: str = "zeroloss-relay") -> None:
@@ -131,7 +131,7 @@ class RabbitBroker:
             raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
-        """Declare each topic's exchanges and quorum queues (see the module docstring)."""
+        """Declare each topic's exchanges and quorum queues (docs/design.md, "brokers/rabbitmq.py")."""
         spec = spec or TopicSpec()
         if spec.partitions is not None:
             raise ConfigError("RabbitMQ queues have no partitions; --partitions is for Kafka")

@@ -64,7 +64,7 @@ def entry_id(fields: dict[bytes, bytes]) -> str | None:
 
 
 class RedisStreamBroker:
-    """Publishes batches to Redis Streams; see the module docstring."""
+    """Publishes batches to Redis Streams; see docs/design.md, "brokers/redis.py"."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, replicas: int = 0) -> None:
         self._r = redis_module()

@@ -71,7 +71,7 @@ def parse_location(text: str) -> tuple[str, str, int] | None:
 
 
 class RocketMQBroker:
-    """Publishes batches through a RocketMQ 5 gRPC proxy; see the module docstring. Also the
+    """Publishes batches through a RocketMQ 5 gRPC proxy; see docs/design.md, "brokers/rocketmq.py". Also the
     :class:`~zeroloss.brokers.base.TopicAdmin` of RocketMQ (through the name server)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, queues: int = 4) -> None:

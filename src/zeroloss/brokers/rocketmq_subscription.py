@@ -141,7 +141,8 @@ class _Held:
 
 
 class RocketMQSubscription:
-    """A :class:`~zeroloss.brokers.subscription.Subscription` on RocketMQ; see the module docstring.
+    """A :class:`~zeroloss.brokers.subscription.Subscription` on RocketMQ; see docs/design.md,
+    "brokers/rocketmq_subscription.py".
 
     ``invisible_s``: how long a received message stays invisible to the rest of the group without
     an extension (at least 10): after a consumer crash, its messages come back after this long.

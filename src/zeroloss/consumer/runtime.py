@@ -1,25 +1,6 @@
 """The consumer runtime: :class:`Consumer` — ``handler(msg, tx)`` inside one inbox transaction per
 message; acks and offsets only after the work they cover is done.
-
-It holds the settings, the handler and the counters, and runs one of two loops: Kafka's offsets and
-rebalances (:mod:`.kafka_loop`) or a message-by-message :class:`~zeroloss.brokers.subscription.
-Subscription` (:mod:`.subscription_loop`). Both hand every message to the one handling loop
-(:mod:`.handling`: attempts, backoff, outages, dead letters). SIGTERM/SIGINT (handlers installed
-by :meth:`Consumer.run` in the main thread) or :meth:`Consumer.stop` let the handler call in
-flight finish; a message waiting out a retry backoff is left for redelivery; what is done is
-committed and the client closed.
-
-Claims older than ``inbox_retention_s`` (7 days) are purged hourly; a redelivery later than that
-would run again, so keep it above the longest possible redelivery delay. With ``inbox=None``
-there is no dedup (at-least-once) and ``tx`` is None; with ``transactional=True`` (Kafka, no
-inbox) the handler produces through ``tx.send`` and outputs, dead letters and offsets commit in
-one Kafka transaction per batch (:mod:`.kafka_txn`). The details are in ``docs/design.md``.
-
-What it says (logger ``zeroloss.consumer``, INFO): a start line (source, group, topics, inbox,
-settings; passwords masked), a progress line every ``progress_every_s`` while it works
-(processed, rate, duplicates, retries, dead letters, lag where the broker tells it), outage and
-"is back" lines from the loops, and a summary when it stops.
-"""
+The details: docs/design.md, "consumer/runtime.py"."""
 
 from __future__ import annotations
 

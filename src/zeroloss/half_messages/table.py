@@ -183,7 +183,7 @@ class HalfMessageTable:
 
     def resolve(self, half_id: str, topic: str = "") -> Resolution:
         """Did the local transaction of ``half_id`` commit? Fences it into ROLLBACK if it did not
-        (see the module's docstring); UNKNOWN when the database cannot tell now."""
+        (docs/design.md, "half_messages"); UNKNOWN when the database cannot tell now."""
         if not _UUID_RE.match(half_id):
             log.error("half message id %r is not a zeroloss id: UNKNOWN", half_id)
             return Resolution.UNKNOWN
