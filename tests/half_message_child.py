@@ -42,14 +42,14 @@ def main(argv: list[str]) -> int:
             print("ready", flush=True)
             stop.wait()
         return 0
-    make_id = half_messages.uuid7
+    make_id = half_messages.uuid7  # type: ignore[attr-defined]
 
     def announced_id() -> str:  # the id, printed before anything is sent, so the test knows it
         value = make_id()
         print(f"id {value}", flush=True)
         return value
 
-    half_messages.uuid7 = announced_id
+    half_messages.uuid7 = announced_id  # type: ignore[attr-defined]
     if mode == "after-local-commit":
         from rocketmq.v5.producer.producer import Transaction
 
