@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 MIN_INVISIBLE_S = 10  # the proxy refuses a receive with less ("the invisibleTime is too small")
 MAX_RECEIVE_BATCH = 32  # the proxy's receive_batch_size
 # Exceptions of the client that say the message itself is wrong: the same send fails the same way.
+# ValueError: a topic name RocketMQ cannot have (rocketmq_topic), which the proxy would refuse too.
 _REFUSED = ("BadRequestException", "PayloadTooLargeException", "PayloadEmptyException",
-            "RequestHeaderFieldsTooLargeException", "IllegalArgumentException")
+            "RequestHeaderFieldsTooLargeException", "IllegalArgumentException", "ValueError")
 
 
 def client_config(url: str, timeout_s: float) -> Any:
@@ -154,7 +155,10 @@ class RocketMQSubscription:
         self.url = url
         self.group = group
         self.topics = list(topics)
-        self._by_name = {rocketmq_topic(t): t for t in self.topics}
+        try:
+            self._by_name = {rocketmq_topic(t): t for t in self.topics}
+        except ValueError as exc:  # a name no RocketMQ topic can have: no subscription could ever receive
+            raise ConfigError(str(exc)) from None
         if invisible_s < MIN_INVISIBLE_S:
             raise ConfigError(f"invisible_s={invisible_s}: RocketMQ's proxy refuses less than {MIN_INVISIBLE_S} s")
         self.invisible_s = math.ceil(invisible_s)
