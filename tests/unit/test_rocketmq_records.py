@@ -26,7 +26,7 @@ def record(body: bytes, *, magic: int = MAGIC_V1, sysflag: int = 0, topic: str =
     return struct.pack(">iIi", 12 + len(rest), magic, 0) + rest
 
 
-@pytest.mark.parametrize("magic", [MAGIC_V1, MAGIC_V2])
+@pytest.mark.parametrize("magic", [MAGIC_V1, MAGIC_V2], ids=["v1", "v2"])
 def test_both_record_versions_decode(magic: int) -> None:
     (m,) = decode_messages(record(b"hello", magic=magic))
     assert (m.topic, m.queue_id, m.queue_offset, m.store_timestamp_ms, m.body) == ("orders", 3, 7, 2_000, b"hello")
