@@ -255,8 +255,10 @@ def rocketmq_harness(url: str) -> BrokerHarness:
     """Topics are FIFO, made ahead (the server does not auto-create them), read back queue by queue
     with PULL_MESSAGE: each key's messages sit in one queue (its message group), in stored order."""
     from zeroloss.brokers._batch import value_bytes
-    from zeroloss.brokers.rocketmq import RocketMQBroker, check_url, rocketmq_topic
+    from zeroloss.brokers.rocketmq import RocketMQBroker
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+    from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+    from zeroloss.brokers.rocketmq_url import check_url
 
     admin = RocketMQAdmin(check_url(url).namesrv)
 

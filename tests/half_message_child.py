@@ -22,8 +22,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from zeroloss import half_messages
 from zeroloss.half_messages import HalfMessageProducer, HalfMessageTable
+from zeroloss.half_messages import producer as half_messages  # where send() takes uuid7 from
 
 
 def _kill_me(*_: Any) -> None:

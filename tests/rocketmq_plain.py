@@ -14,7 +14,7 @@ from typing import Any
 from tests.rocketmq_server import RocketMQServer
 from zeroloss.brokers._batch import KEY_HEADER, text_value
 from zeroloss.brokers.base import Outcome, Status
-from zeroloss.brokers.rocketmq_subscription import rocketmq_topic
+from zeroloss.brokers.rocketmq_fields import rocketmq_topic
 from zeroloss.message import ID_HEADER, Message
 
 

@@ -63,11 +63,10 @@ from tests.jvm_service import (
     stop,
     tail,
 )
-from zeroloss.brokers.rocketmq_admin import (  # noqa: F401 - RequestCode, ResponseCode, remoting_call: for tests
-    MESSAGE_TYPES,
+from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+from zeroloss.brokers.rocketmq_remoting import (  # noqa: F401 - RequestCode, ResponseCode, remoting_call: for tests
     RequestCode,
     ResponseCode,
-    RocketMQAdmin,
     remoting_call,
 )
 

@@ -398,7 +398,8 @@ def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_at
 
 
 def test_rocketmq_urls_name_the_proxy_the_name_server_and_credentials() -> None:
-    from zeroloss.brokers.rocketmq import check_url, rocketmq_topic
+    from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+    from zeroloss.brokers.rocketmq_url import check_url
 
     u = check_url("rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876")
     assert (u.endpoint, u.namesrv, u.cluster, u.access_key) == ("127.0.0.1:18081", "127.0.0.1:19876", None, "")
@@ -584,7 +585,7 @@ def test_rocketmq_the_clients_failed_heartbeat_callbacks_are_not_logged_as_error
 
     import grpc
 
-    from zeroloss.brokers.rocketmq import rocketmq_module
+    from zeroloss.brokers.rocketmq_client import rocketmq_module
 
     rocketmq_module()
     down = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")

@@ -73,8 +73,8 @@ def test_the_demo_runs_against_an_external_kafka(kafka: Any) -> None:
 def test_the_demo_runs_against_rocketmq_and_cleans_up(rocketmq: Any) -> None:
     """Issue 13's "done when": outbox -> relay (SIGKILLed) -> RocketMQ -> consumer with inbox, lost 0
     and double effects 0; the topics and the consumer group it declared are gone after it."""
-    from zeroloss.brokers.rocketmq import rocketmq_topic
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+    from zeroloss.brokers.rocketmq_fields import rocketmq_topic
 
     text, topic = _demo_against(rocketmq.zeroloss_url)
     assert "(RocketMQ)" in text

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from tests.conftest import MARIADB_URL, PG_URL, only_in_the_full_crash_matrix, require_service
 from tests.rocketmq_server import RocketMQServer, receive
-from zeroloss.brokers.rocketmq_admin import RequestCode
+from zeroloss.brokers.rocketmq_remoting import RequestCode
 from zeroloss.errors import BrokerError, ConfigError, MessageError, StoreError, TransactionLostError
 from zeroloss.half_messages import CheckBack, HalfMessageProducer, HalfMessageTable, Resolution
 from zeroloss.message import ID_HEADER, uuid7

@@ -11,7 +11,7 @@ import pytest
 from tests.broker_harness import AMQP_URL, harness
 from tests.conftest import unique_topic
 from zeroloss.brokers.base import Status
-from zeroloss.brokers.rabbitmq import RabbitSubscription
+from zeroloss.brokers.rabbitmq_subscription import RabbitSubscription
 from zeroloss.brokers.subscription import Delivery
 from zeroloss.consumer import dead_letters as dlq
 from zeroloss.errors import BrokerError

@@ -9,7 +9,8 @@ import pytest
 
 from tests import rocketmq_plain
 from tests.rocketmq_server import RocketMQServer
-from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription, rocketmq_topic
+from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription
 from zeroloss.brokers.subscription import Delivery
 from zeroloss.errors import ConfigError
 from zeroloss.message import new_message

@@ -22,7 +22,10 @@ from tests import rocketmq_plain
 from tests.effects_db import Db, make_db
 from tests.rocketmq_server import RocketMQServer, receive
 from zeroloss.brokers.base import Status
-from zeroloss.brokers.rocketmq_subscription import RocketMQReader, RocketMQSubscription, parse_url, rocketmq_topic
+from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+from zeroloss.brokers.rocketmq_reader import RocketMQReader
+from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription
+from zeroloss.brokers.rocketmq_url import parse_url
 from zeroloss.brokers.subscription import Subscription
 from zeroloss.cli import main
 from zeroloss.consumer import Consumer, Received
@@ -358,7 +361,8 @@ def test_a_client_starts_on_a_thread_that_an_asyncio_run_left_without_an_event_l
 
 def test_errors_never_print_the_urls_secret_key() -> None:
     """A bad URL and an unreachable proxy are reported with the URL's secret key masked."""
-    from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription, parse_url
+    from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription
+    from zeroloss.brokers.rocketmq_url import parse_url
 
     with pytest.raises(ConfigError) as bad:
         parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere")

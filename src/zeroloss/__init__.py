@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from zeroloss.brokers.nats import NatsBroker
     from zeroloss.brokers.rabbitmq import RabbitBroker
     from zeroloss.brokers.redis import RedisStreamBroker
-    from zeroloss.consumer import Consumer
+    from zeroloss.consumer import Consumer, ConsumerSettings
     from zeroloss.inbox import Inbox, RedisInbox, SqlInbox
     from zeroloss.logs import logging_setup
     from zeroloss.outbox.spool import FileSpool
@@ -55,6 +55,7 @@ _LAZY = {
     "NatsBroker": "zeroloss.brokers.nats",
     "RedisStreamBroker": "zeroloss.brokers.redis",
     "Consumer": "zeroloss.consumer",
+    "ConsumerSettings": "zeroloss.consumer",
     "Received": "zeroloss.received",
     "PoisonMessage": "zeroloss.received",
     "Inbox": "zeroloss.inbox",
@@ -85,6 +86,7 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "Consumer",
+    "ConsumerSettings",
     "Delivered",
     "FileSpool",
     "Inbox",

@@ -1,28 +1,6 @@
 """``zeroloss audit``: end-to-end reconciliation of the outbox's ``success`` ledger against the
 broker and, optionally, a consumer group's inbox.
-
-* **Broker:** every ``success`` message recorded where the broker put it (``topic/partition/
-  offset``). Kafka: the audit reads those positions back — per page of the ledger, per partition, one
-  seek to the lowest recorded offset and forward to the highest, with ``assign()`` (no group
-  join, nothing committed) — and confirms the record at each offset carries that ``zeroloss-id``.
-  A message is *missing* when its topic or partition is gone, the partition ends before it, or
-  another record sits at its offset (the broker lost data and reused the offsets).
-  RocketMQ (``topic/message-id/queue-offset``): each message is looked up by the message id the
-  broker answered with (QUERY_MESSAGE on the broker's index, no consumer group); it must carry
-  that ``zeroloss-id`` and still lie within its queue's readable offsets (a deleted topic's
-  messages stay in the commit log and its index, but no consumer reaches them). That proves the
-  broker stores it where a consumer can read it. A message not yet indexed (the index follows
-  the commit log by milliseconds) is asked for again until ``idle_s`` has passed.
-* **Inbox:** every ``success`` id against the consumer group's inbox (``seen``). Messages created
-  less than ``grace_s`` ago are not judged (the consumer may not have got to them yet). A message
-  a consumer dead-lettered has no inbox row either: look in the ``.dlq`` topic before repairing.
-* **Repair:** :meth:`~zeroloss.outbox.base.OutboxAdmin.resend` moves the missing ones back to
-  ``pending``; the relay publishes them again under the same id, so a consumer that did get
-  them drops the copy. A resent message goes out after later messages of its key.
-
-``since_s`` limits the audit to messages *created* in the last ``since_s`` seconds; the ledger
-only reaches back as far as the relay's success retention (7 days by default).
-"""
+The details: docs/design.md, "audit.py"."""
 
 from __future__ import annotations
 
@@ -165,8 +143,8 @@ class _RocketMQReader:
     QUERY_MESSAGE through the name server's brokers) and checks it carries our id."""
 
     def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
-        from zeroloss.brokers.rocketmq import check_url
         from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+        from zeroloss.brokers.rocketmq_url import check_url
 
         config = check_url(url)
         self.idle_s = idle_s

@@ -4,21 +4,7 @@ A shop writes orders to SQLite, each with its outbox message in the same transac
 subprocess publishes them to a broker, is SIGKILLed once part-way, and is restarted; then a
 zeroloss Consumer bills every order through a SqlInbox (the relay's duplicates are skipped) and a
 ledger is printed. Exit 1 on any loss or double effect.
-
-The broker is an embedded Kafka-compatible one by default (topic ``orders``), or ``target``: any
-broker URL zeroloss speaks (``kafka://``, ``amqp://``, ``nats://``, ``redis://``, ``rocketmq://``).
-There the run uses a topic and consumer group of its own (``orders-<random>``), so earlier data
-cannot interfere, declares the topic and the group first (what ``zeroloss init --target URL --group``
-does: RocketMQ's consumers cannot join a group that does not exist) and deletes the topic after a
-clean run, and the group where the broker keeps one as an object (RocketMQ); after a loss both are
-kept for inspection. A Kafka consumer group stays behind on an external Kafka (its offsets expire
-with the broker's retention for empty groups).
-
-Kafka and RocketMQ are read back from the broker without consuming (a RabbitMQ queue is emptied
-by the consumer); on the other brokers "unique ids" and "duplicates" are counted from what the
-consumer received: the inbox's claims and the deliveries it skipped as duplicates. The ledger
-says which.
-"""
+The details: docs/design.md, "demo.py"."""
 
 from __future__ import annotations
 
@@ -40,7 +26,7 @@ from typing import Any
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 
 from zeroloss.brokers.base import GroupAdmin, Reachable, TopicAdmin, TopicSpec
-from zeroloss.consumer import Consumer, Received
+from zeroloss.consumer import Consumer, ConsumerSettings, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import ConfigError
 from zeroloss.inbox import SqlInbox
@@ -109,7 +95,7 @@ def _out_of_order(by_key: dict[bytes, list[str]] | dict[str, list[int]]) -> int:
 def _rocketmq_view(run: Run) -> BrokerView:
     """The topic as the RocketMQ brokers keep it, pulled from every queue over the remoting protocol
     without a group (what ``zeroloss dlq`` reads with): a SimpleConsumer's acks remove nothing."""
-    from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+    from zeroloss.brokers.rocketmq_reader import RocketMQReader
 
     copies: Counter[str] = Counter()
     by_key: dict[bytes, list[str]] = {}
@@ -210,7 +196,7 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
         # its inbox row, so the relay's duplicates are skipped, never billed twice.
         inbox = SqlInbox(outbox.engine)
         inbox.create_schema()
-        billing = Consumer(run.url, group=run.group, topics=[run.topic], inbox=inbox, config=run.consumer_config)
+        billing = Consumer(run.url, run.group, [run.topic], inbox, ConsumerSettings(config=run.consumer_config))
 
         @billing.handler
         def bill(msg: Received, tx: Any) -> None:

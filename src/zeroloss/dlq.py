@@ -5,14 +5,7 @@ is an append-only log: a message can appear twice (a consumer crash after the de
 acknowledged but before its offset was committed). :func:`replay` republishes to the original
 topic *with the original id*, so the consumer's inbox runs it at most once even when it is
 replayed twice, and leaves the letters where they are.
-
-Brokers: Kafka (``<topic>.dlq`` read from the beginning without joining a group), NATS JetStream
-(the ``<topic>.dlq`` stream, message by message with ``get_msg``), Redis Streams (``XRANGE`` of
-``<topic>.dlq``) and RocketMQ (each queue of ``<topic>.dlq`` pulled over the remoting protocol
-without committing an offset, see :mod:`zeroloss.brokers.rocketmq_subscription`) — all read
-without consuming. RabbitMQ is refused: a queue cannot be read
-without taking messages off it (see :meth:`zeroloss.brokers.rabbitmq.RabbitBroker.read`).
-"""
+The details: docs/design.md, "dlq.py"."""
 
 from __future__ import annotations
 
@@ -115,7 +108,7 @@ def _scan(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLetter, No
         yield from _scan_kafka(url, topic, timeout_s=timeout_s)
         return
     if scheme_of(url) == "rocketmq":  # the remoting protocol, which the gRPC publisher does not speak
-        from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+        from zeroloss.brokers.rocketmq_reader import RocketMQReader
 
         for stored in RocketMQReader(url, timeout_s=timeout_s).read(topic):
             yield _stored(topic, stored)

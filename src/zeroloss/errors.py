@@ -1,22 +1,5 @@
 """Every error zeroloss raises derives from :class:`ZerolossError`.
-
-The tree is shallow on purpose; ``retriable`` tells a caller whether trying the same
-thing again later can succeed, so the decision is one attribute read::
-
-    ZerolossError
-    ├── ConfigError            bad URL, unknown scheme, bad option       (not retriable)
-    │   └── MissingExtraError  an optional dependency is not installed   (not retriable)
-    ├── MessageError           a message that can never be sent          (not retriable)
-    ├── MalformedMessageError  bytes that do not decode to a message     (not retriable)
-    ├── UnknownMessageError    no message with that id in that state     (not retriable)
-    ├── StoreError             the outbox or inbox could not do its work (retriable by flag)
-    │   └── SpoolFullError     no space left for the spool               (retriable)
-    ├── TransactionLostError   an inbox transaction ended under its handler (retriable; the handler's failure)
-    └── BrokerError            the broker refused or could not be reached (retriable by flag)
-
-Client libraries' exceptions are translated into these inside the module that called the
-client; nothing above that module sees ``confluent_kafka.KafkaException`` and friends.
-"""
+The details: docs/design.md, "errors.py"."""
 
 from __future__ import annotations
 

@@ -1,21 +1,5 @@
 """Every Prometheus metric zeroloss exports, defined here and nowhere else.
-
-Other modules only call the small functions below; they never create metrics. Labels use the
-one vocabulary: ``state`` is a :class:`~zeroloss.outbox.base.State` value; the relay's
-``outcome`` is what became of a claimed message (``delivered`` → success, ``retry`` → pending
-with an attempt spent, ``rejected`` / ``exhausted`` → failed, ``held`` → pending behind its key,
-``undecided`` → pending, the batch stopped before the broker answered for it, ``outage`` → pending,
-the broker as a whole failed); the consumer's ``outcome`` is
-``processed``, ``duplicate`` (the inbox already had it), ``retry``, ``dead_lettered`` or ``parked``
-(a dead letter the broker refused for good, kept in a file: see :mod:`zeroloss.consumer.dead_letters`).
-
-Two registries: :data:`REGISTRY` is what a long-running process serves on ``/metrics``
-(:mod:`zeroloss.http`); :data:`AUDIT_REGISTRY` holds the last audit's result, which the
-one-shot ``zeroloss audit --prom-file`` writes for node_exporter's textfile collector.
-
-Defining metrics registers them in these private registries; nothing is served or written at
-import.
-"""
+The details: docs/design.md, "metrics.py"."""
 
 from __future__ import annotations
 

@@ -1,23 +1,6 @@
-"""Payloads: what ``add(value=obj)`` turns into bytes and a content type, and how a handler gets it back.
-
-Producer side (:func:`encode_value`, :func:`encode_key`):
-
-* ``bytes`` (and ``bytearray``, ``memoryview``) pass as they are, with no header added: the
-  format is the app's;
-* ``str`` is UTF-8 text, content type ``text/plain; charset=utf-8``;
-* anything else is JSON, content type ``application/json``: dicts, lists, numbers, booleans, a
-  pydantic model (its ``model_dump_json``, duck-typed: pydantic is never imported here), a
-  dataclass, and inside them ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal``
-  (strings) and ``Enum`` (its value). NaN and infinities are refused (they are not JSON), and so
-  is ``None`` (most likely a mistake; ``b""`` is an empty message);
-* a ``str`` key is UTF-8.
-
-The content type travels in the header ``content-type`` unless the app set that header itself.
-
-Consumer side (:func:`decode_json`, :func:`decode_model`, used by
-:class:`~zeroloss.received.Received`): a value that is not JSON, not UTF-8 or not valid for the
-handler's model raises :class:`~zeroloss.errors.MessageError` — poison: no retry can fix it.
-"""
+"""Payloads: what ``add(value=obj)`` turns into bytes and a content type, and how a handler gets it back
+(bytes as they are, str as text, anything else JSON; ``Received.json()/text()/decode(Model)``).
+The details: docs/design.md, "payload.py"."""
 
 from __future__ import annotations
 

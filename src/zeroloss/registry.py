@@ -95,15 +95,15 @@ def open_subscription(url: str, group: str, topics: Sequence[str], **options: An
     """The subscription behind a source URL (not Kafka: the consumer has its own loop for it)."""
     scheme = scheme_of(url)
     if scheme in ("amqp", "amqps"):
-        from zeroloss.brokers.rabbitmq import RabbitSubscription
+        from zeroloss.brokers.rabbitmq_subscription import RabbitSubscription
 
         return RabbitSubscription(url, group, topics, **options)
     if scheme == "nats":
-        from zeroloss.brokers.nats import NatsSubscription
+        from zeroloss.brokers.nats_subscription import NatsSubscription
 
         return NatsSubscription(url, group, topics, **options)
     if scheme in ("redis", "rediss"):
-        from zeroloss.brokers.redis import RedisSubscription
+        from zeroloss.brokers.redis_subscription import RedisSubscription
 
         return RedisSubscription(url, group, topics, **options)
     if scheme == "rocketmq":

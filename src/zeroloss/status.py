@@ -1,24 +1,6 @@
 """What ``zeroloss status`` says about an outbox: the numbers and a verdict, ``ok`` / ``warn`` /
 ``critical``, with the reasons and the command that answers each.
-
-The rules (thresholds in :class:`Thresholds`):
-
-==========================================  ==========
-``failed`` > 0                              critical
-``doubt`` > 0 or ``malformed`` > 0          critical
-spool disk used > 90 %                      critical
-spool disk used > 80 %                      warn
-oldest ``pending`` > 4 x max pending age    critical
-oldest ``pending`` > max pending age        warn
-expired leases > 0                          warn
-oldest ``tmp`` file > max pending age       warn
-rows in a state zeroloss does not know      warn
-the store cannot be read                    critical
-==========================================  ==========
-
-The verdict's :class:`Level` value is the command's exit code (0, 1, 2), so the command serves as
-a cron check or a Kubernetes probe.
-"""
+The details: docs/design.md, "status.py"."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ def rocketmq_contract(server: Any) -> Contract:
     with the plain client the way the relay writes (tests/rocketmq_plain.py); letters read back by
     the remoting-protocol reader."""
     from tests import rocketmq_plain
-    from zeroloss.brokers.rocketmq_subscription import RocketMQReader
+    from zeroloss.brokers.rocketmq_reader import RocketMQReader
 
     url = rocketmq_plain.url(server)
 

@@ -9,8 +9,8 @@ import sys
 import zeroloss
 
 PUBLIC = [
-    "ID_HEADER", "Broker", "BrokerError", "ConfigError", "Consumer", "Delivered", "FileSpool", "Inbox",
-    "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
+    "ID_HEADER", "Broker", "BrokerError", "ConfigError", "Consumer", "ConsumerSettings", "Delivered", "FileSpool",
+    "Inbox", "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
     "Outcome", "OutboxAdmin", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox",
     "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State",
     "Stats", "Status", "StoreError", "UnknownMessageError", "ZerolossError", "logging_setup", "new_message",

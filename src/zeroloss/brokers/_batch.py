@@ -1,26 +1,6 @@
 """Batch publishing for brokers without transactions (RabbitMQ, NATS JetStream): pipelined, yet
 per-key order and the HELD rule of :class:`~zeroloss.brokers.base.Broker` hold.
-
-Such a broker acknowledges each message on its own, and one can fail (a nack, a full stream)
-while a later one passes. If two messages of one key were in flight together, the later could be
-stored although the earlier was refused — and nothing can take it back. So a batch is sent in
-*waves*: wave ``n`` holds the ``n``-th message of every key (messages without a key all go in
-wave 0, they promise no order). A wave is published concurrently and its acknowledgements
-awaited together; before the next wave, every message whose key failed is ``HELD``. Messages of
-one key are thereby sequential (one round trip each), different keys are pipelined: a batch of
-many keys costs a few round trips, a batch of one hot key costs one round trip per message.
-
-**Progress is kept.** The batch has one deadline (the adapter's ``timeout_s`` from the start of
-the publish, so a claim's lease still outlives it); a hot key of many messages can take longer
-than that. What the broker acknowledged before the deadline, or before a send failed in a way
-that says nothing about the message (connection lost: :class:`BrokerWide`), is reported as it
-is — ``DELIVERED`` and marked ``success`` — and only the rest comes back ``UNDECIDED``, to be sent
-again without spending attempts. So every publish that hears anything from the broker moves the
-backlog forward, and at most the messages in flight at the cut are sent twice (same id: the
-broker's dedup or the consumer's inbox drops the copy). A message is ``DELIVERED`` only from its
-own acknowledgement, never because time ran out. When nothing at all was answered, the batch is
-an outage: :class:`BrokerWide` is raised and the relay backs off.
-"""
+The details: docs/design.md, "brokers/_batch.py"."""
 
 from __future__ import annotations
 

@@ -1,35 +1,12 @@
-"""Kafka adapter (confluent-kafka / librdkafka): idempotent, transactional, acks=all.
+"""Kafka adapter, publishing side (confluent-kafka / librdkafka): idempotent, transactional, acks=all;
+one broker transaction per batch, and a message is DELIVERED only after ``commit_transaction``
+returned. Without a transactional id a batch goes in per-key waves. Also Kafka's TopicAdmin.
+The client library, its settings and error names are :mod:`zeroloss.brokers.kafka_client`.
 (Over 400 lines: the transactional producer and its error handling, whose cases only make sense
-read together; the reader is kafka_reader.py, the consumer loop consumer/kafka_loop.py.)
-
-One broker transaction per batch. Errors are classified the way librdkafka documents them:
-
-* per-message, permanent (too large, invalid topic, not authorised) → ``REJECTED``; the
-  transaction is aborted and the rest of the batch is sent again in a new one;
-* per-message, other → ``RETRY`` (an attempt is spent);
-* ``txn_requires_abort`` → abort, and the batch goes again later;
-* fatal, fenced, or a producer that makes no progress within ``timeout_s`` (the
-  UNKNOWN_PRODUCER_ID loop librdkafka can fall into after a broker restart) → the producer is
-  closed and recreated and :class:`BrokerError` tells the relay to put the batch back.
-
-A message is ``DELIVERED`` only after ``commit_transaction`` returned: a timeout never means
-"assume sent"; it means "send again" and the consumer's dedup on ``zeroloss-id`` absorbs the copy.
-
-Without a transactional id nothing can take back a message once acknowledged, so a batch goes in
-*waves* (:func:`~zeroloss.brokers._batch.waves`): a key's ``n``-th message is produced only after
-its ``n-1``-th was acknowledged, and is ``HELD`` if that failed — a later message of a key is never
-stored ahead of an earlier one that failed. The broker refuses a whole produce request whose
-record batch exceeds the topic's ``max.message.bytes`` (librdkafka does not split it as the Java
-client does), so on a size error in a round of several messages they are sent again in halves,
-down to one if need be: only a message too large by itself is ``REJECTED``.
-
-:meth:`KafkaBroker.declare` creates topics with the AdminClient (partitions and replication
-factor: the broker's defaults unless given); a topic that exists is left exactly as it is.
-"""
+read together.) The error classes, waves and declaring: docs/design.md, "brokers/kafka.py"."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -39,184 +16,40 @@ from typing import Any
 
 from zeroloss.brokers._batch import HELD_REASON, waves
 from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
-from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
+from zeroloss.brokers.kafka_client import (
+    ADMIN_CONFIG_ERRORS,
+    BROKER_WIDE_ERRORS,
+    LIBRDKAFKA_LOG,
+    PERMANENT_ERRORS,
+    SIZE_ERRORS,
+    TRANSACTION_LOG,
+    RepeatFilter,
+    admin_module,
+    ensure_topics,
+    kafka_module,
+    parse_bootstrap,
+    producer_config,
+)
+from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER, Message
 
 log = logging.getLogger(__name__)
 
-# Error names (KafkaError.name()) that no retry can fix for this message.
-PERMANENT_ERRORS = frozenset(
-    {
-        "MSG_SIZE_TOO_LARGE",
-        "RECORD_LIST_TOO_LARGE",
-        "INVALID_TOPIC_EXCEPTION",
-        "TOPIC_AUTHORIZATION_FAILED",
-        "INVALID_RECORD",
-        "_INVALID_ARG",
-        "INVALID_REQUIRED_ACKS",
-    }
-)
-
-# Said of every record of a produce request whose batch is too big, the innocent ones too.
-_SIZE_ERRORS = frozenset({"MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE"})
-
-# Failures of the path to the broker, not of the message: the batch goes back unspent.
-BROKER_WIDE_ERRORS = frozenset(
-    {
-        "_MSG_TIMED_OUT",
-        "_TIMED_OUT",
-        "_TRANSPORT",
-        "_ALL_BROKERS_DOWN",
-        "_RESOLVE",
-        "REQUEST_TIMED_OUT",
-        "NOT_ENOUGH_REPLICAS",
-        "NOT_ENOUGH_REPLICAS_AFTER_APPEND",
-        "NOT_LEADER_FOR_PARTITION",
-        "LEADER_NOT_AVAILABLE",
-        "_PURGE_QUEUE",
-        "_PURGE_INFLIGHT",
-    }
-)
-
-# AdminClient errors that say the request itself is wrong (bad name, impossible sizing, not
-# allowed): fixing them is the operator's job, so they are configuration errors, not outages.
-ADMIN_CONFIG_ERRORS = frozenset(
-    {
-        "INVALID_TOPIC_EXCEPTION",
-        "INVALID_PARTITIONS",
-        "INVALID_REPLICATION_FACTOR",
-        "INVALID_REPLICA_ASSIGNMENT",
-        "INVALID_CONFIG",
-        "POLICY_VIOLATION",
-        "TOPIC_AUTHORIZATION_FAILED",
-        "CLUSTER_AUTHORIZATION_FAILED",
-        "TOPIC_DELETION_DISABLED",
-    }
-)
-
-
-TRANSACTION_LOG = "__transaction_state"
-"""Kafka's internal topic of transaction states: the coordinator needs it in sync to begin or end one."""
-
-
-class RepeatFilter(logging.Filter):
-    """Lets one copy of a log line through per ``window_s``; the next copy after the window says
-    how many were held back. librdkafka repeats a connection failure for every broker, partition
-    and retry (hundreds of identical lines in an outage, flushed at once)."""
-
-    def __init__(self, window_s: float = 30.0, clock: Any = time.monotonic) -> None:
-        super().__init__()
-        self.window_s = window_s
-        self._clock = clock
-        self._seen: dict[str, tuple[float, int]] = {}  # text -> (when let through, held back since)
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        # "[rdkafka#producer-7] [thrd:…]" differ per client and thread: the text after them decides.
-        text = record.getMessage().rsplit("]: ", 1)[-1]
-        now = self._clock()
-        with self._lock:
-            if len(self._seen) > 1000:
-                self._seen.clear()
-            first, held = self._seen.get(text, (None, 0))
-            if first is not None and now - first < self.window_s:
-                self._seen[text] = (first, held + 1)
-                return False
-            self._seen[text] = (now, 0)
-        if held:
-            record.msg, record.args = f"{record.getMessage()} (and {held} more like it in {self.window_s:.0f}s)", ()
-        return True
-
-
-LIBRDKAFKA_LOG = logging.getLogger("zeroloss.librdkafka")
-LIBRDKAFKA_LOG.addFilter(RepeatFilter())
-
-
-def kafka_module() -> Any:
-    """The confluent_kafka module; MissingExtraError naming zeroloss[kafka] when it is not installed."""
-    try:
-        import confluent_kafka
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise MissingExtraError("confluent-kafka", "kafka", "the Kafka broker adapter") from exc
-    return confluent_kafka
-
-
-def admin_module() -> Any:
-    """``confluent_kafka.admin`` (imported by name: its stubs do not export what it has)."""
-    kafka_module()  # MissingExtraError naming zeroloss[kafka] if the client is not installed
-    return importlib.import_module("confluent_kafka.admin")
-
-
-def parse_bootstrap(url: str) -> str:
-    """``kafka://h1:9092,h2:9092`` → ``h1:9092,h2:9092``; ConfigError if it is not such a URL."""
-    if not url.startswith("kafka://"):
-        raise ConfigError(f"not a Kafka URL: {url!r}; write kafka://HOST:PORT[,HOST:PORT...]")
-    hosts = url[len("kafka://") :].rstrip("/")
-    if not hosts:
-        raise ConfigError(f"Kafka URL {url!r} names no broker; write kafka://HOST:PORT")
-    for hp in hosts.split(","):
-        host, sep, port = hp.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(f"Kafka URL {url!r}: {hp!r} is not HOST:PORT")
-    return hosts
-
-
-def producer_config(
-    bootstrap: str, transactional_id: str | None, timeout_s: float, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The producer settings zeroloss insists on (the design notes' table), plus the caller's."""
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
-        "acks": "all",
-        "enable.idempotence": True,
-        "max.in.flight.requests.per.connection": 5,
-        "retries": 2_147_483_647,
-        "linger.ms": 5,
-        "message.timeout.ms": int(timeout_s * 1000),
-        "socket.keepalive.enable": True,
-        "logger": logging.getLogger("zeroloss.librdkafka"),  # not stderr: the app's logging decides
-    }
-    if transactional_id:
-        conf["transactional.id"] = transactional_id
-        # A batch takes at most flush (timeout_s) + commit (timeout_s); past that the coordinator
-        # may abort it. Short, so a dead relay's open transaction stops holding read_committed
-        # consumers back soon (brokers that honour it; a restart with the same id fences at once).
-        conf["transaction.timeout.ms"] = int((2 * timeout_s + 10) * 1000)
-    conf.update(extra or {})
-    for k, must in (("acks", ("all", "-1", -1)), ("enable.idempotence", (True, "true"))):
-        if conf.get(k) not in must:
-            raise ConfigError(
-                f"producer setting {k}={conf.get(k)!r} would allow loss; zeroloss needs {must[0]}"
-            )
-    return conf
-
-
-def ensure_topics(url: str, topics: Sequence[str], *, like: str | None = None, timeout_s: float = 10.0) -> list[str]:
-    """Create those of ``topics`` that do not exist yet, with as many partitions as ``like`` has
-    (else the broker's default); returns the names created. One that appears meanwhile (another
-    process created it) is fine. BrokerError if the broker cannot be asked or refuses."""
-    ck, adm = kafka_module(), admin_module()
-    admin = adm.AdminClient({"bootstrap.servers": parse_bootstrap(url), "logger": log})
-    try:
-        meta = admin.list_topics(timeout=timeout_s)
-        missing = [t for t in dict.fromkeys(topics) if t not in meta.topics]
-        if not missing:
-            return []
-        partitions = len(meta.topics[like].partitions) if like in meta.topics else -1
-        futures = admin.create_topics([adm.NewTopic(t, num_partitions=partitions) for t in missing],
-                                      request_timeout=timeout_s)
-        created = []
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout_s)
-                created.append(name)
-            except ck.KafkaException as exc:
-                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise
-        return created
-    except ck.KafkaException as exc:
-        raise BrokerError(f"cannot create topics {list(topics)} at {url}: {exc.args[0]}") from exc
-
+# Re-exported: they lived here before kafka_client.py, and applications may import them from here.
+__all__ = [
+    "ADMIN_CONFIG_ERRORS",
+    "BROKER_WIDE_ERRORS",
+    "LIBRDKAFKA_LOG",
+    "PERMANENT_ERRORS",
+    "TRANSACTION_LOG",
+    "KafkaBroker",
+    "RepeatFilter",
+    "admin_module",
+    "ensure_topics",
+    "kafka_module",
+    "parse_bootstrap",
+    "producer_config",
+]
 
 class KafkaBroker:
     """Publishes batches to Kafka, one transaction per batch (or idempotent-only when
@@ -500,7 +333,7 @@ class KafkaBroker:
             err = failed.get(m.id)
             if m.key is not None and m.key in blocked and (transactional or err is not None):
                 settle(m, Status.HELD, HELD_REASON)
-            elif err is not None and err.name() in _SIZE_ERRORS and len(sent) > 1:
+            elif err is not None and err.name() in SIZE_ERRORS and len(sent) > 1:
                 oversized.append(m)  # decided when sent alone, before its key's later messages
             elif err is not None:
                 status = Status.REJECTED if err.name() in PERMANENT_ERRORS else Status.RETRY

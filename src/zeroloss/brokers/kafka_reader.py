@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeroloss.brokers.base import Stored
-from zeroloss.brokers.kafka import kafka_module, parse_bootstrap
+from zeroloss.brokers.kafka_client import kafka_module, parse_bootstrap
 from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER, Headers
 

@@ -1,51 +1,8 @@
-"""NATS JetStream adapter (nats-py on a private event loop): every publish waits for its stream
-ack; our id travels as ``Nats-Msg-Id`` so the stream itself drops a republished copy.
-(Over 400 lines: the publishing and the consuming side of one client library, kept together as
-for every adapter.)
-
-One stream per topic, created idempotently on first use: name :func:`stream_name` (``orders`` →
-``ZL_orders``; ``.`` and ``_`` escaped, stream names cannot contain dots), subject = the topic,
-file storage, ``duplicate_window`` = ``dedup_window_s``, ``replicas`` replicas (1 unless asked:
-``zeroloss init --replication-factor N`` creates them with N ahead of the relay, which is the way
-to get more than one server's disk; ``zeroloss doctor`` fails a stream below ``--min-replication``).
-Publishes name the expected stream (``Nats-Expected-Stream``), so a message can never land in some
-other stream that happens to listen on the subject.
-
-**Dedup window.** JetStream drops a message whose ``Nats-Msg-Id`` it saw within the stream's
-duplicate window and answers with the original's ack (``duplicate=True``): that absorbs the
-republish after a relay crash between the ack and ``success``. The window must outlast the
-relay's retry horizon — the lease (a crashed relay's claim comes back after ``lease_s``) plus the
-outage backoff — or a late copy is stored twice (the consumer's inbox still drops it, but the
-stream holds it twice). A copy is republished at the latest ``lease_s`` + ``recover_every_s``
-after the first publish (the relay died; its claim expires), so the default of 5 minutes
-(``dedup_window_s=300``) covers the relay's defaults (120 s + 5 s) with room for its backoff;
-raise it with ``lease_s``. An outage longer than the window can still store a copy twice — the
-inbox is the last line. An existing stream keeps its own window (a warning says when it is
-shorter than ours). JetStream keeps the ids of the window in memory: a longer window costs RAM
-in proportion to the message rate. A deliberate republish of an id — ``zeroloss dlq replay``, which
-marks it with the ``zeroloss-replayed-at`` header — goes as ``Nats-Msg-Id`` = ``<id>/replay/<time>``,
-or the window would swallow it silently; its ``zeroloss-id`` is unchanged, for the inbox.
-
-**Order.** JetStream stores one subject's messages in the order the server received them, and
-one connection delivers in send order; but each publish is acked on its own, so a later message
-could be stored while an earlier one of its key was refused (e.g. ``maximum messages exceeded``).
-Batches are therefore pipelined in key waves (:mod:`zeroloss.brokers._batch`): all keys
-concurrently (``asyncio.gather``), one key's messages one after another.
-
-Headers are text in NATS: a header value that is printable UTF-8 goes as is, anything else as
-``b64:`` + base64 (:func:`zeroloss.brokers._batch.value_bytes` decodes either); the key goes in
-``zeroloss-key``, always base64. Outcomes: stream ack → ``DELIVERED`` (location ``stream/seq``);
-an API error about the request (4xx: limits, wrong stream) → ``RETRY``; the topic's subject
-already owned by another stream, a stream configuration the server refuses, a payload over the
-server's ``max_payload``, a header that cannot be expressed → ``REJECTED``. What is JetStream's
-state rather than the request's (:func:`broker_wide`: 503 not enabled or temporarily unavailable,
-500 server errors — from stream info, stream creation or a publish), no stream answering
-(deleted behind our back: created again next batch; or JetStream down), not connected, no answer
-within ``timeout_s`` → :class:`BrokerError`, no attempt spent. When that happens after
-part of the batch was acked, the acked part is ``DELIVERED`` and the rest ``UNDECIDED`` (sent
-again, no attempt spent): a batch slower than ``timeout_s`` (a hot key, one round trip per
-message) still moves forward by what was acked in time.
-"""
+"""NATS JetStream adapter, publishing side (nats-py on a private event loop): every publish waits for
+its stream ack; our id travels as ``Nats-Msg-Id`` so the stream itself drops a republished copy
+within its duplicate window. One stream per topic (:func:`stream_name`), created on first use;
+batches go in key waves. The consume side is :mod:`zeroloss.brokers.nats_subscription`.
+Streams, the dedup window, order, headers and outcomes: docs/design.md, "brokers/nats.py"."""
 
 from __future__ import annotations
 
@@ -65,11 +22,9 @@ from zeroloss.brokers._batch import (
     value_bytes,
 )
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
-from zeroloss.brokers.subscription import Delivery, check_id
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, REPLAY_HEADER, Message
-from zeroloss.received import Received
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +97,7 @@ def nats_headers(m: Message) -> dict[str, str]:
 
 
 class NatsBroker:
-    """Publishes batches to JetStream; see the module docstring."""
+    """Publishes batches to JetStream; see docs/design.md, "brokers/nats.py"."""
 
     def __init__(
         self,
@@ -409,140 +364,3 @@ class NatsBroker:
             self._broken = True
             raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
         return Outcome(m, Status.DELIVERED, location=f"{ack.stream}/{ack.seq}")
-
-
-# -- consuming ----------------------------------------------------------------------------------
-
-
-def durable_name(group: str) -> str:
-    """A consumer group as a JetStream durable name (no dots), escaped like :func:`stream_name`."""
-    return "ZL_" + group.replace("_", "__").replace(".", "_d")
-
-
-class NatsSubscription:
-    """A durable pull consumer per topic's stream (durable = the group): explicit acks,
-    ``ack_wait_s`` before an unacked message is redelivered (``touch`` pushes it back while the
-    handler retries), ``max_deliver`` deliveries at most: past that the server drops a message
-    silently, so the consumer reads each delivery's count (``num_delivered``) and dead-letters a
-    message at its second-to-last delivery (see :mod:`zeroloss.brokers.subscription`). Dead letters are published to the
-    ``<topic>.dlq`` stream (with our error headers, ``Nats-Msg-Id`` = the id, so a repeated dead
-    letter is dropped within the window), then the original is ``term``-inated.
-
-    It shares one :class:`NatsBroker` (connection, event loop, stream creation) for consuming and
-    for publishing dead letters.
-    """
-
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
-                 ack_wait_s: float = 30.0, max_deliver: int = 100, dedup_window_s: float = 300.0) -> None:
-        self._nats = nats_module()
-        self.group = group
-        self.topics = list(topics)
-        self.ack_wait_s = ack_wait_s
-        self.max_deliver = max_deliver
-        self.broker = NatsBroker(url, timeout_s=timeout_s, dedup_window_s=dedup_window_s)
-        self._subs: list[tuple[str, Any]] = []
-        self.max_deliveries: int | None = None  # the durables' own MaxDeliver, read back from the server
-        # Fetch one message at a time until a fetch brings no redelivery: after a crash, the message
-        # that killed the consumer is then delivered again alone, and the ones fetched along with
-        # it before do not share its delivery count (and its dead letter at the limit).
-        self._careful = True
-        try:
-            self._run(self._open())
-        except BaseException:
-            self.close()
-            raise
-
-    def _run(self, coro: Any, timeout_s: float | None = None) -> Any:
-        nats = self._nats
-        try:
-            return self.broker._loop.run(coro, timeout_s or self.broker.timeout_s)
-        except TimeoutError:
-            raise BrokerError(f"NATS at {self.broker.url} did not answer in time") from None
-        except BrokerWide as exc:
-            raise BrokerError(f"NATS at {self.broker.url}: {exc}") from exc
-        except (nats.errors.Error, OSError) as exc:
-            raise BrokerError(f"NATS at {self.broker.url}: {type(exc).__name__}: {exc}") from exc
-
-    async def _open(self) -> None:
-        api = self._nats.js.api
-        js = await self.broker._connect()
-        for topic in self.topics:
-            await self.broker.ensure_stream(topic)
-            if topic in self.broker._refused:
-                raise ConfigError(self.broker._refused[topic])
-            config = api.ConsumerConfig(
-                ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=self.max_deliver,
-                deliver_policy=api.DeliverPolicy.ALL,
-            )
-            sub = await js.pull_subscribe(topic, durable=durable_name(self.group), stream=stream_name(topic),
-                                          config=config)
-            self._subs.append((topic, sub))
-            # An existing durable keeps the MaxDeliver it was made with, whatever we asked for.
-            info = await js.consumer_info(stream_name(topic), durable_name(self.group))
-            limit = info.config.max_deliver
-            if limit is not None and limit > 0:
-                self.max_deliveries = min(limit, self.max_deliveries or limit)
-
-    async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
-        nats = self._nats
-        if self.broker._nc is None or not self.broker._nc.is_connected:
-            raise BrokerWide("not connected")
-        out: list[Any] = []
-        per = max(0.05, timeout_s / max(1, len(self._subs)))
-        for _, sub in self._subs:
-            if len(out) >= max_messages:
-                break
-            try:
-                out.extend(await sub.fetch(max_messages - len(out), timeout=per))
-            except nats.errors.TimeoutError:
-                continue
-        return out
-
-    def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
-        want = 1 if self._careful else max_messages
-        msgs = self._run(self._fetch(want, timeout_s), timeout_s + self.broker.timeout_s)
-        out = [self._delivery(m) for m in msgs]
-        if out:
-            self._careful = any(d.delivered > 1 for d in out)
-        return out
-
-    def _delivery(self, m: Any) -> Delivery:
-        raw = dict(m.headers or {})
-        key = raw.pop(KEY_HEADER, None)
-        headers = tuple((k, value_bytes(v)) for k, v in raw.items() if not k.startswith("Nats-"))
-        meta = m.metadata
-        seq = meta.sequence.stream
-        mid, poison = check_id(raw.get(ID_HEADER) or raw.get(MSG_ID_HEADER), f"{meta.stream}/{seq}")
-        ts = int(meta.timestamp.timestamp() * 1000) if meta.timestamp else 0
-        received = Received(mid, m.subject, 0, seq, None if key is None else value_bytes(key), m.data,
-                            headers, ts)
-        return Delivery(received, m, poison, delivered=meta.num_delivered or 0)
-
-    def ack(self, d: Delivery) -> None:
-        self._run(d.token.ack())
-
-    def touch(self, d: Delivery) -> None:
-        self._run(d.token.in_progress())
-
-    def dead_letter(self, d: Delivery, letter: Message) -> str:
-        where = publish_one(self.broker, letter, "dead letter")
-        try:
-            self._run(d.token.term())
-        except BrokerError as exc:
-            # The letter is stored. Raising would have the caller publish it again and again on a
-            # connection that stays dead; the original comes back after AckWait and goes the same
-            # way (the copy is dropped by Nats-Msg-Id within the window).
-            log.warning("dead letter %s stored; terminating the original failed (%s): it will be redelivered",
-                        letter.id, exc)
-        return where
-
-    def release(self, ds: Sequence[Delivery]) -> None:
-        async def give_back() -> None:
-            for d in ds:
-                await d.token.nak()
-
-        self._run(give_back())
-
-    def close(self) -> None:
-        self._subs.clear()
-        self.broker.close()

@@ -1,45 +1,8 @@
-"""RabbitMQ adapter (aio-pika on a private event loop): publisher confirms, mandatory routing,
-persistent messages, quorum queues.
-(Over 400 lines: the publishing and the consuming side of one client library, kept together as
-for every adapter.)
-
-Topology, declared idempotently the first time a connection publishes to a topic::
-
-    exchange <topic>        fanout, durable          ← the relay publishes here
-      └─ queue <topic>      quorum, durable, x-dead-letter-exchange=<topic>.dlq,
-                            x-dead-letter-strategy=at-least-once, x-overflow=reject-publish,
-                            x-delivery-limit=<delivery_limit>
-    exchange <topic>.dlq    fanout, durable          ← the consumer publishes dead letters here
-                                                       (and the queue dead-letters past the limit)
-      └─ queue <topic>.dlq  quorum, durable
-
-The queue ``<topic>`` is the consumers' queue (a second, independent consumer group binds its own
-queue to the fanout exchange). A topic that itself ends in ``.dlq`` is declared as a dead-letter
-exchange + queue only.
-
-Every message carries ``message_id`` = our id and the ``zeroloss-id`` header (the consumer's dedup
-key), the key in the ``zeroloss-key`` header, delivery mode 2 (persistent). Outcomes:
-
-* confirm (``basic.ack``) → ``DELIVERED``; a quorum queue confirms once a majority stored it;
-* ``basic.nack`` (queue full under ``reject-publish``, internal error) → ``RETRY``;
-* returned as unroutable (``mandatory``: no queue bound) → ``RETRY`` with the reason, and the
-  topic's topology is declared again before the next publish — never a silent drop;
-* the topology conflicts with what exists (e.g. a classic queue ``<topic>``) → ``REJECTED``;
-* a header name used twice (an AMQP table holds one value per name) → ``REJECTED``; the broker
-  does not keep the order of differently named headers either;
-* connection or channel lost, no answer within ``timeout_s`` → :class:`BrokerError`; the
-  connection is dropped and made again by the next publish. When that happens after part of the
-  batch was confirmed, the confirmed part is ``DELIVERED`` and the rest ``UNDECIDED`` (sent again,
-  no attempt spent): a batch slower than ``timeout_s`` (a hot key, one round trip per message)
-  still moves forward by what was confirmed in time.
-
-Batches are pipelined in key waves (:mod:`zeroloss.brokers._batch`), which keeps per-key order
-and the HELD rule without transactions.
-
-:meth:`RabbitBroker.declare` declares the same topology ahead of time (``zeroloss init``), with the
-same ``delivery_limit``: a queue declared with other arguments would make every later declaration
-fail with PRECONDITION_FAILED.
-"""
+"""RabbitMQ adapter, publishing side (aio-pika on a private event loop): publisher confirms,
+mandatory routing, persistent messages, quorum queues; a fanout exchange and a queue per topic and
+their ``.dlq`` pair, declared on first use or by :meth:`RabbitBroker.declare`; batches go in
+key waves. The consume side is :mod:`zeroloss.brokers.rabbitmq_subscription`.
+The topology and the outcomes: docs/design.md, "brokers/rabbitmq.py"."""
 
 from __future__ import annotations
 
@@ -51,11 +14,9 @@ from typing import Any
 
 from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers._loop import LoopThread
-from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, publish_one, with_dead_letters
-from zeroloss.brokers.subscription import Delivery, check_id
+from zeroloss.brokers.base import Declared, Outcome, Status, Stored, TopicSpec, with_dead_letters
 from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
 from zeroloss.message import ID_HEADER, Message
-from zeroloss.received import Received
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +66,7 @@ async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> Non
 
 
 class RabbitBroker:
-    """Publishes batches to RabbitMQ with publisher confirms; see the module docstring."""
+    """Publishes batches to RabbitMQ with publisher confirms; see docs/design.md, "brokers/rabbitmq.py"."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
                  connection_name: str = "zeroloss-relay") -> None:
@@ -170,7 +131,7 @@ class RabbitBroker:
             raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
-        """Declare each topic's exchanges and quorum queues (see the module docstring)."""
+        """Declare each topic's exchanges and quorum queues (docs/design.md, "brokers/rabbitmq.py")."""
         spec = spec or TopicSpec()
         if spec.partitions is not None:
             raise ConfigError("RabbitMQ queues have no partitions; --partitions is for Kafka")
@@ -351,167 +312,3 @@ class RabbitBroker:
             self._broken = True
             raise BrokerWide(f"{type(exc).__name__}: {exc}") from exc
         return Outcome(m, Status.DELIVERED, location=m.topic)
-
-
-# -- consuming --------------------------------------------------------------------------------
-
-
-def _header_bytes(v: Any) -> bytes:
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    return v.encode() if isinstance(v, str) else str(v).encode()
-
-
-class RabbitSubscription:
-    """Consumes the quorum queue ``<topic>`` of each topic with manual acks and a prefetch.
-
-    RabbitMQ's consuming group is the queue: every Consumer of a topic shares ``<topic>``
-    whatever its group name (the group names its inbox claims). The id is the ``zeroloss-id``
-    header, else the AMQP ``message_id``; a message with neither is delivered at least once
-    (keyed by its delivery tag, which a redelivery does not keep).
-
-    Dead letters are published by zeroloss, not by the broker: the letter (the original key, value
-    and headers plus the ``zeroloss-dlq-*`` error headers, see :mod:`zeroloss.dlq`) goes to the
-    exchange ``<topic>.dlq`` through a :class:`RabbitBroker` — publisher confirm, ``mandatory`` —
-    and only after that confirm is the original acked. A letter that is not confirmed raises
-    :class:`BrokerError` and the original stays unacked (held). The queue's own dead-lettering
-    (``x-delivery-limit``, at-least-once strategy, with RabbitMQ's ``x-death`` header only) is the
-    broker's backstop: the consumer reads ``x-delivery-count`` and dead-letters a message itself,
-    with its error headers, at the delivery before the queue would.
-    """
-
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
-                 timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
-        self._ap = aio_pika_module()
-        import aiormq
-
-        self._aiormq = aiormq
-        self.url = check_url(url)
-        self.group = group
-        self.topics = list(topics)
-        self.prefetch = prefetch
-        self.timeout_s = timeout_s
-        self.delivery_limit = delivery_limit
-        # A message returned more than delivery_limit times is dead-lettered by the queue itself
-        # (x-death only, no error headers): the consumer dead-letters it before that.
-        self.max_deliveries: int | None = delivery_limit + 1
-        self._loop = LoopThread("zeroloss-rabbitmq-consumer")
-        self._conn: Any = None
-        self._channel: Any = None  # the consuming channel: the broker may close it alone
-        self._inbox: asyncio.Queue[Any] | None = None
-        self._queues: list[tuple[Any, str]] = []  # (queue, consumer tag)
-        self._dlq: RabbitBroker | None = None  # made by the first dead letter
-        try:
-            self._run(self._open())
-        except BaseException:
-            self.close()
-            raise
-
-    def _run(self, coro: Any, timeout_s: float | None = None) -> Any:
-        try:
-            return self._loop.run(coro, timeout_s or self.timeout_s)
-        except TimeoutError:
-            raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]} did not answer in time") from None
-        except (self._aiormq.exceptions.AMQPError, self._aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError, OSError) as exc:
-            raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]}: {type(exc).__name__}: {exc}") from exc
-
-    async def _open(self) -> None:
-        self._inbox = asyncio.Queue()
-        self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
-                                            client_properties={"connection_name": f"zeroloss-{self.group}"})
-        for topic in self.topics:
-            async with self._conn.channel(publisher_confirms=False) as ch:
-                await declare_topology(ch, topic, self.delivery_limit)
-        channel = self._channel = await self._conn.channel()
-        await channel.set_qos(prefetch_count=self.prefetch)
-        await self._consume()
-
-    async def _consume(self) -> None:
-        assert self._inbox is not None and self._channel is not None
-        for topic in self.topics:
-            queue = await self._channel.declare_queue(topic, passive=True)
-            self._queues.append((queue, await queue.consume(self._inbox.put, no_ack=False)))
-
-    async def _fetch(self, max_messages: int, timeout_s: float) -> list[Any]:
-        assert self._inbox is not None
-        if self._conn is None or self._conn.is_closed or self._channel is None or self._channel.is_closed:
-            raise ConnectionError("the connection or the consuming channel is closed")
-        if not self._queues:  # released without stopping after all: consume again
-            await self._consume()
-        try:
-            first = await asyncio.wait_for(self._inbox.get(), timeout_s)
-        except TimeoutError:
-            return []
-        out = [first]
-        while len(out) < max_messages and not self._inbox.empty():
-            out.append(self._inbox.get_nowait())
-        return out
-
-    def fetch(self, max_messages: int, timeout_s: float) -> list[Delivery]:
-        return [self._delivery(m) for m in self._run(self._fetch(max_messages, timeout_s), timeout_s + 10)]
-
-    def _delivery(self, m: Any) -> Delivery:
-        raw = dict(m.headers or {})
-        key = raw.pop(KEY_HEADER, None)
-        # The quorum queue's count of earlier deliveries that were returned (nack, or the channel
-        # closed while holding it): broker metadata, not the message's, so not passed on.
-        count = raw.pop(DELIVERY_COUNT_HEADER, None)
-        delivered = count + 1 if isinstance(count, int) else (0 if m.redelivered else 1)
-        headers = tuple((k, _header_bytes(v)) for k, v in raw.items())
-        mid = raw.get(ID_HEADER)
-        mid = _header_bytes(mid) if mid is not None else m.message_id  # check_id decodes strictly
-        topic = m.routing_key or (self.topics[0] if len(self.topics) == 1 else "")
-        mid, poison = check_id(mid, f"{topic}/{m.delivery_tag}")
-        ts = int(m.timestamp.timestamp() * 1000) if m.timestamp else 0
-        received = Received(mid, topic, 0, m.delivery_tag or 0, None if key is None else _header_bytes(key),
-                            m.body, headers, ts)
-        return Delivery(received, m, poison, delivered=delivered)
-
-    def ack(self, d: Delivery) -> None:
-        self._run(d.token.ack())
-
-    def touch(self, d: Delivery) -> None:
-        """Nothing to do: RabbitMQ keeps an unacked delivery for as long as the channel lives
-        (up to ``consumer_timeout``, 30 minutes by default)."""
-
-    def dead_letter(self, d: Delivery, letter: Message) -> str:
-        if self._dlq is None:  # its own connection: the letter needs a confirm channel, ours has none
-            self._dlq = RabbitBroker(self.url, timeout_s=self.timeout_s, delivery_limit=self.delivery_limit,
-                                     connection_name=f"zeroloss-{self.group}-dlq")
-        where = publish_one(self._dlq, letter, "dead letter")
-        try:
-            self._run(d.token.ack())
-        except BrokerError as exc:
-            # The letter is safe. Raising would make the caller publish it again while this channel
-            # stays dead; instead the original comes back after the reconnect and is dead-lettered
-            # once more (a second copy on the dlq: it is at-least-once, like Kafka's).
-            log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
-                        letter.id, exc)
-        return where
-
-    def release(self, ds: Sequence[Delivery]) -> None:
-        async def give_back() -> None:
-            # Stop the flow first (release means stopping): a requeued message would otherwise be
-            # pushed straight back into our prefetch and returned again at close, counted twice
-            # toward the queue's delivery limit.
-            queues, self._queues = self._queues, []
-            for queue, tag in queues:
-                await queue.cancel(tag)
-            for d in ds:
-                await d.token.nack(requeue=True)
-
-        self._run(give_back())
-
-    def close(self) -> None:
-        async def shut() -> None:
-            conn, self._conn = self._conn, None
-            if conn is not None and not conn.is_closed:
-                await asyncio.wait_for(conn.close(), 5.0)
-
-        with contextlib.suppress(Exception):
-            self._loop.run(shut(), 10.0)
-        self._loop.close()
-        if self._dlq is not None:
-            self._dlq.close()
-            self._dlq = None

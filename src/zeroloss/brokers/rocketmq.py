@@ -1,78 +1,35 @@
 """Apache RocketMQ 5 adapter, publishing side: the official gRPC client (rocketmq-python-client,
-``zeroloss[rocketmq]``) sends to the broker's gRPC proxy, synchronously acknowledged.
-(Over 400 lines: the URL, the send and its error classes, and the TopicAdmin of one broker, kept
-together as for every adapter; the remoting protocol itself is rocketmq_admin.py.)
-
-**URL.** ``rocketmq://[ACCESS_KEY:SECRET_KEY@]HOST:PORT[?namesrv=HOST:PORT[;HOST:PORT]][&cluster=NAME]``:
-HOST:PORT is the gRPC proxy endpoint (``8081`` in RocketMQ's own configuration; the test server's is
-18081). The name server is needed only for admin work — ``zeroloss init``/``doctor``, the demo's
-clean-up — which the proxy does not offer; by default it is the proxy's host on RocketMQ's default
-name server port 9876. ``cluster`` limits topic and group creation to one broker cluster (default:
-every master the name server knows).
-
-**Delivered means SEND_OK.** The proxy turns the broker's ``FLUSH_DISK_TIMEOUT``,
-``FLUSH_SLAVE_TIMEOUT`` and ``SLAVE_NOT_AVAILABLE`` into the codes MASTER_PERSISTENCE_TIMEOUT,
-SLAVE_PERSISTENCE_TIMEOUT and HA_NOT_AVAILABLE, which the client raises: those are never DELIVERED.
-They are the broker's state, not the message's, so they are broker-wide (no attempt spent; the
-message may be stored all the same and is sent again: the consumer's inbox drops the copy). How
-durable SEND_OK is depends on the broker: ``flushDiskType=SYNC_FLUSH`` answers after the fsync,
-``SYNC_MASTER`` after a slave has it; ``zeroloss doctor`` checks both.
-
-**Order.** A key becomes the message group (the FIFO "sharding key": one group goes to one queue,
-stored in send order) and a message key (the broker's index, ``mqadmin queryMsgByKey``). Only a
-FIFO topic keeps a group's order for its consumers, so ``zeroloss init`` makes FIFO topics. On a
-NORMAL topic the client refuses messages with a group: keyed messages go there without one and
-have no order (a warning says so once per topic). Messages without a key get their own id as
-group on a FIFO topic (no order promised, spread over the queues). A batch goes in key waves
-(:mod:`zeroloss.brokers._batch`): every key concurrently, one key's messages one after another.
-
-**Carried.** ``zeroloss-id`` as a user property and as a second message key (so ``queryMsgByKey``
-finds a message by our id); the exact key bytes in ``zeroloss-key`` (text or ``b64:``); headers as
-user properties (text values as is, other bytes ``b64:``; one value per name). RocketMQ refuses an
-empty body: such a message is REJECTED. Topic names allow only ``[%|a-zA-Z0-9_-]``, so ``.``
-becomes ``_`` (:func:`rocketmq_topic`: ``orders.dlq`` is the RocketMQ topic ``orders_dlq``).
-
-**Outcomes.** SEND_OK → DELIVERED, location ``topic/message-id/queue-offset`` (:func:`location`). Refused for
-the message itself (bad property, too large, wrong message type for the topic, empty body) →
-REJECTED. The topic does not exist → RETRY (``zeroloss init`` creates it). Unreachable proxy,
-timeouts, persistence/HA failures, flow control (TOO_MANY_REQUESTS), internal errors, refused
-credentials → broker-wide: BrokerError when nothing was answered, else the answered part stands
-and the rest is UNDECIDED; the producer is then made anew (a new gRPC channel reconnects at once,
-an old one may sit in its reconnect backoff).
-"""
+``zeroloss[rocketmq]``) sends to the broker's gRPC proxy, synchronously acknowledged; delivered
+means SEND_OK. A key becomes the FIFO message group and a message key; a batch goes in key waves.
+Also RocketMQ's TopicAdmin, through :mod:`zeroloss.brokers.rocketmq_admin`. The URL, what
+SEND_OK means, order, what is carried and the outcomes: docs/design.md, "brokers/rocketmq.py"."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
 import re
-import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from zeroloss.brokers import rocketmq_client
-from zeroloss.brokers._batch import KEY_HEADER, BrokerWide, duplicate_header, publish_in_waves, text_value
+from zeroloss.brokers._batch import BrokerWide, duplicate_header, publish_in_waves
 from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dead_letters
-from zeroloss.brokers.rocketmq_admin import DEFAULT_NAMESRV_PORT, RocketMQAdmin, parse_address
-from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
-from zeroloss.message import ID_HEADER, Message
+from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+from zeroloss.brokers.rocketmq_client import rocketmq_module
+from zeroloss.brokers.rocketmq_fields import index_key, message_group, rocketmq_topic, user_properties
+from zeroloss.brokers.rocketmq_url import check_url
+from zeroloss.errors import BrokerError, ConfigError
+from zeroloss.message import Message
 from zeroloss.urls import safe_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_PROXY_PORT = 8081
-TOPIC_PATTERN = re.compile(r"^[%|a-zA-Z0-9_-]+$")
 MESSAGE_ID = re.compile(r"[0-9A-Fa-f]{16,64}")
-MAX_TOPIC_LENGTH = 127
-MAX_GROUP_LENGTH = 63  # the proxy refuses a group of its maxMessageGroupSize (64) or more (measured)
-MAX_KEY_LENGTH = 128
 ROUTE_TTL_S = 30.0  # as long as the client keeps a route before it asks again
 # The client's own attempts per send (Producer.DEFAULT_MAX_SEND_ATTEMPTS, not configurable): each
 # gets request_timeout, so request_timeout is a third of our timeout_s.
@@ -97,112 +54,6 @@ class Refusal:
     error: str
 
 
-class _ClientCallbackNoise(logging.Filter):
-    """rocketmq-python-client's heartbeat callback re-raises a failed heartbeat (every 10 s while
-    the proxy is down), which concurrent.futures logs as an ERROR with a gRPC traceback: noise
-    beside the relay's own outage report. Only such records (a gRPC error in a future's callback)
-    are dropped; they stay in the client's own log (~/logs/rocketmq_python)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and type(exc).__module__.startswith("grpc")
-                    and str(record.msg).startswith("exception calling callback"))
-
-
-_NOISE = _ClientCallbackNoise()
-
-
-def rocketmq_module() -> Any:
-    logging.getLogger("concurrent.futures").addFilter(_NOISE)  # the same filter object: added once
-    try:
-        import rocketmq
-        import rocketmq.grpc_protocol
-        import rocketmq.v5.exception
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise MissingExtraError("rocketmq-python-client", "rocketmq", "the RocketMQ broker adapter") from exc
-    return rocketmq
-
-
-@dataclass(frozen=True)
-class RocketMQURL:
-    """What a ``rocketmq://`` URL says; see the module docstring."""
-
-    endpoint: str  # the gRPC proxy, host:port
-    namesrv: str  # name server(s), host:port[;host:port]
-    cluster: str | None = None
-    access_key: str = ""
-    secret_key: str = ""
-
-
-def check_url(url: str) -> RocketMQURL:
-    """Parse a ``rocketmq://`` URL; ConfigError saying what to write for anything else."""
-    example = "write rocketmq://HOST:8081 (the gRPC proxy), optionally ?namesrv=HOST:9876"
-    if not url.startswith("rocketmq://"):
-        raise ConfigError(f"not a RocketMQ URL: {url!r}; {example}")
-    parts = urllib.parse.urlsplit(url)
-    try:
-        host, port = parts.hostname, parts.port
-    except ValueError as exc:
-        raise ConfigError(f"bad port in {url!r}: {exc}; {example}") from None
-    if not host or parts.path not in ("", "/"):
-        raise ConfigError(f"{url!r} names no proxy host (or has a path); {example}")
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    unknown = set(query) - {"namesrv", "cluster"}
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)} in {url!r}; known: namesrv, cluster")
-    namesrv = (query.get("namesrv") or [f"{host}:{DEFAULT_NAMESRV_PORT}"])[-1]
-    for one in namesrv.replace(",", ";").split(";"):
-        if one:
-            parse_address(one)  # ConfigError for a bad one
-    cluster = (query.get("cluster") or [""])[-1] or None
-    return RocketMQURL(f"{host}:{port or DEFAULT_PROXY_PORT}", namesrv, cluster,
-                       urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or ""))
-
-
-def rocketmq_topic(topic: str) -> str:
-    """The RocketMQ topic of a zeroloss topic: the same name, with ``.`` as ``_`` (RocketMQ allows
-    only ``[%|a-zA-Z0-9_-]``: ``orders.dlq`` → ``orders_dlq``). ValueError for a name that still
-    does not fit."""
-    name = topic.replace(".", "_")
-    if not TOPIC_PATTERN.match(name) or len(name) > MAX_TOPIC_LENGTH:
-        raise ValueError(f"topic {topic!r} cannot be a RocketMQ topic: only letters, digits, '_', '-' "
-                         f"('.' becomes '_'), at most {MAX_TOPIC_LENGTH} characters")
-    return name
-
-
-def _fits(text: str, limit: int) -> str:
-    """``text`` if it is at most ``limit`` characters, else a digest of it (same text, same digest)."""
-    return text if len(text) <= limit else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[: limit - 7]
-
-
-def index_key(key: bytes) -> str:
-    """A message key for the broker's index: the key as text, base64 where it holds a space (the
-    broker splits its keys property at spaces), a digest when long."""
-    text = text_value(key)
-    if " " in text:
-        text = "b64:" + base64.b64encode(key).decode()
-    return _fits(text, MAX_KEY_LENGTH)
-
-
-def message_group(m: Message) -> str:
-    """The FIFO message group of ``m``: its key as text (a digest when longer than the proxy
-    allows), or its own id when it has no key."""
-    return m.id if m.key is None else _fits(text_value(m.key), MAX_GROUP_LENGTH)
-
-
-def user_properties(m: Message) -> dict[str, str]:
-    """The user properties of ``m`` (ValueError for a header RocketMQ cannot carry)."""
-    props: dict[str, str] = {}
-    for k, v in m.headers:
-        if not k or not k.isprintable() or k in (ID_HEADER, KEY_HEADER):
-            raise ValueError(f"header name {k!r} cannot be carried as a RocketMQ user property")
-        props[k] = text_value(v)
-    props[ID_HEADER] = m.id
-    if m.key is not None:
-        props[KEY_HEADER] = "b64:" + base64.b64encode(m.key).decode()
-    return props
-
-
 def location(topic: str, receipt: Any) -> str:
     """``topic/message-id/queue-offset`` from the client's SendReceipt. Not the queue: the proxy
     picks it (by message group) and does not say which; the queue in the receipt is the client's
@@ -220,7 +71,7 @@ def parse_location(text: str) -> tuple[str, str, int] | None:
 
 
 class RocketMQBroker:
-    """Publishes batches through a RocketMQ 5 gRPC proxy; see the module docstring. Also the
+    """Publishes batches through a RocketMQ 5 gRPC proxy; see docs/design.md, "brokers/rocketmq.py". Also the
     :class:`~zeroloss.brokers.base.TopicAdmin` of RocketMQ (through the name server)."""
 
     def __init__(self, url: str, *, timeout_s: float = 30.0, queues: int = 4) -> None:
@@ -276,13 +127,11 @@ class RocketMQBroker:
         """BrokerError unless the gRPC proxy accepts a connection (Reachable). Declaring goes to the
         name server, so it says nothing of the proxy the relay sends to, and the client's producer
         starts "successfully" with nothing to talk to: a relay would retry against a dead port."""
-        host, _, port = self.config.endpoint.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=min(self.timeout_s, 5.0)).close()
-        except OSError as exc:
+        refused = rocketmq_client.proxy_refusal(self.config.endpoint, min(self.timeout_s, 5.0))
+        if refused is not None:
             raise BrokerError(f"RocketMQ proxy {self.config.endpoint} (the URL's HOST:PORT, gRPC) does not accept "
-                              f"connections: {type(exc).__name__}: {exc}; start it (mqbroker --enable-proxy, "
-                              f"or mqproxy) or fix the URL") from exc
+                              f"connections: {type(refused).__name__}: {refused}; start it (mqbroker --enable-proxy, "
+                              f"or mqproxy) or fix the URL") from refused
 
     def interrupt(self) -> None:
         self._interrupted.set()

@@ -1,17 +1,43 @@
-"""Starting a client object of rocketmq-python-client (producer, consumer) on the calling thread.
-
-The client opens part of its gRPC traffic (the telemetry stream every client starts with) from the
-thread that calls ``startup()``, where grpc.aio takes asyncio's current event loop. The client sets
-its own I/O loop there when it creates a connection, but an ``asyncio.run()`` in that thread since
-(the RocketMQ publisher's own, or the application's) leaves the thread without one; while a
-connection to the same proxy is still open, ``startup()`` then fails with "There is no current
-event loop" and a consumer never receives (seen in the test suite)."""
+"""What every RocketMQ part that uses rocketmq-python-client shares (publisher, subscription, dead
+letters): loading the client library, starting a client object on the calling thread, and the
+one check that the gRPC proxy accepts connections (the client starts "successfully" with nothing
+to talk to). Why ``start`` sets the thread's event loop: docs/design.md, "brokers/rocketmq_client.py"."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import warnings
 from typing import Any
+
+from zeroloss.errors import MissingExtraError
+
+
+class _ClientCallbackNoise(logging.Filter):
+    """rocketmq-python-client's heartbeat callback re-raises a failed heartbeat (every 10 s while
+    the proxy is down), which concurrent.futures logs as an ERROR with a gRPC traceback: noise
+    beside the relay's own outage report. Only such records (a gRPC error in a future's callback)
+    are dropped; they stay in the client's own log (~/logs/rocketmq_python)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and type(exc).__module__.startswith("grpc")
+                    and str(record.msg).startswith("exception calling callback"))
+
+
+_NOISE = _ClientCallbackNoise()
+
+
+def rocketmq_module() -> Any:
+    logging.getLogger("concurrent.futures").addFilter(_NOISE)  # the same filter object: added once
+    try:
+        import rocketmq
+        import rocketmq.grpc_protocol
+        import rocketmq.v5.exception
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise MissingExtraError("rocketmq-python-client", "rocketmq", "the RocketMQ broker adapter") from exc
+    return rocketmq
 
 
 def start(client: Any) -> None:
@@ -27,3 +53,14 @@ def start(client: Any) -> None:
             if io_loop is not None:  # None before the first client: then startup() sets it itself
                 asyncio.set_event_loop(io_loop)
     client.startup()
+
+
+def proxy_refusal(endpoint: str, timeout_s: float) -> OSError | None:
+    """None when the gRPC proxy at ``endpoint`` (HOST:PORT) accepts a TCP connection, else the
+    error of the attempt: each caller says what it means for its own work."""
+    host, _, port = endpoint.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc
+    return None

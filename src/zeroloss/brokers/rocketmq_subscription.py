@@ -1,143 +1,48 @@
-"""Consuming Apache RocketMQ 5 through its gRPC proxy (rocketmq-python-client's SimpleConsumer), and
-reading a topic back without consuming it (``zeroloss dlq``) through the broker's remoting protocol.
-(Over 400 lines: the subscription, its dead-letter publisher and the dead-letter reader of one broker.)
-
-**Receiving.** One SimpleConsumer in the consumer group (the group must exist: ``zeroloss init
---group`` or ``mqadmin updateSubGroup``; the proxy refuses a group it does not know; on a FIFO
-topic it must be orderly, ``-o true``, else it is refused: it would take a key's messages out of order). ``receive``
-makes a message invisible to the group for ``invisible_s`` (RocketMQ's minimum is 10 s); it is
-acked only after the inbox transaction committed. A group's first receive on a queue would start
-at its last message (the proxy's pop, unless the first is still in memory): before receiving, the
-group's queues without an offset are set to their first message (as ``zeroloss init --group`` does).
-While zeroloss holds a message — its handler
-running, its retries' backoff, waiting behind earlier messages of the batch — a background thread
-extends the invisibility (``change_invisible_duration``) every ``invisible_s / 3``, so a slow
-handler does not see its message handed to another consumer mid-work. Extending is not a delivery
-(measured on 5.5.0: ``delivery_attempt`` stays); each redelivery (a consumer died, or
-:meth:`RocketMQSubscription.release` gave it back) is. Every extension returns a new receipt handle
-and an ack with a stale one is answered OK yet does nothing, so acks and extensions of one
-subscription are serialized under a lock.
-
-**Delivery limit.** The group's ``retryMaxTimes`` (16 by default) is what the proxy sends the
-client as ``backoff_policy.max_attempts`` (retryMaxTimes + 1 deliveries); that is
-``max_deliveries``. The broker's own count (``delivery_attempt``) feeds ``Delivery.delivered``, so
-the consumer dead-letters a message itself, with its error, at its second-to-last delivery.
-
-**Dead letters go to zeroloss's ``<topic>.dlq``, not RocketMQ's ``%DLQ%<group>``.** RocketMQ's DLQ
-keeps the message but not why it failed (no error, no attempt count we can set), it is per group
-rather than per topic, and its topic is created with read permission off. zeroloss's letter keeps
-the origin and the error headers of :mod:`zeroloss.consumer.dead_letters`, like every other broker,
-and ``zeroloss dlq`` reads and replays it. If RocketMQ's limit is reached anyway (the group's
-``retryMaxTimes`` lowered behind a running consumer's back, or a consumer dying at every delivery
-faster than it can dead-letter), RocketMQ moves the message to ``%DLQ%<group>`` by itself: nothing
-is lost, but it carries no error headers and ``zeroloss dlq`` does not see it (``mqadmin
-queryMsgByKey`` does).
-
-**Names.** RocketMQ topic names allow ``[A-Za-z0-9_-%|]``, no dots; zeroloss topics allow dots
-(``orders.dlq``). :func:`rocketmq_topic` maps them as the relay's publishing side does: ``.`` →
-``_`` (``orders.dlq`` is ``orders_dlq``). The dead-letter topic must exist like every RocketMQ
-topic (``zeroloss init`` makes it; auto-creation is off on a production broker). RocketMQ refuses
-an empty body: a dead letter of an empty message is refused for good, and so parked in a file
-(:mod:`zeroloss.consumer.dead_letters`).
-
-**Message fields** (what the relay's publish side writes): ``zeroloss-id`` user property = the id
-(else RocketMQ's own message id, stable across redeliveries); the key is the ``zeroloss-key``
-property (a zeroloss message without it has no key: its message keys and FIFO group are the
-relay's choice, e.g. its id); a foreign message's key is its first message key, else its message
-group; our headers are user properties, text as is, other bytes ``b64:`` + base64
-(:func:`zeroloss.brokers._batch.value_bytes`).
-
-**Reading without consuming** (:class:`RocketMQReader`, ``zeroloss dlq``) uses the broker's
-remoting protocol, which the gRPC proxy does not offer: the name server's route names each broker
-and queue; each queue is pulled from its min to its max offset as the built-in ``TOOLS_CONSUMER``
-group (what ``mqadmin`` uses) without committing an offset. No group's position moves, nothing is
-acked, every group still gets every message. A SimpleConsumer in a throwaway group was the other
-way: it needs a group created and deleted per read, and "the end" is only a receive that came back
-empty. The name server is ``?namesrv=HOST:PORT`` in the URL (default: the proxy's host, port 9876).
-"""
+"""Consuming Apache RocketMQ 5 through its gRPC proxy (rocketmq-python-client's SimpleConsumer): a
+received message stays invisible to the group while zeroloss holds it (extended in the background)
+and is acked after the inbox commit; the group's retry limit is ``max_deliveries``; dead letters
+go to zeroloss's ``<topic>.dlq`` through :class:`LetterPublisher`. Reading a topic without
+consuming it is :mod:`zeroloss.brokers.rocketmq_reader`. Receiving, the delivery limit, dead
+letters, names and message fields: docs/design.md, "brokers/rocketmq_subscription.py"."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import logging
 import math
-import re
-import socket
-import struct
 import threading
 import time
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from zeroloss.brokers import rocketmq_client
 from zeroloss.brokers._batch import KEY_HEADER, text_value, value_bytes
-from zeroloss.brokers.base import DLQ_SUFFIX, Outcome, Status, Stored, publish_one
+from zeroloss.brokers.base import Outcome, Status, publish_one
 from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+from zeroloss.brokers.rocketmq_client import rocketmq_module
+from zeroloss.brokers.rocketmq_fields import is_system_property, key_text, rocketmq_topic
+from zeroloss.brokers.rocketmq_url import parse_url
 from zeroloss.brokers.subscription import Delivery, check_id
-from zeroloss.errors import BrokerError, ConfigError, MissingExtraError
+from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER, Message
 from zeroloss.received import Received
 from zeroloss.urls import safe_url
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NAMESRV_PORT = 9876
 MIN_INVISIBLE_S = 10  # the proxy refuses a receive with less ("the invisibleTime is too small")
 MAX_RECEIVE_BATCH = 32  # the proxy's receive_batch_size
 # Exceptions of the client that say the message itself is wrong: the same send fails the same way.
+# ValueError: a topic name RocketMQ cannot have (rocketmq_topic), which the proxy would refuse too.
 _REFUSED = ("BadRequestException", "PayloadTooLargeException", "PayloadEmptyException",
-            "RequestHeaderFieldsTooLargeException", "IllegalArgumentException")
-
-
-def rocketmq_module() -> Any:
-    try:
-        import rocketmq
-        import rocketmq.grpc_protocol  # MessageType, to tell a FIFO topic's route
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise MissingExtraError("rocketmq-python-client", "rocketmq", "the RocketMQ broker adapter") from exc
-    return rocketmq
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoints:
-    proxy: str  # HOST:PORT of the gRPC proxy
-    namesrv: tuple[str, int]  # the name server, for the remoting protocol
-
-
-def parse_url(url: str) -> Endpoints:
-    """``rocketmq://HOST:PORT[?namesrv=HOST:PORT]`` → the proxy and the name server."""
-    parts = urlsplit(url)
-    if parts.scheme != "rocketmq" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"not a RocketMQ URL: {safe_url(url)!r}; write rocketmq://HOST:PORT (the gRPC proxy), "
-                          f"optionally ?namesrv=HOST:PORT")
-    ns = parse_qs(parts.query).get("namesrv", [f"{parts.hostname}:{DEFAULT_NAMESRV_PORT}"])[0]
-    host, _, port = ns.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"RocketMQ URL {safe_url(url)!r}: namesrv={ns!r} is not HOST:PORT")
-    return Endpoints(f"{parts.hostname}:{parts.port}", (host, int(port)))
+            "RequestHeaderFieldsTooLargeException", "IllegalArgumentException", "ValueError")
 
 
 def client_config(url: str, timeout_s: float) -> Any:
     rmq = rocketmq_module()
     return rmq.ClientConfiguration(parse_url(url).proxy, rmq.Credentials(), request_timeout=max(1, int(timeout_s)))
-
-
-def rocketmq_topic(topic: str) -> str:
-    """The RocketMQ topic of a zeroloss topic (no dots there): ``orders.dlq`` → ``orders_dlq``."""
-    return topic.replace(".", "_")
-
-
-def _key(ours: str | None, keys: Sequence[str], group: str | None, from_zeroloss: bool) -> str | None:
-    """The key's text: ``zeroloss-key``; for a foreign message the first message key, else its
-    message group (a zeroloss message's keys and group also index its id: not its key)."""
-    if ours is not None or from_zeroloss:
-        return ours
-    return keys[0] if keys else group
 
 
 def _broker_error(what: str, exc: BaseException) -> BrokerError:
@@ -210,7 +115,6 @@ class LetterPublisher:
                 producer.shutdown()
 
 
-# -- consuming -----------------------------------------------------------------------------------
 
 
 def _settings_consumer(rmq: Any) -> Any:
@@ -238,7 +142,8 @@ class _Held:
 
 
 class RocketMQSubscription:
-    """A :class:`~zeroloss.brokers.subscription.Subscription` on RocketMQ; see the module docstring.
+    """A :class:`~zeroloss.brokers.subscription.Subscription` on RocketMQ; see docs/design.md,
+    "brokers/rocketmq_subscription.py".
 
     ``invisible_s``: how long a received message stays invisible to the rest of the group without
     an extension (at least 10): after a consumer crash, its messages come back after this long.
@@ -250,7 +155,10 @@ class RocketMQSubscription:
         self.url = url
         self.group = group
         self.topics = list(topics)
-        self._by_name = {rocketmq_topic(t): t for t in self.topics}
+        try:
+            self._by_name = {rocketmq_topic(t): t for t in self.topics}
+        except ValueError as exc:  # a name no RocketMQ topic can have: no subscription could ever receive
+            raise ConfigError(str(exc)) from None
         if invisible_s < MIN_INVISIBLE_S:
             raise ConfigError(f"invisible_s={invisible_s}: RocketMQ's proxy refuses less than {MIN_INVISIBLE_S} s")
         self.invisible_s = math.ceil(invisible_s)
@@ -278,11 +186,9 @@ class RocketMQSubscription:
         where = f"at {safe_url(self.url)} (group {self.group}, topics {', '.join(self._by_name)})"
         # The client starts "successfully" with nothing to talk to, and says why only in its own
         # log: an unreachable proxy is told apart from a missing group or topic here.
-        host, _, port = parse_url(self.url).proxy.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=min(self.timeout_s, 5.0)).close()
-        except OSError as exc:
-            raise BrokerError(f"RocketMQ {where}: the proxy does not answer: {exc}") from exc
+        refused = rocketmq_client.proxy_refusal(parse_url(self.url).proxy, min(self.timeout_s, 5.0))
+        if refused is not None:
+            raise BrokerError(f"RocketMQ {where}: the proxy does not answer: {refused}") from refused
         try:
             rocketmq_client.start(self._consumer)
         except Exception as exc:
@@ -364,14 +270,14 @@ class RocketMQSubscription:
         topic = self._by_name.get(m.topic, m.topic)
         ours = props.pop(ID_HEADER, None)
         mid, poison = check_id(ours or m.message_id, f"{m.topic}/{m.message_id}")
-        key_text = _key(props.pop(KEY_HEADER, None), sorted(m.keys or ()), m.message_group, ours is not None)
+        key = key_text(props.pop(KEY_HEADER, None), sorted(m.keys or ()), m.message_group, ours is not None)
         # The proxy passes some of RocketMQ's own properties on as user properties (a FIFO
         # message's __SHARDINGKEY): they are not the message's headers, and sent on they would
         # make a dead letter a FIFO message that its NORMAL topic refuses.
-        headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items()) if not _system_property(k))
+        headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items()) if not is_system_property(k))
         if m.corrupted:  # the body's checksum did not match: handling it would act on garbage
             poison = poison or f"message {m.message_id}: its body failed the broker's checksum"
-        received = Received(mid, topic, 0, -1, None if key_text is None else value_bytes(key_text),
+        received = Received(mid, topic, 0, -1, None if key is None else value_bytes(key),
                             m.body or b"", headers, m.born_timestamp or 0)
         return Delivery(received, m, poison, delivered=m.delivery_attempt or 0)
 
@@ -467,197 +373,3 @@ class RocketMQSubscription:
                 self._consumer.shutdown()
         self._calls.shutdown(wait=False)  # a call still in flight ends by its own deadline
         self._letters.close()
-
-
-# -- reading without consuming (TopicReader), over the remoting protocol -------------------------
-
-GET_MAX_OFFSET, GET_MIN_OFFSET, PULL_MESSAGE, GET_ROUTEINFO_BY_TOPIC = 30, 31, 11, 105
-SUCCESS, TOPIC_NOT_EXIST, PULL_NOT_FOUND, PULL_RETRY_IMMEDIATELY, PULL_OFFSET_MOVED = 0, 17, 19, 20, 21
-READER_GROUP = "TOOLS_CONSUMER"  # built into every broker; mqadmin reads messages as it
-PULL_SUBSCRIPTION_FLAG = 4  # sysFlag: the subscription comes with the request (no commit, no suspend)
-PULL_BATCH = 32
-MAGIC_V1, MAGIC_V2 = -626843481, -626843477
-COMPRESSED_FLAG, BORNHOST_V6_FLAG, STOREHOST_V6_FLAG = 0x1, 0x1 << 4, 0x1 << 5
-# RocketMQ's own properties (MessageConst, 5.x), not the message's headers: the store keeps them
-# beside the user's, and the proxy refuses a message that sets one ("property is used by system").
-SYSTEM_PROPERTIES = frozenset({
-    "KEYS", "TAGS", "WAIT", "DELAY", "RETRY_TOPIC", "REAL_TOPIC", "REAL_QID", "TRAN_MSG", "PGROUP",
-    "MIN_OFFSET", "MAX_OFFSET", "BUYER_ID", "ORIGIN_MESSAGE_ID", "TRANSFER_FLAG", "CORRECTION_FLAG",
-    "MQ2_FLAG", "RECONSUME_TIME", "MSG_REGION", "TRACE_ON", "UNIQ_KEY", "EXTEND_UNIQ_INFO", "MAX_RECONSUME_TIMES",
-    "CONSUME_START_TIME", "INNER_NUM", "INNER_BASE", "DUP_INFO", "CHECK_IMMUNITY_TIME_IN_SECONDS",
-    "TRAN_PREPARED_QUEUE_OFFSET", "TRANSACTION_CHECK_TIMES", "INSTANCE_ID", "CORRELATION_ID", "REPLY_TO_CLIENT",
-    "TTL", "ARRIVE_TIME", "PUSH_REPLY_TIME", "CLUSTER", "MSG_TYPE", "POP_CK", "POP_CK_OFFSET", "1ST_POP_TIME",
-    "PROPERTY_FORWARD_QUEUE_ID", "REDIRECT", "INNER_MULTI_DISPATCH", "INNER_MULTI_QUEUE_OFFSET", "TRACE_CONTEXT",
-    "BORN_TIMESTAMP", "DLQ_ORIGIN_TOPIC", "DLQ_ORIGIN_MESSAGE_ID", "bname",
-})  # and every name starting "__" (__SHARDINGKEY, __BORNHOST, __CRC32#, ...), "TIMER_" or "POP_"
-_BARE_INT_KEY = re.compile(r"([{,])(\d+):")
-
-
-def _system_property(name: str) -> bool:
-    return name in SYSTEM_PROPERTIES or name.startswith(("__", "TIMER_", "POP_", "%"))
-
-
-def remoting_call(address: tuple[str, int], code: int, fields: dict[str, str], timeout_s: float
-                  ) -> tuple[dict[str, Any], bytes]:
-    """One request/response of RocketMQ's remoting protocol with a JSON header (what mqadmin
-    speaks): int32 length, int32 header length (top byte 0: JSON), header, body."""
-    header = json.dumps({"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0,
-                         "extFields": fields}).encode()
-    frame = struct.pack(">ii", 4 + len(header), len(header)) + header
-    with socket.create_connection(address, timeout=timeout_s) as s:
-        s.sendall(frame)
-
-        def read(n: int) -> bytes:
-            buf = b""
-            while len(buf) < n:
-                chunk = s.recv(n - len(buf))
-                if not chunk:
-                    raise ConnectionError(f"{address[0]}:{address[1]} closed the connection")
-                buf += chunk
-            return buf
-
-        (length,) = struct.unpack(">i", read(4))
-        data = read(length)
-    header_length = struct.unpack(">i", data[:4])[0] & 0xFFFFFF
-    answer: dict[str, Any] = json.loads(data[4:4 + header_length])
-    return answer, data[4 + header_length:]
-
-
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    queue_id: int
-    queue_offset: int
-    store_ms: int
-    body: bytes
-    properties: dict[str, str]
-
-
-def decode_messages(data: bytes) -> list[_Stored]:
-    """The messages of a PULL answer's body, in the broker's store format (MessageDecoder)."""
-    out, pos = [], 0
-    while pos + 8 <= len(data):
-        total, magic = struct.unpack_from(">ii", data, pos)
-        if magic not in (MAGIC_V1, MAGIC_V2) or total <= 0:
-            raise BrokerError(f"RocketMQ: unreadable message at byte {pos} of a pull answer (magic {magic})")
-        p = pos + 12  # total, magic, body CRC
-        queue_id, _flag, queue_offset, _physical, sys_flag, _born = struct.unpack_from(">iiqqiq", data, p)
-        p += 4 + 4 + 8 + 8 + 4 + 8
-        p += 20 if sys_flag & BORNHOST_V6_FLAG else 8
-        (store_ms,) = struct.unpack_from(">q", data, p)
-        p += 8 + (20 if sys_flag & STOREHOST_V6_FLAG else 8)
-        p += 4 + 8  # reconsume times, prepared transaction offset
-        (body_len,) = struct.unpack_from(">i", data, p)
-        body = data[p + 4:p + 4 + body_len]
-        p += 4 + body_len
-        if sys_flag & COMPRESSED_FLAG:
-            with contextlib.suppress(zlib.error):
-                body = zlib.decompress(body, 47)  # zlib or gzip, told apart by their headers
-        if magic == MAGIC_V2:
-            (topic_len,) = struct.unpack_from(">h", data, p)
-            p += 2
-        else:
-            topic_len = data[p]
-            p += 1
-        p += topic_len
-        (props_len,) = struct.unpack_from(">h", data, p)
-        text = data[p + 2:p + 2 + props_len].decode("utf-8", "replace")
-        props = dict(pair.split("\x01", 1) for pair in text.split("\x02") if "\x01" in pair)
-        out.append(_Stored(queue_id, queue_offset, store_ms, body, props))
-        pos += total
-    return out
-
-
-class RocketMQReader:
-    """Reads a topic's messages where they are (:class:`~zeroloss.brokers.base.TopicReader`); see
-    the module docstring."""
-
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
-        self.url = url
-        self.namesrv = parse_url(url).namesrv
-        self.timeout_s = timeout_s
-
-    def _call(self, address: tuple[str, int], code: int, fields: dict[str, str]) -> tuple[dict[str, Any], bytes]:
-        try:
-            return remoting_call(address, code, fields, self.timeout_s)
-        except (OSError, ValueError) as exc:
-            raise BrokerError(f"RocketMQ at {address[0]}:{address[1]} (remoting protocol): "
-                              f"{type(exc).__name__}: {exc}") from exc
-
-    def _route(self, name: str) -> dict[str, Any] | None:
-        header, body = self._call(self.namesrv, GET_ROUTEINFO_BY_TOPIC, {"topic": name})
-        if header.get("code") == TOPIC_NOT_EXIST:
-            return None
-        if header.get("code") != SUCCESS:
-            raise BrokerError(f"RocketMQ name server: route of {name}: code {header.get('code')}, "
-                              f"{header.get('remark')}")
-        route: dict[str, Any] = json.loads(_BARE_INT_KEY.sub(r'\1"\2":', body.decode()))
-        return route
-
-    def _offset(self, broker: tuple[str, int], code: int, name: str, queue: int) -> int:
-        header, _ = self._call(broker, code, {"topic": name, "queueId": str(queue)})
-        if header.get("code") != SUCCESS:
-            raise BrokerError(f"RocketMQ broker: offset of {name}/{queue}: code {header.get('code')}, "
-                              f"{header.get('remark')}")
-        return int(header["extFields"]["offset"])
-
-    def read(self, topic: str) -> Iterator[Stored]:
-        """Every message of ``topic``, oldest stored first, left where it is."""
-        name = rocketmq_topic(topic)
-        route = self._route(name)
-        if route is None:
-            origin = topic[: -len(DLQ_SUFFIX)] if topic.endswith(DLQ_SUFFIX) else topic
-            if origin == topic or self._route(rocketmq_topic(origin)) is None:  # a typo, not "none yet"
-                raise ConfigError(f"no topic {rocketmq_topic(origin)!r} nor {name!r} at the name server "
-                                  f"{self.namesrv[0]}:{self.namesrv[1]}: check the name")
-            return
-        masters = {b["brokerName"]: b["brokerAddrs"].get("0") for b in route.get("brokerDatas", [])}
-        found: list[_Stored] = []
-        for q in route.get("queueDatas", []):
-            addr = masters.get(q["brokerName"])
-            if not addr:
-                raise BrokerError(f"RocketMQ: topic {name} on {q['brokerName']}, which has no master now")
-            host, _, port = addr.rpartition(":")
-            broker = (host, int(port))
-            for queue in range(int(q["readQueueNums"])):
-                found.extend(self._queue(broker, name, queue))
-        # Queues are independent logs: oldest first across them means holding them all (a dead-letter
-        # topic is small; a large topic read this way costs its size in memory).
-        found.sort(key=lambda s: (s.store_ms, s.queue_id, s.queue_offset))
-        for s in found:
-            props = dict(s.properties)
-            mid = props.get(ID_HEADER) or props.get("UNIQ_KEY")
-            key_text = _key(props.get(KEY_HEADER), props.get("KEYS", "").split(), props.get("__SHARDINGKEY"),
-                            ID_HEADER in props)
-            headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items())
-                            if k not in (ID_HEADER, KEY_HEADER) and not _system_property(k))
-            yield Stored(f"{name}/{s.queue_id}/{s.queue_offset}", s.queue_offset, mid,
-                         None if key_text is None else value_bytes(key_text), s.body, headers, partition=s.queue_id)
-
-    def _queue(self, broker: tuple[str, int], name: str, queue: int) -> list[_Stored]:
-        offset = self._offset(broker, GET_MIN_OFFSET, name, queue)
-        end = self._offset(broker, GET_MAX_OFFSET, name, queue)
-        out: list[_Stored] = []
-        while offset < end:
-            header, body = self._call(broker, PULL_MESSAGE, {
-                "consumerGroup": READER_GROUP, "topic": name, "queueId": str(queue), "queueOffset": str(offset),
-                "maxMsgNums": str(PULL_BATCH), "sysFlag": str(PULL_SUBSCRIPTION_FLAG), "commitOffset": "0",
-                "suspendTimeoutMillis": "0", "subscription": "*", "subVersion": "0", "expressionType": "TAG"})
-            code, ext = header.get("code"), header.get("extFields") or {}
-            if code == SUCCESS:
-                got = decode_messages(body)
-                out.extend(got)
-                offset = int(ext.get("nextBeginOffset", offset + len(got)))
-                if not got:
-                    break
-            elif code in (PULL_OFFSET_MOVED, PULL_NOT_FOUND, PULL_RETRY_IMMEDIATELY) and \
-                    int(ext.get("nextBeginOffset", offset)) > offset:
-                offset = int(ext["nextBeginOffset"])  # a hole (expired files, a filtered run): on past it
-            elif code in (PULL_NOT_FOUND, PULL_RETRY_IMMEDIATELY):
-                break
-            else:
-                raise BrokerError(f"RocketMQ broker: pull of {name}/{queue} at {offset}: code {code}, "
-                                  f"{header.get('remark')}")
-        return out
-
-    def close(self) -> None:
-        """Nothing held: one connection per request."""

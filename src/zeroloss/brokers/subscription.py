@@ -2,18 +2,7 @@
 Redis Streams, RocketMQ): :class:`Subscription`, which each of those adapters implements beside its
 publishing side. The loop that drives it is :mod:`zeroloss.consumer.subscription_loop`; Kafka's
 offset-commit loop is :mod:`zeroloss.consumer.kafka_loop`.
-
-An ack is sent only after the inbox transaction committed, so a crash between the two means a
-redelivery that the inbox recognises as a duplicate. A failure of the broker itself (connection
-lost) raises :class:`~zeroloss.errors.BrokerError`; the consumer backs off, closes the
-subscription and opens it again — unacknowledged deliveries come back from the broker.
-
-Per-key order holds where the broker keeps it: one consumer on a RabbitMQ queue, on a NATS
-durable consumer, or in a Redis consumer group sees messages in stream order; several consumers
-in one group share the messages without a per-key assignment, and a redelivery after a crash can
-come after later messages. Kafka (partition by key) is the broker to choose when several
-consumers must keep per-key order.
-"""
+The details: docs/design.md, "brokers/subscription.py"."""
 
 from __future__ import annotations
 

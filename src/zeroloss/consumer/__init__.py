@@ -8,11 +8,13 @@ transaction (``kafka_txn``).
 from zeroloss.consumer.handling import TransactionAborted
 from zeroloss.consumer.kafka_loop import consumer_config
 from zeroloss.consumer.runtime import Consumer, ConsumerCounters
+from zeroloss.consumer.settings import ConsumerSettings
 from zeroloss.received import Handler, PoisonMessage, Received
 
 __all__ = [
     "Consumer",
     "ConsumerCounters",
+    "ConsumerSettings",
     "Handler",
     "PoisonMessage",
     "Received",

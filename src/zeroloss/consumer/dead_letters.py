@@ -1,28 +1,5 @@
 """Dead letters: the envelope a message the consumer gave up on travels in, and how it is published.
-
-A dead letter is the original record (key, value, headers) plus these headers::
-
-    zeroloss-id                       the message id (for foreign records: "topic/partition/offset",
-                                      the same id the inbox deduplicated them by)
-    zeroloss-dlq-error-type           the exception's class, e.g. "ValueError"
-    zeroloss-dlq-error-message        str(exception), at most 2000 characters
-    zeroloss-dlq-attempts             how many times the handler ran (0: undecodable, never ran)
-    zeroloss-dlq-original-topic       where it came from …
-    zeroloss-dlq-original-partition
-    zeroloss-dlq-original-offset
-    zeroloss-dlq-first-failure        epoch seconds of the first failed attempt
-
-A dead letter the broker refuses for good (too large once the error headers are added: Kafka's
-``MSG_SIZE_TOO_LARGE``; a topology conflict) is sent again smaller — the error message cut to
-:data:`SHRUNK_ERROR_CHARS`, then every error header dropped but the origin (``zeroloss-dlq-shrunk``
-says which; the full error is in the consumer's ERROR log line). If even that is refused it is
-**parked**: written to a file in the consumer's ``parked_dir`` (the spool's message codec, fsynced,
-the refusal in ``last_error``) before the original is acked or its offset committed, counted as
-the consumer outcome ``parked`` and logged at ERROR with its id and file; the consumer moves on
-instead of retrying it forever. :func:`parked` lists them.
-
-Reading them back (``zeroloss dlq list|show|replay``) is :mod:`zeroloss.dlq`.
-"""
+The details: docs/design.md, "consumer/dead_letters.py"."""
 
 from __future__ import annotations
 

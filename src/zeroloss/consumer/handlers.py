@@ -1,22 +1,6 @@
 """How a function registered with ``@consumer.handler`` becomes the one ``handler(msg, tx)`` the
 handling loop calls.
-
-* ``@consumer.handler`` on ``def fn(msg, tx)``: called as it is.
-* ``@consumer.handler(model=Order)`` on ``def fn(order, tx)``: the value is decoded into an
-  ``Order`` first (:meth:`~zeroloss.received.Received.decode`: a pydantic model, a dataclass, …).
-  A value that is not one is poison — dead-lettered at once with the reason, never retried.
-* ``@consumer.handler(batch=True)`` on ``def fn(msgs, tx)``: a list of messages (or of models)
-  that share one inbox transaction — one ``executemany`` for their effects instead of a statement
-  each. A batch whose call raises is rolled back and its messages run again one at a time
-  (``fn([msg], tx)``), so attempts, backoff and dead letters stay per message.
-* ``async def fn(…)``: run to completion on an event loop the consumer keeps for it, in the
-  consumer's thread and inside the inbox transaction (``tx`` stays a synchronous connection: its
-  statements block that loop, which is fine, as nothing else runs on it). An app whose thread
-  already runs an event loop starts the consumer in a thread: ``await asyncio.to_thread(consumer.run)``.
-
-Every call runs in the trace context the producer's ``traceparent`` header carries
-(:mod:`zeroloss.tracing`; nothing without OpenTelemetry).
-"""
+The details: docs/design.md, "consumer/handlers.py"."""
 
 from __future__ import annotations
 

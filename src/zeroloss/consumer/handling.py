@@ -3,23 +3,8 @@
 A message is handled in one inbox transaction (claim its id, run ``handler(msg, tx)``, commit);
 a claim that exists already makes it a duplicate. What happens after is the broker's half, given
 as a :class:`Settlement` — Kafka marks an offset done and may pass the message to a retry topic,
-the others ack it or touch it while it waits:
-
-* the handler raises → the same message again after ``backoff_s`` (order kept); after
-  ``max_attempts``, or at once for poison (:class:`~zeroloss.errors.MessageError`: an id no inbox
-  can store — :func:`~zeroloss.inbox.id_problem` —, an id the inbox refuses, or a handler raising
-  :class:`~zeroloss.received.PoisonMessage`), it is dead-lettered, and the loop moves on only
-  once the dead letter is stored;
-* the handler's transaction ended under it (it caught a deadlock the database answered with a
-  rollback: :class:`~zeroloss.errors.TransactionLostError` from the inbox's commit) → the
-  handler's failure, as if it had raised; a shared transaction's messages are taken one by one;
-* the inbox itself fails (database or Redis down) → nobody's fault: retried, no attempt spent,
-  for as long as it takes; so is a handler whose database lacks a table, column or right
-  (:func:`schema_problem`) — the deployment's fault, the same for every message: dead-lettering
-  them all would only make a pile to replay once the migrations run;
-* runs of messages can share one inbox transaction (:meth:`Handling.shared_transaction`): one
-  bulk claim and one commit instead of one per message.
-"""
+the others ack it or touch it while it waits.
+The details: docs/design.md, "consumer/handling.py"."""
 
 from __future__ import annotations
 

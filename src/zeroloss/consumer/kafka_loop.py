@@ -5,19 +5,7 @@ parts share its offsets; split, each would reach into the others' state.)
 After each batch the done offsets are committed synchronously, so a commit never covers a
 message that has neither succeeded nor been dead-lettered: a partition's done offset only moves
 to ``offset + 1`` of the message just finished, and messages finish strictly in partition order.
-
-Rebalancing uses the eager protocol (range/roundrobin; cooperative-sticky is refused). librdkafka
-calls the rebalance callbacks only from inside ``consume()``, i.e. between batches, when no message
-is in flight: ``on_revoke`` commits what is done, synchronously, and forgets the revoked
-partitions' offsets; ``on_assign`` starts them fresh; ``on_lost`` forgets without committing (the
-group has moved on; the new owner's inbox claim absorbs any overlap).
-
-With retry topics (:mod:`zeroloss.consumer.retry_topics`) a failing message is passed to
-``<topic>.retry.<n>`` and a copy not yet due pauses its partition until it is. With
-``transactional=True`` outputs, dead letters and offsets commit in one Kafka transaction per
-batch (:mod:`zeroloss.consumer.kafka_txn`). Records without a ``zeroloss-id`` header are
-deduplicated by ``"topic/partition/offset"``.
-"""
+The details: docs/design.md, "consumer/kafka_loop.py"."""
 
 from __future__ import annotations
 
@@ -27,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from zeroloss import metrics
-from zeroloss.brokers.kafka import ensure_topics, kafka_module
+from zeroloss.brokers.kafka_client import ensure_topics, kafka_module
 from zeroloss.consumer.dead_letters import DeadLetterPublisher, dead_letter, store_letter
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_txn import TxnAborted

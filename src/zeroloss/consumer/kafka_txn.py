@@ -1,19 +1,5 @@
 """Consume-transform-produce in Kafka transactions: ``Consumer(..., transactional=True)``.
-
-For handlers whose only effect is producing to Kafka. The handler gets an :class:`Outbound` as
-``tx`` and calls ``tx.send(topic, value, key=..., headers=...)``. What it sends is buffered; when
-the handler returns, the buffer joins the open Kafka transaction (a failed attempt's sends are
-dropped, so retries do not leak). After the batch the consumed offsets join the same transaction
-(``send_offsets_to_transaction`` with the consumer's group metadata, which also fences a zombie
-member of an older generation) and it commits: outputs and progress become visible together
-(to ``read_committed`` readers) or not at all. Dead letters are produced into the same
-transaction. An abort rewinds the consumer to its committed offsets and the batch runs again.
-
-Output ids are deterministic — derived from the input's id and the output's index — so a copy
-produced again after an abort carries the same ``zeroloss-id`` and any zeroloss inbox downstream
-drops it. That matters for ``read_uncommitted`` readers and for brokers that show aborted records
-(Tansu does).
-"""
+The details: docs/design.md, "consumer/kafka_txn.py"."""
 
 from __future__ import annotations
 
@@ -25,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from zeroloss.brokers.kafka import kafka_module, parse_bootstrap, producer_config
+from zeroloss.brokers.kafka_client import kafka_module, parse_bootstrap, producer_config
 from zeroloss.message import ID_HEADER, Message, new_message
 
 log = logging.getLogger(__name__)

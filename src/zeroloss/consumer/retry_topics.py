@@ -6,35 +6,7 @@ passed, then goes on to ``orders.retry.2``, ``orders.retry.3``, and after the la
 ``orders.dlq`` — four handler runs in all (``1 + len(retry_delays_s)``; ``max_attempts`` is not
 used in this mode). This is Spring Kafka's retry-topic pattern: one bad message no longer holds
 every later message of its partition for the whole backoff.
-
-What it costs: **a retried message loses its place in the key's order** — later messages with the
-same key are handled while it waits. Use the default (in-place retries, order kept) where order
-matters.
-
-Guarantees are unchanged: the copy keeps its ``zeroloss-id``, so the inbox runs its effect at
-most once however many copies exist; the source offset is committed only after the broker
-acknowledged the copy (idempotent producer, acks=all), or, with ``transactional=True``, in the
-same Kafka transaction. A crash between the two makes a second copy, which the inbox absorbs.
-
-The consumer reads the retry topics too — every ``<topic>.retry.<n>`` there is, by pattern, so
-copies left on a stage that a later configuration no longer has are still read (and treated as
-the last stage). A copy that is not yet due pauses its partition and is read again when due —
-copies on one retry topic all have the same delay, so they come due in the order they sit there,
-and a pause never holds back one that is already due. Retry topics are shared by the consumer
-groups of a topic; each copy names the group that failed it, and the others pass it by.
-
-Headers on a copy, besides the original record's own::
-
-    zeroloss-retry-group              the consumer group whose handler failed
-    zeroloss-retry-attempts           handler runs so far (1 after the first failure)
-    zeroloss-retry-not-before         epoch milliseconds before which it is not tried
-    zeroloss-retry-original-topic     where it was first read …
-    zeroloss-retry-original-partition
-    zeroloss-retry-original-offset
-    zeroloss-retry-first-failure      epoch seconds of the first failed run
-    zeroloss-retry-error-type         the last failure
-    zeroloss-retry-error-message
-"""
+The details: docs/design.md, "consumer/retry_topics.py"."""
 
 from __future__ import annotations
 

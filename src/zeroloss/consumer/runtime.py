@@ -1,49 +1,30 @@
 """The consumer runtime: :class:`Consumer` — ``handler(msg, tx)`` inside one inbox transaction per
 message; acks and offsets only after the work they cover is done.
-
-It holds the settings, the handler and the counters, and runs one of two loops: Kafka's offsets and
-rebalances (:mod:`.kafka_loop`) or a message-by-message :class:`~zeroloss.brokers.subscription.
-Subscription` (:mod:`.subscription_loop`). Both hand every message to the one handling loop
-(:mod:`.handling`: attempts, backoff, outages, dead letters). SIGTERM/SIGINT (handlers installed
-by :meth:`Consumer.run` in the main thread) or :meth:`Consumer.stop` let the handler call in
-flight finish; a message waiting out a retry backoff is left for redelivery; what is done is
-committed and the client closed.
-
-Claims older than ``inbox_retention_s`` (7 days) are purged hourly; a redelivery later than that
-would run again, so keep it above the longest possible redelivery delay. With ``inbox=None``
-there is no dedup (at-least-once) and ``tx`` is None; with ``transactional=True`` (Kafka, no
-inbox) the handler produces through ``tx.send`` and outputs, dead letters and offsets commit in
-one Kafka transaction per batch (:mod:`.kafka_txn`). The details are in ``docs/design.md``.
-
-What it says (logger ``zeroloss.consumer``, INFO): a start line (source, group, topics, inbox,
-settings; passwords masked), a progress line every ``progress_every_s`` while it works
-(processed, rate, duplicates, retries, dead letters, lag where the broker tells it), outage and
-"is back" lines from the loops, and a summary when it stops.
-"""
+The details: docs/design.md, "consumer/runtime.py"."""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, Unpack, overload
 
 import sqlalchemy as sa
 
 from zeroloss import metrics
 from zeroloss.brokers.base import DLQ_SUFFIX
-from zeroloss.brokers.kafka import parse_bootstrap
+from zeroloss.brokers.kafka_client import parse_bootstrap
 from zeroloss.consumer.dead_letters import DeadLetterPublisher, ParkingLot
 from zeroloss.consumer.handlers import RegisteredHandler
 from zeroloss.consumer.handling import Handling
 from zeroloss.consumer.kafka_loop import KafkaLoop, consumer_config
 from zeroloss.consumer.kafka_txn import KafkaTransactions
 from zeroloss.consumer.retry_topics import check_delays
+from zeroloss.consumer.settings import ConsumerOptions, ConsumerSettings
 from zeroloss.consumer.subscription_loop import SubscriptionLoop
 from zeroloss.errors import ConfigError
 from zeroloss.http import HealthServer
@@ -88,25 +69,11 @@ class Consumer:
         group: str,
         topics: Iterable[str],
         inbox: str | sa.Engine | Inbox | None,
-        *,
-        config: dict[str, Any] | None = None,
-        max_attempts: int = 5,
-        backoff_base_s: float = 0.2,
-        max_backoff_s: float = 30.0,
-        batch_size: int = 500,
-        poll_s: float = 0.2,
-        dlq_suffix: str = DLQ_SUFFIX,
-        dlq_config: dict[str, Any] | None = None,
-        transactional: bool = False,
-        transactional_id: str | None = None,
-        inbox_retention_s: float | None = 7 * 86400.0,
-        purge_every_s: float = 3600.0,
-        metrics_port: int | None = None,
-        retry_delays_s: Sequence[float] = (),
-        transaction_batch: int = 100,
-        parked_dir: str | os.PathLike[str] = "zeroloss-parked",
-        progress_every_s: float | None = 10.0,
+        settings: ConsumerSettings | None = None,
+        **options: Unpack[ConsumerOptions],
     ) -> None:
+        # The keyword arguments (the README's form) override the settings' fields of those names.
+        s = self.settings = (settings or ConsumerSettings()).with_options(options)
         self.url = source
         kafka = scheme_of(source) == "kafka"
         self.topics = list(topics)
@@ -114,72 +81,72 @@ class Consumer:
             raise ConfigError("a consumer needs at least one topic")
         if (why := id_problem(group)) is not None:  # else every claim would fail: all dead-lettered
             raise ConfigError(f"the group name {group!r:.80} {why}")
-        if max_attempts < 1:
-            raise ConfigError(f"max_attempts must be at least 1, got {max_attempts}")
-        if transaction_batch < 1:
-            raise ConfigError(f"transaction_batch must be at least 1, got {transaction_batch}")
+        if s.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be at least 1, got {s.max_attempts}")
+        if s.transaction_batch < 1:
+            raise ConfigError(f"transaction_batch must be at least 1, got {s.transaction_batch}")
         self.group = group
         if kafka:
-            self.conf = consumer_config(parse_bootstrap(source), group, config)
+            self.conf = consumer_config(parse_bootstrap(source), group, s.config)
         else:  # RabbitMQ, NATS, Redis, RocketMQ: `config` holds the subscription's options
             if scheme_of(source) not in SUBSCRIPTION_SCHEMES:
                 raise ConfigError(f"cannot consume from {source!r}: use kafka://, {', '.join(SUBSCRIPTION_SCHEMES)}")
-            if transactional:
+            if s.transactional:
                 raise ConfigError("transactional=True is for Kafka sources only")
-            if retry_delays_s:
+            if s.retry_delays_s:
                 raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
                                   "retry in place (RabbitMQ, NATS, Redis and RocketMQ redeliver by themselves)")
-            self.conf = dict(config or {})
+            self.conf = dict(s.config or {})
         # a URL or the app's Engine: an inbox of our own (an Engine stays the app's to dispose)
         self._owns_inbox = isinstance(inbox, (str, sa.Engine))
         self.inbox: Inbox | None = open_inbox(inbox) if isinstance(inbox, (str, sa.Engine)) else inbox
         # Non-blocking retries: one delay topic per entry (<topic>.retry.1 …), read by this consumer too.
-        self.retry_delays_s = check_delays(retry_delays_s)
-        self.inbox_retention_s = inbox_retention_s  # keep it above the longest redelivery delay
-        self.purge_every_s = purge_every_s
+        self.retry_delays_s = check_delays(s.retry_delays_s)
+        self.inbox_retention_s = s.inbox_retention_s  # keep it above the longest redelivery delay
+        self.purge_every_s = s.purge_every_s
         self._next_purge = 0.0
         txn: KafkaTransactions | None = None
-        if transactional:
+        if s.transactional:
             if self.inbox is not None:
                 raise ConfigError("transactional=True is for handlers that only produce to Kafka: pass inbox=None")
-            txn = KafkaTransactions(source, transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}",
-                                    config=dlq_config)
+            txn = KafkaTransactions(source, s.transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}",
+                                    config=s.dlq_config)
         self._stop = threading.Event()
         self._registered: RegisteredHandler | None = None
         self.counters = ConsumerCounters()
-        self.progress_every_s = progress_every_s  # a progress line this often while working (None: never)
-        self._progress = Progress(progress_every_s)
+        self.progress_every_s = s.progress_every_s  # a progress line this often while working (None: never)
+        self._progress = Progress(s.progress_every_s)
         self._quiet = False  # the last progress line said "nothing to do": say it once
         self.handling = Handling(
-            group=group, inbox=self.inbox, txn=txn, max_attempts=max_attempts, backoff_base_s=backoff_base_s,
-            max_backoff_s=max_backoff_s,
+            group=group, inbox=self.inbox, txn=txn, max_attempts=s.max_attempts, backoff_base_s=s.backoff_base_s,
+            max_backoff_s=s.max_backoff_s,
             # Up to this many messages share one inbox transaction and one bulk claim: one commit (one
             # fsync) per run instead of per message. Inboxes that cannot (Redis): 1.
-            transaction_batch=transaction_batch if isinstance(self.inbox, BatchInbox) else 1,
+            transaction_batch=s.transaction_batch if isinstance(self.inbox, BatchInbox) else 1,
             stop=self._stop, finished=self._finished, count_store_error=self._count_store_error,
             # made on first use; it must outlive the process: a volume, not a container's scratch space
-            parking=ParkingLot(parked_dir),
+            parking=ParkingLot(s.parked_dir),
         )
         self._loop_impl: KafkaLoop | SubscriptionLoop
         self._dlq: DeadLetterPublisher | None
         if kafka:
-            self._dlq = DeadLetterPublisher(source, config=dlq_config)  # makes nothing until used
+            self._dlq = DeadLetterPublisher(source, config=s.dlq_config)  # makes nothing until used
             self._loop_impl = KafkaLoop(
                 self.handling, source, self.conf, self.topics, retry_delays_s=self.retry_delays_s,
-                batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix, dlq=self._dlq,
+                batch_size=s.batch_size, poll_s=s.poll_s, dlq_suffix=s.dlq_suffix, dlq=self._dlq,
                 housekeeping=self._housekeeping, counters=self.counters,
             )
         else:
             self._dlq = None
             self._loop_impl = SubscriptionLoop(
                 self.handling, lambda: open_subscription(self.url, self.group, self.topics, **self.conf),
-                batch_size=batch_size, poll_s=poll_s, dlq_suffix=dlq_suffix or DLQ_SUFFIX,
+                batch_size=s.batch_size, poll_s=s.poll_s, dlq_suffix=s.dlq_suffix or DLQ_SUFFIX,
                 housekeeping=self._housekeeping, counters=self.counters,
             )
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
-        if metrics_port is not None:
-            self.health = HealthServer(metrics_port, ready=self._readiness).start()
+        if s.metrics_port is not None:
+            self.health = HealthServer(s.metrics_port, ready=self._readiness).start()
 
     @property
     def max_attempts(self) -> int:

@@ -1,21 +1,6 @@
-"""``zeroloss doctor`` for NATS JetStream (``nats://``). A module of its own because checks.py
-holds the verdicts and the other brokers and would pass 400 lines with these.
-
-What is checked, and what each can lose:
-
-* **server reachable, JetStream enabled.**
-* **sync interval** (server-wide): JetStream writes to the OS page cache and fsyncs every
-  ``sync_interval`` (2 minutes unless configured); a stream ack does not wait for the disk. An OS
-  crash or power cut can lose up to that much of messages the relay has already marked
-  ``success``. ``sync_interval: always`` fsyncs every write before the ack. Read from the
-  server's ``/varz`` monitoring endpoint (``--nats-monitor``, default port 8222 of the target's
-  host); when it does not answer the verdict is ``warn`` "unknown" — never a pass. Servers older
-  than 2.10 have no such setting: they always sync every 2 minutes.
-* per stream of ``--topic`` and its dead-letter stream: **replicas** (configured ≥
-  ``--min-replication``, and live: a leader, every replica current), **file storage** (memory
-  storage loses everything on a restart), **duplicate window** ≥ the relay's retry horizon
-  (:func:`retry_horizon_s`): a republished id outside the window is stored twice.
-"""
+"""``zeroloss doctor`` for NATS JetStream (``nats://``): the server and JetStream, the sync interval
+(read from the monitoring endpoint), and per stream its replicas, file storage and duplicate window.
+The details: docs/design.md, "doctor/nats.py"."""
 
 from __future__ import annotations
 

@@ -1,28 +1,6 @@
-"""``zeroloss doctor`` for RabbitMQ (``amqp://``). A module of its own because checks.py holds the
-verdicts and the other brokers and would pass 400 lines with these.
-
-What is checked, and what each can lose:
-
-* **reachable**, and **publisher confirms**: the relay's adapter publishes on a confirm channel
-  (mandatory, persistent) and marks a message ``success`` only on the broker's ``basic.ack`` —
-  for a quorum queue, once a majority of its replicas stored it. The check states that and fails
-  if the server does not offer confirms.
-* per ``--topic``: the queue ``<topic>`` is **quorum** (a classic queue keeps a confirmed message
-  on one node: losing that node's disk loses it); **dead-lettering at-least-once**
-  (``x-dead-letter-exchange``, ``x-dead-letter-strategy=at-least-once`` and
-  ``x-overflow=reject-publish``, without which RabbitMQ falls back to at-most-once: a message the
-  broker dead-letters is dropped if the dead-letter queue does not take it); a **delivery limit**
-  (RabbitMQ before 4.0 has none by default: a message that kills its consumer is redelivered
-  forever); the dead-letter queue ``<topic>.dlq`` exists and is quorum.
-
-Queue arguments are read over AMQP, without the management plugin: a passive declare says the
-queue exists, then a declare with the arguments believed so far is answered either "equivalent"
-(nothing changes) or PRECONDITION_FAILED naming one argument and its current value; that value
-is taken and the declare repeated until it is equivalent. Policies (``rabbitmqctl set_policy``)
-cannot be seen this way: a setting a policy provides shows as missing, and the line says so.
-The passive declare comes first in every round, so doctor creates nothing (short of the queue
-being deleted between the two declares of one round).
-"""
+"""``zeroloss doctor`` for RabbitMQ (``amqp://``): publisher confirms, and per topic a quorum queue,
+at-least-once dead-lettering, a delivery limit and the ``.dlq`` queue, read over AMQP alone.
+The details: docs/design.md, "doctor/rabbitmq.py"."""
 
 from __future__ import annotations
 

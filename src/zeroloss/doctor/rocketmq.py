@@ -1,36 +1,10 @@
 """``zeroloss doctor`` for Apache RocketMQ 5 (``rocketmq://``): what the brokers, the topic, the
 consumer group and the relay's producer do with a message, read through the name server (the
 remoting protocol) and the gRPC proxy.
-
-What is checked, and what each can lose:
-
-* **proxy and name server reachable**, and which master brokers (and slaves) the name server lists.
-* per master broker, **flushDiskType**: ``SYNC_FLUSH`` answers SEND_OK only after the commit log is
-  fsynced; ``ASYNC_FLUSH`` (RocketMQ's default) answers from the page cache, so an OS crash or power
-  cut loses messages the relay already marked ``success`` — fail, unless a synchronous slave holds
-  a copy (then warn: a power cut of both still loses them).
-* per master broker, **brokerRole and replicas**: copies on other machines are the broker's
-  slaves. ``SYNC_MASTER`` answers after a slave has the message; ``ASYNC_MASTER`` does not wait,
-  so its slave may lack what was acknowledged. Copies that count are the master plus its slaves
-  if SYNC_MASTER (1 for an ASYNC_MASTER): fewer than ``--min-replication`` fails — one disk
-  lost is every message lost. A SYNC_MASTER with no slave registered answers SEND_OK all the same
-  (``inSyncReplicas`` 1, measured on 5.5.0): said explicitly.
-* **autoCreateTopicEnable**: on, a mistyped topic is made NORMAL on first send (no key order).
-* the **topic** (``--topic``) and its dead-letter topic: exist, FIFO (NORMAL keeps no key order),
-  writable and readable on every master.
-* the **consumer group** (``--group``): exists (a gRPC consumer cannot join one that does not),
-  orderly when the topic is FIFO (else the consumer takes a key's messages out of order), and its
-  **max reconsume times** (retryMaxTimes: failed deliveries before RocketMQ moves a message to
-  ``%DLQ%<group>``), and its **offsets** on the topic's queues: a queue where it has none is read
-  from its last message by its first receive (the proxy starts a new group there unless the first
-  message is still in memory): the messages before it are skipped.
-* the relay's **producer**: its send timeout and retries (rocketmq-python-client sends up to 3
-  times, not configurable; each attempt gets a third of the relay's ``--timeout-s``).
-"""
+The details: docs/design.md, "doctor/rocketmq.py"."""
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from zeroloss.doctor.base import Check, Verdict
@@ -41,8 +15,10 @@ SYNC_FIX = "set flushDiskType=SYNC_FLUSH in broker.conf and restart the broker"
 
 def rocketmq_checks(url: str, *, topic: str | None = None, group: str | None = None, min_replication: int = 3,
                     relay_timeout_s: float = 30.0, timeout_s: float = 10.0) -> list[Check]:
-    from zeroloss.brokers.rocketmq import CLIENT_SEND_ATTEMPTS, check_url, rocketmq_topic
+    from zeroloss.brokers.rocketmq import CLIENT_SEND_ATTEMPTS
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+    from zeroloss.brokers.rocketmq_fields import rocketmq_topic
+    from zeroloss.brokers.rocketmq_url import check_url
 
     config = check_url(url)
     checks = [_proxy_check(config.endpoint, timeout_s)]
@@ -107,11 +83,10 @@ def rocketmq_checks(url: str, *, topic: str | None = None, group: str | None = N
 
 
 def _proxy_check(endpoint: str, timeout_s: float) -> Check:
-    host, _, port = endpoint.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError as exc:
+    from zeroloss.brokers.rocketmq_client import proxy_refusal
+
+    exc = proxy_refusal(endpoint, timeout_s)
+    if exc is not None:
         return Check("rocketmq proxy", Verdict.FAIL, f"{endpoint}: {type(exc).__name__}: {exc}",
                      "start the proxy (mqbroker --enable-proxy, or mqproxy) or fix --target")
     return Check("rocketmq proxy", Verdict.OK, f"{endpoint} (gRPC) accepts connections")

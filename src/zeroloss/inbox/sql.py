@@ -3,19 +3,7 @@
 The consumer opens ``with inbox.transaction() as tx``, calls ``inbox.claim(tx, group, id)`` and,
 only when that returns True, runs the handler with ``tx``; the transaction commits the claim and
 the handler's effects together. A duplicate delivery finds the claim and skips the handler.
-
-* :class:`SqlInbox` (PostgreSQL, MariaDB/MySQL, SQLite): ``tx`` is a SQLAlchemy ``Connection`` in
-  a transaction. The claim row and the handler's rows commit atomically, so effects written with
-  ``tx`` happen **exactly once**. The claim is one statement: ``INSERT … ON CONFLICT DO NOTHING``
-  (PostgreSQL, SQLite) or ``INSERT IGNORE`` (MariaDB/MySQL), with the row count saying whether it
-  was new; a concurrent claim of the same id waits on the row lock until the first transaction
-  ends, so exactly one of them wins.
-* :class:`RedisInbox`: for effects outside a database. See its docstring for the exact window in
-  which an effect can happen twice.
-
-Message ids are our UUIDv7 ids or, for foreign records without a ``zeroloss-id`` header,
-``"topic/partition/offset"``.
-"""
+The details: docs/design.md, "inbox/sql.py"."""
 
 
 from __future__ import annotations
