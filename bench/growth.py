@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from bench.common import VALUE, Row, machine, say, table
 from bench.relay_throughput import PG, fill_sql, relay_run
 from zeroloss.embedded_broker import EmbeddedBroker
-from zeroloss.outbox._sqltable import key_hash
+from zeroloss.outbox.sql.table import key_hash
 from zeroloss.outbox.base import State
 from zeroloss.outbox.sql import SqlOutbox
 

@@ -1,6 +1,6 @@
 """The SQL outbox: one table in the application's own database (SQLite, PostgreSQL, MariaDB/MySQL).
 (Over 400 lines: one table's every transition, for three dialects; the table itself is
-_sqltable.py.)
+table.py.)
 
 ``add`` inserts on the caller's connection inside the caller's transaction, so the message commits
 or rolls back with the business rows. The relay side claims with ``FOR UPDATE SKIP LOCKED`` on
@@ -46,7 +46,7 @@ from zeroloss.logs import first_line
 from zeroloss.message import Message, new_message
 from zeroloss.outbox import django
 from zeroloss.outbox._schemalock import schema_lock
-from zeroloss.outbox._sqltable import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
+from zeroloss.outbox.sql.table import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
 from zeroloss.sqlurl import engine_of
 
@@ -187,7 +187,7 @@ class SqlOutbox:
         return added
 
     def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
-        """PostgreSQL: the indexes of :data:`~zeroloss.outbox._sqltable.PG_PARTIAL_INDEXES`, each
+        """PostgreSQL: the indexes of :data:`~zeroloss.outbox.sql.table.PG_PARTIAL_INDEXES`, each
         of the backlog or of the history only, so a claim's scans no longer walk past delivered
         rows. On a table of an earlier version the missing ones are built ``CONCURRENTLY`` (the app
         keeps writing); one left invalid by an interrupted build is dropped and built again."""
