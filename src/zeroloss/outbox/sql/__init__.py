@@ -1,21 +1,12 @@
-"""The SQL outbox: one table in the application's own database (SQLite, PostgreSQL, MariaDB/MySQL).
-(Over 400 lines: one table's every transition, for three dialects; the table itself is
-table.py.)
+"""The SQL outbox: one table in the application's own database (SQLite, PostgreSQL, MariaDB/MySQL);
+the whole design (claims, leases, per-key order, LISTEN wake-up) is in docs/design.md ("The SQL
+outbox"). ``table.py`` defines the table, ``core.py`` holds the state every side shares,
+``schema.py`` creates it, ``writer.py`` is the application's side (``add``), ``relay_side.py`` the
+relay's, ``admin.py`` the operators'.
 
-``add`` inserts on the caller's connection inside the caller's transaction, so the message commits
-or rolls back with the business rows. The relay side claims with ``FOR UPDATE SKIP LOCKED`` on
-PostgreSQL and MariaDB (READ COMMITTED, no gap locks) and inside ``BEGIN IMMEDIATE`` on SQLite;
-a claim is a lease (``lease_until``) owned by a random per-instance token (``claimed_by``), and
-retry/fail only touch rows this instance still owns.
-
-Wake-up (PostgreSQL, opt-in): ``create_schema(notify=True)`` (``zeroloss init --notify``) adds a
-statement-level trigger that calls ``pg_notify`` on ``zeroloss_<table>`` after every INSERT,
-delivered when the app's transaction commits, at no extra round trip for the app. An idle relay
-waits on ``LISTEN`` (:meth:`SqlOutbox.wait_for_work`) and so picks a message up milliseconds after
-its commit instead of at its next poll (``idle_wait_s``). The cost: PostgreSQL serialises the
-commits of all transactions that NOTIFY (a database-wide lock held through the commit), which
-caps how many outbox-writing transactions commit in parallel — hence opt-in. Other databases
-have no such signal: the relay polls.
+``SqlOutbox`` is all of them as mixins over ``SqlCore``, as ``FileSpool`` is: one object with one
+state (engine, clock, claim token), each side's methods in its own module; composition would
+add a forwarding method per call to a class users import whole.
 """
 
 from __future__ import annotations
@@ -23,16 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import os
-import random
-import secrets
-import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import sqlalchemy as sa
@@ -41,115 +26,29 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from zeroloss import metrics
-from zeroloss.errors import ConfigError, MessageError, StoreError, UnknownMessageError
-from zeroloss.logs import first_line
+from zeroloss.errors import ConfigError, MessageError, UnknownMessageError
 from zeroloss.message import Message, new_message
 from zeroloss.outbox import django
 from zeroloss.outbox._schemalock import schema_lock
-from zeroloss.outbox.sql.table import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
-from zeroloss.sqlurl import engine_of
+from zeroloss.outbox.sql.core import BLOCKING, CHUNK, SqlCore, chunks
+from zeroloss.outbox.sql.table import PG_PARTIAL_INDEXES, key_hash, message_of, outbox_table, row_of
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 __all__ = ["SqlOutbox", "key_hash", "outbox_table"]
-log = logging.getLogger(__name__)
+log = logging.getLogger("zeroloss.outbox.sql")
 T = TypeVar("T")
 HeadersIn = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
 
 _RESENT = "resent: the broker no longer had it (audit --repair)"
 _MAX_BLOCKED_PARAMS = 2000  # SQLite: blocked keys passed as parameters; more as one JSON array
-_BLOCKING = (State.PENDING.value, State.SENDING.value, State.FAILED.value)
-_TX_ATTEMPTS = 5
-_CHUNK = 1000  # ids per IN (...) list
 _MAX_CLAIM = 10_000  # keeps a claim's bind parameters under SQLite's limit
 
 
-_CLOCK_CHECK_S = 60.0
-_SERVER_CLOCK = {  # Unix seconds with sub-second precision, as the server sees it
-    "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())",
-    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
-    "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
-}
-
-
-def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def _is_transient(exc: DBAPIError) -> bool:
-    """Deadlock / serialization failure / lock wait timeout: the whole transaction may be retried."""
-    if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
-        return True
-    args: tuple[object, ...] = getattr(exc.orig, "args", ())
-    return bool(args) and args[0] in (1213, 1205)
-
-
-class SqlOutbox:
+class SqlOutbox(SqlCore):
     """An :class:`~zeroloss.outbox.base.OutboxStore` in one SQL table (SQLAlchemy Core)."""
-
-    states = frozenset({State.PENDING, State.SENDING, State.SUCCESS, State.FAILED})
-    """No ``tmp``, ``doubt`` or ``malformed``: the row commits with the app's transaction, and
-    the database keeps it intact."""
-
-    def __init__(
-        self,
-        url: str | sa.Engine | None = None,
-        *,
-        table: str = "zeroloss_outbox",
-        engine: sa.Engine | None = None,
-        max_message_bytes: int = 1_000_000,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.table = outbox_table(table)
-        self._clock = clock  # this machine's; leases and backoffs are kept in the database's (_now)
-        self._clock_offset = 0.0
-        self._clock_checked = -math.inf
-        # SqlOutbox(url), SqlOutbox(engine), and the older SqlOutbox(url, engine=engine) (the URL
-        # was only shown then; the engine is what is used)
-        if engine is not None and isinstance(url, sa.Engine) and url is not engine:
-            raise ConfigError("SqlOutbox got two different engines: pass one, SqlOutbox(engine)")
-        given = engine if engine is not None else url
-        if given is None:
-            raise ConfigError("SqlOutbox needs a SQL URL or a SQLAlchemy Engine: SqlOutbox('sqlite:///app.db')")
-        self.engine, self._owns_engine = engine_of(given, "SqlOutbox")
-        shown = sa.engine.make_url(url) if isinstance(url, str) else self.engine.url
-        self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
-        self.max_message_bytes = max_message_bytes
-        name = self.engine.dialect.name
-        self._dialect = "mysql" if name in ("mysql", "mariadb") else name
-        self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
-        self.channel = f"zeroloss_{self.table.name.lower()}"  # the NOTIFY channel of this table
-        # succeed() on PostgreSQL. `id = ANY` keeps the primary-key index in the plan: joining on
-        # the unnest alone lets the planner scan the whole table, history included.
-        table = self.engine.dialect.identifier_preparer.quote(self.table.name)
-        self._succeed_pg = sa.text(
-            f"UPDATE {table} AS t SET state = 'success', done_at = :now, lease_until = NULL, location = v.loc "
-            "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
-            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
-        )
-        # claim()'s per-key re-check on PostgreSQL: each key's first undelivered rows in id order,
-        # one more than its candidates (enough to find the first that is not one). Per key, an
-        # ORDER BY id LIMIT is answered from the (key_hash, id) indexes, and the partial one holds
-        # no delivered rows: the cost does not grow with the history, whatever the statistics say.
-        blocking = ", ".join(f"'{s}'" for s in _BLOCKING)
-        self._recheck_pg = sa.text(
-            "SELECT k.h, x.id FROM unnest(CAST(:keys AS text[]), CAST(:n AS int[])) AS k(h, n) "
-            f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
-            f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
-        )
-        self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
-        self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
-                                      "set_config('enable_sort', 'off', true)")  # this transaction only
-        self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
-        self._can_listen = True
-
-    def __repr__(self) -> str:
-        return f"SqlOutbox({self.url!r}, table={self.table.name!r})"
-
-    # -- schema ---------------------------------------------------------------------------------
 
     def create_schema(self, *, notify: bool = False, upgrade_wait_s: float | None = 10.0) -> list[str]:
         """Create the table and its indexes if missing (idempotent); returns what it added to a
@@ -187,7 +86,7 @@ class SqlOutbox:
         return added
 
     def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
-        """PostgreSQL: the indexes of :data:`~zeroloss.outbox.sql.table.PG_PARTIAL_INDEXES`, each
+        """PostgreSQL: the indexes of :data:`~zeroloss.outbox._sqltable.PG_PARTIAL_INDEXES`, each
         of the backlog or of the history only, so a claim's scans no longer walk past delivered
         rows. On a table of an earlier version the missing ones are built ``CONCURRENTLY`` (the app
         keeps writing); one left invalid by an interrupted build is dropped and built again."""
@@ -278,23 +177,24 @@ class SqlOutbox:
             with contextlib.suppress(Exception):
                 listener.invalidate()  # never back into the pool with LISTEN on it
 
-    # -- producer side --------------------------------------------------------------------------
-
     @overload
     def add(
         self, conn: sa.Connection | Session, *, topic: str, value: object,
         key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str: ...
+
     @overload
     def add(  # type: ignore[overload-overlap]  # first match wins: async callers get a coroutine
         self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
         key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> Coroutine[Any, Any, str]: ...
+
     @overload
     def add(
         self, conn: object, *, topic: str, value: object,
         key: bytes | str | None = None, headers: HeadersIn | None = None,
     ) -> str: ...  # Django's connection, inside transaction.atomic() (outbox/django.py)
+
     def add(
         self, conn: object, *, topic: str,
         value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
@@ -310,10 +210,12 @@ class SqlOutbox:
 
     @overload
     def add_many(self, conn: sa.Connection | Session, messages: Sequence[Mapping[str, Any]]) -> list[str]: ...
+
     @overload
     def add_many(
         self, conn: AsyncConnection | AsyncSession, messages: Sequence[Mapping[str, Any]]
     ) -> Coroutine[Any, Any, list[str]]: ...
+
     def add_many(
         self, conn: sa.Connection | Session | AsyncConnection | AsyncSession,
         messages: Sequence[Mapping[str, Any]],
@@ -359,8 +261,6 @@ class SqlOutbox:
             metrics.outbox_added(len(params) if isinstance(params, list) else 1)
         return result
 
-    # -- relay side -----------------------------------------------------------------------------
-
     def claim_statement(self, now: float, limit: int, blocked: Sequence[str] = ()) -> sa.Select[Any]:
         """The candidate scan: due pending rows whose key is not ``blocked``, oldest first,
         skipping rows other relays lock."""
@@ -377,7 +277,7 @@ class SqlOutbox:
             listed = sa.func.json_each(sa.bindparam("blocked_keys", json.dumps(keys))).table_valued("value")
             stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(sa.select(listed.c.value))))
         else:  # MariaDB: PyMySQL binds on the client; the statement must fit max_allowed_packet
-            for part in _chunks(keys):
+            for part in chunks(keys):
                 stmt = stmt.where(sa.or_(t.c.key_hash.is_(None), t.c.key_hash.not_in(part)))
         stmt = stmt.order_by(t.c.id).limit(limit)
         return stmt if self._dialect == "sqlite" else stmt.with_for_update(skip_locked=True)
@@ -399,30 +299,6 @@ class SqlOutbox:
         busy = sa.select(t.c.key_hash).where(t.c.state.in_((State.SENDING.value, State.FAILED.value)), keyed)
         backoff = sa.select(t.c.key_hash).where(t.c.state == State.PENDING.value, t.c.not_before > now, keyed)
         return set(conn.scalars(sa.union(busy, backoff)))
-
-    def now(self) -> float:
-        return self._now()
-
-    def _now(self) -> float:
-        """The database server's clock (Unix seconds), as this machine's clock plus an offset
-        measured once a minute: relays on several hosts then agree on when a lease expires and a
-        backoff ends, whatever their own clocks say. The offset is off by at most half a round trip."""
-        local = self._clock()
-        if local - self._clock_checked > _CLOCK_CHECK_S:
-            try:
-                with self.engine.connect() as conn:
-                    before = self._clock()
-                    server = float(conn.execute(sa.text(_SERVER_CLOCK[self._dialect])).scalar_one())
-                    after = self._clock()
-                self._clock_offset = server - (before + after) / 2
-                self._clock_checked = after
-                if abs(self._clock_offset) > 1:
-                    log.warning("this machine's clock is %.1fs %s the database's; leases and backoffs follow the "
-                                "database", abs(self._clock_offset), "behind" if self._clock_offset > 0 else "ahead of")
-            except DBAPIError as exc:  # the statement that needs the time will report the outage
-                log.debug("cannot read the database clock: %s", exc)
-            local = self._clock()
-        return local + self._clock_offset
 
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
@@ -473,7 +349,7 @@ class SqlOutbox:
             else:
                 found = conn.execute(sa.select(t.c.key_hash, t.c.id).where(
                     t.c.key_hash.in_({r.key_hash for r in keyed}),
-                    t.c.state.in_(_BLOCKING),
+                    t.c.state.in_(BLOCKING),
                     t.c.id <= max(r.id for r in keyed),
                 ))
             for h, i in found:
@@ -482,7 +358,7 @@ class SqlOutbox:
         chosen = [r for r in rows if r.key_hash not in blockers or r.id < blockers[r.key_hash]]
         # The rows are ours (locked above, still pending): by primary key alone (PostgreSQL's
         # planner took a state condition for a scan of the whole backlog).
-        for part in _chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else _CHUNK):
+        for part in chunks([r.id for r in chosen], _MAX_CLAIM if self._dialect == "postgresql" else CHUNK):
             where = [self._among(t.c.id, part)]
             if self._dialect != "postgresql":
                 where.append(t.c.state == State.PENDING.value)
@@ -521,7 +397,7 @@ class SqlOutbox:
                     .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
                     .values(lease_until=until)
                 ).rowcount
-                for part in _chunks(ids)
+                for part in chunks(ids)
             )
 
         return self._tx(run, "renew leases") if ids else 0
@@ -563,7 +439,7 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> set[str]:
             owned: set[str] = set()
-            for part in _chunks(sorted(by_id)):
+            for part in chunks(sorted(by_id)):
                 owned.update(conn.scalars(
                     sa.select(t.c.id)
                     .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
@@ -606,15 +482,13 @@ class SqlOutbox:
                     sa.update(t).where(t.c.id.in_(part), expired)
                     .values(state=State.PENDING.value, lease_until=None, claimed_by=None)
                 ).rowcount
-                for part in _chunks(ids)
+                for part in chunks(ids)
             )
 
         n = self._tx(run, "recover expired leases")
         if n:
             log.info("returned %d messages with an expired lease to pending", n)
         return RecoveryReport(lease_expired=n)
-
-    # -- operators ------------------------------------------------------------------------------
 
     def get(self, message_id: str) -> tuple[State, Message]:
         t = self.table
@@ -639,7 +513,7 @@ class SqlOutbox:
 
         def run(conn: sa.Connection) -> int:
             found: set[str] = set()
-            for part in _chunks(ids):
+            for part in chunks(ids):
                 found.update(conn.scalars(
                     sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == State.FAILED.value).with_for_update()
                 ))
@@ -649,7 +523,7 @@ class SqlOutbox:
                     f"not requeued (nothing was changed): no failed message with id {', '.join(missing)}"
                 )
             n = 0
-            for part in _chunks(ids):
+            for part in chunks(ids):
                 n += conn.execute(
                     sa.update(t).where(t.c.id.in_(part), t.c.state == State.FAILED.value).values(
                         state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None
@@ -702,7 +576,7 @@ class SqlOutbox:
             if ids is None:
                 return int(conn.execute(sa.delete(t).where(failed)).rowcount)
             self._lock_in_state(conn, ids, State.FAILED, "purged")
-            return sum(int(conn.execute(sa.delete(t).where(t.c.id.in_(p), failed)).rowcount) for p in _chunks(ids))
+            return sum(int(conn.execute(sa.delete(t).where(t.c.id.in_(p), failed)).rowcount) for p in chunks(ids))
 
         n = self._tx(run, "purge failed messages")
         log.debug("purged %d failed messages%s", n, "" if ids is None else ": " + ", ".join(ids))
@@ -735,7 +609,7 @@ class SqlOutbox:
                         location=None, done_at=None, last_error=_RESENT,
                     )
                 ).rowcount)
-                for part in _chunks(ids)
+                for part in chunks(ids)
             )
 
         n = self._tx(run, "resend delivered messages")
@@ -792,23 +666,11 @@ class SqlOutbox:
         if self._owns_engine:
             self.engine.dispose()
 
-    def list(self, state: State, limit: int = 100) -> list[Message]:  # last: shadows builtins.list
-        t = self.table
-        rows = self._tx(
-            lambda c: c.execute(
-                sa.select(t).where(t.c.state == State(state).value).order_by(t.c.id).limit(limit)
-            ).all(),
-            "list messages", write=False,
-        )
-        return [message_of(r) for r in rows]
-
-    # -- plumbing -------------------------------------------------------------------------------
-
     def _lock_in_state(self, conn: sa.Connection, ids: Sequence[str], state: State, verb: str) -> None:
         """Lock the rows of ``ids``; UnknownMessageError naming those not in ``state``."""
         t = self.table
         found: set[str] = set()
-        for part in _chunks(ids):
+        for part in chunks(ids):
             found.update(conn.scalars(
                 sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == state.value).with_for_update()
             ))
@@ -818,59 +680,12 @@ class SqlOutbox:
                 f"not {verb} (nothing was changed): no {state.value} message with id {', '.join(missing)}"
             )
 
-    def _tx(self, fn: Callable[[sa.Connection], T], what: str, *, write: bool = True) -> T:
-        """Run ``fn`` in one transaction of its own; retry it whole on deadlock/serialization failure."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                with self.engine.connect() as conn:
-                    if self._dialect == "sqlite" and write:
-                        conn.execution_options(zeroloss_immediate=True)  # BEGIN IMMEDIATE: see sqlurl
-                    elif self._dialect == "mysql" and not self._owns_engine:
-                        conn.execution_options(isolation_level="READ COMMITTED")
-                    with conn.begin():
-                        return fn(conn)
-            except DBAPIError as exc:
-                if attempt < _TX_ATTEMPTS and _is_transient(exc):
-                    log.debug("%s: transient database conflict (%s), retrying", what, exc.orig)
-                    time.sleep(random.uniform(0.002, 0.02) * attempt)
-                    continue
-                raise self._store_error(exc, what) from exc
-
-    @contextmanager
-    def _errors(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except DBAPIError as exc:
-            raise self._store_error(exc, what) from exc
-
-    def _store_error(self, exc: DBAPIError, what: str) -> StoreError:
-        detail = str(exc.orig).strip()
-        args: tuple[object, ...] = getattr(exc.orig, "args", ())
-        code = args[0] if args else None
-        if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
-            return StoreError(
-                f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
-                f"create it with: zeroloss init --source {self.url}",
-                retriable=False,
-            )
-        if "unable to open database file" in detail:
-            return StoreError(
-                f"cannot {what}: cannot open the SQLite database {self.url} ({detail}); "
-                f"check that its directory exists and is writable",
-                retriable=False,
-            )
-        sqlstate = getattr(exc.orig, "sqlstate", None)
-        refused = ("password authentication failed", "role \"", "does not exist", "Access denied",
-                   "Unknown database", "no pg_hba.conf entry")
-        # Refused credentials or database: the server answered, and waiting will not change it.
-        if sqlstate in ("28P01", "28000", "3D000") or code in (1044, 1045, 1049, 1698) or (
-            isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused)
-        ):
-            return StoreError(f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
-                              "check the user, password and database name in the URL", retriable=False)
-        if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
-            return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
-        transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
-        return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
+    def list(self, state: State, limit: int = 100) -> list[Message]:  # last: shadows builtins.list
+        t = self.table
+        rows = self._tx(
+            lambda c: c.execute(
+                sa.select(t).where(t.c.state == State(state).value).order_by(t.c.id).limit(limit)
+            ).all(),
+            "list messages", write=False,
+        )
+        return [message_of(r) for r in rows]
