@@ -17,36 +17,29 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import Session
 
-from zeroloss import metrics
-from zeroloss.errors import ConfigError, MessageError, UnknownMessageError
-from zeroloss.message import Message, new_message
-from zeroloss.outbox import django
+from zeroloss.errors import UnknownMessageError
+from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State, Stats, check_purgeable, id_floor
 from zeroloss.outbox.sql.core import BLOCKING, CHUNK, chunks
 from zeroloss.outbox.sql.schema import SqlSchema
-from zeroloss.outbox.sql.table import key_hash, message_of, outbox_table, row_of
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from zeroloss.outbox.sql.table import key_hash, message_of, outbox_table
+from zeroloss.outbox.sql.writer import SqlWriter
 
 __all__ = ["SqlOutbox", "key_hash", "outbox_table"]
 log = logging.getLogger("zeroloss.outbox.sql")
-T = TypeVar("T")
-HeadersIn = Mapping[str, bytes] | Iterable[tuple[str, bytes]]
 
 _RESENT = "resent: the broker no longer had it (audit --repair)"
 _MAX_BLOCKED_PARAMS = 2000  # SQLite: blocked keys passed as parameters; more as one JSON array
 _MAX_CLAIM = 10_000  # keeps a claim's bind parameters under SQLite's limit
 
 
-class SqlOutbox(SqlSchema):
+class SqlOutbox(SqlWriter, SqlSchema):
     """An :class:`~zeroloss.outbox.base.OutboxStore` in one SQL table (SQLAlchemy Core)."""
 
     def wait_for_work(self, timeout_s: float, interrupt: threading.Event) -> None:
@@ -79,90 +72,6 @@ class SqlOutbox(SqlSchema):
         if listener is not None:
             with contextlib.suppress(Exception):
                 listener.invalidate()  # never back into the pool with LISTEN on it
-
-    @overload
-    def add(
-        self, conn: sa.Connection | Session, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
-    ) -> str: ...
-
-    @overload
-    def add(  # type: ignore[overload-overlap]  # first match wins: async callers get a coroutine
-        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
-    ) -> Coroutine[Any, Any, str]: ...
-
-    @overload
-    def add(
-        self, conn: object, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
-    ) -> str: ...  # Django's connection, inside transaction.atomic() (outbox/django.py)
-
-    def add(
-        self, conn: object, *, topic: str,
-        value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
-    ) -> str | Coroutine[Any, Any, str]:
-        """Insert one message in the caller's transaction (never commits); return its id.
-
-        ``conn``: a SQLAlchemy Connection or Session, or Django's connection inside
-        ``transaction.atomic()``; with an AsyncConnection/AsyncSession this returns a coroutine:
-        ``await outbox.add(...)``. ``value``: bytes, a str or a JSON-able object (:mod:`zeroloss.payload`).
-        """
-        msg = new_message(topic, value, key, headers, max_bytes=self.max_message_bytes)
-        return self._insert(conn, [row_of(msg)], msg.id)
-
-    @overload
-    def add_many(self, conn: sa.Connection | Session, messages: Sequence[Mapping[str, Any]]) -> list[str]: ...
-
-    @overload
-    def add_many(
-        self, conn: AsyncConnection | AsyncSession, messages: Sequence[Mapping[str, Any]]
-    ) -> Coroutine[Any, Any, list[str]]: ...
-
-    def add_many(
-        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession,
-        messages: Sequence[Mapping[str, Any]],
-    ) -> list[str] | Coroutine[Any, Any, list[str]]:
-        """Like :meth:`add` for several messages (dicts of topic, value, key, headers), one statement.
-        All are validated before anything is inserted."""
-        built = []
-        for m in messages:
-            if not {"topic", "value"} <= set(m) <= {"topic", "value", "key", "headers"}:
-                raise MessageError(f"message fields {sorted(m)}: need topic and value, may have key, headers")
-            built.append(new_message(**m, max_bytes=self.max_message_bytes))
-        return self._insert(conn, [row_of(m) for m in built], [m.id for m in built])
-
-    def _insert(self, conn: object, rows: list[dict[str, Any]], result: T) -> T | Coroutine[Any, Any, T]:
-        stmt = sa.insert(self.table)
-        params: Any = rows[0] if len(rows) == 1 else rows
-        if isinstance(conn, (sa.Connection, Session)):
-            if rows:
-                with self._errors("add a message"):
-                    conn.execute(stmt, params)
-                metrics.outbox_added(len(rows))
-            return result
-        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
-
-        if isinstance(conn, (AsyncConnection, AsyncSession)):
-            return self._insert_async(conn, stmt, params if rows else None, result)
-        if django.is_django_connection(conn):
-            if rows:
-                django.insert(conn, self.table, self.engine.dialect, rows)
-                metrics.outbox_added(len(rows))
-            return result
-        raise ConfigError(
-            "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession, or "
-            f"Django's connection (the one running the business transaction), got {type(conn).__name__}"
-        )
-
-    async def _insert_async(
-        self, conn: AsyncConnection | AsyncSession, stmt: sa.Insert, params: Any, result: T
-    ) -> T:
-        if params is not None:
-            with self._errors("add a message"):
-                await conn.execute(stmt, params)
-            metrics.outbox_added(len(params) if isinstance(params, list) else 1)
-        return result
 
     def claim_statement(self, now: float, limit: int, blocked: Sequence[str] = ()) -> sa.Select[Any]:
         """The candidate scan: due pending rows whose key is not ``blocked``, oldest first,
