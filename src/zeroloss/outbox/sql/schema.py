@@ -1,6 +1,6 @@
 """The SQL outbox's schema: create (or upgrade) the table, its indexes per dialect and the
 optional NOTIFY trigger, under a per-table lock so replicas starting together do not race;
-drop it. Why the lock is tried, not waited for: docs/design.md ("The SQL outbox")."""
+drop it. Why the lock: docs/design.md ("The SQL outbox")."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ class SqlSchema(SqlCore):
     def create_schema(self, *, notify: bool = False, upgrade_wait_s: float | None = 10.0) -> list[str]:
         """Create the table and its indexes if missing (idempotent); returns what it added to a
         table that already existed (an upgrade), for ``zeroloss init`` to say. ``notify``
-        (PostgreSQL): also the trigger that wakes an idle relay at each commit — see the module's
-        docstring for its cost; added only if missing, so running it on a live outbox takes no lock.
+        (PostgreSQL): also the trigger that wakes an idle relay at each commit — see docs/design.md
+        ("The SQL outbox") for its cost; added only if missing, so running it on a live outbox takes no lock.
 
         ``upgrade_wait_s`` (PostgreSQL, a table of an earlier version): a ``CREATE INDEX
         CONCURRENTLY`` waits for every transaction holding a snapshot older than it, anywhere in
@@ -86,7 +86,7 @@ class SqlSchema(SqlCore):
         return added
 
     def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
-        """PostgreSQL: the indexes of :data:`~zeroloss.outbox._sqltable.PG_PARTIAL_INDEXES`, each
+        """PostgreSQL: the indexes of :data:`~zeroloss.outbox.sql.table.PG_PARTIAL_INDEXES`, each
         of the backlog or of the history only, so a claim's scans no longer walk past delivered
         rows. On a table of an earlier version the missing ones are built ``CONCURRENTLY`` (the app
         keeps writing); one left invalid by an interrupted build is dropped and built again."""
