@@ -37,7 +37,7 @@ from zeroloss.logs import Progress, age
 from zeroloss.message import Message
 from zeroloss.outbox.base import ClaimsAfterRecording, Delivered, OutboxStore, Resolver, State, Wakeable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("zeroloss.relay")
 
 NOT_STARTED = "not started yet"
 KAFKA_BATCH_SIZE = 2000
