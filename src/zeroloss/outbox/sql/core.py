@@ -57,8 +57,6 @@ def _is_transient(exc: DBAPIError) -> bool:
 class SqlCore:
     """One outbox table opened: the state every side uses, and the shared plumbing."""
 
-    """An :class:`~zeroloss.outbox.base.OutboxStore` in one SQL table (SQLAlchemy Core)."""
-
     states = frozenset({State.PENDING, State.SENDING, State.SUCCESS, State.FAILED})
     """No ``tmp``, ``doubt`` or ``malformed``: the row commits with the app's transaction, and
     the database keeps it intact."""
