@@ -29,9 +29,9 @@ import sqlalchemy as sa
 from bench.common import VALUE, Row, machine, say, table
 from bench.relay_throughput import PG, fill_sql, relay_run
 from zeroloss.embedded_broker import EmbeddedBroker
-from zeroloss.outbox._sqltable import key_hash
 from zeroloss.outbox.base import State
 from zeroloss.outbox.sql import SqlOutbox
+from zeroloss.outbox.sql.table import key_hash
 
 KEYS = 100  # relay_throughput's keys: b"k%d" % (i % 100)
 SPAN_S = 6 * 86400.0  # history spread over the last 6 days: inside the relay's default 7-day retention

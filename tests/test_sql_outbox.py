@@ -568,7 +568,7 @@ def test_a_claim_still_works_with_more_blocked_keys_than_the_server_takes_parame
     """70,000 keys each parked behind a failed message: more than PostgreSQL's 65,535 bind
     parameters (SQLite: 32,766). The claim must still hand out the other keys' messages."""
     from zeroloss.message import new_message
-    from zeroloss.outbox._sqltable import row_of
+    from zeroloss.outbox.sql.table import row_of
 
     outbox = make_outbox()
     rows = []

@@ -1,24 +1,8 @@
-"""The relay: recover → claim → give up on the exhausted → publish → mark, in a loop.
-
-Outcomes map to store moves one to one: DELIVERED → ``success`` (with the broker location),
-RETRY → ``pending`` with attempts+1 and a backoff, REJECTED → ``failed``, HELD → ``pending``
-unchanged (it waits behind its key), UNDECIDED (the broker never answered for it: the batch hit
-its deadline or a broker-wide failure after part of it was acknowledged) → ``pending`` unchanged
-too, so what was acknowledged is kept and the rest goes again. A broker-wide failure
-(BrokerError) puts the whole batch back *without* spending attempts — an outage is nobody's
-fault — and the relay backs off.
-A store failure leaves the claimed messages under their lease; ``recover`` returns them.
-In ``run``/``drain``, a SQL store marks a batch's deliveries in the transaction that claims the
-next batch (one commit per batch instead of two); a failed claim keeps them to mark again, and
-they are marked on their own before a ``recover`` (which would otherwise take them back once a
-store outage outlasted their lease).
-
-What it says (logger ``zeroloss.relay``, INFO unless noted): a start line naming source, target
-and settings (passwords masked); a progress line every ``progress_every_s`` while there is
-anything to say (delivered, rate, failed, backlog and the oldest pending message's age); one
-WARNING when the broker or the store goes away and one line when it is back (the tries between
-are DEBUG: the progress line says the outage goes on); a summary when it stops.
-"""
+"""The relay's loop (:class:`Relay`): recover → claim → give up on the exhausted → publish → mark.
+Each broker outcome maps to one store move (DELIVERED → ``success``, RETRY → ``pending`` with a
+backoff, REJECTED → ``failed``, HELD and UNDECIDED → ``pending`` unchanged); a broker-wide failure
+puts the batch back unspent and the relay backs off; a store failure leaves the claimed messages
+under their lease for ``recover``. The whole argument: docs/design.md ("The relay")."""
 
 from __future__ import annotations
 
@@ -27,54 +11,24 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from zeroloss import metrics
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import Broker, Interruptible, Status
 from zeroloss.errors import BrokerError, ConfigError, StoreError
-from zeroloss.logs import Progress, age
+from zeroloss.logs import Progress
 from zeroloss.message import Message
 from zeroloss.outbox.base import ClaimsAfterRecording, Delivered, OutboxStore, Resolver, State, Wakeable
+from zeroloss.relay.reporting import RelayReports
+from zeroloss.relay.settings import NOT_STARTED, RelayCounters, RelaySettings
 
-log = logging.getLogger(__name__)
-
-NOT_STARTED = "not started yet"
-KAFKA_BATCH_SIZE = 2000
-"""``zeroloss relay``'s batch for Kafka: 2000 drained a PostgreSQL backlog 1.26x faster than 500
-(bench/results/latest.md, 2026-12-01); the other brokers keep RelaySettings' 500."""
+log = logging.getLogger("zeroloss.relay")
 
 
-@dataclass(frozen=True, slots=True)
-class RelaySettings:
-    batch_size: int = 500
-    max_attempts: int = 10
-    lease_s: float = 120.0
-    idle_wait_s: float = 0.2
-    backoff_base_s: float = 0.5
-    max_backoff_s: float = 60.0
-    recover_every_s: float = 5.0
-    success_retention_s: float | None = 7 * 86400.0
-    stats_every_s: float | None = None
-    """Refresh the outbox gauges of :mod:`zeroloss.metrics` from ``store.stats()`` this often
-    (None: never; ``zeroloss relay --metrics-port`` sets 5 s)."""
-    progress_every_s: float | None = 10.0
-    """Log a progress line this often (None: never); an idle relay with no backlog says nothing."""
+class Relay(RelayReports):
+    """Moves messages from ``store`` to ``broker`` until stopped (``run``) or drained (``drain``)."""
 
-
-@dataclass(slots=True)
-class RelayCounters:
-    claimed: int = 0
-    delivered: int = 0
-    retried: int = 0
-    failed: int = 0
-    held: int = 0
-    undecided: int = 0
-    broker_errors: int = 0
-    store_errors: int = 0
-
-
-class Relay:
     def __init__(
         self,
         store: OutboxStore,
@@ -121,24 +75,6 @@ class Relay:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def readiness(self) -> tuple[bool, str]:
-        """(ready, why): the store answered the last iteration and the broker is not in an outage."""
-        if self._store_problem is not None:
-            return False, f"outbox store: {self._store_problem}"
-        if self._broker_problem is not None:
-            return False, f"broker outage ({self._outage} consecutive failures): {self._broker_problem}"
-        return True, "ok"
-
-    def describe(self) -> str:
-        """Source, target and settings in one line, passwords masked (the start line)."""
-        from zeroloss.registry import safe_url
-
-        s = self.settings
-        return (f"{safe_url(_where(self.store))} -> {safe_url(_where(self.broker))} (batch {s.batch_size}, "
-                f"max attempts {s.max_attempts}, lease {s.lease_s:g}s, backoff {s.backoff_base_s:g}-"
-                f"{s.max_backoff_s:g}s, progress every "
-                f"{'never' if s.progress_every_s is None else f'{s.progress_every_s:g}s'})")
-
     def run(self) -> None:
         """Relay until :meth:`stop` (the CLI calls it on SIGTERM/SIGINT)."""
         log.info("relay started: %s", self.describe())
@@ -164,73 +100,6 @@ class Relay:
                 self._report()
             if handled == 0:
                 self._idle()
-
-    def summary(self) -> str:
-        """The line logged at stop: totals and how long it ran."""
-        c = self.counters
-        return (f"relay stopped after {age(self._progress.elapsed())}: {c.delivered} delivered, {c.failed} failed, "
-                f"{c.retried} sent again later (retries, held, unacknowledged), {c.broker_errors} broker and "
-                f"{c.store_errors} store failures")
-
-    def _store_failed(self, exc: StoreError) -> None:
-        self.counters.store_errors += 1
-        self._store_failures += 1
-        self._store_problem = str(exc)
-        metrics.relay_error("store")
-        delay = backoff_s(self._store_failures, self.settings.backoff_base_s, self.settings.max_backoff_s)
-        if self._store_down_since is None:
-            self._store_down_since = time.monotonic()
-            log.error("outbox store failed: %s; retrying with backoff (next in %.1fs)", exc, delay)
-        else:
-            log.debug("outbox store still failing: %s; next try in %.1fs", exc, delay)
-        self._stop.wait(delay)
-
-    def _store_answered(self) -> None:
-        if self._store_down_since is not None:
-            log.info("outbox store is back after %s (%d failed tries)",
-                     age(time.monotonic() - self._store_down_since), self._store_failures)
-            self._store_down_since = None
-        self._store_problem = None
-        self._store_failures = 0
-
-    def _broker_failed(self, exc: BrokerError, what: str) -> None:
-        """The first failure of an outage is a WARNING; the tries after it are DEBUG."""
-        self._broker_last_error = str(exc)
-        if self._broker_down_since is None:
-            self._broker_down_since = time.monotonic()
-            log.warning("broker unavailable (%s); %s; messages wait in pending, no attempts spent, retrying with "
-                        "backoff", exc, what)
-        else:
-            log.debug("broker still unavailable (%s); %s", exc, what)
-
-    def _broker_answered(self) -> None:
-        if self._broker_down_since is not None:
-            log.info("broker is back after %s", age(time.monotonic() - self._broker_down_since))
-            self._broker_down_since = None
-
-    def _report(self) -> None:
-        """The progress line: what was delivered since the last one and what is still waiting."""
-        c = self.counters
-        rate = self._progress.rate(c.delivered)
-        try:
-            stats = self.store.stats()
-        except StoreError as exc:  # the loop reports the outage itself
-            log.debug("no progress line: %s", exc)
-            return
-        backlog = stats.counts.get(State.PENDING, 0) + stats.counts.get(State.SENDING, 0)
-        if rate == 0 and backlog == 0 and self._broker_down_since is None:
-            if self._quiet:
-                return  # idle: said once, not every interval
-            self._quiet = True
-        else:
-            self._quiet = False
-        down = ""
-        if self._broker_down_since is not None:
-            down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_last_error}"
-        failed_now = stats.counts.get(State.FAILED, 0)
-        log.info("relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
-                 "%d failed in the outbox waiting for a person%s", c.delivered, rate, c.failed, backlog,
-                 age(stats.oldest_pending_age_s), failed_now, down)
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
@@ -462,26 +331,5 @@ class Relay:
         self.counters.failed += len(moved)
         metrics.relay_outcome("exhausted" if reason else "rejected", len(moved))  # only exhaustion gives a reason
 
-    def _refresh_stats(self) -> None:
-        """The outbox gauges; a store that cannot answer now is retried at the next refresh."""
-        try:
-            stats = self.store.stats()
-        except StoreError as exc:
-            log.warning("cannot refresh outbox metrics: %s", exc)
-            return
-        metrics.observe_stats(stats, path=getattr(self.store, "root", None))
-
     def _relay_backoff(self, exc: Exception) -> float:
         return backoff_s(max(1, self._outage), self.settings.backoff_base_s, self.settings.max_backoff_s)
-
-
-def _where(part: object) -> str:
-    """The URL (or path) a store or broker was opened with, for the start line."""
-    url = getattr(part, "url", None)
-    if isinstance(url, str):
-        return url
-    if (root := getattr(part, "root", None)) is not None:
-        return f"spool://{root}"
-    if isinstance(bootstrap := getattr(part, "bootstrap", None), str):
-        return f"kafka://{bootstrap}"
-    return type(part).__name__

@@ -1,0 +1,198 @@
+"""What every side of the SQL outbox shares: :class:`SqlCore` holds the state (engine, table,
+dialect, this instance's claim token, the statements built once), the database's clock, one
+transaction retried on deadlock, and the translation of database errors into StoreError. The
+producer, relay, operator and schema sides are its subclasses; ``SqlOutbox`` is all of them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from zeroloss.errors import ConfigError, StoreError
+from zeroloss.logs import first_line
+from zeroloss.outbox.base import State
+from zeroloss.outbox.sql.table import outbox_table
+from zeroloss.sqlurl import engine_of
+
+log = logging.getLogger("zeroloss.outbox.sql")
+T = TypeVar("T")
+
+BLOCKING = (State.PENDING.value, State.SENDING.value, State.FAILED.value)
+"""A row in one of these states holds back the later rows of its key."""
+CHUNK = 1000  # ids per IN (...) list
+_TX_ATTEMPTS = 5
+
+_CLOCK_CHECK_S = 60.0
+_SERVER_CLOCK = {  # Unix seconds with sub-second precision, as the server sees it
+    "postgresql": "SELECT EXTRACT(EPOCH FROM clock_timestamp())",
+    "mysql": "SELECT UNIX_TIMESTAMP(NOW(6))",
+    "sqlite": "SELECT (julianday('now') - 2440587.5) * 86400.0",
+}
+
+
+def chunks(items: Sequence[T], n: int = CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Deadlock / serialization failure / lock wait timeout: the whole transaction may be retried."""
+    if getattr(exc.orig, "sqlstate", None) in ("40P01", "40001", "55P03"):
+        return True
+    args: tuple[object, ...] = getattr(exc.orig, "args", ())
+    return bool(args) and args[0] in (1213, 1205)
+
+
+class SqlCore:
+    """One outbox table opened: the state every side uses, and the shared plumbing."""
+
+    states = frozenset({State.PENDING, State.SENDING, State.SUCCESS, State.FAILED})
+    """No ``tmp``, ``doubt`` or ``malformed``: the row commits with the app's transaction, and
+    the database keeps it intact."""
+
+    def __init__(
+        self,
+        url: str | sa.Engine | None = None,
+        *,
+        table: str = "zeroloss_outbox",
+        engine: sa.Engine | None = None,
+        max_message_bytes: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.table = outbox_table(table)
+        self._clock = clock  # this machine's; leases and backoffs are kept in the database's (_now)
+        self._clock_offset = 0.0
+        self._clock_checked = -math.inf
+        # SqlOutbox(url), SqlOutbox(engine), and the older SqlOutbox(url, engine=engine) (the URL
+        # was only shown then; the engine is what is used)
+        if engine is not None and isinstance(url, sa.Engine) and url is not engine:
+            raise ConfigError("SqlOutbox got two different engines: pass one, SqlOutbox(engine)")
+        given = engine if engine is not None else url
+        if given is None:
+            raise ConfigError("SqlOutbox needs a SQL URL or a SQLAlchemy Engine: SqlOutbox('sqlite:///app.db')")
+        self.engine, self._owns_engine = engine_of(given, "SqlOutbox")
+        shown = sa.engine.make_url(url) if isinstance(url, str) else self.engine.url
+        self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
+        self.max_message_bytes = max_message_bytes
+        name = self.engine.dialect.name
+        self._dialect = "mysql" if name in ("mysql", "mariadb") else name
+        self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
+        self.channel = f"zeroloss_{self.table.name.lower()}"  # the NOTIFY channel of this table
+        # succeed() on PostgreSQL. `id = ANY` keeps the primary-key index in the plan: joining on
+        # the unnest alone lets the planner scan the whole table, history included.
+        table = self.engine.dialect.identifier_preparer.quote(self.table.name)
+        self._succeed_pg = sa.text(
+            f"UPDATE {table} AS t SET state = 'success', done_at = :now, lease_until = NULL, location = v.loc "
+            "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
+            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
+        )
+        # claim()'s per-key re-check on PostgreSQL: each key's first undelivered rows in id order,
+        # one more than its candidates (enough to find the first that is not one). Per key, an
+        # ORDER BY id LIMIT is answered from the (key_hash, id) indexes, and the partial one holds
+        # no delivered rows: the cost does not grow with the history, whatever the statistics say.
+        blocking = ", ".join(f"'{s}'" for s in BLOCKING)
+        self._recheck_pg = sa.text(
+            "SELECT k.h, x.id FROM unnest(CAST(:keys AS text[]), CAST(:n AS int[])) AS k(h, n) "
+            f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
+            f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
+        )
+        self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
+        self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
+                                      "set_config('enable_sort', 'off', true)")  # this transaction only
+        self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
+        self._can_listen = True
+
+    def __repr__(self) -> str:
+        return f"SqlOutbox({self.url!r}, table={self.table.name!r})"
+
+    def now(self) -> float:
+        return self._now()
+
+    def _now(self) -> float:
+        """The database server's clock (Unix seconds), as this machine's clock plus an offset
+        measured once a minute: relays on several hosts then agree on when a lease expires and a
+        backoff ends, whatever their own clocks say. The offset is off by at most half a round trip."""
+        local = self._clock()
+        if local - self._clock_checked > _CLOCK_CHECK_S:
+            try:
+                with self.engine.connect() as conn:
+                    before = self._clock()
+                    server = float(conn.execute(sa.text(_SERVER_CLOCK[self._dialect])).scalar_one())
+                    after = self._clock()
+                self._clock_offset = server - (before + after) / 2
+                self._clock_checked = after
+                if abs(self._clock_offset) > 1:
+                    log.warning("this machine's clock is %.1fs %s the database's; leases and backoffs follow the "
+                                "database", abs(self._clock_offset), "behind" if self._clock_offset > 0 else "ahead of")
+            except DBAPIError as exc:  # the statement that needs the time will report the outage
+                log.debug("cannot read the database clock: %s", exc)
+            local = self._clock()
+        return local + self._clock_offset
+
+    def _tx(self, fn: Callable[[sa.Connection], T], what: str, *, write: bool = True) -> T:
+        """Run ``fn`` in one transaction of its own; retry it whole on deadlock/serialization failure."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with self.engine.connect() as conn:
+                    if self._dialect == "sqlite" and write:
+                        conn.execution_options(zeroloss_immediate=True)  # BEGIN IMMEDIATE: see sqlurl
+                    elif self._dialect == "mysql" and not self._owns_engine:
+                        conn.execution_options(isolation_level="READ COMMITTED")
+                    with conn.begin():
+                        return fn(conn)
+            except DBAPIError as exc:
+                if attempt < _TX_ATTEMPTS and _is_transient(exc):
+                    log.debug("%s: transient database conflict (%s), retrying", what, exc.orig)
+                    time.sleep(random.uniform(0.002, 0.02) * attempt)
+                    continue
+                raise self._store_error(exc, what) from exc
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except DBAPIError as exc:
+            raise self._store_error(exc, what) from exc
+
+    def _store_error(self, exc: DBAPIError, what: str) -> StoreError:
+        detail = str(exc.orig).strip()
+        args: tuple[object, ...] = getattr(exc.orig, "args", ())
+        code = args[0] if args else None
+        if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
+            return StoreError(
+                f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
+                f"create it with: zeroloss init --source {self.url}",
+                retriable=False,
+            )
+        if "unable to open database file" in detail:
+            return StoreError(
+                f"cannot {what}: cannot open the SQLite database {self.url} ({detail}); "
+                f"check that its directory exists and is writable",
+                retriable=False,
+            )
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        refused = ("password authentication failed", "role \"", "does not exist", "Access denied",
+                   "Unknown database", "no pg_hba.conf entry")
+        # Refused credentials or database: the server answered, and waiting will not change it.
+        if sqlstate in ("28P01", "28000", "3D000") or code in (1044, 1045, 1049, 1698) or (
+            isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused)
+        ):
+            return StoreError(f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
+                              "check the user, password and database name in the URL", retriable=False)
+        if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
+            return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
+        transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
+        return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
