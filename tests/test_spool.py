@@ -253,17 +253,16 @@ def test_recover_leaves_alone_a_file_another_relay_claimed_while_it_listed(
     mid = add(spool)
     other = FileSpool(spool.root)  # a second relay process on the same spool
     monkeypatch.setattr(other, "_relay_lock", lambda: None)
-    names = spool._names
+    pending_names = spool._pending_names
 
-    def stale_listing(state: State, quarantine: bool = False) -> list[tuple[str, str]]:
-        listed = names(state, quarantine)
-        if state is State.PENDING:  # pending/ is listed, then the other relay claims before sending/ is
-            assert [m.id for m in other.claim(1, lease_s=60)] == [mid]
+    def stale_listing(quarantine: bool = False) -> list[tuple[str, str]]:
+        listed = pending_names(quarantine)  # pending/ is listed, then the other relay claims before sending/ is
+        assert [m.id for m in other.claim(1, lease_s=60)] == [mid]
         return listed
 
-    monkeypatch.setattr(spool, "_names", stale_listing)
+    monkeypatch.setattr(spool, "_pending_names", stale_listing)
     spool.recover()
-    monkeypatch.setattr(spool, "_names", names)
+    monkeypatch.setattr(spool, "_pending_names", pending_names)
     assert spool.get(mid)[0] is State.SENDING  # the other relay's claim survived
     other.close()
 

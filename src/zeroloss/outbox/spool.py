@@ -58,6 +58,7 @@ from zeroloss import metrics
 from zeroloss.errors import ConfigError, MalformedMessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import Message, decode, encode, id_time, new_message, uuid7
 from zeroloss.outbox._fsync import GroupSync
+from zeroloss.outbox._pending_index import PendingIndex
 from zeroloss.outbox.base import (
     Delivered,
     RecoveryReport,
@@ -204,6 +205,7 @@ class FileSpool:
         self._quarantined = 0
         self._closed = False
         self._relay_fd: int | None = None  # relay.lock, held from the first claim or recover
+        self._index: PendingIndex | None = None  # pending/ as the relay sees it, from then on
 
     # ---- producer side -------------------------------------------------------------------
 
@@ -318,6 +320,7 @@ class FileSpool:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._relay_fd = fd
+        self._index = PendingIndex(self._dir[State.PENDING])
 
     def claim(self, limit: int, lease_s: float) -> list[Message]:
         if limit <= 0:
@@ -339,13 +342,31 @@ class FileSpool:
                     blockers[key] = mid
             held: set[bytes] = set()  # keys with an earlier pending message left behind in this scan
             out: list[Message] = []
-            for mid, name in self._names(State.PENDING, quarantine=True):
+            if self._index is None:  # made by _relay_lock(), unless a test bypasses the lock
+                self._index = PendingIndex(self._dir[State.PENDING])
+            index = self._index
+            index.refresh()
+            for name in index.names():
                 if len(out) >= limit:
                     break
+                parts = _split(name)
+                if parts is None:
+                    index.discard(name)
+                    if not name.endswith(_PART):
+                        self._quarantine(State.PENDING, name, "not a spool file name")
+                    continue
+                mid = parts[0]
+                cached = self._cache.get(mid)
+                if cached is not None and cached.key is not None and (
+                    cached.key in held or blockers.get(cached.key, mid) < mid
+                ):
+                    held.add(cached.key)  # an id's key never changes: no need to look at the file
+                    continue
                 try:
                     got = self._info(State.PENDING, name, mid, missing_ok=False)
                 except FileNotFoundError:
-                    break  # taken by another process: stop, so later messages of its key wait
+                    index.discard(name)
+                    break  # gone from under us: stop, so later messages of its key wait
                 if got is None:
                     continue
                 info, msg = got
@@ -361,8 +382,10 @@ class FileSpool:
                 try:
                     os.rename(self._path(State.PENDING, name), dst)
                 except FileNotFoundError:
+                    index.discard(name)
                     break
-                if msg is None:
+                index.discard(name)
+                if msg is None:  # known from an earlier look (held back then): read it now
                     msg = self._read(State.SENDING, os.path.basename(dst), mid)
                 if msg is not None:
                     out.append(msg)
@@ -474,7 +497,10 @@ class FileSpool:
             report = RecoveryReport()
             quarantined = self._quarantined
             self._recover_tmp(resolver, report)
-            listed: dict[State, dict[str, str]] = {s: dict(self._names(s, quarantine=True)) for s in _DEDUP_ORDER}
+            listed: dict[State, dict[str, str]] = {
+                s: dict(self._pending_names(True) if s is State.PENDING else self._names(s, quarantine=True))
+                for s in _DEDUP_ORDER
+            }
             seen: dict[str, str] = {}  # id → path of the copy kept
             dropped = 0
             for state in _DEDUP_ORDER:
@@ -483,6 +509,8 @@ class FileSpool:
                     if mid in seen and self._second_copy(seen[mid], path):
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
+                        if state is State.PENDING and self._index is not None:
+                            self._index.discard(name)
                         del listed[state][mid]
                         dropped += 1
                         log.warning("message %s: removed a duplicate copy from %s/", mid, state.value)
@@ -496,7 +524,8 @@ class FileSpool:
                     report.lease_expired += 1
                     log.info("message %s: lease expired, back to pending", mid)
             for mid, name in listed[State.PENDING].items():
-                self._info(State.PENDING, name, mid)  # quarantines what does not decode
+                if mid not in self._cache:  # decoded once already: only this relay rewrites it (and forgets it)
+                    self._info(State.PENDING, name, mid)  # quarantines what does not decode
             report.malformed = self._quarantined - quarantined
             if dropped or report != RecoveryReport():
                 self._sync(*State)
@@ -731,7 +760,7 @@ class FileSpool:
 
     def stats(self) -> Stats:
         with self._lock, self._translate("stats"):
-            names = {s: self._names(s) for s in State}
+            names = {s: self._pending_names() if s is State.PENDING else self._names(s) for s in State}
             counts = {s: len(n) for s, n in names.items()}
             counts[State.MALFORMED] = len(self._listdir(State.MALFORMED))
             now = time.time()
@@ -767,6 +796,7 @@ class FileSpool:
                 extra={
                     "dir_fsyncs": sum(g.fsyncs for g in self.dir_syncs.values()),
                     "dir_fsync_requests": sum(g.requests for g in self.dir_syncs.values()),
+                    "pending_listings": self._index.listings if self._index is not None else None,
                 },
             )
 
@@ -775,6 +805,9 @@ class FileSpool:
             self._closed = True
             for fd in self._fds.values():
                 os.close(fd)
+            if self._index is not None:
+                self._index.close()
+                self._index = None
             if self._relay_fd is not None:
                 os.close(self._relay_fd)  # releases the relay lock
                 self._relay_fd = None
@@ -802,6 +835,29 @@ class FileSpool:
         out.sort()
         return out
 
+    def _pending_names(self, quarantine: bool = False) -> list[tuple[str, str]]:
+        """Sorted (id, name) in pending/: from the relay's index in the relay's process (no listing)."""
+        if self._index is None:
+            return self._names(State.PENDING, quarantine)
+        self._index.refresh()
+        out = []
+        odd = []
+        plain = _ID_LEN + len(_SUFFIX)
+        for name in self._index.names():
+            if len(name) == plain and name.endswith(_SUFFIX):  # the usual {id}.zlm, no regex needed
+                out.append((name[:_ID_LEN], name))
+            else:
+                odd.append(name)
+        for name in odd:
+            parts = _split(name)
+            if parts is not None:
+                out.append((parts[0], name))
+            elif quarantine and not name.endswith(_PART):
+                self._quarantine(State.PENDING, name, "not a spool file name")
+        if odd:
+            out.sort()
+        return out
+
     def _info(
         self, state: State, name: str, mid: str, *, quarantine: bool = True, missing_ok: bool = True
     ) -> tuple[_Info, Message | None] | None:
@@ -809,10 +865,11 @@ class FileSpool:
         too when it had to be read); None if it vanished or does not decode."""
         path = self._path(state, name)
         try:
-            st = os.stat(path)
             cached = self._cache.get(mid)
-            if cached is not None and cached.sig == (st.st_ino, st.st_size, st.st_mtime_ns):
-                return cached, None
+            if cached is not None:
+                st = os.stat(path)
+                if cached.sig == (st.st_ino, st.st_size, st.st_mtime_ns):
+                    return cached, None
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 data = f.read()
@@ -857,6 +914,8 @@ class FileSpool:
         except FileNotFoundError:
             return
         self._cache.pop(name[:_ID_LEN], None)
+        if state is State.PENDING and self._index is not None:
+            self._index.discard(name)
         self._quarantined += 1
         log.error("quarantined %s/%s as malformed: %s", state.value, name, reason)
         self._sync(State.MALFORMED, state)
@@ -864,7 +923,8 @@ class FileSpool:
     def _prune(self) -> None:
         # The cache only needs ids still in pending/ or a blocking state; drop the rest now and then.
         if len(self._cache) > self._prune_at:
-            live = {mid for s in (State.PENDING, *_BLOCKING) for mid, _ in self._names(s)}
+            live = {mid for mid, _ in self._pending_names()}
+            live.update(mid for s in _BLOCKING for mid, _ in self._names(s))
             self._cache = {k: v for k, v in self._cache.items() if k in live}
             self._prune_at = 2 * len(self._cache) + 4096
 
