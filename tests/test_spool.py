@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.spool_helpers import add, all_ids, files, small_tmpfs  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
@@ -31,24 +32,10 @@ def spool(tmp_path: Path) -> Iterator[FileSpool]:
     s.close()
 
 
-def add(spool: FileSpool, value: bytes = b"v", key: bytes | None = None, txid: str | None = None) -> str:
-    with spool.transaction(txid) as tx:
-        return tx.add(topic="t", value=value, key=key)
-
-
-def files(spool: FileSpool, state: State) -> list[str]:
-    return sorted(os.listdir(os.path.join(spool.root, state.value)))
-
-
 def age(path: str | Path, seconds: float = 3600) -> None:
     """Make a file look old instead of sleeping past a grace period."""
     past = time.time() - seconds
     os.utime(path, (past, past))
-
-
-def all_ids(root: str | Path) -> list[str]:
-    """Every message id that has a file anywhere in the spool (duplicates kept)."""
-    return [n[:36] for s in State for n in os.listdir(os.path.join(root, s.value)) if n.endswith(".zlm")]
 
 
 # ---- producer side -----------------------------------------------------------------------
@@ -333,23 +320,7 @@ def test_retry_and_fail_rewrite_the_one_copy(spool: FileSpool) -> None:
 # ---- disk full ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem, so ENOSPC comes from the kernel rather than a mock."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_disk_full_raises_spool_full_and_keeps_what_was_committed(small_tmpfs: Path) -> None:
+def test_disk_full_raises_spool_full_and_keeps_what_was_committed(small_tmpfs: Path) -> None:  # noqa: F811
     spool = FileSpool(small_tmpfs / "spool")
     committed = [add(spool, b"committed %d" % i) for i in range(3)]
     vfs = os.statvfs(small_tmpfs)
