@@ -178,10 +178,10 @@ class SpoolCore:
     # ---- helpers -------------------------------------------------------------------------
 
     def _path(self, state: State, name: str) -> str:
-        return os.path.join(self._dir[state], name)
+        return f"{self._dir[state]}/{name}"  # not os.path.join: called several times per message
 
     def _pending(self, mid: str) -> str:
-        return os.path.join(self._dir[State.PENDING], f"{mid}{SUFFIX}")
+        return f"{self._dir[State.PENDING]}/{mid}{SUFFIX}"
 
     def _listdir(self, state: State) -> list[str]:
         return os.listdir(self._dir[state])
@@ -286,8 +286,12 @@ class SpoolCore:
     def _prune(self) -> None:
         # The cache only needs ids still in pending/ or a blocking state; drop the rest now and then.
         if len(self._cache) > self._prune_at:
-            live = {mid for mid, _ in self._pending_names()}
-            live.update(mid for s in BLOCKING for mid, _ in self._names(s))
+            live = {mid for s in BLOCKING for mid, _ in self._names(s)}
+            if self._index is None:
+                live.update(mid for mid, _ in self._names(State.PENDING))
+            else:  # no list of the whole backlog: ask the index about each cached id
+                self._index.refresh()
+                live.update(mid for mid in self._cache if f"{mid}{SUFFIX}" in self._index)
             self._cache = {k: v for k, v in self._cache.items() if k in live}
             self._prune_at = 2 * len(self._cache) + 4096
 

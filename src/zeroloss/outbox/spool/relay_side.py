@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from zeroloss.outbox.spool.layout import (
 log = logging.getLogger("zeroloss.outbox.spool")
 
 _DEDUP_ORDER = (State.FAILED, State.PENDING, State.SENDING, State.DOUBT)
+_VALIDATE_AT_RECOVER = 1000
 
 
 class RelaySide(SpoolCore):
@@ -186,6 +188,7 @@ class RelaySide(SpoolCore):
                 except FileNotFoundError:
                     lost_lease(mid, State.SUCCESS)
                     continue
+                self._cache.pop(mid, None)  # delivered: it blocks no key any more
                 moved += 1
             if moved:
                 self._sync(State.SUCCESS, State.SENDING)
@@ -250,9 +253,12 @@ class RelaySide(SpoolCore):
                     os.rename(self._path(State.SENDING, name), self._pending(mid))
                     report.lease_expired += 1
                     log.info("message %s: lease expired, back to pending", mid)
-            for mid, name in listed[State.PENDING].items():
-                if mid not in self._cache:  # decoded once already: only this relay rewrites it (and forgets it)
-                    self._info(State.PENDING, name, mid)  # quarantines what does not decode
+            # Quarantine what does not decode among the oldest pending files not decoded yet (only
+            # this relay rewrites a pending file, and it forgets it then); a claim decodes the
+            # rest as it reaches them, so a backlog is read once per send, not here as well.
+            unseen = (item for item in listed[State.PENDING].items() if item[0] not in self._cache)
+            for mid, name in itertools.islice(unseen, _VALIDATE_AT_RECOVER):
+                self._info(State.PENDING, name, mid)
             report.malformed = self._quarantined - quarantined
             if dropped or report != RecoveryReport():
                 self._sync(*State)
