@@ -47,6 +47,23 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (name[:ID_LEN], rest[1:]) if rest.startswith(".") else None
 
 
+def read_whole(path: str) -> tuple[os.stat_result, bytes]:
+    """A file's status and content in four system calls (``open()`` adds an ioctl and a buffer,
+    per message on the relay's path); spool files are never changed in place, only replaced."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, st.st_size + 1)  # a regular file reads whole: fewer bytes means its end
+        if len(data) > st.st_size:  # grown since the fstat (not a spool file's way): read to the end
+            chunks = [data]
+            while chunks[-1]:
+                chunks.append(os.read(fd, 1 << 16))
+            data = b"".join(chunks)
+        return st, data
+    finally:
+        os.close(fd)
+
+
 def lease_ms(sending_name: str) -> int:
     """The lease expiry in a ``sending/`` name; 0 (expired) if it is unreadable."""
     lease = sending_name[ID_LEN + 1 : -len(SUFFIX)]
@@ -233,9 +250,7 @@ class SpoolCore:
                 st = os.stat(path)
                 if cached.sig == (st.st_ino, st.st_size, st.st_mtime_ns):
                     return cached, None
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
+            st, data = read_whole(path)
         except FileNotFoundError:
             if missing_ok:
                 return None
@@ -249,8 +264,7 @@ class SpoolCore:
 
     def _read(self, state: State, name: str, mid: str, *, quarantine: bool = True) -> Message | None:
         try:
-            with open(self._path(state, name), "rb") as f:
-                data = f.read()
+            _, data = read_whole(self._path(state, name))
         except FileNotFoundError:
             return None
         return self._decode(state, name, mid, data, quarantine)
