@@ -5,6 +5,7 @@ while the relay claims, a relay SIGKILLed mid-batch, a full disk while the relay
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import signal
@@ -173,3 +174,32 @@ def test_a_full_disk_while_the_relay_rewrites_a_message_keeps_it_in_sending(smal
     [again] = spool.claim(1, lease_s=30)
     assert (again.id, again.value, again.attempts) == (mid, b"x" * 10_000, 0)
     spool.close()
+
+
+def _inotify_fds() -> int:
+    fds = os.listdir("/proc/self/fd")
+    return sum(1 for fd in fds if _readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify")
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # the listing's own descriptor, closed by now
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
+def test_a_relay_spool_dropped_without_close_gives_its_inotify_instance_back(tmp_path: Path) -> None:
+    """inotify instances are few per user and shared by all its processes: a relay's spool that
+    is garbage collected without close() must not keep one."""
+    before = _inotify_fds()
+    spool = FileSpool(tmp_path / "spool")
+    spool.recover()
+    assert _inotify_fds() == before + 1
+    del spool
+    gc.collect()
+    assert _inotify_fds() == before
+    closed = FileSpool(tmp_path / "spool")  # and close() gives it back at once (the lock is free again)
+    closed.recover()
+    closed.close()
+    assert _inotify_fds() == before

@@ -23,6 +23,7 @@ import logging
 import os
 import struct
 import sys
+import weakref
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class _Watch:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.broken = False  # the directory went away or was replaced: events will not come
+        # A spool dropped without close() must not keep its instance: they are few per user
+        # (fs.inotify.max_user_instances, 128 by default) and shared by every process of the user.
+        self._closer = weakref.finalize(self, os.close, fd)
 
     @classmethod
     def open(cls, path: str) -> _Watch | None:
@@ -91,7 +95,7 @@ class _Watch:
         return None if lost else added
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._closer()  # closes once, however often called
 
 
 class PendingIndex:

@@ -14,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -128,6 +128,7 @@ class SpoolCore:
         self._quarantined = 0
         self._closed = False
         self._relay_fd: int | None = None  # relay.lock, held from the first claim or recover (relay side)
+        self._relay_release: Callable[[], object] | None = None  # closes it, also if never close()d
         self._index: PendingIndex | None = None  # pending/ as the relay sees it, from then on
 
 
@@ -188,9 +189,9 @@ class SpoolCore:
             if self._index is not None:
                 self._index.close()
                 self._index = None
-            if self._relay_fd is not None:
-                os.close(self._relay_fd)  # releases the relay lock
-                self._relay_fd = None
+            if self._relay_release is not None:
+                self._relay_release()  # closing relay.lock releases the lock
+                self._relay_fd = self._relay_release = None
 
     # ---- helpers -------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections.abc import Sequence
 
 from zeroloss.errors import ConfigError
@@ -60,6 +61,8 @@ class RelaySide(SpoolCore):
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._relay_fd = fd
+        # A relay's spool dropped without close() must not hold the lock until the process exits.
+        self._relay_release = weakref.finalize(self, os.close, fd)
         self._index = PendingIndex(self._dir[State.PENDING])
 
     def claim(self, limit: int, lease_s: float) -> list[Message]:
