@@ -204,3 +204,30 @@ def test_a_relay_spool_dropped_without_close_gives_its_inotify_instance_back(tmp
     closed.recover()
     closed.close()
     assert _inotify_fds() == before
+
+
+@pytest.mark.parametrize("watched", [True, False], ids=["inotify", "listing"])
+def test_the_pending_index_keeps_names_oldest_first_and_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watched: bool
+) -> None:
+    if not watched:
+        monkeypatch.setattr(_pending_index._Watch, "open", classmethod(lambda cls, path: None))
+    d = tmp_path / "pending"
+    d.mkdir()
+    for name in ("b", "d"):
+        (d / name).touch()
+    index = _pending_index.PendingIndex(str(d))
+    index.refresh()
+    assert list(index.names()) == ["b", "d"]
+    for name in ("e", "a", "c"):  # older names too (a retry, a requeue): each lands in its place
+        (d / name).touch()
+    index.refresh()
+    assert list(index.names()) == ["a", "b", "c", "d", "e"]
+    (d / "c").unlink()
+    index.discard("c")  # the relay took it
+    assert list(index.names()) == ["a", "b", "d", "e"]
+    (d / "c").touch()  # and it came back
+    index.refresh()
+    assert list(index.names()) == ["a", "b", "c", "d", "e"]
+    assert index.watched is (watched and sys.platform.startswith("linux"))
+    index.close()

@@ -18,6 +18,7 @@ Removals are not watched: only the relay (which holds ``relay.lock``) takes name
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import os
@@ -105,8 +106,7 @@ class PendingIndex:
     def __init__(self, path: str) -> None:
         self._path = path
         self._live: set[str] = set()
-        self._order: list[str] = []  # sorted when _sorted; may still hold discarded names
-        self._sorted = True
+        self._order: list[str] = []  # sorted; may still hold discarded names, and a name twice
         self._watch = _Watch.open(path)
         self._listed = False
         self.listings = 0
@@ -135,10 +135,17 @@ class PendingIndex:
         self._listed = True
         live = set(names)
         if live != self._live:
-            new = live - self._live
+            new = sorted(live - self._live)
             self._live = live
-            for name in new:
-                self._add_ordered(name)
+            if not new:
+                pass
+            elif not self._order or new[0] > self._order[-1]:
+                self._order.extend(new)  # the usual case: newer ids than any seen
+            elif len(new) <= 64:
+                for name in new:
+                    self._add_ordered(name)
+            else:
+                self._order = sorted(live)
 
     def _add(self, name: str) -> None:
         if name not in self._live:
@@ -146,9 +153,10 @@ class PendingIndex:
             self._add_ordered(name)
 
     def _add_ordered(self, name: str) -> None:
-        if self._sorted and self._order and name <= self._order[-1]:
-            self._sorted = False  # rare: an older id came back (retry, requeue, recover), or a name twice
-        self._order.append(name)
+        if self._order and name <= self._order[-1]:  # an older id came back (retry, requeue, recover)
+            bisect.insort(self._order, name)  # a memmove, not a sort of the backlog
+        else:
+            self._order.append(name)
 
     def discard(self, name: str) -> None:
         """``name`` left the directory (this process moved or removed it)."""
@@ -162,18 +170,19 @@ class PendingIndex:
 
     def names(self) -> Iterator[str]:
         """The names, oldest first; discarding names while iterating is allowed."""
-        if not self._sorted or len(self._order) > 2 * len(self._live) + 4096:
+        if len(self._order) > 2 * len(self._live) + 4096:  # mostly names taken since: drop them
             self._order = sorted(self._live)
-            self._sorted = True
         else:
             head = 0  # what earlier claims took: drop it once instead of skipping it every time
             while head < len(self._order) and self._order[head] not in self._live:
                 head += 1
             del self._order[:head]
         order = self._order
+        last = ""
         for i in range(len(order)):  # not `for name in order`: _add may append meanwhile
             name = order[i]
-            if name in self._live:
+            if name in self._live and name != last:  # a name that left and came back is in twice
+                last = name
                 yield name
 
     def close(self) -> None:
