@@ -129,9 +129,16 @@ def main() -> None:
 
         def spool() -> tuple[OutboxStore, Callable[[], None]]:
             path = Path(tmp) / f"spool-{uuid.uuid4().hex[:6]}"
+            filler = FileSpool(path, fsync=False)  # the fill is not timed: 100k fsyncs would take minutes
+            fill_spool(filler, f"b-{uuid.uuid4().hex[:8]}", n)
+            filler.close()
             store = FileSpool(path)
-            fill_spool(store, f"b-{uuid.uuid4().hex[:8]}", n)
-            return store, lambda: shutil.rmtree(path)
+
+            def cleanup() -> None:
+                store.close()
+                shutil.rmtree(path)
+
+            return store, cleanup
 
         say("relay from PostgreSQL ...")
         pg = time_relay(broker.url, reps, sql(PG), n)

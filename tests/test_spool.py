@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.spool_helpers import add, all_ids, files, small_tmpfs  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
@@ -31,24 +32,10 @@ def spool(tmp_path: Path) -> Iterator[FileSpool]:
     s.close()
 
 
-def add(spool: FileSpool, value: bytes = b"v", key: bytes | None = None, txid: str | None = None) -> str:
-    with spool.transaction(txid) as tx:
-        return tx.add(topic="t", value=value, key=key)
-
-
-def files(spool: FileSpool, state: State) -> list[str]:
-    return sorted(os.listdir(os.path.join(spool.root, state.value)))
-
-
 def age(path: str | Path, seconds: float = 3600) -> None:
     """Make a file look old instead of sleeping past a grace period."""
     past = time.time() - seconds
     os.utime(path, (past, past))
-
-
-def all_ids(root: str | Path) -> list[str]:
-    """Every message id that has a file anywhere in the spool (duplicates kept)."""
-    return [n[:36] for s in State for n in os.listdir(os.path.join(root, s.value)) if n.endswith(".zlm")]
 
 
 # ---- producer side -----------------------------------------------------------------------
@@ -253,17 +240,16 @@ def test_recover_leaves_alone_a_file_another_relay_claimed_while_it_listed(
     mid = add(spool)
     other = FileSpool(spool.root)  # a second relay process on the same spool
     monkeypatch.setattr(other, "_relay_lock", lambda: None)
-    names = spool._names
+    pending_names = spool._pending_names
 
-    def stale_listing(state: State, quarantine: bool = False) -> list[tuple[str, str]]:
-        listed = names(state, quarantine)
-        if state is State.PENDING:  # pending/ is listed, then the other relay claims before sending/ is
-            assert [m.id for m in other.claim(1, lease_s=60)] == [mid]
+    def stale_listing(quarantine: bool = False) -> list[tuple[str, str]]:
+        listed = pending_names(quarantine)  # pending/ is listed, then the other relay claims before sending/ is
+        assert [m.id for m in other.claim(1, lease_s=60)] == [mid]
         return listed
 
-    monkeypatch.setattr(spool, "_names", stale_listing)
+    monkeypatch.setattr(spool, "_pending_names", stale_listing)
     spool.recover()
-    monkeypatch.setattr(spool, "_names", names)
+    monkeypatch.setattr(spool, "_pending_names", pending_names)
     assert spool.get(mid)[0] is State.SENDING  # the other relay's claim survived
     other.close()
 
@@ -334,23 +320,7 @@ def test_retry_and_fail_rewrite_the_one_copy(spool: FileSpool) -> None:
 # ---- disk full ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MiB filesystem, so ENOSPC comes from the kernel rather than a mock."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def test_disk_full_raises_spool_full_and_keeps_what_was_committed(small_tmpfs: Path) -> None:
+def test_disk_full_raises_spool_full_and_keeps_what_was_committed(small_tmpfs: Path) -> None:  # noqa: F811
     spool = FileSpool(small_tmpfs / "spool")
     committed = [add(spool, b"committed %d" % i) for i in range(3)]
     vfs = os.statvfs(small_tmpfs)

@@ -1,0 +1,43 @@
+"""What the spool's test files share: writing a message, listing a state's files, a small tmpfs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from zeroloss.outbox.base import State
+from zeroloss.outbox.spool import FileSpool
+
+
+def add(spool: FileSpool, value: bytes = b"v", key: bytes | None = None, txid: str | None = None) -> str:
+    with spool.transaction(txid) as tx:
+        return tx.add(topic="t", value=value, key=key)
+
+
+def files(spool: FileSpool, state: State) -> list[str]:
+    return sorted(os.listdir(os.path.join(spool.root, state.value)))
+
+
+def all_ids(root: str | Path) -> list[str]:
+    """Every message id that has a file anywhere in the spool (duplicates kept)."""
+    return [n[:36] for s in State for n in os.listdir(os.path.join(root, s.value)) if n.endswith(".zlm")]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem, so ENOSPC comes from the kernel rather than a mock."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
