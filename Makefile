@@ -23,6 +23,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/mypy
 	$(BIN)/mypy tests bench examples
 

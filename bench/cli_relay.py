@@ -46,8 +46,15 @@ def keys_name(keys: int) -> str:
     return f"{keys:,} keys" if keys else "no keys"
 
 
-def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profile: Path | None,
-              analyze: bool, src: Path | None = None) -> float:
+def cli_relay(
+    broker_url: str,
+    n: int,
+    keys: int,
+    batch_size: int | None,
+    profile: Path | None,
+    analyze: bool,
+    src: Path | None = None,
+) -> float:
     """msgs/s of one ``zeroloss relay --drain`` process over N pending messages; ``src``: another
     zeroloss source tree (e.g. ``git archive main src``) makes the table and runs the relay."""
     run_id = uuid.uuid4().hex[:8]
@@ -56,15 +63,32 @@ def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profil
     if src is None:
         outbox.create_schema()
     else:  # that version's table and indexes
-        subprocess.run([sys.executable, "-m", "zeroloss", "init", "--source", PG, "--table", outbox.table.name],
-                       env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "zeroloss", "init", "--source", PG, "--table", outbox.table.name],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
     try:
         fill(outbox, f"cli-{run_id}", n, keys)
         if analyze:  # as autovacuum leaves a table in steady use; without: a backlog that just arrived
             with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.exec_driver_sql(f"VACUUM ANALYZE {outbox.table.name}")
-        cmd = [sys.executable, "-m", "zeroloss", "relay", "--source", PG, "--table", outbox.table.name,
-               "--target", broker_url, "--drain", "--relay-id", f"cli-{run_id}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            PG,
+            "--table",
+            outbox.table.name,
+            "--target",
+            broker_url,
+            "--drain",
+            "--relay-id",
+            f"cli-{run_id}",
+        ]
         if batch_size:
             cmd += ["--batch-size", str(batch_size)]
         if profile is not None:
@@ -80,8 +104,10 @@ def cli_relay(broker_url: str, n: int, keys: int, batch_size: int | None, profil
         counts = outbox.stats().counts
         if counts[State.SUCCESS] != n:
             raise RuntimeError(f"relay exited with the outbox at {counts}")
-        say(f"  zeroloss relay{'' if src is None else ' from ' + str(src)}, {keys_name(keys)}: "
-            f"{n / elapsed:,.0f} msg/s ({elapsed:.1f} s)")
+        say(
+            f"  zeroloss relay{'' if src is None else ' from ' + str(src)}, {keys_name(keys)}: "
+            f"{n / elapsed:,.0f} msg/s ({elapsed:.1f} s)"
+        )
         return n / elapsed
     finally:
         outbox.drop_schema()
@@ -96,16 +122,18 @@ def hand_relay(bootstrap: str, n: int, keys: int, batch: int) -> float:
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(HAND_DDL.format(t=name))
-            rows = [{"topic": topic, "key": (b"k%d" % (i % keys)) if keys else None, "value": VALUE}
-                    for i in range(n)]
+            rows = [{"topic": topic, "key": (b"k%d" % (i % keys)) if keys else None, "value": VALUE} for i in range(n)]
             for start in range(0, n, 5000):
-                conn.execute(sa.text(f"INSERT INTO {name} (topic, key, value) VALUES (:topic, :key, :value)"),
-                             rows[start : start + 5000])
+                conn.execute(
+                    sa.text(f"INSERT INTO {name} (topic, key, value) VALUES (:topic, :key, :value)"),
+                    rows[start : start + 5000],
+                )
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"VACUUM ANALYZE {name}")
         ck = kafka_module()
-        producer = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                                "linger.ms": 5})
+        producer = ck.Producer(
+            {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True, "linger.ms": 5}
+        )
         failed: list[object] = []
 
         def on_delivery(err: object, msg: object) -> None:
@@ -125,9 +153,13 @@ def hand_relay(bootstrap: str, n: int, keys: int, batch: int) -> float:
                     for row in got:
                         while True:
                             try:
-                                producer.produce(row.topic, value=bytes(row.value),
-                                                 key=None if row.key is None else bytes(row.key),
-                                                 headers=[("id", str(row.id).encode())], on_delivery=on_delivery)
+                                producer.produce(
+                                    row.topic,
+                                    value=bytes(row.value),
+                                    key=None if row.key is None else bytes(row.key),
+                                    headers=[("id", str(row.id).encode())],
+                                    on_delivery=on_delivery,
+                                )
                                 break
                             except BufferError:
                                 producer.poll(0.01)
@@ -153,39 +185,67 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="zeroloss relay --batch-size (default: its own)")
     ap.add_argument("--hand-batch", type=int, default=1000, help="the hand-written relay's LIMIT")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy the relay; collapsed stacks to this dir")
-    ap.add_argument("--compare-src", type=Path, default=None,
-                    help="also run the relay of another zeroloss source tree (before/after in one run), e.g. "
-                         "mkdir /tmp/old && git archive main src | tar -x -C /tmp/old, then /tmp/old/src")
-    ap.add_argument("--no-analyze", dest="analyze", action="store_false",
-                    help="relay a backlog that just arrived: no VACUUM ANALYZE of the outbox before the relay starts")
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        default=None,
+        help="also run the relay of another zeroloss source tree (before/after in one run), e.g. "
+        "mkdir /tmp/old && git archive main src | tar -x -C /tmp/old, then /tmp/old/src",
+    )
+    ap.add_argument(
+        "--no-analyze",
+        dest="analyze",
+        action="store_false",
+        help="relay a backlog that just arrived: no VACUUM ANALYZE of the outbox before the relay starts",
+    )
     args = ap.parse_args()
     n, reps = args.messages, args.reps
     key_counts = [int(k) for k in args.keys.split(",")]
     print(f"machine: {machine()}")
-    print(f"messages: {n} x 200-byte values pending in PostgreSQL, `zeroloss relay --drain` as a process "
-          f"(start-up included), {'VACUUM ANALYZE before' if args.analyze else 'no ANALYZE before'}, "
-          f"batch {args.batch_size or 'default'}; hand-written relay LIMIT {args.hand_batch}; "
-          f"median of {reps}")
+    print(
+        f"messages: {n} x 200-byte values pending in PostgreSQL, `zeroloss relay --drain` as a process "
+        f"(start-up included), {'VACUUM ANALYZE before' if args.analyze else 'no ANALYZE before'}, "
+        f"batch {args.batch_size or 'default'}; hand-written relay LIMIT {args.hand_batch}; "
+        f"median of {reps}"
+    )
     rows: list[Row] = []
     with EmbeddedBroker() as broker:
         say("bare producer ...")
         bare = median_rate(lambda: bare_producer(broker.bootstrap, n), reps)
         for keys in key_counts:
             say(f"{keys_name(keys)} ...")
-            ours = statistics.median(cli_relay(broker.url, n, keys, args.batch_size, args.profile, args.analyze)
-                                     for _ in range(reps))
+            ours = statistics.median(
+                cli_relay(broker.url, n, keys, args.batch_size, args.profile, args.analyze) for _ in range(reps)
+            )
             if args.compare_src is not None:
                 old = statistics.median(
                     cli_relay(broker.url, n, keys, args.batch_size, None, args.analyze, args.compare_src)
-                    for _ in range(reps))
-                rows.append(Row(f"`zeroloss relay` vs {args.compare_src}'s, {keys_name(keys)}", ours,
-                                f"{args.compare_src}'s relay", old))
+                    for _ in range(reps)
+                )
+                rows.append(
+                    Row(
+                        f"`zeroloss relay` vs {args.compare_src}'s, {keys_name(keys)}",
+                        ours,
+                        f"{args.compare_src}'s relay",
+                        old,
+                    )
+                )
             hand = statistics.median(hand_relay(broker.bootstrap, n, keys, args.hand_batch) for _ in range(reps))
             rows += [
-                Row(f"`zeroloss relay`, PostgreSQL → Kafka, {keys_name(keys)}", ours,
-                    "bare idempotent producer", bare, target="≥ 30k msg/s and ≥ 0.25x"),
-                Row(f"`zeroloss relay` vs hand-written relay, {keys_name(keys)}", ours,
-                    "SKIP LOCKED → produce → flush → DELETE", hand, target="≥ 3x"),
+                Row(
+                    f"`zeroloss relay`, PostgreSQL → Kafka, {keys_name(keys)}",
+                    ours,
+                    "bare idempotent producer",
+                    bare,
+                    target="≥ 30k msg/s and ≥ 0.25x",
+                ),
+                Row(
+                    f"`zeroloss relay` vs hand-written relay, {keys_name(keys)}",
+                    ours,
+                    "SKIP LOCKED → produce → flush → DELETE",
+                    hand,
+                    target="≥ 3x",
+                ),
             ]
     print(table(rows))
 

@@ -33,8 +33,9 @@ def fill(bootstrap: str, topic: str, n: int) -> None:
     for i in range(n):
         while True:
             try:
-                p.produce(topic, value=VALUE, key=b"k%d" % (i % 100),
-                          headers=[("zeroloss-id", uuid.uuid4().hex.encode())])
+                p.produce(
+                    topic, value=VALUE, key=b"k%d" % (i % 100), headers=[("zeroloss-id", uuid.uuid4().hex.encode())]
+                )
                 break
             except BufferError:
                 p.poll(0.01)
@@ -43,8 +44,15 @@ def fill(bootstrap: str, topic: str, n: int) -> None:
 
 def plain_consumer(bootstrap: str, topic: str, prefix: str) -> Any:
     """A confluent-kafka consumer in a new group, offsets committed by hand, from the start."""
-    c = kafka_module().Consumer({"bootstrap.servers": bootstrap, "group.id": f"{prefix}-{uuid.uuid4().hex[:8]}",
-                                 "enable.auto.commit": False, "auto.offset.reset": "earliest", **GROUP_CONF})
+    c = kafka_module().Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"{prefix}-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            **GROUP_CONF,
+        }
+    )
     c.subscribe([topic])
     return c
 
@@ -70,8 +78,9 @@ def hand_written(bootstrap: str, topic: str, n: int) -> float:
     """Seconds for the blog-post consumer: per batch of up to 500, INSERT the effect rows with one
     executemany, COMMIT, then commit the offsets synchronously. At-least-once, no dedup."""
     engine = sa.create_engine(PG)
-    effects = sa.Table(f"bench_hand_{uuid.uuid4().hex[:8]}", sa.MetaData(),
-                       sa.Column("id", sa.String(64), nullable=False))
+    effects = sa.Table(
+        f"bench_hand_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("id", sa.String(64), nullable=False)
+    )
     effects.create(engine)
     c = plain_consumer(bootstrap, topic, "hand")
     seen, started = 0, 0.0
@@ -114,11 +123,13 @@ def ours(url: str, topic: str, n: int, transaction_batch: int, batch: bool = Fal
             c.stop()  # the loop commits what is done and leaves
 
     if batch:
+
         @c.handler(batch=True)
         def handle_many(msgs: list[Received], tx: Any) -> None:
             tx.execute(effects.insert(), [{"id": m.id} for m in msgs])
             count(len(msgs))
     else:
+
         @c.handler
         def handle(msg: Received, tx: Any) -> None:
             tx.execute(effects.insert(), {"id": msg.id})
@@ -164,17 +175,41 @@ def main() -> None:
             say(f"rep {r + 1}: zeroloss consumer, one inbox transaction per message ...")
             rates["single"].append(single_n / ours(broker.url, topic, single_n, 1))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(table([
-        Row("consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch=100", med["batch"],
-            "hand-written: effect rows per batch (executemany), then offsets, no dedup", med["hand"],
-            target="≥ 15k msg/s and ≥ 0.5x"),
-        Row("consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=100", med["batched"],
-            "hand-written, per batch", med["hand"], target="(one INSERT per message)"),
-        Row("consumer + SqlInbox (PostgreSQL), batch handler", med["batch"],
-            "bare consumer, offsets only", med["bare"], target="(what reading alone costs)"),
-        Row("consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=1", med["single"],
-            "hand-written, per batch", med["hand"], target="(for contrast)"),
-    ]))
+    print(
+        table(
+            [
+                Row(
+                    "consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch=100",
+                    med["batch"],
+                    "hand-written: effect rows per batch (executemany), then offsets, no dedup",
+                    med["hand"],
+                    target="≥ 15k msg/s and ≥ 0.5x",
+                ),
+                Row(
+                    "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=100",
+                    med["batched"],
+                    "hand-written, per batch",
+                    med["hand"],
+                    target="(one INSERT per message)",
+                ),
+                Row(
+                    "consumer + SqlInbox (PostgreSQL), batch handler",
+                    med["batch"],
+                    "bare consumer, offsets only",
+                    med["bare"],
+                    target="(what reading alone costs)",
+                ),
+                Row(
+                    "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=1",
+                    med["single"],
+                    "hand-written, per batch",
+                    med["hand"],
+                    target="(for contrast)",
+                ),
+            ]
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

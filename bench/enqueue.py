@@ -31,11 +31,15 @@ def sql_pair(url: str, n: int, reps: int) -> tuple[float, float]:
     outbox = SqlOutbox(url, table=f"bench_{uuid.uuid4().hex[:8]}")
     outbox.create_schema()
     md = sa.MetaData()
-    orders = sa.Table(f"bench_orders_{uuid.uuid4().hex[:8]}", md,
-                      sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                      sa.Column("body", sa.LargeBinary))
+    orders = sa.Table(
+        f"bench_orders_{uuid.uuid4().hex[:8]}",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("body", sa.LargeBinary),
+    )
     md.create_all(outbox.engine)
     try:
+
         def insert_only() -> int:
             for _ in range(n):
                 with outbox.engine.begin() as conn:
@@ -118,8 +122,16 @@ def main() -> None:
         rows.append(Row("FileSpool add, 16 writers", many, "bare write+fsync, 16 writers", bare_many, "msg/s"))
         rows.append(Row("FileSpool 16 writers vs 1 writer", many, "FileSpool 1 writer", one, "msg/s", "≥ 5x"))
         # The filesystem's own ceiling: how far 16 concurrent bare fsyncs get over one.
-        rows.append(Row("bare write+fsync, 16 writers vs 1", bare_many, "bare write+fsync, 1 writer", bare_one, "msg/s",
-                        "(the disk's ceiling)"))
+        rows.append(
+            Row(
+                "bare write+fsync, 16 writers vs 1",
+                bare_many,
+                "bare write+fsync, 1 writer",
+                bare_one,
+                "msg/s",
+                "(the disk's ceiling)",
+            )
+        )
     print(table(rows))
 
 

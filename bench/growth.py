@@ -61,9 +61,14 @@ def fill_history(outbox: SqlOutbox, topic: str, n: int) -> None:
     assert n <= span_ms, "history ids would repeat a millisecond"
     keys = [b"k%d" % i for i in range(KEYS)]
     params: dict[str, Any] = {
-        "topic": topic, "keys": keys, "hashes": [key_hash(k) for k in keys], "value": VALUE,
+        "topic": topic,
+        "keys": keys,
+        "hashes": [key_hash(k) for k in keys],
+        "value": VALUE,
         "claimed_by": f"{socket.gethostname()[:32]}:4242:{hashlib.md5(topic.encode()).hexdigest()[:12]}",
-        "n": n, "base_ms": int(time.time() * 1000) - span_ms - 60_000, "span_ms": span_ms,
+        "n": n,
+        "base_ms": int(time.time() * 1000) - span_ms - 60_000,
+        "span_ms": span_ms,
         "salt": uuid.uuid4().hex,
     }
     if n:
@@ -147,8 +152,10 @@ def main() -> None:
     args = ap.parse_args()
     n, reps, small, large = args.messages, args.reps, args.small_history, args.large_history
     print(f"machine: {machine()}")
-    print(f"messages: {n} x 200-byte values, {KEYS} keys, after {small:,} vs {large:,} rows already in success "
-          f"(same topic and keys), median of {reps}")
+    print(
+        f"messages: {n} x 200-byte values, {KEYS} keys, after {small:,} vs {large:,} rows already in success "
+        f"(same topic and keys), median of {reps}"
+    )
     plan: str | None = None
     with EmbeddedBroker() as broker:
         say(f"{small:,} rows of history ...")
@@ -160,13 +167,20 @@ def main() -> None:
             rates.append(rate)
             plan = plan or p
         ours = statistics.median(rates)
-    row = Row(f"relay, PostgreSQL → Kafka, {large:,} rows in success", ours,
-              f"{small:,} rows in success", base, target="≥ 0.8x")
+    row = Row(
+        f"relay, PostgreSQL → Kafka, {large:,} rows in success",
+        ours,
+        f"{small:,} rows in success",
+        base,
+        target="≥ 0.8x",
+    )
     print(table([row]))
     if plan is not None and (row.ratio < 0.8 or args.explain):
         print()
-        print(f"The claim's statements on the table with {large:,} success rows and {n} pending "
-              f"(EXPLAIN ANALYZE, rolled back):")
+        print(
+            f"The claim's statements on the table with {large:,} success rows and {n} pending "
+            f"(EXPLAIN ANALYZE, rolled back):"
+        )
         print()
         print(plan)
 

@@ -78,9 +78,25 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
     log = work / f"relay-{suffix}.log"
     with open(log, "ab") as out:
         relay = subprocess.Popen(
-            [sys.executable, "-m", "zeroloss", "relay", "--source", PG, "--table", table_name, "--target", url,
-             "--relay-id", f"lat-{suffix}", "--metrics-port", "0"],
-            stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "zeroloss",
+                "relay",
+                "--source",
+                PG,
+                "--table",
+                table_name,
+                "--target",
+                url,
+                "--relay-id",
+                f"lat-{suffix}",
+                "--metrics-port",
+                "0",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     c = Consumer(url, f"lat-{suffix}", [topic], inbox, config={"session.timeout.ms": 6000, **FETCH})
 
     @c.handler
@@ -127,8 +143,15 @@ def bare(bootstrap: str, rate: float, seconds: float) -> list[float]:
     p = ck.Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
     p.produce(topic, value=b"warm-up")
     p.flush(30)
-    c = ck.Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "latest",
-                     "enable.auto.commit": False, **FETCH})
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": topic,
+            "auto.offset.reset": "latest",
+            "enable.auto.commit": False,
+            **FETCH,
+        }
+    )
     c.subscribe([topic])
     while not c.assignment():
         c.poll(0.1)
@@ -172,15 +195,33 @@ def main() -> None:
         base = bare(broker.bootstrap, args.rate, args.seconds)
         say("outbox → relay → consumer ...")
         lat = ours(broker.url, args.rate, args.seconds, args.writers, Path(tmp))
-    print(f"zeroloss: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, max {max(lat):.1f} ms "
-          f"({len(lat)} messages); bare: p50 {pct(base, 50):.1f} ms, p99 {pct(base, 99):.1f} ms "
-          f"({len(base)} messages); mean {statistics.fmean(lat):.1f} vs {statistics.fmean(base):.1f} ms")
-    print(table([
-        Row("end-to-end latency p50, commit → handler", pct(lat, 50), "bare producer → consumer p50",
-            pct(base, 50), unit="ms", target=""),
-        Row("end-to-end latency p99, commit → handler", pct(lat, 99), "bare producer → consumer p99",
-            pct(base, 99), unit="ms", target="< 100 ms"),
-    ]))
+    print(
+        f"zeroloss: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, max {max(lat):.1f} ms "
+        f"({len(lat)} messages); bare: p50 {pct(base, 50):.1f} ms, p99 {pct(base, 99):.1f} ms "
+        f"({len(base)} messages); mean {statistics.fmean(lat):.1f} vs {statistics.fmean(base):.1f} ms"
+    )
+    print(
+        table(
+            [
+                Row(
+                    "end-to-end latency p50, commit → handler",
+                    pct(lat, 50),
+                    "bare producer → consumer p50",
+                    pct(base, 50),
+                    unit="ms",
+                    target="",
+                ),
+                Row(
+                    "end-to-end latency p99, commit → handler",
+                    pct(lat, 99),
+                    "bare producer → consumer p99",
+                    pct(base, 99),
+                    unit="ms",
+                    target="< 100 ms",
+                ),
+            ]
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def bare_producer(bootstrap: str, n: int) -> int:
     for i in range(n):
         while True:
             try:
-                p.produce(topic, value=VALUE, key=b"k%d" % (i % 100), headers=[("zeroloss-id", b"x" * 36)],
-                          on_delivery=cb)
+                p.produce(
+                    topic, value=VALUE, key=b"k%d" % (i % 100), headers=[("zeroloss-id", b"x" * 36)], on_delivery=cb
+                )
                 break
             except BufferError:
                 p.poll(0.01)

@@ -92,8 +92,21 @@ def run_relays(broker_url: str, k: int, n: int, keys: int, batch_size: int, time
         cleanup.callback(stop, procs)  # runs first: relays gone before their table is dropped
         logs = [cleanup.enter_context(tempfile.TemporaryFile()) for _ in range(k)]
         ids = fill(outbox, topic, n, keys)
-        cmd = [sys.executable, "-m", "zeroloss", "relay", "--source", PG, "--table", outbox.table.name,
-               "--target", broker_url, "--drain", "--batch-size", str(batch_size)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            PG,
+            "--table",
+            outbox.table.name,
+            "--target",
+            broker_url,
+            "--drain",
+            "--batch-size",
+            str(batch_size),
+        ]
         t = time.perf_counter()
         procs += [
             subprocess.Popen([*cmd, "--relay-id", f"r{i + 1}-{run_id}"], stdout=log, stderr=log)
@@ -129,30 +142,32 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--relays", default="1,2,4", help="comma-separated relay counts; the first is the baseline")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--keys", type=int, default=10_000,
-                    help="distinct message keys, message i gets key i %% K (0: unkeyed). Per-key order lets "
-                         "only one relay hold a key's messages: with fewer keys than a batch, one relay "
-                         "takes them all and the others wait")
+    ap.add_argument(
+        "--keys",
+        type=int,
+        default=10_000,
+        help="distinct message keys, message i gets key i %% K (0: unkeyed). Per-key order lets "
+        "only one relay hold a key's messages: with fewer keys than a batch, one relay "
+        "takes them all and the others wait",
+    )
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     args = ap.parse_args()
     n, reps = args.messages, args.reps
     counts = [int(x) for x in args.relays.split(",")]
     print(f"machine: {machine()}")
-    print(f"messages: {n} x 200-byte values, {args.keys or 'no'} keys, batch {args.batch_size}, "
-          f"one PostgreSQL outbox table, relays as separate processes, median of {reps}")
+    print(
+        f"messages: {n} x 200-byte values, {args.keys or 'no'} keys, batch {args.batch_size}, "
+        f"one PostgreSQL outbox table, relays as separate processes, median of {reps}"
+    )
     results: dict[int, list[Run]] = {}
     with EmbeddedBroker() as broker:
         for k in counts:
             say(f"{plural(k)} ...")
-            results[k] = [run_relays(broker.url, k, n, args.keys, args.batch_size, args.timeout_s)
-                          for _ in range(reps)]
+            results[k] = [run_relays(broker.url, k, n, args.keys, args.batch_size, args.timeout_s) for _ in range(reps)]
     rate = {k: statistics.median(r.rate for r in runs) for k, runs in results.items()}
     base = counts[0]
-    rows = [
-        Row(f"{plural(k)}, one PostgreSQL outbox → Kafka", rate[k], plural(base), rate[base])
-        for k in counts
-    ]
+    rows = [Row(f"{plural(k)}, one PostgreSQL outbox → Kafka", rate[k], plural(base), rate[base]) for k in counts]
     print(table(rows))
     print()
     print("| relays | duplicates (all reps) | lost (all reps) | messages per relay (each rep) |")

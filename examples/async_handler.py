@@ -23,16 +23,19 @@ async def fetch_rate(currency: str) -> float:
     return {"EUR": 1.0, "USD": 0.9}[currency]
 
 
-def async_billing(broker: str, inbox: Any, *, topic: str = "orders", group: str = "billing",
-                  **options: Any) -> Consumer:
+def async_billing(
+    broker: str, inbox: Any, *, topic: str = "orders", group: str = "billing", **options: Any
+) -> Consumer:
     consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox, **options)
 
     @consumer.handler
     async def bill(msg: Any, tx: Connection) -> None:
         order = msg.json()
         rate = await fetch_rate(order["currency"])
-        tx.execute(text("INSERT INTO invoices (order_id, total_eur) VALUES (:id, :t)"),
-                   {"id": order["id"], "t": order["total"] * rate})
+        tx.execute(
+            text("INSERT INTO invoices (order_id, total_eur) VALUES (:id, :t)"),
+            {"id": order["id"], "t": order["total"] * rate},
+        )
 
     return consumer
 

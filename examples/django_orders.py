@@ -27,8 +27,14 @@ def django_database(url: str) -> dict[str, Any]:
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": u.database}
-    return {"ENGINE": "django.db.backends.postgresql", "NAME": u.database, "USER": u.username or "",
-            "PASSWORD": u.password or "", "HOST": u.host or "", "PORT": str(u.port or "")}
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": u.database,
+        "USER": u.username or "",
+        "PASSWORD": u.password or "",
+        "HOST": u.host or "",
+        "PORT": str(u.port or ""),
+    }
 
 
 def main(url: str) -> dict[str, Any]:
@@ -51,8 +57,9 @@ def main(url: str) -> dict[str, Any]:
     def place_order(customer: str, total: Decimal) -> Order:  # a view's body
         with transaction.atomic():
             order = Order.objects.create(customer=customer, total=total)
-            outbox.add(connection, topic="orders", key=customer,
-                       value={"id": order.pk, "customer": customer, "total": total})
+            outbox.add(
+                connection, topic="orders", key=customer, value={"id": order.pk, "customer": customer, "total": total}
+            )
             return order
 
     placed = [place_order("customer-7", Decimal("99.50")), place_order("customer-8", Decimal("12.00"))]
@@ -77,8 +84,7 @@ def main(url: str) -> dict[str, Any]:
         mismatch = str(exc)
     other.close()
     outbox.close()
-    return {"placed": [o.pk for o in placed], "orders": Order.objects.count(), "refused": refused,
-            "mismatch": mismatch}
+    return {"placed": [o.pk for o in placed], "orders": Order.objects.count(), "refused": refused, "mismatch": mismatch}
 
 
 if __name__ == "__main__":

@@ -100,4 +100,6 @@ def main_app() -> FastAPI:
 
 
 if __name__ == "__main__":
-    billing(os.environ.get("BROKER", "kafka://127.0.0.1:9092"), os.environ.get("BILLING_DB", "sqlite:///billing.db")).run()
+    billing(
+        os.environ.get("BROKER", "kafka://127.0.0.1:9092"), os.environ.get("BILLING_DB", "sqlite:///billing.db")
+    ).run()

@@ -24,8 +24,9 @@ def place_order(outbox: SqlOutbox, order_id: int, customer: str) -> str:
         return outbox.add(conn, topic="orders", key=customer, value={"id": order_id, "customer": customer})
 
 
-def traced_billing(broker: str, inbox: Any, *, topic: str = "orders", group: str = "billing",
-                   **options: Any) -> Consumer:
+def traced_billing(
+    broker: str, inbox: Any, *, topic: str = "orders", group: str = "billing", **options: Any
+) -> Consumer:
     consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox, **options)
 
     @consumer.handler

@@ -82,8 +82,10 @@ async def _amqp_read_headers(topic: str) -> Letters:
         q = await (await conn.channel()).declare_queue(topic, passive=True)
         out: Letters = []
         while (msg := await q.get(no_ack=True, fail=False)) is not None:
-            h = {k: bytes(v) if isinstance(v, (bytes, bytearray)) else str(v).encode()
-                 for k, v in (msg.headers or {}).items()}
+            h = {
+                k: bytes(v) if isinstance(v, (bytes, bytearray)) else str(v).encode()
+                for k, v in (msg.headers or {}).items()
+            }
             out.append((h[ID_HEADER].decode(), h))
         return out
     finally:
@@ -117,9 +119,12 @@ def rabbitmq_harness() -> BrokerHarness:
     from zeroloss.brokers.rabbitmq import RabbitBroker
 
     return BrokerHarness(
-        "rabbitmq", AMQP_URL, "amqp://guest:guest@127.0.0.1:5999/",
+        "rabbitmq",
+        AMQP_URL,
+        "amqp://guest:guest@127.0.0.1:5999/",
         lambda url=AMQP_URL, **kw: RabbitBroker(url, **{"timeout_s": 10.0, **kw}),
-        lambda t: amqp_run(_amqp_read(t)), lambda t: amqp_run(_amqp_drop(t)),
+        lambda t: amqp_run(_amqp_read(t)),
+        lambda t: amqp_run(_amqp_drop(t)),
         lambda t: amqp_run(_amqp_read_headers(t)),
     )
 
@@ -161,8 +166,10 @@ async def _nats_read_headers(topic: str) -> Letters:
         out: Letters = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg(name, seq)
-            h = {k: base64.b64decode(v[4:]) if v.startswith("b64:") else v.encode()
-                 for k, v in (msg.headers or {}).items()}
+            h = {
+                k: base64.b64decode(v[4:]) if v.startswith("b64:") else v.encode()
+                for k, v in (msg.headers or {}).items()
+            }
             out.append((h[ID_HEADER].decode(), h))
         return out
     finally:
@@ -187,9 +194,12 @@ def nats_harness() -> BrokerHarness:
     from zeroloss.brokers.nats import NatsBroker
 
     return BrokerHarness(
-        "nats", NATS_URL, "nats://127.0.0.1:4999",
+        "nats",
+        NATS_URL,
+        "nats://127.0.0.1:4999",
         lambda url=NATS_URL, **kw: NatsBroker(url, **{"timeout_s": 10.0, **kw}),
-        lambda t: asyncio.run(_nats_read(t)), lambda t: asyncio.run(_nats_drop(t)),
+        lambda t: asyncio.run(_nats_read(t)),
+        lambda t: asyncio.run(_nats_drop(t)),
         lambda t: asyncio.run(_nats_read_headers(t)),
     )
 
@@ -242,9 +252,13 @@ def redis_harness() -> BrokerHarness:
     from zeroloss.brokers.redis import RedisStreamBroker
 
     return BrokerHarness(
-        "redis", REDIS_URL, "redis://127.0.0.1:6999/0",
+        "redis",
+        REDIS_URL,
+        "redis://127.0.0.1:6999/0",
         lambda url=REDIS_URL, **kw: RedisStreamBroker(url, **{"timeout_s": 10.0, **kw}),
-        _redis_read, _redis_drop, _redis_read_headers,
+        _redis_read,
+        _redis_drop,
+        _redis_read_headers,
     )
 
 
@@ -270,8 +284,10 @@ def rocketmq_harness(url: str) -> BrokerHarness:
         return out
 
     def read_headers(topic: str) -> Letters:
-        return [(m.properties[ID_HEADER], {k: value_bytes(v) for k, v in m.properties.items()})
-                for m in admin.read_topic(rocketmq_topic(topic), group="zl-harness-reader")]
+        return [
+            (m.properties[ID_HEADER], {k: value_bytes(v) for k, v in m.properties.items()})
+            for m in admin.read_topic(rocketmq_topic(topic), group="zl-harness-reader")
+        ]
 
     def create(topic: str) -> None:
         admin.create_topics({rocketmq_topic(topic): "FIFO", rocketmq_topic(topic + ".dlq"): "FIFO"})
@@ -281,9 +297,14 @@ def rocketmq_harness(url: str) -> BrokerHarness:
             admin.delete_topics([rocketmq_topic(topic), rocketmq_topic(topic + ".dlq")])
 
     return BrokerHarness(
-        "rocketmq", url, "rocketmq://127.0.0.1:18999?namesrv=127.0.0.1:19998",
+        "rocketmq",
+        url,
+        "rocketmq://127.0.0.1:18999?namesrv=127.0.0.1:19998",
         lambda url=url, **kw: RocketMQBroker(url, **{"timeout_s": 10.0, **kw}),
-        read, drop, read_headers, create=create,
+        read,
+        drop,
+        read_headers,
+        create=create,
     )
 
 
@@ -296,8 +317,14 @@ def _kafka_records(bootstrap: str, topic: str) -> list[Any]:
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"harness-{topic}", "enable.auto.commit": False,
-                  "isolation.level": "read_committed"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"harness-{topic}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
 
@@ -357,14 +384,17 @@ def kafka_harness(url: str) -> BrokerHarness:
 
 
 HARNESSES: dict[str, Callable[[], BrokerHarness]] = {
-    "rabbitmq": rabbitmq_harness, "nats": nats_harness, "redis": redis_harness,
+    "rabbitmq": rabbitmq_harness,
+    "nats": nats_harness,
+    "redis": redis_harness,
 }
 # RabbitMQ, NATS, Redis and RocketMQ; Kafka's crash suites are test_relay_crash.py and test_consumer_crash.py.
 OTHER_BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in (*HARNESSES, "rocketmq")]
 BROKERS = [pytest.param("kafka", id="kafka", marks=pytest.mark.kafka_cluster), *OTHER_BROKERS]
 # Brokers whose harness needs a URL from a fixture that starts (or reuses) the broker's processes.
 FIXTURE_URLS: dict[str, Callable[[Any], str]] = {
-    "kafka": lambda cluster: str(cluster.url), "rocketmq": lambda server: str(server.zeroloss_url),
+    "kafka": lambda cluster: str(cluster.url),
+    "rocketmq": lambda server: str(server.zeroloss_url),
 }
 FIXTURES = {"kafka": "kafka_cluster", "rocketmq": "rocketmq"}
 
@@ -403,8 +433,14 @@ def kafka_letters(bootstrap: str, topic: str) -> list[tuple[str, dict[str, bytes
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
-                  "enable.auto.commit": False, "isolation.level": "read_committed"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"read-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     out: list[tuple[str, dict[str, bytes]]] = []
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions

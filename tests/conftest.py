@@ -228,9 +228,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_collection_finish(session: pytest.Session) -> None:
     if not getattr(session.config.option, "loadgroup", False):  # set on xdist workers only
         return
-    ungrouped = [item.nodeid for item in session.items
-                 if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    ungrouped = [
+        item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid
+    ]
     if ungrouped:
-        raise pytest.UsageError(f"--dist loadgroup did not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): "
-                                "tests of a shared server would run on several workers at once; "
-                                "check the pytest / pytest-xdist versions pinned in pyproject.toml")
+        raise pytest.UsageError(
+            f"--dist loadgroup did not group {len(ungrouped)} tests (e.g. {ungrouped[0]}): "
+            "tests of a shared server would run on several workers at once; "
+            "check the pytest / pytest-xdist versions pinned in pyproject.toml"
+        )

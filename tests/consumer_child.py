@@ -45,10 +45,17 @@ def main(argv: list[str]) -> int:
     effects = sa.Table(effects_table, sa.MetaData(), autoload_with=inbox.engine)
     # Ten inbox transactions per consume() batch: a kill between one's commit and the batch's
     # offset commit leaves work done but not committed to Kafka, the window the tests must hit.
-    consumer = Consumer(url, group, [topic], inbox, batch_size=100, transaction_batch=10,
-                        config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
-                        retry_delays_s=(0.2, 0.5) if retry else (),
-                        backoff_base_s=0.05 if transient else 0.2)
+    consumer = Consumer(
+        url,
+        group,
+        [topic],
+        inbox,
+        batch_size=100,
+        transaction_batch=10,
+        config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
+        retry_delays_s=(0.2, 0.5) if retry else (),
+        backoff_base_s=0.05 if transient else 0.2,
+    )
 
     @consumer.handler
     def handle(msg: Received, tx: Any) -> None:

@@ -19,8 +19,12 @@ class Deadlock:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self.rows = sa.Table(f"zl_locks_{uuid.uuid4().hex[:10]}", sa.MetaData(),
-                             sa.Column("id", sa.Integer, primary_key=True), sa.Column("v", sa.Integer))
+        self.rows = sa.Table(
+            f"zl_locks_{uuid.uuid4().hex[:10]}",
+            sa.MetaData(),
+            sa.Column("id", sa.Integer, primary_key=True),
+            sa.Column("v", sa.Integer),
+        )
         self.rows.create(engine)
         with engine.begin() as conn:
             conn.execute(self.rows.insert(), [{"id": 1, "v": 0}, {"id": 2, "v": 0}])

@@ -42,15 +42,20 @@ class Db:
 
     def counts(self) -> Counter[str]:
         with self.inbox.engine.connect() as conn:
-            return Counter(dict(conn.execute(
-                sa.select(self.effects.c.msg_id, sa.func.count()).group_by(self.effects.c.msg_id)
-            ).all()))
+            return Counter(
+                dict(
+                    conn.execute(
+                        sa.select(self.effects.c.msg_id, sa.func.count()).group_by(self.effects.c.msg_id)
+                    ).all()
+                )
+            )
 
     def order(self) -> dict[str | None, list[str]]:
         out: dict[str | None, list[str]] = {}
         with self.inbox.engine.connect() as conn:
-            for mid, key in conn.execute(sa.select(self.effects.c.msg_id, self.effects.c.msg_key)
-                                         .order_by(self.effects.c.seq)):
+            for mid, key in conn.execute(
+                sa.select(self.effects.c.msg_id, self.effects.c.msg_key).order_by(self.effects.c.seq)
+            ):
                 out.setdefault(key, []).append(mid)
         return out
 

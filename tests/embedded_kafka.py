@@ -21,5 +21,12 @@ def publish(url: str, msgs: list[Message]) -> None:
 
 
 def consumer(kafka: EmbeddedBroker, topic: str, inbox: Any, group: str | None = None, **kw: Any) -> Consumer:
-    return Consumer(kafka.url, group or f"g-{topic}", [topic], inbox,
-                    config={**FAST_GROUP, **kw.pop("config", {})}, backoff_base_s=0.01, **kw)
+    return Consumer(
+        kafka.url,
+        group or f"g-{topic}",
+        [topic],
+        inbox,
+        config={**FAST_GROUP, **kw.pop("config", {})},
+        backoff_base_s=0.01,
+        **kw,
+    )

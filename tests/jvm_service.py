@@ -53,8 +53,13 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def poll(what: str, deadline: float, check: Callable[[], T | None], interval: float = 0.2,
-         error: type[ServiceError] = ServiceError) -> T:
+def poll(
+    what: str,
+    deadline: float,
+    check: Callable[[], T | None],
+    interval: float = 0.2,
+    error: type[ServiceError] = ServiceError,
+) -> T:
     """Call ``check`` until it returns something other than None (or raises a ServiceError).
 
     Other exceptions count as "not yet" and the last one is quoted in the timeout's ``error``."""
@@ -131,8 +136,16 @@ def fetch_jars(libs: Path, pom: Path, version_setting: str, what: str, error: ty
     print(f"fetching {what} jars with Maven into {libs}", flush=True)
     scratch = libs.with_name(f"libs.partial-{os.getpid()}")
     shutil.rmtree(scratch, ignore_errors=True)
-    cmd = [mvn, "-q", "-B", "-f", str(pom), f"-D{version_setting}",
-           "dependency:copy-dependencies", f"-DoutputDirectory={scratch}"]
+    cmd = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(pom),
+        f"-D{version_setting}",
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={scratch}",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -191,8 +204,15 @@ class Jvm:
         script = f"{shlex.join(cmd)} </dev/null >>{shlex.quote(str(log))} 2>&1 & echo $!"
         with log.open("a") as out:
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {title}: {shlex.join(cmd)}\n")
-        done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
-                              start_new_session=True, check=True, cwd=self.dir)
+        done = subprocess.run(
+            ["sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            start_new_session=True,
+            check=True,
+            cwd=self.dir,
+        )
         pid = int(done.stdout.strip())
         self.pid_file.write_text(f"{pid}\n")
         # Until the forked shell has exec'd java its command line is the shell's, and pid() would

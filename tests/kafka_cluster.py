@@ -126,8 +126,11 @@ class KafkaCluster:
         self.nodes = {
             i: Node(i, first + n, first_controller + n, self.dir / f"node-{i}") for n, i in enumerate(NODE_IDS)
         }
-        refuse_ephemeral_ports([p for n in self.nodes.values() for p in (n.port, n.controller_port)],
-                               "ZEROLOSS_KAFKA_PORT, ZEROLOSS_KAFKA_CONTROLLER_PORT", ClusterError)
+        refuse_ephemeral_ports(
+            [p for n in self.nodes.values() for p in (n.port, n.controller_port)],
+            "ZEROLOSS_KAFKA_PORT, ZEROLOSS_KAFKA_CONTROLLER_PORT",
+            ClusterError,
+        )
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_KAFKA_JVM_OPTS") or DEFAULT_JVM_OPTS)
         self.extra_props = dict(extra_props or {})
         self.start_timeout = float(os.environ.get("ZEROLOSS_KAFKA_START_TIMEOUT") or 180)
@@ -220,9 +223,21 @@ class KafkaCluster:
         cluster_id = id_file.read_text().strip()
         procs = []
         for node in todo:
-            cmd = [self._java(), "-Xmx128m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC",
-                   f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{self.libs}/*",
-                   "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(node.props)]
+            cmd = [
+                self._java(),
+                "-Xmx128m",
+                "-XX:TieredStopAtLevel=1",
+                "-XX:+UseSerialGC",
+                f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+                "-cp",
+                f"{self.libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(node.props),
+            ]
             # Three JVMs at once: formatting is mostly JVM start-up.
             procs.append((node, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)))
         failed = []
@@ -242,8 +257,16 @@ class KafkaCluster:
         for port in (node.port, node.controller_port):
             if port_open(port):
                 raise ClusterError(f"port {port} of node {node.id} is taken by a process that is not this node")
-        cmd = [self._java(), *self.jvm_opts, "-Djava.awt.headless=true",
-               f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{self.libs}/*", "kafka.Kafka", str(node.props)]
+        cmd = [
+            self._java(),
+            *self.jvm_opts,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "-cp",
+            f"{self.libs}/*",
+            "kafka.Kafka",
+            str(node.props),
+        ]
         node.launch(cmd, node.log, f"node {node.id}")
 
     # --- admin helpers -------------------------------------------------------------------------
@@ -269,8 +292,7 @@ class KafkaCluster:
         up = [n for n in self.nodes.values() if (pid := n.pid()) is not None and pid_state(pid) != "T"]
         if not up:
             raise ClusterError("no node is running unpaused")
-        admin = AdminClient({"bootstrap.servers": ",".join(f"127.0.0.1:{n.port}" for n in up),
-                             "logger": _rdkafka_log})  # type: ignore[dict-item]
+        admin = AdminClient({"bootstrap.servers": ",".join(f"127.0.0.1:{n.port}" for n in up), "logger": _rdkafka_log})  # type: ignore[dict-item]
         return admin.list_topics(topic=topic, timeout=timeout)
 
     def broker_ids(self, timeout: float = 5.0) -> set[int]:
@@ -339,8 +361,10 @@ class KafkaCluster:
         deadline = time.monotonic() + self.start_timeout
         down = [n for n in self.nodes.values() if n.pid() is None]
         if len(down) == len(self.nodes) and all(port_open(n.port) for n in self.nodes.values()):
-            raise ClusterError(f"ports {self.bootstrap} answer but no node runs from {self.dir}: "
-                               "another cluster (other ZEROLOSS_CACHE / ZEROLOSS_KAFKA_DIR?) holds them")
+            raise ClusterError(
+                f"ports {self.bootstrap} answer but no node runs from {self.dir}: "
+                "another cluster (other ZEROLOSS_CACHE / ZEROLOSS_KAFKA_DIR?) holds them"
+            )
         for node in down:  # before anything starts, so a clash leaves nothing to clean up
             for port in (node.port, node.controller_port):
                 if port_open(port):
@@ -372,12 +396,19 @@ class KafkaCluster:
                     if node.pid() is None:
                         raise ClusterError(f"node {node.id} exited during start-up")
                 return check()
+
             return guarded
 
-        _poll("the three client ports", deadline,
-              alive(lambda: True if all(port_open(n.port) for n in self.nodes.values()) else None))
-        _poll("3 brokers in the metadata", deadline,
-              alive(lambda: True if self.broker_ids(timeout=2) == set(self.nodes) else None))
+        _poll(
+            "the three client ports",
+            deadline,
+            alive(lambda: True if all(port_open(n.port) for n in self.nodes.values()) else None),
+        )
+        _poll(
+            "3 brokers in the metadata",
+            deadline,
+            alive(lambda: True if self.broker_ids(timeout=2) == set(self.nodes) else None),
+        )
         _poll(f"creating {CHECK_TOPIC} with RF 3", deadline, alive(self._create_check_topic), interval=0.5)
         self.wait_in_sync(CHECK_TOPIC, timeout=max(1.0, deadline - time.monotonic()))
         _poll("an idempotent acks=all produce", deadline, alive(self._idempotent_produce), interval=0.5)
@@ -415,8 +446,7 @@ class KafkaCluster:
     def _transactional_produce(self) -> bool:
         from confluent_kafka import Producer
 
-        p = Producer(self.client_config(**{"transactional.id": "zeroloss-cluster-check",
-                                            "message.timeout.ms": 15000}))
+        p = Producer(self.client_config(**{"transactional.id": "zeroloss-cluster-check", "message.timeout.ms": 15000}))
         try:
             p.init_transactions(30)
             p.begin_transaction()
@@ -466,9 +496,16 @@ class KafkaCluster:
             node = self._node(node_id)
             # A JVM's main thread shows as a zombie while its other threads still exit and hold
             # the sockets: gone means no pid *and* both ports closed.
-            _poll(f"node {node_id} to exit", time.monotonic() + timeout,
-                  lambda: True if node.pid() is None and not port_open(node.port)
-                  and not port_open(node.controller_port) else None, interval=0.05)
+            _poll(
+                f"node {node_id} to exit",
+                time.monotonic() + timeout,
+                lambda: (
+                    True
+                    if node.pid() is None and not port_open(node.port) and not port_open(node.controller_port)
+                    else None
+                ),
+                interval=0.05,
+            )
             self._node(node_id).pid_file.unlink(missing_ok=True)
 
     def pause(self, node_id: int) -> None:

@@ -21,7 +21,24 @@ def start_relay(source: str, target: str, log: Path, table: str | None) -> subpr
     env = {**os.environ}
     if table:
         env["ZEROLOSS_TABLE"] = table
-    cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", source, "--target", target,
-           "--batch-size", "100", "--lease-s", "3", "--timeout-s", "2.5", "--relay-id", "crash"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zeroloss",
+        "-v",
+        "relay",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--batch-size",
+        "100",
+        "--lease-s",
+        "3",
+        "--timeout-s",
+        "2.5",
+        "--relay-id",
+        "crash",
+    ]
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -26,8 +26,9 @@ def url(server: RocketMQServer) -> str:
 def prepare(server: RocketMQServer, topic: str, *, fifo: bool = True, retry_max_times: int = 16) -> str:
     """Create ``topic`` (FIFO: per-key order), its NORMAL dead-letter topic and the group
     ``g-<topic>``; return the group's name."""
-    server.create_topics({rocketmq_topic(topic): "FIFO" if fifo else "NORMAL",
-                          rocketmq_topic(topic + ".dlq"): "NORMAL"})
+    server.create_topics(
+        {rocketmq_topic(topic): "FIFO" if fifo else "NORMAL", rocketmq_topic(topic + ".dlq"): "NORMAL"}
+    )
     group = f"g-{topic}"
     server.create_group(group, fifo=fifo, retry_max_times=retry_max_times)
     return group

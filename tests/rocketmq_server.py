@@ -171,14 +171,22 @@ class RocketMQServer:
         self.broker_port = broker_port or env_int("ZEROLOSS_ROCKETMQ_BROKER_PORT", 10911)
         self.proxy_port = proxy_port or env_int("ZEROLOSS_ROCKETMQ_PROXY_PORT", 18081)
         # The broker's "fast" (VIP) port is listenPort - 2 and its HA port listenPort + 1.
-        broker_ports = (self.broker_port, self.broker_port - 2, self.broker_port + 1,
-                        self.proxy_port, self.proxy_remoting_port)
+        broker_ports = (
+            self.broker_port,
+            self.broker_port - 2,
+            self.broker_port + 1,
+            self.proxy_port,
+            self.proxy_remoting_port,
+        )
         self.processes = {
             "namesrv": Process("namesrv", self.dir / "namesrv", (self.namesrv_port,), (self.namesrv_port,)),
             "broker": Process("broker", self.dir / "broker", broker_ports, (self.broker_port, self.proxy_port)),
         }
-        refuse_ephemeral_ports([p for proc in self.processes.values() for p in proc.ports],
-                               "ZEROLOSS_ROCKETMQ_NAMESRV_PORT, _BROKER_PORT, _PROXY_PORT", ServerError)
+        refuse_ephemeral_ports(
+            [p for proc in self.processes.values() for p in proc.ports],
+            "ZEROLOSS_ROCKETMQ_NAMESRV_PORT, _BROKER_PORT, _PROXY_PORT",
+            ServerError,
+        )
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_ROCKETMQ_JVM_OPTS") or DEFAULT_JVM_OPTS)
         self.broker_props = dict(broker_props or {})
         self.proxy_props = dict(proxy_props or {})
@@ -227,8 +235,9 @@ class RocketMQServer:
     def fetch_jars(self) -> None:
         """Copy the name server's, broker's, proxy's and admin tool's jars from Maven into the cache, once."""
         if not self._jars_cached():
-            fetch_jars(self.libs, POM, f"rocketmq.version={self.version}", f"Apache RocketMQ {self.version}",
-                       ServerError)
+            fetch_jars(
+                self.libs, POM, f"rocketmq.version={self.version}", f"Apache RocketMQ {self.version}", ServerError
+            )
 
     # --- configuration -------------------------------------------------------------------------
     def _namesrv_properties(self) -> str:
@@ -308,15 +317,33 @@ class RocketMQServer:
         """java and its options for ``role`` (namesrv, broker, admin), with ``home`` as user.home:
         RocketMQ puts logs and stray files under ~ (~/logs/rocketmqlogs, ~/store)."""
         heap = [] if any(o.startswith("-Xmx") for o in self.jvm_opts) else shlex.split(HEAPS[role])
-        return [self._java(), *heap, *self.jvm_opts, "-Djava.awt.headless=true",
-                f"-Duser.home={home}", f"-Drocketmq.home.dir={self.dir}",
-                f"-Drmq.logback.configurationFile={LOGBACK_CONFIG}", "-cp", f"{self.libs}/*"]
+        return [
+            self._java(),
+            *heap,
+            *self.jvm_opts,
+            "-Djava.awt.headless=true",
+            f"-Duser.home={home}",
+            f"-Drocketmq.home.dir={self.dir}",
+            f"-Drmq.logback.configurationFile={LOGBACK_CONFIG}",
+            "-cp",
+            f"{self.libs}/*",
+        ]
 
     def _command(self, proc: Process) -> list[str]:
         if proc.name == "namesrv":
             return [*self._jvm("namesrv", proc.dir), MAIN_CLASS["namesrv"], "-c", str(proc.config)]
-        return [*self._jvm("broker", proc.dir), MAIN_CLASS["broker"], "-pm", "local",
-                "-bc", str(proc.config), "-pc", str(proc.dir / "rmq-proxy.json"), "-n", self.namesrv_addr]
+        return [
+            *self._jvm("broker", proc.dir),
+            MAIN_CLASS["broker"],
+            "-pm",
+            "local",
+            "-bc",
+            str(proc.config),
+            "-pc",
+            str(proc.dir / "rmq-proxy.json"),
+            "-n",
+            self.namesrv_addr,
+        ]
 
     def _write_configs(self) -> None:
         for proc in self.processes.values():
@@ -340,8 +367,9 @@ class RocketMQServer:
         """The remoting-protocol admin client on this server's name server (what zeroloss itself uses)."""
         return RocketMQAdmin(self.namesrv_addr)
 
-    def remoting(self, port: int, code: int, fields: Mapping[str, str] | None = None, body: bytes = b"",
-                 timeout: float = 10.0) -> tuple[dict[str, Any], bytes]:
+    def remoting(
+        self, port: int, code: int, fields: Mapping[str, str] | None = None, body: bytes = b"", timeout: float = 10.0
+    ) -> tuple[dict[str, Any], bytes]:
         """One request in RocketMQ's own remoting protocol (what mqadmin speaks), JSON headers, to the
         broker's or name server's port: (response header, response body). Milliseconds, where
         mqadmin takes a JVM start and 3-4 s per command."""
@@ -394,8 +422,16 @@ class RocketMQServer:
         home = self.dir / "admin"
         home.mkdir(parents=True, exist_ok=True)
         jvm = self._jvm("admin", home)
-        cmd = [*jvm[:-2], "-Dzeroloss.rocketmq.log.level=ERROR", "-Dzeroloss.rocketmq.log.target=System.err",
-               *jvm[-2:], "org.apache.rocketmq.tools.command.MQAdminStartup", *args, "-n", self.namesrv_addr]
+        cmd = [
+            *jvm[:-2],
+            "-Dzeroloss.rocketmq.log.level=ERROR",
+            "-Dzeroloss.rocketmq.log.target=System.err",
+            *jvm[-2:],
+            "org.apache.rocketmq.tools.command.MQAdminStartup",
+            *args,
+            "-n",
+            self.namesrv_addr,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=home)
         out = done.stdout + done.stderr
         if done.returncode != 0 or "Exception" in out or out.startswith("usage: mqadmin"):
@@ -422,8 +458,9 @@ class RocketMQServer:
             producer.send(msg)
         finally:
             producer.shutdown()
-        consumer = SimpleConsumer(self.client_config(), CHECK_GROUP, {CHECK_TOPIC: FilterExpression()},
-                                  await_duration=2)
+        consumer = SimpleConsumer(
+            self.client_config(), CHECK_GROUP, {CHECK_TOPIC: FilterExpression()}, await_duration=2
+        )
         consumer.startup()
         try:
             while time.monotonic() < deadline:
@@ -455,8 +492,10 @@ class RocketMQServer:
         for proc in down:  # before anything starts, so a clash leaves nothing to clean up
             for port in proc.ports:
                 if port_open(port):
-                    raise ServerError(f"port {port} of the {proc.name} is taken by a process that is not this "
-                                      f"server's (another ZEROLOSS_CACHE / ZEROLOSS_ROCKETMQ_DIR?)")
+                    raise ServerError(
+                        f"port {port} of the {proc.name} is taken by a process that is not this "
+                        f"server's (another ZEROLOSS_CACHE / ZEROLOSS_ROCKETMQ_DIR?)"
+                    )
         self.fetch_jars()
         if down:
             self._write_configs()
@@ -491,6 +530,7 @@ class RocketMQServer:
                     if proc.pid() is None:
                         raise ServerError(f"the {proc.name} exited during start-up")
                 return check()
+
             return guarded
 
         def check_topic_and_group() -> bool:
@@ -499,10 +539,18 @@ class RocketMQServer:
             return True
 
         _poll("the broker to register with the name server", deadline, alive(self._register), interval=0.2)
-        _poll("creating the check topic and group (and a route to it)", deadline, alive(check_topic_and_group),
-              interval=0.5)
-        _poll("a send and receive through the gRPC proxy", deadline,
-              alive(lambda: self._round_trip(deadline)), interval=0.5)
+        _poll(
+            "creating the check topic and group (and a route to it)",
+            deadline,
+            alive(check_topic_and_group),
+            interval=0.5,
+        )
+        _poll(
+            "a send and receive through the gRPC proxy",
+            deadline,
+            alive(lambda: self._round_trip(deadline)),
+            interval=0.5,
+        )
 
     def stop(self, wipe: bool = False, timeout: float = 30.0) -> list[str]:
         """Stop both JVMs (SIGTERM, then SIGKILL after ``timeout``), the broker first; ``wipe``
@@ -529,8 +577,12 @@ class RocketMQServer:
         proc = self._process(name)
         os.kill(self.pid(name), sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):
-            _poll(f"the {name} to exit", time.monotonic() + timeout,
-                  lambda: True if proc.pid() is None and proc.closed() else None, interval=0.05)
+            _poll(
+                f"the {name} to exit",
+                time.monotonic() + timeout,
+                lambda: True if proc.pid() is None and proc.closed() else None,
+                interval=0.05,
+            )
             proc.pid_file.unlink(missing_ok=True)
 
     def pause(self, name: str = "broker") -> None:
@@ -552,21 +604,22 @@ class RocketMQServer:
             # Either process restarted: the name server must list the broker again (a new name
             # server knows nothing; a killed broker's old entry lasts 2 minutes, so check anew).
             _poll("the broker to register with the name server", deadline, self._register, interval=0.2)
-            _poll("a send and receive through the gRPC proxy", deadline,
-                  lambda: self._round_trip(deadline), interval=0.5)
+            _poll(
+                "a send and receive through the gRPC proxy", deadline, lambda: self._round_trip(deadline), interval=0.5
+            )
         except ServerError as e:
             raise ServerError(f"{e}\n{self.log_tails([name])}") from None
 
     # --- reporting -------------------------------------------------------------------------------
     def log_tails(self, names: Iterable[str] | None = None, lines: int = 25) -> str:
         chosen = list(names) if names is not None else list(self.processes)
-        return "\n".join(f"--- {n}: tail of {self.processes[n].log}\n{tail(self.processes[n].log, lines)}"
-                         for n in chosen)
+        return "\n".join(
+            f"--- {n}: tail of {self.processes[n].log}\n{tail(self.processes[n].log, lines)}" for n in chosen
+        )
 
     def rss_kib(self) -> dict[str, int | None]:
         """Resident memory of each running JVM, in KiB."""
-        return {name: (rss_kib(pid) if (pid := p.pid()) is not None else None)
-                for name, p in self.processes.items()}
+        return {name: (rss_kib(pid) if (pid := p.pid()) is not None else None) for name, p in self.processes.items()}
 
     def status(self) -> str:
         running = self.running()
@@ -585,10 +638,12 @@ class RocketMQServer:
 def try_it(server: RocketMQServer) -> str:
     """What ``make rocketmq`` prints after starting: the zeroloss URL and the demo on it (quoted: the
     ``?`` is a glob character to zsh)."""
-    return (f"zeroloss target: {server.zeroloss_url}\n"
-            f"try it:          .venv/bin/zeroloss demo --target '{server.zeroloss_url}'  (or make demo-rocketmq)\n"
-            f"                 (outbox -> relay, SIGKILLed once -> RocketMQ -> consumer with inbox; "
-            f"prints lost 0, double effects 0)")
+    return (
+        f"zeroloss target: {server.zeroloss_url}\n"
+        f"try it:          .venv/bin/zeroloss demo --target '{server.zeroloss_url}'  (or make demo-rocketmq)\n"
+        f"                 (outbox -> relay, SIGKILLed once -> RocketMQ -> consumer with inbox; "
+        f"prints lost 0, double effects 0)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,8 +95,10 @@ def test_records_without_a_usable_position_are_missing_with_the_reason(kafka: Em
     store.succeed([Delivered(a, ""), Delivered(b, f"{b.topic}/0/5")])
     code, doc = audit("--source", url, "--target", kafka.url, "--since-s", "3600")
     assert code == 1
-    assert doc["broker"]["missing"] == {ids[0]: "no broker position recorded ('')",
-                                        ids[1]: f"topic {b.topic} does not exist on the broker"}
+    assert doc["broker"]["missing"] == {
+        ids[0]: "no broker position recorded ('')",
+        ids[1]: f"topic {b.topic} does not exist on the broker",
+    }
     store.close()
 
 
@@ -143,8 +145,18 @@ def test_audit_needs_somewhere_to_look(tmp_path: Path) -> None:
 def test_an_unreachable_broker_is_an_error_even_with_nothing_to_check(tmp_path: Path) -> None:
     """An empty ledger against a broker that does not answer must not read as "0 missing, fine"."""
     assert CliRunner().invoke(main, ["init", "--source", f"spool://{tmp_path / 's'}"]).exit_code == 0
-    result = CliRunner().invoke(main, ["audit", "--source", f"spool://{tmp_path / 's'}", "--target",
-                                       f"kafka://127.0.0.1:{free_port()}", "--timeout-s", "3"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "audit",
+            "--source",
+            f"spool://{tmp_path / 's'}",
+            "--target",
+            f"kafka://127.0.0.1:{free_port()}",
+            "--timeout-s",
+            "3",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "cannot read the broker's metadata" in result.output
 

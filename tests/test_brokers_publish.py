@@ -54,8 +54,7 @@ def test_a_failure_holds_the_rest_of_its_key_and_nothing_else() -> None:
         return Outcome(m, Status.RETRY if m.value == b"2" else Status.DELIVERED)
 
     out = asyncio.run(publish_in_waves(ms, send, time.monotonic() + 30))  # asyncio's clock is monotonic
-    assert [o.status for o in out] == [Status.DELIVERED, Status.DELIVERED, Status.RETRY, Status.DELIVERED,
-                                       Status.HELD]
+    assert [o.status for o in out] == [Status.DELIVERED, Status.DELIVERED, Status.RETRY, Status.DELIVERED, Status.HELD]
     assert b"4" not in sent  # never even sent
 
 
@@ -86,8 +85,12 @@ def test_the_registry_opens_each_scheme_without_connecting() -> None:
     from zeroloss.brokers.redis import RedisStreamBroker
     from zeroloss.brokers.rocketmq import RocketMQBroker
 
-    for url, cls in (("amqp://u:p@127.0.0.1:1/", RabbitBroker), ("nats://127.0.0.1:1", NatsBroker),
-                     ("redis://127.0.0.1:1/0", RedisStreamBroker), ("rocketmq://127.0.0.1:1", RocketMQBroker)):
+    for url, cls in (
+        ("amqp://u:p@127.0.0.1:1/", RabbitBroker),
+        ("nats://127.0.0.1:1", NatsBroker),
+        ("redis://127.0.0.1:1/0", RedisStreamBroker),
+        ("rocketmq://127.0.0.1:1", RocketMQBroker),
+    ):
         b = open_broker(url, timeout_s=1)
         try:
             assert isinstance(b, cls) and isinstance(b, Broker)
@@ -121,8 +124,12 @@ def test_relay_delivers_everything_in_key_order(outbox: OutboxHarness, target: B
 
 def test_a_batch_reports_every_message_with_a_location(target: BrokerHarness) -> None:
     topic = topic_for(target)
-    msgs = [new_message(topic, b"v%d" % i, key=None if i % 5 == 0 else b"k%d" % (i % 3),
-                        headers={"h": b"\x00\xff", "t": b"text"}) for i in range(200)]
+    msgs = [
+        new_message(
+            topic, b"v%d" % i, key=None if i % 5 == 0 else b"k%d" % (i % 3), headers={"h": b"\x00\xff", "t": b"text"}
+        )
+        for i in range(200)
+    ]
     broker = target.make()
     try:
         assert isinstance(broker, Broker)
@@ -219,8 +226,13 @@ def test_rabbitmq_topology_conflict_is_rejected_and_declares_quorum_queues_with_
         asyncio.run(classic_queue())
         broker = h.make()
         try:
-            out = broker.publish([new_message(clash, b"x", key=b"A"), new_message(clash, b"y", key=b"A"),
-                                  new_message(fine, b"z", key=b"A")])
+            out = broker.publish(
+                [
+                    new_message(clash, b"x", key=b"A"),
+                    new_message(clash, b"y", key=b"A"),
+                    new_message(fine, b"z", key=b"A"),
+                ]
+            )
         finally:
             broker.close()
         assert out[0].status is Status.REJECTED and "topology conflict" in (out[0].error or "")
@@ -295,8 +307,13 @@ def test_nats_subject_owned_by_another_stream_is_rejected() -> None:
         try:
             broker = h.make()
             try:
-                out = broker.publish([new_message(base + ".x", b"a", key=b"A"), new_message(base, b"b", key=b"A"),
-                                      new_message(base, b"c", key=b"B")])
+                out = broker.publish(
+                    [
+                        new_message(base + ".x", b"a", key=b"A"),
+                        new_message(base, b"b", key=b"A"),
+                        new_message(base, b"c", key=b"B"),
+                    ]
+                )
             finally:
                 broker.close()
         finally:
@@ -316,8 +333,13 @@ def test_redis_key_of_another_type_is_rejected_and_its_key_held() -> None:
             r.set(clash, b"not a stream")
             broker = h.make()
             try:
-                out = broker.publish([new_message(clash, b"a", key=b"A"), new_message(fine, b"b", key=b"A"),
-                                      new_message(fine, b"c", key=b"B")])
+                out = broker.publish(
+                    [
+                        new_message(clash, b"a", key=b"A"),
+                        new_message(fine, b"b", key=b"A"),
+                        new_message(fine, b"c", key=b"B"),
+                    ]
+                )
             finally:
                 broker.close()
         finally:
@@ -360,8 +382,16 @@ def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_at
         topic = topic_for(h)
         leader = 1
         follower = 2
-        kafka_cluster.admin().create_topics([NewTopic(topic, num_partitions=1, replica_assignment=[[leader, follower]],
-                                                      config={"min.insync.replicas": "2"})])[topic].result(30)
+        kafka_cluster.admin().create_topics(
+            [
+                NewTopic(
+                    topic,
+                    num_partitions=1,
+                    replica_assignment=[[leader, follower]],
+                    config={"min.insync.replicas": "2"},
+                )
+            ]
+        )[topic].result(30)
         mid = outbox.add(topic=topic, value=b"v", key=b"k")
         kafka_cluster.kill(follower)
         try:
@@ -406,9 +436,13 @@ def test_rocketmq_urls_name_the_proxy_the_name_server_and_credentials() -> None:
     u = check_url("rocketmq://ak:s%2Fk@mq.example")  # RocketMQ's default ports: proxy 8081, name server 9876
     assert (u.endpoint, u.namesrv, u.access_key, u.secret_key) == ("mq.example:8081", "mq.example:9876", "ak", "s/k")
     assert check_url("rocketmq://h:1?namesrv=a:1;b:2&cluster=C").cluster == "C"
-    for bad, why in (("kafka://h:1", "not a RocketMQ URL"), ("rocketmq://h:1?queues=3", "unknown setting"),
-                     ("rocketmq://h:1?namesrv=a:b", "HOST:PORT"), ("rocketmq://:1", "no proxy host"),
-                     ("rocketmq://h:x", "bad port")):
+    for bad, why in (
+        ("kafka://h:1", "not a RocketMQ URL"),
+        ("rocketmq://h:1?queues=3", "unknown setting"),
+        ("rocketmq://h:1?namesrv=a:b", "HOST:PORT"),
+        ("rocketmq://:1", "no proxy host"),
+        ("rocketmq://h:x", "bad port"),
+    ):
         with pytest.raises(ConfigError, match=why):
             check_url(bad)
     assert rocketmq_topic("orders.dlq") == "orders_dlq"  # RocketMQ allows no '.' in a topic name
@@ -434,11 +468,13 @@ def test_rocketmq_what_is_not_send_ok_is_never_delivered() -> None:
     b = RocketMQBroker("rocketmq://127.0.0.1:1", timeout_s=3)
     m = new_message("t", b"v", key=b"k")
     try:
-        for exc, name in ((ProxyTimeoutException("flush", 50401), "FLUSH_DISK_TIMEOUT"),
-                          (ProxyTimeoutException("slave", 50402), "FLUSH_SLAVE_TIMEOUT"),
-                          (InternalErrorException("ha", 50002), "SLAVE_NOT_AVAILABLE"),
-                          (TooManyRequestsException("busy", 42900), "TOO_MANY_REQUESTS"),
-                          (OSError("reset"), "reset")):
+        for exc, name in (
+            (ProxyTimeoutException("flush", 50401), "FLUSH_DISK_TIMEOUT"),
+            (ProxyTimeoutException("slave", 50402), "FLUSH_SLAVE_TIMEOUT"),
+            (InternalErrorException("ha", 50002), "SLAVE_NOT_AVAILABLE"),
+            (TooManyRequestsException("busy", 42900), "TOO_MANY_REQUESTS"),
+            (OSError("reset"), "reset"),
+        ):
             with pytest.raises(BrokerWide, match=name):
                 b._failed(m, exc)
         assert b._failed(m, BadRequestException("bad property", 40015)).status is Status.REJECTED
@@ -457,17 +493,31 @@ def test_rocketmq_refusals_hold_only_their_key(rocketmq: Any) -> None:
         tx = unique_topic("tx")
         h.topics.append(tx)
         rocketmq.create_topic(tx, "TRANSACTION")
-        msgs = [new_message(missing, b"a", key=b"A"), new_message(fine, b"a2", key=b"A"),
-                new_message(fine, b"", key=b"B"), new_message(fine, b"b2", key=b"B"),
-                new_message("x" * 200, b"c", key=b"C"), new_message(tx, b"d", key=b"D"),
-                new_message(fine, b"e", key=b"E"), new_message(fine, b"f", key=None, headers={"h": b""})]
+        msgs = [
+            new_message(missing, b"a", key=b"A"),
+            new_message(fine, b"a2", key=b"A"),
+            new_message(fine, b"", key=b"B"),
+            new_message(fine, b"b2", key=b"B"),
+            new_message("x" * 200, b"c", key=b"C"),
+            new_message(tx, b"d", key=b"D"),
+            new_message(fine, b"e", key=b"E"),
+            new_message(fine, b"f", key=None, headers={"h": b""}),
+        ]
         broker = h.make()
         try:
             out = broker.publish(msgs)
         finally:
             broker.close()
-        assert [o.status for o in out] == [Status.RETRY, Status.HELD, Status.REJECTED, Status.HELD, Status.REJECTED,
-                                           Status.REJECTED, Status.DELIVERED, Status.DELIVERED]
+        assert [o.status for o in out] == [
+            Status.RETRY,
+            Status.HELD,
+            Status.REJECTED,
+            Status.HELD,
+            Status.REJECTED,
+            Status.REJECTED,
+            Status.DELIVERED,
+            Status.DELIVERED,
+        ]
         assert "does not exist" in (out[0].error or "") and "zeroloss init" in (out[0].error or "")
         assert "empty body" in (out[2].error or "")
         assert "cannot be a RocketMQ topic" in (out[4].error or "")
@@ -478,8 +528,9 @@ def test_rocketmq_refusals_hold_only_their_key(rocketmq: Any) -> None:
 
 
 @pytest.mark.rocketmq
-def test_rocketmq_a_normal_topic_takes_keyed_messages_without_order(rocketmq: Any,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_rocketmq_a_normal_topic_takes_keyed_messages_without_order(
+    rocketmq: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     with harness("rocketmq", rocketmq.zeroloss_url) as h:
         topic = unique_topic("normal")
         h.topics.append(topic)
@@ -563,9 +614,12 @@ def test_rocketmq_a_reserved_property_is_rejected_and_any_key_becomes_a_group(ro
     with harness("rocketmq", rocketmq.zeroloss_url) as h:
         topic = topic_for(h, "props")
         long_key = b"a key with spaces " * 10
-        msgs = [new_message(topic, b"a", key=b"A", headers={"KEYS": b"x"}),
-                new_message(topic, b"b", key=long_key), new_message(topic, b"c", key=long_key),
-                new_message(topic, b"d", key=b"\x00\xff")]
+        msgs = [
+            new_message(topic, b"a", key=b"A", headers={"KEYS": b"x"}),
+            new_message(topic, b"b", key=long_key),
+            new_message(topic, b"c", key=long_key),
+            new_message(topic, b"d", key=b"\x00\xff"),
+        ]
         broker = h.make()
         try:
             out = broker.publish(msgs)

@@ -92,8 +92,14 @@ def test_a_broker_wide_failure_half_way_keeps_what_was_acknowledged() -> None:
 
     out = asyncio.run(publish_in_waves(ms, send, time.monotonic() + 30))
     # wave 1 (2, 3): 3 was acknowledged alongside the failure and counts; wave 2 is never sent
-    assert [o.status for o in out] == [Status.DELIVERED, Status.DELIVERED, Status.UNDECIDED, Status.DELIVERED,
-                                       Status.UNDECIDED, Status.UNDECIDED]
+    assert [o.status for o in out] == [
+        Status.DELIVERED,
+        Status.DELIVERED,
+        Status.UNDECIDED,
+        Status.DELIVERED,
+        Status.UNDECIDED,
+        Status.UNDECIDED,
+    ]
     assert "connection lost" in (out[2].error or "")
 
 
@@ -134,8 +140,10 @@ def test_a_hot_key_slower_than_the_timeout_moves_forward_every_batch(outbox: Out
         finally:
             broker.close()
         copies = [mid for mid, _ in h.read(topic)]
-    print(f"\n{name}: {n} delivered; delivered before each batch: {progress}, "
-          f"{len(copies)} copies, {relay.counters.undecided} undecided, {relay.counters.broker_errors} outages")
+    print(
+        f"\n{name}: {n} delivered; delivered before each batch: {progress}, "
+        f"{len(copies)} copies, {relay.counters.undecided} undecided, {relay.counters.broker_errors} outages"
+    )
     assert relay.counters.delivered == n and relay.counters.failed == 0
     assert first_copies(copies) == ids  # every one, in key order, to a consumer that drops copies
     assert len(copies) <= 2 * n  # before the fix: unbounded (2,033 copies of 600 were seen)

@@ -30,8 +30,9 @@ def run(*args: str) -> tuple[int, str]:
         (["broker", "--storage", "foo://bar"], "use memory://tansu/"),
     ],
 )
-def test_bad_urls_exit_2_and_say_what_to_fix(args: list[str], needle: str, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_urls_exit_2_and_say_what_to_fix(
+    args: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out = run(*args)
     assert code == 2, out
@@ -56,8 +57,9 @@ def test_relay_timings_that_cannot_work_are_refused_before_anything_starts(
     """A negative backoff is a hot loop; a lease shorter than the publish timeout lets a second
     relay claim a batch that may still be delivered. Nothing is created: no outbox file."""
     db = tmp_path / "never.db"
-    result = CliRunner().invoke(main, ["relay", "--source", f"sqlite:///{db}", "--target", "kafka://127.0.0.1:1",
-                                       *args], env=env)
+    result = CliRunner().invoke(
+        main, ["relay", "--source", f"sqlite:///{db}", "--target", "kafka://127.0.0.1:1", *args], env=env
+    )
     assert result.exit_code == 2, result.output
     assert needle in result.output
     assert not db.exists()
@@ -85,8 +87,11 @@ def test_status_on_a_spool_shows_disk_space(tmp_path: Path) -> None:
     assert "pending" in out and "disk free" in out
 
 
-@pytest.mark.parametrize("command", [["status"], ["relay", "--target", "kafka://127.0.0.1:1", "--drain"],
-                                     ["failed", "list"]], ids=["status", "relay", "failed-list"])
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["relay", "--target", "kafka://127.0.0.1:1", "--drain"], ["failed", "list"]],
+    ids=["status", "relay", "failed-list"],
+)
 def test_only_init_makes_a_spool_and_a_file_is_no_spool(command: list[str], tmp_path: Path) -> None:
     """A typo in a spool path must not become an empty spool that reports 'ok'."""
     where = tmp_path / "no" / "such" / "spool"
@@ -129,8 +134,18 @@ def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_fo
     from tests.conftest import require_service
 
     require_service("postgres")
-    result = CliRunner().invoke(main, ["relay", "--source", "postgresql://nobody@127.0.0.1:5432/test",
-                                       "--target", "kafka://127.0.0.1:1", "--timeout-s", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "relay",
+            "--source",
+            "postgresql://nobody@127.0.0.1:5432/test",
+            "--target",
+            "kafka://127.0.0.1:1",
+            "--timeout-s",
+            "1",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert 'role "nobody" does not exist' in result.output and "waiting will not fix this" in result.output
 
@@ -178,8 +193,12 @@ def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path,
         db.execute("CREATE TABLE spool_txids (txid TEXT PRIMARY KEY)")
         db.execute("INSERT INTO spool_txids VALUES ('tx-commit')")
     if how == "sql":  # a row or none: committed or rolled back, nothing in between
-        opts = ["--resolver-sql", "SELECT 1 FROM spool_txids WHERE txid = :txid",
-                "--resolver-db", f"sqlite:///{app_db}"]
+        opts = [
+            "--resolver-sql",
+            "SELECT 1 FROM spool_txids WHERE txid = :txid",
+            "--resolver-db",
+            f"sqlite:///{app_db}",
+        ]
         expected = {"tx-commit": "success"}
     else:
         script = tmp_path / "resolve.py"
@@ -194,9 +213,21 @@ def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path,
         opts = ["--resolver-command", f"{sys.executable} {script}"]
         expected = {"tx-commit": "success", "tx-unknown": "doubt", "tx-broken": "tmp"}
     proc = subprocess.run(
-        [sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{root}", "--target",
-         kafka.url, "--drain", *opts],  # type: ignore[attr-defined]
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            f"spool://{root}",
+            "--target",
+            kafka.url,  # type: ignore[attr-defined]
+            "--drain",
+            *opts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert _states(root) == expected, proc.stderr
@@ -216,8 +247,9 @@ def test_relay_settles_a_crashed_spool_with_a_resolver(how: str, tmp_path: Path,
     ],
     ids=["sql-source", "sql-without-db", "no-txid", "no-command", "both"],
 )
-def test_resolver_options_that_cannot_work_exit_2(source: str, opts: list[str], needle: str, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolver_options_that_cannot_work_exit_2(
+    source: str, opts: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     if source == "spool":
         assert run("init", "--source", f"spool://{tmp_path / 's'}")[0] == 0
@@ -239,8 +271,19 @@ def test_tmp_grace_keeps_a_running_transaction_from_its_resolver(tmp_path: Path,
         os.utime(root / "tmp" / name, (time.time() - 120, time.time() - 120))  # two minutes in
     script = tmp_path / "resolve.py"
     script.write_text("print('rolled-back')\n")  # what a resolver says of a transaction still open
-    base = [sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{root}", "--target",
-            kafka.url, "--drain", "--resolver-command", f"{sys.executable} {script}"]  # type: ignore[attr-defined]
+    base = [
+        sys.executable,
+        "-m",
+        "zeroloss",
+        "relay",
+        "--source",
+        f"spool://{root}",
+        "--target",
+        kafka.url,  # type: ignore[attr-defined]
+        "--drain",
+        "--resolver-command",
+        f"{sys.executable} {script}",
+    ]
     kept = subprocess.run([*base, "--tmp-grace-s", "600"], capture_output=True, text=True, timeout=120)
     assert kept.returncode == 0, kept.stderr
     assert _states(root) == {"tx-long": "tmp"}
@@ -257,8 +300,21 @@ def test_a_relay_to_kafka_batches_2000_unless_told(opts: list[str], batch: int, 
     source = f"sqlite:///{tmp_path / 'outbox.db'}"
     assert run("init", "--source", source)[0] == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "zeroloss", "relay", "--source", source, "--target", kafka.url,  # type: ignore[attr-defined]
-         "--drain", *opts], capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            source,
+            "--target",
+            kafka.url,  # type: ignore[attr-defined]
+            "--drain",
+            *opts,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     start = next(line for line in proc.stderr.splitlines() if "relay started" in line)

@@ -38,9 +38,20 @@ def test_list_show_replay_and_bad_input(kafka: EmbeddedBroker) -> None:
     ids = [uuid7(), uuid7()]
     pub = DeadLetterPublisher(kafka.url)
     for n, mid in enumerate(ids):
-        pub.publish(dead_letter(message_id=mid, topic=topic, partition=0, offset=n, key=b"k", value=b"v%d" % n,
-                                headers=(("trace", b"t"),), error=ValueError("bad total"), attempts=5,
-                                first_failure=time.time()))
+        pub.publish(
+            dead_letter(
+                message_id=mid,
+                topic=topic,
+                partition=0,
+                offset=n,
+                key=b"k",
+                value=b"v%d" % n,
+                headers=(("trace", b"t"),),
+                error=ValueError("bad total"),
+                attempts=5,
+                first_failure=time.time(),
+            )
+        )
     pub.close()
     run = CliRunner().invoke
 
@@ -77,8 +88,20 @@ def test_a_slow_leader_delays_the_list_but_never_shortens_it(kafka: Any) -> None
     pub = DeadLetterPublisher(kafka.url)
     ids = [uuid7() for _ in range(5)]
     for n, mid in enumerate(ids):
-        pub.publish(dead_letter(message_id=mid, topic=topic, partition=0, offset=n, key=b"k", value=b"v",
-                                headers=(), error=ValueError("x"), attempts=1, first_failure=time.time()))
+        pub.publish(
+            dead_letter(
+                message_id=mid,
+                topic=topic,
+                partition=0,
+                offset=n,
+                key=b"k",
+                value=b"v",
+                headers=(),
+                error=ValueError("x"),
+                attempts=1,
+                first_failure=time.time(),
+            )
+        )
     pub.close()
     leader = kafka.leader_of(f"{topic}.dlq", 0)
     got: list[list[str]] = []
@@ -102,6 +125,7 @@ def test_a_topic_that_does_not_exist_is_bad_usage_not_zero_dead_letters(kafka: A
     assert typo.exit_code == 2 and "no topic" in typo.output and "check the name" in typo.output
     topic = unique_topic("orders")  # exists, has never dead-lettered anything: an honest zero
     kafka.admin().create_topics([NewTopic(topic, 1, 3)])[topic].result(30)
+
     # A topic just created reaches the other brokers' metadata a moment later: until then the one
     # that answers says "no topic" (it did in a CI check), so ask until the cluster agrees.
     def listed() -> Any:
@@ -136,8 +160,16 @@ def test_dead_letters_on_nats_and_redis_are_listed_shown_and_replayed_once(name:
         broken = True
 
         def consume() -> Consumer:
-            c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=dict(CONSUMER_CONFIG[name]),
-                         max_attempts=2, backoff_base_s=0.01, poll_s=0.2)
+            c = Consumer(
+                h.url,
+                f"g-{topic}",
+                [topic],
+                db.inbox,
+                config=dict(CONSUMER_CONFIG[name]),
+                max_attempts=2,
+                backoff_base_s=0.01,
+                poll_s=0.2,
+            )
 
             @c.handler
             def handle(msg: Any, tx: Any) -> None:

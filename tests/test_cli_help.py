@@ -36,8 +36,12 @@ def _help_line(name: str, cmd: click.Command, opt: click.Option) -> str:
     """The option's line as ``name --help`` prints it (one context per level, as click makes them)."""
     ctx: click.Context | None = None
     for part in name.split(" "):
-        ctx = click.Context(cmd if part == name.split(" ")[-1] else main, info_name=part, parent=ctx,
-                            auto_envvar_prefix="ZEROLOSS" if ctx is None else None)
+        ctx = click.Context(
+            cmd if part == name.split(" ")[-1] else main,
+            info_name=part,
+            parent=ctx,
+            auto_envvar_prefix="ZEROLOSS" if ctx is None else None,
+        )
     assert ctx is not None
     record = opt.get_help_record(ctx)
     assert record is not None, (name, opt.opts)
@@ -64,11 +68,15 @@ def test_the_environment_variable_shown_is_the_one_read(tmp_path: Path) -> None:
     spool.close()
     help_text = CliRunner().invoke(main, ["failed", "list", "--help"]).output
     assert "ZEROLOSS_FAILED_LIST_LIMIT" in help_text and "ZEROLOSS_FAILED_LIST_JSON" in help_text
-    out = CliRunner().invoke(main, ["failed", "list", "--source", f"spool://{tmp_path / 'spool'}"],
-                             env={"ZEROLOSS_FAILED_LIST_JSON": "1"})
+    out = CliRunner().invoke(
+        main, ["failed", "list", "--source", f"spool://{tmp_path / 'spool'}"], env={"ZEROLOSS_FAILED_LIST_JSON": "1"}
+    )
     assert out.exit_code == 0 and out.output.strip() == "[]", out.output
-    bad = CliRunner().invoke(main, ["failed", "list", "--source", f"spool://{tmp_path / 'spool'}"],
-                             env={"ZEROLOSS_FAILED_LIST_LIMIT": "many"})
+    bad = CliRunner().invoke(
+        main,
+        ["failed", "list", "--source", f"spool://{tmp_path / 'spool'}"],
+        env={"ZEROLOSS_FAILED_LIST_LIMIT": "many"},
+    )
     assert bad.exit_code == 2 and "ZEROLOSS_FAILED_LIST_LIMIT" in bad.output, bad.output
 
 

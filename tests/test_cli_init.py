@@ -149,8 +149,9 @@ def test_source_and_target_together(tmp_path: Path, topic: str) -> None:
         (["--target", REDIS_URL, "--topic", "t", "--partitions", "3"], "those options are for Kafka"),
     ],
 )
-def test_bad_input_exits_2_and_names_the_problem(args: list[str], needle: str, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_exits_2_and_names_the_problem(
+    args: list[str], needle: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if "amqp://" in " ".join(args):
         require_service("rabbitmq")
     monkeypatch.chdir(tmp_path)

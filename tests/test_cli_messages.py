@@ -45,8 +45,18 @@ def test_failed_list_and_show_every_field(outbox: OutboxHarness) -> None:
     assert text in out and binary in out and "MSG_SIZE_TOO_LARGE" in out and "2 failed message(s)" in out
     code, out = run("failed", "show", text, *source(outbox))
     assert code == 0, out
-    for needle in ("topic:", "orders", "customer-7", '{"order": 42}', "attempts:", "10", "trace", "abc",
-                   "MSG_SIZE_TOO_LARGE", "created_at:"):
+    for needle in (
+        "topic:",
+        "orders",
+        "customer-7",
+        '{"order": 42}',
+        "attempts:",
+        "10",
+        "trace",
+        "abc",
+        "MSG_SIZE_TOO_LARGE",
+        "created_at:",
+    ):
         assert needle in out
     code, out = run("failed", "show", binary, *source(outbox), "--json")
     doc = json.loads(out)

@@ -65,8 +65,10 @@ def test_the_relay_says_where_it_sends_how_it_goes_outages_and_a_summary(tmp_pat
         )  # fmt: skip
     try:
         wait_until(lambda: "broker unavailable" in log.read_text(), 60, "the outage line")
-        redis = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-                                  "--requirepass", "s3cret"], stdout=subprocess.DEVNULL)
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--requirepass", "s3cret"],
+            stdout=subprocess.DEVNULL,
+        )
         wait_until(lambda: port_open(port), 30, "redis-server")
         wait_until(lambda: "broker is back after" in log.read_text(), 60, "the recovery line")
         wait_until(lambda: "relay progress: 50 delivered" in log.read_text(), 60, "a progress line with all 50")
@@ -151,9 +153,17 @@ def test_the_consumer_says_what_it_does_and_logs_a_sql_error_as_its_first_line(
     inbox.create_schema()
     with inbox.engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE bills (id TEXT PRIMARY KEY, total INTEGER NOT NULL)"))
-    consumer = Consumer(REDIS_URL, group=unique_topic("g"), topics=[topic], inbox=inbox, max_attempts=2,
-                        backoff_base_s=0.01, max_backoff_s=0.02, progress_every_s=0.05,
-                        parked_dir=tmp_path / "parked")
+    consumer = Consumer(
+        REDIS_URL,
+        group=unique_topic("g"),
+        topics=[topic],
+        inbox=inbox,
+        max_attempts=2,
+        backoff_base_s=0.01,
+        max_backoff_s=0.02,
+        progress_every_s=0.05,
+        parked_dir=tmp_path / "parked",
+    )
 
     @consumer.handler
     def handle(msg: Received, tx: Any) -> None:
@@ -232,8 +242,15 @@ def test_an_inbox_outage_is_one_error_line_and_its_end_one_info_line(
         table = unique_topic("inbox").replace("-", "_")
         inbox = SqlInbox(PG_URL.replace(f":{pg_port}/", f":{proxy.port}/"), table=table)
         inbox.create_schema()
-        consumer = Consumer(REDIS_URL, group=unique_topic("g"), topics=[topic], inbox=inbox, backoff_base_s=0.05,
-                            max_backoff_s=0.2, parked_dir=tmp_path / "parked")
+        consumer = Consumer(
+            REDIS_URL,
+            group=unique_topic("g"),
+            topics=[topic],
+            inbox=inbox,
+            backoff_base_s=0.05,
+            max_backoff_s=0.2,
+            parked_dir=tmp_path / "parked",
+        )
         seen: list[str] = []
 
         @consumer.handler

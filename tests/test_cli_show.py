@@ -45,12 +45,17 @@ def test_show_answers_for_pending_sending_success_failed_and_an_unknown_id(outbo
     batch = {m.id: m for m in outbox.store.claim(4, 30)}
     outbox.store.succeed([Delivered(batch[sent], "orders/2/1543")])
     outbox.store.fail([replace(batch[failed], attempts=10, last_error="MSG_SIZE_TOO_LARGE: too big\nline 2")])
-    outbox.store.retry([replace(batch[backing_off], attempts=1, not_before=outbox.store.now() + 3600,
-                                last_error="broker unavailable")])
+    outbox.store.retry(
+        [replace(batch[backing_off], attempts=1, not_before=outbox.store.now() + 3600, last_error="broker unavailable")]
+    )
 
     doc = show_json(sent, *src)
-    assert (doc["state"], doc["location"], doc["topic"], doc["key_text"]) == ("success", "orders/2/1543", "orders",
-                                                                               "k0")
+    assert (doc["state"], doc["location"], doc["topic"], doc["key_text"]) == (
+        "success",
+        "orders/2/1543",
+        "orders",
+        "k0",
+    )
     assert doc["value_text"] == '{"order": 0}' and doc["next"].startswith("delivered")
     doc = show_json(claimed, *src)
     assert doc["state"] == "sending" and "claimed by a relay" in doc["next"]
@@ -119,8 +124,10 @@ def test_show_says_whether_a_consumer_group_handled_it(tmp_path: Path) -> None:
     assert code == 0 and "handled:        yes" in out and "(group billing)" in out, out
     code, out = show(not_done, *src, *args, "--group", "billing")
     assert code == 0 and "handled:        no" in out, out
-    assert show_json(done, *src, *args, "--group", "shipping")["handled_by_group"] == {"group": "shipping",
-                                                                                       "handled": False}
+    assert show_json(done, *src, *args, "--group", "shipping")["handled_by_group"] == {
+        "group": "shipping",
+        "handled": False,
+    }
     code, out = show(done, *src, "--inbox", inbox_url, "--group", "billing")  # the default table is not there
     assert code == 1 and "cannot read the inbox table 'zeroloss_inbox'" in out and "[SQL:" not in out, out
     code, out = show(done, *src, "--inbox", inbox_url)

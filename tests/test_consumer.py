@@ -33,6 +33,7 @@ from zeroloss.sqlurl import make_engine
 
 pytestmark = pytest.mark.kafka
 
+
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Db]:
     yield from make_db("sqlite", tmp_path)
@@ -94,8 +95,7 @@ def test_a_flaky_handler_is_retried_in_place_keeping_key_order(kafka: EmbeddedBr
 
 def test_poison_and_exhausted_messages_are_dead_lettered_then_replayed_once(kafka: EmbeddedBroker, db: Db) -> None:
     topic = unique_topic("c")
-    msgs = [new_message(topic, b"ok-%d" % i, key=b"k%d" % (i % 2), headers={"trace": b"t%d" % i})
-            for i in range(20)]
+    msgs = [new_message(topic, b"ok-%d" % i, key=b"k%d" % (i % 2), headers={"trace": b"t%d" % i}) for i in range(20)]
     poison = msgs[3] = new_message(topic, b"poison", key=b"k1", headers={"trace": b"p"})
     broken = msgs[8] = new_message(topic, b"broken", key=b"k0")
     publish(kafka.url, msgs)
@@ -360,8 +360,9 @@ def test_a_consumer_that_joined_before_its_topic_existed_picks_it_up(
     from zeroloss.consumer import Consumer
 
     topic = unique_topic("late")
-    c = Consumer(kafka.url, f"g-{topic}", [topic], None,
-                 config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+    c = Consumer(
+        kafka.url, f"g-{topic}", [topic], None, config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
+    )
     seen: list[str] = []
     c.handler(lambda msg, tx: seen.append(msg.id))
     t = threading.Thread(target=c.run_for, args=(90,), daemon=True)
@@ -396,8 +397,14 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
     broker = KafkaBroker(kafka.url)
     broker.publish(msgs)
     broker.close()
-    c = Consumer(kafka.url, f"g-{topic}", [topic], None, metrics_port=0,
-                 config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+    c = Consumer(
+        kafka.url,
+        f"g-{topic}",
+        [topic],
+        None,
+        metrics_port=0,
+        config={"session.timeout.ms": 2000, "heartbeat.interval.ms": 500},
+    )
     c.handler(lambda msg, tx: None)
     assert c.health is not None
     base = f"http://127.0.0.1:{c.health.port}"
@@ -413,9 +420,13 @@ def test_a_consumer_serves_its_metrics_and_readiness(kafka: EmbeddedBroker) -> N
             text = resp.read().decode()
     finally:
         c.close()
-    line = next(ln for ln in text.splitlines()
-                if ln.startswith("zeroloss_consumer_messages_total{") and f'topic="{topic}"' in ln
-                and 'outcome="processed"' in ln)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("zeroloss_consumer_messages_total{")
+        and f'topic="{topic}"' in ln
+        and 'outcome="processed"' in ln
+    )
     assert float(line.rsplit(" ", 1)[1]) == 20
 
 
@@ -430,8 +441,12 @@ def test_a_consumer_reports_latency_and_lag(kafka: EmbeddedBroker, db: Db, monke
     c.handler(db.record)
 
     def lags() -> dict[str, float]:
-        return {s.labels["partition"]: s.value for m in metrics.REGISTRY.collect() for s in m.samples
-                if s.name == "zeroloss_consumer_lag_messages" and s.labels.get("topic") == topic}
+        return {
+            s.labels["partition"]: s.value
+            for m in metrics.REGISTRY.collect()
+            for s in m.samples
+            if s.name == "zeroloss_consumer_lag_messages" and s.labels.get("topic") == topic
+        }
 
     seen_lags: list[dict[str, float]] = []
 
@@ -641,8 +656,14 @@ def test_slow_handlers_get_shorter_shared_transactions(db: Db) -> None:
     assert Consumer("kafka://127.0.0.1:1", "g", ["t"], None).transaction_batch == 1  # nothing to share
 
 
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres),
-                                  pytest.param("mariadb", marks=pytest.mark.mariadb)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
 def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, tmp_path: Path) -> None:
     """What schema_problem reads, on each database: missing table and column are the deployment's;
     a duplicate key is the handler's (or the message's), retried then dead-lettered as before."""
@@ -655,9 +676,11 @@ def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, t
         with engine.begin() as conn:
             conn.execute(sa.text(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY)"))
             conn.execute(sa.text(f"INSERT INTO {name} (id) VALUES (1)"))
-        for statement, expected in [(f"INSERT INTO {name}_missing (id) VALUES (1)", "no such table"),
-                                    (f"INSERT INTO {name} (nope) VALUES (1)", "no such column"),
-                                    (f"INSERT INTO {name} (id) VALUES (1)", None)]:
+        for statement, expected in [
+            (f"INSERT INTO {name}_missing (id) VALUES (1)", "no such table"),
+            (f"INSERT INTO {name} (nope) VALUES (1)", "no such column"),
+            (f"INSERT INTO {name} (id) VALUES (1)", None),
+        ]:
             with pytest.raises(sa.exc.DBAPIError) as caught, engine.begin() as conn:
                 conn.execute(sa.text(statement))
             assert schema_problem(caught.value) == expected, (statement, caught.value.orig)
@@ -670,15 +693,17 @@ def test_a_missing_table_or_column_is_told_apart_from_a_handler_bug(kind: str, t
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
-        kind: str, kafka: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    kind: str, kafka: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 15: a table the handler writes to that does not exist (migrations not run) is the
     deployment's fault and the same for every message: the consumer backs off without spending
     attempts, dead-letters nothing, and handles them all once the table is there. It says so once
     at ERROR (what is missing, what to do; the tries after it are DEBUG) and once when it is over."""
     db = next(iter(gen := make_db(kind, tmp_path)))
     topic = unique_topic("schema")
-    invoices = sa.Table(f"zl_invoices_{uuid.uuid4().hex[:8]}", sa.MetaData(),
-                        sa.Column("msg_id", sa.String(64), primary_key=True))
+    invoices = sa.Table(
+        f"zl_invoices_{uuid.uuid4().hex[:8]}", sa.MetaData(), sa.Column("msg_id", sa.String(64), primary_key=True)
+    )
     publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k") for i in range(3)])
     c = consumer(kafka, topic, db.inbox, max_attempts=2, max_backoff_s=0.2)
     c.handler(lambda msg, tx: tx.execute(invoices.insert(), {"msg_id": msg.id}))
@@ -729,8 +754,10 @@ def _batch_handler_run(kafka: EmbeddedBroker, database: Db) -> None:
     @c.handler(batch=True)
     def handle(batch: list[Received], tx: sa.Connection) -> None:
         sizes.append(len(batch))
-        tx.execute(database.effects.insert(), [
-            {"msg_id": m.id, "msg_key": m.key.decode() if m.key else None, "attempts": m.attempts} for m in batch])
+        tx.execute(
+            database.effects.insert(),
+            [{"msg_id": m.id, "msg_key": m.key.decode() if m.key else None, "attempts": m.attempts} for m in batch],
+        )
 
     c.run_until_idle(idle_s=2.0, timeout_s=90)
     assert database.counts() == Counter({m.id: 1 for m in msgs})

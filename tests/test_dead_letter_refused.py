@@ -82,9 +82,18 @@ def test_a_kafka_dead_letter_too_large_with_its_error_headers_is_stored_with_the
     big = new_message(topic, b"v" * 9_000, key=b"k")
     after = new_message(topic, b"small", key=b"k")  # same key, same partition: waits behind `big`
     kafka_publish(kafka.url, [big, after])
-    c = Consumer(kafka.url, f"g-{topic}", [topic], db.inbox, config=dict(FAST_GROUP), max_attempts=1,
-                 dlq_config={"message.max.bytes": LIMIT}, parked_dir=tmp_path / "parked", backoff_base_s=0.05,
-                 max_backoff_s=0.5)
+    c = Consumer(
+        kafka.url,
+        f"g-{topic}",
+        [topic],
+        db.inbox,
+        config=dict(FAST_GROUP),
+        max_attempts=1,
+        dlq_config={"message.max.bytes": LIMIT},
+        parked_dir=tmp_path / "parked",
+        backoff_base_s=0.05,
+        max_backoff_s=0.5,
+    )
     failing_on(c, big.id, db, "e" * 3_000)  # the full letter: 9,000 + 3,000 bytes and more
     try:
         run_bounded(c, 60)
@@ -109,9 +118,18 @@ def test_a_kafka_dead_letter_refused_even_bare_is_parked_durably_and_the_partiti
     after = new_message(topic, b"small", key=b"k")
     kafka_publish(kafka.url, [huge, after])
     group = f"g-{topic}"
-    c = Consumer(kafka.url, group, [topic], db.inbox, config=dict(FAST_GROUP), max_attempts=1,
-                 dlq_config={"message.max.bytes": LIMIT}, parked_dir=tmp_path / "parked", backoff_base_s=0.05,
-                 max_backoff_s=0.5)
+    c = Consumer(
+        kafka.url,
+        group,
+        [topic],
+        db.inbox,
+        config=dict(FAST_GROUP),
+        max_attempts=1,
+        dlq_config={"message.max.bytes": LIMIT},
+        parked_dir=tmp_path / "parked",
+        backoff_base_s=0.05,
+        max_backoff_s=0.5,
+    )
     failing_on(c, huge.id, db, "no")
     try:
         run_bounded(c, 60)
@@ -163,8 +181,17 @@ def test_a_nats_dead_letter_no_stream_will_take_is_parked_and_acked(db: Db, tmp_
             finally:
                 b.close()
             config = {"ack_wait_s": 1.0}
-            c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=dict(config), max_attempts=1,
-                         parked_dir=tmp_path / "parked", backoff_base_s=0.05, max_backoff_s=0.5)
+            c = Consumer(
+                h.url,
+                f"g-{topic}",
+                [topic],
+                db.inbox,
+                config=dict(config),
+                max_attempts=1,
+                parked_dir=tmp_path / "parked",
+                backoff_base_s=0.05,
+                max_backoff_s=0.5,
+            )
             failing_on(c, bad.id, db, "no")
             try:
                 run_bounded(c, 30)
@@ -176,8 +203,9 @@ def test_a_nats_dead_letter_no_stream_will_take_is_parked_and_acked(db: Db, tmp_
             assert letter.last_error is not None and "another stream" in letter.last_error
             assert c.counters.parked == 1
             # acked: not redelivered to the group
-            again = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=dict(config),
-                             parked_dir=tmp_path / "parked")
+            again = Consumer(
+                h.url, f"g-{topic}", [topic], db.inbox, config=dict(config), parked_dir=tmp_path / "parked"
+            )
             again.handler(db.record)
             try:
                 again.run_until_idle(idle_s=3.0, timeout_s=30)

@@ -28,8 +28,10 @@ from zeroloss.message import new_message
 
 BROKERS = [pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in ("nats", "rabbitmq")]
 DELIVERIES = 5  # the broker's limit in these tests: NATS max_deliver, RabbitMQ delivery_limit + 1
-CONFIG: dict[str, dict[str, Any]] = {"nats": {"ack_wait_s": 1.0, "max_deliver": DELIVERIES},
-                                     "rabbitmq": {"delivery_limit": DELIVERIES - 1}}
+CONFIG: dict[str, dict[str, Any]] = {
+    "nats": {"ack_wait_s": 1.0, "max_deliver": DELIVERIES},
+    "rabbitmq": {"delivery_limit": DELIVERIES - 1},
+}
 PUBLISH = {"nats": {}, "rabbitmq": {"delivery_limit": DELIVERIES - 1}}  # the queue is declared by the first user
 
 
@@ -64,16 +66,33 @@ def dead_lettered(h: BrokerHarness, topic: str, found: list[tuple[str, dict[str,
     return bool(found)
 
 
-def lives(h: BrokerHarness, topic: str, db: Db, handler: Callable[[Consumer, Received, Any], None],
-          *, max_attempts: int = 3, until: Callable[[], bool], rounds: int = 2 * DELIVERIES) -> list[int]:
+def lives(
+    h: BrokerHarness,
+    topic: str,
+    db: Db,
+    handler: Callable[[Consumer, Received, Any], None],
+    *,
+    max_attempts: int = 3,
+    until: Callable[[], bool],
+    rounds: int = 2 * DELIVERIES,
+) -> list[int]:
     """Run one consumer after another (each a new process's life) until ``until()``; the
     ``attempts`` each handler call saw."""
     seen: list[int] = []
     for _ in range(rounds):
         if until():
             break
-        c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=dict(CONFIG[h.name]), max_attempts=max_attempts,
-                     backoff_base_s=5.0, max_backoff_s=5.0, poll_s=0.2)
+        c = Consumer(
+            h.url,
+            f"g-{topic}",
+            [topic],
+            db.inbox,
+            config=dict(CONFIG[h.name]),
+            max_attempts=max_attempts,
+            backoff_base_s=5.0,
+            max_backoff_s=5.0,
+            poll_s=0.2,
+        )
 
         @c.handler
         def handle(msg: Received, tx: sa.Connection, c: Consumer = c) -> None:
@@ -142,8 +161,9 @@ def test_max_attempts_must_leave_the_broker_a_delivery_to_spare(target: BrokerHa
     topic = unique_topic("dcfg")
     target.topics.append(topic)
     publish_one(target, topic)
-    c = Consumer(target.url, f"g-{topic}", [topic], db.inbox, config=dict(CONFIG[target.name]),
-                 max_attempts=DELIVERIES - 1)
+    c = Consumer(
+        target.url, f"g-{topic}", [topic], db.inbox, config=dict(CONFIG[target.name]), max_attempts=DELIVERIES - 1
+    )
     c.handler(db.record)
     with pytest.raises(ConfigError, match="max_attempts=4"):
         c.run_for(5.0)

@@ -35,8 +35,14 @@ def _demo_against(url: str) -> tuple[str, str]:
     code = run_demo(orders=200, echo=lines.append, target=url)
     text = "\n".join(lines)
     assert code == 0, text
-    for needle in ("orders committed         200", "lost                     0", "invoices (effects)       200",
-                   "double effects           0", "effects out of key order 0", "SIGKILLed"):
+    for needle in (
+        "orders committed         200",
+        "lost                     0",
+        "invoices (effects)       200",
+        "double effects           0",
+        "effects out of key order 0",
+        "SIGKILLed",
+    ):
         assert needle in text
     found = re.search(r"topic (orders-[0-9a-f]{8})", text)
     assert found, text
@@ -44,8 +50,9 @@ def _demo_against(url: str) -> tuple[str, str]:
     return text, found[1]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "redis",
-                                                                                              "nats")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "redis", "nats")]
+)
 def test_the_demo_runs_against_another_broker_and_cleans_up(name: str) -> None:
     require_service(name)
     url = {"rabbitmq": AMQP_URL, "redis": REDIS_URL, "nats": NATS_URL}[name]
@@ -99,11 +106,14 @@ def test_the_demo_on_an_unreachable_rocketmq_proxy_says_so_before_declaring_anyt
     proxy is checked first. Exit 1 with one line naming it; nothing created (the name server here
     is the shared test server's port, up or not: it is never asked)."""
     port = _closed_port()
-    result = CliRunner().invoke(main, ["demo", "--orders", "10", "--target",
-                                       f"rocketmq://127.0.0.1:{port}?namesrv=127.0.0.1:19876"])
+    result = CliRunner().invoke(
+        main, ["demo", "--orders", "10", "--target", f"rocketmq://127.0.0.1:{port}?namesrv=127.0.0.1:19876"]
+    )
     assert result.exit_code == 1, result.output
-    assert (f"error: RocketMQ proxy 127.0.0.1:{port} (the URL's HOST:PORT, gRPC) does not accept connections"
-            in result.output)
+    assert (
+        f"error: RocketMQ proxy 127.0.0.1:{port} (the URL's HOST:PORT, gRPC) does not accept connections"
+        in result.output
+    )
     assert "created" not in result.output
     assert "Traceback" not in result.output
 

@@ -27,7 +27,7 @@ def run(*args: str) -> tuple[int, dict[str, Any]]:
 
 
 def verdicts(doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    return {c["name"][len(prefix):]: c["verdict"] for c in doc["checks"] if c["name"].startswith(prefix)}
+    return {c["name"][len(prefix) :]: c["verdict"] for c in doc["checks"] if c["name"].startswith(prefix)}
 
 
 def create_topic(kafka: EmbeddedBroker, config: dict[str, str] | None = None) -> str:
@@ -62,15 +62,22 @@ def test_a_well_configured_topic_warns_only_for_what_one_node_cannot_give(kafka:
     code, doc = run("doctor", "--target", kafka.url, "--topic", topic)
     assert code == 0 and doc["verdict"] == "warn"
     warning = {name for name, v in verdicts(doc).items() if v == "warn"}
-    assert warning == {"broker kind", "broker default.replication.factor", f"topic {topic} replication.factor",
-                       f"topic {topic} min.insync.replicas < replication.factor"}
+    assert warning == {
+        "broker kind",
+        "broker default.replication.factor",
+        f"topic {topic} replication.factor",
+        f"topic {topic} min.insync.replicas < replication.factor",
+    }
     got = verdicts(doc, f"topic {topic} ")
     assert got["min.insync.replicas"] == got["unclean.leader.election.enable"] == "ok"
     # With a replication factor the broker can give, only min.insync.replicas > RF remains: honest.
     code, doc = run("doctor", "--target", kafka.url, "--topic", topic, "--min-replication", "1")
     warning = {name for name, v in verdicts(doc).items() if v == "warn"}
-    assert warning == {"broker kind", "broker default.replication.factor",
-                       f"topic {topic} min.insync.replicas < replication.factor"}
+    assert warning == {
+        "broker kind",
+        "broker default.replication.factor",
+        f"topic {topic} min.insync.replicas < replication.factor",
+    }
 
 
 @pytest.mark.kafka
@@ -84,7 +91,9 @@ def test_replication_factor_3_on_a_one_broker_cluster_counts_as_one(kafka: Embed
     _, doc = run("doctor", "--target", kafka.url, "--topic", topic)
     details = {c["name"]: (c["verdict"], c["detail"]) for c in doc["checks"]}
     assert details[f"topic {topic} replication.factor"] == (
-        "warn", "1 (need >= 3); expected on the embedded broker (one node, replication 1)")
+        "warn",
+        "1 (need >= 3); expected on the embedded broker (one node, replication 1)",
+    )
 
 
 @pytest.mark.kafka
@@ -93,9 +102,12 @@ def test_settings_the_broker_does_not_report_are_warnings_with_the_kafka_default
     code, doc = run("doctor", "--target", kafka.url, "--topic", topic, "--min-replication", "1")
     assert code == 0 and doc["verdict"] == "warn"
     details = {c["name"]: (c["verdict"], c["detail"]) for c in doc["checks"]}
-    assert details[f"topic {topic} min.insync.replicas"] == ("warn", "not reported; Kafka's default is 1 (need >= "
-                                                             "2 for acks=all); expected on the embedded broker "
-                                                             "(one node, replication 1)")
+    assert details[f"topic {topic} min.insync.replicas"] == (
+        "warn",
+        "not reported; Kafka's default is 1 (need >= "
+        "2 for acks=all); expected on the embedded broker "
+        "(one node, replication 1)",
+    )
     assert details[f"topic {topic} unclean.leader.election.enable"][0] == "warn"
     assert "false" in details[f"topic {topic} unclean.leader.election.enable"][1]
 
@@ -105,9 +117,16 @@ def test_client_settings_are_checked_and_a_missing_topic_fails(kafka: EmbeddedBr
     code, doc = run("doctor", "--target", kafka.url, "--topic", unique_topic("absent"))
     assert code == 1
     got = verdicts(doc)
-    for name in ("producer acks", "producer enable.idempotence", "producer retries", "producer transactional.id",
-                 "producer max.in.flight.requests.per.connection", "consumer enable.auto.commit",
-                 "consumer isolation.level", "broker reachable"):
+    for name in (
+        "producer acks",
+        "producer enable.idempotence",
+        "producer retries",
+        "producer transactional.id",
+        "producer max.in.flight.requests.per.connection",
+        "consumer enable.auto.commit",
+        "consumer isolation.level",
+        "broker reachable",
+    ):
         assert got[name] == "ok", name
     assert [v for n, v in got.items() if n.startswith("topic ")] == ["fail"]
 
@@ -193,20 +212,32 @@ def test_a_strong_topic_on_the_cluster_passes(kafka_cluster: Any) -> None:
     code, doc = run("doctor", "--target", kafka_cluster.url, "--topic", topic)
     assert code == 0 and doc["verdict"] == "ok", doc
     got = verdicts(doc, f"topic {topic} ")
-    assert got == {"replication.factor": "ok", "min.insync.replicas": "ok",
-                   "min.insync.replicas < replication.factor": "ok", "unclean.leader.election.enable": "ok",
-                   "replicas": "ok"}
+    assert got == {
+        "replication.factor": "ok",
+        "min.insync.replicas": "ok",
+        "min.insync.replicas < replication.factor": "ok",
+        "unclean.leader.election.enable": "ok",
+        "replicas": "ok",
+    }
     assert verdicts(doc)["broker default.replication.factor"] == "ok"
 
 
 @pytest.mark.kafka_cluster
-@pytest.mark.parametrize(("replication", "config", "failing", "fix"), [
-    # RF 1 under the cluster's min.insync.replicas=2: every write refused as well.
-    (1, {}, ("replication.factor", "min.insync.replicas < replication.factor"), "3 replicas"),
-    (3, {"min.insync.replicas": "1"}, ("min.insync.replicas",), "min.insync.replicas=2"),
-    (3, {"unclean.leader.election.enable": "true"}, ("unclean.leader.election.enable",),
-     "unclean.leader.election.enable=false"),
-], ids=["replication-1", "min-isr-1", "unclean-election"])
+@pytest.mark.parametrize(
+    ("replication", "config", "failing", "fix"),
+    [
+        # RF 1 under the cluster's min.insync.replicas=2: every write refused as well.
+        (1, {}, ("replication.factor", "min.insync.replicas < replication.factor"), "3 replicas"),
+        (3, {"min.insync.replicas": "1"}, ("min.insync.replicas",), "min.insync.replicas=2"),
+        (
+            3,
+            {"unclean.leader.election.enable": "true"},
+            ("unclean.leader.election.enable",),
+            "unclean.leader.election.enable=false",
+        ),
+    ],
+    ids=["replication-1", "min-isr-1", "unclean-election"],
+)
 def test_a_weak_topic_on_the_cluster_fails_naming_the_setting_and_the_fix(
     kafka_cluster: Any, replication: int, config: dict[str, str], failing: tuple[str, ...], fix: str
 ) -> None:
@@ -222,8 +253,9 @@ def doctor_until(cluster: Any, topic: str, node: int, verdict: str) -> dict[str,
     """Run doctor against ``node`` until the topic's live replicas check says ``verdict``."""
     deadline = time.monotonic() + 60
     while True:
-        _, doc = run("doctor", "--target", f"kafka://127.0.0.1:{cluster.nodes[node].port}", "--topic", topic,
-                     "--timeout-s", "5")
+        _, doc = run(
+            "doctor", "--target", f"kafka://127.0.0.1:{cluster.nodes[node].port}", "--topic", topic, "--timeout-s", "5"
+        )
         if verdicts(doc, f"topic {topic} ").get("replicas") == verdict:
             break
         assert time.monotonic() < deadline, [c for c in doc["checks"] if c["name"].endswith("replicas")]
@@ -242,8 +274,9 @@ def test_replicas_out_of_sync_are_seen_live_not_as_configured(kafka_cluster: Any
     leader = kafka_cluster.leader_of(topic, 0)
     follower = next(n for n in (1, 2, 3) if n != leader)
     pair = unique_topic("doctor")
-    kafka_cluster.admin().create_topics([NewTopic(pair, num_partitions=1, replica_assignment=[[leader, follower]],
-                                                  config={"min.insync.replicas": "2"})])[pair].result(30)
+    kafka_cluster.admin().create_topics(
+        [NewTopic(pair, num_partitions=1, replica_assignment=[[leader, follower]], config={"min.insync.replicas": "2"})]
+    )[pair].result(30)
     kafka_cluster.wait_in_sync(topic)
     kafka_cluster.kill(follower)
     try:

@@ -89,8 +89,9 @@ def init(target: str, topic: str, *extra: str) -> None:
 def test_nats_memory_storage_one_replica_and_a_short_window_are_each_named(nats_topic: str) -> None:
     import nats.js.api
 
-    asyncio.run(_add_stream(NATS_URL, nats_topic, storage=nats.js.api.StorageType.MEMORY, num_replicas=1,
-                            duplicate_window=10.0))
+    asyncio.run(
+        _add_stream(NATS_URL, nats_topic, storage=nats.js.api.StorageType.MEMORY, num_replicas=1, duplicate_window=10.0)
+    )
     asyncio.run(_add_stream(NATS_URL, nats_topic + ".dlq", storage=nats.js.api.StorageType.FILE))
     code, doc = run("--target", NATS_URL, "--topic", nats_topic)
     assert code == 1 and doc["verdict"] == "fail"
@@ -199,8 +200,9 @@ def own_nats(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[OwnNats
 def sync_check(server: OwnNats, *extra: str) -> tuple[int, dict[str, str]]:
     topic = unique_topic("sync")
     init(server.url, topic)  # one replica: a crash of this one server is what the sync interval decides
-    code, doc = run("--target", server.url, "--topic", topic, "--min-replication", "1", "--nats-monitor",
-                    server.monitor, *extra)
+    code, doc = run(
+        "--target", server.url, "--topic", topic, "--min-replication", "1", "--nats-monitor", server.monitor, *extra
+    )
     return code, by_name(doc)["nats sync_interval"]
 
 
@@ -312,16 +314,27 @@ def test_rabbitmq_a_classic_queue_fails_type_and_dead_lettering_and_warns_on_no_
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.parametrize(("args", "needle"), [
-    ({"x-dead-letter-exchange": "X"}, "x-dead-letter-strategy=at-most-once (default)"),
-    ({"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-most-once"}, "x-dead-letter-strategy=at-most-once"),
-    ({"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-least-once"},
-     "at-least-once but x-overflow=drop-head (default)"),
-    ({"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-least-once", "x-overflow": "drop-head"},
-     "at-least-once but x-overflow=drop-head"),
-])
-def test_rabbitmq_dead_lettering_that_is_not_at_least_once_fails(amqp_topic: str, args: dict[str, Any],
-                                                                 needle: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ({"x-dead-letter-exchange": "X"}, "x-dead-letter-strategy=at-most-once (default)"),
+        (
+            {"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-most-once"},
+            "x-dead-letter-strategy=at-most-once",
+        ),
+        (
+            {"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-least-once"},
+            "at-least-once but x-overflow=drop-head (default)",
+        ),
+        (
+            {"x-dead-letter-exchange": "X", "x-dead-letter-strategy": "at-least-once", "x-overflow": "drop-head"},
+            "at-least-once but x-overflow=drop-head",
+        ),
+    ],
+)
+def test_rabbitmq_dead_lettering_that_is_not_at_least_once_fails(
+    amqp_topic: str, args: dict[str, Any], needle: str
+) -> None:
     asyncio.run(_declare(amqp_topic, durable=True, arguments={**QUORUM, "x-delivery-limit": 5, **args}))
     asyncio.run(_declare(amqp_topic + ".dlq", durable=True, arguments=QUORUM))
     code, doc = run("--target", AMQP_URL, "--topic", amqp_topic)
@@ -338,9 +351,18 @@ def test_rabbitmq_dead_lettering_that_is_not_at_least_once_fails(amqp_topic: str
 
 @pytest.mark.rabbitmq
 def test_rabbitmq_a_quorum_queue_without_a_delivery_limit_warns(amqp_topic: str) -> None:
-    asyncio.run(_declare(amqp_topic, durable=True, arguments={
-        **QUORUM, "x-dead-letter-exchange": amqp_topic + ".dlq", "x-dead-letter-strategy": "at-least-once",
-        "x-overflow": "reject-publish"}))
+    asyncio.run(
+        _declare(
+            amqp_topic,
+            durable=True,
+            arguments={
+                **QUORUM,
+                "x-dead-letter-exchange": amqp_topic + ".dlq",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+    )
     asyncio.run(_declare(amqp_topic + ".dlq", durable=True, arguments=QUORUM))
     code, doc = run("--target", AMQP_URL, "--topic", amqp_topic)
     check = by_name(doc)[f"queue {amqp_topic} delivery limit"]
@@ -399,8 +421,13 @@ def _meta_ready(monitor: str) -> bool:
     return bool(meta.get("leader")) and len(peers) == 2
 
 
-def _start_nats_cluster(directory: Path, sync: str, ports: list[tuple[int, int, int]],
-                        procs: list[subprocess.Popen[bytes]], logs: list[IO[bytes]]) -> bool:
+def _start_nats_cluster(
+    directory: Path,
+    sync: str,
+    ports: list[tuple[int, int, int]],
+    procs: list[subprocess.Popen[bytes]],
+    logs: list[IO[bytes]],
+) -> bool:
     """Start three routed nats-servers on ``ports`` and wait for a JetStream meta leader.
     False when a server lost its port to another process before binding it (the caller retries);
     any other exit or a cluster with no leader after 60 s fails the test with the servers' logs."""
@@ -408,9 +435,11 @@ def _start_nats_cluster(directory: Path, sync: str, ports: list[tuple[int, int, 
     routes = ", ".join(f"nats-route://127.0.0.1:{r}" for _, r, _ in ports)
     for i, (p, r, m) in enumerate(ports):
         conf = directory / f"n{i}.conf"
-        conf.write_text(f'server_name: n{i}\nlisten: "127.0.0.1:{p}"\nhttp: "127.0.0.1:{m}"\n'
-                        f'jetstream {{\n  store_dir: "{directory / f"js{i}"}"\n  {sync}\n}}\n'
-                        f'cluster {{\n  name: zl\n  listen: "127.0.0.1:{r}"\n  routes: [{routes}]\n}}\n')
+        conf.write_text(
+            f'server_name: n{i}\nlisten: "127.0.0.1:{p}"\nhttp: "127.0.0.1:{m}"\n'
+            f'jetstream {{\n  store_dir: "{directory / f"js{i}"}"\n  {sync}\n}}\n'
+            f'cluster {{\n  name: zl\n  listen: "127.0.0.1:{r}"\n  routes: [{routes}]\n}}\n'
+        )
         logs.append((directory / f"n{i}.log").open("wb"))
         procs.append(subprocess.Popen([str(NATS_BIN), "-c", str(conf)], stdout=logs[-1], stderr=subprocess.STDOUT))
     deadline = time.monotonic() + 60
@@ -484,8 +513,14 @@ def test_nats_r3_with_sync_always_on_a_cluster_passes_and_a_lost_server_is_seen(
     nats_nats.wait(10)
     deadline = time.monotonic() + 30
     while True:
-        code, doc = run("--target", url if victim != 0 else nats_cluster.urls[1], "--topic", topic,
-                        "--nats-monitor", monitor if victim != 0 else nats_cluster.monitors[1])
+        code, doc = run(
+            "--target",
+            url if victim != 0 else nats_cluster.urls[1],
+            "--topic",
+            topic,
+            "--nats-monitor",
+            monitor if victim != 0 else nats_cluster.monitors[1],
+        )
         # Right after the kill the cluster may be electing a new JetStream meta leader: doctor then
         # fails "nats jetstream" (no answer) and has no stream lines; wait that out.
         check = by_name(doc).get(f"stream {stream_name(topic)} replicas", {"verdict": "?", "detail": str(doc)})

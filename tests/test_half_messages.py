@@ -56,8 +56,12 @@ _made: list[tuple[sa.Table, sa.Engine]] = []
 
 def _effects(engine: sa.Engine) -> sa.Table:
     """A business table for the local transactions to write to; dropped after the test."""
-    table = sa.Table(_name("effects"), sa.MetaData(), sa.Column("n", sa.Integer, primary_key=True, autoincrement=True),
-                     sa.Column("note", sa.String(64), nullable=False))
+    table = sa.Table(
+        _name("effects"),
+        sa.MetaData(),
+        sa.Column("n", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("note", sa.String(64), nullable=False),
+    )
     table.create(engine)
     _made.append((table, engine))
     return table
@@ -197,8 +201,12 @@ def test_a_fence_leaves_the_connection_s_lock_wait_as_it_was(half_table: HalfMes
 def test_past_the_retention_horizon_no_row_is_unknown_and_purge_keeps_the_young(half_table: HalfMessageTable) -> None:
     old, young = uuid7(), None
     half_table.run(old, "t", "m", lambda conn: None)
-    later = HalfMessageTable(half_table.engine, table=half_table.table.name, retention=timedelta(days=1),
-                             clock=lambda: time.time() + 2 * 86400)
+    later = HalfMessageTable(
+        half_table.engine,
+        table=half_table.table.name,
+        retention=timedelta(days=1),
+        clock=lambda: time.time() + 2 * 86400,
+    )
     missing = uuid7()  # its row would have been purged by now, as far as `later` knows
     assert later.resolve(missing) is Resolution.UNKNOWN
     assert later.outcome(missing) is None  # not fenced
@@ -250,10 +258,21 @@ def test_a_check_back_that_cannot_be_answered_is_unknown(tmp_path: Path) -> None
     seen: list[CheckBack] = []
     asks = HalfMessageProducer(url, ["t"], lambda back: seen.append(back) or Resolution.COMMIT)  # type: ignore[func-returns-value]
     half_id = uuid7()
-    assert asks.resolve(message(**{ID_HEADER: half_id, "kind": "order", "TRANSACTION_CHECK_TIMES": "3"})) \
+    assert (
+        asks.resolve(message(**{ID_HEADER: half_id, "kind": "order", "TRANSACTION_CHECK_TIMES": "3"}))
         is Resolution.COMMIT
-    assert seen == [CheckBack(id=half_id, topic="t", key=None, value=b"x", headers={"kind": "order"},
-                              message_id=None, check_times=3)]  # type: ignore[arg-type]
+    )
+    assert seen == [
+        CheckBack(
+            id=half_id,
+            topic="t",
+            key=None,
+            value=b"x",
+            headers={"kind": "order"},
+            message_id=None,  # type: ignore[arg-type]
+            check_times=3,
+        )
+    ]
     table.close()
 
 
@@ -330,13 +349,19 @@ def _wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT) -> No
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 class TestOnTheBroker:
-    def test_commit_path_delivers_after_the_local_commit(self, server: RocketMQServer,
-                                                          pg_table: HalfMessageTable) -> None:
+    def test_commit_path_delivers_after_the_local_commit(
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         topic = _transaction_topic(server)
         effects = _effects(pg_table.engine)
         with HalfMessageProducer(server.url, [topic], pg_table) as producer, _consumer(server, topic) as consumer:
-            sent = producer.send(topic, b"order-1", lambda conn: conn.execute(effects.insert().values(note="o1")) and 1,
-                                 key="order-1", headers={"kind": "order"})
+            sent = producer.send(
+                topic,
+                b"order-1",
+                lambda conn: conn.execute(effects.insert().values(note="o1")) and 1,
+                key="order-1",
+                headers={"kind": "order"},
+            )
             assert sent.settled and sent.result == 1
             got = _receive_until(consumer, lambda got: bool(got))
         assert _ids(got) == [sent.id]
@@ -344,8 +369,9 @@ class TestOnTheBroker:
         assert got[0].message_id == sent.message_id
         assert pg_table.outcome(sent.id) == "committed"
 
-    def test_a_rolled_back_local_transaction_never_reaches_a_consumer(self, server: RocketMQServer,
-                                                                      pg_table: HalfMessageTable) -> None:
+    def test_a_rolled_back_local_transaction_never_reaches_a_consumer(
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         topic = _transaction_topic(server)
         effects = _effects(pg_table.engine)
 
@@ -357,8 +383,9 @@ class TestOnTheBroker:
         # the commit happened, asks the fence (ROLLBACK: it did not), and rolls the message back.
         deferred = _name("deferred")
         with pg_table.engine.begin() as conn:
-            conn.exec_driver_sql(f"CREATE TABLE {deferred} (n int, CONSTRAINT {deferred}_u UNIQUE (n) "
-                                 "DEFERRABLE INITIALLY DEFERRED)")
+            conn.exec_driver_sql(
+                f"CREATE TABLE {deferred} (n int, CONSTRAINT {deferred}_u UNIQUE (n) DEFERRABLE INITIALLY DEFERRED)"
+            )
         _made.append((sa.Table(deferred, sa.MetaData()), pg_table.engine))
 
         def fails_at_commit(conn: sa.Connection) -> None:
@@ -377,7 +404,8 @@ class TestOnTheBroker:
             assert conn.execute(sa.select(sa.func.count()).select_from(effects)).scalar() == 0
 
     def test_a_check_back_during_a_long_local_transaction_does_not_roll_it_back(
-            self, server: RocketMQServer, pg_table: HalfMessageTable) -> None:
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         """The local transaction outlives transactionTimeOut: the broker asks while it runs, the
         fence waits on the row's lock and answers UNKNOWN; the transaction commits, and so does
         the message. (In make chaos only, to keep make test's budget: the same fence runs in make
@@ -395,6 +423,7 @@ class TestOnTheBroker:
         pg_table.resolve = recorded  # type: ignore[method-assign]
         pg_table.lock_timeout_s = 1.0
         with HalfMessageProducer(server.url, [topic], pg_table) as producer, _consumer(server, topic) as consumer:
+
             def waits_for_a_check_back(conn: sa.Connection) -> None:
                 _wait_for("a check-back while the local transaction runs", lambda: bool(answers))
 
@@ -447,8 +476,9 @@ class TestOnTheBroker:
         assert _ids(got) == [first.id, late_id]
         assert got[0].keys == {"k"}
 
-    def test_sending_to_a_topic_that_is_not_transactional_is_a_config_error(self, server: RocketMQServer,
-                                                                              pg_table: HalfMessageTable) -> None:
+    def test_sending_to_a_topic_that_is_not_transactional_is_a_config_error(
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         topic = _name("normal").replace("_", "-")
         server.create_topic(topic, "NORMAL")
         ran: list[bool] = []
@@ -462,11 +492,15 @@ class TestOnTheBroker:
     def test_an_unreachable_broker_is_a_broker_error_before_anything_runs(self, pg_table: HalfMessageTable) -> None:
         ran: list[bool] = []
         # The client's startup does not fail without a broker (it logs and retries routes); the send does.
-        with (HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table, request_timeout=2) as producer,
-              pytest.raises(BrokerError, match="not sent")):
+        with (
+            HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table, request_timeout=2) as producer,
+            pytest.raises(BrokerError, match="not sent"),
+        ):
             producer.send("t", b"x", lambda conn: ran.append(True))
-        with HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table) as producer, \
-                pytest.raises(MessageError, match="non-empty"):
+        with (
+            HalfMessageProducer("rocketmq://127.0.0.1:1", ["t"], pg_table) as producer,
+            pytest.raises(MessageError, match="non-empty"),
+        ):
             producer.send("t", b"", lambda conn: ran.append(True))
         assert ran == []
 
@@ -474,10 +508,21 @@ class TestOnTheBroker:
 # -- producer processes SIGKILLed between the two commits -------------------------------------------
 
 
-def _child(mode: str, server: RocketMQServer, topic: str, table: HalfMessageTable, effects: sa.Table,
-           stderr: Any = subprocess.PIPE) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(CHILD), mode, server.url, topic, PG_URL, table.table.name,
-                             effects.name], stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO)
+def _child(
+    mode: str,
+    server: RocketMQServer,
+    topic: str,
+    table: HalfMessageTable,
+    effects: sa.Table,
+    stderr: Any = subprocess.PIPE,
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), mode, server.url, topic, PG_URL, table.table.name, effects.name],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        cwd=REPO,
+    )
 
 
 def _crash(mode: str, server: RocketMQServer, topic: str, table: HalfMessageTable, effects: sa.Table) -> str:
@@ -508,8 +553,9 @@ def _checker(server: RocketMQServer, topic: str, table: HalfMessageTable, effect
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The 'warn' method is deprecated:DeprecationWarning")
 class TestCrash:
-    def test_killed_after_the_local_commit_the_check_back_delivers_it(self, server: RocketMQServer,
-                                                                       pg_table: HalfMessageTable) -> None:
+    def test_killed_after_the_local_commit_the_check_back_delivers_it(
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         topic = _transaction_topic(server)
         effects = _effects(pg_table.engine)
         half_id = _crash("after-local-commit", server, topic, pg_table, effects)
@@ -523,8 +569,9 @@ class TestCrash:
         with pg_table.engine.connect() as conn:
             assert [r.note for r in conn.execute(sa.select(effects))] == ["after-local-commit"]
 
-    def test_killed_before_the_local_commit_the_check_back_drops_it(self, server: RocketMQServer,
-                                                                     pg_table: HalfMessageTable) -> None:
+    def test_killed_before_the_local_commit_the_check_back_drops_it(
+        self, server: RocketMQServer, pg_table: HalfMessageTable
+    ) -> None:
         topic = _transaction_topic(server)
         effects = _effects(pg_table.engine)
         half_id = _crash("before-local-commit", server, topic, pg_table, effects)

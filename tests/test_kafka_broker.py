@@ -51,8 +51,9 @@ def test_a_batch_is_delivered_with_ids_and_locations(kafka: EmbeddedBroker, tran
 
 def test_an_oversized_message_is_rejected_its_key_held_and_the_rest_delivered(kafka: EmbeddedBroker) -> None:
     topic = unique_topic()
-    broker = KafkaBroker(kafka.url, transactional_id=f"test-{topic}", timeout_s=15,
-                         config={"message.max.bytes": 20_000})
+    broker = KafkaBroker(
+        kafka.url, transactional_id=f"test-{topic}", timeout_s=15, config={"message.max.bytes": 20_000}
+    )
     big = new_message(topic, b"x" * 50_000, key=b"A")
     after_big = new_message(topic, b"a2", key=b"A")
     other = new_message(topic, b"b1", key=b"B")
@@ -155,8 +156,22 @@ def test_a_restarted_relay_with_nothing_to_send_still_fences_at_once(kafka: Embe
     finally:
         other.close()
     FileSpool(tmp_path / "empty").close()  # an empty spool: only init (or the app) makes one
-    res = subprocess.run([sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{tmp_path / 'empty'}",
-                          "--target", kafka.url, "--relay-id", relay_id, "--drain"], timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            f"spool://{tmp_path / 'empty'}",
+            "--target",
+            kafka.url,
+            "--relay-id",
+            relay_id,
+            "--drain",
+        ],
+        timeout=120,
+    )
     assert res.returncode == 0
     assert after.id in read_topic(kafka.url, topic, expect=[after.id], idle_s=5).ids
 
@@ -232,9 +247,15 @@ def test_librdkafka_repeats_are_held_back_and_counted() -> None:
     f = RepeatFilter(window_s=30, clock=lambda: now[0])
 
     def line(client: int) -> logging.LogRecord:
-        return logging.LogRecord("zeroloss.librdkafka", logging.ERROR, __file__, 1,
-                                 "FAIL [rdkafka#producer-%d] [thrd:b/1]: b:1/bootstrap: Connect failed: refused",
-                                 (client,), None)
+        return logging.LogRecord(
+            "zeroloss.librdkafka",
+            logging.ERROR,
+            __file__,
+            1,
+            "FAIL [rdkafka#producer-%d] [thrd:b/1]: b:1/bootstrap: Connect failed: refused",
+            (client,),
+            None,
+        )
 
     assert f.filter(line(1))
     assert [f.filter(line(n)) for n in range(2, 300)] == [False] * 298  # other clients, same failure
@@ -259,8 +280,11 @@ def _small_topic(cluster: Any, max_bytes: int, partitions: int = 1) -> str:
 
 @pytest.mark.kafka_cluster
 @pytest.mark.parametrize("transactional", [True, False])
-@pytest.mark.parametrize(("partitions", "max_bytes", "n", "size"), [(1, 2000, 30, 100), (3, 100_000, 500, 200)],
-                         ids=["1-partition", "3-partitions"])
+@pytest.mark.parametrize(
+    ("partitions", "max_bytes", "n", "size"),
+    [(1, 2000, 30, 100), (3, 100_000, 500, 200)],
+    ids=["1-partition", "3-partitions"],
+)
 def test_a_batch_over_the_topics_size_limit_fails_only_the_message_too_big_by_itself(
     kafka_cluster: Any, transactional: bool, partitions: int, max_bytes: int, n: int, size: int
 ) -> None:
@@ -269,8 +293,7 @@ def test_a_batch_over_the_topics_size_limit_fails_only_the_message_too_big_by_it
     HELD. With several partitions the failed transaction also purges the records still queued for
     the others (_PURGE_QUEUE): innocent too, not an outage (that was a batch retried forever)."""
     topic = _small_topic(kafka_cluster, max_bytes, partitions)
-    broker = KafkaBroker(kafka_cluster.url, transactional_id=f"test-{topic}" if transactional else None,
-                         timeout_s=15)
+    broker = KafkaBroker(kafka_cluster.url, transactional_id=f"test-{topic}" if transactional else None, timeout_s=15)
     small = [new_message(topic, b"s%d." % i + b"." * size, key=b"k%d" % i) for i in range(n)]
     big = new_message(topic, b"x" * (max_bytes * 2), key=b"k0")
     after_big = new_message(topic, b"after", key=b"k0")

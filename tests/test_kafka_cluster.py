@@ -18,8 +18,9 @@ def produce(cluster: KafkaCluster, topic: str, values: list[bytes], timeout: flo
     from confluent_kafka import Producer
 
     errors: list[Any] = []
-    p = Producer(cluster.client_config(**{"enable.idempotence": True, "acks": "all",
-                                           "message.timeout.ms": int(timeout * 1000)}))
+    p = Producer(
+        cluster.client_config(**{"enable.idempotence": True, "acks": "all", "message.timeout.ms": int(timeout * 1000)})
+    )
     try:
         for v in values:
             p.produce(topic, v, key=v, on_delivery=lambda err, _msg: errors.append(err))

@@ -28,8 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "zeroloss.json"
 OPERATIONS = ROOT / "docs" / "operations.md"
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool", "offset",
-             "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def promql_metrics(expr: str) -> set[str]:
@@ -39,7 +52,7 @@ def promql_metrics(expr: str) -> set[str]:
     expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
     names = set()
     for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        if re.match(r"\s*\(", expr[m.end():]) or m.group() in _KEYWORDS:
+        if re.match(r"\s*\(", expr[m.end() :]) or m.group() in _KEYWORDS:
             continue
         names.add(m.group())
     return names
@@ -77,8 +90,15 @@ def test_alert_rules_are_well_formed_and_use_only_zeroloss_metrics() -> None:
 
 def test_alerts_cover_what_the_issue_asks_for() -> None:
     exprs = " ".join(r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"])
-    for needle in ('oldest_age_seconds{state="pending"}', "expired_leases", 'state="failed"', "doubt|malformed",
-                   "disk_free_bytes", "audit_loss_ratio", "consumer_lag_messages"):
+    for needle in (
+        'oldest_age_seconds{state="pending"}',
+        "expired_leases",
+        'state="failed"',
+        "doubt|malformed",
+        "disk_free_bytes",
+        "audit_loss_ratio",
+        "consumer_lag_messages",
+    ):
         assert needle in exprs
 
 
@@ -107,10 +127,18 @@ def test_labels_come_from_the_one_vocabulary() -> None:
         metrics.consumer_processed("g", "t", "ok")
     metrics.consumer_processed("billing", "orders", "duplicate", seconds=0.01)
     metrics.consumer_lag("billing", "orders", 3, 17)
-    assert (metrics.REGISTRY.get_sample_value(
-        "zeroloss_consumer_messages_total", {"group": "billing", "topic": "orders", "outcome": "duplicate"}) or 0) >= 1
-    assert metrics.REGISTRY.get_sample_value(
-        "zeroloss_consumer_lag_messages", {"group": "billing", "topic": "orders", "partition": "3"}) == 17
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "zeroloss_consumer_messages_total", {"group": "billing", "topic": "orders", "outcome": "duplicate"}
+        )
+        or 0
+    ) >= 1
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "zeroloss_consumer_lag_messages", {"group": "billing", "topic": "orders", "partition": "3"}
+        )
+        == 17
+    )
 
 
 def get(url: str) -> tuple[int, str]:
@@ -142,9 +170,23 @@ def start_relay(tmp_path: Path, target: str, port: int, *extra: str) -> tuple[su
     log = tmp_path / "relay.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zeroloss", "relay", "--source", f"spool://{tmp_path / 'spool'}",
-             "--target", target, "--metrics-port", str(port), "--metrics-host", "127.0.0.1", *extra],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "zeroloss",
+                "relay",
+                "--source",
+                f"spool://{tmp_path / 'spool'}",
+                "--target",
+                target,
+                "--metrics-port",
+                str(port),
+                "--metrics-host",
+                "127.0.0.1",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     return proc, log
 
@@ -174,8 +216,10 @@ def test_a_relay_serves_every_metric_and_its_health(kafka: EmbeddedBroker, tmp_p
 
         def delivered() -> bool:
             text = get(f"{base}/metrics")[1]
-            return (sample(text, "zeroloss_relay_messages_total", '{outcome="delivered"}') == 50
-                    and sample(text, "zeroloss_outbox_messages", '{state="success"}') == 50)
+            return (
+                sample(text, "zeroloss_relay_messages_total", '{outcome="delivered"}') == 50
+                and sample(text, "zeroloss_outbox_messages", '{state="success"}') == 50
+            )
 
         wait_until(delivered, 120, "50 delivered and the gauges refreshed", proc, log)
         status, text = get(f"{base}/metrics")
@@ -202,8 +246,9 @@ def test_readyz_says_why_while_the_broker_is_down(tmp_path: Path) -> None:
     with spool.transaction() as tx:
         tx.add(topic="t", value=b"x")
     port = free_port()
-    proc, log = start_relay(tmp_path, f"kafka://127.0.0.1:{free_port()}", port, "--timeout-s", "1",
-                            "--max-backoff-s", "1")
+    proc, log = start_relay(
+        tmp_path, f"kafka://127.0.0.1:{free_port()}", port, "--timeout-s", "1", "--max-backoff-s", "1"
+    )
     try:
         wait_until(lambda: "broker outage" in get(f"http://127.0.0.1:{port}/readyz")[1], 60, "an outage", proc, log)
         status, body = get(f"http://127.0.0.1:{port}/readyz")

@@ -113,8 +113,9 @@ def test_a_full_jetstream_store_spends_no_attempts(outbox: OutboxHarness, tmp_pa
             counts = outbox.store.stats().counts
             assert counts[State.FAILED] == 0, f"a full store failed messages: {counts}"
             assert 0 < counts[State.SUCCESS] < n, counts  # what fitted is kept; the rest waits
-            assert all(outbox.store.get(mid)[1].attempts == 0 for mid in ids if outbox.store.get(mid)[0]
-                       is State.PENDING)
+            assert all(
+                outbox.store.get(mid)[1].attempts == 0 for mid in ids if outbox.store.get(mid)[0] is State.PENDING
+            )
 
             async def make_room() -> None:
                 import nats

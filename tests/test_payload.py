@@ -56,13 +56,28 @@ def test_values_are_encoded_by_type_and_labelled() -> None:
     assert text.value == "héllo".encode() and text.header("content-type") == b"text/plain; charset=utf-8"
 
     when = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
-    doc = new_message("t", {"at": when, "id": uuid.UUID(int=1), "n": decimal.Decimal("1.50"), "c": Color.RED,
-                            "tags": {"a"}, "refund": Refund(1, "late"),
-                            "order": Order(id=1, total=decimal.Decimal(2), customer="c")})
+    doc = new_message(
+        "t",
+        {
+            "at": when,
+            "id": uuid.UUID(int=1),
+            "n": decimal.Decimal("1.50"),
+            "c": Color.RED,
+            "tags": {"a"},
+            "refund": Refund(1, "late"),
+            "order": Order(id=1, total=decimal.Decimal(2), customer="c"),
+        },
+    )
     assert doc.header("content-type") == b"application/json"
     assert json.loads(doc.value) == {
-        "at": "2026-11-30T12:00:00+00:00", "id": "00000000-0000-0000-0000-000000000001", "n": "1.50", "c": "red",
-        "tags": ["a"], "refund": {"order_id": 1, "reason": "late"}, "order": {"id": 1, "total": "2", "customer": "c"}}
+        "at": "2026-11-30T12:00:00+00:00",
+        "id": "00000000-0000-0000-0000-000000000001",
+        "n": "1.50",
+        "c": "red",
+        "tags": ["a"],
+        "refund": {"order_id": 1, "reason": "late"},
+        "order": {"id": 1, "total": "2", "customer": "c"},
+    }
 
     model = new_message("t", Order(id=7, total=decimal.Decimal("9.90"), customer="c"))
     assert json.loads(model.value) == {"id": 7, "total": "9.90", "customer": "c"}
@@ -72,12 +87,15 @@ def test_values_are_encoded_by_type_and_labelled() -> None:
     assert [v for k, v in own.headers if k.lower() == "content-type"] == [b"application/vnd.shop+json"]
 
 
-@pytest.mark.parametrize(("value", "words"), [
-    (object(), "value of type object cannot be sent as JSON"),
-    ({"x": float("inf")}, "cannot be sent as JSON"),
-    (None, "value is None"),
-    ("\ud800", "value is not valid Unicode"),
-])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (object(), "value of type object cannot be sent as JSON"),
+        ({"x": float("inf")}, "cannot be sent as JSON"),
+        (None, "value is None"),
+        ("\ud800", "value is not valid Unicode"),
+    ],
+)
 def test_a_value_that_cannot_be_encoded_is_refused_at_add(value: object, words: str) -> None:
     with pytest.raises(MessageError, match=words):
         new_message("t", value)
@@ -108,19 +126,26 @@ def test_the_consumer_side_reads_json_text_and_models_or_says_why_not() -> None:
 @pytest.mark.kafka
 @pytest.mark.postgres
 def test_typed_orders_go_from_add_to_a_model_handler_and_bad_ones_are_dead_lettered(
-        kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
     require_service("postgres")
     topic = unique_topic("typed")
-    outbox = SqlOutbox(sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg")),
-                       table=f"zl_typed_{uuid.uuid4().hex[:8]}")
+    outbox = SqlOutbox(
+        sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg")),
+        table=f"zl_typed_{uuid.uuid4().hex[:8]}",
+    )
     spool = FileSpool(tmp_path / "spool")
     inbox = SqlInbox(f"sqlite:///{tmp_path / 'billing.db'}")
     outbox.create_schema()
     inbox.create_schema()
     try:
         with outbox.engine.begin() as conn:
-            good = outbox.add(conn, topic=topic, key="customer-7",
-                              value=Order(id=1, total=decimal.Decimal("9.90"), customer="customer-7"))
+            good = outbox.add(
+                conn,
+                topic=topic,
+                key="customer-7",
+                value=Order(id=1, total=decimal.Decimal("9.90"), customer="customer-7"),
+            )
             outbox.add(conn, topic=topic, key="customer-8", value={"id": "not a number", "total": 1, "customer": "c"})
             outbox.add(conn, topic=topic, key="customer-9", value=b"<xml/>")
         with spool.transaction() as tx:
@@ -133,11 +158,22 @@ def test_typed_orders_go_from_add_to_a_model_handler_and_bad_ones_are_dead_lette
                 broker.close()
 
         seen: list[Order] = []  # every call, rolled-back runs of a shared transaction included
-        bills = sa.Table("bills", sa.MetaData(), sa.Column("order_id", sa.Integer, primary_key=True),
-                         sa.Column("total", sa.String(20)))
+        bills = sa.Table(
+            "bills",
+            sa.MetaData(),
+            sa.Column("order_id", sa.Integer, primary_key=True),
+            sa.Column("total", sa.String(20)),
+        )
         bills.create(inbox.engine)
-        consumer = Consumer(kafka.url, group=f"g-{topic}", topics=[topic], inbox=inbox, config=FAST_GROUP,
-                            backoff_base_s=0.01, parked_dir=tmp_path / "parked")
+        consumer = Consumer(
+            kafka.url,
+            group=f"g-{topic}",
+            topics=[topic],
+            inbox=inbox,
+            config=FAST_GROUP,
+            backoff_base_s=0.01,
+            parked_dir=tmp_path / "parked",
+        )
 
         @consumer.handler(model=Order)
         def bill(order: Order, tx: sa.Connection) -> None:

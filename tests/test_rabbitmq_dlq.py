@@ -69,9 +69,18 @@ def test_a_refused_dead_letter_holds_the_original_and_a_confirmed_one_acks_it() 
             sub = RabbitSubscription(AMQP_URL, "g", [topic], timeout_s=10)
             try:
                 d = _fetch_one(sub)
-                letter = dlq.dead_letter(message_id=d.received.id, topic=topic, partition=0, offset=0,
-                                         key=d.received.key, value=d.received.value, headers=d.received.headers,
-                                         error=ValueError("bad order"), attempts=5, first_failure=time.time())
+                letter = dlq.dead_letter(
+                    message_id=d.received.id,
+                    topic=topic,
+                    partition=0,
+                    offset=0,
+                    key=d.received.key,
+                    value=d.received.value,
+                    headers=d.received.headers,
+                    error=ValueError("bad order"),
+                    attempts=5,
+                    first_failure=time.time(),
+                )
                 with pytest.raises(BrokerError, match="not stored") as refused:
                     sub.dead_letter(d, letter)
                 assert refused.value.retriable  # the consumer keeps the message and tries again

@@ -43,8 +43,9 @@ def test_the_readme_marks_the_tour_runnable() -> None:
     assert "zeroloss relay" in blocks[2][1] and "Consumer(" in blocks[4][1]
 
 
-def test_the_five_minute_tour_runs_as_pasted(kafka: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_five_minute_tour_runs_as_pasted(
+    kafka: EmbeddedBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     suffix = uuid.uuid4().hex[:8]
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__readme__"}
@@ -65,7 +66,9 @@ def test_the_five_minute_tour_runs_as_pasted(kafka: EmbeddedBroker, tmp_path: Pa
                 exec(compile(code, f"README.md ({lang} block)", "exec", dont_inherit=True), namespace)
         with sqlite3.connect(tmp_path / "billing.db") as db:
             assert db.execute("SELECT order_id, customer, total FROM invoices ORDER BY order_id").fetchall() == [
-                (1, "customer-7", 99.5), (2, "customer-8", 12)]
+                (1, "customer-7", 99.5),
+                (2, "customer-8", 12),
+            ]
         assert namespace["consumer"].counters.processed == 2
         said = capsys.readouterr().err  # what the reader sees: the consumer's lines, with time and level
         assert re.search(r"^\S+ \S+ INFO zeroloss.consumer.runtime: consumer started: kafka://", said, re.M), said

@@ -95,7 +95,8 @@ def _sqlite_outbox(tmp_path: Path) -> SqlOutbox:
 
 
 def test_the_trace_goes_from_the_request_through_the_broker_to_the_handler(
-        kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
     from examples import traced_orders as recipe
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -152,7 +153,8 @@ def test_without_opentelemetry_nothing_is_added(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_an_async_handler_runs_in_the_inbox_transaction_from_an_asyncio_app(
-        kafka: EmbeddedBroker, tmp_path: Path) -> None:
+    kafka: EmbeddedBroker, tmp_path: Path
+) -> None:
     from examples import async_handler as recipe
 
     topic = unique_topic("async")
@@ -167,8 +169,16 @@ def test_an_async_handler_runs_in_the_inbox_transaction_from_an_asyncio_app(
             outbox.add(conn, topic=topic, key="c", value={"id": 2, "total": 5.0, "currency": "EUR"})
             outbox.add(conn, topic=topic, key="d", value={"id": 3, "total": 5.0, "currency": "XXX"})  # KeyError
         relay_all(outbox, kafka)
-        consumer = recipe.async_billing(kafka.url, inbox, topic=topic, group=f"g-{topic}", config=FAST_GROUP,
-                                        max_attempts=2, backoff_base_s=0.01, parked_dir=tmp_path / "parked")
+        consumer = recipe.async_billing(
+            kafka.url,
+            inbox,
+            topic=topic,
+            group=f"g-{topic}",
+            config=FAST_GROUP,
+            max_attempts=2,
+            backoff_base_s=0.01,
+            parked_dir=tmp_path / "parked",
+        )
 
         async def wrong() -> None:  # run on the app's own loop: refused before any message is taken
             consumer.run_until_idle(idle_s=1.0, timeout_s=90)
@@ -181,7 +191,9 @@ def test_an_async_handler_runs_in_the_inbox_transaction_from_an_asyncio_app(
             consumer.close()
         with inbox.engine.connect() as conn:
             assert conn.execute(sa.text("SELECT order_id, total_eur FROM invoices ORDER BY order_id")).all() == [
-                (1, 9.0), (2, 5.0)]
+                (1, 9.0),
+                (2, 5.0),
+            ]
         assert consumer.counters.processed == 2 and consumer.counters.dead_lettered == 1
     finally:
         outbox.close()
@@ -191,8 +203,13 @@ def test_an_async_handler_runs_in_the_inbox_transaction_from_an_asyncio_app(
 @pytest.mark.postgres
 def test_django_atomic_holds_the_order_and_its_message(pg_database: str, tmp_path: Path) -> None:
     """In a process of its own: Django's settings are once per process."""
-    done = subprocess.run([sys.executable, "-m", "examples.django_orders", pg_database], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.django_orders", pg_database],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.splitlines()[-1])
     assert report["orders"] == 2 and "outside transaction.atomic()" in report["refused"]
@@ -202,7 +219,8 @@ def test_django_atomic_holds_the_order_and_its_message(pg_database: str, tmp_pat
         sent = sorted(outbox.list(State.PENDING), key=lambda m: m.id)
         assert [json.loads(m.value) for m in sent] == [
             {"id": report["placed"][0], "customer": "customer-7", "total": "99.50"},
-            {"id": report["placed"][1], "customer": "customer-8", "total": "12.00"}]
+            {"id": report["placed"][1], "customer": "customer-8", "total": "12.00"},
+        ]
         assert [m.key for m in sent] == [b"customer-7", b"customer-8"]
         assert all(m.header("content-type") == b"application/json" for m in sent)
     finally:

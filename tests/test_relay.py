@@ -151,8 +151,11 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
         with outbox.store.engine.begin() as conn:
             conn.exec_driver_sql(f"ALTER TABLE {old} RENAME TO {new}")
 
-    relay = Relay(outbox.store, broker, RelaySettings(batch_size=10, idle_wait_s=0.01, backoff_base_s=0.02,
-                                                              max_backoff_s=0.1, recover_every_s=3600))
+    relay = Relay(
+        outbox.store,
+        broker,
+        RelaySettings(batch_size=10, idle_wait_s=0.01, backoff_base_s=0.02, max_backoff_s=0.1, recover_every_s=3600),
+    )
     t = threading.Thread(target=relay.run)
     t.start()
     try:
@@ -197,8 +200,10 @@ def test_a_relay_records_its_deliveries_before_it_backs_off_or_idles(outbox: Out
     t.start()
     try:  # the last batch is recorded by the empty claim before the relay idles
         # the relay counts a recording once its commit returned: the rows can show a moment before
-        wait_until(lambda: outbox.store.stats().counts[State.SUCCESS] == 20 and relay.counters.delivered == 10,
-                   what="the new ones recorded while idle")
+        wait_until(
+            lambda: outbox.store.stats().counts[State.SUCCESS] == 20 and relay.counters.delivered == 10,
+            what="the new ones recorded while idle",
+        )
         assert relay.counters.delivered == 10 and outbox.store.stats().counts[State.SENDING] == 0
     finally:
         relay.stop()
@@ -270,8 +275,15 @@ def test_a_relay_records_its_deliveries_before_it_recovers_their_expired_lease(
             until = conn.exec_driver_sql(f"SELECT max(lease_until) FROM {table}_away WHERE state = 'sending'").scalar()
         return until is not None and store.now() > until
 
-    settings = RelaySettings(batch_size=10, lease_s=0.5, idle_wait_s=0.01, backoff_base_s=0.02, max_backoff_s=0.1,
-                             recover_every_s=0, progress_every_s=None)
+    settings = RelaySettings(
+        batch_size=10,
+        lease_s=0.5,
+        idle_wait_s=0.01,
+        backoff_base_s=0.02,
+        max_backoff_s=0.1,
+        recover_every_s=0,
+        progress_every_s=None,
+    )
     relay = Relay(store, broker, settings)
     t = threading.Thread(target=relay.run)
     caplog.set_level(logging.INFO, logger="zeroloss")

@@ -37,10 +37,29 @@ def test_relay_waits_out_a_dead_broker_and_delivers_everything(tmp_path: Path) -
     log = tmp_path / "relay.log"
     with open(log, "ab") as out:
         relay = subprocess.Popen(
-            [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", source, "--target",
-             f"kafka://127.0.0.1:{port}", "--timeout-s", "1", "--lease-s", "5", "--max-backoff-s", "1",
-             "--max-attempts", "2", "--relay-id", "outage"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "zeroloss",
+                "-v",
+                "relay",
+                "--source",
+                source,
+                "--target",
+                f"kafka://127.0.0.1:{port}",
+                "--timeout-s",
+                "1",
+                "--lease-s",
+                "5",
+                "--max-backoff-s",
+                "1",
+                "--max-attempts",
+                "2",
+                "--relay-id",
+                "outage",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     broker = EmbeddedBroker(port)
     try:
@@ -66,8 +85,11 @@ def test_relay_waits_out_a_dead_broker_and_delivers_everything(tmp_path: Path) -
 
 def test_zeroloss_broker_command_serves_until_interrupted(tmp_path: Path) -> None:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "zeroloss", "broker", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zeroloss", "broker", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()  # printed once the port answers
@@ -85,8 +107,13 @@ def test_zeroloss_broker_command_serves_until_interrupted(tmp_path: Path) -> Non
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        res = subprocess.run([sys.executable, "-m", "zeroloss", "broker", "--port", str(busy)],
-                             capture_output=True, text=True, timeout=30, env={**os.environ})
+        res = subprocess.run(
+            [sys.executable, "-m", "zeroloss", "broker", "--port", str(busy)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ},
+        )
     assert res.returncode == 2
     assert "already in use" in res.stderr
 
@@ -109,9 +136,25 @@ def test_sigterm_stops_the_relay_at_once_while_the_broker_does_not_answer(fault:
     log = tmp_path / "relay.log"
     with open(log, "ab") as out:
         relay = subprocess.Popen(
-            [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", f"spool://{tmp_path / 'spool'}",
-             "--target", broker.url, "--timeout-s", "60", "--lease-s", "120", "--relay-id", f"stop-{fault}"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "zeroloss",
+                "-v",
+                "relay",
+                "--source",
+                f"spool://{tmp_path / 'spool'}",
+                "--target",
+                broker.url,
+                "--timeout-s",
+                "60",
+                "--lease-s",
+                "120",
+                "--relay-id",
+                f"stop-{fault}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until(lambda: "relay started" in log.read_text(), 60, "the relay to start")
@@ -140,8 +183,21 @@ def test_a_second_relay_on_one_spool_exits_2_and_names_the_first(tmp_path: Path)
     with spool.transaction() as tx:
         tx.add(topic=unique_topic("one"), value=b"v", key=b"k")
     spool.close()
-    args = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", f"spool://{tmp_path / 'spool'}",
-            "--target", f"kafka://127.0.0.1:{free_port()}", "--timeout-s", "1", "--lease-s", "5"]
+    args = [
+        sys.executable,
+        "-m",
+        "zeroloss",
+        "-v",
+        "relay",
+        "--source",
+        f"spool://{tmp_path / 'spool'}",
+        "--target",
+        f"kafka://127.0.0.1:{free_port()}",
+        "--timeout-s",
+        "1",
+        "--lease-s",
+        "5",
+    ]
     log = tmp_path / "first.log"
     with open(log, "ab") as out:
         first = subprocess.Popen([*args, "--relay-id", "first"], stdout=out, stderr=subprocess.STDOUT)

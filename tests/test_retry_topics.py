@@ -25,11 +25,11 @@ from zeroloss.readback import read_topic
 
 pytestmark = pytest.mark.kafka_cluster
 
+
 @pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
     return kafka_cluster
-
 
 
 @pytest.fixture
@@ -40,8 +40,19 @@ def db(tmp_path: Path) -> Iterator[Db]:
 def test_origin_reads_retry_headers_only_on_this_consumers_retry_topics() -> None:
     at = origin("orders", 2, 40, (), 3)
     assert (at.topic, at.partition, at.offset, at.stage, at.attempts, at.not_before_ms) == ("orders", 2, 40, 0, 0, 0)
-    copy = retry_copy(message_id="m1", key=b"k", value=b"v", headers=(("trace", b"t"),), at=at, group="billing",
-                      attempts=1, first_failure=100.0, error=ValueError("boom"), delay_s=2.5, now=1000.0)
+    copy = retry_copy(
+        message_id="m1",
+        key=b"k",
+        value=b"v",
+        headers=(("trace", b"t"),),
+        at=at,
+        group="billing",
+        attempts=1,
+        first_failure=100.0,
+        error=ValueError("boom"),
+        delay_s=2.5,
+        now=1000.0,
+    )
     assert copy.topic == "orders.retry.1" and copy.id == "m1" and copy.key == b"k"
     h = dict(copy.headers)
     assert h["trace"] == b"t" and h[H_ATTEMPTS] == b"1" and h[H_NOT_BEFORE] == b"1002500"
@@ -54,8 +65,19 @@ def test_origin_reads_retry_headers_only_on_this_consumers_retry_topics() -> Non
     # a stage the configuration no longer has (it shrank from 4 to 3 stages) counts as the last one
     assert origin("orders.retry.4", 0, 1, copy.headers, 3).stage == 3
     # the next copy replaces the retry headers instead of piling them up
-    again = retry_copy(message_id="m1", key=b"k", value=b"v", headers=copy.headers, at=later, group="billing",
-                       attempts=2, first_failure=100.0, error=ValueError("boom"), delay_s=1, now=2000.0)
+    again = retry_copy(
+        message_id="m1",
+        key=b"k",
+        value=b"v",
+        headers=copy.headers,
+        at=later,
+        group="billing",
+        attempts=2,
+        first_failure=100.0,
+        error=ValueError("boom"),
+        delay_s=1,
+        now=2000.0,
+    )
     assert again.topic == "orders.retry.2"
     assert [k for k, _ in again.headers].count(H_ATTEMPTS) == 1 and dict(again.headers)[H_ORIGINAL_TOPIC] == b"orders"
 
@@ -134,8 +156,9 @@ def test_transactional_mode_commits_retry_copies_with_the_offsets(kafka: Embedde
     topic, out = unique_topic("rt"), unique_topic("rt-out")
     msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
     publish(kafka.url, msgs)
-    c = Consumer(kafka.url, unique_topic("g"), [topic], None, transactional=True, retry_delays_s=(0.3,),
-                 config=dict(FAST_GROUP))
+    c = Consumer(
+        kafka.url, unique_topic("g"), [topic], None, transactional=True, retry_delays_s=(0.3,), config=dict(FAST_GROUP)
+    )
     failed_once: set[str] = set()
 
     @c.handler
@@ -152,9 +175,7 @@ def test_transactional_mode_commits_retry_copies_with_the_offsets(kafka: Embedde
     assert seen.records == 10 and len(seen.ids) == 10  # the retried one's output once, like the rest
 
 
-def test_two_groups_share_the_retry_topics_without_running_each_others_retries(
-    kafka: EmbeddedBroker, db: Db
-) -> None:
+def test_two_groups_share_the_retry_topics_without_running_each_others_retries(kafka: EmbeddedBroker, db: Db) -> None:
     topic = unique_topic("rt")
     msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
     publish(kafka.url, msgs)

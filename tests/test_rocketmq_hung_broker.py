@@ -30,8 +30,7 @@ HELD = 16
 TIMEOUT_S = 2  # the client's request timeout: each unanswered call waits this long
 
 
-def test_closing_with_messages_in_hand_on_a_hung_broker_costs_one_timeout_not_one_per_message(
-        tmp_path: Path) -> None:
+def test_closing_with_messages_in_hand_on_a_hung_broker_costs_one_timeout_not_one_per_message(tmp_path: Path) -> None:
     only_in_the_full_crash_matrix("a throwaway RocketMQ server, paused (about 35 s to start)")
     stop_on_a_hung_broker(tmp_path)
 
@@ -46,8 +45,9 @@ def stop_on_a_hung_broker(directory: Path) -> float:
         producer = rocketmq_plain.PlainProducer(server, fifo=False)
         producer.publish([new_message(topic, f"v{i}".encode()) for i in range(HELD)])
         producer.close()
-        sub = RocketMQSubscription(rocketmq_plain.url(server), group, [topic], timeout_s=TIMEOUT_S,
-                                   invisible_s=10, settle_s=30)
+        sub = RocketMQSubscription(
+            rocketmq_plain.url(server), group, [topic], timeout_s=TIMEOUT_S, invisible_s=10, settle_s=30
+        )
         held: list[object] = []
         deadline = time.monotonic() + 60
         while len(held) < HELD and time.monotonic() < deadline:

@@ -27,8 +27,9 @@ def fifo_topic_with_a_key_backlog(server: RocketMQServer, *, orderly: bool) -> t
     server.create_topics({rocketmq_topic(topic): "FIFO"})
     group = f"g-{topic}"
     server.create_group(group, fifo=orderly)
-    rocketmq_plain.PlainProducer(server).publish([new_message(topic, b"A1", key=b"A"),
-                                                  new_message(topic, b"A2", key=b"A")])
+    rocketmq_plain.PlainProducer(server).publish(
+        [new_message(topic, b"A1", key=b"A"), new_message(topic, b"A2", key=b"A")]
+    )
     return topic, group
 
 
@@ -39,7 +40,8 @@ def test_a_group_that_is_not_orderly_is_refused_on_a_fifo_topic(rocketmq: Rocket
 
 
 def test_an_orderly_group_gives_a_keys_next_message_to_no_one_while_the_one_before_is_held(
-        rocketmq: RocketMQServer) -> None:
+    rocketmq: RocketMQServer,
+) -> None:
     """What the refusal protects: with the same group made without ``fifo=True`` the second
     consumer's receives returned A2 while the first held A1."""
     topic, group = fifo_topic_with_a_key_backlog(rocketmq, orderly=True)

@@ -39,8 +39,11 @@ def committed(server: RocketMQServer, group: str, topic: str) -> dict[int, int |
     """Queue → the group's committed offset (None: it has none), asked as mqadmin would."""
     out: dict[int, int | None] = {}
     for q in range(QUEUES):
-        header, _ = server.remoting(server.broker_port, QUERY_CONSUMER_OFFSET, {
-            "consumerGroup": group, "topic": topic, "queueId": str(q), "setZeroIfNotFound": "false"})
+        header, _ = server.remoting(
+            server.broker_port,
+            QUERY_CONSUMER_OFFSET,
+            {"consumerGroup": group, "topic": topic, "queueId": str(q), "setZeroIfNotFound": "false"},
+        )
         assert header["code"] in (0, QUERY_NOT_FOUND), header
         out[q] = int(header["extFields"]["offset"]) if header["code"] == 0 else None
     return out
@@ -55,8 +58,9 @@ def firsts(server: RocketMQServer, topic: str) -> dict[int, int]:
 
 
 def backlog(server: RocketMQServer, topic: str, n: int = 8) -> None:
-    rocketmq_plain.PlainProducer(server).publish([new_message(topic, f"v{i}".encode(), key=f"k{i}".encode())
-                                                  for i in range(n)])
+    rocketmq_plain.PlainProducer(server).publish(
+        [new_message(topic, f"v{i}".encode(), key=f"k{i}".encode()) for i in range(n)]
+    )
 
 
 def init(url: str, *args: str) -> str:
@@ -66,7 +70,8 @@ def init(url: str, *args: str) -> str:
 
 
 def test_init_sets_a_new_groups_offsets_to_each_queues_first_message_and_leaves_set_ones(
-        rocketmq: RocketMQServer) -> None:
+    rocketmq: RocketMQServer,
+) -> None:
     url, topic = rocketmq_plain.url(rocketmq), rocketmq_plain.unique("newgrp")
     group = f"g-{topic}"
     init(url, "--topic", topic)
@@ -75,15 +80,19 @@ def test_init_sets_a_new_groups_offsets_to_each_queues_first_message_and_leaves_
     assert committed(rocketmq, group, topic) == firsts(rocketmq, topic)
     assert f"set to read {QUEUES} queue(s) from their first message" in out
     # A group that has consumed keeps its place: init run again moves nothing back.
-    header, _ = rocketmq.remoting(rocketmq.broker_port, UPDATE_CONSUMER_OFFSET, {
-        "consumerGroup": group, "topic": topic, "queueId": "0", "commitOffset": "5"})
+    header, _ = rocketmq.remoting(
+        rocketmq.broker_port,
+        UPDATE_CONSUMER_OFFSET,
+        {"consumerGroup": group, "topic": topic, "queueId": "0", "commitOffset": "5"},
+    )
     assert header["code"] == 0, header
     out = init(url, "--topic", topic, "--group", group)
     assert committed(rocketmq, group, topic)[0] == 5 and "set to read" not in out
 
 
 def test_a_consumer_sets_the_offsets_of_a_group_made_without_init_and_reads_the_backlog(
-        rocketmq: RocketMQServer) -> None:
+    rocketmq: RocketMQServer,
+) -> None:
     topic = rocketmq_plain.unique("newgrp")
     group = rocketmq_plain.prepare(rocketmq, topic)  # mqadmin updateSubGroup's way: no offsets
     backlog(rocketmq, topic)
@@ -103,12 +112,12 @@ def test_a_consumer_sets_the_offsets_of_a_group_made_without_init_and_reads_the_
 
 
 def test_without_the_name_server_a_consumer_warns_that_a_new_group_may_skip_and_runs(
-        rocketmq: RocketMQServer, caplog: pytest.LogCaptureFixture) -> None:
+    rocketmq: RocketMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
     topic = rocketmq_plain.unique("newgrp")
     group = rocketmq_plain.prepare(rocketmq, topic)
     caplog.set_level(logging.WARNING, "zeroloss.brokers.rocketmq_subscription")
-    sub = RocketMQSubscription(f"{rocketmq.url}?namesrv=127.0.0.1:19998", group, [topic], settle_s=30,
-                               timeout_s=2)
+    sub = RocketMQSubscription(f"{rocketmq.url}?namesrv=127.0.0.1:19998", group, [topic], settle_s=30, timeout_s=2)
     try:
         assert sub.fetch(10, 1.0) == []
     finally:
@@ -127,8 +136,13 @@ def skipped_backlog_is_read(directory: Path) -> None:
     receive: before the fix it got 4 (each queue's last message), measured on 5.5.0."""
     from zeroloss.brokers.base import Status
 
-    server = RocketMQServer(directory / "rocketmq", namesrv_port=24876, broker_port=24911, proxy_port=24081,
-                            broker_props={"initPopOffsetByCheckMsgInMem": "false"})
+    server = RocketMQServer(
+        directory / "rocketmq",
+        namesrv_port=24876,
+        broker_port=24911,
+        proxy_port=24081,
+        broker_props={"initPopOffsetByCheckMsgInMem": "false"},
+    )
     server.start()
     try:
         url = rocketmq_plain.url(server)

@@ -40,8 +40,9 @@ def producer(server: RocketMQServer, *topics: str) -> Iterator[Any]:
 
 @contextmanager
 def consumer(server: RocketMQServer, group: str, topic: str, await_seconds: int = 1) -> Iterator[Any]:
-    c = rocketmq_client.SimpleConsumer(server.client_config(), group,
-                                       {topic: rocketmq_client.FilterExpression()}, await_duration=await_seconds)
+    c = rocketmq_client.SimpleConsumer(
+        server.client_config(), group, {topic: rocketmq_client.FilterExpression()}, await_duration=await_seconds
+    )
     c.startup()
     try:
         yield c

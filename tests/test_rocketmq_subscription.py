@@ -132,9 +132,9 @@ def test_a_slow_handler_keeps_its_message_past_the_invisible_duration(rocketmq: 
     runner = threading.Thread(target=c.run_until_idle, kwargs={"idle_s": 1.0, "timeout_s": 120})
     runner.start()
     stolen: list[Any] = []
-    other = rocketmq_client.SimpleConsumer(rocketmq.client_config(), group,
-                                           {rocketmq_topic(topic): rocketmq_client.FilterExpression()},
-                                           await_duration=1)
+    other = rocketmq_client.SimpleConsumer(
+        rocketmq.client_config(), group, {rocketmq_topic(topic): rocketmq_client.FilterExpression()}, await_duration=1
+    )
     other.startup()
     try:
         assert started.wait(60)
@@ -196,8 +196,7 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_before_rocketmq_give
 def test_max_attempts_must_leave_rocketmq_a_delivery_to_spare(rocketmq: RocketMQServer, db: Db) -> None:
     topic = rocketmq_plain.unique("dcfg")
     group = rocketmq_plain.prepare(rocketmq, topic, fifo=False, retry_max_times=3)  # 4 deliveries
-    c = Consumer(rocketmq_plain.url(rocketmq), group, [topic], db.inbox, config={"invisible_s": 10.0},
-                 max_attempts=3)
+    c = Consumer(rocketmq_plain.url(rocketmq), group, [topic], db.inbox, config={"invisible_s": 10.0}, max_attempts=3)
     c.handler(db.record)
     with pytest.raises(ConfigError, match="max_attempts=3"):
         c.run_for(10.0)
@@ -250,8 +249,6 @@ def test_dlq_list_show_and_replay(rocketmq: RocketMQServer, db: Db) -> None:
     assert db.counts() == Counter({m.id: 1 for m in bad})
 
 
-
-
 def test_a_failed_receive_or_ack_is_a_broker_error_and_a_consumer_waits_out_a_dead_proxy(
     rocketmq: RocketMQServer, db: Db
 ) -> None:
@@ -280,8 +277,9 @@ def test_a_failed_receive_or_ack_is_a_broker_error_and_a_consumer_waits_out_a_de
     assert not c.assigned and db.counts() == Counter()
 
 
-def test_relay_show_and_consumer_lines_on_rocketmq(rocketmq: RocketMQServer, db: Db, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_relay_show_and_consumer_lines_on_rocketmq(
+    rocketmq: RocketMQServer, db: Db, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 15 on RocketMQ: the relay's start line and summary name it, ``zeroloss show ID`` gives
     a delivered message's location (topic/message-id/queue-offset), and the consumer says its
     start, progress and summary lines like on the other brokers."""
@@ -370,7 +368,8 @@ def test_errors_never_print_the_urls_secret_key() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(BrokerError) as down:
-        RocketMQSubscription(f"rocketmq://ak:SECRET@127.0.0.1:{port}?namesrv=127.0.0.1:{port}", "g", ["t"],
-                             timeout_s=2.0)
+        RocketMQSubscription(
+            f"rocketmq://ak:SECRET@127.0.0.1:{port}?namesrv=127.0.0.1:{port}", "g", ["t"], timeout_s=2.0
+        )
     for exc in (bad.value, down.value):
         assert "SECRET" not in str(exc) and "ak:***@" in str(exc), str(exc)

@@ -532,8 +532,9 @@ def test_threads_of_one_relay_share_its_relay_lock(tmp_path: Path) -> None:
         start = threading.Barrier(8)
         errors: list[BaseException] = []
 
-        def claim(spool: FileSpool = spool, start: threading.Barrier = start,
-                  errors: list[BaseException] = errors) -> None:
+        def claim(
+            spool: FileSpool = spool, start: threading.Barrier = start, errors: list[BaseException] = errors
+        ) -> None:
             start.wait()
             try:
                 spool.claim(1, lease_s=30)

@@ -70,6 +70,7 @@ def test_messages_a_producer_process_commits_while_the_relay_claims_come_in_comm
     child = subprocess.Popen([sys.executable, "-c", _PRODUCER, relay_spool.root, str(n)])
     claimed: list[bytes] = []
     try:
+
         def claim_some() -> bool:
             batch = relay_spool.claim(37, lease_s=30)
             claimed.extend(m.value for m in batch)

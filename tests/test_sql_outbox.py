@@ -73,8 +73,10 @@ def business(make_outbox: MakeOutbox) -> Iterator[tuple[SqlOutbox, sa.Table]]:
     """An outbox plus an application table in the same database."""
     outbox = make_outbox()
     biz = sa.Table(
-        f"zl_biz_{uuid.uuid4().hex[:10]}", sa.MetaData(),
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False), sa.Column("note", sa.String(50)),
+        f"zl_biz_{uuid.uuid4().hex[:10]}",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("note", sa.String(50)),
     )
     biz.create(outbox.engine)
     yield outbox, biz
@@ -187,12 +189,14 @@ def test_unusable_urls_raise_config_error_saying_what_is_accepted(bad: str) -> N
         SqlOutbox(bad)
 
 
-@pytest.mark.parametrize(("url", "package", "extra"), [
-    ("postgresql://u@h/db", "psycopg", "postgres"), ("mariadb://u@h/db", "pymysql", "mysql"),
-])
-def test_missing_driver_names_the_extra(
-    monkeypatch: pytest.MonkeyPatch, url: str, package: str, extra: str
-) -> None:
+@pytest.mark.parametrize(
+    ("url", "package", "extra"),
+    [
+        ("postgresql://u@h/db", "psycopg", "postgres"),
+        ("mariadb://u@h/db", "pymysql", "mysql"),
+    ],
+)
+def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch, url: str, package: str, extra: str) -> None:
     monkeypatch.setitem(sys.modules, package, None)  # import now fails as if not installed
     with pytest.raises(MissingExtraError, match=rf"zeroloss\[{extra}\]") as err:
         SqlOutbox(url)
@@ -520,8 +524,12 @@ def test_an_idle_relay_is_woken_by_a_commit_on_postgresql() -> None:
         outbox.drop_schema()
         try:
             with outbox.engine.connect() as conn:  # drop_schema removed the trigger's function too
-                assert conn.exec_driver_sql("SELECT count(*) FROM pg_proc WHERE proname = %(p)s",
-                                            {"p": f"{outbox.channel}_notify"}).scalar() == 0
+                assert (
+                    conn.exec_driver_sql(
+                        "SELECT count(*) FROM pg_proc WHERE proname = %(p)s", {"p": f"{outbox.channel}_notify"}
+                    ).scalar()
+                    == 0
+                )
         finally:
             outbox.close()
 
@@ -546,8 +554,11 @@ def test_notify_is_opt_in_and_for_postgresql_only(tmp_path: Path) -> None:
 
     def triggers() -> int:
         with outbox.engine.connect() as conn:
-            return int(conn.exec_driver_sql("SELECT count(*) FROM pg_trigger WHERE tgname = %(t)s",
-                                            {"t": f"{outbox.channel}_notify"}).scalar_one())
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname = %(t)s", {"t": f"{outbox.channel}_notify"}
+                ).scalar_one()
+            )
 
     try:
         assert CliRunner().invoke(main, ["init", "--source", PG_URL, "--table", table]).exit_code == 0
@@ -577,7 +588,7 @@ def test_a_claim_still_works_with_more_blocked_keys_than_the_server_takes_parame
         rows.append({**row, "state": State.FAILED.value})
     with outbox.engine.begin() as conn:
         for start in range(0, len(rows), 5000):
-            conn.execute(outbox.table.insert(), rows[start:start + 5000])
+            conn.execute(outbox.table.insert(), rows[start : start + 5000])
         parked = outbox.add(conn, topic="t", value=b"p", key=b"parked-7")  # behind its failed one
         free = outbox.add(conn, topic="t", value=b"f", key=b"free")
         unkeyed = outbox.add(conn, topic="t", value=b"u")

@@ -19,8 +19,10 @@ from zeroloss.outbox.sql import SqlOutbox
 
 PARTIAL = ("pending", "live", "wait", "done")
 OLD_DDL = {  # what the previous version's create_schema made, besides the primary key
-    "claim": "(state, id, not_before)", "key": "(key_hash, id)",
-    "done": "(state, done_at)", "wait": "(state, not_before)",
+    "claim": "(state, id, not_before)",
+    "key": "(key_hash, id)",
+    "done": "(state, done_at)",
+    "wait": "(state, not_before)",
 }
 
 
@@ -29,7 +31,9 @@ def indexes(outbox: SqlOutbox) -> dict[str, bool]:
     with outbox.engine.connect() as conn:
         rows = conn.exec_driver_sql(
             "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-            "WHERE i.indrelid = to_regclass(%(t)s) AND NOT i.indisprimary", {"t": outbox.table.name}).all()
+            "WHERE i.indrelid = to_regclass(%(t)s) AND NOT i.indisprimary",
+            {"t": outbox.table.name},
+        ).all()
     return {name: valid for name, valid in rows}
 
 
@@ -168,14 +172,16 @@ def test_a_row_another_claim_holds_locked_stops_its_key_at_that_row(pg_outbox: S
     never its 3rd and later ones; the other keys are untouched."""
     pg_outbox.create_schema()
     with pg_outbox.engine.begin() as conn:
-        ids = pg_outbox.add_many(conn, [{"topic": "t", "value": b"%d" % i, "key": b"k" if i % 2 else b"j"}
-                                        for i in range(12)])
+        ids = pg_outbox.add_many(
+            conn, [{"topic": "t", "value": b"%d" % i, "key": b"k" if i % 2 else b"j"} for i in range(12)]
+        )
     k_ids = ids[1::2]
     other = pg_outbox.engine.connect()
     try:
         with other.begin():
-            other.exec_driver_sql(f"SELECT id FROM {pg_outbox.table.name} WHERE id = %(i)s FOR UPDATE",
-                                  {"i": k_ids[1]}).all()
+            other.exec_driver_sql(
+                f"SELECT id FROM {pg_outbox.table.name} WHERE id = %(i)s FOR UPDATE", {"i": k_ids[1]}
+            ).all()
             got = [m.id for m in pg_outbox.claim(100, lease_s=60)]
             assert got == sorted(set(ids[0::2]) | {k_ids[0]})
     finally:
@@ -231,7 +237,8 @@ def test_an_apps_create_schema_gives_up_an_upgrade_an_old_transaction_holds_back
         assert [c for c in changes if "NOT added" in c] == [
             f"outbox table {t!r}: index ix_{t}_pending NOT added: a transaction open since before the build "
             f"(a pg_dump, a REPEATABLE READ session) held it back past 0.3s; the relay works without it, only "
-            f"slower; add it with: zeroloss init --source {pg_outbox.url} --table {t}"]
+            f"slower; add it with: zeroloss init --source {pg_outbox.url} --table {t}"
+        ]
         assert indexes(pg_outbox) == {f"ix_{t}_{s}": True for s in OLD_DDL}  # nothing half-built left
         with pg_outbox.engine.connect() as conn:  # no pooled connection keeps the build's lock timeout
             assert conn.exec_driver_sql("SHOW lock_timeout").scalar() == "0"

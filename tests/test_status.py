@@ -54,8 +54,9 @@ def test_verdict_rules(reading: Stats, level: Level, needle: str | None) -> None
 
 
 def test_the_worst_reason_decides_and_every_reason_is_listed() -> None:
-    v = assess(stats(counts={State.FAILED: 1}, expired_leases=2, oldest_pending_age_s=10.0),
-               Thresholds(max_pending_age_s=5))
+    v = assess(
+        stats(counts={State.FAILED: 1}, expired_leases=2, oldest_pending_age_s=10.0), Thresholds(max_pending_age_s=5)
+    )
     assert v.level is Level.CRITICAL
     assert [r.split(":")[0] for r in v.reasons] == ["critical", "warn", "warn"]
 
@@ -114,9 +115,19 @@ def test_watch_refreshes_until_ctrl_c_and_exits_with_the_last_verdict(tmp_path: 
     out_path = tmp_path / "out.jsonl"
     with open(out_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zeroloss", "status", "--source", f"spool://{tmp_path / 'spool'}",
-             "--json", "--watch-s", "0.1"],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "zeroloss",
+                "status",
+                "--source",
+                f"spool://{tmp_path / 'spool'}",
+                "--json",
+                "--watch-s",
+                "0.1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 60

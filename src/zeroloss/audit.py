@@ -58,15 +58,28 @@ class AuditReport:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"checked": self.checked, "missing": self.missing, "loss_rate": self.loss_rates(),
-                               "repaired": self.repaired}
+        out: dict[str, Any] = {
+            "checked": self.checked,
+            "missing": self.missing,
+            "loss_rate": self.loss_rates(),
+            "repaired": self.repaired,
+        }
         if self.broker is not None:
-            out["broker"] = {"target": self.broker.target, "delivered": self.checked,
-                             "confirmed": self.broker.confirmed, "missing": self.broker.missing}
+            out["broker"] = {
+                "target": self.broker.target,
+                "delivered": self.checked,
+                "confirmed": self.broker.confirmed,
+                "missing": self.broker.missing,
+            }
         if self.inbox is not None:
-            out["inbox"] = {"inbox": self.inbox.inbox, "group": self.inbox.group, "delivered": self.checked,
-                            "consumed": self.inbox.consumed, "too_recent": self.inbox.too_recent,
-                            "missing": self.inbox.missing}
+            out["inbox"] = {
+                "inbox": self.inbox.inbox,
+                "group": self.inbox.group,
+                "delivered": self.checked,
+                "consumed": self.inbox.consumed,
+                "too_recent": self.inbox.too_recent,
+                "missing": self.inbox.missing,
+            }
         return out
 
 
@@ -184,12 +197,16 @@ class _RocketMQReader:
                     if first <= m.queue_offset < end:
                         out.confirmed += 1
                     else:
-                        out.missing[mid] = (f"message {broker_id} is in the commit log, but queue {m.queue_id} of "
-                                            f"{topic} on {m.broker} holds offsets {first}-{end - 1}, not its "
-                                            f"{m.queue_offset}: no consumer can read it (topic deleted, or data lost)")
+                        out.missing[mid] = (
+                            f"message {broker_id} is in the commit log, but queue {m.queue_id} of "
+                            f"{topic} on {m.broker} holds offsets {first}-{end - 1}, not its "
+                            f"{m.queue_offset}: no consumer can read it (topic deleted, or data lost)"
+                        )
                 elif found:
-                    out.missing[mid] = (f"message {broker_id} of {topic} carries "
-                                        f"{found[0].properties.get(ID_HEADER) or 'no ' + ID_HEADER}")
+                    out.missing[mid] = (
+                        f"message {broker_id} of {topic} carries "
+                        f"{found[0].properties.get(ID_HEADER) or 'no ' + ID_HEADER}"
+                    )
                     del left[mid]
             if not left or time.monotonic() >= deadline:
                 break
@@ -253,8 +270,9 @@ class _BrokerReader:
                         if got == mid:
                             out.confirmed += 1
                         else:
-                            out.missing[mid] = (f"offset {rec.offset} of {tp[0]}/{tp[1]} holds "
-                                                f"{got or 'a record without ' + ID_HEADER}")
+                            out.missing[mid] = (
+                                f"offset {rec.offset} of {tp[0]}/{tp[1]} holds {got or 'a record without ' + ID_HEADER}"
+                            )
                     if not left or rec.offset >= last[tp]:
                         self._give_up(tp, want.pop(tp), out, "no record at offset {o} of {t}/{p}")
                     if not want:
@@ -288,8 +306,10 @@ def _consumed(inbox: Any, group: str, ids: list[str]) -> set[str]:
     import sqlalchemy as sa
 
     table, engine = getattr(inbox, "table", None), getattr(inbox, "engine", None)
-    if isinstance(table, sa.Table) and isinstance(engine, sa.Engine) and {"group_name", "message_id"} <= set(
-        table.c.keys()
+    if (
+        isinstance(table, sa.Table)
+        and isinstance(engine, sa.Engine)
+        and {"group_name", "message_id"} <= set(table.c.keys())
     ):
         found: set[str] = set()
         with engine.connect() as conn:

@@ -39,14 +39,32 @@ TOPIC = "orders"
 # Tansu joins a group in session.timeout.ms / 2; a real Kafka refuses a session timeout below its
 # group.min.session.timeout.ms (6 s by default), so these are for the embedded broker only.
 EMBEDDED_GROUP_CONFIG = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500}
-BROKER_NAMES = {"kafka": "Kafka", "amqp": "RabbitMQ", "amqps": "RabbitMQ", "nats": "NATS JetStream",
-                "redis": "Redis Streams", "rediss": "Redis Streams", "rocketmq": "RocketMQ"}
+BROKER_NAMES = {
+    "kafka": "Kafka",
+    "amqp": "RabbitMQ",
+    "amqps": "RabbitMQ",
+    "nats": "NATS JetStream",
+    "redis": "Redis Streams",
+    "rediss": "Redis Streams",
+    "rocketmq": "RocketMQ",
+}
 
 shop = MetaData()
-orders_t = Table("orders", shop, Column("id", Integer, primary_key=True),
-                 Column("customer", String(32)), Column("message_id", String(36)))
-invoices_t = Table("invoices", shop, Column("n", Integer, primary_key=True, autoincrement=True),
-                   Column("message_id", String(36)), Column("customer", String(32)), Column("order_no", Integer))
+orders_t = Table(
+    "orders",
+    shop,
+    Column("id", Integer, primary_key=True),
+    Column("customer", String(32)),
+    Column("message_id", String(36)),
+)
+invoices_t = Table(
+    "invoices",
+    shop,
+    Column("n", Integer, primary_key=True, autoincrement=True),
+    Column("message_id", String(36)),
+    Column("customer", String(32)),
+    Column("order_no", Integer),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +90,25 @@ class BrokerView:
 
 
 def _relay(source: str, run: Run, log: Path, batch_size: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", "--source", source, "--target", run.url,
-           "--batch-size", str(batch_size), "--relay-id", run.relay_id, "--lease-s", "4", "--timeout-s", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zeroloss",
+        "-v",
+        "relay",
+        "--source",
+        source,
+        "--target",
+        run.url,
+        "--batch-size",
+        str(batch_size),
+        "--relay-id",
+        run.relay_id,
+        "--lease-s",
+        "4",
+        "--timeout-s",
+        "3",
+    ]
     # A short lease so the restarted relay takes over the killed one's claims within seconds.
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -104,8 +139,13 @@ def _rocketmq_view(run: Run) -> BrokerView:
         copies[mid] += 1
         if copies[mid] == 1 and stored.key is not None:
             by_key.setdefault(stored.key, []).append(mid)
-    return BrokerView(set(copies), copies.total() - len(copies), _out_of_order(by_key), "read back from the broker",
-                      "same zeroloss-id: a consumer's inbox drops them")
+    return BrokerView(
+        set(copies),
+        copies.total() - len(copies),
+        _out_of_order(by_key),
+        "read back from the broker",
+        "same zeroloss-id: a consumer's inbox drops them",
+    )
 
 
 def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: str | None = None) -> int:
@@ -155,8 +195,12 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
             for i in range(orders):
                 customer = f"customer-{i % 50}"
                 with outbox.engine.begin() as conn:  # the order and its message: one transaction
-                    mid = outbox.add(conn, topic=run.topic, key=customer.encode(),
-                                     value=json.dumps({"order": i, "customer": customer}).encode())
+                    mid = outbox.add(
+                        conn,
+                        topic=run.topic,
+                        key=customer.encode(),
+                        value=json.dumps({"order": i, "customer": customer}).encode(),
+                    )
                     conn.execute(orders_t.insert().values(id=i, customer=customer, message_id=mid))
                 committed.append(mid)
 
@@ -181,8 +225,11 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
             _wait(lambda: delivered() == orders or relay.poll() is not None, 120, "every order delivered")
             # A SIGTERM that lands before the restarted relay installed its handler would just kill
             # it; wait for its start-up line (the log then holds two) before asking it to drain.
-            _wait(lambda: log.read_text(errors="replace").count("relay started") >= 2 or relay.poll() is not None,
-                  60, "the restarted relay to start")
+            _wait(
+                lambda: log.read_text(errors="replace").count("relay started") >= 2 or relay.poll() is not None,
+                60,
+                "the restarted relay to start",
+            )
             relay.send_signal(signal.SIGTERM)
             code = relay.wait(30)
         finally:
@@ -201,8 +248,9 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
         @billing.handler
         def bill(msg: Received, tx: Any) -> None:
             order = json.loads(msg.value or b"{}")
-            tx.execute(invoices_t.insert().values(message_id=msg.id, customer=order["customer"],
-                                                  order_no=order["order"]))
+            tx.execute(
+                invoices_t.insert().values(message_id=msg.id, customer=order["customer"], order_no=order["order"])
+            )
 
         try:
             billing.run_until_idle(idle_s=3, timeout_s=120)
@@ -213,22 +261,33 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
             billed = conn.execute(select(func.count(func.distinct(invoices_t.c.message_id)))).scalar_one()
             by_customer: dict[str, list[int]] = {}
             for customer, order_no in conn.execute(
-                    select(invoices_t.c.customer, invoices_t.c.order_no).order_by(invoices_t.c.n)):
+                select(invoices_t.c.customer, invoices_t.c.order_no).order_by(invoices_t.c.n)
+            ):
                 by_customer.setdefault(customer, []).append(order_no)
-            claimed = set(conn.execute(select(inbox.table.c.message_id)
-                                       .where(inbox.table.c.group_name == run.group)).scalars())
+            claimed = set(
+                conn.execute(select(inbox.table.c.message_id).where(inbox.table.c.group_name == run.group)).scalars()
+            )
 
         if scheme_of(run.url) == "kafka":
             seen = read_topic(run.url, run.topic, expect=committed, idle_s=5)
-            view = BrokerView(set(seen.ids), seen.duplicates, _out_of_order(seen.order), "read back from the broker",
-                              "same zeroloss-id: a consumer's inbox drops them")
+            view = BrokerView(
+                set(seen.ids),
+                seen.duplicates,
+                _out_of_order(seen.order),
+                "read back from the broker",
+                "same zeroloss-id: a consumer's inbox drops them",
+            )
         elif scheme_of(run.url) == "rocketmq":
             view = _rocketmq_view(run)
         else:
             name = BROKER_NAMES.get(scheme_of(run.url), "this broker")
-            view = BrokerView(claimed, billing.counters.duplicates, _out_of_order(by_customer),
-                              f"as the consumer received them: the demo reads only Kafka and RocketMQ back, not {name}",
-                              "copies the consumer received; its inbox dropped them")
+            view = BrokerView(
+                claimed,
+                billing.counters.duplicates,
+                _out_of_order(by_customer),
+                f"as the consumer received them: the demo reads only Kafka and RocketMQ back, not {name}",
+                "copies the consumer received; its inbox dropped them",
+            )
         lost = [m for m in committed if m not in view.ids]
         stats = outbox.stats()
         echo("")
@@ -238,21 +297,29 @@ def _run(orders: int, run: Run, tmp: Path, echo: Callable[[str], None], started:
         echo(f"  lost                     {len(lost)}")
         echo(f"  duplicates on the broker {view.duplicates}  ({view.duplicates_note})")
         echo(f"  keys out of order        {view.out_of_order}")
-        echo(f"  consumer: handled        {billing.counters.processed}, duplicates skipped by the inbox "
-             f"{billing.counters.duplicates}")
+        echo(
+            f"  consumer: handled        {billing.counters.processed}, duplicates skipped by the inbox "
+            f"{billing.counters.duplicates}"
+        )
         echo(f"  invoices (effects)       {effects}")
         echo(f"  orders never billed      {len(committed) - billed}")
         echo(f"  double effects           {effects - billed}")
         echo(f"  effects out of key order {_out_of_order(by_customer)}")
-        echo(f"  outbox: success={stats.counts[State.SUCCESS]} pending={stats.counts[State.PENDING]} "
-             f"failed={stats.counts[State.FAILED]}")
+        echo(
+            f"  outbox: success={stats.counts[State.SUCCESS]} pending={stats.counts[State.PENDING]} "
+            f"failed={stats.counts[State.FAILED]}"
+        )
         echo(f"  time                     {time.monotonic() - started:.1f}s")
         if lost:
             echo(f"LOST {len(lost)} messages, e.g. {lost[:3]}; relay log: {log}")
             echo("".join(log.read_text(errors="replace").splitlines(keepends=True)[-20:]))
             return 1
-        ok = (code == 0 and view.out_of_order == 0 and _out_of_order(by_customer) == 0
-              and effects == billed == len(committed))
+        ok = (
+            code == 0
+            and view.out_of_order == 0
+            and _out_of_order(by_customer) == 0
+            and effects == billed == len(committed)
+        )
         return 0 if ok else 1
     finally:
         outbox.close()

@@ -32,6 +32,7 @@ from zeroloss.message import ID_HEADER, REPLAY_HEADER, Headers, Message
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     id: str
@@ -71,8 +72,16 @@ def _stored(topic: str, s: Stored) -> DeadLetter:
     return _letter(topic, 0, s.offset, s.position, s.id, s.key, s.value, list(s.headers))
 
 
-def _letter(topic: str, partition: int, offset: int, position: str, mid: str | None, key: bytes | None,
-            value: bytes, raw: list[tuple[str, bytes]]) -> DeadLetter:
+def _letter(
+    topic: str,
+    partition: int,
+    offset: int,
+    position: str,
+    mid: str | None,
+    key: bytes | None,
+    value: bytes,
+    raw: list[tuple[str, bytes]],
+) -> DeadLetter:
     h = {k: v.decode("utf-8", "replace") for k, v in reversed(raw)}  # first occurrence wins
 
     def num(name: str, cast: Any, default: Any) -> Any:
@@ -134,12 +143,12 @@ def _scan_kafka(url: str, topic: str, *, timeout_s: float) -> Generator[DeadLett
                 raise ConfigError(f"no topic {origin!r} nor {topic!r} at {url}: check the name")
             return
         for rec in reader.scan(reader.from_start(topic)):
-            yield _letter(rec.topic, rec.partition, rec.offset, rec.position, None, rec.key, rec.value,
-                          list(rec.headers))
+            yield _letter(
+                rec.topic, rec.partition, rec.offset, rec.position, None, rec.key, rec.value, list(rec.headers)
+            )
 
 
-def list_dead_letters(url: str, topic: str, limit: int = 100, *,
-                      timeout_s: float = 60.0) -> list[DeadLetter]:
+def list_dead_letters(url: str, topic: str, limit: int = 100, *, timeout_s: float = 60.0) -> list[DeadLetter]:
     """Up to ``limit`` dead letters of ``topic`` (``orders`` or ``orders.dlq``), oldest failure first."""
     out: list[DeadLetter] = []
     with closing(_scan(url, dlq_topic(topic), timeout_s=timeout_s)) as letters:
@@ -161,8 +170,7 @@ def show(url: str, topic: str, message_id: str, *, timeout_s: float = 60.0) -> D
     return found
 
 
-def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = None,
-           timeout_s: float = 60.0) -> int:
+def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = None, timeout_s: float = 60.0) -> int:
     """Republish dead letters to their original topic (or ``to_topic``) with their original key,
     value, headers and **id**, so the consumer's inbox runs each at most once. All ids must exist
     (UnknownMessageError names the missing ones; nothing is sent then). Returns how many were
@@ -181,9 +189,16 @@ def replay(url: str, topic: str, ids: Iterable[str], *, to_topic: str | None = N
     # Marked as a replay (when): an operator can tell, and NATS must not drop it as a duplicate of
     # the original publish still inside its dedup window. The id stays: the inbox runs it at most once.
     mark = ((REPLAY_HEADER, repr(time.time()).encode()),)
-    msgs = [Message(id=dl.id, topic=to_topic or dl.original_topic, value=dl.value, key=dl.key,
-                    headers=tuple((k, v) for k, v in dl.headers if k != REPLAY_HEADER) + mark)
-            for dl in (found[i] for i in want)]
+    msgs = [
+        Message(
+            id=dl.id,
+            topic=to_topic or dl.original_topic,
+            value=dl.value,
+            key=dl.key,
+            headers=tuple((k, v) for k, v in dl.headers if k != REPLAY_HEADER) + mark,
+        )
+        for dl in (found[i] for i in want)
+    ]
     broker = _replay_broker(url, timeout_s)
     try:
         outcomes = broker.publish(msgs)

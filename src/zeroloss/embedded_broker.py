@@ -87,8 +87,10 @@ class EmbeddedBroker:
     ) -> None:
         scheme, sep, _ = storage.partition("://")
         if not sep or scheme not in ("memory", "s3"):
-            raise ConfigError(f"broker storage {storage!r}: use memory://tansu/ (lost on restart) or s3://BUCKET/ "
-                              "(with AWS_* variables naming the S3 server)")
+            raise ConfigError(
+                f"broker storage {storage!r}: use memory://tansu/ (lost on restart) or s3://BUCKET/ "
+                "(with AWS_* variables naming the S3 server)"
+            )
         self.port = port or free_port()
         self.storage = storage
         self.env = env or {}
@@ -135,8 +137,10 @@ class EmbeddedBroker:
             if code is not None:
                 out.seek(0)
                 said = out.read()[-1500:].decode(errors="replace").strip() if out.seekable() else ""
-                raise BrokerError(f"the embedded broker exited with code {code} before listening on {self.port}"
-                                  + (f"; it said: {said}" if said else ""))
+                raise BrokerError(
+                    f"the embedded broker exited with code {code} before listening on {self.port}"
+                    + (f"; it said: {said}" if said else "")
+                )
             if time.monotonic() > deadline:
                 self.stop()
                 raise BrokerError(f"the embedded broker did not listen on {self.port} within {timeout_s}s")

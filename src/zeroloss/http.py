@@ -62,8 +62,9 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         try:
-            self._server = make_server(self.host, self._port, self._app, server_class=_Server,
-                                       handler_class=_QuietHandler)
+            self._server = make_server(
+                self.host, self._port, self._app, server_class=_Server, handler_class=_QuietHandler
+            )
         except OSError as exc:
             raise ConfigError(f"cannot serve metrics on {self.host}:{self._port}: {exc}; pick another port") from exc
         self._thread = threading.Thread(target=self._server.serve_forever, name="zeroloss-http", daemon=True)

@@ -22,8 +22,9 @@ _MARK = "_zeroloss_setup"  # on the handler logging_setup installed, so a second
 logging.getLogger("zeroloss").addHandler(logging.NullHandler())
 
 
-def logging_setup(level: int | str = logging.INFO, *, stream: IO[str] | None = None,
-                  others: int | str | None = None) -> logging.Handler:
+def logging_setup(
+    level: int | str = logging.INFO, *, stream: IO[str] | None = None, others: int | str | None = None
+) -> logging.Handler:
     """Show zeroloss's log lines (start, progress, outages, summary at stop) with time and level
     on ``stream`` (stderr), from ``level`` up. Only the ``zeroloss`` logger is touched unless
     ``others`` is given: then the root logger gets the same handler at that level (the

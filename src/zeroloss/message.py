@@ -102,9 +102,7 @@ def validate_topic(topic: object) -> str:
     if not isinstance(topic, str):
         raise MessageError(f"topic must be a str, got {type(topic).__name__}")
     if topic in (".", "..") or not _TOPIC_RE.match(topic):
-        raise MessageError(
-            f"invalid topic name {topic!r}: use 1-249 characters from A-Z a-z 0-9 . _ -"
-        )
+        raise MessageError(f"invalid topic name {topic!r}: use 1-249 characters from A-Z a-z 0-9 . _ -")
     return topic
 
 

@@ -42,73 +42,117 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 # -- outbox (producer side and the relay's periodic view of the store) ---------------------
 
 OUTBOX_ADDED = Counter(
-    "zeroloss_outbox_added", "Messages added to the outbox by this process (SQL: counted at add(), "
+    "zeroloss_outbox_added",
+    "Messages added to the outbox by this process (SQL: counted at add(), "
     "before the application's commit; spool: after the commit, when promoted to pending).",
     registry=REGISTRY,
 )
-OUTBOX_MESSAGES = Gauge("zeroloss_outbox_messages", "Messages in the outbox per state.", ["state"],
-                        registry=REGISTRY)
+OUTBOX_MESSAGES = Gauge("zeroloss_outbox_messages", "Messages in the outbox per state.", ["state"], registry=REGISTRY)
 OUTBOX_OLDEST_AGE = Gauge(
     "zeroloss_outbox_oldest_age_seconds",
     "Age of the oldest message per state, from its creation (malformed: since its file was written); "
-    "0 when the state is empty.", ["state"], registry=REGISTRY,
+    "0 when the state is empty.",
+    ["state"],
+    registry=REGISTRY,
 )
-OUTBOX_EXPIRED_LEASES = Gauge("zeroloss_outbox_expired_leases",
-                              "Messages in sending whose lease expired (a relay died or is stuck).", registry=REGISTRY)
-OUTBOX_PARKED = Gauge("zeroloss_outbox_parked",
-                      "Pending messages held behind a failed message of their key.", registry=REGISTRY)
-OUTBOX_DISK_FREE = Gauge("zeroloss_outbox_disk_free_bytes", "Free bytes on the spool's filesystem.", ["path"],
-                         registry=REGISTRY)
-OUTBOX_DISK_TOTAL = Gauge("zeroloss_outbox_disk_total_bytes", "Size of the spool's filesystem in bytes.", ["path"],
-                          registry=REGISTRY)
-OUTBOX_STATS_TIME = Gauge("zeroloss_outbox_stats_timestamp_seconds",
-                          "When the outbox gauges were last refreshed (Unix time).", registry=REGISTRY)
+OUTBOX_EXPIRED_LEASES = Gauge(
+    "zeroloss_outbox_expired_leases",
+    "Messages in sending whose lease expired (a relay died or is stuck).",
+    registry=REGISTRY,
+)
+OUTBOX_PARKED = Gauge(
+    "zeroloss_outbox_parked", "Pending messages held behind a failed message of their key.", registry=REGISTRY
+)
+OUTBOX_DISK_FREE = Gauge(
+    "zeroloss_outbox_disk_free_bytes", "Free bytes on the spool's filesystem.", ["path"], registry=REGISTRY
+)
+OUTBOX_DISK_TOTAL = Gauge(
+    "zeroloss_outbox_disk_total_bytes", "Size of the spool's filesystem in bytes.", ["path"], registry=REGISTRY
+)
+OUTBOX_STATS_TIME = Gauge(
+    "zeroloss_outbox_stats_timestamp_seconds",
+    "When the outbox gauges were last refreshed (Unix time).",
+    registry=REGISTRY,
+)
 
 # -- relay ---------------------------------------------------------------------------------
 
-RELAY_CLAIMED = Counter("zeroloss_relay_claimed", "Messages claimed from the outbox (pending -> sending).",
-                        registry=REGISTRY)
-RELAY_MESSAGES = Counter("zeroloss_relay_messages", "What became of claimed messages, by outcome.", ["outcome"],
-                         registry=REGISTRY)
-RELAY_ERRORS = Counter("zeroloss_relay_errors", "Broker-wide and store failures the relay backed off from.",
-                       ["kind"], registry=REGISTRY)
-RELAY_BROKER_UP = Gauge("zeroloss_relay_broker_up",
-                        "1 when the last publish reached the broker, 0 during an outage.", registry=REGISTRY)
-RELAY_PUBLISH_SECONDS = Histogram("zeroloss_relay_publish_seconds", "Time to publish one batch (one broker "
-                                  "transaction), failures included.", buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+RELAY_CLAIMED = Counter(
+    "zeroloss_relay_claimed", "Messages claimed from the outbox (pending -> sending).", registry=REGISTRY
+)
+RELAY_MESSAGES = Counter(
+    "zeroloss_relay_messages", "What became of claimed messages, by outcome.", ["outcome"], registry=REGISTRY
+)
+RELAY_ERRORS = Counter(
+    "zeroloss_relay_errors", "Broker-wide and store failures the relay backed off from.", ["kind"], registry=REGISTRY
+)
+RELAY_BROKER_UP = Gauge(
+    "zeroloss_relay_broker_up", "1 when the last publish reached the broker, 0 during an outage.", registry=REGISTRY
+)
+RELAY_PUBLISH_SECONDS = Histogram(
+    "zeroloss_relay_publish_seconds",
+    "Time to publish one batch (one broker transaction), failures included.",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 RELAY_DELIVERY_LATENCY = Histogram(
     "zeroloss_relay_delivery_latency_seconds",
     "End-to-end latency per delivered message: from its creation (the app's add) to the broker's acknowledgement.",
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 
 # -- consumer (called by zeroloss.consumer) ---------------------------------------------------
 
-CONSUMER_MESSAGES = Counter("zeroloss_consumer_messages", "Messages the consumer finished, by outcome.",
-                            ["group", "topic", "outcome"], registry=REGISTRY)
-CONSUMER_HANDLER_SECONDS = Histogram("zeroloss_consumer_handler_seconds",
-                                     "Time from taking a message to committing its inbox transaction.",
-                                     ["group", "topic"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
-CONSUMER_LAG = Gauge("zeroloss_consumer_lag_messages", "Records between the group's position and the end of "
-                     "the partition.", ["group", "topic", "partition"], registry=REGISTRY)
+CONSUMER_MESSAGES = Counter(
+    "zeroloss_consumer_messages",
+    "Messages the consumer finished, by outcome.",
+    ["group", "topic", "outcome"],
+    registry=REGISTRY,
+)
+CONSUMER_HANDLER_SECONDS = Histogram(
+    "zeroloss_consumer_handler_seconds",
+    "Time from taking a message to committing its inbox transaction.",
+    ["group", "topic"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+CONSUMER_LAG = Gauge(
+    "zeroloss_consumer_lag_messages",
+    "Records between the group's position and the end of the partition.",
+    ["group", "topic", "partition"],
+    registry=REGISTRY,
+)
 CONSUMER_END_TO_END = Histogram(
     "zeroloss_consumer_end_to_end_seconds",
     "Per message handled: from its creation (the app's add, read from its UUIDv7 id; the record's timestamp for "
     "foreign records) to the commit of its inbox transaction.",
-    ["group", "topic"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    ["group", "topic"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 
 # -- audit (written to a textfile-collector file by `zeroloss audit --prom-file`) -----------
 
-AUDIT_CHECKED = Gauge("zeroloss_audit_checked_messages", "Success messages the last audit checked.",
-                      registry=AUDIT_REGISTRY)
-AUDIT_MISSING = Gauge("zeroloss_audit_missing_messages", "Messages the last audit did not find, by where "
-                      "it looked (broker: at the recorded offset; inbox: in the consumer group's inbox).",
-                      ["where"], registry=AUDIT_REGISTRY)
-AUDIT_LOSS_RATIO = Gauge("zeroloss_audit_loss_ratio", "missing / checked of the last audit, by where it looked.",
-                         ["where"], registry=AUDIT_REGISTRY)
-AUDIT_LAST_RUN = Gauge("zeroloss_audit_last_run_timestamp_seconds", "When the last audit finished (Unix time).",
-                       registry=AUDIT_REGISTRY)
+AUDIT_CHECKED = Gauge(
+    "zeroloss_audit_checked_messages", "Success messages the last audit checked.", registry=AUDIT_REGISTRY
+)
+AUDIT_MISSING = Gauge(
+    "zeroloss_audit_missing_messages",
+    "Messages the last audit did not find, by where "
+    "it looked (broker: at the recorded offset; inbox: in the consumer group's inbox).",
+    ["where"],
+    registry=AUDIT_REGISTRY,
+)
+AUDIT_LOSS_RATIO = Gauge(
+    "zeroloss_audit_loss_ratio",
+    "missing / checked of the last audit, by where it looked.",
+    ["where"],
+    registry=AUDIT_REGISTRY,
+)
+AUDIT_LAST_RUN = Gauge(
+    "zeroloss_audit_last_run_timestamp_seconds", "When the last audit finished (Unix time).", registry=AUDIT_REGISTRY
+)
 
 for _state in STATES:
     OUTBOX_MESSAGES.labels(_state)
@@ -176,8 +220,9 @@ def relay_delivered(messages: Iterable[Message], now: float | None = None) -> No
     relay_outcome("delivered", n)
 
 
-def consumer_processed(group: str, topic: str, outcome: str, seconds: float | None = None,
-                       age_s: float | None = None) -> None:
+def consumer_processed(
+    group: str, topic: str, outcome: str, seconds: float | None = None, age_s: float | None = None
+) -> None:
     """For :mod:`zeroloss.consumer`: one message finished with ``outcome`` (``processed``,
     ``duplicate``, ``retry``, ``dead_lettered``); ``seconds`` from taking it to the commit;
     ``age_s`` from its creation to the commit."""
@@ -195,8 +240,11 @@ def consumer_processed(group: str, topic: str, outcome: str, seconds: float | No
 def _consumer_children(group: str, topic: str, outcome: str) -> tuple[Any, Any, Any]:
     """The labelled series of one (group, topic, outcome): ``labels()`` hashes and locks on each
     call, which per message cost more than the increments themselves."""
-    return (CONSUMER_MESSAGES.labels(group, topic, outcome), CONSUMER_HANDLER_SECONDS.labels(group, topic),
-            CONSUMER_END_TO_END.labels(group, topic))
+    return (
+        CONSUMER_MESSAGES.labels(group, topic, outcome),
+        CONSUMER_HANDLER_SECONDS.labels(group, topic),
+        CONSUMER_END_TO_END.labels(group, topic),
+    )
 
 
 def consumer_lag(group: str, topic: str, partition: int, lag: int) -> None:

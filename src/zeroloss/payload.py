@@ -54,7 +54,8 @@ def encode_value(value: object) -> tuple[bytes, str | None]:
     except (TypeError, ValueError) as exc:
         raise MessageError(
             f"value of type {type(value).__name__} cannot be sent as JSON ({exc}); pass bytes you "
-            "encoded yourself, a str, or dicts/lists/numbers/pydantic models/dataclasses") from exc
+            "encoded yourself, a str, or dicts/lists/numbers/pydantic models/dataclasses"
+        ) from exc
     except RecursionError as exc:
         raise MessageError(f"value of type {type(value).__name__} refers to itself: not JSON") from exc
     return _utf8("value", text), JSON

@@ -28,8 +28,9 @@ class Readback:
         return self.records - len(self.ids)
 
 
-def read_topic(url: str, topic: str, *, expect: Iterable[str] = (), idle_s: float = 3.0,
-               timeout_s: float = 60.0) -> Readback:
+def read_topic(
+    url: str, topic: str, *, expect: Iterable[str] = (), idle_s: float = 3.0, timeout_s: float = 60.0
+) -> Readback:
     want = set(expect)
     out = Readback()
     with KafkaReader(url, timeout_s=timeout_s, purpose="readback") as reader:

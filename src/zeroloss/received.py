@@ -66,8 +66,9 @@ class Received:
         try:
             return (self.value or b"").decode()
         except UnicodeDecodeError as exc:
-            raise PoisonMessage(f"message {self.id} on {self.topic}: the value is not UTF-8 text "
-                                f"({exc.reason} at byte {exc.start})") from exc
+            raise PoisonMessage(
+                f"message {self.id} on {self.topic}: the value is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from exc
 
     def decode(self, model: type[T]) -> T:
         """The value as a ``model``: a pydantic model, a dataclass or a class taking the JSON

@@ -32,8 +32,9 @@ def spool_path(url: str) -> str:
     return path
 
 
-def open_store(url: str, *, table: str | None = None, create: bool = False,
-               tmp_grace_s: float | None = None) -> OutboxAdmin:
+def open_store(
+    url: str, *, table: str | None = None, create: bool = False, tmp_grace_s: float | None = None
+) -> OutboxAdmin:
     """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool
     must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool.
     ``tmp_grace_s``: a spool's, when not the default."""
@@ -110,5 +111,6 @@ def open_subscription(url: str, group: str, topics: Sequence[str], **options: An
         from zeroloss.brokers.rocketmq_subscription import RocketMQSubscription
 
         return RocketMQSubscription(url, group, topics, **options)
-    raise ConfigError(f"no subscription for scheme {scheme!r} in {url!r}; use kafka:// or one of "
-                      f"{', '.join(SUBSCRIPTION_SCHEMES)}")
+    raise ConfigError(
+        f"no subscription for scheme {scheme!r} in {url!r}; use kafka:// or one of {', '.join(SUBSCRIPTION_SCHEMES)}"
+    )

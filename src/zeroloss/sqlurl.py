@@ -75,9 +75,7 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     except ImportError as exc:
         raise MissingExtraError(package, extra, purpose) from exc
     except (ArgumentError, TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot use SQL URL {parsed.render_as_string(hide_password=True)!r}: {exc}"
-        ) from exc
+        raise ConfigError(f"cannot use SQL URL {parsed.render_as_string(hide_password=True)!r}: {exc}") from exc
     if engine.dialect.name == "sqlite":
         configure_sqlite(engine)
     return engine
@@ -124,5 +122,6 @@ def engine_of(url_or_engine: object, what: str) -> tuple[sa.Engine, bool]:
     if hasattr(url_or_engine, "sync_engine"):  # an AsyncEngine, without importing the asyncio extension
         raise ConfigError(
             f"{what} needs a URL or a synchronous Engine, got an AsyncEngine; pass its URL "
-            "(e.g. postgresql://…), then give add() your AsyncConnection or AsyncSession")
+            "(e.g. postgresql://…), then give add() your AsyncConnection or AsyncSession"
+        )
     raise ConfigError(f"{what} needs a SQL URL (str) or a SQLAlchemy Engine, got {type(url_or_engine).__name__}")

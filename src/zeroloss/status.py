@@ -61,28 +61,39 @@ def assess(stats: Stats, t: Thresholds | None = None) -> Verdict:
     v = Verdict()
     n = stats.counts
     if n.get(State.FAILED, 0):
-        v.add(Level.CRITICAL, f"{n[State.FAILED]} failed message(s) wait for a person "
-              f"({stats.parked} parked behind them): zeroloss failed list")
+        v.add(
+            Level.CRITICAL,
+            f"{n[State.FAILED]} failed message(s) wait for a person "
+            f"({stats.parked} parked behind them): zeroloss failed list",
+        )
     for state in (State.DOUBT, State.MALFORMED):
         if n.get(state, 0):
             parked = f" ({stats.parked} parked behind them)" if state is State.DOUBT and not n.get(State.FAILED) else ""
             v.add(Level.CRITICAL, f"{n[state]} {state.value} message(s){parked}: zeroloss {state.value} list")
     used = disk_used_pct(stats)
     if used is not None and used > t.disk_critical_pct:
-        v.add(Level.CRITICAL, f"spool disk {used:.0f}% used (> {t.disk_critical_pct:.0f}%): free space or the app's "
-              "adds will fail")
+        v.add(
+            Level.CRITICAL,
+            f"spool disk {used:.0f}% used (> {t.disk_critical_pct:.0f}%): free space or the app's adds will fail",
+        )
     elif used is not None and used > t.disk_warn_pct:
         v.add(Level.WARN, f"spool disk {used:.0f}% used (> {t.disk_warn_pct:.0f}%)")
     age = stats.oldest_pending_age_s
     why = f"; its last error: {stats.oldest_pending_error}" if stats.oldest_pending_error else ""
     if age is not None and age > 4 * t.max_pending_age_s:
-        v.add(Level.CRITICAL, f"oldest pending message is {_age(age)} old (> 4 x {_age(t.max_pending_age_s)}){why}: "
-              "is the relay running and the broker reachable? zeroloss doctor --target URL")
+        v.add(
+            Level.CRITICAL,
+            f"oldest pending message is {_age(age)} old (> 4 x {_age(t.max_pending_age_s)}){why}: "
+            "is the relay running and the broker reachable? zeroloss doctor --target URL",
+        )
     elif age is not None and age > t.max_pending_age_s:
         v.add(Level.WARN, f"oldest pending message is {_age(age)} old (> {_age(t.max_pending_age_s)}){why}")
     if stats.expired_leases:
-        v.add(Level.WARN, f"{stats.expired_leases} message(s) in sending with an expired lease: a relay died or is "
-              "stuck; a running relay returns them to pending")
+        v.add(
+            Level.WARN,
+            f"{stats.expired_leases} message(s) in sending with an expired lease: a relay died or is "
+            "stuck; a running relay returns them to pending",
+        )
     tmp_age = stats.oldest_age_s.get(State.TMP)
     if tmp_age is not None and tmp_age > t.max_pending_age_s:
         v.add(Level.WARN, f"tmp files {_age(tmp_age)} old: a crashed transaction? the relay's recover() moves them")

@@ -63,9 +63,14 @@ def handling(topic: str, message_id: str, headers: Headers) -> Iterator[None]:
         return
     carrier = {k.lower(): v.decode("latin-1") for k, v in headers}
     with _tracer(provider).start_as_current_span(
-        f"process {topic}", context=propagate.extract(carrier), kind=trace.SpanKind.CONSUMER,
-        attributes={"messaging.operation.type": "process", "messaging.destination.name": topic,
-                    "messaging.message.id": message_id},
+        f"process {topic}",
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.operation.type": "process",
+            "messaging.destination.name": topic,
+            "messaging.message.id": message_id,
+        },
     ):
         yield
 
@@ -88,12 +93,17 @@ def handling_batch(topic: str | None, messages: list[tuple[str, Headers]]) -> It
         span_context = trace.get_current_span(propagate.extract(carrier)).get_span_context()
         if span_context.is_valid:
             links.append(trace.Link(span_context))
-    attributes: dict[str, str | int] = {"messaging.operation.type": "process",
-                                        "messaging.batch.message_count": len(messages)}
+    attributes: dict[str, str | int] = {
+        "messaging.operation.type": "process",
+        "messaging.batch.message_count": len(messages),
+    }
     if topic is not None:
         attributes["messaging.destination.name"] = topic
     with _tracer(provider).start_as_current_span(
-        "process" if topic is None else f"process {topic}", context=trace.set_span_in_context(trace.INVALID_SPAN),
-        kind=trace.SpanKind.CONSUMER, links=links, attributes=attributes,
+        "process" if topic is None else f"process {topic}",
+        context=trace.set_span_in_context(trace.INVALID_SPAN),
+        kind=trace.SpanKind.CONSUMER,
+        links=links,
+        attributes=attributes,
     ):
         yield

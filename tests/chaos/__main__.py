@@ -32,8 +32,10 @@ from tests.kafka_cluster import KafkaCluster
 from zeroloss.embedded_broker import EmbeddedBroker
 
 RESULTS = Path("bench/results/chaos.md")
-HEADER = ("| id | scenario | messages | faults | lost | duplicates on broker | double effects | keys out of order "
-          "| drain after fault | took | verdict |")
+HEADER = (
+    "| id | scenario | messages | faults | lost | duplicates on broker | double effects | keys out of order "
+    "| drain after fault | took | verdict |"
+)
 
 
 def row(name: str, r: Ledger) -> str:
@@ -71,9 +73,11 @@ def merged(previous: str, rows: list[tuple[str, Ledger]], elapsed_s: float) -> s
     kept.update({name: row(name, r) for name, r in rows})
     lines = [kept[name] for name in SCENARIOS if name in kept]
     ran = ", ".join(name for name, _ in rows) if len(rows) < len(SCENARIOS) else "all"
-    head = (f"chaos: {len(lines)} of {len(SCENARIOS)} scenarios, each row from its last full-size run on "
-            f"{os.cpu_count()} cores (`python -m tests.chaos ID` runs one again). Last run "
-            f"{time.strftime('%Y-%m-%d')}: {ran}, {elapsed_s:.0f}s.")
+    head = (
+        f"chaos: {len(lines)} of {len(SCENARIOS)} scenarios, each row from its last full-size run on "
+        f"{os.cpu_count()} cores (`python -m tests.chaos ID` runs one again). Last run "
+        f"{time.strftime('%Y-%m-%d')}: {ran}, {elapsed_s:.0f}s."
+    )
     return "\n".join([head, "", *table(lines)]) + "\n"
 
 
@@ -84,9 +88,12 @@ def kafka_cluster() -> Iterator[KafkaCluster]:
     was_running = any(cluster.running().values())
     started = time.monotonic()
     cluster.start()
-    print(f"Kafka cluster at {cluster.bootstrap} ({cluster.dir}), "
-          f"{'reused' if was_running else f'started in {time.monotonic() - started:.0f}s'}", file=sys.stderr,
-          flush=True)
+    print(
+        f"Kafka cluster at {cluster.bootstrap} ({cluster.dir}), "
+        f"{'reused' if was_running else f'started in {time.monotonic() - started:.0f}s'}",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         yield cluster
     finally:
@@ -108,7 +115,8 @@ def main(argv: list[str]) -> int:
     start = time.monotonic()
     keep = os.environ.get("ZEROLOSS_CHAOS_KEEP")  # a directory to keep logs in, for post-mortems
     workdir: contextlib.AbstractContextManager[str] = (
-        contextlib.nullcontext(tempfile.mkdtemp(prefix="zeroloss-chaos-", dir=keep)) if keep
+        contextlib.nullcontext(tempfile.mkdtemp(prefix="zeroloss-chaos-", dir=keep))
+        if keep
         else tempfile.TemporaryDirectory(prefix="zeroloss-chaos-")
     )
     with workdir as tmp, contextlib.ExitStack() as services:

@@ -52,8 +52,13 @@ class Case:
     detail: str = ""
 
 
-def _expect_error(name: str, call: Callable[[], object], kind: type[ZerolossError], words: str,
-                  nothing_stored: Callable[[], bool] = lambda: True) -> Case:
+def _expect_error(
+    name: str,
+    call: Callable[[], object],
+    kind: type[ZerolossError],
+    words: str,
+    nothing_stored: Callable[[], bool] = lambda: True,
+) -> Case:
     try:
         call()
     except kind as exc:
@@ -108,18 +113,30 @@ def _library_messages(work: Path) -> list[Case]:
 
     def many_with_one_bad() -> None:
         with outbox.engine.begin() as conn:
-            outbox.add_many(conn, [{"topic": "t", "value": b"%d" % i} for i in range(9)]
-                            + [{"topic": "t", "value": object()}])
+            outbox.add_many(
+                conn, [{"topic": "t", "value": b"%d" % i} for i in range(9)] + [{"topic": "t", "value": object()}]
+            )
 
     try:
         for what, kw, words in BAD_MESSAGES:
             cases.append(_expect_error(f"SqlOutbox.add: {what}", partial(via_sql, kw), MessageError, words, sql_clean))
-            cases.append(_expect_error(f"FileSpool add: {what}", partial(via_spool, kw), MessageError, words,
-                                       spool_clean))
-        cases.append(_expect_error("SqlOutbox.add_many: one bad among ten", many_with_one_bad, MessageError,
-                                   "cannot be sent as JSON", sql_clean))
-        cases.append(_expect_error("FileSpool.transaction('a.b')", lambda: spool.transaction("a.b"), StoreError,
-                                   "transaction id"))
+            cases.append(
+                _expect_error(f"FileSpool add: {what}", partial(via_spool, kw), MessageError, words, spool_clean)
+            )
+        cases.append(
+            _expect_error(
+                "SqlOutbox.add_many: one bad among ten",
+                many_with_one_bad,
+                MessageError,
+                "cannot be sent as JSON",
+                sql_clean,
+            )
+        )
+        cases.append(
+            _expect_error(
+                "FileSpool.transaction('a.b')", lambda: spool.transaction("a.b"), StoreError, "transaction id"
+            )
+        )
     finally:
         spool.close()
         app.close()
@@ -132,18 +149,28 @@ def _library_urls(broker: EmbeddedBroker) -> list[Case]:
     from zeroloss.registry import open_broker, open_store
 
     return [
-        _expect_error("open_store('mongodb://…')", lambda: open_store("mongodb://h/db"), ConfigError,
-                      "unknown source scheme 'mongodb'"),
-        _expect_error("open_broker('mqtt://…')", lambda: open_broker("mqtt://h:1883"), ConfigError,
-                      "unknown target scheme 'mqtt'"),
-        _expect_error("Consumer('ftp://…')", lambda: Consumer("ftp://h/x", "g", ["t"], None), ConfigError,
-                      "cannot consume from"),
-        _expect_error("Consumer(topics=[])", lambda: Consumer(broker.url, "g", [], None), ConfigError,
-                      "at least one topic"),
-        _expect_error("Consumer(group='')", lambda: Consumer(broker.url, "", ["t"], None), ConfigError,
-                      "group name"),
-        _expect_error("SqlOutbox in a missing directory", lambda: SqlOutbox("sqlite:////nonexistent/x.db").create_schema(),
-                      StoreError, "check that its directory exists"),
+        _expect_error(
+            "open_store('mongodb://…')",
+            lambda: open_store("mongodb://h/db"),
+            ConfigError,
+            "unknown source scheme 'mongodb'",
+        ),
+        _expect_error(
+            "open_broker('mqtt://…')", lambda: open_broker("mqtt://h:1883"), ConfigError, "unknown target scheme 'mqtt'"
+        ),
+        _expect_error(
+            "Consumer('ftp://…')", lambda: Consumer("ftp://h/x", "g", ["t"], None), ConfigError, "cannot consume from"
+        ),
+        _expect_error(
+            "Consumer(topics=[])", lambda: Consumer(broker.url, "g", [], None), ConfigError, "at least one topic"
+        ),
+        _expect_error("Consumer(group='')", lambda: Consumer(broker.url, "", ["t"], None), ConfigError, "group name"),
+        _expect_error(
+            "SqlOutbox in a missing directory",
+            lambda: SqlOutbox("sqlite:////nonexistent/x.db").create_schema(),
+            StoreError,
+            "check that its directory exists",
+        ),
     ]
 
 
@@ -169,28 +196,48 @@ def _cli_urls(work: Path, broker: EmbeddedBroker) -> list[Case]:
     pg_down = PG.replace("127.0.0.1:5432", "127.0.0.1:1")
     runs = [
         ("status: unknown scheme ftp://", ["status", "--source", "ftp://h/x"], 2, "unknown source scheme 'ftp'"),
-        ("relay: unknown target scheme", ["relay", "--source", src, "--target", "amqp2://h"], 2,
-         "unknown target scheme 'amqp2'"),
-        ("relay: source is not a URL", ["relay", "--source", "outbox.db", "--target", broker.url], 2,
-         "is not a URL"),
-        ("relay: kafka URL without a port", ["relay", "--source", src, "--target", "kafka://nohostport"], 2,
-         "is not HOST:PORT"),
+        (
+            "relay: unknown target scheme",
+            ["relay", "--source", src, "--target", "amqp2://h"],
+            2,
+            "unknown target scheme 'amqp2'",
+        ),
+        ("relay: source is not a URL", ["relay", "--source", "outbox.db", "--target", broker.url], 2, "is not a URL"),
+        (
+            "relay: kafka URL without a port",
+            ["relay", "--source", src, "--target", "kafka://nohostport"],
+            2,
+            "is not HOST:PORT",
+        ),
         ("audit: target not kafka", ["audit", "--source", src, "--target", "mqtt://h:1883"], 2, "not a Kafka URL"),
         ("doctor: unknown target scheme", ["doctor", "--target", "mqtt://h:1883"], 2, "not 'mqtt'"),
         ("status: database unreachable", ["status", "--source", pg_down], 2, "cannot read the outbox"),
-        ("audit: broker unreachable", ["audit", "--source", src, "--target", nobody, "--timeout-s", "2"], 1,
-         "cannot read the broker's metadata"),
-        ("doctor: broker host does not resolve", ["doctor", "--target", "kafka://no-such-host.invalid:9092",
-                                                  "--timeout-s", "2"], 1, "fail  broker reachable"),
-        ("dlq list: broker unreachable", ["dlq", "list", "--target", nobody, "--topic", "orders"], 1,
-         "cannot read the broker's metadata"),
+        (
+            "audit: broker unreachable",
+            ["audit", "--source", src, "--target", nobody, "--timeout-s", "2"],
+            1,
+            "cannot read the broker's metadata",
+        ),
+        (
+            "doctor: broker host does not resolve",
+            ["doctor", "--target", "kafka://no-such-host.invalid:9092", "--timeout-s", "2"],
+            1,
+            "fail  broker reachable",
+        ),
+        (
+            "dlq list: broker unreachable",
+            ["dlq", "list", "--target", nobody, "--topic", "orders"],
+            1,
+            "cannot read the broker's metadata",
+        ),
     ]
     with ThreadPoolExecutor(len(runs)) as pool:
         return list(pool.map(lambda r: _cli_case(*r), runs))
 
 
-def _relay_cases(work: Path, broker: EmbeddedBroker, good: int) -> tuple[list[Case], list[tuple[str, bytes | None]],
-                                                                       str]:
+def _relay_cases(
+    work: Path, broker: EmbeddedBroker, good: int
+) -> tuple[list[Case], list[tuple[str, bytes | None]], str]:
     """A message too large for the broker among good ones; first a relay whose broker or database
     cannot be reached (it keeps trying without spending attempts, and stops on SIGTERM), then
     one that can: the big one fails after one attempt, the good ones arrive."""
@@ -200,17 +247,33 @@ def _relay_cases(work: Path, broker: EmbeddedBroker, good: int) -> tuple[list[Ca
     outbox.create_schema()
     with outbox.engine.begin() as conn:
         big = outbox.add(conn, topic=topic, value=b"x" * 2_000_000, key=b"big")
-        ids = outbox.add_many(conn, [{"topic": topic, "value": b"%d" % i, "key": b"k%d" % (i % 17)}
-                                     for i in range(good)])
+        ids = outbox.add_many(
+            conn, [{"topic": topic, "value": b"%d" % i, "key": b"k%d" % (i % 17)} for i in range(good)]
+        )
     committed: list[tuple[str, bytes | None]] = [(mid, b"k%d" % (i % 17)) for i, mid in enumerate(ids)]
     cases: list[Case] = []
 
     def relay_for(name: str, source: str, target: str, words: str) -> Case:
         log = work / f"relay-{len(cases)}.log"
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "zeroloss", "relay", "--source", source, "--target",
-                                     target, "--timeout-s", "2", "--max-backoff-s", "2"],
-                                    stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "zeroloss",
+                    "relay",
+                    "--source",
+                    source,
+                    "--target",
+                    target,
+                    "--timeout-s",
+                    "2",
+                    "--max-backoff-s",
+                    "2",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         time.sleep(6)  # the fault's length: let it try a few times
         alive = proc.poll() is None
         proc.send_signal(signal.SIGTERM)
@@ -230,21 +293,42 @@ def _relay_cases(work: Path, broker: EmbeddedBroker, good: int) -> tuple[list[Ca
         return Case(name, True)
 
     try:
-        cases.append(relay_for("relay: broker unreachable", src, f"kafka://127.0.0.1:{free_port()}",
-                               "broker unavailable"))
-        cases.append(relay_for("relay: database unreachable", PG.replace("127.0.0.1:5432", "127.0.0.1:1"),
-                               broker.url, "outbox store failed"))
-        code, _, _ = zeroloss_cli("relay", "--source", src, "--target", broker.url, "--timeout-s", "5", "--drain",
-                                  timeout_s=120)
+        cases.append(
+            relay_for("relay: broker unreachable", src, f"kafka://127.0.0.1:{free_port()}", "broker unavailable")
+        )
+        cases.append(
+            relay_for(
+                "relay: database unreachable",
+                PG.replace("127.0.0.1:5432", "127.0.0.1:1"),
+                broker.url,
+                "outbox store failed",
+            )
+        )
+        code, _, _ = zeroloss_cli(
+            "relay", "--source", src, "--target", broker.url, "--timeout-s", "5", "--drain", timeout_s=120
+        )
         state, msg = outbox.get(big)
         counts = outbox.stats().counts
-        ok = (code == 0 and state is State.FAILED and msg.attempts == 1
-              and "MSG_SIZE_TOO_LARGE" in (msg.last_error or "") and counts[State.SUCCESS] == good)
-        cases.append(Case("relay: 2 MB message over the broker's limit", ok,
-                          f"exit {code}, {state.value} after {msg.attempts} attempt(s): {msg.last_error}; {counts}"))
+        ok = (
+            code == 0
+            and state is State.FAILED
+            and msg.attempts == 1
+            and "MSG_SIZE_TOO_LARGE" in (msg.last_error or "")
+            and counts[State.SUCCESS] == good
+        )
+        cases.append(
+            Case(
+                "relay: 2 MB message over the broker's limit",
+                ok,
+                f"exit {code}, {state.value} after {msg.attempts} attempt(s): {msg.last_error}; {counts}",
+            )
+        )
         status, out, _ = zeroloss_cli("status", "--source", src)
-        cases.append(Case("status after it: critical, names the failed one", status == 2 and "1 failed" in out,
-                          out.strip()[-300:]))
+        cases.append(
+            Case(
+                "status after it: critical, names the failed one", status == 2 and "1 failed" in out, out.strip()[-300:]
+            )
+        )
     finally:
         outbox.close()
     return cases, committed, topic
@@ -261,12 +345,15 @@ def bad_input(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
     took = time.monotonic() - t
     bad = [c for c in cases if not c.ok]
     lib = sum(1 for c in cases if c.name.startswith(("SqlOutbox", "FileSpool")))
-    notes = (f"{len(cases) - len(bad)} of {len(cases)} cases behaved: {lib} bad messages refused by the outbox "
-             f"and the spool (MessageError naming the problem, the app's transaction rolled back, nothing stored); "
-             f"bad URLs and unreachable hosts on the command line and in the library: one clear error, exit 2 "
-             f"(usage) or 1 (problem), within seconds; relay with its broker or database unreachable: keeps "
-             f"trying without spending attempts, stops on SIGTERM; a 2 MB message over the broker's limit: "
-             f"failed after 1 attempt, status critical, the {good} others delivered; all cases took {took:.0f}s")
+    notes = (
+        f"{len(cases) - len(bad)} of {len(cases)} cases behaved: {lib} bad messages refused by the outbox "
+        f"and the spool (MessageError naming the problem, the app's transaction rolled back, nothing stored); "
+        f"bad URLs and unreachable hosts on the command line and in the library: one clear error, exit 2 "
+        f"(usage) or 1 (problem), within seconds; relay with its broker or database unreachable: keeps "
+        f"trying without spending attempts, stops on SIGTERM; a 2 MB message over the broker's limit: "
+        f"failed after 1 attempt, status critical, the {good} others delivered; all cases took {took:.0f}s"
+    )
     problems = [f"{c.name}: {c.detail}" for c in bad]
-    return broker_ledger("bad input at public entry points", broker.url, topic, committed, len(cases), None, notes,
-                         problems)
+    return broker_ledger(
+        "bad input at public entry points", broker.url, topic, committed, len(cases), None, notes, problems
+    )

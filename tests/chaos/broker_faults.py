@@ -120,11 +120,33 @@ def _throttle(cluster: KafkaCluster, topic: str, nodes: Iterable[int], on: bool)
         return [ConfigEntry(k, value, incremental_operation=op) for k in keys]
 
     what = f"{'set' if on else 'remove'} the replication throttle"
-    _alter(cluster, [ConfigResource(ResourceType.TOPIC, topic, incremental_configs=entries(
-        ("leader.replication.throttled.replicas", "follower.replication.throttled.replicas"), "*"))], what)
+    _alter(
+        cluster,
+        [
+            ConfigResource(
+                ResourceType.TOPIC,
+                topic,
+                incremental_configs=entries(
+                    ("leader.replication.throttled.replicas", "follower.replication.throttled.replicas"), "*"
+                ),
+            )
+        ],
+        what,
+    )
     for n in nodes:  # one broker per request: the client sends it to that broker
-        _alter(cluster, [ConfigResource(ResourceType.BROKER, str(n), incremental_configs=entries(
-            ("leader.replication.throttled.rate", "follower.replication.throttled.rate"), "1"))], f"{what} on {n}")
+        _alter(
+            cluster,
+            [
+                ConfigResource(
+                    ResourceType.BROKER,
+                    str(n),
+                    incremental_configs=entries(
+                        ("leader.replication.throttled.rate", "follower.replication.throttled.rate"), "1"
+                    ),
+                )
+            ],
+            f"{what} on {n}",
+        )
 
 
 def _unclean_lines(cluster: KafkaCluster) -> int:
@@ -142,8 +164,17 @@ def _unclean_lines(cluster: KafkaCluster) -> int:
 
 def _declare(p: Pipeline, cluster: KafkaCluster) -> None:
     """The pipeline's topic, RF 3, as an operator creates it: ``zeroloss init --target --topic``."""
-    code, _, err = zeroloss_cli("init", "--target", cluster.url, "--topic", p.topic,
-                                "--partitions", str(PARTITIONS), "--replication-factor", "3")
+    code, _, err = zeroloss_cli(
+        "init",
+        "--target",
+        cluster.url,
+        "--topic",
+        p.topic,
+        "--partitions",
+        str(PARTITIONS),
+        "--replication-factor",
+        "3",
+    )
     if code != 0:
         raise AssertionError(f"zeroloss init exited {code}: {err.strip()[-2000:]}")
     cluster.wait_in_sync(p.topic)
@@ -152,9 +183,11 @@ def _declare(p: Pipeline, cluster: KafkaCluster) -> None:
 def _spent(p: Pipeline) -> tuple[int, int, int]:
     """(highest attempts, messages with attempts > 0, messages in ``failed``) of the outbox."""
     t = p.outbox.table
-    q = sa.select(sa.func.coalesce(sa.func.max(t.c.attempts), 0),
-                  sa.func.count().filter(t.c.attempts > 0),
-                  sa.func.count().filter(t.c.state == State.FAILED.value))
+    q = sa.select(
+        sa.func.coalesce(sa.func.max(t.c.attempts), 0),
+        sa.func.count().filter(t.c.attempts > 0),
+        sa.func.count().filter(t.c.state == State.FAILED.value),
+    )
     with p.outbox.engine.connect() as conn:
         top, spent, failed = conn.execute(q).one()
     return int(top), int(spent), int(failed)
@@ -194,8 +227,10 @@ def _relay_summary(p: Pipeline) -> str:
     kinds = _outages(p)
     top, spent, failed = _spent(p)
     what = ", ".join(f"{k} x{n}" for k, n in kinds.most_common())
-    return (f"relay put {sum(kinds.values())} batches back unspent ({what or 'none'}); attempts spent on "
-            f"{spent} message(s) (max {top}), {failed} failed")
+    return (
+        f"relay put {sum(kinds.values())} batches back unspent ({what or 'none'}); attempts spent on "
+        f"{spent} message(s) (max {top}), {failed} failed"
+    )
 
 
 def _audit(p: Pipeline, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -269,11 +304,14 @@ def leader_killed(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         t = time.monotonic()
         p.wait_drained()
         drain = time.monotonic() - t
-        notes = (f"SIGKILLed the leader of partition 0 {len(killed)}x (nodes {killed}), restarted each once "
-                 f"the relay had delivered {size.messages // 20} more without it (took "
-                 f"{', '.join(f'{s:.1f}' for s in resumed_s)} s); {_relay_summary(p)}")
-        return p.ledger(f"cluster: partition leader SIGKILLed x{len(killed)} mid-stream, restarted", len(killed),
-                        drain, notes)
+        notes = (
+            f"SIGKILLed the leader of partition 0 {len(killed)}x (nodes {killed}), restarted each once "
+            f"the relay had delivered {size.messages // 20} more without it (took "
+            f"{', '.join(f'{s:.1f}' for s in resumed_s)} s); {_relay_summary(p)}"
+        )
+        return p.ledger(
+            f"cluster: partition leader SIGKILLed x{len(killed)} mid-stream, restarted", len(killed), drain, notes
+        )
     finally:
         p.close()
         heal(cluster)
@@ -294,8 +332,11 @@ def _outage(p: Pipeline, port: int, hold_s: float) -> tuple[list[tuple[int, str]
 def _said(samples: list[tuple[int, str]], bootstrap: str) -> str:
     """What /readyz said: how often 503, and its distinct reasons (failure counts and the
     bootstrap list left out), the most frequent first."""
-    reasons = Counter(re.sub(r"\(\d+ consecutive failures\)", "(N consecutive failures)", text).replace(bootstrap, "B")
-                      for code, text in samples if code == 503)
+    reasons = Counter(
+        re.sub(r"\(\d+ consecutive failures\)", "(N consecutive failures)", text).replace(bootstrap, "B")
+        for code, text in samples
+        if code == 503
+    )
     said = " / ".join(f'"{text}" x{n}' for text, n in reasons.most_common())
     return f"/readyz 503 in {sum(reasons.values())} of {len(samples)} samples (B = the bootstrap list): {said or '-'}"
 
@@ -332,18 +373,28 @@ def isr_below_min(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         _deliver(p, chunks[1], pad, f"traffic node {b} misses")
         cluster.restart(b)  # broker and controller again, but throttled: out of the topic's ISR
         cluster.kill(c)
-        wait_until(_quiet(lambda: all(isr == [survivor] for _, isr in _partitions(cluster, p.topic).values())),
-                   60, f"the ISR down to node {survivor}")
+        wait_until(
+            _quiet(lambda: all(isr == [survivor] for _, isr in _partitions(cluster, p.topic).values())),
+            60,
+            f"the ISR down to node {survivor}",
+        )
         producer = p.produce_in_background(chunks[2], pad=pad)  # the app goes on committing
         samples1, delivered1, held1 = _outage(p, port, size.outage_s)
         isr_after = {i: isr for i, (_, isr) in _partitions(cluster, p.topic).items()}
         if any(isr != [survivor] for isr in isr_after.values()):
             problems.append(f"the ISR grew back during the outage ({isr_after}): node {b} caught up")
-        doctor_code, doctor_out, doctor_err = zeroloss_cli("doctor", "--target", cluster.url, "--topic", p.topic,
-                                                           "--json")
+        doctor_code, doctor_out, doctor_err = zeroloss_cli(
+            "doctor", "--target", cluster.url, "--topic", p.topic, "--json"
+        )
         doctor = json.loads(doctor_out) if doctor_out.startswith("{") else {"checks": []}
-        replicas = next((f"'{ch['verdict']}: {ch['detail']}'" for ch in doctor["checks"]
-                         if ch["name"] == f"topic {p.topic} replicas"), "no check of the live replicas")
+        replicas = next(
+            (
+                f"'{ch['verdict']}: {ch['detail']}'"
+                for ch in doctor["checks"]
+                if ch["name"] == f"topic {p.topic} replicas"
+            ),
+            "no check of the live replicas",
+        )
         doctor_said = f"exit {doctor_code}, verdict {doctor.get('verdict')}, {replicas} {doctor_err.strip()[-300:]}"
         status_code, status_out, _ = zeroloss_cli("status", *p.source_args, "--json")
         status = json.loads(status_out) if status_out.startswith("{") else {}
@@ -366,20 +417,25 @@ def isr_below_min(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
             if all(code != 503 for code, _ in samples):
                 problems.append(f"/readyz never said 503 with {step} ({Counter(code for code, _ in samples)})")
         if spent1 != before or spent2 != before or after[2]:
-            problems.append(f"attempts spent: (max, messages with attempts, failed) {before} before, {spent1} with "
-                            f"the ISR below min, {spent2} with two nodes down, {after} at the end")
+            problems.append(
+                f"attempts spent: (max, messages with attempts, failed) {before} before, {spent1} with "
+                f"the ISR below min, {spent2} with two nodes down, {after} at the end"
+            )
         said1, said2 = _said(samples1, cluster.bootstrap), _said(samples2, cluster.bootstrap)
-        notes = (f"(1) node {b} SIGKILLed, {chunks[1]} messages it missed, restarted throttled; node {c} SIGKILLed: "
-                 f"ISR [{survivor}] < 2 for {held1:.0f}s while the app committed {chunks[2]} more, relay delivered "
-                 f"{delivered1}; {said1}; zeroloss doctor --topic meanwhile: {doctor_said.strip()}; "
-                 f"zeroloss status: exit {status_code}, verdict {status.get('verdict')}, reasons "
-                 f"{status.get('reasons')}, oldest pending's last error \"{status.get('oldest_pending_error')}\". "
-                 f"(2) node {b} SIGKILLed again: only node {survivor} up, no controller "
-                 f"quorum, for {held2:.0f}s, relay delivered {delivered2}; {said2}. (max attempts, "
-                 f"messages with attempts, failed): {before} before, {spent1} and {spent2} during, {after} after; "
-                 f"{_relay_summary(p)}")
-        ledger = p.ledger("cluster: ISR below min.insync.replicas, then 2 of 3 brokers down, back later", 3,
-                          drain, notes)
+        notes = (
+            f"(1) node {b} SIGKILLed, {chunks[1]} messages it missed, restarted throttled; node {c} SIGKILLed: "
+            f"ISR [{survivor}] < 2 for {held1:.0f}s while the app committed {chunks[2]} more, relay delivered "
+            f"{delivered1}; {said1}; zeroloss doctor --topic meanwhile: {doctor_said.strip()}; "
+            f"zeroloss status: exit {status_code}, verdict {status.get('verdict')}, reasons "
+            f'{status.get("reasons")}, oldest pending\'s last error "{status.get("oldest_pending_error")}". '
+            f"(2) node {b} SIGKILLed again: only node {survivor} up, no controller "
+            f"quorum, for {held2:.0f}s, relay delivered {delivered2}; {said2}. (max attempts, "
+            f"messages with attempts, failed): {before} before, {spent1} and {spent2} during, {after} after; "
+            f"{_relay_summary(p)}"
+        )
+        ledger = p.ledger(
+            "cluster: ISR below min.insync.replicas, then 2 of 3 brokers down, back later", 3, drain, notes
+        )
         return _with_problems(ledger, problems)
     finally:
         p.close()
@@ -410,18 +466,20 @@ def all_killed(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         code, found = _audit(p)
         missing = set(found["missing"])
         if code != 0 or missing:
-            problems.append(f"audit exit {code}, {len(missing)} missing, {len(missing & acked)} of them success "
-                            "before the crash")
+            problems.append(
+                f"audit exit {code}, {len(missing)} missing, {len(missing & acked)} of them success before the crash"
+            )
         if found["checked"] != len(p.committed):
             problems.append(f"audit checked {found['checked']} of {len(p.committed)} success messages")
         t = time.monotonic()
         p.wait_drained(timeout_s=300)
         drain = time.monotonic() - t
-        notes = (f"all 3 nodes SIGKILLed with {len(acked)} messages in success, restarted on their data in "
-                 f"{restart_s:.0f}s; zeroloss audit after the relay finished: exit {code}, {found['checked']} "
-                 f"success messages checked on the broker, {len(missing)} missing; {_relay_summary(p)}")
-        ledger = p.ledger("cluster: all 3 brokers SIGKILLed mid-stream and restarted", len(cluster.nodes), drain,
-                          notes)
+        notes = (
+            f"all 3 nodes SIGKILLed with {len(acked)} messages in success, restarted on their data in "
+            f"{restart_s:.0f}s; zeroloss audit after the relay finished: exit {code}, {found['checked']} "
+            f"success messages checked on the broker, {len(missing)} missing; {_relay_summary(p)}"
+        )
+        ledger = p.ledger("cluster: all 3 brokers SIGKILLed mid-stream and restarted", len(cluster.nodes), drain, notes)
         return _with_problems(ledger, problems)
     finally:
         p.close()
@@ -443,8 +501,11 @@ def partition(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         assert node is not None, "partition 0 has no leader before the fault"
         cluster.pause(node)
         t0 = time.monotonic()
-        fenced_s = wait_until(_quiet(lambda: node not in cluster.broker_ids() and _led_without(cluster, p.topic, node)),
-                              60, "the controller to fence the hung broker and move its leaders")
+        fenced_s = wait_until(
+            _quiet(lambda: node not in cluster.broker_ids() and _led_without(cluster, p.topic, node)),
+            60,
+            "the controller to fence the hung broker and move its leaders",
+        )
         target = min(size.messages, p.delivered() + size.messages // 20)
         moved_on_s = wait_until(lambda: p.delivered() >= target, 120, "relay progress without the hung broker")
         # The partition lasts at least outage_s: the fault's length, not a synchronisation.
@@ -456,11 +517,14 @@ def partition(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         t = time.monotonic()
         p.wait_drained()
         drain = time.monotonic() - t
-        notes = (f"node {node} (leader of partition 0) SIGSTOPped for {hung_s:.0f}s: fenced and its partitions "
-                 f"led elsewhere after {fenced_s:.1f}s, the relay delivered {size.messages // 20} more "
-                 f"{moved_on_s:.1f}s later; SIGCONT, back in the ISR; {_relay_summary(p)}")
-        return p.ledger("cluster: network partition of the leader (SIGSTOP past session timeout, SIGCONT)", 1, drain,
-                        notes)
+        notes = (
+            f"node {node} (leader of partition 0) SIGSTOPped for {hung_s:.0f}s: fenced and its partitions "
+            f"led elsewhere after {fenced_s:.1f}s, the relay delivered {size.messages // 20} more "
+            f"{moved_on_s:.1f}s later; SIGCONT, back in the ISR; {_relay_summary(p)}"
+        )
+        return p.ledger(
+            "cluster: network partition of the leader (SIGSTOP past session timeout, SIGCONT)", 1, drain, notes
+        )
     finally:
         p.close()
         heal(cluster)
@@ -472,8 +536,12 @@ def _create_weak_topic(cluster: KafkaCluster, topic: str, a: int, b: int, c: int
     and ``min.insync.replicas=1`` on the topic, as a careless operator would have it."""
     from confluent_kafka.admin import NewTopic
 
-    new = NewTopic(topic, num_partitions=2, replica_assignment=[[a, b, c], [a, c, b]],
-                   config={"unclean.leader.election.enable": "true", "min.insync.replicas": "1"})
+    new = NewTopic(
+        topic,
+        num_partitions=2,
+        replica_assignment=[[a, b, c], [a, c, b]],
+        config={"unclean.leader.election.enable": "true", "min.insync.replicas": "1"},
+    )
     admin = _admin(cluster)
     admin.create_topics([new], operation_timeout=30)[topic].result(timeout=40)
 
@@ -501,8 +569,10 @@ def unclean_election(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         checks = {ch["name"]: ch for ch in json.loads(out)["checks"]} if out.strip().startswith("{") else {}
         flagged = checks.get(f"topic {p.topic} unclean.leader.election.enable", {})
         if doctor_code != 1 or flagged.get("verdict") != "fail":
-            problems.append(f"doctor exit {doctor_code} before the fault, unclean.leader.election.enable check "
-                            f"{flagged or err.strip()[-500:]}")
+            problems.append(
+                f"doctor exit {doctor_code} before the fault, unclean.leader.election.enable check "
+                f"{flagged or err.strip()[-500:]}"
+            )
         p.start_consumer()
         p.start_relay()
         _deliver(p, chunks[0], pad, "traffic before the fault")
@@ -534,8 +604,9 @@ def unclean_election(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
 
             how = "on AdminClient.elect_leaders(UNCLEAN), none within 30 s by itself"
             admin = _admin(cluster)
-            admin.elect_leaders(ElectionType.UNCLEAN, [TopicPartition(p.topic, i) for i in range(2)],
-                                operation_timeout=30).result(timeout=40)
+            admin.elect_leaders(
+                ElectionType.UNCLEAN, [TopicPartition(p.topic, i) for i in range(2)], operation_timeout=30
+            ).result(timeout=40)
             wait_until(_quiet(lambda: _led_without(cluster, p.topic, a)), 30, "the unclean election asked for")
         elected_s = time.monotonic() - t
         leaders = {i: leader for i, (leader, _) in _partitions(cluster, p.topic).items()}
@@ -558,8 +629,10 @@ def unclean_election(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         audit_code, found = _audit(p)
         lost = set(found["broker"]["missing"])
         if audit_code != 1 or lost != truth:
-            problems.append(f"audit exit {audit_code} reported {len(lost)} missing, {len(lost & truth)} of the "
-                            f"{len(truth)} really lost")
+            problems.append(
+                f"audit exit {audit_code} reported {len(lost)} missing, {len(lost & truth)} of the "
+                f"{len(truth)} really lost"
+            )
         _, fixed = _audit(p, "--repair")
         if fixed["repaired"] != len(lost) or set(fixed["broker"]["missing"]) != lost:
             problems.append(f"repair resent {fixed['repaired']} of {len(lost)}")
@@ -569,17 +642,24 @@ def unclean_election(cluster: KafkaCluster, work: Path, size: Size) -> Ledger:
         if final_code != 0 or final["missing"]:
             problems.append(f"final audit exit {final_code}, {len(final['missing'])} missing")
         drain = time.monotonic() - t
-        notes = (f"doctor before the fault: exit {doctor_code}, '{flagged.get('name')}' {flagged.get('verdict')} "
-                 f"({flagged.get('detail')}); nodes {b} then {c} SIGKILLed, each missing traffic, restarted throttled "
-                 f"(out of the ISR): {len(window)} messages acknowledged while {b} was out, the last {chunks[2]} by "
-                 f"node {a} alone; {a} SIGKILLed: unclean election {how} after {elected_s:.1f}s, leaders {leaders} "
-                 f"(ISR was [{a}]); {a} restarted and truncated its log. Ground truth: {len(truth)} acknowledged "
-                 f"messages no longer on the topic, all among the {len(window)}; audit (exit {audit_code}) found "
-                 f"{len(lost)}, {'the same ones' if lost == truth else 'NOT the same'}; --repair resent "
-                 f"{fixed['repaired']}; final audit exit {final_code}; key order not judged for the resent ones; "
-                 f"{_relay_summary(p)}")
-        ledger = p.ledger("cluster: unclean leader election truncates acknowledged records, audit --repair", 3,
-                          drain, notes, unordered=lost)
+        notes = (
+            f"doctor before the fault: exit {doctor_code}, '{flagged.get('name')}' {flagged.get('verdict')} "
+            f"({flagged.get('detail')}); nodes {b} then {c} SIGKILLed, each missing traffic, restarted throttled "
+            f"(out of the ISR): {len(window)} messages acknowledged while {b} was out, the last {chunks[2]} by "
+            f"node {a} alone; {a} SIGKILLed: unclean election {how} after {elected_s:.1f}s, leaders {leaders} "
+            f"(ISR was [{a}]); {a} restarted and truncated its log. Ground truth: {len(truth)} acknowledged "
+            f"messages no longer on the topic, all among the {len(window)}; audit (exit {audit_code}) found "
+            f"{len(lost)}, {'the same ones' if lost == truth else 'NOT the same'}; --repair resent "
+            f"{fixed['repaired']}; final audit exit {final_code}; key order not judged for the resent ones; "
+            f"{_relay_summary(p)}"
+        )
+        ledger = p.ledger(
+            "cluster: unclean leader election truncates acknowledged records, audit --repair",
+            3,
+            drain,
+            notes,
+            unordered=lost,
+        )
         return _with_problems(ledger, problems)
     finally:
         p.close()

@@ -58,18 +58,41 @@ def wait_until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
 
 def zeroloss_cli(*args: str, timeout_s: float = 300) -> tuple[int, str, str]:
     """Run the ``zeroloss`` command as an operator would: (exit code, stdout, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "zeroloss", *args], capture_output=True, text=True,
-                          timeout=timeout_s)
+    done = subprocess.run([sys.executable, "-m", "zeroloss", *args], capture_output=True, text=True, timeout=timeout_s)
     return done.returncode, done.stdout, done.stderr
 
 
-def start_relay(source_args: Sequence[str], broker_url: str, relay_id: str, log: Path,
-                lease_s: float = 3.0, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+def start_relay(
+    source_args: Sequence[str],
+    broker_url: str,
+    relay_id: str,
+    log: Path,
+    lease_s: float = 3.0,
+    extra: Sequence[str] = (),
+) -> subprocess.Popen[bytes]:
     """A ``zeroloss relay`` process with the chaos suite's short timeouts, logging to ``log``;
     ``extra``: more ``zeroloss relay`` options (``--metrics-port N`` ...)."""
-    cmd = [sys.executable, "-m", "zeroloss", "-v", "relay", *source_args,
-           "--target", broker_url, "--batch-size", "200", "--lease-s", str(lease_s),
-           "--timeout-s", "2.5", "--max-backoff-s", "2", "--relay-id", relay_id, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "zeroloss",
+        "-v",
+        "relay",
+        *source_args,
+        "--target",
+        broker_url,
+        "--batch-size",
+        "200",
+        "--lease-s",
+        str(lease_s),
+        "--timeout-s",
+        "2.5",
+        "--max-backoff-s",
+        "2",
+        "--relay-id",
+        relay_id,
+        *extra,
+    ]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
@@ -90,12 +113,19 @@ class Ledger:
 
     @property
     def ok(self) -> bool:
-        return (self.lost == 0 and not self.double_effects and not self.out_of_order_keys
-                and self.violations == 0)
+        return self.lost == 0 and not self.double_effects and not self.out_of_order_keys and self.violations == 0
 
 
-def broker_ledger(scenario: str, broker_url: str, topic: str, committed: Sequence[tuple[str, bytes | None]],
-                  faults: int, drain_s: float | None, notes: str, problems: list[str]) -> Ledger:
+def broker_ledger(
+    scenario: str,
+    broker_url: str,
+    topic: str,
+    committed: Sequence[tuple[str, bytes | None]],
+    faults: int,
+    drain_s: float | None,
+    notes: str,
+    problems: list[str],
+) -> Ledger:
     """A Ledger from what is on ``topic``: committed ids missing (lost), copies, per-key order
     against commit order, and ids that were never committed (a violation, as are ``problems``)."""
     ids = [mid for mid, _ in committed]
@@ -111,8 +141,9 @@ def broker_ledger(scenario: str, broker_url: str, topic: str, committed: Sequenc
             by_key.setdefault(key, []).append(mid)
     out_of_order = sum(1 for key, mids in by_key.items() if [m for m in seen.order.get(key, []) if m in known] != mids)
     notes += "".join(f"; PROBLEM: {p}" for p in problems)
-    return Ledger(scenario, len(ids), faults, lost, seen.duplicates, None, out_of_order, drain_s, notes,
-                  violations=len(problems))
+    return Ledger(
+        scenario, len(ids), faults, lost, seen.duplicates, None, out_of_order, drain_s, notes, violations=len(problems)
+    )
 
 
 @dataclass
@@ -153,8 +184,10 @@ class Pipeline:
         """Commit ``n`` messages, ``per_txn`` per transaction; the i-th one's value is ``i`` (then
         ``pad``, to make records bigger), its key one of ``keys``."""
         for start in range(0, n, per_txn):
-            rows: list[dict[str, Any]] = [{"topic": self.topic, "value": b"%d%s" % (i, pad), "key": b"k%d" % (i % keys)}
-                    for i in range(start, min(n, start + per_txn))]
+            rows: list[dict[str, Any]] = [
+                {"topic": self.topic, "value": b"%d%s" % (i, pad), "key": b"k%d" % (i % keys)}
+                for i in range(start, min(n, start + per_txn))
+            ]
             with self.outbox.engine.begin() as conn:
                 ids = self.outbox.add_many(conn, rows)
             self.committed.extend((i, r["key"]) for i, r in zip(ids, rows, strict=True))
@@ -172,16 +205,27 @@ class Pipeline:
         url = self.outbox.engine.url.render_as_string(hide_password=False)
         return ["--source", url, "--table", self.outbox.table.name]
 
-    def start_relay(self, relay_id: str = "r0", lease_s: float = 3.0,
-                    extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    def start_relay(
+        self, relay_id: str = "r0", lease_s: float = 3.0, extra: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         p = start_relay(self.source_args, self.broker_url, f"{self.name}-{relay_id}", self.relay_log, lease_s, extra)
         self.relays.append(p)
         return p
 
     def start_consumer(self, mode: str = "run", options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         """A consumer_child.py process; ``options`` as that script takes them (``poison=N`` …)."""
-        cmd = [sys.executable, str(CHILD), self.broker_url, self.group, self.topic, PG,
-               self.inbox.table.name, self.effects.name, mode, *options]
+        cmd = [
+            sys.executable,
+            str(CHILD),
+            self.broker_url,
+            self.group,
+            self.topic,
+            PG,
+            self.inbox.table.name,
+            self.effects.name,
+            mode,
+            *options,
+        ]
         with open(self.consumer_log, "ab") as out:
             p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         self.consumers.append(p)
@@ -245,8 +289,16 @@ class Pipeline:
                 f"relays/consumers alive {alive}; logs in {self.workdir}"
             ) from exc
 
-    def ledger(self, scenario: str, faults: int, drain_s: float, notes: str = "", *,
-               no_effect: Collection[str] = (), unordered: Collection[str] = ()) -> Ledger:
+    def ledger(
+        self,
+        scenario: str,
+        faults: int,
+        drain_s: float,
+        notes: str = "",
+        *,
+        no_effect: Collection[str] = (),
+        unordered: Collection[str] = (),
+    ) -> Ledger:
         """Count what happened. ``no_effect``: ids that must have no effect (dead letters): not
         lost without one, a violation with one. ``unordered``: ids left out of the per-key order
         check (messages sent again out of order by design, e.g. by ``audit --repair``)."""
@@ -271,8 +323,9 @@ class Pipeline:
             if [m for m in sorted((m for m in mids if m in first), key=first.__getitem__)]
             != [m for m in mids if m in first]
         )  # fmt: skip
-        return Ledger(scenario, len(ids), faults, lost, seen.duplicates, double, out_of_order, drain_s, notes,
-                      violations)
+        return Ledger(
+            scenario, len(ids), faults, lost, seen.duplicates, double, out_of_order, drain_s, notes, violations
+        )
 
     def close(self) -> None:
         self.stop_all()

@@ -88,9 +88,11 @@ def broker_killed(_: Any, work: Path, size: Size) -> Ledger:
         relay.wait(60)
         stats = outbox.stats()
         problems = [] if stats.counts[State.FAILED] == 0 else [f"{stats.counts[State.FAILED]} failed in the outbox"]
-        notes = (f"own RocketMQ 5.5.0 server, SYNC_FLUSH, ASYNC_MASTER without slave; broker down "
-                 f"{size.outage_s:g}s each time, restart until a message goes through "
-                 f"{', '.join(f'{r:.0f}s' for r in restarts)}")
+        notes = (
+            f"own RocketMQ 5.5.0 server, SYNC_FLUSH, ASYNC_MASTER without slave; broker down "
+            f"{size.outage_s:g}s each time, restart until a message goes through "
+            f"{', '.join(f'{r:.0f}s' for r in restarts)}"
+        )
         return _ledger(server, topic, committed, size.kills, drain_s, notes, problems)
     finally:
         if relay is not None and relay.poll() is None:
@@ -101,8 +103,15 @@ def broker_killed(_: Any, work: Path, size: Size) -> Ledger:
         server.stop(wipe=True)
 
 
-def _ledger(server: RocketMQServer, topic: str, committed: list[tuple[str, bytes]], faults: int,
-            drain_s: float, notes: str, problems: list[str]) -> Ledger:
+def _ledger(
+    server: RocketMQServer,
+    topic: str,
+    committed: list[tuple[str, bytes]],
+    faults: int,
+    drain_s: float,
+    notes: str,
+    problems: list[str],
+) -> Ledger:
     admin = RocketMQAdmin(server.namesrv_addr)
     seen: Counter[str] = Counter()
     order: dict[bytes, list[str]] = {}
@@ -124,8 +133,18 @@ def _ledger(server: RocketMQServer, topic: str, committed: list[tuple[str, bytes
             by_key.setdefault(committed_key, []).append(mid)
     out_of_order = sum(1 for key, mids in by_key.items() if [m for m in order.get(key, []) if m in known] != mids)
     notes += "".join(f"; PROBLEM: {p}" for p in problems)
-    return Ledger("RocketMQ broker SIGKILL + restart mid-stream", len(ids), faults, lost,
-                  sum(seen.values()) - len(seen), None, out_of_order, drain_s, notes, violations=len(problems))
+    return Ledger(
+        "RocketMQ broker SIGKILL + restart mid-stream",
+        len(ids),
+        faults,
+        lost,
+        sum(seen.values()) - len(seen),
+        None,
+        out_of_order,
+        drain_s,
+        notes,
+        violations=len(problems),
+    )
 
 
 ROCKETMQ_SCENARIOS = {"rocketmq-broker-killed": broker_killed}

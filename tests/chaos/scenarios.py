@@ -120,8 +120,11 @@ def zombie_consumer(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         zombie.send_signal(signal.SIGSTOP)
         # The session timeout is 2 s; wait for real progress by the survivor, not for a clock.
         before = p.effects_done()
-        wait_until(lambda: p.effects_done() >= min(size.messages, before + size.messages // 4), 300,
-                   "the survivor to take over")
+        wait_until(
+            lambda: p.effects_done() >= min(size.messages, before + size.messages // 4),
+            300,
+            "the survivor to take over",
+        )
         zombie.send_signal(signal.SIGCONT)
         t = time.monotonic()
         p.wait_drained()
@@ -148,10 +151,16 @@ def rebalance_storm(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         settled = p.assignments()
         while p.effects_done() < size.messages * 3 // 4 and faults < 4 * size.kills:
             target = p.effects_done() + step
-            wait_until(lambda: p.effects_done() >= target or p.effects_done() >= size.messages * 3 // 4,  # noqa: B023
-                       300, "progress between rebalances")
-            wait_until(lambda: all(p.assignments()[c.pid] > settled[c.pid] for c in live), 120,  # noqa: B023
-                       "every member's assignment after the last change")
+            wait_until(
+                lambda: p.effects_done() >= target or p.effects_done() >= size.messages * 3 // 4,  # noqa: B023
+                300,
+                "progress between rebalances",
+            )
+            wait_until(
+                lambda: all(p.assignments()[c.pid] > settled[c.pid] for c in live),  # noqa: B023
+                120,
+                "every member's assignment after the last change",
+            )
             settled = p.assignments()
             if len(live) > 1 and rng.random() < 0.5:
                 p.kill(live.pop(rng.randrange(len(live))), signal.SIGTERM)
@@ -226,8 +235,12 @@ def postgres_restart(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
         p.start_relay()
         wait_until(lambda: p.effects_done() >= size.messages // 6, 300, "traffic before the restart")
         version = sorted(os.listdir("/etc/postgresql"))[-1]
-        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                       check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         wait_until(lambda: port_open(5432), 60, "PostgreSQL back")
         p.produce(size.messages - size.messages // 2)
         t = time.monotonic()
@@ -295,13 +308,20 @@ def broker_lost_memory(work: Path, size: Size) -> Ledger:
             if code != 0 or final["missing"]:
                 problems.append(f"final audit exit {code}, {len(final['missing'])} missing")
             drain = time.monotonic() - t
-            notes = (f"broker lost {len(really)} acknowledged messages on restart, {len(really - applied)} of "
-                     f"them not yet consumed; audit (exit 1) reported {len(lost)}, the same ones; --repair resent "
-                     f"{fixed['repaired']} from the success ledger, the inbox dropped the copies already applied; "
-                     f"final audit exit {code}; key order not judged for the resent ones (a resend goes after later "
-                     f"messages of its key, as documented)")
-            ledger = p.ledger("broker restarted on memory storage (loses all), audit --repair", 1, drain,
-                              notes + "".join(f"; PROBLEM: {x}" for x in problems), unordered=set(lost))
+            notes = (
+                f"broker lost {len(really)} acknowledged messages on restart, {len(really - applied)} of "
+                f"them not yet consumed; audit (exit 1) reported {len(lost)}, the same ones; --repair resent "
+                f"{fixed['repaired']} from the success ledger, the inbox dropped the copies already applied; "
+                f"final audit exit {code}; key order not judged for the resent ones (a resend goes after later "
+                f"messages of its key, as documented)"
+            )
+            ledger = p.ledger(
+                "broker restarted on memory storage (loses all), audit --repair",
+                1,
+                drain,
+                notes + "".join(f"; PROBLEM: {x}" for x in problems),
+                unordered=set(lost),
+            )
             ledger.violations += len(problems)
             return ledger
         finally:
@@ -343,9 +363,11 @@ def handler_failures(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
             attempts = dict(conn.execute(sa.select(p.effects.c.msg_id, p.effects.c.attempts)).all())
         not_third = sum(1 for mid in transient if attempts.get(mid) not in (None, 3))
         strays = len(set(letters) - poison)  # dead letters of messages that were not poison
-        notes = (f"{len(transient)} failed twice then took effect on attempt 3 ({not_third} not), "
-                 f"{len(poison)} poison: {len(poison & set(letters))} in {p.topic}.dlq, none with an effect; "
-                 f"{strays} other dead letters")
+        notes = (
+            f"{len(transient)} failed twice then took effect on attempt 3 ({not_third} not), "
+            f"{len(poison)} poison: {len(poison & set(letters))} in {p.topic}.dlq, none with an effect; "
+            f"{strays} other dead letters"
+        )
         name = "handler failures: transient (2 fails) and poison (dead letter)"
         ledger = p.ledger(name, len(transient) + len(poison), drain, notes, no_effect=poison)
         ledger.lost += len(poison - set(letters))
@@ -377,6 +399,7 @@ def full_size(name: str) -> Size:
 
 def short_size(name: str) -> Size:
     return SHORT_SIZES.get(name, Size.short())
+
 
 SCENARIOS: dict[str, Any] = {
     "relay-sigkill-postgresql": lambda b, w, s: relay_sigkill(b, w, s, "postgresql"),

@@ -29,8 +29,7 @@ WRITER = Path(__file__).with_name("spool_writer.py")
 
 
 def _spool_relay(root: Path, broker: EmbeddedBroker, work: Path) -> subprocess.Popen[bytes]:
-    return start_relay(["--source", f"spool://{root}"], broker.url, f"spool-{uuid.uuid4().hex[:8]}",
-                       work / "relay.log")
+    return start_relay(["--source", f"spool://{root}"], broker.url, f"spool-{uuid.uuid4().hex[:8]}", work / "relay.log")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -68,8 +67,9 @@ def small_tmpfs(mnt: Path, size: str = "2m") -> Iterator[Path]:
     mnt.mkdir()
     if os.geteuid() != 0:
         raise CannotMount("the disk-full scenario mounts a tmpfs: it needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise CannotMount(f"mount -t tmpfs failed: {done.stderr.strip()}")
     try:
@@ -174,13 +174,16 @@ def disk_full(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
             _stop(relay)
             spool.close()
             db.close()
-    notes = (f"2 MiB tmpfs full after {full_at} orders: order {full_at} failed at message {partial + 1} of 5 with "
-             f"SpoolFullError ('out of disk space (No space left on device) ... roll back the application's "
-             f"transaction'), its row and tmp files rolled back; the {intact} committed before intact; status exit "
-             f"{code} at {used}% used; after freeing space the same order committed, {full_at} more followed; "
-             f"relay delivered all")
-    return broker_ledger("spool disk full (tmpfs), app transaction rolled back", broker.url, topic, committed, 1,
-                         drain, notes, problems)
+    notes = (
+        f"2 MiB tmpfs full after {full_at} orders: order {full_at} failed at message {partial + 1} of 5 with "
+        f"SpoolFullError ('out of disk space (No space left on device) ... roll back the application's "
+        f"transaction'), its row and tmp files rolled back; the {intact} committed before intact; status exit "
+        f"{code} at {used}% used; after freeing space the same order committed, {full_at} more followed; "
+        f"relay delivered all"
+    )
+    return broker_ledger(
+        "spool disk full (tmpfs), app transaction rolled back", broker.url, topic, committed, 1, drain, notes, problems
+    )
 
 
 # -- (d) corrupted and truncated files ---------------------------------------------------------------
@@ -217,15 +220,20 @@ def corrupted_files(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
     try:
         for start in range(0, n, 50):
             with spool.transaction() as tx:
-                committed.extend((tx.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 17)), b"k%d" % (i % 17))
-                                 for i in range(start, min(n, start + 50)))
+                committed.extend(
+                    (tx.add(topic=topic, value=b"%d" % i, key=b"k%d" % (i % 17)), b"k%d" % (i % 17))
+                    for i in range(start, min(n, start + 50))
+                )
             if (start // 50) % max(1, n // 50 // size.kills) == 0 and planted < 5 * size.kills:
                 got, ids = _plant(root / "pending", start, topic)
                 planted += got
                 bad_ids |= ids
         t = time.monotonic()
-        wait_until(lambda: _delivered(root) >= len(committed) and not os.listdir(root / "pending"), 120,
-                   "the relay to deliver the good ones")
+        wait_until(
+            lambda: _delivered(root) >= len(committed) and not os.listdir(root / "pending"),
+            120,
+            "the relay to deliver the good ones",
+        )
         drain = time.monotonic() - t
         code, status = _status(root)
         counts = status.get("counts", {})
@@ -240,11 +248,14 @@ def corrupted_files(broker: EmbeddedBroker, work: Path, size: Size) -> Ledger:
     on_broker = set(read_topic(broker.url, topic, idle_s=2).ids) & bad_ids
     if on_broker:
         problems.append(f"{len(on_broker)} planted message(s) reached the broker")
-    notes = (f"{planted} bad files planted in pending/ in {size.kills} rounds (truncated, bit-flipped, empty, "
-             f"foreign name, name/content mismatch): status exit {code} counts {malformed} malformed, none sent; "
-             f"the {len(committed)} good ones delivered")
-    return broker_ledger("corrupted and truncated spool files", broker.url, topic, committed, planted, drain,
-                         notes, problems)
+    notes = (
+        f"{planted} bad files planted in pending/ in {size.kills} rounds (truncated, bit-flipped, empty, "
+        f"foreign name, name/content mismatch): status exit {code} counts {malformed} malformed, none sent; "
+        f"the {len(committed)} good ones delivered"
+    )
+    return broker_ledger(
+        "corrupted and truncated spool files", broker.url, topic, committed, planted, drain, notes, problems
+    )
 
 
 # -- (e) crash between the app's commit and the spool's promotion -------------------------------------
@@ -314,8 +325,9 @@ def crash_before_promotion(broker: EmbeddedBroker, work: Path, size: Size) -> Le
     spool = _CountingSpool(root, tmp_grace_s=10)  # longer than any live transaction of the writer
     spool.totals = RecoveryReport()
     kafka = open_broker(broker.url, relay_id=f"crash-{uuid.uuid4().hex[:8]}", timeout_s=5)
-    relay = Relay(spool, kafka, RelaySettings(batch_size=200, lease_s=5, recover_every_s=1, max_backoff_s=2),
-                  resolver=journal)
+    relay = Relay(
+        spool, kafka, RelaySettings(batch_size=200, lease_s=5, recover_every_s=1, max_backoff_s=2), resolver=journal
+    )
     thread = threading.Thread(target=relay.run, daemon=True)
     thread.start()
     per_run = max(300, size.messages // 5 // size.kills)
@@ -325,13 +337,21 @@ def crash_before_promotion(broker: EmbeddedBroker, work: Path, size: Size) -> Le
         for run in range(size.kills):
             hang_after = per_run // 12
             with open(work / "writer.log", "ab") as log:
-                writer = subprocess.Popen([sys.executable, str(WRITER), str(root), str(journal.path), topic,
-                                           f"r{run}", str(hang_after)], stdout=log, stderr=subprocess.STDOUT)
+                writer = subprocess.Popen(
+                    [sys.executable, str(WRITER), str(root), str(journal.path), topic, f"r{run}", str(hang_after)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             start = len(journal.refresh())
             try:
-                wait_until(lambda: len(journal.refresh()) - start >= per_run // 3  # noqa: B023
-                           and f"r{run}-0-{hang_after}" in journal.txids, 120,  # noqa: B023
-                           "the writer to commit, and hang after one commit")
+                wait_until(
+                    lambda: (
+                        len(journal.refresh()) - start >= per_run // 3  # noqa: B023
+                        and f"r{run}-0-{hang_after}" in journal.txids  # noqa: B023
+                    ),
+                    120,
+                    "the writer to commit, and hang after one commit",
+                )
             finally:
                 os.kill(writer.pid, signal.SIGKILL)
                 writer.wait()
@@ -347,8 +367,11 @@ def crash_before_promotion(broker: EmbeddedBroker, work: Path, size: Size) -> Le
         committed_txids = journal.refresh()
         committed = [(mid, txid.rsplit("-", 1)[0].encode()) for txid, ids in committed_txids.items() for mid in ids]
         t = time.monotonic()
-        wait_until(lambda: _delivered(root) >= len(committed) and not os.listdir(root / "tmp"), 120,
-                   "the relay to resolve every tmp file and deliver every committed message")
+        wait_until(
+            lambda: _delivered(root) >= len(committed) and not os.listdir(root / "tmp"),
+            120,
+            "the relay to resolve every tmp file and deliver every committed message",
+        )
         drain = time.monotonic() - t
     finally:
         relay.stop()
@@ -356,13 +379,22 @@ def crash_before_promotion(broker: EmbeddedBroker, work: Path, size: Size) -> Le
         kafka.close()
         spool.close()
     tot = spool.totals
-    notes = (f"writer SIGKILLed {size.kills}x mid-transaction ({len(committed_txids)} transactions committed): "
-             f"recover(resolver) promoted {tot.promoted} committed-but-unpromoted, discarded {tot.discarded} "
-             f"rolled back, doubt {tot.doubt}; {doubt_checked}")
+    notes = (
+        f"writer SIGKILLed {size.kills}x mid-transaction ({len(committed_txids)} transactions committed): "
+        f"recover(resolver) promoted {tot.promoted} committed-but-unpromoted, discarded {tot.discarded} "
+        f"rolled back, doubt {tot.doubt}; {doubt_checked}"
+    )
     if tot.doubt:
         problems.append(f"{tot.doubt} to doubt/ although the resolver knew")
     if tot.promoted < 3 * size.kills:
         problems.append(f"only {tot.promoted} promoted by recover(), expected at least {3 * size.kills}")
-    return broker_ledger("app killed between commit and spool promotion", broker.url, topic, committed,
-                         size.kills, drain, notes, problems)
-
+    return broker_ledger(
+        "app killed between commit and spool promotion",
+        broker.url,
+        topic,
+        committed,
+        size.kills,
+        drain,
+        notes,
+        problems,
+    )

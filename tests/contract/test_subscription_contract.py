@@ -52,8 +52,11 @@ class Contract:
             b.close()
 
 
-@pytest.fixture(params=[pytest.param(n, id=n, marks=getattr(pytest.mark, n))
-                        for n in ("kafka", "rabbitmq", "nats", "redis", "rocketmq")])
+@pytest.fixture(
+    params=[
+        pytest.param(n, id=n, marks=getattr(pytest.mark, n)) for n in ("kafka", "rabbitmq", "nats", "redis", "rocketmq")
+    ]
+)
 def contract(request: pytest.FixtureRequest) -> Iterator[Contract]:
     name = request.param
     if name == "rocketmq":
@@ -63,8 +66,13 @@ def contract(request: pytest.FixtureRequest) -> Iterator[Contract]:
         from zeroloss.brokers.kafka import KafkaBroker
 
         k = request.getfixturevalue("kafka")
-        yield Contract(name, k.url, lambda: KafkaBroker(k.url, timeout_s=15), dict(FAST_GROUP),
-                       lambda t: kafka_letters(k.bootstrap, t + ".dlq"))
+        yield Contract(
+            name,
+            k.url,
+            lambda: KafkaBroker(k.url, timeout_s=15),
+            dict(FAST_GROUP),
+            lambda t: kafka_letters(k.bootstrap, t + ".dlq"),
+        )
         return
     with harness(name) as h:
         config = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 1.0, "claim_every_s": 0.2}}
@@ -85,11 +93,20 @@ def rocketmq_contract(server: Any) -> Contract:
     url = rocketmq_plain.url(server)
 
     def letters(topic: str) -> list[tuple[str, dict[str, bytes]]]:
-        return [(s.id or "", {**dict(s.headers), ID_HEADER: (s.id or "").encode()})
-                for s in RocketMQReader(url).read(topic + ".dlq")]
+        return [
+            (s.id or "", {**dict(s.headers), ID_HEADER: (s.id or "").encode()})
+            for s in RocketMQReader(url).read(topic + ".dlq")
+        ]
 
-    return Contract("rocketmq", url, lambda: rocketmq_plain.PlainProducer(server), {"invisible_s": 10.0}, letters,
-                    prepare=lambda t: rocketmq_plain.prepare(server, t), redelivery_s=3.0)
+    return Contract(
+        "rocketmq",
+        url,
+        lambda: rocketmq_plain.PlainProducer(server),
+        {"invisible_s": 10.0},
+        letters,
+        prepare=lambda t: rocketmq_plain.prepare(server, t),
+        redelivery_s=3.0,
+    )
 
 
 @pytest.fixture
@@ -98,8 +115,9 @@ def db(tmp_path: Path) -> Iterator[Db]:
 
 
 def consumer(c: Contract, topic: str, db: Db, **kw: Any) -> Consumer:
-    return Consumer(c.url, f"g-{topic}", [topic], db.inbox, config=dict(c.config), backoff_base_s=0.01,
-                    poll_s=0.2, **kw)
+    return Consumer(
+        c.url, f"g-{topic}", [topic], db.inbox, config=dict(c.config), backoff_base_s=0.01, poll_s=0.2, **kw
+    )
 
 
 def test_publish_consume_ack_exactly_once_in_key_order(contract: Contract, db: Db) -> None:
@@ -229,8 +247,9 @@ def test_a_batch_handler_applies_each_effect_once_and_a_failing_message_is_found
         assert ids == [m.id for m in msgs if m.key == (key or "").encode() and m is not bad], f"key {key} out of order"
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
-                                                                                              "redis")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats", "redis")]
+)
 def test_every_subscription_satisfies_the_protocol(name: str) -> None:
     from tests.broker_harness import HARNESSES
 
@@ -245,21 +264,22 @@ def test_every_subscription_satisfies_the_protocol(name: str) -> None:
             sub.close()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
-                                                                                              "redis")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats", "redis")]
+)
 def test_a_consumer_waits_out_an_unreachable_broker(name: str, db: Db) -> None:
     from tests.broker_harness import HARNESSES
 
     require_service(name)
-    c = Consumer(HARNESSES[name]().bad_url, "g-unreachable", ["t"], db.inbox, backoff_base_s=0.05,
-                 max_backoff_s=0.2)
+    c = Consumer(HARNESSES[name]().bad_url, "g-unreachable", ["t"], db.inbox, backoff_base_s=0.05, max_backoff_s=0.2)
     c.handler(db.record)
     c.run_for(1.0)  # keeps trying to subscribe, never raises, stops on time
     assert not c.assigned and db.counts() == Counter()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
-                                                                                              "redis")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats", "redis")]
+)
 def test_key_value_and_headers_arrive_exactly_as_published(name: str) -> None:
     import time
 
@@ -270,8 +290,11 @@ def test_key_value_and_headers_arrive_exactly_as_published(name: str) -> None:
         topic = unique_topic("hdr")
         h.topics.append(topic)
         headers = [("bin", b"\x00\xff"), ("txt", "grüße".encode()), ("sp", b" x "), ("empty", b"")]
-        msgs = [new_message(topic, b"\x00value", key=b"\xffkey", headers=headers),
-                new_message(topic, b"", key=None), new_message(topic, b"v", key=b"")]
+        msgs = [
+            new_message(topic, b"\x00value", key=b"\xffkey", headers=headers),
+            new_message(topic, b"", key=None),
+            new_message(topic, b"v", key=b""),
+        ]
         b = h.make()
         try:
             assert {o.status for o in b.publish(msgs)} == {Status.DELIVERED}
@@ -311,8 +334,9 @@ def _break(name: str, sub: Any) -> None:
         sub._client.connection_pool.disconnect()
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats",
-                                                                                              "redis")])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=getattr(pytest.mark, n)) for n in ("rabbitmq", "nats", "redis")]
+)
 def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effect(
     name: str, db: Db, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,8 +360,16 @@ def test_a_lost_connection_mid_batch_is_resubscribed_without_loss_or_double_effe
             return subs[-1]
 
         monkeypatch.setattr(runtime, "open_subscription", capture)
-        c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config=config[name], backoff_base_s=0.05,
-                     max_backoff_s=0.2, batch_size=10)
+        c = Consumer(
+            h.url,
+            f"g-{topic}",
+            [topic],
+            db.inbox,
+            config=config[name],
+            backoff_base_s=0.05,
+            max_backoff_s=0.2,
+            batch_size=10,
+        )
 
         @c.handler
         def handle(msg: Received, tx: sa.Connection) -> None:
@@ -391,8 +423,15 @@ def test_foreign_ids_no_inbox_can_tell_apart_or_store_are_dead_lettered(tmp_path
         finally:
             b.close()
         for db in make_db("postgresql", tmp_path):
-            c = Consumer(h.url, f"g-{topic}", [topic], db.inbox, config={"claim_idle_s": 1.0, "claim_every_s": 0.2},
-                         backoff_base_s=0.01, poll_s=0.2)
+            c = Consumer(
+                h.url,
+                f"g-{topic}",
+                [topic],
+                db.inbox,
+                config={"claim_idle_s": 1.0, "claim_every_s": 0.2},
+                backoff_base_s=0.01,
+                poll_s=0.2,
+            )
             c.handler(db.record)
             try:
                 with stopped_after(c, 60):

@@ -42,6 +42,7 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     source = source_url(outbox)
     table = getattr(getattr(outbox.store, "table", None), "name", None)
     log = tmp_path / "relay.log"
+
     def delivered() -> int:
         return int(outbox.store.stats().counts[State.SUCCESS])
 

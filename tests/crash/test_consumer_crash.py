@@ -25,6 +25,7 @@ from zeroloss.message import new_message
 
 pytestmark = [pytest.mark.kafka_cluster, pytest.mark.postgres, pytest.mark.slow]
 
+
 @pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
@@ -36,10 +37,21 @@ MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "2000"))
 CHILD = Path(__file__).resolve().parent.parent / "consumer_child.py"
 
 
-def start(kafka: EmbeddedBroker, group: str, topic: str, db: Db, log: Path, mode: str = "run",
-          *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(CHILD), kafka.url, group, topic, db.url, db.inbox.table.name, db.effects.name, mode,
-           *extra]
+def start(
+    kafka: EmbeddedBroker, group: str, topic: str, db: Db, log: Path, mode: str = "run", *extra: str
+) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        str(CHILD),
+        kafka.url,
+        group,
+        topic,
+        db.url,
+        db.inbox.table.name,
+        db.effects.name,
+        mode,
+        *extra,
+    ]
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
@@ -64,6 +76,7 @@ def test_a_consumer_sigkilled_at_random_points_applies_every_effect_exactly_once
     msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 13)) for i in range(MESSAGES)]
     publish(kafka.url, msgs)
     log = tmp_path / "consumer.log"
+
     def total() -> int:
         return sum(db.counts().values())
 
@@ -105,6 +118,7 @@ def test_two_consumers_in_one_group_one_killed_lose_nothing_and_double_nothing(
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     a, b = (start(kafka, group, topic, db, log) for log in logs)
     try:
+
         def split() -> bool:  # both members hold part of the topic
             pa, pb = last_assignment(logs[0]), last_assignment(logs[1])
             return bool(pa and pb and not set(pa) & set(pb))
@@ -141,6 +155,7 @@ def test_with_retry_topics_a_sigkilled_consumer_still_applies_every_effect_exact
     msgs = [new_message(topic, b"%d" % i, key=b"k%d" % (i % 13)) for i in range(n)]
     publish(kafka.url, msgs)
     log = tmp_path / "consumer.log"
+
     def total() -> int:
         return sum(db.counts().values())
 

@@ -20,6 +20,7 @@ from zeroloss.readback import read_topic
 
 pytestmark = [pytest.mark.kafka_cluster, pytest.mark.slow]
 
+
 @pytest.fixture
 def kafka(kafka_cluster: Any) -> Any:
     """This suite runs on the real three-broker Apache Kafka cluster (RF 3, min ISR 2)."""
@@ -41,6 +42,7 @@ def test_relay_sigkilled_at_random_points_loses_nothing(
     source = source_url(outbox)
     table = getattr(getattr(outbox.store, "table", None), "name", None)
     log = tmp_path / "relay.log"
+
     def delivered() -> int:
         return int(outbox.store.stats().counts[State.SUCCESS])
 

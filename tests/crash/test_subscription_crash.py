@@ -30,8 +30,12 @@ MESSAGES = int(os.environ.get("ZEROLOSS_CRASH_MESSAGES", "1000"))
 CHILD = Path(__file__).resolve().parent.parent / "subscription_child.py"
 # redelivery of what a killed consumer held: at once (RabbitMQ), after AckWait (NATS), after the
 # claim idle time (Redis), after the invisible duration (RocketMQ: 10 s at least)
-CONFIG = {"rabbitmq": {}, "nats": {"ack_wait_s": 2.0}, "redis": {"claim_idle_s": 2.0, "claim_every_s": 0.5},
-          "rocketmq": {"invisible_s": 10.0}}
+CONFIG = {
+    "rabbitmq": {},
+    "nats": {"ack_wait_s": 2.0},
+    "redis": {"claim_idle_s": 2.0, "claim_every_s": 0.5},
+    "rocketmq": {"invisible_s": 10.0},
+}
 
 
 # RocketMQ's variant is the test below (its own topic set-up, and in make chaos for its 25 s a kill).
@@ -47,8 +51,17 @@ def db(tmp_path: Path) -> Iterator[Db]:
 
 
 def start(url: str, name: str, group: str, topic: str, db: Db, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, str(CHILD), url, group, topic, db.url, db.inbox.table.name, db.effects.name,
-           json.dumps(CONFIG[name])]
+    cmd = [
+        sys.executable,
+        str(CHILD),
+        url,
+        group,
+        topic,
+        db.url,
+        db.inbox.table.name,
+        db.effects.name,
+        json.dumps(CONFIG[name]),
+    ]
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
@@ -73,12 +86,21 @@ def test_a_rocketmq_consumer_sigkilled_applies_every_effect_exactly_once(
     rocketmq = request.getfixturevalue("rocketmq")  # after the skip: make test needs no server for it
     topic = unique_topic("ccrash")
     rocketmq_plain.prepare(rocketmq, topic)
-    kill_at_random_points(rocketmq_plain.url(rocketmq), "rocketmq", topic,
-                          lambda: rocketmq_plain.PlainProducer(rocketmq), db, tmp_path, KILLS, MESSAGES)
+    kill_at_random_points(
+        rocketmq_plain.url(rocketmq),
+        "rocketmq",
+        topic,
+        lambda: rocketmq_plain.PlainProducer(rocketmq),
+        db,
+        tmp_path,
+        KILLS,
+        MESSAGES,
+    )
 
 
-def kill_at_random_points(url: str, name: str, topic: str, make: Callable[[], Broker], db: Db, tmp_path: Path,
-                          kills: int, messages: int) -> None:
+def kill_at_random_points(
+    url: str, name: str, topic: str, make: Callable[[], Broker], db: Db, tmp_path: Path, kills: int, messages: int
+) -> None:
     seed = int(os.environ.get("ZEROLOSS_SEED", time.time()))
     rng = random.Random(seed)
     group = f"g-{topic}"
@@ -89,6 +111,7 @@ def kill_at_random_points(url: str, name: str, topic: str, make: Callable[[], Br
     finally:
         broker.close()
     log = tmp_path / "consumer.log"
+
     def total() -> int:
         return sum(db.counts().values())
 

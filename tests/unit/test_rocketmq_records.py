@@ -15,14 +15,29 @@ from zeroloss.brokers.rocketmq_remoting import COMPRESSED_FLAG, MAGIC_V1, MAGIC_
 from zeroloss.errors import ConfigError
 
 
-def record(body: bytes, *, magic: int = MAGIC_V1, sysflag: int = 0, topic: str = "orders",
-           properties: str = "zeroloss-id\x01abc\x02") -> bytes:
+def record(
+    body: bytes,
+    *,
+    magic: int = MAGIC_V1,
+    sysflag: int = 0,
+    topic: str = "orders",
+    properties: str = "zeroloss-id\x01abc\x02",
+) -> bytes:
     """One commit-log record as a broker lays it out (MessageDecoder), IPv4 hosts."""
     topic_field = (struct.pack(">h", len(topic)) if magic == MAGIC_V2 else bytes([len(topic)])) + topic.encode()
-    rest = (struct.pack(">iiqqiq", 3, 0, 7, 1234, sysflag, 1_000) + b"\x7f\x00\x00\x01" + struct.pack(">i", 1)
-            + struct.pack(">q", 2_000) + b"\x7f\x00\x00\x01" + struct.pack(">i", 10911)
-            + struct.pack(">iqi", 0, 0, len(body)) + body + topic_field
-            + struct.pack(">h", len(properties)) + properties.encode())
+    rest = (
+        struct.pack(">iiqqiq", 3, 0, 7, 1234, sysflag, 1_000)
+        + b"\x7f\x00\x00\x01"
+        + struct.pack(">i", 1)
+        + struct.pack(">q", 2_000)
+        + b"\x7f\x00\x00\x01"
+        + struct.pack(">i", 10911)
+        + struct.pack(">iqi", 0, 0, len(body))
+        + body
+        + topic_field
+        + struct.pack(">h", len(properties))
+        + properties.encode()
+    )
     return struct.pack(">iIi", 12 + len(rest), magic, 0) + rest
 
 
@@ -35,7 +50,8 @@ def test_both_record_versions_decode(magic: int) -> None:
 
 def test_zlib_and_gzip_bodies_are_decompressed_and_another_compression_is_kept_as_stored() -> None:
     two = record(zlib.compress(b"zlib body"), sysflag=COMPRESSED_FLAG) + record(
-        gzip.compress(b"gzip body"), sysflag=COMPRESSED_FLAG)
+        gzip.compress(b"gzip body"), sysflag=COMPRESSED_FLAG
+    )
     assert [m.body for m in decode_messages(two)] == [b"zlib body", b"gzip body"]
     (m,) = decode_messages(record(b"\x04\x22\x4d\x18 lz4-like", sysflag=COMPRESSED_FLAG))
     assert m.body == b"\x04\x22\x4d\x18 lz4-like"

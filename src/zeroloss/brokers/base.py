@@ -70,8 +70,10 @@ def publish_one(broker: Broker, msg: Message, what: str = "message") -> str:
     retriable unless the broker refused it for good — if the broker did not take it."""
     (outcome,) = broker.publish([msg])
     if outcome.status is not Status.DELIVERED:
-        raise BrokerError(f"{what} {msg.id} to {msg.topic} not stored: {outcome.error}",
-                          retriable=outcome.status is not Status.REJECTED)
+        raise BrokerError(
+            f"{what} {msg.id} to {msg.topic} not stored: {outcome.error}",
+            retriable=outcome.status is not Status.REJECTED,
+        )
     return outcome.location or msg.topic
 
 

@@ -51,6 +51,7 @@ __all__ = [
     "producer_config",
 ]
 
+
 class KafkaBroker:
     """Publishes batches to Kafka, one transaction per batch (or idempotent-only when
     ``transactional_id`` is None)."""
@@ -131,8 +132,13 @@ class KafkaBroker:
                     raise
                 last = exc
         self._check_interrupted()
-        raise last if last is not None else self._ck.KafkaException(
-            self._ck.KafkaError(self._ck.KafkaError._TIMED_OUT, "init_transactions timed out"))
+        raise (
+            last
+            if last is not None
+            else self._ck.KafkaException(
+                self._ck.KafkaError(self._ck.KafkaError._TIMED_OUT, "init_transactions timed out")
+            )
+        )
 
     def _discard(self, producer: Any) -> None:
         """Throw a producer away without waiting for what it still holds: those messages are
@@ -160,10 +166,13 @@ class KafkaBroker:
     # -- declaring (TopicAdmin) ---------------------------------------------------------
 
     def _admin(self) -> Any:
-        return admin_module().AdminClient({
-            "bootstrap.servers": self.bootstrap, "socket.timeout.ms": int(self.timeout_s * 1000),
-            "logger": logging.getLogger("zeroloss.librdkafka"),
-        })
+        return admin_module().AdminClient(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "socket.timeout.ms": int(self.timeout_s * 1000),
+                "logger": logging.getLogger("zeroloss.librdkafka"),
+            }
+        )
 
     def _admin_error(self, exc: Exception, doing: str) -> Exception:
         err = exc.args[0] if exc.args and hasattr(exc.args[0], "name") else None
@@ -182,8 +191,10 @@ class KafkaBroker:
             except self._ck.KafkaException as exc:
                 raise self._admin_error(exc, "list brokers") from exc
             if spec.replication_factor > brokers:
-                raise ConfigError(f"--replication-factor {spec.replication_factor} is more than the Kafka cluster at "
-                                  f"{self.bootstrap} can hold: it has {brokers} live broker(s), one copy each")
+                raise ConfigError(
+                    f"--replication-factor {spec.replication_factor} is more than the Kafka cluster at "
+                    f"{self.bootstrap} can hold: it has {brokers} live broker(s), one copy each"
+                )
         new_topic = admin_module().NewTopic
         new = [new_topic(t, spec.partitions or -1, spec.replication_factor or -1) for t in names]
         futures = admin.create_topics(new, request_timeout=self.timeout_s, operation_timeout=self.timeout_s)
@@ -210,11 +221,23 @@ class KafkaBroker:
         for t in names:
             parts = md.topics[t].partitions if t in md.topics else {}
             rf = len(parts[min(parts)].replicas) if parts else 0
-            out.append(Declared("topic", t, "created" if t in created else "exists",
-                                f"{len(parts)} partitions, replication factor {rf}"))
+            out.append(
+                Declared(
+                    "topic",
+                    t,
+                    "created" if t in created else "exists",
+                    f"{len(parts)} partitions, replication factor {rf}",
+                )
+            )
         if spec.group:
-            out.append(Declared("consumer group", spec.group, "nothing needed",
-                                "Kafka makes it when its first consumer joins; it starts at the earliest offset"))
+            out.append(
+                Declared(
+                    "consumer group",
+                    spec.group,
+                    "nothing needed",
+                    "Kafka makes it when its first consumer joins; it starts at the earliest offset",
+                )
+            )
         return out
 
     def delete(self, topics: Sequence[str]) -> None:
@@ -238,8 +261,9 @@ class KafkaBroker:
             self._publish_part(group, outcomes, blocked, position)
         return [outcomes[m.id] for m in messages]
 
-    def _publish_part(self, todo: list[Message], outcomes: dict[str, Outcome], blocked: set[bytes],
-                      position: dict[str, int]) -> None:
+    def _publish_part(
+        self, todo: list[Message], outcomes: dict[str, Outcome], blocked: set[bytes], position: dict[str, int]
+    ) -> None:
         """Rounds over ``todo`` until each message has its outcome. Each round delivers what is
         left, settles at least one message, or meets a size error it cannot pin on one message;
         then the rest goes in two halves, the earlier entirely first (key order), down to single
@@ -371,9 +395,11 @@ class KafkaBroker:
                 continue
             starved = sorted(p for p, m in parts.items() if len(m.isrs) < min_isr)
             if starved:
-                problems.append(f"{topic} partition(s) {starved} have {fewest} in-sync replica(s), below "
-                                f"min.insync.replicas={min_isr}: the brokers refuse acks=all writes "
-                                "(NOT_ENOUGH_REPLICAS) until a replica is back")
+                problems.append(
+                    f"{topic} partition(s) {starved} have {fewest} in-sync replica(s), below "
+                    f"min.insync.replicas={min_isr}: the brokers refuse acks=all writes "
+                    "(NOT_ENOUGH_REPLICAS) until a replica is back"
+                )
         return f" ({'; '.join(problems)})" if problems else ""
 
     def _produce(self, producer: Any, m: Message, on_delivery: Any) -> Any:

@@ -158,9 +158,7 @@ def producer_config(
     conf.update(extra or {})
     for k, must in (("acks", ("all", "-1", -1)), ("enable.idempotence", (True, "true"))):
         if conf.get(k) not in must:
-            raise ConfigError(
-                f"producer setting {k}={conf.get(k)!r} would allow loss; zeroloss needs {must[0]}"
-            )
+            raise ConfigError(f"producer setting {k}={conf.get(k)!r} would allow loss; zeroloss needs {must[0]}")
     return conf
 
 
@@ -176,8 +174,9 @@ def ensure_topics(url: str, topics: Sequence[str], *, like: str | None = None, t
         if not missing:
             return []
         partitions = len(meta.topics[like].partitions) if like in meta.topics else -1
-        futures = admin.create_topics([adm.NewTopic(t, num_partitions=partitions) for t in missing],
-                                      request_timeout=timeout_s)
+        futures = admin.create_topics(
+            [adm.NewTopic(t, num_partitions=partitions) for t in missing], request_timeout=timeout_s
+        )
         created = []
         for name, fut in futures.items():
             try:

@@ -98,8 +98,10 @@ class KafkaReader:
                     return
                 if time.monotonic() > deadline:
                     left = sorted(f"{t}/{p}" for t, p in set(starts) - at_end)
-                    raise BrokerError(f"could not read {', '.join(left)} to the end within {self.timeout_s:.0f}s "
-                                      f"at {self.url}: is their leader up?")
+                    raise BrokerError(
+                        f"could not read {', '.join(left)} to the end within {self.timeout_s:.0f}s "
+                        f"at {self.url}: is their leader up?"
+                    )
                 for rec in self._consumer.consume(1000, 0.2):
                     tp = (rec.topic(), rec.partition())
                     err = rec.error()
@@ -111,8 +113,14 @@ class KafkaReader:
                         continue
                     at_end.discard(tp)
                     progress = time.monotonic()
-                    yield Record(tp[0], tp[1], rec.offset(), rec.key(), rec.value() or b"",
-                                 tuple((k, v or b"") for k, v in rec.headers() or []))
+                    yield Record(
+                        tp[0],
+                        tp[1],
+                        rec.offset(),
+                        rec.key(),
+                        rec.value() or b"",
+                        tuple((k, v or b"") for k, v in rec.headers() or []),
+                    )
         finally:
             self._consumer.unassign()
 
@@ -126,8 +134,15 @@ class KafkaReader:
         if self.partitions(topic) is None:
             raise ConfigError(f"no topic {topic!r} at {self.url}: check the name")
         for r in self.scan(self.from_start(topic)):
-            yield Stored(position=r.position, offset=r.offset, id=r.id, key=r.key, value=r.value,
-                         headers=tuple((k, v) for k, v in r.headers if k != ID_HEADER), partition=r.partition)
+            yield Stored(
+                position=r.position,
+                offset=r.offset,
+                id=r.id,
+                key=r.key,
+                value=r.value,
+                headers=tuple((k, v) for k, v in r.headers if k != ID_HEADER),
+                partition=r.partition,
+            )
 
     def close(self) -> None:
         self._consumer.close()

@@ -158,8 +158,13 @@ class NatsBroker:
 
         try:
             self._nc = await self._nats.connect(
-                servers=[self.url], connect_timeout=min(self.timeout_s, 5.0), allow_reconnect=False,
-                max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=on_error, name="zeroloss-relay",
+                servers=[self.url],
+                connect_timeout=min(self.timeout_s, 5.0),
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.2,
+                error_cb=on_error,
+                name="zeroloss-relay",
             )
         except (TimeoutError, self._nats.errors.Error, OSError) as exc:
             self._nc = None
@@ -191,8 +196,11 @@ class NatsBroker:
                 info = await self._js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 config = nats.js.api.StreamConfig(
-                    name=name, subjects=[topic], storage=nats.js.api.StorageType.FILE,
-                    duplicate_window=self.dedup_window_s, num_replicas=replicas or self.replicas,
+                    name=name,
+                    subjects=[topic],
+                    storage=nats.js.api.StorageType.FILE,
+                    duplicate_window=self.dedup_window_s,
+                    num_replicas=replicas or self.replicas,
                 )
                 try:
                     info = await self._js.add_stream(config)
@@ -207,8 +215,10 @@ class NatsBroker:
                         raise
         except nats.js.errors.APIError as exc:
             if replicas is not None and exc.err_code in ERR_TOO_MANY_REPLICAS:  # init asked for them by name
-                self._refused[topic] = (f"--replication-factor {replicas} is more than this NATS deployment can hold "
-                                        f"(at most its number of JetStream servers; 1 when not clustered): {exc}")
+                self._refused[topic] = (
+                    f"--replication-factor {replicas} is more than this NATS deployment can hold "
+                    f"(at most its number of JetStream servers; 1 when not clustered): {exc}"
+                )
                 return False
             if broker_wide(exc):  # JetStream unavailable, not the topic's fault: no message is failed for it
                 raise BrokerWide(f"stream {name!r}: {exc}") from exc
@@ -221,8 +231,12 @@ class NatsBroker:
             raise BrokerWide(f"stream {name!r}: {type(exc).__name__}: {exc}") from exc
         window = info.config.duplicate_window or 0
         if window < self.dedup_window_s:
-            log.warning("stream %s keeps a duplicate window of %.0fs, shorter than dedup_window_s=%.0fs",
-                        name, window, self.dedup_window_s)
+            log.warning(
+                "stream %s keeps a duplicate window of %.0fs, shorter than dedup_window_s=%.0fs",
+                name,
+                window,
+                self.dedup_window_s,
+            )
         self._streams[topic] = name
         return created
 
@@ -245,8 +259,14 @@ class NatsBroker:
             raise ConfigError("NATS JetStream streams have no partitions; --partitions is for Kafka")
         out: list[Declared] = self._admin_run(self._declare_ahead(topics, spec.replication_factor), "declaring")
         if spec.group:
-            out.append(Declared("consumer group", spec.group, "nothing needed",
-                                "the consumer creates its durable consumer, delivering from the stream's start"))
+            out.append(
+                Declared(
+                    "consumer group",
+                    spec.group,
+                    "nothing needed",
+                    "the consumer creates its durable consumer, delivering from the stream's start",
+                )
+            )
         return out
 
     async def _declare_ahead(self, topics: Sequence[str], replicas: int | None) -> list[Declared]:
@@ -262,9 +282,15 @@ class NatsBroker:
                 cfg = (await self._js.stream_info(stream_name(t))).config
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 raise BrokerWide(f"stream {stream_name(t)!r}: {type(exc).__name__}: {exc}") from exc
-            out.append(Declared("stream", stream_name(t), "created" if created else "exists",
-                                f"subject {t}, {cfg.storage} storage, {cfg.num_replicas} replica(s), "
-                                f"duplicate window {cfg.duplicate_window or 0:.0f}s"))
+            out.append(
+                Declared(
+                    "stream",
+                    stream_name(t),
+                    "created" if created else "exists",
+                    f"subject {t}, {cfg.storage} storage, {cfg.num_replicas} replica(s), "
+                    f"duplicate window {cfg.duplicate_window or 0:.0f}s",
+                )
+            )
         return out
 
     def delete(self, topics: Sequence[str]) -> None:
@@ -321,8 +347,9 @@ class NatsBroker:
             key = raw.pop(KEY_HEADER, None)
             mid = raw.pop(ID_HEADER, None) or raw.get(MSG_ID_HEADER)
             headers = tuple((k, value_bytes(v)) for k, v in raw.items() if not k.startswith("Nats-"))
-            out.append(Stored(f"{name}/{seq}", seq, mid, None if key is None else value_bytes(key), m.data or b"",
-                              headers))
+            out.append(
+                Stored(f"{name}/{seq}", seq, mid, None if key is None else value_bytes(key), m.data or b"", headers)
+            )
         return out
 
     async def _publish(self, messages: Sequence[Message]) -> list[Outcome]:

@@ -40,8 +40,17 @@ class NatsSubscription:
     for publishing dead letters.
     """
 
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
-                 ack_wait_s: float = 30.0, max_deliver: int = 100, dedup_window_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        group: str,
+        topics: Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = 100,
+        dedup_window_s: float = 300.0,
+    ) -> None:
         self._nats = nats_module()
         self.group = group
         self.topics = list(topics)
@@ -79,11 +88,14 @@ class NatsSubscription:
             if topic in self.broker._refused:
                 raise ConfigError(self.broker._refused[topic])
             config = api.ConsumerConfig(
-                ack_policy=api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=self.max_deliver,
+                ack_policy=api.AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait_s,
+                max_deliver=self.max_deliver,
                 deliver_policy=api.DeliverPolicy.ALL,
             )
-            sub = await js.pull_subscribe(topic, durable=durable_name(self.group), stream=stream_name(topic),
-                                          config=config)
+            sub = await js.pull_subscribe(
+                topic, durable=durable_name(self.group), stream=stream_name(topic), config=config
+            )
             self._subs.append((topic, sub))
             # An existing durable keeps the MaxDeliver it was made with, whatever we asked for.
             info = await js.consumer_info(stream_name(topic), durable_name(self.group))
@@ -122,8 +134,7 @@ class NatsSubscription:
         seq = meta.sequence.stream
         mid, poison = check_id(raw.get(ID_HEADER) or raw.get(MSG_ID_HEADER), f"{meta.stream}/{seq}")
         ts = int(meta.timestamp.timestamp() * 1000) if meta.timestamp else 0
-        received = Received(mid, m.subject, 0, seq, None if key is None else value_bytes(key), m.data,
-                            headers, ts)
+        received = Received(mid, m.subject, 0, seq, None if key is None else value_bytes(key), m.data, headers, ts)
         return Delivery(received, m, poison, delivered=meta.num_delivered or 0)
 
     def ack(self, d: Delivery) -> None:
@@ -140,8 +151,9 @@ class NatsSubscription:
             # The letter is stored. Raising would have the caller publish it again and again on a
             # connection that stays dead; the original comes back after AckWait and goes the same
             # way (the copy is dropped by Nats-Msg-Id within the window).
-            log.warning("dead letter %s stored; terminating the original failed (%s): it will be redelivered",
-                        letter.id, exc)
+            log.warning(
+                "dead letter %s stored; terminating the original failed (%s): it will be redelivered", letter.id, exc
+            )
         return where
 
     def release(self, ds: Sequence[Delivery]) -> None:

@@ -68,8 +68,9 @@ async def declare_topology(channel: Any, topic: str, delivery_limit: int) -> Non
 class RabbitBroker:
     """Publishes batches to RabbitMQ with publisher confirms; see docs/design.md, "brokers/rabbitmq.py"."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20,
-                 connection_name: str = "zeroloss-relay") -> None:
+    def __init__(
+        self, url: str, *, timeout_s: float = 30.0, delivery_limit: int = 20, connection_name: str = "zeroloss-relay"
+    ) -> None:
         self._ap = aio_pika_module()
         import aiormq
 
@@ -114,20 +115,23 @@ class RabbitBroker:
             return self._loop.run(coro, self.timeout_s * (2 + len(topics)))
         except TimeoutError:
             self._drop()
-            raise BrokerError(f"RabbitMQ at {self._where} did not answer within {self.timeout_s}s "
-                              f"while {doing}") from None
+            raise BrokerError(
+                f"RabbitMQ at {self._where} did not answer within {self.timeout_s}s while {doing}"
+            ) from None
         except BrokerWide as exc:
             self._drop()
             if isinstance(exc.__cause__, self._aiormq.exceptions.ProbableAuthenticationError):
                 # The user and password are part of the URL: a configuration error, not an outage.
-                raise ConfigError(f"RabbitMQ at {self._where} refused the login in the URL: "
-                                  f"{exc.__cause__}") from exc
-            if isinstance(exc.__cause__, self._aiormq.exceptions.InvalidFrameError) and \
-                    "Connection.Close" in str(exc.__cause__):
+                raise ConfigError(f"RabbitMQ at {self._where} refused the login in the URL: {exc.__cause__}") from exc
+            if isinstance(exc.__cause__, self._aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(
+                exc.__cause__
+            ):
                 # Closed in answer to connection.open: the one thing checked there is the vhost.
                 vhost = self.url.rpartition("@")[2].partition("/")[2] or "/"
-                raise ConfigError(f"RabbitMQ at {self._where} closed the connection on open: the virtual host "
-                                  f"{vhost!r} in the URL does not exist or the user may not use it") from exc
+                raise ConfigError(
+                    f"RabbitMQ at {self._where} closed the connection on open: the virtual host "
+                    f"{vhost!r} in the URL does not exist or the user may not use it"
+                ) from exc
             raise BrokerError(f"RabbitMQ at {self._where}: {exc}") from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
@@ -138,14 +142,21 @@ class RabbitBroker:
         if spec.replication_factor is not None:
             # x-quorum-initial-group-size is one of the arguments a re-declaration must repeat: the
             # relay and the consumers declare the queue with fixed arguments and would be refused.
-            raise ConfigError("--replication-factor is not taken for RabbitMQ: a quorum queue gets a replica on "
-                              "every node of the cluster (RabbitMQ's default initial group size); to limit it, "
-                              "use a policy or rabbitmq-queues grow/shrink")
+            raise ConfigError(
+                "--replication-factor is not taken for RabbitMQ: a quorum queue gets a replica on "
+                "every node of the cluster (RabbitMQ's default initial group size); to limit it, "
+                "use a policy or rabbitmq-queues grow/shrink"
+            )
         out: list[Declared] = self._admin_run(self._declare_ahead(topics), topics, "declaring")
         if spec.group:
-            out.append(Declared("consumer group", spec.group, "nothing needed",
-                                "RabbitMQ consumers of a topic share its queue; the group only names their "
-                                "inbox claims"))
+            out.append(
+                Declared(
+                    "consumer group",
+                    spec.group,
+                    "nothing needed",
+                    "RabbitMQ consumers of a topic share its queue; the group only names their inbox claims",
+                )
+            )
         return out
 
     async def _queue_exists(self, name: str) -> bool:
@@ -166,8 +177,10 @@ class RabbitBroker:
                 async with self._conn.channel(publisher_confirms=False) as ch:
                     await declare_topology(ch, topic, self.delivery_limit)
             except self._aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise ConfigError(f"RabbitMQ already has {topic!r} (or its dead-letter queue) declared with other "
-                                  f"settings: {exc}; delete it or use another topic") from exc
+                raise ConfigError(
+                    f"RabbitMQ already has {topic!r} (or its dead-letter queue) declared with other "
+                    f"settings: {exc}; delete it or use another topic"
+                ) from exc
             except self._aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ConfigError(f"RabbitMQ refused access declaring {topic!r}: {exc}") from exc
             except self._wide_errors() as exc:
@@ -187,10 +200,12 @@ class RabbitBroker:
         """Refused: a queue cannot be read without taking its messages. Peeking (get, then requeue)
         counts as a delivery, and quorum queues on RabbitMQ 4.0-4.2 drop a message returned 20
         times by default: listing dead letters could lose them."""
-        raise ConfigError(f"reading {topic!r} on RabbitMQ is not supported: a queue cannot be read without "
-                          "taking messages off it, and requeueing them counts toward a quorum queue's delivery "
-                          "limit (RabbitMQ 4.0-4.2 drop a message past it by default; the management UI's Get "
-                          "messages requeues the same way). zeroloss dlq reads Kafka, NATS and Redis")
+        raise ConfigError(
+            f"reading {topic!r} on RabbitMQ is not supported: a queue cannot be read without "
+            "taking messages off it, and requeueing them counts toward a quorum queue's delivery "
+            "limit (RabbitMQ 4.0-4.2 drop a message past it by default; the management UI's Get "
+            "messages requeues the same way). zeroloss dlq reads Kafka, NATS and Redis"
+        )
 
     async def _delete(self, topics: Sequence[str]) -> None:
         await self._connect()
@@ -228,13 +243,19 @@ class RabbitBroker:
         )
 
     async def _connect(self) -> Any:
-        if self._conn is not None and not self._conn.is_closed and self._channel is not None \
-                and not self._channel.is_closed and not self._broken:
+        if (
+            self._conn is not None
+            and not self._conn.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+            and not self._broken
+        ):
             return self._channel
         await self._drop_connection()
         try:
-            self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
-                                                client_properties={"connection_name": self.connection_name})
+            self._conn = await self._ap.connect(
+                self.url, timeout=self.timeout_s, client_properties={"connection_name": self.connection_name}
+            )
             self._channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
         except self._wide_errors() as exc:
             await self._drop_connection()

@@ -45,8 +45,16 @@ class RabbitSubscription:
     with its error headers, at the delivery before the queue would.
     """
 
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, prefetch: int = 200,
-                 timeout_s: float = 30.0, delivery_limit: int = 20) -> None:
+    def __init__(
+        self,
+        url: str,
+        group: str,
+        topics: Sequence[str],
+        *,
+        prefetch: int = 200,
+        timeout_s: float = 30.0,
+        delivery_limit: int = 20,
+    ) -> None:
         self._ap = aio_pika_module()
         import aiormq
 
@@ -77,14 +85,19 @@ class RabbitSubscription:
             return self._loop.run(coro, timeout_s or self.timeout_s)
         except TimeoutError:
             raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]} did not answer in time") from None
-        except (self._aiormq.exceptions.AMQPError, self._aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError, OSError) as exc:
+        except (
+            self._aiormq.exceptions.AMQPError,
+            self._aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            OSError,
+        ) as exc:
             raise BrokerError(f"RabbitMQ at {self.url.rpartition('@')[2]}: {type(exc).__name__}: {exc}") from exc
 
     async def _open(self) -> None:
         self._inbox = asyncio.Queue()
-        self._conn = await self._ap.connect(self.url, timeout=self.timeout_s,
-                                            client_properties={"connection_name": f"zeroloss-{self.group}"})
+        self._conn = await self._ap.connect(
+            self.url, timeout=self.timeout_s, client_properties={"connection_name": f"zeroloss-{self.group}"}
+        )
         for topic in self.topics:
             async with self._conn.channel(publisher_confirms=False) as ch:
                 await declare_topology(ch, topic, self.delivery_limit)
@@ -129,8 +142,9 @@ class RabbitSubscription:
         topic = m.routing_key or (self.topics[0] if len(self.topics) == 1 else "")
         mid, poison = check_id(mid, f"{topic}/{m.delivery_tag}")
         ts = int(m.timestamp.timestamp() * 1000) if m.timestamp else 0
-        received = Received(mid, topic, 0, m.delivery_tag or 0, None if key is None else _header_bytes(key),
-                            m.body, headers, ts)
+        received = Received(
+            mid, topic, 0, m.delivery_tag or 0, None if key is None else _header_bytes(key), m.body, headers, ts
+        )
         return Delivery(received, m, poison, delivered=delivered)
 
     def ack(self, d: Delivery) -> None:
@@ -142,8 +156,12 @@ class RabbitSubscription:
 
     def dead_letter(self, d: Delivery, letter: Message) -> str:
         if self._dlq is None:  # its own connection: the letter needs a confirm channel, ours has none
-            self._dlq = RabbitBroker(self.url, timeout_s=self.timeout_s, delivery_limit=self.delivery_limit,
-                                     connection_name=f"zeroloss-{self.group}-dlq")
+            self._dlq = RabbitBroker(
+                self.url,
+                timeout_s=self.timeout_s,
+                delivery_limit=self.delivery_limit,
+                connection_name=f"zeroloss-{self.group}-dlq",
+            )
         where = publish_one(self._dlq, letter, "dead letter")
         try:
             self._run(d.token.ack())
@@ -151,8 +169,9 @@ class RabbitSubscription:
             # The letter is safe. Raising would make the caller publish it again while this channel
             # stays dead; instead the original comes back after the reconnect and is dead-lettered
             # once more (a second copy on the dlq: it is at-least-once, like Kafka's).
-            log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
-                        letter.id, exc)
+            log.warning(
+                "dead letter %s stored; acking the original failed (%s): it will be redelivered", letter.id, exc
+            )
         return where
 
     def release(self, ds: Sequence[Delivery]) -> None:

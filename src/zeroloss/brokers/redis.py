@@ -86,7 +86,9 @@ class RedisStreamBroker:
     def _connect(self) -> Any:
         if self._client is None:
             self._client = self._r.Redis.from_url(
-                self.url, socket_timeout=self.timeout_s, socket_connect_timeout=min(self.timeout_s, 5.0),
+                self.url,
+                socket_timeout=self.timeout_s,
+                socket_connect_timeout=min(self.timeout_s, 5.0),
                 single_connection_client=True,  # WAIT counts the writes of its own connection
             )
         return self._client
@@ -112,8 +114,10 @@ class RedisStreamBroker:
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
         spec = spec or TopicSpec()
         if spec.partitions is not None or spec.replication_factor is not None:
-            raise ConfigError("Redis streams have no partitions and no replication factor (replicas are the "
-                              "server's own replication); those options are for Kafka")
+            raise ConfigError(
+                "Redis streams have no partitions and no replication factor (replicas are the "
+                "server's own replication); those options are for Kafka"
+            )
         out: list[Declared] = []
         with self._admin_errors():
             client = self._connect()
@@ -121,16 +125,29 @@ class RedisStreamBroker:
                 kind = client.type(name)
                 kind = kind.decode() if isinstance(kind, bytes) else str(kind)
                 if kind not in ("stream", "none"):
-                    raise ConfigError(f"Redis key {name!r} holds a {kind}, not a stream: messages to it would be "
-                                      "rejected; delete the key or use another topic")
+                    raise ConfigError(
+                        f"Redis key {name!r} holds a {kind}, not a stream: messages to it would be "
+                        "rejected; delete the key or use another topic"
+                    )
                 entries = f"{client.xlen(name)} entries" if kind == "stream" else ""
                 if name not in topics:  # a dead-letter stream: the consumer makes it when it needs it
-                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
-                                        entries or "made by the first dead letter"))
+                    out.append(
+                        Declared(
+                            "stream",
+                            name,
+                            "exists" if entries else "nothing needed",
+                            entries or "made by the first dead letter",
+                        )
+                    )
                 elif spec.group is None:
-                    out.append(Declared("stream", name, "exists" if entries else "nothing needed",
-                                        entries or "made by the first XADD; pass --group to create it now "
-                                        "with its consumer group"))
+                    out.append(
+                        Declared(
+                            "stream",
+                            name,
+                            "exists" if entries else "nothing needed",
+                            entries or "made by the first XADD; pass --group to create it now with its consumer group",
+                        )
+                    )
                 else:
                     try:
                         client.xgroup_create(name, spec.group, id="0", mkstream=True)
@@ -140,8 +157,14 @@ class RedisStreamBroker:
                             raise
                         made = False
                     out.append(Declared("stream", name, "exists" if entries else "created", entries))
-                    out.append(Declared("consumer group", spec.group, "created" if made else "exists",
-                                        f"on stream {name}" + (", reading from its start" if made else "")))
+                    out.append(
+                        Declared(
+                            "consumer group",
+                            spec.group,
+                            "created" if made else "exists",
+                            f"on stream {name}" + (", reading from its start" if made else ""),
+                        )
+                    )
         return out
 
     def delete(self, topics: Sequence[str]) -> None:

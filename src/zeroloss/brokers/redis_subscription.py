@@ -35,8 +35,17 @@ class RedisSubscription:
     ``<stream>.dlq`` (same entry format, with the error headers), then the original is acked.
     Redis has no idempotent ``XADD``: a republished id is dropped by the consumer's inbox."""
 
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
-                 claim_idle_s: float = 60.0, claim_every_s: float = 5.0, consumer_name: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        group: str,
+        topics: Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        claim_idle_s: float = 60.0,
+        claim_every_s: float = 5.0,
+        consumer_name: str | None = None,
+    ) -> None:
         import os
         import socket
         import uuid
@@ -52,8 +61,9 @@ class RedisSubscription:
         self._next_claim = 0.0
         self._claim_from = {t: "0-0" for t in self.topics}
         self.max_deliveries: int | None = None  # Redis never gives up on a pending entry by itself
-        self._client = self._r.Redis.from_url(url, socket_timeout=timeout_s + 5,
-                                              socket_connect_timeout=min(timeout_s, 5.0))
+        self._client = self._r.Redis.from_url(
+            url, socket_timeout=timeout_s + 5, socket_connect_timeout=min(timeout_s, 5.0)
+        )
         self._dlq = RedisStreamBroker(url, timeout_s=timeout_s)
         with self._errors():
             for t in self.topics:
@@ -88,13 +98,23 @@ class RedisSubscription:
                     if len(out) >= max_messages:
                         break
                     nxt, entries, *_ = self._client.xautoclaim(
-                        t, self.group, self.name, int(self.claim_idle_s * 1000), self._claim_from[t],
-                        count=max_messages - len(out))
+                        t,
+                        self.group,
+                        self.name,
+                        int(self.claim_idle_s * 1000),
+                        self._claim_from[t],
+                        count=max_messages - len(out),
+                    )
                     self._claim_from[t] = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
                     out.extend(self._delivery(t, eid, f) for eid, f in entries if f is not None)
             if len(out) < max_messages:
-                got = self._client.xreadgroup(self.group, self.name, dict.fromkeys(self.topics, ">"),
-                                              count=max_messages - len(out), block=max(1, int(timeout_s * 1000)))
+                got = self._client.xreadgroup(
+                    self.group,
+                    self.name,
+                    dict.fromkeys(self.topics, ">"),
+                    count=max_messages - len(out),
+                    block=max(1, int(timeout_s * 1000)),
+                )
                 for stream, entries in got or []:
                     t = stream.decode() if isinstance(stream, bytes) else str(stream)
                     out.extend(self._delivery(t, eid, f) for eid, f in entries if f is not None)
@@ -127,8 +147,9 @@ class RedisSubscription:
         except BrokerError as exc:
             # The letter is stored; raising would append it again on every retry. The entry stays
             # pending, is claimed again after claim_idle_s and dead-lettered once more (a copy).
-            log.warning("dead letter %s stored; XACK of the original failed (%s): it will be redelivered",
-                        letter.id, exc)
+            log.warning(
+                "dead letter %s stored; XACK of the original failed (%s): it will be redelivered", letter.id, exc
+            )
         return where
 
     def release(self, ds: Sequence[Delivery]) -> None:

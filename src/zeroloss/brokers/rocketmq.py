@@ -38,10 +38,15 @@ WAIT_SLICE_S = 0.25  # how often a send in flight looks at interrupt()
 
 # gRPC status codes (apache.rocketmq.v2.Code) that say the broker, not the message, failed.
 BROKER_WIDE_CODES = {
-    40100: "UNAUTHORIZED", 40300: "FORBIDDEN", 42900: "TOO_MANY_REQUESTS", 50001: "INTERNAL_ERROR",
-    50002: "HA_NOT_AVAILABLE (the broker's SLAVE_NOT_AVAILABLE)", 50400: "PROXY_TIMEOUT",
+    40100: "UNAUTHORIZED",
+    40300: "FORBIDDEN",
+    42900: "TOO_MANY_REQUESTS",
+    50001: "INTERNAL_ERROR",
+    50002: "HA_NOT_AVAILABLE (the broker's SLAVE_NOT_AVAILABLE)",
+    50400: "PROXY_TIMEOUT",
     50401: "MASTER_PERSISTENCE_TIMEOUT (the broker's FLUSH_DISK_TIMEOUT)",
-    50402: "SLAVE_PERSISTENCE_TIMEOUT (the broker's FLUSH_SLAVE_TIMEOUT)", 50000: "INTERNAL_SERVER_ERROR",
+    50402: "SLAVE_PERSISTENCE_TIMEOUT (the broker's FLUSH_SLAVE_TIMEOUT)",
+    50000: "INTERNAL_SERVER_ERROR",
 }
 TOPIC_NOT_FOUND = 40402
 
@@ -93,9 +98,11 @@ class RocketMQBroker:
 
     def client_config(self) -> Any:
         rmq = self._rmq
-        return rmq.ClientConfiguration(self.config.endpoint, rmq.Credentials(self.config.access_key,
-                                                                               self.config.secret_key),
-                                       request_timeout=self.request_timeout)
+        return rmq.ClientConfiguration(
+            self.config.endpoint,
+            rmq.Credentials(self.config.access_key, self.config.secret_key),
+            request_timeout=self.request_timeout,
+        )
 
     def _ensure_producer(self) -> Any:
         if self._producer is not None and not self._broken:
@@ -129,9 +136,11 @@ class RocketMQBroker:
         starts "successfully" with nothing to talk to: a relay would retry against a dead port."""
         refused = rocketmq_client.proxy_refusal(self.config.endpoint, min(self.timeout_s, 5.0))
         if refused is not None:
-            raise BrokerError(f"RocketMQ proxy {self.config.endpoint} (the URL's HOST:PORT, gRPC) does not accept "
-                              f"connections: {type(refused).__name__}: {refused}; start it (mqbroker --enable-proxy, "
-                              f"or mqproxy) or fix the URL") from refused
+            raise BrokerError(
+                f"RocketMQ proxy {self.config.endpoint} (the URL's HOST:PORT, gRPC) does not accept "
+                f"connections: {type(refused).__name__}: {refused}; start it (mqbroker --enable-proxy, "
+                f"or mqproxy) or fix the URL"
+            ) from refused
 
     def interrupt(self) -> None:
         self._interrupted.set()
@@ -203,8 +212,8 @@ class RocketMQBroker:
         req.endpoints.CopyFrom(producer.client_configuration.rpc_endpoints.endpoints)
         try:
             future = producer.rpc_client.query_topic_route_async(
-                producer.client_configuration.rpc_endpoints, req, metadata=producer.sign(),
-                timeout=self.request_timeout)
+                producer.client_configuration.rpc_endpoints, req, metadata=producer.sign(), timeout=self.request_timeout
+            )
             res = await self._answer(future, self.request_timeout + 5.0)
         except BrokerWide:
             raise
@@ -212,8 +221,11 @@ class RocketMQBroker:
             raise BrokerWide(f"route of topic {name!r}: {_describe(exc)}") from exc
         code = res.status.code
         if code == TOPIC_NOT_FOUND:
-            return Refusal(Status.RETRY, f"topic {name!r} does not exist on RocketMQ (zeroloss init --target URL "
-                                         f"--topic {topic} creates it, FIFO)")
+            return Refusal(
+                Status.RETRY,
+                f"topic {name!r} does not exist on RocketMQ (zeroloss init --target URL "
+                f"--topic {topic} creates it, FIFO)",
+            )
         if code != proto.Code.OK:
             why = f"route of topic {name!r}: code {code} {proto.Code.Name(code) if code in proto.Code.values() else ''}"
             if code in BROKER_WIDE_CODES or code >= 50000:
@@ -242,8 +254,12 @@ class RocketMQBroker:
             msg.message_group = message_group(m)
         elif m.key is not None and msg.topic not in self._warned_normal:
             self._warned_normal.add(msg.topic)
-            log.warning("RocketMQ topic %s is %s, not FIFO: messages of one key can be consumed out of order "
-                        "(zeroloss init creates FIFO topics)", msg.topic, kind)
+            log.warning(
+                "RocketMQ topic %s is %s, not FIFO: messages of one key can be consumed out of order "
+                "(zeroloss init creates FIFO topics)",
+                msg.topic,
+                kind,
+            )
         return msg
 
     async def _send(self, producer: Any, m: Message, kind: str) -> Outcome:
@@ -280,9 +296,17 @@ class RocketMQBroker:
         if code == TOPIC_NOT_FOUND or isinstance(exc, exc_mod.NotFoundException):
             self._kinds.clear()
             return Outcome(m, Status.RETRY, error=f"topic {rocketmq_topic(m.topic)!r} does not exist: {why}")
-        if isinstance(exc, (exc_mod.BadRequestException, exc_mod.PayloadTooLargeException,
-                            exc_mod.PayloadEmptyException, exc_mod.RequestHeaderFieldsTooLargeException,
-                            exc_mod.UnsupportedException, exc_mod.IllegalArgumentException)):
+        if isinstance(
+            exc,
+            (
+                exc_mod.BadRequestException,
+                exc_mod.PayloadTooLargeException,
+                exc_mod.PayloadEmptyException,
+                exc_mod.RequestHeaderFieldsTooLargeException,
+                exc_mod.UnsupportedException,
+                exc_mod.IllegalArgumentException,
+            ),
+        ):
             return Outcome(m, Status.REJECTED, error=f"the broker refused it: {why}")
         return Outcome(m, Status.RETRY, error=why)
 
@@ -299,8 +323,10 @@ class RocketMQBroker:
         except BrokerError as exc:
             if not exc.retriable:
                 raise
-            raise BrokerError(f"RocketMQ name server {self.config.namesrv} (from {safe_url(self.url)!r}; set it with "
-                              f"?namesrv=HOST:PORT) while {doing}: {exc}") from exc
+            raise BrokerError(
+                f"RocketMQ name server {self.config.namesrv} (from {safe_url(self.url)!r}; set it with "
+                f"?namesrv=HOST:PORT) while {doing}: {exc}"
+            ) from exc
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:
         """Create each topic and its dead-letter topic as FIFO topics on every master (``--partitions``
@@ -311,8 +337,10 @@ class RocketMQBroker:
         order, DELAY or TRANSACTION is a ConfigError (the relay's messages are neither)."""
         spec = spec or TopicSpec()
         if spec.replication_factor is not None:
-            raise ConfigError("RocketMQ keeps copies per broker (a master's slaves, brokerRole SYNC_MASTER), not per "
-                              "topic; --replication-factor is for Kafka and NATS (zeroloss doctor checks the brokers)")
+            raise ConfigError(
+                "RocketMQ keeps copies per broker (a master's slaves, brokerRole SYNC_MASTER), not per "
+                "topic; --replication-factor is for Kafka and NATS (zeroloss doctor checks the brokers)"
+            )
         queues = spec.partitions or self.queues
         try:
             names = {t: rocketmq_topic(t) for t in with_dead_letters(topics)}
@@ -321,8 +349,14 @@ class RocketMQBroker:
         subscribed = [names[t] for t in topics]
         return self._admin_call("declaring", lambda admin: self._declare(admin, names, queues, spec.group, subscribed))
 
-    def _declare(self, admin: RocketMQAdmin, names: dict[str, str], queues: int, group: str | None,
-                 subscribed: Sequence[str] = ()) -> list[Declared]:
+    def _declare(
+        self,
+        admin: RocketMQAdmin,
+        names: dict[str, str],
+        queues: int,
+        group: str | None,
+        subscribed: Sequence[str] = (),
+    ) -> list[Declared]:
         out: list[Declared] = []
         masters = admin.masters()
         for topic, name in names.items():
@@ -331,8 +365,10 @@ class RocketMQBroker:
             kinds = sorted({admin.message_type(c) for c in found})
             unusable = [k for k in kinds if k not in ("FIFO", "NORMAL")]
             if unusable:
-                raise ConfigError(f"RocketMQ topic {name!r} exists with message type {', '.join(unusable)}; the relay "
-                                  f"sends FIFO (or NORMAL) messages: use another topic or recreate it")
+                raise ConfigError(
+                    f"RocketMQ topic {name!r} exists with message type {', '.join(unusable)}; the relay "
+                    f"sends FIFO (or NORMAL) messages: use another topic or recreate it"
+                )
             missing = [addr for addr, c in configs.items() if c is None]
             if missing:
                 kind = kinds[0] if kinds else "FIFO"
@@ -340,8 +376,15 @@ class RocketMQBroker:
                     admin.create_topics({name: kind}, queues=queues, brokers=[addr])
             detail = f"RocketMQ topic {name}" if name != topic else ""
             kind = kinds[0] if kinds else "FIFO"
-            detail = ", ".join(x for x in (detail, f"{kind}, {queues if not found else found[0].get('writeQueueNums')} "
-                                                   f"queue(s) on {len(masters)} broker(s)") if x)
+            detail = ", ".join(
+                x
+                for x in (
+                    detail,
+                    f"{kind}, {queues if not found else found[0].get('writeQueueNums')} "
+                    f"queue(s) on {len(masters)} broker(s)",
+                )
+                if x
+            )
             if kind == "NORMAL":
                 detail += "; NORMAL keeps no order per key: a FIFO topic does"
             out.append(Declared("topic", topic, "created" if not found else "exists", detail))
@@ -352,10 +395,16 @@ class RocketMQBroker:
             config = admin.group_config(group) or {}
             # Else its first receive would start at each queue's last message (rocketmq_admin).
             started = admin.start_group_at_first(group, subscribed)
-            out.append(Declared("consumer group", group, "exists" if exists else "created",
-                                f"orderly {config.get('consumeMessageOrderly')}, retry max times "
-                                f"{config.get('retryMaxTimes')} before %DLQ%{group}"
-                                + (f"; set to read {started} queue(s) from their first message" if started else "")))
+            out.append(
+                Declared(
+                    "consumer group",
+                    group,
+                    "exists" if exists else "created",
+                    f"orderly {config.get('consumeMessageOrderly')}, retry max times "
+                    f"{config.get('retryMaxTimes')} before %DLQ%{group}"
+                    + (f"; set to read {started} queue(s) from their first message" if started else ""),
+                )
+            )
         return out
 
     def delete(self, topics: Sequence[str]) -> None:

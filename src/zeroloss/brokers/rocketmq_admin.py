@@ -59,18 +59,26 @@ class RocketMQAdmin:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def call(self, address: tuple[str, int] | str, code: int, fields: Mapping[str, str] | None = None,
-             body: bytes = b"") -> tuple[dict[str, Any], bytes]:
+    def call(
+        self, address: tuple[str, int] | str, code: int, fields: Mapping[str, str] | None = None, body: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
         """One request to ``address`` (the name server's or a broker's); the answer as it is."""
         where = parse_address(address, 10911) if isinstance(address, str) else address
         try:
             return remoting_call(where, code, fields, body, self.timeout_s)
         except (OSError, ValueError) as exc:  # ValueError: an answer that is not a remoting frame
-            raise BrokerError(f"RocketMQ at {where[0]}:{where[1]} (request {code}): {type(exc).__name__}: {exc}",
-                              retriable=True) from exc
+            raise BrokerError(
+                f"RocketMQ at {where[0]}:{where[1]} (request {code}): {type(exc).__name__}: {exc}", retriable=True
+            ) from exc
 
-    def request(self, address: tuple[str, int] | str, code: int, fields: Mapping[str, str] | None = None,
-                body: bytes = b"", what: str = "") -> bytes:
+    def request(
+        self,
+        address: tuple[str, int] | str,
+        code: int,
+        fields: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        what: str = "",
+    ) -> bytes:
         """:meth:`call`, and the answer's body when its code is SUCCESS, else RemotingError."""
         header, answer = self.call(address, code, fields, body)
         status = int(header.get("code", -1))
@@ -82,8 +90,10 @@ class RocketMQAdmin:
 
     def cluster_info(self) -> ClusterInfo:
         data = loads(self.request(self.address, RequestCode.GET_BROKER_CLUSTER_INFO, what="cluster info"))
-        brokers = {name: {int(i): addr for i, addr in (b.get("brokerAddrs") or {}).items()}
-                   for name, b in (data.get("brokerAddrTable") or {}).items()}
+        brokers = {
+            name: {int(i): addr for i, addr in (b.get("brokerAddrs") or {}).items()}
+            for name, b in (data.get("brokerAddrTable") or {}).items()
+        }
         return ClusterInfo(brokers, {c: list(ns) for c, ns in (data.get("clusterAddrTable") or {}).items()})
 
     def masters(self) -> dict[str, str]:
@@ -119,8 +129,11 @@ class RocketMQAdmin:
         for topic in topics:
             while not self.routed(topic):
                 if time.monotonic() >= deadline:
-                    raise BrokerError(f"the name server at {self.namesrv} has no route to topic {topic!r} "
-                                      f"{timeout_s:.0f}s after it was created", retriable=True)
+                    raise BrokerError(
+                        f"the name server at {self.namesrv} has no route to topic {topic!r} "
+                        f"{timeout_s:.0f}s after it was created",
+                        retriable=True,
+                    )
                 time.sleep(0.05)
 
     # -- topics -------------------------------------------------------------------------------
@@ -143,8 +156,9 @@ class RocketMQAdmin:
         """A topic configuration's message type; a topic made without one counts as NORMAL."""
         return str((config.get("attributes") or {}).get("message.type") or "NORMAL")
 
-    def create_topics(self, topics: Mapping[str, str], queues: int = 4, wait_s: float = 30.0,
-                      brokers: Iterable[str] | None = None) -> None:
+    def create_topics(
+        self, topics: Mapping[str, str], queues: int = 4, wait_s: float = 30.0, brokers: Iterable[str] | None = None
+    ) -> None:
         """Create or update topics, name → message type (NORMAL, FIFO, DELAY, TRANSACTION), on every
         master (or on ``brokers``, addresses), and wait until the name server routes each of them."""
         bad = {t: k for t, k in topics.items() if k not in MESSAGE_TYPES}
@@ -153,11 +167,22 @@ class RocketMQAdmin:
         for address in brokers if brokers is not None else self.masters().values():
             for name, kind in topics.items():
                 # "+message.type=FIFO" is mqadmin updateTopic's -a syntax for a topic attribute.
-                self.request(address, RequestCode.UPDATE_AND_CREATE_TOPIC, {
-                    "topic": name, "defaultTopic": "TBW102", "readQueueNums": str(queues),
-                    "writeQueueNums": str(queues), "perm": "6", "topicFilterType": "SINGLE_TAG",
-                    "topicSysFlag": "0", "order": "false", "attributes": f"+message.type={kind}"},
-                    what=f"creating topic {name!r} ({kind}) on {address}")
+                self.request(
+                    address,
+                    RequestCode.UPDATE_AND_CREATE_TOPIC,
+                    {
+                        "topic": name,
+                        "defaultTopic": "TBW102",
+                        "readQueueNums": str(queues),
+                        "writeQueueNums": str(queues),
+                        "perm": "6",
+                        "topicFilterType": "SINGLE_TAG",
+                        "topicSysFlag": "0",
+                        "order": "false",
+                        "attributes": f"+message.type={kind}",
+                    },
+                    what=f"creating topic {name!r} ({kind}) on {address}",
+                )
         self.wait_routed(topics, wait_s)
 
     def delete_topics(self, topics: Iterable[str]) -> None:
@@ -166,12 +191,17 @@ class RocketMQAdmin:
         names = list(topics)
         for address in self.masters().values():
             for name in names:
-                self.request(address, RequestCode.DELETE_TOPIC_IN_BROKER, {"topic": name},
-                             what=f"deleting topic {name!r} on {address}")
+                self.request(
+                    address,
+                    RequestCode.DELETE_TOPIC_IN_BROKER,
+                    {"topic": name},
+                    what=f"deleting topic {name!r} on {address}",
+                )
         for name in names:
             fields = {"topic": name} | ({"clusterName": self.cluster} if self.cluster else {})
-            self.request(self.address, RequestCode.DELETE_TOPIC_IN_NAMESRV, fields,
-                         what=f"deleting the route of topic {name!r}")
+            self.request(
+                self.address, RequestCode.DELETE_TOPIC_IN_NAMESRV, fields, what=f"deleting the route of topic {name!r}"
+            )
 
     # -- consumer groups -------------------------------------------------------------------------
 
@@ -180,13 +210,25 @@ class RocketMQAdmin:
         that does not exist. ``fifo`` sets consumeMessageOrderly, which a FIFO topic's consumers need
         for per-message-group order; after ``retry_max_times`` failed deliveries a message goes to
         ``%DLQ%<group>``."""
-        config = {"groupName": group, "consumeEnable": True, "consumeFromMinEnable": True,
-                  "consumeBroadcastEnable": False, "consumeMessageOrderly": fifo, "retryQueueNums": 1,
-                  "retryMaxTimes": retry_max_times, "brokerId": MASTER_ID, "whichBrokerWhenConsumeSlowly": 1,
-                  "notifyConsumerIdsChangedEnable": True}
+        config = {
+            "groupName": group,
+            "consumeEnable": True,
+            "consumeFromMinEnable": True,
+            "consumeBroadcastEnable": False,
+            "consumeMessageOrderly": fifo,
+            "retryQueueNums": 1,
+            "retryMaxTimes": retry_max_times,
+            "brokerId": MASTER_ID,
+            "whichBrokerWhenConsumeSlowly": 1,
+            "notifyConsumerIdsChangedEnable": True,
+        }
         for address in self.masters().values():
-            self.request(address, RequestCode.UPDATE_AND_CREATE_SUBSCRIPTIONGROUP, body=json.dumps(config).encode(),
-                         what=f"creating consumer group {group!r} on {address}")
+            self.request(
+                address,
+                RequestCode.UPDATE_AND_CREATE_SUBSCRIPTIONGROUP,
+                body=json.dumps(config).encode(),
+                what=f"creating consumer group {group!r} on {address}",
+            )
 
     def group_config(self, group: str, broker: str | None = None) -> dict[str, Any] | None:
         """The group's configuration on ``broker`` (the first master when None), None if it has no
@@ -201,14 +243,20 @@ class RocketMQAdmin:
         """The offset ``group`` has committed on one queue of ``topic`` at ``broker``, None when it
         has none (QUERY_CONSUMER_OFFSET with setZeroIfNotFound=false: without it the broker answers
         0 for a group it knows nothing of while the queue's first message is in memory)."""
-        header, _ = self.call(broker, RequestCode.QUERY_CONSUMER_OFFSET, {
-            "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "setZeroIfNotFound": "false"})
+        header, _ = self.call(
+            broker,
+            RequestCode.QUERY_CONSUMER_OFFSET,
+            {"consumerGroup": group, "topic": topic, "queueId": str(queue_id), "setZeroIfNotFound": "false"},
+        )
         code = int(header.get("code", -1))
         if code == ResponseCode.QUERY_NOT_FOUND:
             return None
         if code != ResponseCode.SUCCESS:
-            raise RemotingError(f"offset of group {group!r} on queue {queue_id} of topic {topic!r} at {broker}",
-                                code, str(header.get("remark")))
+            raise RemotingError(
+                f"offset of group {group!r} on queue {queue_id} of topic {topic!r} at {broker}",
+                code,
+                str(header.get("remark")),
+            )
         return int((header.get("extFields") or {}).get("offset", 0))
 
     def missing_offsets(self, group: str, topic: str) -> list[tuple[str, int, int, int]]:
@@ -237,26 +285,46 @@ class RocketMQAdmin:
         topics = list(topics)
         for topic in topics:
             for address, queue_id, first, _next in self.missing_offsets(group, topic):
-                self.request(address, RequestCode.UPDATE_CONSUMER_OFFSET, {
-                    "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "commitOffset": str(first)},
-                    what=f"setting group {group!r} to the first message of queue {queue_id} of {topic!r} on {address}")
+                self.request(
+                    address,
+                    RequestCode.UPDATE_CONSUMER_OFFSET,
+                    {"consumerGroup": group, "topic": topic, "queueId": str(queue_id), "commitOffset": str(first)},
+                    what=f"setting group {group!r} to the first message of queue {queue_id} of {topic!r} on {address}",
+                )
                 done += 1
         return done
 
     def delete_group(self, group: str) -> None:
         for address in self.masters().values():
-            self.request(address, RequestCode.DELETE_SUBSCRIPTIONGROUP, {"groupName": group, "cleanOffset": "true"},
-                         what=f"deleting consumer group {group!r} on {address}")
+            self.request(
+                address,
+                RequestCode.DELETE_SUBSCRIPTIONGROUP,
+                {"groupName": group, "cleanOffset": "true"},
+                what=f"deleting consumer group {group!r} on {address}",
+            )
 
     # -- messages -----------------------------------------------------------------------------
 
-    def query_messages(self, topic: str, key: str, *, unique: bool = False, max_num: int = 32,
-                       begin_ms: int = 0, end_ms: int | None = None) -> list[StoredMessage]:
+    def query_messages(
+        self,
+        topic: str,
+        key: str,
+        *,
+        unique: bool = False,
+        max_num: int = 32,
+        begin_ms: int = 0,
+        end_ms: int | None = None,
+    ) -> list[StoredMessage]:
         """The stored messages of ``topic`` with message key ``key`` (or message id, ``unique``), from
         every master's index (QUERY_MESSAGE, what ``mqadmin queryMsgByKey`` / ``queryMsgByUniqueKey``
         do); [] when none. The index is written shortly after the message (asynchronously)."""
-        fields = {"topic": topic, "key": key, "maxNum": str(max_num), "beginTimestamp": str(begin_ms),
-                  "endTimestamp": str(end_ms if end_ms is not None else int(time.time() * 1000) + 60_000)}
+        fields = {
+            "topic": topic,
+            "key": key,
+            "maxNum": str(max_num),
+            "beginTimestamp": str(begin_ms),
+            "endTimestamp": str(end_ms if end_ms is not None else int(time.time() * 1000) + 60_000),
+        }
         if unique:
             fields["_UNIQUE_KEY_QUERY"] = "true"
         out: list[StoredMessage] = []
@@ -266,25 +334,48 @@ class RocketMQAdmin:
             if code == ResponseCode.SUCCESS:
                 out.extend(dataclasses.replace(m, broker=address) for m in decode_messages(body))
             elif code not in (ResponseCode.QUERY_NOT_FOUND, ResponseCode.TOPIC_NOT_EXIST):
-                raise RemotingError(f"query of {key!r} in topic {topic!r} on {address}", code,
-                                    str(header.get("remark")))
+                raise RemotingError(
+                    f"query of {key!r} in topic {topic!r} on {address}", code, str(header.get("remark"))
+                )
         return out
 
-    def read_queue(self, broker: str, topic: str, queue_id: int, offset: int = 0, *,
-                   group: str = "zeroloss-reader", batch: int = 32) -> Iterator[StoredMessage]:
+    def read_queue(
+        self,
+        broker: str,
+        topic: str,
+        queue_id: int,
+        offset: int = 0,
+        *,
+        group: str = "zeroloss-reader",
+        batch: int = 32,
+    ) -> Iterator[StoredMessage]:
         """Every message of one queue from ``offset`` to its end, leaving them there (PULL_MESSAGE
         with ``group``, which commits no offset; the broker must have the group or create groups)."""
         while True:
-            header, body = self.call(broker, RequestCode.PULL_MESSAGE, {
-                "consumerGroup": group, "topic": topic, "queueId": str(queue_id), "queueOffset": str(offset),
-                "maxMsgNums": str(batch), "sysFlag": "4", "commitOffset": "0", "suspendTimeoutMillis": "0",
-                "subscription": "*", "subVersion": "0", "expressionType": "TAG"})
+            header, body = self.call(
+                broker,
+                RequestCode.PULL_MESSAGE,
+                {
+                    "consumerGroup": group,
+                    "topic": topic,
+                    "queueId": str(queue_id),
+                    "queueOffset": str(offset),
+                    "maxMsgNums": str(batch),
+                    "sysFlag": "4",
+                    "commitOffset": "0",
+                    "suspendTimeoutMillis": "0",
+                    "subscription": "*",
+                    "subVersion": "0",
+                    "expressionType": "TAG",
+                },
+            )
             code = int(header.get("code", -1))
             if code in (ResponseCode.PULL_NOT_FOUND, ResponseCode.PULL_OFFSET_MOVED):
                 return
             if code not in (ResponseCode.SUCCESS, ResponseCode.PULL_RETRY_IMMEDIATELY):
-                raise RemotingError(f"reading queue {queue_id} of topic {topic!r} on {broker}", code,
-                                    str(header.get("remark")))
+                raise RemotingError(
+                    f"reading queue {queue_id} of topic {topic!r} on {broker}", code, str(header.get("remark"))
+                )
             got = [dataclasses.replace(m, broker=broker) for m in decode_messages(body)] if code == 0 else []
             yield from got
             following = int((header.get("extFields") or {}).get("nextBeginOffset", offset))
@@ -300,8 +391,11 @@ class RocketMQAdmin:
         for code in (RequestCode.GET_MIN_OFFSET, RequestCode.GET_MAX_OFFSET):
             header, _ = self.call(broker, code, fields)
             if int(header.get("code", -1)) != ResponseCode.SUCCESS:
-                raise RemotingError(f"offsets of queue {queue_id} of topic {topic!r} on {broker}",
-                                    int(header.get("code", -1)), str(header.get("remark")))
+                raise RemotingError(
+                    f"offsets of queue {queue_id} of topic {topic!r} on {broker}",
+                    int(header.get("code", -1)),
+                    str(header.get("remark")),
+                )
             ends.append(int((header.get("extFields") or {}).get("offset", 0)))
         return ends[0], ends[1]
 

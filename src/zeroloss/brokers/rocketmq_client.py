@@ -22,8 +22,11 @@ class _ClientCallbackNoise(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not (exc is not None and type(exc).__module__.startswith("grpc")
-                    and str(record.msg).startswith("exception calling callback"))
+        return not (
+            exc is not None
+            and type(exc).__module__.startswith("grpc")
+            and str(record.msg).startswith("exception calling callback")
+        )
 
 
 _NOISE = _ClientCallbackNoise()

@@ -18,16 +18,59 @@ MAX_GROUP_LENGTH = 63  # the proxy refuses a group of its maxMessageGroupSize (6
 MAX_KEY_LENGTH = 128
 # RocketMQ's own properties (MessageConst, 5.x), not the message's headers: the store keeps them
 # beside the user's, and the proxy refuses a message that sets one ("property is used by system").
-SYSTEM_PROPERTIES = frozenset({
-    "KEYS", "TAGS", "WAIT", "DELAY", "RETRY_TOPIC", "REAL_TOPIC", "REAL_QID", "TRAN_MSG", "PGROUP",
-    "MIN_OFFSET", "MAX_OFFSET", "BUYER_ID", "ORIGIN_MESSAGE_ID", "TRANSFER_FLAG", "CORRECTION_FLAG",
-    "MQ2_FLAG", "RECONSUME_TIME", "MSG_REGION", "TRACE_ON", "UNIQ_KEY", "EXTEND_UNIQ_INFO", "MAX_RECONSUME_TIMES",
-    "CONSUME_START_TIME", "INNER_NUM", "INNER_BASE", "DUP_INFO", "CHECK_IMMUNITY_TIME_IN_SECONDS",
-    "TRAN_PREPARED_QUEUE_OFFSET", "TRANSACTION_CHECK_TIMES", "INSTANCE_ID", "CORRELATION_ID", "REPLY_TO_CLIENT",
-    "TTL", "ARRIVE_TIME", "PUSH_REPLY_TIME", "CLUSTER", "MSG_TYPE", "POP_CK", "POP_CK_OFFSET", "1ST_POP_TIME",
-    "PROPERTY_FORWARD_QUEUE_ID", "REDIRECT", "INNER_MULTI_DISPATCH", "INNER_MULTI_QUEUE_OFFSET", "TRACE_CONTEXT",
-    "BORN_TIMESTAMP", "DLQ_ORIGIN_TOPIC", "DLQ_ORIGIN_MESSAGE_ID", "bname",
-})  # and every name starting "__" (__SHARDINGKEY, __BORNHOST, __CRC32#, ...), "TIMER_" or "POP_"
+SYSTEM_PROPERTIES = frozenset(
+    {
+        "KEYS",
+        "TAGS",
+        "WAIT",
+        "DELAY",
+        "RETRY_TOPIC",
+        "REAL_TOPIC",
+        "REAL_QID",
+        "TRAN_MSG",
+        "PGROUP",
+        "MIN_OFFSET",
+        "MAX_OFFSET",
+        "BUYER_ID",
+        "ORIGIN_MESSAGE_ID",
+        "TRANSFER_FLAG",
+        "CORRECTION_FLAG",
+        "MQ2_FLAG",
+        "RECONSUME_TIME",
+        "MSG_REGION",
+        "TRACE_ON",
+        "UNIQ_KEY",
+        "EXTEND_UNIQ_INFO",
+        "MAX_RECONSUME_TIMES",
+        "CONSUME_START_TIME",
+        "INNER_NUM",
+        "INNER_BASE",
+        "DUP_INFO",
+        "CHECK_IMMUNITY_TIME_IN_SECONDS",
+        "TRAN_PREPARED_QUEUE_OFFSET",
+        "TRANSACTION_CHECK_TIMES",
+        "INSTANCE_ID",
+        "CORRELATION_ID",
+        "REPLY_TO_CLIENT",
+        "TTL",
+        "ARRIVE_TIME",
+        "PUSH_REPLY_TIME",
+        "CLUSTER",
+        "MSG_TYPE",
+        "POP_CK",
+        "POP_CK_OFFSET",
+        "1ST_POP_TIME",
+        "PROPERTY_FORWARD_QUEUE_ID",
+        "REDIRECT",
+        "INNER_MULTI_DISPATCH",
+        "INNER_MULTI_QUEUE_OFFSET",
+        "TRACE_CONTEXT",
+        "BORN_TIMESTAMP",
+        "DLQ_ORIGIN_TOPIC",
+        "DLQ_ORIGIN_MESSAGE_ID",
+        "bname",
+    }
+)  # and every name starting "__" (__SHARDINGKEY, __BORNHOST, __CRC32#, ...), "TIMER_" or "POP_"
 
 
 def rocketmq_topic(topic: str) -> str:
@@ -36,8 +79,10 @@ def rocketmq_topic(topic: str) -> str:
     does not fit."""
     name = topic.replace(".", "_")
     if not TOPIC_PATTERN.match(name) or len(name) > MAX_TOPIC_LENGTH:
-        raise ValueError(f"topic {topic!r} cannot be a RocketMQ topic: only letters, digits, '_', '-' "
-                         f"('.' becomes '_'), at most {MAX_TOPIC_LENGTH} characters")
+        raise ValueError(
+            f"topic {topic!r} cannot be a RocketMQ topic: only letters, digits, '_', '-' "
+            f"('.' becomes '_'), at most {MAX_TOPIC_LENGTH} characters"
+        )
     return name
 
 

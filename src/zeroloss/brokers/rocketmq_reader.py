@@ -43,24 +43,27 @@ class RocketMQReader:
         try:
             return remoting_call(address, code, fields, timeout=self.timeout_s)
         except (OSError, ValueError) as exc:
-            raise BrokerError(f"RocketMQ at {address[0]}:{address[1]} (remoting protocol): "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise BrokerError(
+                f"RocketMQ at {address[0]}:{address[1]} (remoting protocol): {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _route(self, name: str) -> dict[str, Any] | None:
         header, body = self._call(self.namesrv, RequestCode.GET_ROUTEINFO_BY_TOPIC, {"topic": name})
         if header.get("code") == ResponseCode.TOPIC_NOT_EXIST:
             return None
         if header.get("code") != ResponseCode.SUCCESS:
-            raise BrokerError(f"RocketMQ name server: route of {name}: code {header.get('code')}, "
-                              f"{header.get('remark')}")
+            raise BrokerError(
+                f"RocketMQ name server: route of {name}: code {header.get('code')}, {header.get('remark')}"
+            )
         route: dict[str, Any] = loads(body)
         return route
 
     def _offset(self, broker: tuple[str, int], code: int, name: str, queue: int) -> int:
         header, _ = self._call(broker, code, {"topic": name, "queueId": str(queue)})
         if header.get("code") != ResponseCode.SUCCESS:
-            raise BrokerError(f"RocketMQ broker: offset of {name}/{queue}: code {header.get('code')}, "
-                              f"{header.get('remark')}")
+            raise BrokerError(
+                f"RocketMQ broker: offset of {name}/{queue}: code {header.get('code')}, {header.get('remark')}"
+            )
         return int(header["extFields"]["offset"])
 
     def read(self, topic: str) -> Iterator[Stored]:
@@ -73,8 +76,10 @@ class RocketMQReader:
         route = self._route(name)
         if route is None:
             if origin == topic or self._route(origin_name) is None:  # a typo, not "none yet"
-                raise ConfigError(f"no topic {origin_name!r} nor {name!r} at the name server "
-                                  f"{self.namesrv[0]}:{self.namesrv[1]}: check the name")
+                raise ConfigError(
+                    f"no topic {origin_name!r} nor {name!r} at the name server "
+                    f"{self.namesrv[0]}:{self.namesrv[1]}: check the name"
+                )
             return
         masters = {b["brokerName"]: b["brokerAddrs"].get("0") for b in route.get("brokerDatas", [])}
         found: list[StoredMessage] = []
@@ -92,29 +97,52 @@ class RocketMQReader:
         for s in found:
             props = dict(s.properties)
             mid = props.get(ID_HEADER) or props.get("UNIQ_KEY")
-            key = key_text(props.get(KEY_HEADER), props.get("KEYS", "").split(), props.get("__SHARDINGKEY"),
-                            ID_HEADER in props)
-            headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items())
-                            if k not in (ID_HEADER, KEY_HEADER) and not is_system_property(k))
-            yield Stored(f"{name}/{s.queue_id}/{s.queue_offset}", s.queue_offset, mid,
-                         None if key is None else value_bytes(key), s.body, headers, partition=s.queue_id)
+            key = key_text(
+                props.get(KEY_HEADER), props.get("KEYS", "").split(), props.get("__SHARDINGKEY"), ID_HEADER in props
+            )
+            headers = tuple(
+                (k, value_bytes(v))
+                for k, v in sorted(props.items())
+                if k not in (ID_HEADER, KEY_HEADER) and not is_system_property(k)
+            )
+            yield Stored(
+                f"{name}/{s.queue_id}/{s.queue_offset}",
+                s.queue_offset,
+                mid,
+                None if key is None else value_bytes(key),
+                s.body,
+                headers,
+                partition=s.queue_id,
+            )
 
     def _queue(self, broker: tuple[str, int], name: str, queue: int) -> list[StoredMessage]:
         offset = self._offset(broker, RequestCode.GET_MIN_OFFSET, name, queue)
         end = self._offset(broker, RequestCode.GET_MAX_OFFSET, name, queue)
         out: list[StoredMessage] = []
         while offset < end:
-            header, body = self._call(broker, RequestCode.PULL_MESSAGE, {
-                "consumerGroup": READER_GROUP, "topic": name, "queueId": str(queue), "queueOffset": str(offset),
-                "maxMsgNums": str(PULL_BATCH), "sysFlag": str(PULL_SUBSCRIPTION_FLAG), "commitOffset": "0",
-                "suspendTimeoutMillis": "0", "subscription": "*", "subVersion": "0", "expressionType": "TAG"})
+            header, body = self._call(
+                broker,
+                RequestCode.PULL_MESSAGE,
+                {
+                    "consumerGroup": READER_GROUP,
+                    "topic": name,
+                    "queueId": str(queue),
+                    "queueOffset": str(offset),
+                    "maxMsgNums": str(PULL_BATCH),
+                    "sysFlag": str(PULL_SUBSCRIPTION_FLAG),
+                    "commitOffset": "0",
+                    "suspendTimeoutMillis": "0",
+                    "subscription": "*",
+                    "subVersion": "0",
+                    "expressionType": "TAG",
+                },
+            )
             code, ext = header.get("code"), header.get("extFields") or {}
             if code == ResponseCode.SUCCESS:
                 try:
                     got = decode_messages(body)
                 except ValueError as exc:
-                    raise BrokerError(
-                        f"RocketMQ: unreadable pull answer, {name}/{queue} at {offset}: {exc}") from exc
+                    raise BrokerError(f"RocketMQ: unreadable pull answer, {name}/{queue} at {offset}: {exc}") from exc
                 out.extend(got)
                 offset = int(ext.get("nextBeginOffset", offset + len(got)))
                 if not got:
@@ -124,8 +152,9 @@ class RocketMQReader:
             elif code in AGAIN:
                 break
             else:
-                raise BrokerError(f"RocketMQ broker: pull of {name}/{queue} at {offset}: code {code}, "
-                                  f"{header.get('remark')}")
+                raise BrokerError(
+                    f"RocketMQ broker: pull of {name}/{queue} at {offset}: code {code}, {header.get('remark')}"
+                )
         return out
 
     def close(self) -> None:

@@ -66,16 +66,22 @@ class RemotingError(BrokerError):
         self.remark = remark
 
 
-def remoting_call(address: tuple[str, int], code: int, fields: Mapping[str, str] | None = None,
-                  body: bytes = b"", timeout: float = 10.0) -> tuple[dict[str, Any], bytes]:
+def remoting_call(
+    address: tuple[str, int],
+    code: int,
+    fields: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    timeout: float = 10.0,
+) -> tuple[dict[str, Any], bytes]:
     """One request/response of RocketMQ's remoting protocol with a JSON header; OSError when the
     address does not answer.
 
     A frame is: int32 length of what follows, int32 header length (its top byte the serialization,
     0 = JSON), the header, the body. The answer's header is JSON too; its body is whatever the
     request returns (see :func:`loads` for the JSON in it)."""
-    header = json.dumps({"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0,
-                         "extFields": dict(fields or {})}).encode()
+    header = json.dumps(
+        {"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0, "extFields": dict(fields or {})}
+    ).encode()
     frame = struct.pack(">ii", 4 + len(header) + len(body), len(header)) + header + body
     with socket.create_connection(address, timeout=timeout) as s:
         s.sendall(frame)
@@ -199,8 +205,9 @@ def decode_messages(buf: bytes) -> list[StoredMessage]:
             (props_length,) = struct.unpack_from(">h", buf, p)
             p += 2
             text = buf[p : p + props_length].decode("utf-8", "replace")
-            props = dict(kv.split(NAME_VALUE_SEPARATOR, 1) for kv in text.split(PROPERTY_SEPARATOR)
-                         if NAME_VALUE_SEPARATOR in kv)
+            props = dict(
+                kv.split(NAME_VALUE_SEPARATOR, 1) for kv in text.split(PROPERTY_SEPARATOR) if NAME_VALUE_SEPARATOR in kv
+            )
             out.append(StoredMessage(topic, queue_id, queue_offset, physical, stored, reconsume, body, props))
             i += total
     except (struct.error, IndexError) as exc:

@@ -36,8 +36,14 @@ MIN_INVISIBLE_S = 10  # the proxy refuses a receive with less ("the invisibleTim
 MAX_RECEIVE_BATCH = 32  # the proxy's receive_batch_size
 # Exceptions of the client that say the message itself is wrong: the same send fails the same way.
 # ValueError: a topic name RocketMQ cannot have (rocketmq_topic), which the proxy would refuse too.
-_REFUSED = ("BadRequestException", "PayloadTooLargeException", "PayloadEmptyException",
-            "RequestHeaderFieldsTooLargeException", "IllegalArgumentException", "ValueError")
+_REFUSED = (
+    "BadRequestException",
+    "PayloadTooLargeException",
+    "PayloadEmptyException",
+    "RequestHeaderFieldsTooLargeException",
+    "IllegalArgumentException",
+    "ValueError",
+)
 
 
 def client_config(url: str, timeout_s: float) -> Any:
@@ -115,8 +121,6 @@ class LetterPublisher:
                 producer.shutdown()
 
 
-
-
 def _settings_consumer(rmq: Any) -> Any:
     """A SimpleConsumer that keeps the settings the proxy sends (the stock one drops them): the
     group's delivery limit is in them, and their arrival says the proxy accepted the group."""
@@ -149,8 +153,16 @@ class RocketMQSubscription:
     an extension (at least 10): after a consumer crash, its messages come back after this long.
     ``settle_s``: how long to wait for the proxy to accept the group's settings at start."""
 
-    def __init__(self, url: str, group: str, topics: Sequence[str], *, timeout_s: float = 30.0,
-                 invisible_s: float = 30.0, settle_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        group: str,
+        topics: Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        invisible_s: float = 30.0,
+        settle_s: float = 10.0,
+    ) -> None:
         self._rmq = rocketmq_module()
         self.url = url
         self.group = group
@@ -171,8 +183,9 @@ class RocketMQSubscription:
         self._calls = concurrent.futures.ThreadPoolExecutor(MAX_RECEIVE_BATCH, f"zeroloss-rocketmq-{group}-calls")
         self._letters = LetterPublisher(url, timeout_s=timeout_s)
         subscription = {name: self._rmq.FilterExpression() for name in self._by_name}
-        self._consumer = _settings_consumer(self._rmq)(client_config(url, timeout_s), group, subscription,
-                                                      await_duration=1)
+        self._consumer = _settings_consumer(self._rmq)(
+            client_config(url, timeout_s), group, subscription, await_duration=1
+        )
         self._started = False
         try:
             self._open(settle_s)
@@ -197,9 +210,11 @@ class RocketMQSubscription:
         event = self._consumer._init_settings_event
         if event is None or not event.wait(settle_s):
             # The settings go to the brokers a topic's route names and are refused for an unknown group.
-            raise BrokerError(f"RocketMQ {where}: the proxy accepted no settings for the consumer within "
-                              f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
-                              f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker")
+            raise BrokerError(
+                f"RocketMQ {where}: the proxy accepted no settings for the consumer within "
+                f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
+                f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker"
+            )
         self.max_deliveries = self._consumer.max_attempts
         self._check_order(where)
         self._start_at_first()
@@ -222,10 +237,12 @@ class RocketMQSubscription:
             if any(fifo_type in q.accept_message_types for q in route.message_queues):
                 unordered.append(name)
         if unordered:
-            raise ConfigError(f"RocketMQ {where}: the group is not orderly (consumeMessageOrderly=false) but "
-                              f"{', '.join(unordered)} is a FIFO topic: a key's messages would be handled out of "
-                              f"order; make it orderly: zeroloss init --target URL --group {self.group} TOPIC..., "
-                              f"or mqadmin updateSubGroup -g {self.group} -o true")
+            raise ConfigError(
+                f"RocketMQ {where}: the group is not orderly (consumeMessageOrderly=false) but "
+                f"{', '.join(unordered)} is a FIFO topic: a key's messages would be handled out of "
+                f"order; make it orderly: zeroloss init --target URL --group {self.group} TOPIC..., "
+                f"or mqadmin updateSubGroup -g {self.group} -o true"
+            )
 
     def _start_at_first(self) -> None:
         """Before the first receive: the group's queues without an offset are set to their first
@@ -238,9 +255,16 @@ class RocketMQSubscription:
         try:
             started = admin.start_group_at_first(self.group, list(self._by_name))
         except BrokerError as exc:
-            log.warning("RocketMQ group %s: could not check its offsets through the name server %s:%d (%s): on a "
-                        "queue where it has none its first receive starts at the last message and skips the "
-                        "backlog (zeroloss init --group %s sets them)", self.group, host, port, exc, self.group)
+            log.warning(
+                "RocketMQ group %s: could not check its offsets through the name server %s:%d (%s): on a "
+                "queue where it has none its first receive starts at the last message and skips the "
+                "backlog (zeroloss init --group %s sets them)",
+                self.group,
+                host,
+                port,
+                exc,
+                self.group,
+            )
             return
         if started:
             log.info("RocketMQ group %s had no offset on %d queue(s): set to their first message", self.group, started)
@@ -277,8 +301,9 @@ class RocketMQSubscription:
         headers = tuple((k, value_bytes(v)) for k, v in sorted(props.items()) if not is_system_property(k))
         if m.corrupted:  # the body's checksum did not match: handling it would act on garbage
             poison = poison or f"message {m.message_id}: its body failed the broker's checksum"
-        received = Received(mid, topic, 0, -1, None if key is None else value_bytes(key),
-                            m.body or b"", headers, m.born_timestamp or 0)
+        received = Received(
+            mid, topic, 0, -1, None if key is None else value_bytes(key), m.body or b"", headers, m.born_timestamp or 0
+        )
         return Delivery(received, m, poison, delivered=m.delivery_attempt or 0)
 
     # -- settling -------------------------------------------------------------------------------
@@ -309,8 +334,10 @@ class RocketMQSubscription:
             return {id(m): BrokerError("the subscription is closed") for m in msgs}
         # The client's own deadline ends each call after its request timeout; the margin is for its threads.
         concurrent.futures.wait(calls.values(), timeout=self.timeout_s + 5)
-        return {key: call.exception() if call.done() else TimeoutError(f"no answer within {self.timeout_s + 5:.0f}s")
-                for key, call in calls.items()}
+        return {
+            key: call.exception() if call.done() else TimeoutError(f"no answer within {self.timeout_s + 5:.0f}s")
+            for key, call in calls.items()
+        }
 
     def _extend(self, helds: Sequence[_Held], now: float) -> None:
         """Under the lock: invisible for another ``invisible_s`` from now."""
@@ -321,8 +348,12 @@ class RocketMQSubscription:
                 held.extended = now
             else:
                 # It may be handed to another consumer; the inbox still lets only one of them commit.
-                log.warning("could not keep message %s invisible (%s: %s): it may be redelivered",
-                            held.message.message_id, type(exc).__name__, exc)
+                log.warning(
+                    "could not keep message %s invisible (%s: %s): it may be redelivered",
+                    held.message.message_id,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _extend_loop(self) -> None:
         period = self.invisible_s / 3
@@ -340,8 +371,9 @@ class RocketMQSubscription:
         except BrokerError as exc:
             # The letter is stored; raising would publish it again. The original comes back after
             # invisible_s and is dead-lettered once more (a copy with the same id).
-            log.warning("dead letter %s stored; acking the original failed (%s): it will be redelivered",
-                        letter.id, exc)
+            log.warning(
+                "dead letter %s stored; acking the original failed (%s): it will be redelivered", letter.id, exc
+            )
         return where
 
     def release(self, ds: Sequence[Delivery]) -> None:
@@ -355,8 +387,13 @@ class RocketMQSubscription:
             failed = self._invisible(msgs, 0)
         for m in msgs:
             if (exc := failed[id(m)]) is not None:
-                log.warning("could not give message %s back (%s: %s): it comes back after %ds",
-                            m.message_id, type(exc).__name__, exc, self.invisible_s)
+                log.warning(
+                    "could not give message %s back (%s: %s): it comes back after %ds",
+                    m.message_id,
+                    type(exc).__name__,
+                    exc,
+                    self.invisible_s,
+                )
 
     def close(self) -> None:
         """What is still held goes back at once rather than after ``invisible_s`` (a handler that

@@ -47,8 +47,13 @@ def check_url(url: str) -> RocketMQURL:
         if one:
             parse_address(one)  # ConfigError for a bad one
     cluster = (query.get("cluster") or [""])[-1] or None
-    return RocketMQURL(f"{host}:{port or DEFAULT_PROXY_PORT}", namesrv, cluster,
-                       urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or ""))
+    return RocketMQURL(
+        f"{host}:{port or DEFAULT_PROXY_PORT}",
+        namesrv,
+        cluster,
+        urllib.parse.unquote(parts.username or ""),
+        urllib.parse.unquote(parts.password or ""),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +66,10 @@ def parse_url(url: str) -> Endpoints:
     """``rocketmq://HOST:PORT[?namesrv=HOST:PORT]`` → the proxy and the name server."""
     parts = urlsplit(url)
     if parts.scheme != "rocketmq" or not parts.hostname or parts.port is None:
-        raise ConfigError(f"not a RocketMQ URL: {safe_url(url)!r}; write rocketmq://HOST:PORT (the gRPC proxy), "
-                          f"optionally ?namesrv=HOST:PORT")
+        raise ConfigError(
+            f"not a RocketMQ URL: {safe_url(url)!r}; write rocketmq://HOST:PORT (the gRPC proxy), "
+            f"optionally ?namesrv=HOST:PORT"
+        )
     ns = parse_qs(parts.query).get("namesrv", [f"{parts.hostname}:{DEFAULT_NAMESRV_PORT}"])[0]
     host, _, port = ns.rpartition(":")
     if not host or not port.isdigit():

@@ -151,8 +151,7 @@ def opened_store(source: str, table: str) -> Iterator[OutboxAdmin]:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "ZEROLOSS"})
-@option("-v", "--verbose", count=True,
-        help="More log output: -v adds zeroloss's debug lines, -vv every library's.")
+@option("-v", "--verbose", count=True, help="More log output: -v adds zeroloss's debug lines, -vv every library's.")
 @option("-q", "--quiet", count=True, help="Less log output: -q warnings and errors only, -qq errors only.")
 @click.version_option(package_name="zeroloss")
 def main(verbose: int, quiet: int) -> None:

@@ -32,26 +32,60 @@ from zeroloss.outbox.base import Resolver, Stats
 @main.command()
 @source_options(required=False)
 @target_options(required=False)
-@option("--topic", "topics", multiple=True, metavar="NAME",
-        help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).")
-@option("--partitions", type=click.IntRange(1), default=None,
-        help="Kafka: partitions of a topic created now [default: the broker's default]; RocketMQ: queues per "
-             "broker [default: 4].")
-@option("--replication-factor", type=click.IntRange(1), default=None,
-        help="Copies of what is created now: Kafka topic replication factor [default: the broker's "
-                   "default.replication.factor]; NATS stream replicas [default: 1: one server's disk]. More than "
-                   "the cluster can hold is an error. RabbitMQ: not taken (a quorum queue is on every node).")
-@option("--group", default=None, metavar="NAME",
-        help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
-                   "... MKSTREAM; RocketMQ: an orderly subscription group on every master).")
-@option("--timeout-s", default=30.0, show_default=True, type=click.FloatRange(1),
-        help="How long to wait for the broker's answers.")
-@option("--notify", is_flag=True,
-        help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
-                   "latency; NOTIFY serialises the commits of the transactions that add messages).")
+@option(
+    "--topic",
+    "topics",
+    multiple=True,
+    metavar="NAME",
+    help="A topic to declare on --target, with its dead-letter topic NAME.dlq (repeatable).",
+)
+@option(
+    "--partitions",
+    type=click.IntRange(1),
+    default=None,
+    help="Kafka: partitions of a topic created now [default: the broker's default]; RocketMQ: queues per "
+    "broker [default: 4].",
+)
+@option(
+    "--replication-factor",
+    type=click.IntRange(1),
+    default=None,
+    help="Copies of what is created now: Kafka topic replication factor [default: the broker's "
+    "default.replication.factor]; NATS stream replicas [default: 1: one server's disk]. More than "
+    "the cluster can hold is an error. RabbitMQ: not taken (a quorum queue is on every node).",
+)
+@option(
+    "--group",
+    default=None,
+    metavar="NAME",
+    help="Also create this consumer group where the broker has one to create (Redis: XGROUP CREATE "
+    "... MKSTREAM; RocketMQ: an orderly subscription group on every master).",
+)
+@option(
+    "--timeout-s",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="How long to wait for the broker's answers.",
+)
+@option(
+    "--notify",
+    is_flag=True,
+    help="PostgreSQL outbox: add the trigger whose NOTIFY wakes an idle relay at each commit (lower "
+    "latency; NOTIFY serialises the commits of the transactions that add messages).",
+)
 @errors_to_exit_codes
-def init(source: str | None, table: str, target: str | None, topics: tuple[str, ...], partitions: int | None,
-         replication_factor: int | None, group: str | None, timeout_s: float, notify: bool) -> None:
+def init(
+    source: str | None,
+    table: str,
+    target: str | None,
+    topics: tuple[str, ...],
+    partitions: int | None,
+    replication_factor: int | None,
+    group: str | None,
+    timeout_s: float,
+    notify: bool,
+) -> None:
     """Create the outbox (SQL table and indexes, or spool directories) and/or declare on the broker
     what the relay and the consumers of each --topic need. Both are idempotent: run it again at
     every deploy. A topic that exists is left as it is."""
@@ -96,45 +130,136 @@ def init(source: str | None, table: str, target: str | None, topics: tuple[str, 
 @main.command()
 @source_option
 @target_option
-@option("--batch-size", envvar="ZEROLOSS_BATCH_SIZE", default=None, type=click.IntRange(1),
-        help="Messages claimed and published per broker transaction.  [default: 2000 for Kafka, 500 for the "
-             "other brokers]")
-@option("--max-attempts", envvar="ZEROLOSS_MAX_ATTEMPTS", default=10, show_default=True, type=click.IntRange(1),
-        help="Attempts per message before it goes to failed (broker outages spend none).")
-@option("--lease-s", envvar="ZEROLOSS_LEASE_S", default=120.0, show_default=True, type=click.FloatRange(1),
-        help="How long a claim lasts unrenewed (renewed every third of it while publishing); above --timeout-s.")
-@option("--backoff-base-s", envvar="ZEROLOSS_BACKOFF_BASE_S", default=0.5, show_default=True,
-        type=click.FloatRange(0, min_open=True), help="First retry delay; doubles per attempt.")
-@option("--max-backoff-s", envvar="ZEROLOSS_MAX_BACKOFF_S", default=60.0, show_default=True,
-        type=click.FloatRange(0, min_open=True), help="Longest retry delay; at least --backoff-base-s.")
-@option("--timeout-s", envvar="ZEROLOSS_TIMEOUT_S", default=30.0, show_default=True, type=click.FloatRange(1),
-        help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.")
-@option("--relay-id", envvar="ZEROLOSS_RELAY_ID", default=None,
-        help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
-                   "Relays sharing one host and outbox need distinct ids.")
+@option(
+    "--batch-size",
+    envvar="ZEROLOSS_BATCH_SIZE",
+    default=None,
+    type=click.IntRange(1),
+    help="Messages claimed and published per broker transaction.  [default: 2000 for Kafka, 500 for the other brokers]",
+)
+@option(
+    "--max-attempts",
+    envvar="ZEROLOSS_MAX_ATTEMPTS",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Attempts per message before it goes to failed (broker outages spend none).",
+)
+@option(
+    "--lease-s",
+    envvar="ZEROLOSS_LEASE_S",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="How long a claim lasts unrenewed (renewed every third of it while publishing); above --timeout-s.",
+)
+@option(
+    "--backoff-base-s",
+    envvar="ZEROLOSS_BACKOFF_BASE_S",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="First retry delay; doubles per attempt.",
+)
+@option(
+    "--max-backoff-s",
+    envvar="ZEROLOSS_MAX_BACKOFF_S",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Longest retry delay; at least --backoff-base-s.",
+)
+@option(
+    "--timeout-s",
+    envvar="ZEROLOSS_TIMEOUT_S",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Broker acknowledgement timeout; a producer with no progress for this long is recreated.",
+)
+@option(
+    "--relay-id",
+    envvar="ZEROLOSS_RELAY_ID",
+    default=None,
+    help="Stable id of this relay (Kafka transactional.id suffix); default HOST-DIGEST of the outbox. "
+    "Relays sharing one host and outbox need distinct ids.",
+)
 @option("--drain", is_flag=True, help="Exit 0 once nothing is left to send, instead of running forever.")
-@option("--progress-s", envvar="ZEROLOSS_PROGRESS_S", default=10.0, show_default=True, type=click.FloatRange(0),
-        help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never.")
-@option("--metrics-port", envvar="ZEROLOSS_METRICS_PORT", default=None, type=click.IntRange(0, 65535),
-        help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).")
-@option("--metrics-host", envvar="ZEROLOSS_METRICS_HOST", default="0.0.0.0", show_default=True,
-        help="Address for --metrics-port.")
-@option("--resolver-sql", envvar="ZEROLOSS_RESOLVER_SQL", default=None, metavar="QUERY",
-        help="Spool: settle tmp/ files a crash left by running QUERY with :txid on --resolver-db; a row means "
-             "the app's transaction committed, none that it rolled back.")
-@option("--resolver-db", envvar="ZEROLOSS_RESOLVER_DB", default=None, metavar="URL",
-        help="The app's database for --resolver-sql.")
-@option("--resolver-command", envvar="ZEROLOSS_RESOLVER_COMMAND", default=None, metavar="CMD",
-        help="Spool: settle tmp/ files by running CMD TXID, which prints committed, rolled-back or unknown "
-             "(doubt/) and exits 0; anything else: asked again at the next recover.")
-@option("--tmp-grace-s", envvar="ZEROLOSS_TMP_GRACE_S", default=60.0, show_default=True, type=click.FloatRange(1),
-        help="Spool: tmp/ files younger than this belong to running transactions and are left alone; longer "
-             "than the app's longest transaction, or a resolver answers 'rolled back' for one still running.")
+@option(
+    "--progress-s",
+    envvar="ZEROLOSS_PROGRESS_S",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never.",
+)
+@option(
+    "--metrics-port",
+    envvar="ZEROLOSS_METRICS_PORT",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz and /readyz on this port (0: any free port, printed at start).",
+)
+@option(
+    "--metrics-host",
+    envvar="ZEROLOSS_METRICS_HOST",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address for --metrics-port.",
+)
+@option(
+    "--resolver-sql",
+    envvar="ZEROLOSS_RESOLVER_SQL",
+    default=None,
+    metavar="QUERY",
+    help="Spool: settle tmp/ files a crash left by running QUERY with :txid on --resolver-db; a row means "
+    "the app's transaction committed, none that it rolled back.",
+)
+@option(
+    "--resolver-db",
+    envvar="ZEROLOSS_RESOLVER_DB",
+    default=None,
+    metavar="URL",
+    help="The app's database for --resolver-sql.",
+)
+@option(
+    "--resolver-command",
+    envvar="ZEROLOSS_RESOLVER_COMMAND",
+    default=None,
+    metavar="CMD",
+    help="Spool: settle tmp/ files by running CMD TXID, which prints committed, rolled-back or unknown "
+    "(doubt/) and exits 0; anything else: asked again at the next recover.",
+)
+@option(
+    "--tmp-grace-s",
+    envvar="ZEROLOSS_TMP_GRACE_S",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Spool: tmp/ files younger than this belong to running transactions and are left alone; longer "
+    "than the app's longest transaction, or a resolver answers 'rolled back' for one still running.",
+)
 @errors_to_exit_codes
-def relay(source: str, table: str, target: str, batch_size: int | None, max_attempts: int, lease_s: float,
-          backoff_base_s: float, max_backoff_s: float, timeout_s: float, relay_id: str | None, drain: bool,
-          metrics_port: int | None, metrics_host: str, resolver_sql: str | None, resolver_db: str | None,
-          resolver_command: str | None, tmp_grace_s: float, progress_s: float) -> None:
+def relay(
+    source: str,
+    table: str,
+    target: str,
+    batch_size: int | None,
+    max_attempts: int,
+    lease_s: float,
+    backoff_base_s: float,
+    max_backoff_s: float,
+    timeout_s: float,
+    relay_id: str | None,
+    drain: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+    resolver_sql: str | None,
+    resolver_db: str | None,
+    resolver_command: str | None,
+    tmp_grace_s: float,
+    progress_s: float,
+) -> None:
     """Publish committed messages from the outbox to the broker until SIGTERM."""
     # Signals first: a SIGTERM that arrives while the relay is still starting up means "stop", not death.
     stopping = threading.Event()
@@ -150,12 +275,16 @@ def relay(source: str, table: str, target: str, batch_size: int | None, max_atte
     signal.signal(signal.SIGINT, on_signal)
 
     if max_backoff_s < backoff_base_s:
-        raise click.BadParameter(f"{max_backoff_s} is below --backoff-base-s {backoff_base_s}",
-                                 param_hint="'--max-backoff-s' / ZEROLOSS_MAX_BACKOFF_S")
+        raise click.BadParameter(
+            f"{max_backoff_s} is below --backoff-base-s {backoff_base_s}",
+            param_hint="'--max-backoff-s' / ZEROLOSS_MAX_BACKOFF_S",
+        )
     if lease_s <= timeout_s:
         # A claim that expires while its publish may still succeed lets a second relay send it too.
-        raise click.BadParameter(f"{lease_s} must exceed --timeout-s {timeout_s} (a claim must outlive its publish)",
-                                 param_hint="'--lease-s' / ZEROLOSS_LEASE_S")
+        raise click.BadParameter(
+            f"{lease_s} must exceed --timeout-s {timeout_s} (a claim must outlive its publish)",
+            param_hint="'--lease-s' / ZEROLOSS_LEASE_S",
+        )
 
     resolver = _resolver(source, resolver_sql, resolver_db, resolver_command)
 
@@ -166,10 +295,15 @@ def relay(source: str, table: str, target: str, batch_size: int | None, max_atte
 
     if batch_size is None:  # Kafka: one transaction per batch, its fixed cost spread over more (issue 14)
         batch_size = KAFKA_BATCH_SIZE if scheme_of(target) == "kafka" else RelaySettings().batch_size
-    settings = RelaySettings(batch_size=batch_size, max_attempts=max_attempts, lease_s=lease_s,
-                             backoff_base_s=backoff_base_s, max_backoff_s=max_backoff_s,
-                             stats_every_s=None if metrics_port is None else 5.0,
-                             progress_every_s=progress_s or None)
+    settings = RelaySettings(
+        batch_size=batch_size,
+        max_attempts=max_attempts,
+        lease_s=lease_s,
+        backoff_base_s=backoff_base_s,
+        max_backoff_s=max_backoff_s,
+        stats_every_s=None if metrics_port is None else 5.0,
+        progress_every_s=progress_s or None,
+    )
     store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
     r = Relay(store, broker, settings, resolver=resolver)
@@ -197,8 +331,10 @@ def _resolver(source: str, sql: str | None, db: str | None, command: str | None)
     if sql is None and db is None and command is None:
         return None
     if not source.startswith("spool:"):
-        raise click.UsageError("--resolver-* options are for a spool source: a SQL outbox commits with the "
-                               "app's transaction and has nothing to resolve")
+        raise click.UsageError(
+            "--resolver-* options are for a spool source: a SQL outbox commits with the "
+            "app's transaction and has nothing to resolve"
+        )
     if command is not None and (sql is not None or db is not None):
         raise click.UsageError("give --resolver-command or --resolver-sql with --resolver-db, not both")
     from zeroloss.outbox.resolvers import command_resolver, sql_resolver
@@ -213,14 +349,28 @@ def _resolver(source: str, sql: str | None, db: str | None, command: str | None)
 @main.command()
 @source_option
 @json_option
-@option("--watch-s", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0, default=None, metavar="[SECONDS]",
-        help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.")
+@option(
+    "--watch-s",
+    type=click.FloatRange(0.1),
+    is_flag=False,
+    flag_value=2.0,
+    default=None,
+    metavar="[SECONDS]",
+    help="Refresh every SECONDS (default 2) until Ctrl-C; with --json, one JSON line per refresh.",
+)
 @deprecated_alias("--watch", "--watch-s", "watch_old", type=click.FloatRange(0.1), is_flag=False, flag_value=2.0)
-@option("--max-pending-age-s", envvar="ZEROLOSS_MAX_PENDING_AGE_S", default=300.0, show_default=True,
-        type=click.FloatRange(0), help="Oldest pending older than this: warn; 4x: critical.")
+@option(
+    "--max-pending-age-s",
+    envvar="ZEROLOSS_MAX_PENDING_AGE_S",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Oldest pending older than this: warn; 4x: critical.",
+)
 @errors_to_exit_codes
-def status(source: str, table: str, as_json: bool, watch_s: float | None, watch_old: float | None,
-           max_pending_age_s: float) -> None:
+def status(
+    source: str, table: str, as_json: bool, watch_s: float | None, watch_old: float | None, max_pending_age_s: float
+) -> None:
     """Count messages in every state, with the oldest age per state, expired leases, parked and
     spool disk space, and a verdict with its reasons.
 
@@ -258,8 +408,9 @@ def status(source: str, table: str, as_json: bool, watch_s: float | None, watch_
                 level, text = frame()
                 if not as_json:
                     click.clear()
-                    click.echo(f"zeroloss status {source} at {time.strftime('%H:%M:%S')}, every {watch:g}s "
-                               "(Ctrl-C to stop)\n")
+                    click.echo(
+                        f"zeroloss status {source} at {time.strftime('%H:%M:%S')}, every {watch:g}s (Ctrl-C to stop)\n"
+                    )
                 click.echo(text)
                 time.sleep(watch)
         except KeyboardInterrupt:
@@ -268,10 +419,15 @@ def status(source: str, table: str, as_json: bool, watch_s: float | None, watch_
 
 
 @main.command()
-@option("--port", default=9092, show_default=True, type=click.IntRange(1, 65535),
-        help="Port on 127.0.0.1 to listen on.")
-@option("--storage", default="memory://tansu/", show_default=True,
-        help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).")
+@option(
+    "--port", default=9092, show_default=True, type=click.IntRange(1, 65535), help="Port on 127.0.0.1 to listen on."
+)
+@option(
+    "--storage",
+    default="memory://tansu/",
+    show_default=True,
+    help="memory://tansu/ (lost on restart) or s3://BUCKET/ (needs AWS_* env).",
+)
 @errors_to_exit_codes
 def broker(port: int, storage: str) -> None:
     """Run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1 until Ctrl-C."""
@@ -293,12 +449,21 @@ def broker(port: int, storage: str) -> None:
 
 
 @main.command()
-@option("--orders", default=3000, show_default=True, type=click.IntRange(10),
-        help="How many orders the demo shop writes (each with its message).")
-@option("--target", default=None, metavar="URL",
-        help="Run against this broker (kafka://, amqp://, nats://, redis://, rocketmq://) on a topic of its own, "
-                   "removed afterwards, instead of an embedded Kafka-compatible broker. Not read from "
-                   "ZEROLOSS_TARGET, so that the demo never writes to a production broker by accident.")
+@option(
+    "--orders",
+    default=3000,
+    show_default=True,
+    type=click.IntRange(10),
+    help="How many orders the demo shop writes (each with its message).",
+)
+@option(
+    "--target",
+    default=None,
+    metavar="URL",
+    help="Run against this broker (kafka://, amqp://, nats://, redis://, rocketmq://) on a topic of its own, "
+    "removed afterwards, instead of an embedded Kafka-compatible broker. Not read from "
+    "ZEROLOSS_TARGET, so that the demo never writes to a production broker by accident.",
+)
 @errors_to_exit_codes
 def demo(orders: int, target: str | None) -> None:
     """Shop → outbox → relay (SIGKILLed once) → broker → consumer, then a ledger. Exit 1 on loss."""

@@ -21,8 +21,10 @@ from zeroloss.logs import one_line
 F = TypeVar("F", bound=Callable[..., Any])
 
 # RabbitMQ is not offered: dlq would refuse it (see the module docstring).
-dlq_target = target_options(help="Broker: kafka://HOST:PORT, nats://HOST:4222, redis://HOST:6379/0 or "
-                                 "rocketmq://HOST:8081 (RabbitMQ's queues cannot be read without consuming them).")
+dlq_target = target_options(
+    help="Broker: kafka://HOST:PORT, nats://HOST:4222, redis://HOST:6379/0 or "
+    "rocketmq://HOST:8081 (RabbitMQ's queues cannot be read without consuming them)."
+)
 
 
 def _original(topic: str) -> str:
@@ -30,8 +32,9 @@ def _original(topic: str) -> str:
 
 
 def topic_option(fn: F) -> F:
-    return option("--topic", metavar="TOPIC",
-                  help=f"The topic whose dead letters these are: orders or orders{DLQ_SUFFIX}.")(fn)
+    return option(
+        "--topic", metavar="TOPIC", help=f"The topic whose dead letters these are: orders or orders{DLQ_SUFFIX}."
+    )(fn)
 
 
 def _topic_and_rest(topic: str | None, args: tuple[str, ...], rest: str) -> tuple[str, list[str]]:
@@ -69,8 +72,10 @@ def list_cmd(target: str, topic: str | None, old_topic: tuple[str, ...], limit: 
         return
     for d in letters:
         when = dt.datetime.fromtimestamp(d.first_failure, dt.UTC).isoformat(timespec="seconds")
-        click.echo(f"{d.id}  {d.original_topic}/{d.original_partition}/{d.original_offset}  "
-                   f"attempts={d.attempts}  first-failure={when}  {d.error_type}: {one_line(d.error_message)[:120]}")
+        click.echo(
+            f"{d.id}  {d.original_topic}/{d.original_partition}/{d.original_offset}  "
+            f"attempts={d.attempts}  first-failure={when}  {d.error_type}: {one_line(d.error_message)[:120]}"
+        )
     click.echo(f"{len(letters)} dead letter(s) in {name}{DLQ_SUFFIX}")
 
 

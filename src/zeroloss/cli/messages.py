@@ -45,17 +45,19 @@ _ALL = 10**9
 _HELP = {
     State.FAILED: "Messages whose attempts ran out or that the broker can never take; each parks its key.",
     State.DOUBT: "Spool only: tmp files found after a crash whose transaction outcome is unknown. Check the "
-                 "transaction id in your database: committed -> retry, rolled back -> purge.",
+    "transaction id in your database: committed -> retry, rolled back -> purge.",
     State.MALFORMED: "Spool only: quarantined files that do not decode (truncated, bit-flipped, foreign). They "
-                     "cannot be retried; show and purge them. A malformed message's id is its file name.",
+    "cannot be retried; show and purge them. A malformed message's id is its file name.",
 }
 
 
 def _not_here(store: OutboxAdmin, state: State) -> str | None:
     if state in store.states:
         return None
-    return (f"this outbox ({type(store).__name__}) never has {state.value} messages: they occur only in a file "
-            "spool (a SQL outbox row commits with the app's transaction and the database keeps it intact)")
+    return (
+        f"this outbox ({type(store).__name__}) never has {state.value} messages: they occur only in a file "
+        "spool (a SQL outbox row commits with the app's transaction and the database keeps it intact)"
+    )
 
 
 def _text_or_hex(data: bytes | None, full: bool, limit: int = _SHOW_BYTES) -> tuple[str, str]:
@@ -84,8 +86,15 @@ def _when(ts: float) -> str:
 
 def _row(m: Message, txids: dict[str, str]) -> dict[str, Any]:
     key, _ = _text_or_hex(m.key, False, 40)
-    return {"id": m.id, "topic": m.topic, "key": key, "attempts": m.attempts, "created_at": _when(m.created_at),
-            "last_error": m.last_error, **({"transaction": txids[m.id]} if m.id in txids else {})}
+    return {
+        "id": m.id,
+        "topic": m.topic,
+        "key": key,
+        "attempts": m.attempts,
+        "created_at": _when(m.created_at),
+        "last_error": m.last_error,
+        **({"transaction": txids[m.id]} if m.id in txids else {}),
+    }
 
 
 def _txids(store: OutboxAdmin, state: State) -> dict[str, str]:
@@ -158,9 +167,14 @@ def _in_chunks(ids: list[str], label: str, fn: Callable[[list[str]], int]) -> in
 
 def _state_group(state: State) -> click.Group:
     source_opt = source_options(spool_only=state is not State.FAILED)
-    group = click.Group(state.value, help=_HELP[state], epilog=(
-        "Exit codes: 0 done; 1 purge without --yes (it only says what it would delete); 2 bad usage, or an id "
-        f"that is not {state.value} (the whole command is refused, nothing changes)."))
+    group = click.Group(
+        state.value,
+        help=_HELP[state],
+        epilog=(
+            "Exit codes: 0 done; 1 purge without --yes (it only says what it would delete); 2 bad usage, or an id "
+            f"that is not {state.value} (the whole command is refused, nothing changes)."
+        ),
+    )
 
     @group.command("list")
     @source_opt
@@ -192,8 +206,10 @@ def _state_group(state: State) -> click.Group:
             else:
                 tx = f"  tx={r['transaction']}" if "transaction" in r else ""
                 err = one_line(r["last_error"] or "")[:80]
-                click.echo(f"{r['id']}  {r['topic']}  key={r['key']}  attempts={r['attempts']}  "
-                           f"created {r['created_at']}{tx}  {err}".rstrip())
+                click.echo(
+                    f"{r['id']}  {r['topic']}  key={r['key']}  attempts={r['attempts']}  "
+                    f"created {r['created_at']}{tx}  {err}".rstrip()
+                )
         shown = f"showing {len(rows)} of {total}" if len(rows) < total else f"{total}"
         click.echo(f"{shown} {state.value} message(s)")
 
@@ -212,18 +228,31 @@ def _state_group(state: State) -> click.Group:
                 with open(path, "rb") as f:
                     data = f.read()
                 shown, kind = _text_or_hex(data, full)
-                doc: dict[str, Any] = {"id": message_id, "state": state.value, "path": path, "bytes": len(data),
-                                       "quarantined_at": _when(os.stat(path).st_mtime),
-                                       "why": _why_malformed(data), f"content_{kind}": shown}
+                doc: dict[str, Any] = {
+                    "id": message_id,
+                    "state": state.value,
+                    "path": path,
+                    "bytes": len(data),
+                    "quarantined_at": _when(os.stat(path).st_mtime),
+                    "why": _why_malformed(data),
+                    f"content_{kind}": shown,
+                }
             else:
                 _, m = store.get(message_id)
                 value, kind = _text_or_hex(m.value, full)
                 key, key_kind = _text_or_hex(m.key, True)
                 doc = {
-                    "id": m.id, "state": state.value, "topic": m.topic, f"key_{key_kind}": key,
+                    "id": m.id,
+                    "state": state.value,
+                    "topic": m.topic,
+                    f"key_{key_kind}": key,
                     "headers": {k: _text_or_hex(v, True)[0] for k, v in m.headers},
-                    "created_at": _when(m.created_at), "attempts": m.attempts, "not_before": _when(m.not_before),
-                    "last_error": m.last_error, "bytes": len(m.value), f"value_{kind}": value,
+                    "created_at": _when(m.created_at),
+                    "attempts": m.attempts,
+                    "not_before": _when(m.not_before),
+                    "last_error": m.last_error,
+                    "bytes": len(m.value),
+                    f"value_{kind}": value,
                 }
                 if (tx := _txids(store, state).get(m.id)) is not None:
                     doc["transaction"] = tx
@@ -265,8 +294,10 @@ def _state_group(state: State) -> click.Group:
                 return
             if not yes:
                 listed = ", ".join(ids[:20]) + (f" and {len(ids) - 20} more" if len(ids) > 20 else "")
-                click.echo(f"would delete {len(ids)} {state.value} message(s): {listed}\n"
-                           "nothing was deleted; run again with --yes to delete them")
+                click.echo(
+                    f"would delete {len(ids)} {state.value} message(s): {listed}\n"
+                    "nothing was deleted; run again with --yes to delete them"
+                )
                 sys.exit(EXIT_PROBLEM)
             n = _in_chunks(ids, f"purging {len(ids)}", lambda part: store.purge(state, part))
         click.echo(f"deleted {n} {state.value} message(s)")
@@ -280,14 +311,14 @@ for _state in (State.FAILED, State.DOUBT, State.MALFORMED):
 
 _NEXT = {
     State.TMP: "written in an application transaction not committed yet; a crash leftover is settled by the "
-               "relay's recover (promoted, discarded, or moved to doubt)",
+    "relay's recover (promoted, discarded, or moved to doubt)",
     State.PENDING: "waiting for the relay",
     State.SENDING: "claimed by a relay, which is publishing it (an expired lease returns it to pending)",
     State.SUCCESS: "delivered: the broker acknowledged it",
     State.FAILED: "waits for a person: `zeroloss failed retry ID` sends it again, `zeroloss failed purge ID --yes` "
-                  "deletes it",
+    "deletes it",
     State.DOUBT: "waits for a person: committed -> `zeroloss doubt retry ID`, rolled back -> `zeroloss doubt purge "
-                 "ID --yes`",
+    "ID --yes`",
     State.MALFORMED: "quarantined, never sent: inspect it, then `zeroloss malformed purge NAME --yes`",
 }
 
@@ -295,15 +326,27 @@ _NEXT = {
 @main.command("show")
 @source_options()
 @click.argument("message_id")
-@option("--inbox", "inbox_url", metavar="URL",
-        help="Also say whether --group handled it: the consumer's inbox (SQL URL or redis://).")
+@option(
+    "--inbox",
+    "inbox_url",
+    metavar="URL",
+    help="Also say whether --group handled it: the consumer's inbox (SQL URL or redis://).",
+)
 @option("--inbox-table", default="zeroloss_inbox", show_default=True, help="The SQL inbox's table name.")
 @option("--group", metavar="G", help="The consumer group to look up in --inbox.")
 @option("--full", is_flag=True, help=f"Show the whole value (default: the first {_SHOW_BYTES} bytes).")
 @json_option
 @errors_to_exit_codes
-def show_any(source: str, table: str, message_id: str, inbox_url: str | None, inbox_table: str,
-             group: str | None, full: bool, as_json: bool) -> None:
+def show_any(
+    source: str,
+    table: str,
+    message_id: str,
+    inbox_url: str | None,
+    inbox_table: str,
+    group: str | None,
+    full: bool,
+    as_json: bool,
+) -> None:
     """One message in whatever state it is: pending, sending, success (with where the broker put
     it), failed (with its error), doubt, malformed; with --inbox and --group, whether that consumer
     group handled it. An id the outbox does not know exits 2."""
@@ -329,8 +372,11 @@ def show_any(source: str, table: str, message_id: str, inbox_url: str | None, in
     for k, v in doc.items():
         click.echo(f"{k + ':':<16}{v}")
     if handled_doc is not None:
-        verdict = ("yes: its effects are committed in the inbox's database" if handled_doc["handled"]
-                   else "no: not (yet) handled by this group, or its claim was purged after the inbox's retention")
+        verdict = (
+            "yes: its effects are committed in the inbox's database"
+            if handled_doc["handled"]
+            else "no: not (yet) handled by this group, or its claim was purged after the inbox's retention"
+        )
         click.echo(f"{'handled:':<16}{verdict} (group {handled_doc['group']})")
 
 
@@ -345,11 +391,17 @@ def _describe(store: OutboxAdmin, message_id: str, full: bool) -> dict[str, Any]
             return _malformed_doc(store, message_id, full)
         raise UnknownMessageError(
             f"no message {message_id!r} in this outbox, in any state; check the id and --source (a success "
-            "message is deleted after the relay's retention, 7 days by default)") from None
+            "message is deleted after the relay's retention, 7 days by default)"
+        ) from None
     value, kind = _text_or_hex(m.value, full)
     key, key_kind = _text_or_hex(m.key, True)
-    doc: dict[str, Any] = {"id": m.id, "state": state.value, "next": _NEXT[state], "topic": m.topic,
-                           f"key_{key_kind}": key}
+    doc: dict[str, Any] = {
+        "id": m.id,
+        "state": state.value,
+        "next": _NEXT[state],
+        "topic": m.topic,
+        f"key_{key_kind}": key,
+    }
     if state is State.SUCCESS:
         doc["location"] = store.location(m.id)
     if state is State.PENDING and m.not_before > store.now():
@@ -371,7 +423,13 @@ def _malformed_doc(store: OutboxAdmin, name: str, full: bool) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = f.read()
     shown, kind = _text_or_hex(data, full)
-    return {"id": name, "state": State.MALFORMED.value, "next": _NEXT[State.MALFORMED], "path": path,
-            "bytes": len(data), "quarantined_at": _when(os.stat(path).st_mtime), "why": _why_malformed(data),
-            f"content_{kind}": shown}
-
+    return {
+        "id": name,
+        "state": State.MALFORMED.value,
+        "next": _NEXT[State.MALFORMED],
+        "path": path,
+        "bytes": len(data),
+        "quarantined_at": _when(os.stat(path).st_mtime),
+        "why": _why_malformed(data),
+        f"content_{kind}": shown,
+    }

@@ -68,8 +68,10 @@ def smaller(letter: Message) -> list[Message]:
     keep = (H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET)
     cut = tuple((k, v[:SHRUNK_ERROR_CHARS] if k == H_ERROR_MESSAGE else v) for k, v in letter.headers)
     bare = tuple((k, v) for k, v in letter.headers if not k.startswith(PREFIX) or k in keep)
-    return [replace(letter, headers=(*cut, (H_SHRUNK, b"error-truncated"))),
-            replace(letter, headers=(*bare, (H_SHRUNK, b"error-dropped")))]
+    return [
+        replace(letter, headers=(*cut, (H_SHRUNK, b"error-truncated"))),
+        replace(letter, headers=(*bare, (H_SHRUNK, b"error-dropped"))),
+    ]
 
 
 class ParkingLot:
@@ -103,7 +105,7 @@ class ParkingLot:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def parked(root: str | os.PathLike[str]) -> list[tuple[str, Message]]:
@@ -120,8 +122,14 @@ def parked(root: str | os.PathLike[str]) -> list[tuple[str, Message]]:
     return out
 
 
-def store_letter(letter: Message, publish: Callable[[Message], str], lot: ParkingLot, stop: threading.Event,
-                 backoff_base_s: float, max_backoff_s: float) -> tuple[str, bool] | None:
+def store_letter(
+    letter: Message,
+    publish: Callable[[Message], str],
+    lot: ParkingLot,
+    stop: threading.Event,
+    backoff_base_s: float,
+    max_backoff_s: float,
+) -> tuple[str, bool] | None:
     """Store a dead letter: ``publish`` it (which raises BrokerError); refused for good, its
     :func:`smaller` forms; refused still, park it. Retriable failures (and a parking lot that
     cannot be written) back off and try again, holding the original. Returns (where, parked), or
@@ -139,8 +147,13 @@ def store_letter(letter: Message, publish: Callable[[Message], str], lot: Parkin
                     refusal = exc
                     continue
                 if refusal is not None:
-                    log.error("dead letter %s refused as it was (%s); stored %s to %s", letter.id, refusal,
-                              (form.header(H_SHRUNK) or b"").decode(), where)
+                    log.error(
+                        "dead letter %s refused as it was (%s); stored %s to %s",
+                        letter.id,
+                        refusal,
+                        (form.header(H_SHRUNK) or b"").decode(),
+                        where,
+                    )
                 return where, False
             return lot.park(letter, f"refused by the broker: {refusal}"), True
         except (BrokerError, OSError) as err:
@@ -165,8 +178,15 @@ class DeadLetterPublisher:
             self._broker = KafkaBroker(self.url, timeout_s=self.timeout_s, config=self.config)
         return publish_one(self._broker, msg, "dead letter")
 
-    def deliver(self, msg: Message, stop: threading.Event, backoff_base_s: float, max_backoff_s: float, *,
-                raise_rejected: bool = False) -> str | None:
+    def deliver(
+        self,
+        msg: Message,
+        stop: threading.Event,
+        backoff_base_s: float,
+        max_backoff_s: float,
+        *,
+        raise_rejected: bool = False,
+    ) -> str | None:
         """:meth:`publish` until it succeeds, backing off between tries (the consumer holds the
         offset meanwhile); the location, or None if ``stop`` was set while waiting. With
         ``raise_rejected`` a refusal for good (too large, say) is raised instead of retried."""

@@ -60,8 +60,10 @@ class RegisteredHandler:
             asyncio.get_running_loop()
         except RuntimeError:
             return
-        raise ConfigError("an async handler cannot run on a thread whose event loop is running: start the "
-                          "consumer in a thread of its own, e.g. await asyncio.to_thread(consumer.run)")
+        raise ConfigError(
+            "an async handler cannot run on a thread whose event loop is running: start the "
+            "consumer in a thread of its own, e.g. await asyncio.to_thread(consumer.run)"
+        )
 
     def _complete(self, awaitable: Any) -> None:
         if self._loop is None or self._loop.is_closed():

@@ -54,10 +54,21 @@ class _RunAgain(Exception):
 # The database is not set up for the handler's statements: a table, column, function or schema
 # that does not exist, or a right not granted. Every message would fail the same way until someone
 # runs the migrations or grants the right, so it is the deployment's fault, not the message's.
-_SCHEMA_SQLSTATES = {"42P01": "no such table", "42703": "no such column", "42883": "no such function",
-                     "3F000": "no such schema", "42501": "permission denied"}  # PostgreSQL
-_SCHEMA_MYSQL = {1146: "no such table", 1054: "no such column", 1305: "no such function",
-                 1049: "no such database", 1142: "permission denied", 1143: "permission denied"}
+_SCHEMA_SQLSTATES = {
+    "42P01": "no such table",
+    "42703": "no such column",
+    "42883": "no such function",
+    "3F000": "no such schema",
+    "42501": "permission denied",
+}  # PostgreSQL
+_SCHEMA_MYSQL = {
+    1146: "no such table",
+    1054: "no such column",
+    1305: "no such function",
+    1049: "no such database",
+    1142: "permission denied",
+    1143: "permission denied",
+}
 # SQLite says it in words: "no such table: t", "no such column: c", "table t has no column named c"
 _SCHEMA_SQLITE = re.compile(r"^(?:(no such (?:table|column|function))|table \S+ has no column named )")
 
@@ -154,8 +165,15 @@ class Handling:
             return self.transaction_batch
         return max(1, int(RUN_BUDGET_S / self.handler_s))
 
-    def handle(self, msg: Received, settle: Settlement, *, attempts: int = 0, first_failure: float | None = None,
-               failure: Exception | None = None) -> bool:
+    def handle(
+        self,
+        msg: Received,
+        settle: Settlement,
+        *,
+        attempts: int = 0,
+        first_failure: float | None = None,
+        failure: Exception | None = None,
+    ) -> bool:
         """Handle ``msg`` to the end: True once it succeeded, was a duplicate, was passed on or
         was dead-lettered; False if stopping interrupted a wait (it will be redelivered).
         ``failure``: its handler already raised this once, in a shared transaction."""
@@ -196,8 +214,14 @@ class Handling:
                     return settle.dead_letter(error, attempts, first_failure)
                 self.finished(msg.topic, "retry", None, None)
                 delay = backoff_s(attempts, self.backoff_base_s, self.max_backoff_s)
-                log.warning("message %s failed (attempt %d of %d): %s; again in %.2fs",
-                            msg.id, attempts, self.max_attempts, brief(error), delay)
+                log.warning(
+                    "message %s failed (attempt %d of %d): %s; again in %.2fs",
+                    msg.id,
+                    attempts,
+                    self.max_attempts,
+                    brief(error),
+                    delay,
+                )
             else:  # not the message's fault: no attempt spent
                 outages += 1
                 self.count_store_error()
@@ -216,19 +240,34 @@ class Handling:
         missing = schema_problem(error)
         kind = _STORE if missing is None else _SCHEMA
         if self.down_since is not None and self.down_kind == kind:
-            log.debug("message %s: %s still fails (%s); again in %.1fs", msg.id,
-                      "the inbox's store" if kind == _STORE else "the handler's database", brief(error), delay)
+            log.debug(
+                "message %s: %s still fails (%s); again in %.1fs",
+                msg.id,
+                "the inbox's store" if kind == _STORE else "the handler's database",
+                brief(error),
+                delay,
+            )
             return
         if self.down_since is None:
             self.down_since = time.monotonic()
         self.down_kind = kind
         if missing is not None:
-            log.error("message %s: the handler's database is not set up for it, %s (%s); not the message's "
-                      "fault, so no attempt is spent: run the migrations or grant the right; retrying with "
-                      "backoff (next in %.1fs)", msg.id, missing, brief(error), delay)
+            log.error(
+                "message %s: the handler's database is not set up for it, %s (%s); not the message's "
+                "fault, so no attempt is spent: run the migrations or grant the right; retrying with "
+                "backoff (next in %.1fs)",
+                msg.id,
+                missing,
+                brief(error),
+                delay,
+            )
         else:
-            log.error("message %s: the inbox's store failed (%s); retrying with backoff (next in %.1fs)",
-                      msg.id, brief(error), delay)
+            log.error(
+                "message %s: the inbox's store failed (%s); retrying with backoff (next in %.1fs)",
+                msg.id,
+                brief(error),
+                delay,
+            )
 
     def say_back(self) -> None:
         """The end of an outage said by :meth:`say_outage`, once, at INFO."""
@@ -273,9 +312,12 @@ class Handling:
         except Exception as exc:
             raise HandlerFailed(exc) from exc
         if transaction_aborted(tx):
-            raise HandlerFailed(TransactionAborted(
-                "the handler returned after a database error it caught: its transaction is aborted and "
-                "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"))
+            raise HandlerFailed(
+                TransactionAborted(
+                    "the handler returned after a database error it caught: its transaction is aborted and "
+                    "would commit nothing; let the error propagate, or wrap the statement in tx.begin_nested()"
+                )
+            )
 
     def shared_transaction(self, msgs: list[Received]) -> tuple[list[tuple[bool, float]], Exception | None] | None:
         """One inbox transaction for ``msgs``: one bulk claim, the handlers of the fresh ones, one
@@ -317,18 +359,31 @@ class Handling:
             except TxnAborted:
                 raise
             except _BatchFailed as failed:  # which message? each alone says, with its own attempts
-                log.warning("consumer %s: the batch handler raised on %d messages (%s); taking them one by one",
-                            self.group, len(msgs), brief(failed.exc))
+                log.warning(
+                    "consumer %s: the batch handler raised on %d messages (%s); taking them one by one",
+                    self.group,
+                    len(msgs),
+                    brief(failed.exc),
+                )
                 return None
             except TransactionLostError as exc:  # a handler caught a deadlock: which one? each alone says
-                log.warning("consumer %s: a transaction of %d messages was lost under its handlers (%s); "
-                            "taking them one by one", self.group, len(msgs), exc)
+                log.warning(
+                    "consumer %s: a transaction of %d messages was lost under its handlers (%s); "
+                    "taking them one by one",
+                    self.group,
+                    len(msgs),
+                    exc,
+                )
                 return None
             except Exception as exc:  # StoreError, a lost connection, an outage: nothing in the run happened
                 self.count_store_error()
                 cause = exc.exc if isinstance(exc, HandlerFailed) else exc  # an outage met by a handler
-                log.warning("consumer %s: a transaction of %d messages failed (%s); taking them one by one",
-                            self.group, len(msgs), brief(cause))
+                log.warning(
+                    "consumer %s: a transaction of %d messages failed (%s); taking them one by one",
+                    self.group,
+                    len(msgs),
+                    brief(cause),
+                )
                 return None
             break
         return (outcomes if msgs else []), failure

@@ -91,9 +91,21 @@ class _Settle:
 class KafkaLoop:
     """One Kafka consumer client's life: subscribe, fetch, handle in order, commit, rebalance."""
 
-    def __init__(self, handling: Handling, url: str, conf: dict[str, Any], topics: Sequence[str], *,
-                 retry_delays_s: Sequence[float], batch_size: int, poll_s: float, dlq_suffix: str,
-                 dlq: DeadLetterPublisher, housekeeping: Callable[[], None], counters: Any) -> None:
+    def __init__(
+        self,
+        handling: Handling,
+        url: str,
+        conf: dict[str, Any],
+        topics: Sequence[str],
+        *,
+        retry_delays_s: Sequence[float],
+        batch_size: int,
+        poll_s: float,
+        dlq_suffix: str,
+        dlq: DeadLetterPublisher,
+        housekeeping: Callable[[], None],
+        counters: Any,
+    ) -> None:
         self.h = handling
         self.url = url
         self.conf = conf
@@ -227,8 +239,11 @@ class KafkaLoop:
 
     def _on_lost(self, client: Any, partitions: list[Any]) -> None:
         self.counters.rebalances += 1
-        log.warning("consumer %s lost %d partitions (session expired); their done offsets are dropped",
-                    self.h.group, len(partitions))
+        log.warning(
+            "consumer %s lost %d partitions (session expired); their done offsets are dropped",
+            self.h.group,
+            len(partitions),
+        )
         self._forget(partitions, client)
 
     def _forget(self, partitions: list[Any], client: Any) -> None:
@@ -401,8 +416,9 @@ class KafkaLoop:
         except MessageError as exc:
             handled = self.dead_letter(rec, position(rec), exc, at.attempts, at.first_failure or time.time(), at)
         else:
-            handled = self.h.handle(msg, _Settle(self, rec, msg, at), attempts=at.attempts,
-                                    first_failure=at.first_failure, failure=failure)
+            handled = self.h.handle(
+                msg, _Settle(self, rec, msg, at), attempts=at.attempts, first_failure=at.first_failure, failure=failure
+            )
         if not handled:
             return False
         self.done[tp] = rec.offset() + 1
@@ -416,15 +432,27 @@ class KafkaLoop:
         if self.h.txn is not None:
             self.h.txn.add([out])  # commits with the batch's offsets, or is redone after an abort
             return out.topic
-        return self.dlq.deliver(out, self.h.stop, self.h.backoff_base_s, self.h.max_backoff_s,
-                                raise_rejected=raise_rejected)
+        return self.dlq.deliver(
+            out, self.h.stop, self.h.backoff_base_s, self.h.max_backoff_s, raise_rejected=raise_rejected
+        )
 
-    def retry_later(self, rec: Any, msg: Received, error: Exception, attempts: int, first_failure: float,
-                    at: Origin) -> bool:
+    def retry_later(
+        self, rec: Any, msg: Received, error: Exception, attempts: int, first_failure: float, at: Origin
+    ) -> bool:
         delay = self.retry_delays_s[at.stage]
-        copy = retry_copy(message_id=msg.id, key=rec.key(), value=rec.value(), headers=record_headers(rec), at=at,
-                          group=self.h.group, attempts=attempts, first_failure=first_failure, error=error,
-                          delay_s=delay, now=time.time())
+        copy = retry_copy(
+            message_id=msg.id,
+            key=rec.key(),
+            value=rec.value(),
+            headers=record_headers(rec),
+            at=at,
+            group=self.h.group,
+            attempts=attempts,
+            first_failure=first_failure,
+            error=error,
+            delay_s=delay,
+            now=time.time(),
+        )
         try:
             validate_topic(copy.topic)  # e.g. too long: the original's name left no room for ".retry.N"
             if self._send(copy, raise_rejected=True) is None:
@@ -433,32 +461,54 @@ class KafkaLoop:
             log.error("message %s: the broker refused its retry copy (%s); dead-lettering it", msg.id, exc)
             return self.dead_letter(rec, msg.id, error, attempts, first_failure, at)
         self.h.finished(rec.topic(), "retry", None, None)
-        log.warning("message %s failed (attempt %d of %d): %r; to %s, due in %.2fs",
-                    msg.id, attempts, len(self.retry_delays_s) + 1, error, copy.topic, delay)
+        log.warning(
+            "message %s failed (attempt %d of %d): %r; to %s, due in %.2fs",
+            msg.id,
+            attempts,
+            len(self.retry_delays_s) + 1,
+            error,
+            copy.topic,
+            delay,
+        )
         return True
 
-    def dead_letter(self, rec: Any, mid: str, exc: BaseException, attempts: int, first_failure: float,
-                    at: Origin) -> bool:
+    def dead_letter(
+        self, rec: Any, mid: str, exc: BaseException, attempts: int, first_failure: float, at: Origin
+    ) -> bool:
         """Dead-letter the record under its original topic, partition and offset (a retry copy's
         origin); True once delivered, False if stopping interrupted the wait."""
         letter = dead_letter(
-            message_id=mid, topic=at.topic, partition=at.partition, offset=at.offset, key=rec.key(),
-            value=rec.value(), headers=record_headers(rec), error=exc, attempts=attempts, first_failure=first_failure,
+            message_id=mid,
+            topic=at.topic,
+            partition=at.partition,
+            offset=at.offset,
+            key=rec.key(),
+            value=rec.value(),
+            headers=record_headers(rec),
+            error=exc,
+            attempts=attempts,
+            first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
         if self.h.txn is not None:  # into the batch's transaction (a refusal aborts it: see the README)
             self.h.txn.add([letter])
             where, parked = letter.topic, False
         else:
-            stored = store_letter(letter, self.dlq.publish, self.h.parking, self.h.stop, self.h.backoff_base_s,
-                                  self.h.max_backoff_s)
+            stored = store_letter(
+                letter, self.dlq.publish, self.h.parking, self.h.stop, self.h.backoff_base_s, self.h.max_backoff_s
+            )
             if stored is None:
                 return False
             where, parked = stored
         if parked:  # durably in the parking lot: only now may its offset be committed
             self.h.finished(rec.topic(), "parked", None, None)
-            log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
-                      "attempts: %s", mid, where, attempts, brief(exc))
+            log.error(
+                "message %s: its dead letter was refused by the broker for good; parked in %s after %d attempts: %s",
+                mid,
+                where,
+                attempts,
+                brief(exc),
+            )
             return True
         self.h.finished(rec.topic(), "dead_lettered", None, None)
         log.error("message %s dead-lettered to %s after %d attempts: %s", mid, where, attempts, brief(exc))

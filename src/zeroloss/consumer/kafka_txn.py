@@ -57,8 +57,9 @@ class KafkaTransactions:
     """One transactional producer; a transaction is opened by the first :meth:`add` of a batch
     and closed by :meth:`commit`."""
 
-    def __init__(self, url: str, transactional_id: str, *, timeout_s: float = 30.0,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, transactional_id: str, *, timeout_s: float = 30.0, config: dict[str, Any] | None = None
+    ) -> None:
         self._ck = kafka_module()
         self.transactional_id = transactional_id
         self.timeout_s = timeout_s

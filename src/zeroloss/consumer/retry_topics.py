@@ -100,9 +100,20 @@ def origin(topic: str, partition: int, offset: int, headers: Headers, stages: in
     )
 
 
-def retry_copy(*, message_id: str, key: bytes | None, value: bytes | None, headers: Headers, at: Origin,
-               group: str, attempts: int, first_failure: float, error: BaseException, delay_s: float,
-               now: float) -> Message:
+def retry_copy(
+    *,
+    message_id: str,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Headers,
+    at: Origin,
+    group: str,
+    attempts: int,
+    first_failure: float,
+    error: BaseException,
+    delay_s: float,
+    now: float,
+) -> Message:
     """The copy of a failed record for the next retry topic (``at.stage + 1``)."""
     kept = tuple((k, v) for k, v in headers if k != ID_HEADER and not k.startswith(PREFIX))
     ours = (
@@ -116,5 +127,6 @@ def retry_copy(*, message_id: str, key: bytes | None, value: bytes | None, heade
         (H_ERROR_TYPE, type(error).__name__.encode()),
         (H_ERROR_MESSAGE, str(error)[:MAX_ERROR_CHARS].encode("utf-8", "replace")),
     )
-    return Message(id=message_id, topic=retry_topic(at.topic, at.stage + 1), value=value or b"", key=key,
-                   headers=kept + ours)
+    return Message(
+        id=message_id, topic=retry_topic(at.topic, at.stage + 1), value=value or b"", key=key, headers=kept + ours
+    )

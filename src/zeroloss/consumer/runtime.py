@@ -94,8 +94,10 @@ class Consumer:
             if s.transactional:
                 raise ConfigError("transactional=True is for Kafka sources only")
             if s.retry_delays_s:
-                raise ConfigError("retry_delays_s (retry topics) is for Kafka sources only; other brokers "
-                                  "retry in place (RabbitMQ, NATS, Redis and RocketMQ redeliver by themselves)")
+                raise ConfigError(
+                    "retry_delays_s (retry topics) is for Kafka sources only; other brokers "
+                    "retry in place (RabbitMQ, NATS, Redis and RocketMQ redeliver by themselves)"
+                )
             self.conf = dict(s.config or {})
         # a URL or the app's Engine: an inbox of our own (an Engine stays the app's to dispose)
         self._owns_inbox = isinstance(inbox, (str, sa.Engine))
@@ -109,8 +111,9 @@ class Consumer:
         if s.transactional:
             if self.inbox is not None:
                 raise ConfigError("transactional=True is for handlers that only produce to Kafka: pass inbox=None")
-            txn = KafkaTransactions(source, s.transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}",
-                                    config=s.dlq_config)
+            txn = KafkaTransactions(
+                source, s.transactional_id or f"zeroloss-{group}-{uuid.uuid4().hex[:12]}", config=s.dlq_config
+            )
         self._stop = threading.Event()
         self._registered: RegisteredHandler | None = None
         self.counters = ConsumerCounters()
@@ -118,12 +121,18 @@ class Consumer:
         self._progress = Progress(s.progress_every_s)
         self._quiet = False  # the last progress line said "nothing to do": say it once
         self.handling = Handling(
-            group=group, inbox=self.inbox, txn=txn, max_attempts=s.max_attempts, backoff_base_s=s.backoff_base_s,
+            group=group,
+            inbox=self.inbox,
+            txn=txn,
+            max_attempts=s.max_attempts,
+            backoff_base_s=s.backoff_base_s,
             max_backoff_s=s.max_backoff_s,
             # Up to this many messages share one inbox transaction and one bulk claim: one commit (one
             # fsync) per run instead of per message. Inboxes that cannot (Redis): 1.
             transaction_batch=s.transaction_batch if isinstance(self.inbox, BatchInbox) else 1,
-            stop=self._stop, finished=self._finished, count_store_error=self._count_store_error,
+            stop=self._stop,
+            finished=self._finished,
+            count_store_error=self._count_store_error,
             # made on first use; it must outlive the process: a volume, not a container's scratch space
             parking=ParkingLot(s.parked_dir),
         )
@@ -132,16 +141,28 @@ class Consumer:
         if kafka:
             self._dlq = DeadLetterPublisher(source, config=s.dlq_config)  # makes nothing until used
             self._loop_impl = KafkaLoop(
-                self.handling, source, self.conf, self.topics, retry_delays_s=self.retry_delays_s,
-                batch_size=s.batch_size, poll_s=s.poll_s, dlq_suffix=s.dlq_suffix, dlq=self._dlq,
-                housekeeping=self._housekeeping, counters=self.counters,
+                self.handling,
+                source,
+                self.conf,
+                self.topics,
+                retry_delays_s=self.retry_delays_s,
+                batch_size=s.batch_size,
+                poll_s=s.poll_s,
+                dlq_suffix=s.dlq_suffix,
+                dlq=self._dlq,
+                housekeeping=self._housekeeping,
+                counters=self.counters,
             )
         else:
             self._dlq = None
             self._loop_impl = SubscriptionLoop(
-                self.handling, lambda: open_subscription(self.url, self.group, self.topics, **self.conf),
-                batch_size=s.batch_size, poll_s=s.poll_s, dlq_suffix=s.dlq_suffix or DLQ_SUFFIX,
-                housekeeping=self._housekeeping, counters=self.counters,
+                self.handling,
+                lambda: open_subscription(self.url, self.group, self.topics, **self.conf),
+                batch_size=s.batch_size,
+                poll_s=s.poll_s,
+                dlq_suffix=s.dlq_suffix or DLQ_SUFFIX,
+                housekeeping=self._housekeeping,
+                counters=self.counters,
             )
         # /metrics, /healthz, and /readyz (ready once the group gave this consumer its partitions).
         self.health: HealthServer | None = None
@@ -162,8 +183,13 @@ class Consumer:
     def _finished(self, topic: str, outcome: str, msg: Received | None = None, started: float | None = None) -> None:
         """Count a message's outcome here and in Prometheus (one vocabulary for both); for a
         handled ``msg``, how long its handling took since ``started`` and how old it is."""
-        field_name = {"processed": "processed", "duplicate": "duplicates", "retry": "retries",
-                      "dead_lettered": "dead_lettered", "parked": "parked"}[outcome]
+        field_name = {
+            "processed": "processed",
+            "duplicate": "duplicates",
+            "retry": "retries",
+            "dead_lettered": "dead_lettered",
+            "parked": "parked",
+        }[outcome]
         setattr(self.counters, field_name, getattr(self.counters, field_name) + 1)
         seconds = None if started is None else time.monotonic() - started
         age = None if msg is None or outcome != "processed" else time.time() - _created(msg)
@@ -175,13 +201,15 @@ class Consumer:
     def handler(
         self, fn: None = None, /, *, model: type[Any] | None = None, batch: bool = False
     ) -> Callable[[F], F]: ...
-    def handler(self, fn: Callable[..., Any] | None = None, /, *, model: type[Any] | None = None,
-                batch: bool = False) -> Any:
+    def handler(
+        self, fn: Callable[..., Any] | None = None, /, *, model: type[Any] | None = None, batch: bool = False
+    ) -> Any:
         """Decorator: register the function called for every message, as ``fn(msg, tx)``; with
         ``model=Order`` as ``fn(order, tx)``, the value decoded into an ``Order`` (a pydantic model,
         a dataclass, …; one that is not is dead-lettered at once); with ``batch=True`` as
         ``fn(msgs, tx)`` for up to ``transaction_batch`` messages sharing one inbox transaction;
         ``async def`` works too (:mod:`.handlers`)."""
+
         def register(fn: Callable[..., Any]) -> Callable[..., Any]:
             if self.handling.handler is not None:
                 raise ConfigError("this consumer already has a handler")
@@ -273,9 +301,11 @@ class Consumer:
             url = engine.url.render_as_string(hide_password=True) if engine is not None else type(inbox).__name__
             where = f"inbox {url}"
         p = self.progress_every_s
-        return (f"{safe_url(self.url)} group {self.group} topics {', '.join(self.topics)}; {where} (max attempts "
-                f"{self.max_attempts}, retries {'in place' if not self.retry_delays_s else 'via retry topics'}, "
-                f"progress every {'never' if p is None else f'{p:g}s'})")
+        return (
+            f"{safe_url(self.url)} group {self.group} topics {', '.join(self.topics)}; {where} (max attempts "
+            f"{self.max_attempts}, retries {'in place' if not self.retry_delays_s else 'via retry topics'}, "
+            f"progress every {'never' if p is None else f'{p:g}s'})"
+        )
 
     def _loop(self, finished: Callable[[], bool]) -> None:
         if self.handling.handler is None:
@@ -284,18 +314,34 @@ class Consumer:
             self._registered.check_can_run()
         log.info("consumer started: %s", self.describe())
         self._progress = Progress(self.progress_every_s)
-        start = (self.counters.processed, self.counters.duplicates, self.counters.dead_lettered,
-                 self.counters.parked, self.counters.retries)
+        start = (
+            self.counters.processed,
+            self.counters.duplicates,
+            self.counters.dead_lettered,
+            self.counters.parked,
+            self.counters.retries,
+        )
         try:
             self._loop_impl.run(finished)
         finally:
             c = self.counters
             processed, duplicates, dead, parked, retries = (
-                now - then for now, then in zip((c.processed, c.duplicates, c.dead_lettered, c.parked, c.retries),
-                                                start, strict=True))
-            log.info("consumer %s stopped after %s: %d processed, %d duplicates skipped, %d dead-lettered, "
-                     "%d parked, %d retries", self.group, age(self._progress.elapsed()), processed, duplicates,
-                     dead, parked, retries)
+                now - then
+                for now, then in zip(
+                    (c.processed, c.duplicates, c.dead_lettered, c.parked, c.retries), start, strict=True
+                )
+            )
+            log.info(
+                "consumer %s stopped after %s: %d processed, %d duplicates skipped, %d dead-lettered, "
+                "%d parked, %d retries",
+                self.group,
+                age(self._progress.elapsed()),
+                processed,
+                duplicates,
+                dead,
+                parked,
+                retries,
+            )
 
     def _housekeeping(self) -> None:
         """Between batches: inbox retention, and the progress line when it is due."""
@@ -311,9 +357,18 @@ class Consumer:
             self._quiet = True
         else:
             self._quiet = False
-        log.info("consumer %s progress: %d processed (%.1f/s), %d duplicates skipped, %d retries, %d dead-lettered, "
-                 "%d parked; lag %s", self.group, c.processed, rate, c.duplicates, c.retries, c.dead_lettered,
-                 c.parked, "unknown" if lag is None else lag)
+        log.info(
+            "consumer %s progress: %d processed (%.1f/s), %d duplicates skipped, %d retries, %d dead-lettered, "
+            "%d parked; lag %s",
+            self.group,
+            c.processed,
+            rate,
+            c.duplicates,
+            c.retries,
+            c.dead_lettered,
+            c.parked,
+            "unknown" if lag is None else lag,
+        )
 
     def _purge(self) -> None:
         if self.inbox is None or self.inbox_retention_s is None or time.monotonic() < self._next_purge:

@@ -58,10 +58,12 @@ def check_limits(max_attempts: int, max_deliveries: int | None) -> None:
     if max_deliveries is None:
         return
     if max_deliveries < 3 or max_attempts > max_deliveries - 2:
-        raise ConfigError(f"max_attempts={max_attempts} needs a broker delivery limit of at least "
-                          f"{max(3, max_attempts + 2)} (max_attempts + 2), but the broker delivers a message "
-                          f"{max_deliveries} times at most: past that it would drop or dead-letter it by itself; "
-                          f"lower max_attempts or raise the limit (NATS max_deliver, RabbitMQ delivery_limit)")
+        raise ConfigError(
+            f"max_attempts={max_attempts} needs a broker delivery limit of at least "
+            f"{max(3, max_attempts + 2)} (max_attempts + 2), but the broker delivers a message "
+            f"{max_deliveries} times at most: past that it would drop or dead-letter it by itself; "
+            f"lower max_attempts or raise the limit (NATS max_deliver, RabbitMQ delivery_limit)"
+        )
 
 
 def _last_chance(sub: Subscription, d: Delivery) -> bool:
@@ -80,8 +82,17 @@ def _plain(sub: Subscription, d: Delivery) -> bool:
 
 
 class SubscriptionLoop:
-    def __init__(self, handling: Handling, open_sub: Callable[[], Subscription], *, batch_size: int, poll_s: float,
-                 dlq_suffix: str, housekeeping: Callable[[], None], counters: Any) -> None:
+    def __init__(
+        self,
+        handling: Handling,
+        open_sub: Callable[[], Subscription],
+        *,
+        batch_size: int,
+        poll_s: float,
+        dlq_suffix: str,
+        housekeeping: Callable[[], None],
+        counters: Any,
+    ) -> None:
         self.h = handling
         self.open_sub = open_sub
         self.batch_size = batch_size
@@ -105,8 +116,9 @@ class SubscriptionLoop:
                 delay = backoff_s(outages, h.backoff_base_s, h.max_backoff_s)
                 if down_since is None:  # once per outage; the tries after it are DEBUG
                     down_since = time.monotonic()
-                    log.error("consumer %s: cannot subscribe (%s); retrying with backoff (next in %.1fs)",
-                              h.group, exc, delay)
+                    log.error(
+                        "consumer %s: cannot subscribe (%s); retrying with backoff (next in %.1fs)", h.group, exc, delay
+                    )
                 else:
                     log.debug("consumer %s: still cannot subscribe (%s); again in %.1fs", h.group, exc, delay)
                 h.stop.wait(delay)
@@ -134,8 +146,12 @@ class SubscriptionLoop:
                 delay = backoff_s(outages, h.backoff_base_s, h.max_backoff_s)
                 if down_since is None:
                     down_since = time.monotonic()
-                    log.error("consumer %s: broker failed (%s); subscribing again with backoff (next in %.1fs)",
-                              h.group, exc, delay)
+                    log.error(
+                        "consumer %s: broker failed (%s); subscribing again with backoff (next in %.1fs)",
+                        h.group,
+                        exc,
+                        delay,
+                    )
                 else:
                     log.debug("consumer %s: broker failed again (%s); next try in %.1fs", h.group, exc, delay)
                 h.stop.wait(delay)
@@ -161,7 +177,7 @@ class SubscriptionLoop:
                 if result is None:  # none of the run happened: each on its own
                     for k, d in enumerate(run):
                         if h.stop.is_set() or not self._handle(sub, d):
-                            sub.release(batch[i + k:])
+                            sub.release(batch[i + k :])
                             return
                     i += len(run)
                     continue
@@ -188,7 +204,8 @@ class SubscriptionLoop:
             why = DeliveryLimitReached(
                 f"delivered {d.delivered} times without being settled (the broker gives up after "
                 f"{sub.max_deliveries}): the consumer died, lost its connection or was stopped while it had it, "
-                f"each time; see the consumer's log for the handler's errors")
+                f"each time; see the consumer's log for the handler's errors"
+            )
             return self.dead_letter(sub, d, why, earlier, time.time())
         return self.h.handle(d.received, _Settle(self, sub, d), attempts=earlier, failure=failure)
 
@@ -201,24 +218,39 @@ class SubscriptionLoop:
             self.counters.commit_failures += 1
             log.warning("ack of %s failed (%s); its redelivery will be skipped as a duplicate", d.received.id, exc)
 
-    def dead_letter(self, sub: Subscription, d: Delivery, exc: BaseException, attempts: int,
-                    first_failure: float) -> bool:
+    def dead_letter(
+        self, sub: Subscription, d: Delivery, exc: BaseException, attempts: int, first_failure: float
+    ) -> bool:
         h, msg = self.h, d.received
         letter = dead_letter(
-            message_id=msg.id, topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-            value=msg.value, headers=msg.headers, error=exc, attempts=attempts, first_failure=first_failure,
+            message_id=msg.id,
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key,
+            value=msg.value,
+            headers=msg.headers,
+            error=exc,
+            attempts=attempts,
+            first_failure=first_failure,
             suffix=self.dlq_suffix,
         )
-        stored = store_letter(letter, lambda m: sub.dead_letter(d, m), h.parking, h.stop, h.backoff_base_s,
-                              h.max_backoff_s)
+        stored = store_letter(
+            letter, lambda m: sub.dead_letter(d, m), h.parking, h.stop, h.backoff_base_s, h.max_backoff_s
+        )
         if stored is None:
             return False
         where, parked = stored
         if parked:  # durably in the parking lot: only now may the broker forget the original
             self.ack(sub, d)
             h.finished(msg.topic, "parked", None, None)
-            log.error("message %s: its dead letter was refused by the broker for good; parked in %s after %d "
-                      "attempts: %s", msg.id, where, attempts, brief(exc))
+            log.error(
+                "message %s: its dead letter was refused by the broker for good; parked in %s after %d attempts: %s",
+                msg.id,
+                where,
+                attempts,
+                brief(exc),
+            )
             return True
         h.finished(msg.topic, "dead_lettered", None, None)
         log.error("message %s dead-lettered to %s after %d attempts: %s", msg.id, where, attempts, brief(exc))

@@ -50,8 +50,15 @@ def run_doctor(
         elif scheme == "nats":  # NATS and RabbitMQ: a module each, to keep this one readable
             from zeroloss.doctor.nats import nats_checks
 
-            checks += nats_checks(target, topic=topic, min_replication=min_replication, monitor=nats_monitor,
-                                  relay=relay, relay_timeout_s=relay_timeout_s, timeout_s=timeout_s)
+            checks += nats_checks(
+                target,
+                topic=topic,
+                min_replication=min_replication,
+                monitor=nats_monitor,
+                relay=relay,
+                relay_timeout_s=relay_timeout_s,
+                timeout_s=timeout_s,
+            )
         elif scheme in ("amqp", "amqps"):
             from zeroloss.doctor.rabbitmq import rabbitmq_checks
 
@@ -59,11 +66,18 @@ def run_doctor(
         elif scheme == "rocketmq":
             from zeroloss.doctor.rocketmq import rocketmq_checks
 
-            checks += rocketmq_checks(target, topic=topic, group=group, min_replication=min_replication,
-                                      relay_timeout_s=relay_timeout_s, timeout_s=timeout_s)
+            checks += rocketmq_checks(
+                target,
+                topic=topic,
+                group=group,
+                min_replication=min_replication,
+                relay_timeout_s=relay_timeout_s,
+                timeout_s=timeout_s,
+            )
         else:
-            raise ConfigError(f"doctor knows kafka://, nats://, amqp://, redis:// and rocketmq:// targets, "
-                              f"not {scheme!r}")
+            raise ConfigError(
+                f"doctor knows kafka://, nats://, amqp://, redis:// and rocketmq:// targets, not {scheme!r}"
+            )
     if not checks:
         raise ConfigError("nothing to check: give --target URL and/or --source URL")
     return checks

@@ -18,18 +18,22 @@ log = logging.getLogger("zeroloss.doctor.checks")  # doctor's logger name, as be
 EMBEDDED_CLUSTER_ID = "tansu_cluster"
 """The cluster id the embedded broker (Tansu, ``zeroloss broker``) reports: how doctor knows it."""
 
-PRODUCTION_KAFKA = ("in production, point --target at a Kafka cluster of 3 or more brokers, create each topic with "
-                    "`zeroloss init --target kafka://HOST:9092 --topic T --replication-factor 3`, set "
-                    "min.insync.replicas=2 and unclean.leader.election.enable=false on it, and run doctor there")
+PRODUCTION_KAFKA = (
+    "in production, point --target at a Kafka cluster of 3 or more brokers, create each topic with "
+    "`zeroloss init --target kafka://HOST:9092 --topic T --replication-factor 3`, set "
+    "min.insync.replicas=2 and unclean.leader.election.enable=false on it, and run doctor there"
+)
 
 _ONE_NODE = ("replication.factor", "min.insync.replicas")
 """Endings of the checks whose verdict on one node is decided by having one node, not by a
 setting (replication factor, default replication factor, min.insync.replicas, and the two compared)."""
 
-KAFKA_DEFAULTS = {"min.insync.replicas": "1", "unclean.leader.election.enable": "false",
-                  "default.replication.factor": "1"}
+KAFKA_DEFAULTS = {
+    "min.insync.replicas": "1",
+    "unclean.leader.election.enable": "false",
+    "default.replication.factor": "1",
+}
 """What Apache Kafka uses when nothing is configured (reported when a broker does not say)."""
-
 
 
 def producer_checks(bootstrap: str) -> list[Check]:
@@ -39,14 +43,21 @@ def producer_checks(bootstrap: str) -> list[Check]:
     fix = "zeroloss sets this itself; remove the override from the relay's producer config"
 
     def check(name: str, good: bool, why: str) -> Check:
-        return Check(f"producer {name}", Verdict.OK if good else Verdict.FAIL,
-                     f"{name}={conf.get(name)}{'' if good else ': ' + why}", "" if good else fix)
+        return Check(
+            f"producer {name}",
+            Verdict.OK if good else Verdict.FAIL,
+            f"{name}={conf.get(name)}{'' if good else ': ' + why}",
+            "" if good else fix,
+        )
 
     inflight = int(conf.get("max.in.flight.requests.per.connection", 1_000_000))
     return [
         check("acks", str(conf.get("acks")) in ("all", "-1"), "the leader alone acknowledges; a failover loses it"),
-        check("enable.idempotence", str(conf.get("enable.idempotence")).lower() == "true",
-              "retries can duplicate and reorder"),
+        check(
+            "enable.idempotence",
+            str(conf.get("enable.idempotence")).lower() == "true",
+            "retries can duplicate and reorder",
+        ),
         check("retries", int(conf.get("retries", 0)) > 0, "a transient error fails the message"),
         check("max.in.flight.requests.per.connection", inflight <= 5, "idempotence keeps order only up to 5"),
         check("transactional.id", bool(conf.get("transactional.id")), "no fencing of a zombie relay"),
@@ -62,12 +73,18 @@ def consumer_checks() -> list[Check]:
     auto = str(conf.get("enable.auto.commit")).lower() in ("false", "0")
     committed = conf.get("isolation.level") == "read_committed"
     return [
-        Check("consumer enable.auto.commit", Verdict.OK if auto else Verdict.FAIL,
-              f"enable.auto.commit={conf.get('enable.auto.commit')}",
-              "" if auto else "set enable.auto.commit=false: offsets must be committed after the work is done"),
-        Check("consumer isolation.level", Verdict.OK if committed else Verdict.WARN,
-              f"isolation.level={conf.get('isolation.level')}",
-              "" if committed else "set isolation.level=read_committed so aborted relay batches are not consumed"),
+        Check(
+            "consumer enable.auto.commit",
+            Verdict.OK if auto else Verdict.FAIL,
+            f"enable.auto.commit={conf.get('enable.auto.commit')}",
+            "" if auto else "set enable.auto.commit=false: offsets must be committed after the work is done",
+        ),
+        Check(
+            "consumer isolation.level",
+            Verdict.OK if committed else Verdict.WARN,
+            f"isolation.level={conf.get('isolation.level')}",
+            "" if committed else "set isolation.level=read_committed so aborted relay batches are not consumed",
+        ),
     ]
 
 
@@ -78,8 +95,13 @@ def _admin_module() -> Any:
 
 
 def _admin(bootstrap: str, timeout_s: float) -> Any:
-    return _admin_module().AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(timeout_s * 1000),
-                        "logger": logging.getLogger("zeroloss.librdkafka")})
+    return _admin_module().AdminClient(
+        {
+            "bootstrap.servers": bootstrap,
+            "socket.timeout.ms": int(timeout_s * 1000),
+            "logger": logging.getLogger("zeroloss.librdkafka"),
+        }
+    )
 
 
 def _describe(admin: Any, kind: str, name: str, timeout_s: float) -> tuple[dict[str, str], str | None]:
@@ -102,8 +124,9 @@ def _setting(key: str, topic_conf: dict[str, str], broker_conf: dict[str, str]) 
     return None, "not reported"
 
 
-def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3,
-                 timeout_s: float = 10.0) -> list[Check]:
+def kafka_checks(
+    url: str, *, topic: str | None = None, min_replication: int = 3, timeout_s: float = 10.0
+) -> list[Check]:
     """The Kafka checks. On the embedded broker a replication of 1 is what it is built for (one
     node, for trying out and tests): those checks warn, saying so and what production needs,
     instead of failing the run; a setting that is weak anywhere (unclean election) still fails."""
@@ -116,8 +139,9 @@ def kafka_checks(url: str, *, topic: str | None = None, min_replication: int = 3
 def _on_one_node(c: Check) -> Check:
     if c.verdict not in (Verdict.FAIL, Verdict.WARN):
         return c
-    return Check(c.name, Verdict.WARN, f"{c.detail}; expected on the embedded broker (one node, replication 1)",
-                 PRODUCTION_KAFKA)
+    return Check(
+        c.name, Verdict.WARN, f"{c.detail}; expected on the embedded broker (one node, replication 1)", PRODUCTION_KAFKA
+    )
 
 
 def _kafka_checks(url: str, *, topic: str | None, min_replication: int, timeout_s: float) -> list[Check]:
@@ -129,48 +153,88 @@ def _kafka_checks(url: str, *, topic: str | None, min_replication: int, timeout_
     try:
         md = admin.list_topics(timeout=timeout_s)
     except Exception as exc:  # the client's own error type; reported, not raised
-        return [*checks, Check("broker reachable", Verdict.FAIL, f"{bootstrap}: {exc}",
-                               "start the broker or fix --target")]
+        return [
+            *checks,
+            Check("broker reachable", Verdict.FAIL, f"{bootstrap}: {exc}", "start the broker or fix --target"),
+        ]
     checks.append(Check("broker reachable", Verdict.OK, f"{bootstrap}: {len(md.brokers)} broker(s)"))
     if md.cluster_id == EMBEDDED_CLUSTER_ID:
-        checks.append(Check("broker kind", Verdict.WARN, "the embedded Kafka-compatible broker (Tansu, as `zeroloss "
-                            "broker` runs it): one node, so replication 1 is expected here, and its memory storage "
-                            "loses everything at a restart; it is for trying out and tests", PRODUCTION_KAFKA))
+        checks.append(
+            Check(
+                "broker kind",
+                Verdict.WARN,
+                "the embedded Kafka-compatible broker (Tansu, as `zeroloss "
+                "broker` runs it): one node, so replication 1 is expected here, and its memory storage "
+                "loses everything at a restart; it is for trying out and tests",
+                PRODUCTION_KAFKA,
+            )
+        )
     broker_id = str(min(md.brokers)) if md.brokers else None
     broker_conf: dict[str, str] = {}
     if broker_id is not None:
         broker_conf, err = _describe(admin, "BROKER", broker_id, timeout_s)
         if err:
-            checks.append(Check("broker config", Verdict.WARN, f"cannot read broker {broker_id}'s config: {err}",
-                                "grant DescribeConfigs on the cluster to check the defaults"))
+            checks.append(
+                Check(
+                    "broker config",
+                    Verdict.WARN,
+                    f"cannot read broker {broker_id}'s config: {err}",
+                    "grant DescribeConfigs on the cluster to check the defaults",
+                )
+            )
     rf_default = broker_conf.get("default.replication.factor")
-    checks.append(_min_count_check(
-        "broker default.replication.factor", rf_default, min_replication, "topics the broker auto-creates",
-        f"set default.replication.factor={min_replication} (or disable auto.create.topics.enable)",
-    ))
+    checks.append(
+        _min_count_check(
+            "broker default.replication.factor",
+            rf_default,
+            min_replication,
+            "topics the broker auto-creates",
+            f"set default.replication.factor={min_replication} (or disable auto.create.topics.enable)",
+        )
+    )
     if topic is None:
         checks.append(Check("topic", Verdict.SKIP, "no --topic given", "pass --topic T to check a topic"))
         return checks
     if topic not in md.topics or md.topics[topic].error is not None:
-        return [*checks, Check(f"topic {topic}", Verdict.FAIL, "does not exist",
-                               f"create it with replication factor {min_replication} and min.insync.replicas=2; "
-                               "do not rely on auto-creation")]
+        return [
+            *checks,
+            Check(
+                f"topic {topic}",
+                Verdict.FAIL,
+                "does not exist",
+                f"create it with replication factor {min_replication} and min.insync.replicas=2; "
+                "do not rely on auto-creation",
+            ),
+        ]
     partitions = md.topics[topic].partitions
     # Distinct brokers: a one-node broker may list itself three times for "replication factor 3".
     rf = min((len(set(p.replicas)) for p in partitions.values()), default=0)
     topic_conf, err = _describe(admin, "TOPIC", topic, timeout_s)
     if err:
-        checks.append(Check(f"topic {topic} config", Verdict.WARN, f"cannot read it: {err}",
-                            "grant DescribeConfigs on the topic"))
-    checks.append(Check(
-        f"topic {topic} replication.factor", Verdict.OK if rf >= min_replication else Verdict.FAIL,
-        f"{rf} (need >= {min_replication})",
-        "" if rf >= min_replication else f"reassign partitions to {min_replication} replicas "
-        "(kafka-reassign-partitions) or recreate the topic",
-    ))
+        checks.append(
+            Check(f"topic {topic} config", Verdict.WARN, f"cannot read it: {err}", "grant DescribeConfigs on the topic")
+        )
+    checks.append(
+        Check(
+            f"topic {topic} replication.factor",
+            Verdict.OK if rf >= min_replication else Verdict.FAIL,
+            f"{rf} (need >= {min_replication})",
+            ""
+            if rf >= min_replication
+            else f"reassign partitions to {min_replication} replicas (kafka-reassign-partitions) or recreate the topic",
+        )
+    )
     mis, src = _setting("min.insync.replicas", topic_conf, broker_conf)
-    checks.append(_min_count_check(f"topic {topic} min.insync.replicas", mis, 2, "acks=all", "set "
-                                   "min.insync.replicas=2 on the topic (kafka-configs --alter)", source=src))
+    checks.append(
+        _min_count_check(
+            f"topic {topic} min.insync.replicas",
+            mis,
+            2,
+            "acks=all",
+            "set min.insync.replicas=2 on the topic (kafka-configs --alter)",
+            source=src,
+        )
+    )
     checks += _replica_checks(topic, partitions, set(md.brokers), int(mis) if mis and mis.isdigit() else None)
     if mis is not None and mis.isdigit():
         n = int(mis)
@@ -180,19 +244,36 @@ def _kafka_checks(url: str, *, topic: str | None, min_replication: int, timeout_
             v, why = Verdict.WARN, f"{n} = replication factor {rf}: one broker down stops all writes"
         else:
             v, why = Verdict.OK, f"{n} < replication factor {rf}"
-        checks.append(Check(f"topic {topic} min.insync.replicas < replication.factor", v, why,
-                            "" if v is Verdict.OK else "keep min.insync.replicas = replication.factor - 1"))
+        checks.append(
+            Check(
+                f"topic {topic} min.insync.replicas < replication.factor",
+                v,
+                why,
+                "" if v is Verdict.OK else "keep min.insync.replicas = replication.factor - 1",
+            )
+        )
     unclean, src = _setting("unclean.leader.election.enable", topic_conf, broker_conf)
     name = f"topic {topic} unclean.leader.election.enable"
     if unclean is None:
-        checks.append(Check(name, Verdict.WARN, f"not reported; Kafka's default is "
-                            f"{KAFKA_DEFAULTS['unclean.leader.election.enable']}",
-                            "set unclean.leader.election.enable=false explicitly to be sure"))
+        checks.append(
+            Check(
+                name,
+                Verdict.WARN,
+                f"not reported; Kafka's default is {KAFKA_DEFAULTS['unclean.leader.election.enable']}",
+                "set unclean.leader.election.enable=false explicitly to be sure",
+            )
+        )
     elif unclean.lower() == "false":
         checks.append(Check(name, Verdict.OK, f"false ({src})"))
     else:
-        checks.append(Check(name, Verdict.FAIL, f"{unclean} ({src}): an out-of-sync replica can become leader and "
-                            "drop acknowledged records", "set unclean.leader.election.enable=false"))
+        checks.append(
+            Check(
+                name,
+                Verdict.FAIL,
+                f"{unclean} ({src}): an out-of-sync replica can become leader and drop acknowledged records",
+                "set unclean.leader.election.enable=false",
+            )
+        )
     return checks
 
 
@@ -202,34 +283,66 @@ def _replica_checks(topic: str, partitions: dict[int, Any], live: set[int], min_
     name = f"topic {topic} replicas"
     offline = sorted(p for p, m in partitions.items() if m.leader < 0 or m.leader not in live)
     if offline:
-        return [Check(name, Verdict.FAIL, f"partition(s) {offline} have no live leader: nothing can be written "
-                      "to or read from them", "bring their brokers back; do not enable unclean leader election")]
+        return [
+            Check(
+                name,
+                Verdict.FAIL,
+                f"partition(s) {offline} have no live leader: nothing can be written to or read from them",
+                "bring their brokers back; do not enable unclean leader election",
+            )
+        ]
     in_sync = {p: len(set(m.isrs) & live) for p, m in partitions.items()}
     fewest = min(in_sync.values(), default=0)
     rf = min((len(set(m.replicas)) for m in partitions.values()), default=0)
     dead = sorted({r for m in partitions.values() for r in m.replicas} - live)
     if min_isr is not None and fewest < min_isr <= rf:  # min_isr > rf is reported by its own check
         starved = sorted(p for p, n in in_sync.items() if n < min_isr)
-        return [Check(name, Verdict.FAIL, f"partition(s) {starved} have {fewest} in-sync replica(s), below "
-                      f"min.insync.replicas={min_isr}: every acks=all write is refused (NOT_ENOUGH_REPLICAS) "
-                      "and the relay waits" + (f"; broker(s) {dead} not alive" if dead else ""),
-                      "bring the lagging or stopped brokers back")]
+        return [
+            Check(
+                name,
+                Verdict.FAIL,
+                f"partition(s) {starved} have {fewest} in-sync replica(s), below "
+                f"min.insync.replicas={min_isr}: every acks=all write is refused (NOT_ENOUGH_REPLICAS) "
+                "and the relay waits" + (f"; broker(s) {dead} not alive" if dead else ""),
+                "bring the lagging or stopped brokers back",
+            )
+        ]
     short = sorted(p for p, m in partitions.items() if in_sync[p] < len(set(m.replicas)))
     if short:
-        return [Check(name, Verdict.WARN, f"partition(s) {short} are under-replicated ({fewest} of {rf} in sync"
-                      + (f"; broker(s) {dead} not alive" if dead else "") + "): one more broker lost and writes "
-                      "stop or copies are lost", "bring the stopped or lagging brokers back")]
-    return [Check(name, Verdict.OK, f"all {len(partitions)} partition(s) have live leaders and every replica "
-                  f"in sync ({fewest} each; alive brokers {sorted(live)})")]
+        return [
+            Check(
+                name,
+                Verdict.WARN,
+                f"partition(s) {short} are under-replicated ({fewest} of {rf} in sync"
+                + (f"; broker(s) {dead} not alive" if dead else "")
+                + "): one more broker lost and writes "
+                "stop or copies are lost",
+                "bring the stopped or lagging brokers back",
+            )
+        ]
+    return [
+        Check(
+            name,
+            Verdict.OK,
+            f"all {len(partitions)} partition(s) have live leaders and every replica "
+            f"in sync ({fewest} each; alive brokers {sorted(live)})",
+        )
+    ]
 
 
-def _min_count_check(name: str, value: str | None, minimum: int, what: str, fix: str, *,
-                     source: str = "broker") -> Check:
+def _min_count_check(
+    name: str, value: str | None, minimum: int, what: str, fix: str, *, source: str = "broker"
+) -> Check:
     key = name.rsplit(" ", 1)[-1]
     if value is None or not value.isdigit():
         default = KAFKA_DEFAULTS.get(key, "?")
-        return Check(name, Verdict.WARN, f"not reported; Kafka's default is {default}" + (
-            f" (need >= {minimum} for {what})" if default.isdigit() and int(default) < minimum else ""), fix)
+        return Check(
+            name,
+            Verdict.WARN,
+            f"not reported; Kafka's default is {default}"
+            + (f" (need >= {minimum} for {what})" if default.isdigit() and int(default) < minimum else ""),
+            fix,
+        )
     if int(value) >= minimum:
         return Check(name, Verdict.OK, f"{value} ({source})")
     return Check(name, Verdict.FAIL, f"{value} ({source}); need >= {minimum} for {what}", fix)

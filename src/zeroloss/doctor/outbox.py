@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zeroloss.doctor.checks")  # doctor's logger name, as before the split
 
+
 def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
     from zeroloss.registry import open_store
 
@@ -28,16 +29,28 @@ def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
         try:
             stats = store.stats()
         except ZerolossError as exc:
-            checks = [Check("outbox reachable", Verdict.FAIL, str(exc),
-                            f"start the database, or create the outbox: zeroloss init --source {url}")]
+            checks = [
+                Check(
+                    "outbox reachable",
+                    Verdict.FAIL,
+                    str(exc),
+                    f"start the database, or create the outbox: zeroloss init --source {url}",
+                )
+            ]
         else:
             total = sum(stats.counts.values())
             checks = [Check("outbox reachable", Verdict.OK, f"{type(store).__name__}: {total} message(s)")]
         if stats is not None and stats.disk_total_bytes and stats.disk_free_bytes is not None:
             used = 100.0 * (1 - stats.disk_free_bytes / stats.disk_total_bytes)
             v = Verdict.FAIL if used > 90 else Verdict.WARN if used > 80 else Verdict.OK
-            checks.append(Check("spool disk", v, f"{used:.0f}% used",
-                                "" if v is Verdict.OK else "free space on the spool's filesystem"))
+            checks.append(
+                Check(
+                    "spool disk",
+                    v,
+                    f"{used:.0f}% used",
+                    "" if v is Verdict.OK else "free space on the spool's filesystem",
+                )
+            )
         engine = getattr(store, "engine", None)
         if engine is not None:
             checks += _database_checks(engine)
@@ -71,10 +84,17 @@ def _database_checks(engine: Any) -> list[Check]:
                 checks.append(Check(f"database {key}", Verdict.WARN, f"cannot read it: {exc.orig}"))
                 continue
             ok = value.lower() in good
-            checks.append(Check(
-                f"database {key}", Verdict.OK if ok else Verdict.FAIL,
-                f"{key}={value}" + ("" if ok else ": a commit the app saw can vanish in a crash after the relay "
-                                    "published its message"),
-                "" if ok else f"set {key}={good[0]}",
-            ))
+            checks.append(
+                Check(
+                    f"database {key}",
+                    Verdict.OK if ok else Verdict.FAIL,
+                    f"{key}={value}"
+                    + (
+                        ""
+                        if ok
+                        else ": a commit the app saw can vanish in a crash after the relay published its message"
+                    ),
+                    "" if ok else f"set {key}={good[0]}",
+                )
+            )
     return checks

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zeroloss.doctor.checks")  # doctor's logger name, as before the split
 
+
 def redis_checks(url: str, *, timeout_s: float = 10.0) -> list[Check]:
     try:
         import redis
@@ -24,11 +25,21 @@ def redis_checks(url: str, *, timeout_s: float = 10.0) -> list[Check]:
         conf: dict[str, str] = {}
         for key in ("appendonly", "appendfsync", "maxmemory-policy"):
             got = client.config_get(key)
-            conf.update({str(k if isinstance(k, str) else k.decode()): str(v if isinstance(v, str) else v.decode())
-                         for k, v in got.items()})
+            conf.update(
+                {
+                    str(k if isinstance(k, str) else k.decode()): str(v if isinstance(v, str) else v.decode())
+                    for k, v in got.items()
+                }
+            )
     except redis.ResponseError as exc:
-        return [Check("redis config", Verdict.WARN, f"CONFIG GET refused ({exc}); managed Redis often hides it",
-                      "check appendonly=yes and appendfsync=always in the provider's settings")]
+        return [
+            Check(
+                "redis config",
+                Verdict.WARN,
+                f"CONFIG GET refused ({exc}); managed Redis often hides it",
+                "check appendonly=yes and appendfsync=always in the provider's settings",
+            )
+        ]
     except redis.RedisError as exc:
         return [Check("redis reachable", Verdict.FAIL, f"{exc}", "start Redis or fix the URL")]
     finally:
@@ -37,22 +48,42 @@ def redis_checks(url: str, *, timeout_s: float = 10.0) -> list[Check]:
     aof = conf.get("appendonly", "?")
     fix_aof = "CONFIG SET appendonly yes; CONFIG SET appendfsync always (and in redis.conf)"
     if aof != "yes":
-        checks.append(Check("redis appendonly", Verdict.FAIL, f"appendonly={aof}: a restart loses everything since "
-                            "the last snapshot", fix_aof))
+        checks.append(
+            Check(
+                "redis appendonly",
+                Verdict.FAIL,
+                f"appendonly={aof}: a restart loses everything since the last snapshot",
+                fix_aof,
+            )
+        )
     else:
         checks.append(Check("redis appendonly", Verdict.OK, "appendonly=yes"))
     fsync = conf.get("appendfsync", "?")
     if aof == "yes" and fsync == "always":
         checks.append(Check("redis appendfsync", Verdict.OK, "appendfsync=always"))
     elif fsync == "everysec":
-        checks.append(Check("redis appendfsync", Verdict.WARN, "appendfsync=everysec: a crash can lose up to 1 s of "
-                            "acknowledged writes", "CONFIG SET appendfsync always"))
+        checks.append(
+            Check(
+                "redis appendfsync",
+                Verdict.WARN,
+                "appendfsync=everysec: a crash can lose up to 1 s of acknowledged writes",
+                "CONFIG SET appendfsync always",
+            )
+        )
     else:
         checks.append(Check("redis appendfsync", Verdict.FAIL, f"appendfsync={fsync}", fix_aof))
     policy = conf.get("maxmemory-policy", "?")
-    checks.append(Check("redis maxmemory-policy", Verdict.OK if policy == "noeviction" else Verdict.WARN,
-                        f"maxmemory-policy={policy}" + ("" if policy == "noeviction" else
-                                                        ": at the memory limit Redis evicts keys (inbox marks, "
-                                                        "stream entries)"),
-                        "" if policy == "noeviction" else "CONFIG SET maxmemory-policy noeviction"))
+    checks.append(
+        Check(
+            "redis maxmemory-policy",
+            Verdict.OK if policy == "noeviction" else Verdict.WARN,
+            f"maxmemory-policy={policy}"
+            + (
+                ""
+                if policy == "noeviction"
+                else ": at the memory limit Redis evicts keys (inbox marks, stream entries)"
+            ),
+            "" if policy == "noeviction" else "CONFIG SET maxmemory-policy noeviction",
+        )
+    )
     return checks

@@ -22,6 +22,7 @@ from zeroloss.message import ID_HEADER, uuid7, validate_topic
 log = logging.getLogger("zeroloss.half_messages")  # one logger name for the feature, as before the split
 T = TypeVar("T")
 
+
 @dataclass(frozen=True, slots=True)
 class CheckBack:
     """A half message the broker asks about: zeroloss's id (the ``zeroloss-id`` property), its
@@ -49,7 +50,6 @@ class Sent(Generic[T]):
     settled: bool
 
 
-
 CheckSource = HalfMessageTable | Callable[[CheckBack], Resolution]
 
 
@@ -75,8 +75,9 @@ class HalfMessageProducer:
     Keep one running per topic while half messages may be unresolved: the broker's check-back
     reaches only a live producer of that topic. ``topics`` must be TRANSACTION topics."""
 
-    def __init__(self, url: str, topics: list[str] | tuple[str, ...], check: CheckSource, *,
-                 request_timeout: int = 10) -> None:
+    def __init__(
+        self, url: str, topics: list[str] | tuple[str, ...], check: CheckSource, *, request_timeout: int = 10
+    ) -> None:
         if not topics:
             raise ConfigError("name the topics: the broker sends a topic's check-backs to its producers")
         self.topics = tuple(validate_topic(t) for t in topics)
@@ -99,9 +100,11 @@ class HalfMessageProducer:
         """Connect, and from now on answer the broker's check-backs for ``topics``."""
         from rocketmq import Producer, TransactionChecker, TransactionResolution
 
-        answers = {Resolution.COMMIT: TransactionResolution.COMMIT,
-                   Resolution.ROLLBACK: TransactionResolution.ROLLBACK,
-                   Resolution.UNKNOWN: TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED}
+        answers = {
+            Resolution.COMMIT: TransactionResolution.COMMIT,
+            Resolution.ROLLBACK: TransactionResolution.ROLLBACK,
+            Resolution.UNKNOWN: TransactionResolution.TRANSACTION_RESOLUTION_UNSPECIFIED,
+        }
         resolve = self.resolve
 
         class _Checker(TransactionChecker):  # type: ignore[misc]
@@ -129,8 +132,12 @@ class HalfMessageProducer:
         props = dict(message.properties or {})
         half_id = props.get(ID_HEADER)
         if not half_id:
-            log.warning("check-back for message %s on %s without a %s property (not sent by zeroloss): UNKNOWN",
-                        message.message_id, message.topic, ID_HEADER)
+            log.warning(
+                "check-back for message %s on %s without a %s property (not sent by zeroloss): UNKNOWN",
+                message.message_id,
+                message.topic,
+                ID_HEADER,
+            )
             return Resolution.UNKNOWN
         try:
             if isinstance(self.check, HalfMessageTable):
@@ -148,15 +155,31 @@ class HalfMessageProducer:
     @staticmethod
     def _check_back(message: Any, half_id: str, props: Mapping[str, str]) -> CheckBack:
         keys = sorted(message.keys or ())
-        return CheckBack(id=half_id, topic=message.topic, key=keys[0] if keys else None, value=bytes(message.body),
-                         headers={k: v for k, v in props.items() if k != ID_HEADER and not k.startswith("__")
-                                  and k != "TRANSACTION_CHECK_TIMES"},
-                         message_id=message.message_id, check_times=int(props.get("TRANSACTION_CHECK_TIMES", "1")))
+        return CheckBack(
+            id=half_id,
+            topic=message.topic,
+            key=keys[0] if keys else None,
+            value=bytes(message.body),
+            headers={
+                k: v
+                for k, v in props.items()
+                if k != ID_HEADER and not k.startswith("__") and k != "TRANSACTION_CHECK_TIMES"
+            },
+            message_id=message.message_id,
+            check_times=int(props.get("TRANSACTION_CHECK_TIMES", "1")),
+        )
 
     # -- sending -----------------------------------------------------------------------------------
 
-    def send(self, topic: str, value: bytes, local_transaction: Callable[[Any], T], *, key: str | None = None,
-             headers: Mapping[str, str] | None = None) -> Sent[T]:
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        local_transaction: Callable[[Any], T],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Sent[T]:
         """Send ``value`` to ``topic`` if, and only if, ``local_transaction`` commits.
 
         With a HalfMessageTable, ``local_transaction(conn)`` runs in a transaction on the table's
@@ -178,15 +201,23 @@ class HalfMessageProducer:
             receipt = producer.send(message, transaction)
         except Exception as exc:
             if "message type not match" in str(exc):
-                raise ConfigError(f"topic {topic!r} is not a TRANSACTION topic (message.type=TRANSACTION): {exc}"
-                                  ) from exc
+                raise ConfigError(
+                    f"topic {topic!r} is not a TRANSACTION topic (message.type=TRANSACTION): {exc}"
+                ) from exc
             raise BrokerError(f"half message {half_id} to {topic!r} not sent: {exc}") from exc
         if isinstance(self.check, HalfMessageTable):
             return self._run_with_table(self.check, transaction, half_id, topic, receipt.message_id, local_transaction)
         return self._run_with_callback(self.check, transaction, message, half_id, receipt.message_id, local_transaction)
 
-    def _run_with_table(self, table: HalfMessageTable, transaction: Any, half_id: str, topic: str, message_id: str,
-                        local_transaction: Callable[[sa.Connection], T]) -> Sent[T]:
+    def _run_with_table(
+        self,
+        table: HalfMessageTable,
+        transaction: Any,
+        half_id: str,
+        topic: str,
+        message_id: str,
+        local_transaction: Callable[[sa.Connection], T],
+    ) -> Sent[T]:
         try:
             result = table.run(half_id, topic, message_id, local_transaction)
         except CommitOutcomeUnknown as exc:
@@ -196,18 +227,28 @@ class HalfMessageProducer:
                 return Sent(half_id, message_id, exc.result, self._end(transaction, half_id, commit=True))
             if answer is Resolution.ROLLBACK:
                 self._end(transaction, half_id, commit=False)
-                raise StoreError(f"half message {half_id}: the local transaction did not commit: {exc}",
-                                 retriable=True) from exc
-            raise StoreError(f"half message {half_id}: the local COMMIT raised ({exc}) and the database cannot tell "
-                             "yet whether it committed; the broker's check-back will settle it",
-                             retriable=False) from exc
+                raise StoreError(
+                    f"half message {half_id}: the local transaction did not commit: {exc}", retriable=True
+                ) from exc
+            raise StoreError(
+                f"half message {half_id}: the local COMMIT raised ({exc}) and the database cannot tell "
+                "yet whether it committed; the broker's check-back will settle it",
+                retriable=False,
+            ) from exc
         except BaseException:
             self._end(transaction, half_id, commit=False)  # never issued COMMIT: it cannot have committed
             raise
         return Sent(half_id, message_id, result, self._end(transaction, half_id, commit=True))
 
-    def _run_with_callback(self, check: Callable[[CheckBack], Resolution], transaction: Any, message: Any,
-                           half_id: str, message_id: str, local_transaction: Callable[[str], T]) -> Sent[T]:
+    def _run_with_callback(
+        self,
+        check: Callable[[CheckBack], Resolution],
+        transaction: Any,
+        message: Any,
+        half_id: str,
+        message_id: str,
+        local_transaction: Callable[[str], T],
+    ) -> Sent[T]:
         try:
             result = local_transaction(half_id)
         except BaseException:
@@ -223,8 +264,12 @@ class HalfMessageProducer:
         try:
             transaction.commit() if commit else transaction.rollback()
         except Exception as exc:
-            log.warning("half message %s: %s failed (%s); the broker's check-back will settle it",
-                        half_id, "commit" if commit else "rollback", exc)
+            log.warning(
+                "half message %s: %s failed (%s); the broker's check-back will settle it",
+                half_id,
+                "commit" if commit else "rollback",
+                exc,
+            )
             return False
         return True
 

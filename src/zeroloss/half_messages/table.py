@@ -37,7 +37,6 @@ _HORIZON_MARGIN_S = 3600.0
 MIN_RETENTION = timedelta(hours=2)
 
 
-
 class Resolution(enum.Enum):
     """What the local transaction of a half message came to, as far as the check source knows."""
 
@@ -50,8 +49,11 @@ def half_messages_table(name: str = "zeroloss_half_messages", metadata: sa.MetaD
     """The check-back table: one row per half message, written in its local transaction."""
     if not _TABLE_RE.match(name):
         raise ConfigError(f"invalid half-message table name {name!r}: use 1-50 letters, digits or _")
-    ascii_ = (sa.String(36).with_variant(mysql.VARCHAR(36, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
-              .with_variant(postgresql.VARCHAR(36, collation="C"), "postgresql"))
+    ascii_ = (
+        sa.String(36)
+        .with_variant(mysql.VARCHAR(36, charset="ascii", collation="ascii_bin"), "mysql", "mariadb")
+        .with_variant(postgresql.VARCHAR(36, collation="C"), "postgresql")
+    )
     return sa.Table(
         name,
         metadata if metadata is not None else sa.MetaData(),
@@ -92,8 +94,10 @@ class HalfMessageTable:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if retention < MIN_RETENTION:
-            raise ConfigError(f"retention {retention} is too short: rows must outlive the broker's check-backs "
-                              f"(at least {MIN_RETENTION})")
+            raise ConfigError(
+                f"retention {retention} is too short: rows must outlive the broker's check-backs "
+                f"(at least {MIN_RETENTION})"
+            )
         if isinstance(url_or_engine, sa.Engine):
             self.engine, self._owns_engine = url_or_engine, False
             if self.engine.dialect.name == "sqlite":
@@ -143,12 +147,17 @@ class HalfMessageTable:
             try:
                 try:
                     tx = conn.begin()
-                    conn.execute(self.table.insert().values(
-                        id=half_id, topic=topic, outcome=COMMITTED, message_id=message_id, created_at=self.clock()))
+                    conn.execute(
+                        self.table.insert().values(
+                            id=half_id, topic=topic, outcome=COMMITTED, message_id=message_id, created_at=self.clock()
+                        )
+                    )
                 except IntegrityError as exc:
-                    raise StoreError(f"half message {half_id}: a check-back already decided rollback before the "
-                                     "local transaction began (it started after the broker's transactionTimeOut)",
-                                     retriable=True) from exc
+                    raise StoreError(
+                        f"half message {half_id}: a check-back already decided rollback before the "
+                        "local transaction began (it started after the broker's transactionTimeOut)",
+                        retriable=True,
+                    ) from exc
                 except DBAPIError as exc:
                     raise StoreError(f"half message {half_id}: cannot write its row: {exc}", retriable=True) from exc
                 result = local_transaction(conn)  # its own exceptions pass through untouched
@@ -158,18 +167,25 @@ class HalfMessageTable:
                     try:
                         still = conn.execute(sa.select(self.table.c.outcome).where(self.table.c.id == half_id)).scalar()
                     except DBAPIError as exc:
-                        raise StoreError(f"half message {half_id}: cannot read its row back: {exc}",
-                                         retriable=True) from exc
+                        raise StoreError(
+                            f"half message {half_id}: cannot read its row back: {exc}", retriable=True
+                        ) from exc
                 if still != COMMITTED:
-                    raise TransactionLostError(f"half message {half_id}: the local transaction ended under the "
-                                               "callable (its row is gone, or PostgreSQL aborted it); nothing of "
-                                               "it is committed")
+                    raise TransactionLostError(
+                        f"half message {half_id}: the local transaction ended under the "
+                        "callable (its row is gone, or PostgreSQL aborted it); nothing of "
+                        "it is committed"
+                    )
             except BaseException:
                 try:
                     conn.rollback()  # whatever transaction the connection is in now, should tx have ended
                 except DBAPIError:
-                    log.warning("rollback of the local transaction of half message %s failed; the database "
-                                "rolls it back with the connection", half_id, exc_info=True)
+                    log.warning(
+                        "rollback of the local transaction of half message %s failed; the database "
+                        "rolls it back with the connection",
+                        half_id,
+                        exc_info=True,
+                    )
                 raise
             try:
                 tx.commit()
@@ -196,8 +212,11 @@ class HalfMessageTable:
                             with conn.begin():
                                 if self.dialect == "postgresql":
                                     conn.exec_driver_sql(f"SET LOCAL lock_timeout = {int(self.lock_timeout_s * 1000)}")
-                                conn.execute(self.table.insert().values(
-                                    id=half_id, topic=topic, outcome=ROLLED_BACK, created_at=self.clock()))
+                                conn.execute(
+                                    self.table.insert().values(
+                                        id=half_id, topic=topic, outcome=ROLLED_BACK, created_at=self.clock()
+                                    )
+                                )
                             return Resolution.ROLLBACK  # fenced: that transaction can never commit its row now
                         except IntegrityError:
                             pass  # a row is there: committed, or fenced by an earlier check-back
@@ -210,8 +229,11 @@ class HalfMessageTable:
             return Resolution.COMMIT
         if outcome == ROLLED_BACK:
             return Resolution.ROLLBACK
-        log.error("check-back of half message %s, older than the retention horizon, finds no row: UNKNOWN "
-                  "(a person must decide; the broker discards it after transactionCheckMax check-backs)", half_id)
+        log.error(
+            "check-back of half message %s, older than the retention horizon, finds no row: UNKNOWN "
+            "(a person must decide; the broker discards it after transactionCheckMax check-backs)",
+            half_id,
+        )
         return Resolution.UNKNOWN
 
     @contextmanager

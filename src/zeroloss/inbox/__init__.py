@@ -9,8 +9,19 @@ from zeroloss.inbox.base import MAX_ID_LEN, BatchInbox, Inbox, check_ids, id_pro
 from zeroloss.inbox.redis import RedisInbox, RedisTx
 from zeroloss.inbox.sql import SqlInbox, inbox_table, transaction_aborted
 
-__all__ = ["MAX_ID_LEN", "BatchInbox", "Inbox", "RedisInbox", "RedisTx", "SqlInbox", "check_ids", "id_problem",
-           "inbox_table", "open_inbox", "transaction_aborted"]
+__all__ = [
+    "MAX_ID_LEN",
+    "BatchInbox",
+    "Inbox",
+    "RedisInbox",
+    "RedisTx",
+    "SqlInbox",
+    "check_ids",
+    "id_problem",
+    "inbox_table",
+    "open_inbox",
+    "transaction_aborted",
+]
 
 
 def open_inbox(url: str | sa.Engine) -> Inbox:

@@ -168,8 +168,11 @@ class RedisInbox:
             if not batch:
                 return 0
             values = self.client.mget(batch)
-            old = [k for k, v in zip(batch, values, strict=True)
-                   if v is not None and v.startswith(_DONE) and float(v[len(_DONE):]) < cutoff]
+            old = [
+                k
+                for k, v in zip(batch, values, strict=True)
+                if v is not None and v.startswith(_DONE) and float(v[len(_DONE) :]) < cutoff
+            ]
             batch.clear()
             return int(self.client.delete(*old)) if old else 0
 

@@ -5,7 +5,6 @@ only when that returns True, runs the handler with ``tx``; the transaction commi
 the handler's effects together. A duplicate delivery finds the claim and skips the handler.
 The details: docs/design.md, "inbox/sql.py"."""
 
-
 from __future__ import annotations
 
 import re
@@ -72,10 +71,15 @@ def _sqlite_outside_transaction(conn: sa.Connection, cursor: Any, statement: str
     handler runs ROLLBACK; pysqlite then runs each later statement in autocommit — committed at
     once, outside the claim's transaction, and again when the message is retried. Refuse them
     (a local flag, no round trip): unlike MariaDB and PostgreSQL, a rollback cannot undo them."""
-    if (conn.get_execution_options().get("zeroloss_inbox") and not cursor.connection.in_transaction
-            and not statement.startswith("BEGIN")):
-        raise TransactionLostError("the inbox transaction has ended (SQLite rolled it back, or the handler ended "
-                                   "it): this statement would commit on its own, so it is refused")
+    if (
+        conn.get_execution_options().get("zeroloss_inbox")
+        and not cursor.connection.in_transaction
+        and not statement.startswith("BEGIN")
+    ):
+        raise TransactionLostError(
+            "the inbox transaction has ended (SQLite rolled it back, or the handler ended "
+            "it): this statement would commit on its own, so it is refused"
+        )
 
 
 class SqlInbox:
@@ -92,8 +96,9 @@ class SqlInbox:
         idle_in_transaction_timeout_s: float = 60.0,
     ) -> None:
         self.engine, self._owns_engine = engine_of(url_or_engine, "SqlInbox")
-        if self.engine.dialect.name == "sqlite" and not event.contains(self.engine, "before_cursor_execute",
-                                                                       _sqlite_outside_transaction):
+        if self.engine.dialect.name == "sqlite" and not event.contains(
+            self.engine, "before_cursor_execute", _sqlite_outside_transaction
+        ):
             event.listen(self.engine, "before_cursor_execute", _sqlite_outside_transaction)
         self.table = inbox_table(table)
         self.clock = clock
@@ -113,11 +118,15 @@ class SqlInbox:
         spent); the idle-in-transaction timeout has the server end the zombie's session, which
         rolls its work back and frees the row. Keep it above your handler's longest pause."""
         if self.dialect == "postgresql":
-            return (f"SET LOCAL lock_timeout = {int(lock_s * 1000)}; "
-                    f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_s * 1000)}")
+            return (
+                f"SET LOCAL lock_timeout = {int(lock_s * 1000)}; "
+                f"SET LOCAL idle_in_transaction_session_timeout = {int(idle_s * 1000)}"
+            )
         if self.dialect in ("mysql", "mariadb"):
-            return (f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_s))}, "
-                    f"wait_timeout = {max(1, round(idle_s))}")
+            return (
+                f"SET SESSION innodb_lock_wait_timeout = {max(1, round(lock_s))}, "
+                f"wait_timeout = {max(1, round(idle_s))}"
+            )
         return None  # SQLite: one writer at a time, with its busy timeout
 
     def _insert_statement(self) -> Any:
@@ -232,8 +241,9 @@ class SqlInbox:
         except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
             raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
-            raise StoreError(f"inbox claim of {len(rows)} messages failed for {group}: {brief(exc)}",
-                             retriable=True) from exc
+            raise StoreError(
+                f"inbox claim of {len(rows)} messages failed for {group}: {brief(exc)}", retriable=True
+            ) from exc
 
     def _check(self, group: str, message_id: str) -> None:
         check_ids(group, message_id)
@@ -243,7 +253,8 @@ class SqlInbox:
             for what, v in (("group", group), ("message id", message_id)):
                 if v.endswith(" "):
                     raise (ConfigError if what == "group" else MessageError)(
-                        f"{what} {v!r:.80} ends with a space, which MariaDB/MySQL ignore in comparisons")
+                        f"{what} {v!r:.80} ends with a space, which MariaDB/MySQL ignore in comparisons"
+                    )
 
     def claim(self, tx: sa.Connection, group: str, message_id: str) -> bool:
         self._check(group, message_id)
@@ -269,8 +280,9 @@ class SqlInbox:
             with self.engine.connect() as conn:
                 return conn.execute(q).first() is not None
         except DBAPIError as exc:  # a missing table is the usual one: the message names it
-            raise StoreError(f"cannot read the inbox table {t.name!r}: {brief(exc)}",
-                             retriable=exc.connection_invalidated) from exc
+            raise StoreError(
+                f"cannot read the inbox table {t.name!r}: {brief(exc)}", retriable=exc.connection_invalidated
+            ) from exc
 
     def purge(self, older_than_s: float) -> int:
         cutoff = self.clock() - older_than_s

@@ -64,12 +64,16 @@ class _Watch:
             return None
         fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            log.info("no inotify instance for %s (%s): the relay lists pending/ at every claim", path,
-                     os.strerror(ctypes.get_errno()))
+            log.info(
+                "no inotify instance for %s (%s): the relay lists pending/ at every claim",
+                path,
+                os.strerror(ctypes.get_errno()),
+            )
             return None
         if add(fd, os.fsencode(path), _IN_CREATE | _IN_MOVED_TO | _IN_ONLYDIR) < 0:
-            log.info("cannot watch %s (%s): the relay lists pending/ at every claim", path,
-                     os.strerror(ctypes.get_errno()))
+            log.info(
+                "cannot watch %s (%s): the relay lists pending/ at every claim", path, os.strerror(ctypes.get_errno())
+            )
             os.close(fd)
             return None
         return cls(fd)

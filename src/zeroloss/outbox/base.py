@@ -38,7 +38,6 @@ PURGEABLE = frozenset({State.FAILED, State.DOUBT, State.MALFORMED})
 """The states whose messages an operator may delete (:meth:`OutboxStore.purge`)."""
 
 
-
 def check_purgeable(state: State) -> None:
     """ConfigError unless ``state`` is one whose messages may be purged."""
     if state not in PURGEABLE:

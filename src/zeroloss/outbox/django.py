@@ -20,8 +20,12 @@ from zeroloss.errors import ConfigError
 def is_django_connection(conn: object) -> bool:
     """True for ``django.db.connection`` (a proxy in ``django.utils.connection`` that forwards to the
     default alias's wrapper) or ``connections[alias]`` (the wrapper, in ``django.db.backends``)."""
-    return (type(conn).__module__.startswith("django.")
-            and hasattr(conn, "in_atomic_block") and hasattr(conn, "vendor") and hasattr(conn, "cursor"))
+    return (
+        type(conn).__module__.startswith("django.")
+        and hasattr(conn, "in_atomic_block")
+        and hasattr(conn, "vendor")
+        and hasattr(conn, "cursor")
+    )
 
 
 def insert(conn: Any, table: sa.Table, dialect: sa.Dialect, rows: list[dict[str, Any]]) -> None:
@@ -29,11 +33,14 @@ def insert(conn: Any, table: sa.Table, dialect: sa.Dialect, rows: list[dict[str,
     if not conn.in_atomic_block:
         raise ConfigError(
             "outbox.add() through Django's connection outside transaction.atomic(): Django would commit the "
-            "message at once, apart from your changes; put both in one `with transaction.atomic():` block")
+            "message at once, apart from your changes; put both in one `with transaction.atomic():` block"
+        )
     ours = "mysql" if dialect.name in ("mysql", "mariadb") else dialect.name
     if conn.vendor != ours:
-        raise ConfigError(f"Django's connection is {conn.vendor}, the outbox's engine {ours}: give SqlOutbox "
-                          "the URL of Django's own database")
+        raise ConfigError(
+            f"Django's connection is {conn.vendor}, the outbox's engine {ours}: give SqlOutbox "
+            "the URL of Django's own database"
+        )
     # Django's cursors take %s placeholders on every backend (its SQLite cursor turns them into ?)
     dialect_class: Any = type(dialect)
     compiled = sa.insert(table).compile(dialect=dialect_class(paramstyle="format"), column_keys=list(rows[0]))

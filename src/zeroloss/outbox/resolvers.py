@@ -31,8 +31,11 @@ def sql_resolver(url: str | sa.Engine, query: str, timeout_s: float = 10.0) -> R
     answer within ``timeout_s`` (connect or statement) counts as not asked."""
     if ":txid" not in query:
         raise ConfigError(f"the resolver query must use the parameter :txid, got {query!r}")
-    engine = (make_engine(url, connect_args=_timeouts(url, timeout_s)) if isinstance(url, str)
-              else engine_of(url, "sql_resolver")[0])
+    engine = (
+        make_engine(url, connect_args=_timeouts(url, timeout_s))
+        if isinstance(url, str)
+        else engine_of(url, "sql_resolver")[0]
+    )
     statement = sa.text(query)
 
     def resolve(txid: str) -> bool | None:
@@ -65,8 +68,9 @@ def command_resolver(command: str, timeout_s: float = 10.0) -> Resolver:
     question is asked again at the next recover."""
     argv = shlex.split(command)
     if not argv or shutil.which(argv[0]) is None:
-        raise ConfigError(f"resolver command {command!r}: {argv[0] if argv else 'nothing'} is not an executable "
-                          "on PATH")
+        raise ConfigError(
+            f"resolver command {command!r}: {argv[0] if argv else 'nothing'} is not an executable on PATH"
+        )
 
     def resolve(txid: str) -> bool | None:
         try:
@@ -76,8 +80,10 @@ def command_resolver(command: str, timeout_s: float = 10.0) -> Resolver:
         said = done.stdout.decode(errors="replace").strip()
         if done.returncode != 0 or said not in COMMAND_ANSWERS:
             why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [said[:80]]
-            raise RuntimeError(f"resolver command exited {done.returncode} for {txid} printing {said[:40]!r} "
-                               f"(expected exit 0 and one of {', '.join(COMMAND_ANSWERS)}): {why[0]}")
+            raise RuntimeError(
+                f"resolver command exited {done.returncode} for {txid} printing {said[:40]!r} "
+                f"(expected exit 0 and one of {', '.join(COMMAND_ANSWERS)}): {why[0]}"
+            )
         return COMMAND_ANSWERS[said]
 
     return resolve

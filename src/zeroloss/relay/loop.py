@@ -138,8 +138,11 @@ class Relay(RelayReports):
             try:
                 self._record()
             except StoreError as exc:  # under their lease still: recovered and sent again, never lost
-                log.warning("%d delivered messages not marked delivered (%s): they will be sent again "
-                            "once their lease expires", len(self._unrecorded), exc)
+                log.warning(
+                    "%d delivered messages not marked delivered (%s): they will be sent again once their lease expires",
+                    len(self._unrecorded),
+                    exc,
+                )
                 self._unrecorded.clear()
 
     def _claim(self) -> list[Message]:
@@ -283,8 +286,12 @@ class Relay(RelayReports):
         if not (self._looping and isinstance(self.store, ClaimsAfterRecording)):
             self._record()
         if undecided:
-            log.warning("%d of %d messages not acknowledged in this batch (%s); sent again with the next",
-                        len(undecided), len(outcomes), undecided[0])
+            log.warning(
+                "%d of %d messages not acknowledged in this batch (%s); sent again with the next",
+                len(undecided),
+                len(outcomes),
+                undecided[0],
+            )
         if retry:
             self.store.retry(retry)
             self.counters.retried += len(retry)
@@ -312,8 +319,11 @@ class Relay(RelayReports):
                     log.warning("could not renew the lease of %d messages in flight: %s", len(batch), exc)
                     continue
                 if held < len(batch):
-                    log.warning("%d of %d messages in flight lost their lease (expired and recovered): "
-                                "they may be sent twice", len(batch) - held, len(batch))
+                    log.warning(
+                        "%d of %d messages in flight lost their lease (expired and recovered): they may be sent twice",
+                        len(batch) - held,
+                        len(batch),
+                    )
 
         renewer = threading.Thread(target=renew, name="zeroloss-lease", daemon=True)
         renewer.start()

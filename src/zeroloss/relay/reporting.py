@@ -53,17 +53,21 @@ class RelayReports:
         from zeroloss.registry import safe_url
 
         s = self.settings
-        return (f"{safe_url(_where(self.store))} -> {safe_url(_where(self.broker))} (batch {s.batch_size}, "
-                f"max attempts {s.max_attempts}, lease {s.lease_s:g}s, backoff {s.backoff_base_s:g}-"
-                f"{s.max_backoff_s:g}s, progress every "
-                f"{'never' if s.progress_every_s is None else f'{s.progress_every_s:g}s'})")
+        return (
+            f"{safe_url(_where(self.store))} -> {safe_url(_where(self.broker))} (batch {s.batch_size}, "
+            f"max attempts {s.max_attempts}, lease {s.lease_s:g}s, backoff {s.backoff_base_s:g}-"
+            f"{s.max_backoff_s:g}s, progress every "
+            f"{'never' if s.progress_every_s is None else f'{s.progress_every_s:g}s'})"
+        )
 
     def summary(self) -> str:
         """The line logged at stop: totals and how long it ran."""
         c = self.counters
-        return (f"relay stopped after {age(self._progress.elapsed())}: {c.delivered} delivered, {c.failed} failed, "
-                f"{c.retried} sent again later (retries, held, unacknowledged), {c.broker_errors} broker and "
-                f"{c.store_errors} store failures")
+        return (
+            f"relay stopped after {age(self._progress.elapsed())}: {c.delivered} delivered, {c.failed} failed, "
+            f"{c.retried} sent again later (retries, held, unacknowledged), {c.broker_errors} broker and "
+            f"{c.store_errors} store failures"
+        )
 
     def _store_failed(self, exc: StoreError) -> None:
         self.counters.store_errors += 1
@@ -80,8 +84,11 @@ class RelayReports:
 
     def _store_answered(self) -> None:
         if self._store_down_since is not None:
-            log.info("outbox store is back after %s (%d failed tries)",
-                     age(time.monotonic() - self._store_down_since), self._store_failures)
+            log.info(
+                "outbox store is back after %s (%d failed tries)",
+                age(time.monotonic() - self._store_down_since),
+                self._store_failures,
+            )
             self._store_down_since = None
         self._store_problem = None
         self._store_failures = 0
@@ -91,8 +98,11 @@ class RelayReports:
         self._broker_last_error = str(exc)
         if self._broker_down_since is None:
             self._broker_down_since = time.monotonic()
-            log.warning("broker unavailable (%s); %s; messages wait in pending, no attempts spent, retrying with "
-                        "backoff", exc, what)
+            log.warning(
+                "broker unavailable (%s); %s; messages wait in pending, no attempts spent, retrying with backoff",
+                exc,
+                what,
+            )
         else:
             log.debug("broker still unavailable (%s); %s", exc, what)
 
@@ -121,9 +131,17 @@ class RelayReports:
         if self._broker_down_since is not None:
             down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_last_error}"
         failed_now = stats.counts.get(State.FAILED, 0)
-        log.info("relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
-                 "%d failed in the outbox waiting for a person%s", c.delivered, rate, c.failed, backlog,
-                 age(stats.oldest_pending_age_s), failed_now, down)
+        log.info(
+            "relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
+            "%d failed in the outbox waiting for a person%s",
+            c.delivered,
+            rate,
+            c.failed,
+            backlog,
+            age(stats.oldest_pending_age_s),
+            failed_now,
+            down,
+        )
 
     def _refresh_stats(self) -> None:
         """The outbox gauges; a store that cannot answer now is retried at the next refresh."""

@@ -202,4 +202,3 @@ class SpoolAdmin(SpoolCore):
                 if state is not State.MALFORMED and (msg := self._read(state, name, mid, quarantine=False)):
                     out.append(msg)
         return out
-

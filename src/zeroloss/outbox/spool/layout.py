@@ -103,13 +103,16 @@ class SpoolCore:
         self._fsync = fsync
         self._dir = {s: os.path.join(self.root, s.value) for s in State}
         if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise ConfigError(f"spool path {self.root} is a file, not a directory: give the spool a directory of "
-                              "its own")
+            raise ConfigError(
+                f"spool path {self.root} is a file, not a directory: give the spool a directory of its own"
+            )
         missing = [p for p in self._dir.values() if not os.path.isdir(p)]
         if missing and not create:
             # Operators' commands (status, relay) must not make an empty spool where a typo points.
-            raise ConfigError(f"no spool at {self.root} ({len(missing)} of its {len(self._dir)} directories are "
-                              f"missing): create it with zeroloss init --source spool://{self.root}")
+            raise ConfigError(
+                f"no spool at {self.root} ({len(missing)} of its {len(self._dir)} directories are "
+                f"missing): create it with zeroloss init --source spool://{self.root}"
+            )
         for path in missing:
             try:
                 os.makedirs(path, exist_ok=True)
@@ -131,7 +134,6 @@ class SpoolCore:
         self._relay_release: Callable[[], object] | None = None  # closes it, also if never close()d
         self._index: PendingIndex | None = None  # pending/ as the relay sees it, from then on
 
-
     def _sync(self, *states: State) -> None:
         linger = self._active > 1  # waiting for company only pays when others are committing
         for state in states:
@@ -151,7 +153,6 @@ class SpoolCore:
                 os.unlink(path)  # never leave a partial file behind
             raise
         os.close(fd)
-
 
     def _rewrite(self, path: str, msg: Message) -> None:
         """Atomically replace the file at ``path`` with ``msg`` (same name, new content)."""

@@ -56,8 +56,10 @@ class RelaySide(SpoolCore):
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"another relay ({holder}) already serves the spool {self.root}: one relay per spool "
-                              "keeps per-key order; stop the other one first") from None
+            raise ConfigError(
+                f"another relay ({holder}) already serves the spool {self.root}: one relay per spool "
+                "keeps per-key order; stop the other one first"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._relay_fd = fd
@@ -100,8 +102,10 @@ class RelaySide(SpoolCore):
                     continue
                 mid = parts[0]
                 cached = self._cache.get(mid)
-                if cached is not None and cached.key is not None and (
-                    cached.key in held or blockers.get(cached.key, mid) < mid
+                if (
+                    cached is not None
+                    and cached.key is not None
+                    and (cached.key in held or blockers.get(cached.key, mid) < mid)
                 ):
                     held.add(cached.key)  # an id's key never changes: no need to look at the file
                     continue
@@ -149,8 +153,10 @@ class RelaySide(SpoolCore):
                 if m.id not in sending:
                     continue  # expired and recovered: whoever holds it now decides
                 with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._path(State.SENDING, sending[m.id]),
-                              self._path(State.SENDING, f"{m.id}.{lease_ms}{SUFFIX}"))
+                    os.rename(
+                        self._path(State.SENDING, sending[m.id]),
+                        self._path(State.SENDING, f"{m.id}.{lease_ms}{SUFFIX}"),
+                    )
                     held += 1
             if held:
                 self._sync(State.SENDING)
@@ -312,8 +318,9 @@ class RelaySide(SpoolCore):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     report.discarded += 1
-                    log.warning("message %s: the resolver says transaction %s rolled back; tmp file discarded",
-                                mid, txid)
+                    log.warning(
+                        "message %s: the resolver says transaction %s rolled back; tmp file discarded", mid, txid
+                    )
                 continue
             if self._read(State.TMP, entry.name, mid) is None:
                 continue
@@ -332,8 +339,11 @@ class RelaySide(SpoolCore):
         try:
             return resolver(txid)
         except Exception as exc:  # a resolver's outage must not stop recover() from expiring leases
-            log.warning("transaction %s: the resolver failed (%s); its files stay in tmp/ until the next recover",
-                        txid, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning(
+                "transaction %s: the resolver failed (%s); its files stay in tmp/ until the next recover",
+                txid,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
             return exc
 
     def purge_success(self, older_than_s: float) -> int:
@@ -349,4 +359,3 @@ class RelaySide(SpoolCore):
             if purged:
                 self._sync(State.SUCCESS)
             return purged
-

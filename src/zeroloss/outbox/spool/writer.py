@@ -63,7 +63,6 @@ class SpoolTransaction:
             self._spool._active_delta(-1)
 
 
-
 class SpoolWriter(SpoolCore):
     """What producers call: :meth:`transaction`; any number of threads and processes at once."""
 
@@ -133,4 +132,3 @@ class SpoolWriter(SpoolCore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(State.TMP, name))
         log.debug("transaction %s rolled back: %d tmp file(s) removed", txid, len(names))
-

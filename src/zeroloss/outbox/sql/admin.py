@@ -26,8 +26,9 @@ class SqlAdmin(SqlCore):
 
     def get(self, message_id: str) -> tuple[State, Message]:
         t = self.table
-        row = self._tx(lambda c: c.execute(sa.select(t).where(t.c.id == message_id)).first(),
-                       "read a message", write=False)
+        row = self._tx(
+            lambda c: c.execute(sa.select(t).where(t.c.id == message_id)).first(), "read a message", write=False
+        )
         if row is None:
             raise UnknownMessageError(f"no message with id {message_id!r} in outbox table {t.name!r}")
         return State(row.state), message_of(row)
@@ -48,9 +49,11 @@ class SqlAdmin(SqlCore):
         def run(conn: sa.Connection) -> int:
             found: set[str] = set()
             for part in chunks(ids):
-                found.update(conn.scalars(
-                    sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == State.FAILED.value).with_for_update()
-                ))
+                found.update(
+                    conn.scalars(
+                        sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == State.FAILED.value).with_for_update()
+                    )
+                )
             missing = [i for i in ids if i not in found]
             if missing:
                 raise UnknownMessageError(
@@ -59,9 +62,9 @@ class SqlAdmin(SqlCore):
             n = 0
             for part in chunks(ids):
                 n += conn.execute(
-                    sa.update(t).where(t.c.id.in_(part), t.c.state == State.FAILED.value).values(
-                        state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None
-                    )
+                    sa.update(t)
+                    .where(t.c.id.in_(part), t.c.state == State.FAILED.value)
+                    .values(state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None)
                 ).rowcount
             return n
 
@@ -113,12 +116,22 @@ class SqlAdmin(SqlCore):
         def run(conn: sa.Connection) -> int:
             self._lock_in_state(conn, ids, State.SUCCESS, "resent")
             return sum(
-                int(conn.execute(
-                    sa.update(t).where(t.c.id.in_(part), success).values(
-                        state=State.PENDING.value, attempts=0, not_before=0.0, lease_until=None, claimed_by=None,
-                        location=None, done_at=None, last_error=_RESENT,
-                    )
-                ).rowcount)
+                int(
+                    conn.execute(
+                        sa.update(t)
+                        .where(t.c.id.in_(part), success)
+                        .values(
+                            state=State.PENDING.value,
+                            attempts=0,
+                            not_before=0.0,
+                            lease_until=None,
+                            claimed_by=None,
+                            location=None,
+                            done_at=None,
+                            last_error=_RESENT,
+                        )
+                    ).rowcount
+                )
                 for part in chunks(ids)
             )
 
@@ -150,12 +163,15 @@ class SqlAdmin(SqlCore):
                 f.c.key_hash == t.c.key_hash, f.c.state == State.FAILED.value, f.c.id < t.c.id
             )
             parked = conn.scalar(
-                sa.select(sa.func.count()).select_from(t)
+                sa.select(sa.func.count())
+                .select_from(t)
                 .where(t.c.state == State.PENDING.value, t.c.key_hash.is_not(None), earlier_failed)
             )
-            oldest_error = conn.scalar(
-                sa.select(t.c.last_error).where(t.c.state == State.PENDING.value).order_by(t.c.id).limit(1)
-            ) if counts[State.PENDING] else None
+            oldest_error = (
+                conn.scalar(sa.select(t.c.last_error).where(t.c.state == State.PENDING.value).order_by(t.c.id).limit(1))
+                if counts[State.PENDING]
+                else None
+            )
             extra: dict[str, object] = {"url": self.url, "table": t.name}
             if unknown:
                 extra["unknown_states"] = unknown
@@ -176,9 +192,9 @@ class SqlAdmin(SqlCore):
         t = self.table
         found: set[str] = set()
         for part in chunks(ids):
-            found.update(conn.scalars(
-                sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == state.value).with_for_update()
-            ))
+            found.update(
+                conn.scalars(sa.select(t.c.id).where(t.c.id.in_(part), t.c.state == state.value).with_for_update())
+            )
         missing = [i for i in ids if i not in found]
         if missing:
             raise UnknownMessageError(
@@ -191,6 +207,7 @@ class SqlAdmin(SqlCore):
             lambda c: c.execute(
                 sa.select(t).where(t.c.state == State(state).value).order_by(t.c.id).limit(limit)
             ).all(),
-            "list messages", write=False,
+            "list messages",
+            write=False,
         )
         return [message_of(r) for r in rows]

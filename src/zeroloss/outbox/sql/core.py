@@ -108,8 +108,9 @@ class SqlCore:
             f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
         )
         self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
-        self._claim_plan_pg = sa.text("SELECT set_config('enable_bitmapscan', 'off', true), "
-                                      "set_config('enable_sort', 'off', true)")  # this transaction only
+        self._claim_plan_pg = sa.text(
+            "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
+        )  # this transaction only
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
 
@@ -133,8 +134,11 @@ class SqlCore:
                 self._clock_offset = server - (before + after) / 2
                 self._clock_checked = after
                 if abs(self._clock_offset) > 1:
-                    log.warning("this machine's clock is %.1fs %s the database's; leases and backoffs follow the "
-                                "database", abs(self._clock_offset), "behind" if self._clock_offset > 0 else "ahead of")
+                    log.warning(
+                        "this machine's clock is %.1fs %s the database's; leases and backoffs follow the database",
+                        abs(self._clock_offset),
+                        "behind" if self._clock_offset > 0 else "ahead of",
+                    )
             except DBAPIError as exc:  # the statement that needs the time will report the outage
                 log.debug("cannot read the database clock: %s", exc)
             local = self._clock()
@@ -184,14 +188,25 @@ class SqlCore:
                 retriable=False,
             )
         sqlstate = getattr(exc.orig, "sqlstate", None)
-        refused = ("password authentication failed", "role \"", "does not exist", "Access denied",
-                   "Unknown database", "no pg_hba.conf entry")
+        refused = (
+            "password authentication failed",
+            'role "',
+            "does not exist",
+            "Access denied",
+            "Unknown database",
+            "no pg_hba.conf entry",
+        )
         # Refused credentials or database: the server answered, and waiting will not change it.
-        if sqlstate in ("28P01", "28000", "3D000") or code in (1044, 1045, 1049, 1698) or (
-            isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused)
+        if (
+            sqlstate in ("28P01", "28000", "3D000")
+            or code in (1044, 1045, 1049, 1698)
+            or (isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused))
         ):
-            return StoreError(f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
-                              "check the user, password and database name in the URL", retriable=False)
+            return StoreError(
+                f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
+                "check the user, password and database name in the URL",
+                retriable=False,
+            )
         if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
             return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated

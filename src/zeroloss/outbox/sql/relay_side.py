@@ -143,15 +143,18 @@ class SqlRelaySide(SqlCore):
             candidates = {r.id for r in rows}
             if partial:  # without its index, walking each key in id order would walk its history
                 per_key = Counter(r.key_hash for r in keyed)
-                found = conn.execute(self._recheck_pg, {
-                    "keys": list(per_key), "n": [c + 1 for c in per_key.values()],
-                    "max": max(r.id for r in keyed)})
+                found = conn.execute(
+                    self._recheck_pg,
+                    {"keys": list(per_key), "n": [c + 1 for c in per_key.values()], "max": max(r.id for r in keyed)},
+                )
             else:
-                found = conn.execute(sa.select(t.c.key_hash, t.c.id).where(
-                    t.c.key_hash.in_({r.key_hash for r in keyed}),
-                    t.c.state.in_(BLOCKING),
-                    t.c.id <= max(r.id for r in keyed),
-                ))
+                found = conn.execute(
+                    sa.select(t.c.key_hash, t.c.id).where(
+                        t.c.key_hash.in_({r.key_hash for r in keyed}),
+                        t.c.state.in_(BLOCKING),
+                        t.c.id <= max(r.id for r in keyed),
+                    )
+                )
             for h, i in found:
                 if i not in candidates and (h not in blockers or i < blockers[h]):
                     blockers[h] = i
@@ -162,8 +165,11 @@ class SqlRelaySide(SqlCore):
             where = [self._among(t.c.id, part)]
             if self._dialect != "postgresql":
                 where.append(t.c.state == State.PENDING.value)
-            conn.execute(sa.update(t).where(*where).values(
-                state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token))
+            conn.execute(
+                sa.update(t)
+                .where(*where)
+                .values(state=State.SENDING.value, lease_until=now + lease_s, claimed_by=self._token)
+            )
         return [message_of(r) for r in chosen]
 
     def _has_partial_indexes(self, conn: sa.Connection) -> bool:
@@ -175,14 +181,19 @@ class SqlRelaySide(SqlCore):
             found = conn.exec_driver_sql(
                 "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                 "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = ANY(%(n)s) AND i.indisvalid",
-                {"t": self.engine.dialect.identifier_preparer.quote(self.table.name), "n": names}).scalar()
+                {"t": self.engine.dialect.identifier_preparer.quote(self.table.name), "n": names},
+            ).scalar()
             self._partial_indexes = found == len(names)
             if not self._partial_indexes:
-                log.warning("outbox table %s lacks the indexes %s (made by an earlier zeroloss): each claim "
-                            "walks past the delivered rows; add them, without blocking writes, with: "
-                            "zeroloss init --source %s --table %s (a running relay uses them once restarted)",
-                            self.table.name, " and ".join(names),
-                            self.url, self.table.name)
+                log.warning(
+                    "outbox table %s lacks the indexes %s (made by an earlier zeroloss): each claim "
+                    "walks past the delivered rows; add them, without blocking writes, with: "
+                    "zeroloss init --source %s --table %s (a running relay uses them once restarted)",
+                    self.table.name,
+                    " and ".join(names),
+                    self.url,
+                    self.table.name,
+                )
         return self._partial_indexes
 
     def extend(self, messages: Sequence[Message], lease_s: float) -> int:
@@ -218,8 +229,12 @@ class SqlRelaySide(SqlCore):
         stmt = (
             sa.update(t)
             .where(t.c.id == sa.bindparam("b_id"), t.c.state != State.SUCCESS.value)
-            .values(state=State.SUCCESS.value, done_at=sa.bindparam("b_now"), lease_until=None,
-                    location=sa.bindparam("b_loc"))
+            .values(
+                state=State.SUCCESS.value,
+                done_at=sa.bindparam("b_now"),
+                lease_until=None,
+                location=sa.bindparam("b_loc"),
+            )
         )
         # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
         conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
@@ -240,21 +255,32 @@ class SqlRelaySide(SqlCore):
         def run(conn: sa.Connection) -> set[str]:
             owned: set[str] = set()
             for part in chunks(sorted(by_id)):
-                owned.update(conn.scalars(
-                    sa.select(t.c.id)
-                    .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
-                    .with_for_update()
-                ))
+                owned.update(
+                    conn.scalars(
+                        sa.select(t.c.id)
+                        .where(t.c.id.in_(part), t.c.state == State.SENDING.value, t.c.claimed_by == self._token)
+                        .with_for_update()
+                    )
+                )
             if owned:
                 conn.execute(
-                    sa.update(t).where(t.c.id == sa.bindparam("b_id")).values(
-                        state=to.value, attempts=sa.bindparam("b_attempts"),
-                        not_before=sa.bindparam("b_not_before"), last_error=sa.bindparam("b_error"),
-                        lease_until=None, claimed_by=None,
+                    sa.update(t)
+                    .where(t.c.id == sa.bindparam("b_id"))
+                    .values(
+                        state=to.value,
+                        attempts=sa.bindparam("b_attempts"),
+                        not_before=sa.bindparam("b_not_before"),
+                        last_error=sa.bindparam("b_error"),
+                        lease_until=None,
+                        claimed_by=None,
                     ),
                     [
-                        {"b_id": i, "b_attempts": by_id[i].attempts, "b_not_before": by_id[i].not_before,
-                         "b_error": by_id[i].last_error}
+                        {
+                            "b_id": i,
+                            "b_attempts": by_id[i].attempts,
+                            "b_not_before": by_id[i].not_before,
+                            "b_error": by_id[i].last_error,
+                        }
                         for i in sorted(owned)
                     ],
                 )
@@ -264,7 +290,9 @@ class SqlRelaySide(SqlCore):
         for mid in sorted(set(by_id) - owned):
             log.warning(
                 "not moving message %s to %s: this relay no longer holds it (its lease expired and it "
-                "was recovered or claimed again)", mid, to.value,
+                "was recovered or claimed again)",
+                mid,
+                to.value,
             )
 
     def recover(self, resolver: Resolver | None = None) -> RecoveryReport:
@@ -279,7 +307,8 @@ class SqlRelaySide(SqlCore):
             ids = sorted(conn.scalars(sa.select(t.c.id).where(expired)))
             return sum(
                 conn.execute(
-                    sa.update(t).where(t.c.id.in_(part), expired)
+                    sa.update(t)
+                    .where(t.c.id.in_(part), expired)
                     .values(state=State.PENDING.value, lease_until=None, claimed_by=None)
                 ).rowcount
                 for part in chunks(ids)

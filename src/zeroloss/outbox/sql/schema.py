@@ -75,14 +75,18 @@ class SqlSchema(SqlCore):
             with self.engine.begin() as conn:
                 exists = conn.exec_driver_sql(
                     "SELECT 1 FROM pg_trigger WHERE tgname = %(t)s AND tgrelid = to_regclass(%(r)s)",
-                    {"t": f"{self.channel}_notify", "r": table}).first()
+                    {"t": f"{self.channel}_notify", "r": table},
+                ).first()
                 if exists:
                     return added
                 conn.exec_driver_sql(
                     f"CREATE OR REPLACE FUNCTION {self.channel}_notify() RETURNS trigger LANGUAGE plpgsql AS "
-                    f"$$ BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$")
-                conn.exec_driver_sql(f"CREATE TRIGGER {self.channel}_notify AFTER INSERT ON {table} "
-                                     f"FOR EACH STATEMENT EXECUTE FUNCTION {self.channel}_notify()")
+                    f"$$ BEGIN PERFORM pg_notify('{self.channel}', ''); RETURN NULL; END $$"
+                )
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER {self.channel}_notify AFTER INSERT ON {table} "
+                    f"FOR EACH STATEMENT EXECUTE FUNCTION {self.channel}_notify()"
+                )
         return added
 
     def _create_partial_indexes(self, existed: bool, wait_s: float | None) -> list[str]:
@@ -94,10 +98,12 @@ class SqlSchema(SqlCore):
         table = quote(self.table.name)
         added = []
         with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+
             def valid(name: str) -> bool | None:  # None: no such index on this table
                 return conn.exec_driver_sql(
                     "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = %(n)s", {"t": table, "n": name}
+                    "WHERE i.indrelid = to_regclass(%(t)s) AND c.relname = %(n)s",
+                    {"t": table, "n": name},
                 ).scalar()
 
             for suffix, (columns, where) in PG_PARTIAL_INDEXES.items():
@@ -118,23 +124,29 @@ class SqlSchema(SqlCore):
                     # Held back by an old transaction: the half-built index would be updated by
                     # every write and used by no read; drop it (no wait: nothing uses it).
                     conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {quote(name)}")
-                    added.append(f"outbox table {self.table.name!r}: index {name} NOT added: a transaction open "
-                                 f"since before the build (a pg_dump, a REPEATABLE READ session) held it back past "
-                                 f"{wait_s}s; the relay works without it, only slower; add it with: zeroloss init "
-                                 f"--source {self.url} --table {self.table.name}")
+                    added.append(
+                        f"outbox table {self.table.name!r}: index {name} NOT added: a transaction open "
+                        f"since before the build (a pg_dump, a REPEATABLE READ session) held it back past "
+                        f"{wait_s}s; the relay works without it, only slower; add it with: zeroloss init "
+                        f"--source {self.url} --table {self.table.name}"
+                    )
                     log.warning("%s", added[-1])
                     break  # the next build would wait for the same transaction
                 finally:
                     conn.exec_driver_sql("RESET lock_timeout")
                 if existed:
-                    added.append(f"outbox table {self.table.name!r}: added index {name} ({columns}) WHERE {where}, "
-                                 "so claims no longer walk the delivered rows")
+                    added.append(
+                        f"outbox table {self.table.name!r}: added index {name} ({columns}) WHERE {where}, "
+                        "so claims no longer walk the delivered rows"
+                    )
             if existed:
                 for old in (f"ix_{self.table.name}_claim", f"ix_{self.table.name}_key"):
                     if valid(old) is not None:
-                        added.append(f"outbox table {self.table.name!r}: index {old} is no longer used on PostgreSQL "
-                                     f"and slows every relay write; drop it once no older relay runs: "
-                                     f"DROP INDEX CONCURRENTLY {quote(old)}")
+                        added.append(
+                            f"outbox table {self.table.name!r}: index {old} is no longer used on PostgreSQL "
+                            f"and slows every relay write; drop it once no older relay runs: "
+                            f"DROP INDEX CONCURRENTLY {quote(old)}"
+                        )
         for line in added:
             log.info("%s", line)
         return added

@@ -103,8 +103,14 @@ def message_of(row: Any) -> Message:
 def row_of(msg: Message) -> dict[str, Any]:
     """The INSERT parameters for a new ``pending`` message."""
     return {
-        "id": msg.id, "topic": msg.topic, "msg_key": msg.key, "key_hash": key_hash(msg.key),
-        "value": msg.value, "state": State.PENDING.value, "attempts": msg.attempts,
-        "not_before": msg.not_before, "created_at": msg.created_at,
+        "id": msg.id,
+        "topic": msg.topic,
+        "msg_key": msg.key,
+        "key_hash": key_hash(msg.key),
+        "value": msg.value,
+        "state": State.PENDING.value,
+        "attempts": msg.attempts,
+        "not_before": msg.not_before,
+        "created_at": msg.created_at,
         "headers": json.dumps([[k, v.hex()] for k, v in msg.headers]) if msg.headers else None,
     }

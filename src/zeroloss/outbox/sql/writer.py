@@ -28,25 +28,45 @@ class SqlWriter(SqlCore):
 
     @overload
     def add(
-        self, conn: sa.Connection | Session, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
+        self,
+        conn: sa.Connection | Session,
+        *,
+        topic: str,
+        value: object,
+        key: bytes | str | None = None,
+        headers: HeadersIn | None = None,
     ) -> str: ...
 
     @overload
     def add(  # type: ignore[overload-overlap]  # first match wins: async callers get a coroutine
-        self, conn: AsyncConnection | AsyncSession, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
+        self,
+        conn: AsyncConnection | AsyncSession,
+        *,
+        topic: str,
+        value: object,
+        key: bytes | str | None = None,
+        headers: HeadersIn | None = None,
     ) -> Coroutine[Any, Any, str]: ...
 
     @overload
     def add(
-        self, conn: object, *, topic: str, value: object,
-        key: bytes | str | None = None, headers: HeadersIn | None = None,
+        self,
+        conn: object,
+        *,
+        topic: str,
+        value: object,
+        key: bytes | str | None = None,
+        headers: HeadersIn | None = None,
     ) -> str: ...  # Django's connection, inside transaction.atomic() (outbox/django.py)
 
     def add(
-        self, conn: object, *, topic: str,
-        value: object, key: bytes | str | None = None, headers: HeadersIn | None = None,
+        self,
+        conn: object,
+        *,
+        topic: str,
+        value: object,
+        key: bytes | str | None = None,
+        headers: HeadersIn | None = None,
     ) -> str | Coroutine[Any, Any, str]:
         """Insert one message in the caller's transaction (never commits); return its id.
 
@@ -66,7 +86,8 @@ class SqlWriter(SqlCore):
     ) -> Coroutine[Any, Any, list[str]]: ...
 
     def add_many(
-        self, conn: sa.Connection | Session | AsyncConnection | AsyncSession,
+        self,
+        conn: sa.Connection | Session | AsyncConnection | AsyncSession,
         messages: Sequence[Mapping[str, Any]],
     ) -> list[str] | Coroutine[Any, Any, list[str]]:
         """Like :meth:`add` for several messages (dicts of topic, value, key, headers), one statement.
@@ -101,9 +122,7 @@ class SqlWriter(SqlCore):
             f"Django's connection (the one running the business transaction), got {type(conn).__name__}"
         )
 
-    async def _insert_async(
-        self, conn: AsyncConnection | AsyncSession, stmt: sa.Insert, params: Any, result: T
-    ) -> T:
+    async def _insert_async(self, conn: AsyncConnection | AsyncSession, stmt: sa.Insert, params: Any, result: T) -> T:
         if params is not None:
             with self._errors("add a message"):
                 await conn.execute(stmt, params)
