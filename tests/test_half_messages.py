@@ -473,7 +473,10 @@ class TestOnTheBroker:
             committed.add(late_id)  # the check learns that it committed after all: the next check-back commits
             got = _receive_until(consumer, lambda got: late_id in _ids(got))
             got += _receive_until(consumer, lambda _: False, timeout=1)
-        assert _ids(got) == [first.id, late_id]
+        # At least once: a copy is allowed (a commit that reaches a loaded broker after its
+        # check-back timeout is put twice, once by the check-back's COMMIT; a lost ack redelivers);
+        # the consumer's inbox absorbs it by the zeroloss-id. Lost or reordered is not.
+        assert list(dict.fromkeys(_ids(got))) == [first.id, late_id]
         assert got[0].keys == {"k"}
 
     def test_sending_to_a_topic_that_is_not_transactional_is_a_config_error(
