@@ -3,6 +3,7 @@ here) and never where it is not (a pipe: logs, CI), where the plain log lines st
 
 from __future__ import annotations
 
+import logging
 import os
 import pty
 import re
@@ -12,8 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REDIS_URL, require_service, unique_topic
+from zeroloss.cli import drain_bar
 from zeroloss.outbox.spool import FileSpool
+from zeroloss.relay import RelayProgress
 
 MESSAGES = 600
 BAR_DONE = re.compile(rf"\r\x1b\[\?25lrelaying\s+\[#+\]\s+{MESSAGES}/{MESSAGES}\s+100%\s+\d+/s")
@@ -75,3 +80,51 @@ def test_relay_drain_draws_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_pat
     assert "relaying" not in logged and "\r" not in logged and "\x1b" not in logged, logged
     assert "relay started (until drained)" in logged and "relay stopped after" in logged
     assert f"{MESSAGES} delivered" in logged
+
+
+def _read_all(fd: int) -> str:
+    out = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        out += os.read(fd, 65536)
+    return out.decode()
+
+
+def test_a_log_line_while_the_bar_is_drawn_keeps_both_and_only_a_default_level_terminal_gets_a_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In this process, on a pseudo-terminal: an outage's WARNING ends the bar's line first (the
+    bar, with 'broker down', stays above it and is drawn again below; delivered and failed count
+    as done); and when a bar is wanted."""
+    master, slave = pty.openpty()
+    terminal = os.fdopen(slave, "w")
+    handler = logging.StreamHandler(terminal)
+    ours = logging.getLogger("zeroloss")
+    ours.addHandler(handler)
+    level = ours.level
+    try:
+        ours.setLevel(logging.INFO)
+        monkeypatch.setenv("TERM", "xterm")
+        assert drain_bar.wanted(True, 10, terminal)
+        assert not drain_bar.wanted(False, 10, terminal)  # a relay that runs forever has no total
+        assert not drain_bar.wanted(True, 0, terminal)  # --progress-s 0: nothing
+        ours.setLevel(logging.DEBUG)  # -v
+        assert not drain_bar.wanted(True, 10, terminal)
+        ours.setLevel(logging.INFO)
+        monkeypatch.setenv("TERM", "dumb")
+        assert not drain_bar.wanted(True, 10, terminal)
+
+        with drain_bar.drain_bar(terminal) as bar:
+            bar.show(RelayProgress(100, 50.0, 0, 900, 3.0, 0, None, ""))
+            bar.show(RelayProgress(100, 0.0, 0, 900, 5.0, 0, 12.0, "connection refused"))
+            logging.getLogger("zeroloss.relay").warning("broker unavailable (connection refused)")
+            bar.show(RelayProgress(400, 60.0, 2, 600, 1.0, 2, None, ""))
+        terminal.flush()
+        shown = _read_all(master)
+    finally:
+        ours.removeHandler(handler)
+        ours.setLevel(level)
+        terminal.close()
+        os.close(master)
+    first, rest = shown.split("broker unavailable (connection refused)", 1)
+    assert re.search(r"100/1000\s+10%.*broker down 12s\r?\n$", first), repr(first)  # ended, not overwritten
+    assert re.search(r"^\r?\n\r\x1b\[\?25lrelaying .*402/1002\s+40%.*2 failed\s*\x1b\[\?25h\r?\n$", rest), repr(rest)
