@@ -5,10 +5,12 @@ How it works: an example marks a region with the comment lines ``# [recipe:NAME]
 ``# [/recipe]``; a page puts ``<!-- recipe: examples/FILE.py NAME -->`` on the line before each
 ```` ```python ```` block, and that block must be the region, dedented. After editing an example,
 ``python -m tests.unit.test_recipe_snippets`` rewrites the pages' blocks from the regions.
-Also checked: every relative link of the recipe pages and the README points at a file."""
+Also checked: every relative link of the recipe pages and the README points at a file, and the
+README's python blocks that tests/test_readme.py does not run (fragments) at least parse."""
 
 from __future__ import annotations
 
+import ast
 import re
 import textwrap
 from pathlib import Path
@@ -58,6 +60,14 @@ def test_the_recipes_and_the_readme_link_to_files_that_exist() -> None:
     assert not broken, broken
     readme = (ROOT / "README.md").read_text()
     assert all(f"docs/recipes/{page.name}" in readme for page in PAGES if page.name != "README.md")
+
+
+def test_the_readme_fragments_that_are_not_run_parse() -> None:
+    blocks = re.findall(r"^```python( run)?\n(.*?)^```$", (ROOT / "README.md").read_text(), re.M | re.S)
+    fragments = [code for run, code in blocks if not run]
+    assert fragments, "no fragment found: has the README's block syntax changed?"
+    for code in fragments:
+        ast.parse(code)
 
 
 if __name__ == "__main__":
