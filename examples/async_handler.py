@@ -28,18 +28,22 @@ def async_billing(
 ) -> Consumer:
     consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox, **options)
 
+    # [recipe:bill]
     @consumer.handler
     async def bill(msg: Any, tx: Connection) -> None:
         order = msg.json()
-        rate = await fetch_rate(order["currency"])
+        rate = await fetch_rate(order["currency"])  # an async client
         tx.execute(
             text("INSERT INTO invoices (order_id, total_eur) VALUES (:id, :t)"),
             {"id": order["id"], "t": order["total"] * rate},
         )
 
+    # [/recipe]
+
     return consumer
 
 
+# [recipe:main]
 async def main(consumer: Consumer, run: Callable[[], None] | None = None) -> None:
     """An asyncio app: the consumer (``consumer.run`` unless told) in a thread of its own,
     stopped when the app stops."""
@@ -47,4 +51,7 @@ async def main(consumer: Consumer, run: Callable[[], None] | None = None) -> Non
     try:
         await task  # … the app's own work runs meanwhile on this loop
     finally:
-        consumer.stop()
+        consumer.stop()  # finishes the message in flight, commits, leaves the group
+
+
+# [/recipe]

@@ -51,16 +51,20 @@ def main(url: str) -> dict[str, Any]:
 
     with connection.schema_editor() as editor:  # `manage.py migrate`, here
         editor.create_model(Order)
+    # [recipe:place_order]
     outbox = SqlOutbox(url)  # the same database as Django's, for the relay's side
     outbox.create_schema()  # or `zeroloss init --source URL`
 
     def place_order(customer: str, total: Decimal) -> Order:  # a view's body
         with transaction.atomic():
             order = Order.objects.create(customer=customer, total=total)
+            # the value is JSON; its Decimal total goes as "99.50"
             outbox.add(
                 connection, topic="orders", key=customer, value={"id": order.pk, "customer": customer, "total": total}
             )
             return order
+
+    # [/recipe]
 
     placed = [place_order("customer-7", Decimal("99.50")), place_order("customer-8", Decimal("12.00"))]
     try:

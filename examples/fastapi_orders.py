@@ -59,6 +59,7 @@ def create_app(db_url: str) -> FastAPI:
     sessions = sessionmaker(engine)
     app = FastAPI()
 
+    # [recipe:create_order]
     def transaction() -> Iterator[Session]:
         with sessions.begin() as session:  # commits when the request succeeds, rolls back when it raises
             yield session
@@ -69,8 +70,10 @@ def create_app(db_url: str) -> FastAPI:
         session.add(row)
         session.flush()  # the id, from the database
         order = Order(id=row.id, customer=row.customer, total=row.total)
-        outbox.add(session, topic="orders", key=order.customer, value=order)  # same transaction as the row
+        outbox.add(session, topic="orders", key=order.customer, value=order)  # a pydantic model: JSON; same transaction
         return order
+
+    # [/recipe]
 
     app.state.engine, app.state.outbox = engine, outbox
     return app
@@ -83,13 +86,16 @@ def billing(broker: str, db_url: str, *, topic: str = "orders", group: str = "bi
     inbox.create_schema()  # the inbox table, with your migrations in a real app
     consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox)
 
-    @consumer.handler(model=Order)
+    # [recipe:bill]
+    @consumer.handler(model=Order)  # the JSON value, validated into the same pydantic model
     def bill(order: Order, tx: Connection) -> None:
         # The ORM on the inbox's transaction: the session's flush runs in it, and the consumer
         # commits it together with the inbox row (never call session.commit() here).
         with Session(bind=tx) as session:
             session.add(Invoice(order_id=order.id, customer=order.customer, total=order.total))
             session.flush()
+
+    # [/recipe]
 
     return consumer
 

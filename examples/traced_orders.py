@@ -18,10 +18,14 @@ from zeroloss import Consumer, SqlOutbox
 tracer = trace.get_tracer("shop")
 
 
+# [recipe:place_order]
 def place_order(outbox: SqlOutbox, order_id: int, customer: str) -> str:
     """One request: its span is current while the message is added, so the message carries it."""
     with tracer.start_as_current_span("POST /orders"), outbox.engine.begin() as conn:
         return outbox.add(conn, topic="orders", key=customer, value={"id": order_id, "customer": customer})
+
+
+# [/recipe]
 
 
 def traced_billing(
@@ -29,11 +33,14 @@ def traced_billing(
 ) -> Consumer:
     consumer = Consumer(broker, group=group, topics=[topic], inbox=inbox, **options)
 
+    # [recipe:bill]
     @consumer.handler
     def bill(msg: Any, tx: Connection) -> None:
         span = trace.get_current_span()  # "process orders", a child of the producer's "POST /orders"
         span.set_attribute("order.id", msg.json()["id"])
         tx.execute(text("SELECT 1"))  # the effect; its database spans (if instrumented) nest here
+
+    # [/recipe]
 
     return consumer
 

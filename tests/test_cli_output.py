@@ -278,3 +278,93 @@ def test_an_inbox_outage_is_one_error_line_and_its_end_one_info_line(
     assert len(errors) == 1 and "the inbox's store failed" in errors[0].getMessage(), [r.getMessage() for r in errors]
     back = [r for r in caplog.records if "the inbox is back after" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
+
+
+def _one_message_through(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tries: list[Callable[[Any], None]]
+) -> tuple[Consumer, list[logging.LogRecord]]:
+    """One message relayed to Redis and consumed with a SQLite inbox; the handler's n-th try runs
+    ``tries[n]`` on the inbox transaction. Returns the consumer and zeroloss's log records."""
+    require_service("redis")
+    from zeroloss.registry import open_broker, open_store
+    from zeroloss.relay import Relay
+
+    topic = unique_topic("corner")
+    store, broker = open_store(_outbox(tmp_path, topic, 1)), open_broker(REDIS_URL)
+    Relay(store, broker).drain(60)
+    store.close()
+    broker.close()
+    inbox = SqlInbox(f"sqlite:///{tmp_path / 'inbox.db'}")
+    inbox.create_schema()
+    consumer = Consumer(
+        REDIS_URL,
+        group=unique_topic("g"),
+        topics=[topic],
+        inbox=inbox,
+        max_attempts=3,
+        backoff_base_s=0.01,
+        max_backoff_s=0.02,
+        transaction_batch=1,  # each try its own: a shared transaction's failure is a WARNING of its own
+        parked_dir=tmp_path / "parked",
+    )
+    calls: list[int] = []
+
+    @consumer.handler
+    def handle(msg: Received, tx: Any) -> None:
+        calls.append(1)
+        tries[min(len(calls), len(tries)) - 1](tx)
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="zeroloss"):
+            consumer.run_until_idle(idle_s=0.5, timeout_s=60)
+    finally:
+        consumer.close()
+        inbox.close()
+    assert len(calls) == len(tries), calls
+    return consumer, [r for r in caplog.records if r.name.startswith("zeroloss")]
+
+
+def _missing_table(tx: Any) -> None:
+    tx.execute(sa.text("INSERT INTO bills (id) VALUES (1)"))  # no such table: the handler's database not set up
+
+
+def test_an_outage_that_changes_kind_is_said_again_and_its_end_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler's table is missing (ERROR), then the connection under its transaction is lost
+    (an outage of another kind: a second ERROR, not a DEBUG), then it works: one INFO line for
+    the end, and no attempt was spent on the message."""
+
+    def connection_lost(tx: Any) -> None:
+        tx.connection.dbapi_connection.close()  # SQLite's "closed database": SQLAlchemy invalidates the connection
+        tx.execute(sa.text("SELECT 1"))
+
+    consumer, records = _one_message_through(tmp_path, caplog, [_missing_table, connection_lost, lambda tx: None])
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, errors
+    assert "not set up for it, no such table (OperationalError: no such table: bills)" in errors[0], errors
+    assert "the inbox's store failed" in errors[1] and "closed database" in errors[1], errors
+    back = [r for r in records if " after " in r.getMessage() and "back" in r.getMessage()]
+    assert [r.levelno for r in back] == [logging.INFO], [r.getMessage() for r in back]
+    assert "the inbox is back after" in back[0].getMessage()
+    assert consumer.counters.processed == 1 and consumer.counters.retries == 0 and consumer.counters.store_errors == 2
+
+
+def test_an_outage_ends_with_its_line_when_the_next_try_fails_by_the_handlers_own_fault(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing table (ERROR, no attempt spent), then the handler raises on its own: the database
+    answered, so the outage's end is said (INFO) before the message's failed attempt (WARNING)."""
+
+    def refuses(tx: Any) -> None:
+        raise ValueError("order 1 has no customer")
+
+    consumer, records = _one_message_through(tmp_path, caplog, [_missing_table, refuses, lambda tx: None])
+    said = [(r.levelno, r.getMessage()) for r in records if r.levelno >= logging.INFO]
+    errors = [text for level, text in said if level >= logging.ERROR]
+    assert len(errors) == 1 and "not set up for it" in errors[0], errors
+    back = next(i for i, (_, text) in enumerate(said) if "the handler's database is set up after" in text)
+    failed = next(i for i, (_, text) in enumerate(said) if "failed (attempt 1 of 3)" in text)
+    assert said[back][0] == logging.INFO and said[failed][0] == logging.WARNING and back < failed, said
+    assert "ValueError: order 1 has no customer" in said[failed][1]
+    assert consumer.counters.processed == 1 and consumer.counters.retries == 1

@@ -191,7 +191,8 @@ def init(
     default=10.0,
     show_default=True,
     type=click.FloatRange(0),
-    help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never.",
+    help="Log a progress line this often (delivered, rate, backlog, oldest pending age); 0: never. "
+    "With --drain on a terminal, a progress bar instead.",
 )
 @option(
     "--metrics-port",
@@ -288,11 +289,13 @@ def relay(
 
     resolver = _resolver(source, resolver_sql, resolver_db, resolver_command)
 
+    from zeroloss.cli import drain_bar
     from zeroloss.http import HealthServer
     from zeroloss.registry import default_relay_id, open_broker, open_store
     from zeroloss.relay import KAFKA_BATCH_SIZE, Relay, RelaySettings
     from zeroloss.urls import scheme_of
 
+    bar_wanted = drain_bar.wanted(drain, progress_s, sys.stderr)
     if batch_size is None:  # Kafka: one transaction per batch, its fixed cost spread over more (issue 14)
         batch_size = KAFKA_BATCH_SIZE if scheme_of(target) == "kafka" else RelaySettings().batch_size
     settings = RelaySettings(
@@ -302,7 +305,8 @@ def relay(
         backoff_base_s=backoff_base_s,
         max_backoff_s=max_backoff_s,
         stats_every_s=None if metrics_port is None else 5.0,
-        progress_every_s=progress_s or None,
+        # on a terminal, a drain's bar is redrawn often; elsewhere a progress line every progress_s
+        progress_every_s=drain_bar.EVERY_S if bar_wanted else progress_s or None,
     )
     store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
@@ -315,7 +319,11 @@ def relay(
         server = HealthServer(metrics_port, host=metrics_host, ready=r.readiness).start()
         click.echo(f"metrics at http://{metrics_host}:{server.port}/metrics", err=True)
     try:
-        if drain:
+        if bar_wanted:
+            with drain_bar.drain_bar() as bar:
+                r.on_progress = bar.show
+                r.drain(timeout_s=86400)
+        elif drain:
             r.drain(timeout_s=86400)
         else:
             r.run()

@@ -6,6 +6,7 @@ says (start line, progress, outages, summary) and its readiness."""
 from __future__ import annotations
 
 from zeroloss.relay.loop import Relay
+from zeroloss.relay.reporting import RelayProgress
 from zeroloss.relay.settings import KAFKA_BATCH_SIZE, NOT_STARTED, RelayCounters, RelaySettings
 
-__all__ = ["KAFKA_BATCH_SIZE", "NOT_STARTED", "Relay", "RelayCounters", "RelaySettings"]
+__all__ = ["KAFKA_BATCH_SIZE", "NOT_STARTED", "Relay", "RelayCounters", "RelayProgress", "RelaySettings"]

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 
 from zeroloss import metrics
@@ -20,7 +20,7 @@ from zeroloss.errors import BrokerError, ConfigError, StoreError
 from zeroloss.logs import Progress
 from zeroloss.message import Message
 from zeroloss.outbox.base import ClaimsAfterRecording, Delivered, OutboxStore, Resolver, State, Wakeable
-from zeroloss.relay.reporting import RelayReports
+from zeroloss.relay.reporting import RelayProgress, RelayReports
 from zeroloss.relay.settings import NOT_STARTED, RelayCounters, RelaySettings
 
 log = logging.getLogger("zeroloss.relay")
@@ -36,11 +36,14 @@ class Relay(RelayReports):
         settings: RelaySettings | None = None,
         *,
         resolver: Resolver | None = None,
+        on_progress: Callable[[RelayProgress], None] | None = None,
     ) -> None:
+        """``on_progress``: called with each progress report instead of logging its line."""
         self.store = store
         self.broker = broker
         self.settings = settings or RelaySettings()
         self.resolver = resolver
+        self.on_progress = on_progress
         self.counters = RelayCounters()
         self._stop = threading.Event()
         self._outage = 0  # consecutive broker-wide failures, for the relay's own backoff
@@ -124,6 +127,8 @@ class Relay(RelayReports):
                         self._report()
                     self._idle()
         finally:
+            if self.on_progress is not None:  # where it ended, before the summary (a bar at its last place)
+                self._report()
             log.info("%s", self.summary())
 
     @contextlib.contextmanager

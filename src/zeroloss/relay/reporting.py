@@ -2,13 +2,17 @@
 line naming source, target and settings (passwords masked); a progress line every
 ``progress_every_s`` while there is anything to say; one WARNING when the broker or the store
 goes away and one line when it is back (the tries between are DEBUG); a summary when it stops.
-:class:`RelayReports` is a mixin of :class:`~zeroloss.relay.loop.Relay`, whose state it reads."""
+:class:`RelayReports` is a mixin of :class:`~zeroloss.relay.loop.Relay`, whose state it reads.
+A relay given ``on_progress`` hands it each :class:`RelayProgress` instead of logging the line
+(``zeroloss relay --drain`` on a terminal draws a bar with it)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from zeroloss import metrics
 from zeroloss.backoff import backoff_s
@@ -19,6 +23,20 @@ from zeroloss.outbox.base import OutboxStore, State
 from zeroloss.relay.settings import RelayCounters, RelaySettings
 
 log = logging.getLogger("zeroloss.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayProgress:
+    """What one progress report says: the progress line's figures."""
+
+    delivered: int
+    rate: float  # delivered per second since the previous report
+    failed: int  # failed by this relay
+    backlog: int  # pending and sending
+    oldest_pending_age_s: float | None
+    failed_in_outbox: int  # failed messages waiting for a person, whoever failed them
+    broker_down_s: float | None  # how long the broker has been unavailable, None while it answers
+    broker_error: str
 
 
 class RelayReports:
@@ -39,6 +57,7 @@ class RelayReports:
     _broker_last_error: str
     _progress: Progress
     _quiet: bool
+    on_progress: Callable[[RelayProgress], None] | None
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why): the store answered the last iteration and the broker is not in an outage."""
@@ -127,21 +146,21 @@ class RelayReports:
             self._quiet = True
         else:
             self._quiet = False
-        down = ""
-        if self._broker_down_since is not None:
-            down = f"; broker down for {age(time.monotonic() - self._broker_down_since)}: {self._broker_last_error}"
-        failed_now = stats.counts.get(State.FAILED, 0)
-        log.info(
-            "relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
-            "%d failed in the outbox waiting for a person%s",
+        down_s = None if self._broker_down_since is None else time.monotonic() - self._broker_down_since
+        report = RelayProgress(
             c.delivered,
             rate,
             c.failed,
             backlog,
-            age(stats.oldest_pending_age_s),
-            failed_now,
-            down,
+            stats.oldest_pending_age_s,
+            stats.counts.get(State.FAILED, 0),
+            down_s,
+            self._broker_last_error,
         )
+        if self.on_progress is not None:
+            self.on_progress(report)
+        else:
+            _log_progress(report)
 
     def _refresh_stats(self) -> None:
         """The outbox gauges; a store that cannot answer now is retried at the next refresh."""
@@ -151,6 +170,21 @@ class RelayReports:
             log.warning("cannot refresh outbox metrics: %s", exc)
             return
         metrics.observe_stats(stats, path=getattr(self.store, "root", None))
+
+
+def _log_progress(p: RelayProgress) -> None:
+    down = "" if p.broker_down_s is None else f"; broker down for {age(p.broker_down_s)}: {p.broker_error}"
+    log.info(
+        "relay progress: %d delivered (%.1f/s), %d failed by this relay; backlog %d (oldest pending %s); "
+        "%d failed in the outbox waiting for a person%s",
+        p.delivered,
+        p.rate,
+        p.failed,
+        p.backlog,
+        age(p.oldest_pending_age_s),
+        p.failed_in_outbox,
+        down,
+    )
 
 
 def _where(part: object) -> str:
