@@ -4,7 +4,8 @@ each a thin layer over one library function.
 ========================  ======================================================================================
 module                    commands
 ========================  ======================================================================================
-:mod:`.core`              ``init``, ``relay``, ``status``, ``broker``, ``demo``
+:mod:`.core`              ``init``, ``status``, ``broker``, ``demo``
+:mod:`.relay`             ``relay``
 :mod:`.messages`          ``show`` (any state); ``failed``, ``doubt``, ``malformed`` (list, show, retry, purge)
 :mod:`.checks`            ``doctor``, ``audit``
 :mod:`.deadletters`       ``dlq`` (list, show, replay)
@@ -14,7 +15,8 @@ module                    commands
 import zeroloss.cli.checks
 import zeroloss.cli.core
 import zeroloss.cli.deadletters
-import zeroloss.cli.messages  # noqa: F401  (importing the modules registers their commands)
+import zeroloss.cli.messages
+import zeroloss.cli.relay  # noqa: F401  (importing the modules registers their commands)
 from zeroloss.cli._base import main
 
 __all__ = ["main"]

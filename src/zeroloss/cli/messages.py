@@ -10,6 +10,8 @@ list|show|retry|purge``: the messages that wait for a person.
 
 Ids that are not in the state refuse the whole command with exit 2, changing nothing. ``purge``
 without ``--yes`` says what it would delete and exits 1. Bulk work shows a progress bar on stderr.
+(Over 400 lines: ``show`` and the three state groups render a message the same way, with the
+same private helpers.)
 """
 
 from __future__ import annotations
