@@ -17,13 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import VALUE, Row, machine, say, table
+from bench.common import PG, VALUE, Row, machine, report, say
 from zeroloss.brokers.kafka import kafka_module
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.inbox import SqlInbox
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
 GROUP_CONF = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 
 
@@ -175,39 +174,38 @@ def main() -> None:
             say(f"rep {r + 1}: zeroloss consumer, one inbox transaction per message ...")
             rates["single"].append(single_n / ours(broker.url, topic, single_n, 1))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(
-        table(
-            [
-                Row(
-                    "consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch=100",
-                    med["batch"],
-                    "hand-written: effect rows per batch (executemany), then offsets, no dedup",
-                    med["hand"],
-                    target="≥ 15k msg/s and ≥ 0.5x",
-                ),
-                Row(
-                    "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=100",
-                    med["batched"],
-                    "hand-written, per batch",
-                    med["hand"],
-                    target="(one INSERT per message)",
-                ),
-                Row(
-                    "consumer + SqlInbox (PostgreSQL), batch handler",
-                    med["batch"],
-                    "bare consumer, offsets only",
-                    med["bare"],
-                    target="(what reading alone costs)",
-                ),
-                Row(
-                    "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=1",
-                    med["single"],
-                    "hand-written, per batch",
-                    med["hand"],
-                    target="(for contrast)",
-                ),
-            ]
-        )
+    report(
+        [
+            Row(
+                "consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch=100",
+                med["batch"],
+                "hand-written: effect rows per batch (executemany), then offsets, no dedup",
+                med["hand"],
+                min_value=15_000,
+                min_ratio=0.5,
+            ),
+            Row(
+                "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=100",
+                med["batched"],
+                "hand-written, per batch",
+                med["hand"],
+                target="(report: one INSERT per message)",
+            ),
+            Row(
+                "consumer + SqlInbox (PostgreSQL), batch handler",
+                med["batch"],
+                "bare consumer, offsets only",
+                med["bare"],
+                target="(report: what reading alone costs)",
+            ),
+            Row(
+                "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=1",
+                med["single"],
+                "hand-written, per batch",
+                med["hand"],
+                target="(report: for contrast)",
+            ),
+        ]
     )
 
 

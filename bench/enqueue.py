@@ -1,7 +1,7 @@
 """Enqueue overhead: what writing the message costs the app's transaction.
 
 * SQL: a business INSERT + ``outbox.add`` in one transaction vs the business INSERT alone
-  (PostgreSQL, SQLite), one order per transaction as an app writes them.
+  (PostgreSQL, MariaDB, SQLite), one order per transaction as an app writes them.
 * Spool: ``FileSpool`` transaction (write + fsync + promote + directory fsyncs) vs a bare
   write+fsync of the same bytes; one writer, and 16 concurrent writers (group commit).
 
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.common import VALUE, Row, machine, median_rate, say, table
+from bench.common import MARIADB, PG, VALUE, Row, machine, median_rate, report, say
 from zeroloss.message import encode, new_message
 from zeroloss.outbox.spool import FileSpool
 from zeroloss.outbox.sql import SqlOutbox
 
-PG = "postgresql://postgres@127.0.0.1:5432/test"
+MAX_TIME_RATIO = 1.3
 
 
 def sql_pair(url: str, n: int, reps: int) -> tuple[float, float]:
@@ -60,6 +60,19 @@ def sql_pair(url: str, n: int, reps: int) -> tuple[float, float]:
         outbox.drop_schema()
         outbox.close()
     return ours, base
+
+
+def overhead_row(db: str, ours: float, base: float) -> Row:
+    """The issue's target is on time per transaction (≤ 1.3x the INSERT alone's): on rates, ≥ 1/1.3."""
+    return Row(
+        f"INSERT + outbox.add, {db}",
+        ours,
+        "INSERT alone",
+        base,
+        "txn/s",
+        target=f"≤ {MAX_TIME_RATIO}x the time (≥ {1 / MAX_TIME_RATIO:.2f}x the rate)",
+        min_ratio=1 / MAX_TIME_RATIO,
+    )
 
 
 def spool_pair(root: Path, n: int, reps: int, writers: int) -> tuple[float, float]:
@@ -109,18 +122,23 @@ def main() -> None:
     rows: list[Row] = []
     say("PostgreSQL ...")
     ours, base = sql_pair(PG, n, reps)
-    rows.append(Row("INSERT + outbox.add, PostgreSQL", ours, "INSERT alone", base, "txn/s", "≥ 0.67x (≤ 1.5x time)"))
+    rows.append(overhead_row("PostgreSQL", ours, base))
+    say("MariaDB ...")
+    ours, base = sql_pair(MARIADB, n, reps)
+    rows.append(overhead_row("MariaDB", ours, base))
     with tempfile.TemporaryDirectory(dir=os.environ.get("ZEROLOSS_BENCH_DIR")) as tmp:
         say("SQLite ...")
         ours, base = sql_pair(f"sqlite:///{Path(tmp) / 'bench.db'}", n, reps)
-        rows.append(Row("INSERT + outbox.add, SQLite", ours, "INSERT alone", base, "txn/s", "≥ 0.67x (≤ 1.5x time)"))
+        rows.append(overhead_row("SQLite", ours, base))
         say("spool, 1 writer ...")
         one, bare_one = spool_pair(Path(tmp), n, reps, 1)
         rows.append(Row("FileSpool add, 1 writer", one, "bare write+fsync", bare_one, "msg/s"))
         say("spool, 16 writers ...")
         many, bare_many = spool_pair(Path(tmp), n, reps, 16)
-        rows.append(Row("FileSpool add, 16 writers", many, "bare write+fsync, 16 writers", bare_many, "msg/s"))
-        rows.append(Row("FileSpool 16 writers vs 1 writer", many, "FileSpool 1 writer", one, "msg/s", "≥ 5x"))
+        rows.append(
+            Row("FileSpool add, 16 writers", many, "bare write+fsync, 16 writers", bare_many, "msg/s", min_ratio=0.7)
+        )
+        rows.append(Row("FileSpool 16 writers vs 1 writer", many, "FileSpool 1 writer", one, "msg/s", min_ratio=5))
         # The filesystem's own ceiling: how far 16 concurrent bare fsyncs get over one.
         rows.append(
             Row(
@@ -129,10 +147,10 @@ def main() -> None:
                 "bare write+fsync, 1 writer",
                 bare_one,
                 "msg/s",
-                "(the disk's ceiling)",
+                "(report: the disk's ceiling)",
             )
         )
-    print(table(rows))
+    report(rows)
 
 
 if __name__ == "__main__":

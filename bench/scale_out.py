@@ -32,8 +32,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from bench.common import VALUE, Row, machine, say, table
-from bench.relay_throughput import PG
+from bench.common import PG, VALUE, Row, machine, report, say
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.outbox.base import State
 from zeroloss.outbox.sql import SqlOutbox
@@ -167,8 +166,23 @@ def main() -> None:
             results[k] = [run_relays(broker.url, k, n, args.keys, args.batch_size, args.timeout_s) for _ in range(reps)]
     rate = {k: statistics.median(r.rate for r in runs) for k, runs in results.items()}
     base = counts[0]
-    rows = [Row(f"{plural(k)}, one PostgreSQL outbox → Kafka", rate[k], plural(base), rate[base]) for k in counts]
-    print(table(rows))
+    rows = []
+    for k in counts:
+        runs = results[k]
+        dup, lost = sum(r.duplicates for r in runs), sum(r.lost for r in runs)
+        split = ", ".join("/".join(map(str, r.split)) for r in runs)
+        rows.append(
+            Row(
+                f"{plural(k)}, one PostgreSQL outbox → Kafka ({lost} lost, {dup} duplicates; split {split})",
+                rate[k],
+                plural(base),
+                rate[base],
+                target=f"≥ 1.00x {plural(base)}; 0 lost, 0 duplicates",
+                min_ratio=1.0,
+                ok=lost == 0 and dup == 0,
+            )
+        )
+    report(rows)
     print()
     print("| relays | duplicates (all reps) | lost (all reps) | messages per relay (each rep) |")
     print("| --- | --- | --- | --- |")

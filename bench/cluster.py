@@ -1,0 +1,71 @@
+"""The relay on the three-broker Kafka cluster (tests/kafka_cluster.py: RF 3, min ISR 2, acks=all):
+``zeroloss relay --drain`` from a PostgreSQL outbox with N pending (as ``bench.cli_relay``) against a
+bare idempotent producer (acks=all) sending the same messages to the same cluster in the same run.
+
+The cluster is not started here (``make cluster`` does): when it is not answering, the rows say
+so and the script exits 0, so ``make bench`` goes on.
+
+Usage: python -m bench.cluster [--messages N] [--keys 100,10000,0] [--reps R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from tests.kafka_cluster import KafkaCluster
+
+from bench.cli_relay import cli_relay, keys_name
+from bench.common import Row, machine, median_rate, report, say
+from bench.relay_throughput import bare_producer
+
+BASELINE = "bare idempotent producer, same cluster"
+TARGET_RATIO = 0.25
+
+
+def row_name(keys: int) -> str:
+    return f"`zeroloss relay`, PostgreSQL → 3-broker Kafka cluster (RF 3, min ISR 2), {keys_name(keys)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--keys", default="100,10000,0", help="comma-separated key counts (0: unkeyed)")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    n, reps = args.messages, args.reps
+    key_counts = [int(k) for k in args.keys.split(",")]
+    cluster = KafkaCluster()
+    print(f"machine: {machine(f'Apache Kafka {cluster.version}, three KRaft nodes on {cluster.bootstrap}')}")
+    print(
+        f"messages: {n} x 200-byte values pending in PostgreSQL, `zeroloss relay --drain` as a process, "
+        f"median of {reps}"
+    )
+    if not cluster.answering():
+        say("the three-broker cluster is not answering: rows skipped (make cluster starts it)")
+        report(
+            [
+                Row(
+                    row_name(k),
+                    0.0,
+                    BASELINE,
+                    0.0,
+                    min_ratio=TARGET_RATIO,
+                    skipped="cluster not running (make cluster)",
+                )
+                for k in key_counts
+            ]
+        )
+        return
+    say("bare producer on the cluster ...")
+    bare = median_rate(lambda: bare_producer(cluster.bootstrap, n), reps)
+    rows = []
+    for keys in key_counts:
+        say(f"{keys_name(keys)} ...")
+        ours = statistics.median(cli_relay(cluster.url, n, keys, None, None, True) for _ in range(reps))
+        rows.append(Row(row_name(keys), ours, BASELINE, bare, min_ratio=TARGET_RATIO))
+    report(rows)
+
+
+if __name__ == "__main__":
+    main()
