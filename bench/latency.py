@@ -13,7 +13,8 @@ the baseline's (lower is better here).
 
 Targets (issue 14): p99 < 50 ms at 1,000 msg/s, < 100 ms at 5,000 msg/s; a rate between them or
 above is held to the bound of the next target rate up (<= 1,000: 50 ms, else 100 ms). The rate the
-writers reached is printed: a machine that cannot commit that fast shows it there.
+writers reached is printed, and a run whose commits fell below 95% of the rate asked misses its
+target whatever its p99: the p99 was measured at a lower rate.
 
 Usage: python -m bench.latency [--rates 1000,5000] [--seconds 15] [--writers N]
 """
@@ -42,6 +43,7 @@ WARM_UP_S = 1.0
 # Tansu answers a fetch only when fetch.wait.max.ms has passed, even with data waiting (Kafka
 # answers at once): the default 500 ms would measure the broker's wait, not zeroloss.
 FETCH = {"fetch.wait.max.ms": 10}
+REACHED = 0.95  # the share of the asked rate the app's commits must reach for the p99 row to count
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -49,9 +51,10 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
-def paced(rate: float, seconds: float, writers: int, send: Any) -> None:
-    """Call ``send(i)`` at ``rate`` per second for ``seconds``, spread over ``writers`` threads.
-    Sleeping here is the load's schedule, not a synchronisation."""
+def paced(rate: float, seconds: float, writers: int, send: Any) -> float:
+    """Call ``send(i)`` at ``rate`` per second for ``seconds``, spread over ``writers`` threads;
+    the rate reached (lower when the writers fall behind the schedule). Sleeping here is the
+    load's schedule, not a synchronisation."""
     total = int(rate * seconds)
     start = time.monotonic() + 0.2
 
@@ -67,9 +70,11 @@ def paced(rate: float, seconds: float, writers: int, send: Any) -> None:
         t.start()
     for t in threads:
         t.join()
+    return total / max(time.monotonic() - start, seconds)
 
 
-def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> list[float]:
+def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> tuple[list[float], float]:
+    """Latencies (ms) after the warm-up, and the commit rate the app's writers reached."""
     suffix = uuid.uuid4().hex[:8]
     table_name, topic = f"bench_lat_{suffix}", f"lat-{suffix}"
     outbox = SqlOutbox(PG, table=table_name)
@@ -126,7 +131,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
                 raise RuntimeError("the consumer stopped before its assignment")
             time.sleep(0.05)
         t0 = time.time()
-        paced(rate, seconds, writers, send)
+        reached = paced(rate, seconds, writers, send)
         consumer.join()
     finally:
         relay.terminate()
@@ -138,7 +143,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> lis
         inbox.close()
     missing = [m for m in committed if m not in handled]
     assert not missing, f"{len(missing)} committed messages never reached the handler; relay log {log}"
-    return [(handled[m] - t) * 1000 for m, t in committed.items() if t - t0 >= WARM_UP_S]
+    return [(handled[m] - t) * 1000 for m, t in committed.items() if t - t0 >= WARM_UP_S], reached
 
 
 def bare(bootstrap: str, rate: float, seconds: float) -> list[float]:
@@ -195,30 +200,32 @@ def measure(rate: float, seconds: float, writers: int) -> list[Row]:
         say(f"{rate:,.0f} msg/s: bare producer → bare consumer ...")
         base = bare(broker.bootstrap, rate, seconds)
         say(f"{rate:,.0f} msg/s: outbox → relay → consumer ({writers} writers) ...")
-        t = time.monotonic()
-        lat = ours(broker.url, rate, seconds, writers, Path(tmp))
-        reached = int(rate * seconds) / (time.monotonic() - t)  # a bound: includes the drain's tail
+        lat, reached = ours(broker.url, rate, seconds, writers, Path(tmp))
     print(
         f"{rate:,.0f} msg/s: zeroloss: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
-        f"max {max(lat):.1f} ms ({len(lat)} messages, the whole run at ≥ {reached:,.0f} msg/s); "
+        f"max {max(lat):.1f} ms ({len(lat)} messages; the app's commits reached {reached:,.0f} msg/s); "
         f"bare: p50 {pct(base, 50):.1f} ms, p99 {pct(base, 99):.1f} ms ({len(base)} messages); "
         f"mean {statistics.fmean(lat):.1f} vs {statistics.fmean(base):.1f} ms"
     )
     return [
         Row(
-            f"latency p50 at {rate:,.0f} msg/s, commit → handler (PostgreSQL outbox and inbox)",
+            f"latency p50 at {rate:,.0f} msg/s (commits reached {reached:,.0f}), commit → handler "
+            "(PostgreSQL outbox and inbox)",
             pct(lat, 50),
             "bare producer → consumer p50",
             pct(base, 50),
             unit="ms",
         ),
         Row(
-            f"latency p99 at {rate:,.0f} msg/s, commit → handler (PostgreSQL outbox and inbox)",
+            f"latency p99 at {rate:,.0f} msg/s (commits reached {reached:,.0f}), commit → handler "
+            "(PostgreSQL outbox and inbox)",
             pct(lat, 99),
             "bare producer → consumer p99",
             pct(base, 99),
             unit="ms",
+            target=f"< {p99_bound_ms(rate):.0f} ms, commits at ≥ {REACHED * rate:,.0f} msg/s",
             max_value=p99_bound_ms(rate),
+            ok=reached >= REACHED * rate,  # a p99 at a rate the writers did not reach is no p99 at that rate
         ),
     ]
 
