@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/mypy tests bench examples
 
 # Three workers; the tests of each fixed-port server (Kafka cluster, RocketMQ) run on one worker
-# (tests/conftest.py). Ends with bench-quick (about XX s) so the benchmarks cannot rot unnoticed; it checks they run, not speed.
+# (tests/conftest.py). Ends with bench-quick (about 2 minutes) so the benchmarks cannot rot unnoticed; it checks they run, not speed.
 test: install services lint
 	$(BIN)/pytest -q -n 3 --dist loadgroup
 	$(MAKE) bench-quick

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 VALUE = b"v" * 200
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 MARIADB = os.environ.get("ZEROLOSS_TEST_MARIADB", "mysql://root@127.0.0.1:3306/test")
-# `make bench` sets this: every script appends its rows (JSON lines) so bench.summary can print them all.
+# `make bench` and `make bench-quick` set this: every script appends its rows (JSON lines) there,
+# so bench.summary can print them all in one table.
 ROWS_ENV = "ZEROLOSS_BENCH_ROWS"
 HEADER = ["| benchmark | zeroloss | baseline | ratio | target | met? |", "| --- | --- | --- | --- | --- | --- |"]
 
