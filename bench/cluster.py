@@ -5,6 +5,10 @@ bare idempotent producer (acks=all) sending the same messages to the same cluste
 The cluster is not started here (``make cluster`` does): when it is not answering, the rows say
 so and the script exits 0, so ``make bench`` goes on.
 
+One run per key count by default (``--reps 1``): each drains N through three JVMs that share the
+2 cores with PostgreSQL and the relay, several minutes at 100k; more repetitions are for a quiet
+machine.
+
 Usage: python -m bench.cluster [--messages N] [--keys 100,10000,0] [--reps R]
 """
 
@@ -31,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--keys", default="100,10000,0", help="comma-separated key counts (0: unkeyed)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=1)
     args = ap.parse_args()
     n, reps = args.messages, args.reps
     key_counts = [int(k) for k in args.keys.split(",")]
@@ -39,7 +43,7 @@ def main() -> None:
     print(f"machine: {machine(f'Apache Kafka {cluster.version}, three KRaft nodes on {cluster.bootstrap}')}")
     print(
         f"messages: {n} x 200-byte values pending in PostgreSQL, `zeroloss relay --drain` as a process, "
-        f"median of {reps}"
+        f"median of {reps}; cluster: RF 3, min.insync.replicas 2, producers acks=all and idempotent"
     )
     if not cluster.answering():
         say("the three-broker cluster is not answering: rows skipped (make cluster starts it)")
