@@ -62,3 +62,14 @@ def test_report_appends_rows_the_summary_prints(tmp_path: Path, monkeypatch: pyt
     ).stdout
     assert table(first + second) in out
     assert "targets met: 1 of 2; skipped: 1; report only: 1" in out
+
+
+def test_make_bench_and_bench_quick_run_every_script() -> None:
+    """A new bench script that neither target runs would rot unseen (or be missing from the table)."""
+    makefile = (REPO / "Makefile").read_text()
+    scripts = {p.stem for p in (REPO / "bench").glob("*.py")} - {"__init__", "common", "summary"}
+    listed = makefile.split("BENCH_SCRIPTS :=", 1)[1].splitlines()[0].split()
+    assert sorted(listed) == sorted(scripts)
+    quick = makefile.split("\nbench-quick:", 1)[1].split("\n\n", 1)[0]
+    assert {s for s in scripts if f"-m bench.{s} " not in quick} == set()
+    assert "-m bench.summary" in quick
