@@ -68,9 +68,9 @@ def fetch_all(sub: Subscription, want: int, timeout_s: float = 30.0) -> list[Any
 def test_names_and_urls() -> None:
     assert rocketmq_topic("orders") == "orders"
     assert rocketmq_topic("orders.dlq") == "orders_dlq"  # as the relay's publishing side names it
-    assert parse_url("rocketmq://h:8081").namesrv == ("h", 9876)
-    assert parse_url("rocketmq://h:8081?namesrv=n:19876").namesrv == ("n", 19876)
-    for bad in ("rocketmq://h", "kafka://h:1", "rocketmq://h:1?namesrv=n"):
+    assert parse_url("rocketmq://h:8081").namesrvs == (("h", 9876),)
+    assert parse_url("rocketmq://h:8081?namesrv=n:19876").namesrvs == (("n", 19876),)
+    for bad in ("rocketmq://h:x", "kafka://h:1", "rocketmq://h:1?namesrv=n:x"):
         with pytest.raises(ConfigError):
             parse_url(bad)
     with pytest.raises(ConfigError, match="10 s"):
@@ -363,7 +363,7 @@ def test_errors_never_print_the_urls_secret_key() -> None:
     from zeroloss.brokers.rocketmq_url import parse_url
 
     with pytest.raises(ConfigError) as bad:
-        parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere")
+        parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere:x")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

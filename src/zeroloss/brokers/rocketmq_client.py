@@ -1,6 +1,7 @@
 """What every RocketMQ part that uses rocketmq-python-client shares (publisher, subscription, dead
-letters): loading the client library, starting a client object on the calling thread, and the
-one check that the gRPC proxy accepts connections (the client starts "successfully" with nothing
+letters, half messages): loading the client library, the one client configuration built from a
+parsed URL (proxy and credentials), starting a client object on the calling thread, and the one
+check that the gRPC proxy accepts connections (the client starts "successfully" with nothing
 to talk to). Why ``start`` sets the thread's event loop: docs/design.md, "brokers/rocketmq_client.py"."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 import warnings
 from typing import Any
 
+from zeroloss.brokers.rocketmq_url import RocketMQURL
 from zeroloss.errors import MissingExtraError
 
 
@@ -41,6 +43,17 @@ def rocketmq_module() -> Any:
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise MissingExtraError("rocketmq-python-client", "rocketmq", "the RocketMQ broker adapter") from exc
     return rocketmq
+
+
+def client_config(config: RocketMQURL, request_timeout: int) -> Any:
+    """The client's ClientConfiguration for ``config``: its proxy and its credentials (the client
+    signs every request with them; empty ones sign nothing). ``request_timeout``: whole seconds."""
+    rmq = rocketmq_module()
+    return rmq.ClientConfiguration(
+        config.endpoint,
+        rmq.Credentials(config.access_key, config.secret_key),
+        request_timeout=max(1, int(request_timeout)),
+    )
 
 
 def start(client: Any) -> None:

@@ -36,7 +36,7 @@ class RocketMQReader:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         self.url = url
-        self.namesrv = parse_url(url).namesrv
+        self.namesrv = parse_url(url).namesrvs[0]  # the first: reading is a tool's job, not failover's
         self.timeout_s = timeout_s
 
     def _call(self, address: tuple[str, int], code: int, fields: dict[str, str]) -> tuple[dict[str, Any], bytes]:
