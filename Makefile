@@ -44,7 +44,7 @@ chaos: install services
 	$(BIN)/python -m tests.chaos
 	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/crash/test_relay_crash.py tests/crash/test_brokers_crash.py \
 	  tests/test_half_messages.py tests/test_rocketmq_server.py tests/test_rocketmq_new_group.py \
-	  tests/test_rocketmq_hung_broker.py
+	  tests/test_rocketmq_hung_broker.py tests/test_rocketmq_acl.py
 	ZEROLOSS_CRASH_MATRIX=full $(BIN)/pytest -q tests/crash/test_subscription_crash.py -k rocketmq
 
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, and the ratio.

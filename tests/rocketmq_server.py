@@ -97,6 +97,32 @@ MAIN_CLASS = {
 }
 
 
+def acl_broker_props(credentials: tuple[str, str]) -> dict[str, str]:
+    """The broker side of a server whose gRPC proxy checks credentials (RocketMQ 5's ACL 2.0): the
+    broker keeps the users (one super user, ``credentials``, made at start) but checks nothing
+    itself, so the remoting protocol (zeroloss's admin, this module's set-up) stays unsigned."""
+    user, password = credentials
+    return {
+        "authenticationEnabled": "false",
+        "authenticationMetadataProvider": (
+            "org.apache.rocketmq.auth.authentication.provider.LocalAuthenticationMetadataProvider"
+        ),
+        "initAuthenticationUser": json.dumps({"username": user, "password": password}),
+    }
+
+
+def acl_proxy_props(credentials: tuple[str, str]) -> dict[str, Any]:
+    """The proxy side: every gRPC request must be signed by a user the broker keeps (the proxy asks
+    the broker for it with ``credentials``, the inner client's)."""
+    user, password = credentials
+    return {
+        "authenticationEnabled": True,
+        "authenticationProvider": "org.apache.rocketmq.auth.authentication.provider.DefaultAuthenticationProvider",
+        "authenticationMetadataProvider": "org.apache.rocketmq.proxy.auth.ProxyAuthenticationMetadataProvider",
+        "innerClientAuthenticationCredentials": json.dumps({"accessKey": user, "secretKey": password}),
+    }
+
+
 class ServerError(ServiceError):
     """The server did not reach the state asked for in time; the message carries the logs' tails."""
 
@@ -163,6 +189,7 @@ class RocketMQServer:
         jvm_opts: str | None = None,
         broker_props: Mapping[str, str] | None = None,
         proxy_props: Mapping[str, Any] | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         self.version = version or os.environ.get("ZEROLOSS_ROCKETMQ_VERSION") or DEFAULT_VERSION
         self.dir = Path(directory or os.environ.get("ZEROLOSS_ROCKETMQ_DIR") or cache_dir() / "rocketmq-server")
@@ -188,8 +215,9 @@ class RocketMQServer:
             ServerError,
         )
         self.jvm_opts = shlex.split(jvm_opts or os.environ.get("ZEROLOSS_ROCKETMQ_JVM_OPTS") or DEFAULT_JVM_OPTS)
-        self.broker_props = dict(broker_props or {})
-        self.proxy_props = dict(proxy_props or {})
+        self.credentials = credentials
+        self.broker_props = {**(acl_broker_props(credentials) if credentials else {}), **(broker_props or {})}
+        self.proxy_props = {**(acl_proxy_props(credentials) if credentials else {}), **(proxy_props or {})}
         self.start_timeout = float(os.environ.get("ZEROLOSS_ROCKETMQ_START_TIMEOUT") or 180)
 
     # --- addresses ---------------------------------------------------------------------------
@@ -289,6 +317,8 @@ class RocketMQServer:
             "transactionTimeOut": "3000",
             "transactionCheckInterval": "2000",
         }
+        if self.credentials:
+            props["authConfigPath"] = str(d / "auth")  # its users (RocksDB), with the rest of the data
         props.update(self.broker_props)
         return "".join(f"{k}={v}\n" for k, v in props.items())
 
@@ -442,7 +472,9 @@ class RocketMQServer:
     def client_config(self, request_timeout: float = 10) -> Any:
         from rocketmq import ClientConfiguration, Credentials
 
-        return ClientConfiguration(self.endpoint, Credentials(), request_timeout=request_timeout)
+        return ClientConfiguration(
+            self.endpoint, Credentials(*(self.credentials or ())), request_timeout=request_timeout
+        )
 
     def _round_trip(self, deadline: float) -> bool:
         """Send one message to CHECK_TOPIC through the gRPC proxy and receive and ack it."""

@@ -80,3 +80,25 @@ def proxy_refusal(endpoint: str, timeout_s: float) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def route_refusal(client: Any, topic: str, timeout_s: float) -> str | None:
+    """Why the proxy refuses ``client`` the route of ``topic`` (its code and message: 40100
+    UNAUTHORIZED for credentials its ACL refuses, 40402 for no such topic), None when it answers.
+    The client's own route lookup says only "failed to fetch route", whatever the cause."""
+    proto = rocketmq_module().grpc_protocol
+    req = proto.QueryRouteRequest()
+    req.topic.name = topic
+    config = client.client_configuration
+    req.endpoints.CopyFrom(config.rpc_endpoints.endpoints)
+    try:
+        future = client.rpc_client.query_topic_route_async(
+            config.rpc_endpoints, req, metadata=client.sign(), timeout=max(1, int(timeout_s))
+        )
+        res = future.result(timeout_s + 5)  # the client's deadline ends it first; the margin is for its threads
+    except Exception as exc:  # grpc's AioRpcError (UNAVAILABLE, DEADLINE_EXCEEDED), a future timeout
+        return f"{type(exc).__name__}: {exc}"
+    code = res.status.code
+    if code == proto.Code.OK:
+        return None
+    return f"code {code} {proto.Code.Name(code) if code in proto.Code.values() else ''}, {res.status.message}"

@@ -210,15 +210,24 @@ class RocketMQSubscription:
         self._started = True
         event = self._consumer._init_settings_event
         if event is None or not event.wait(settle_s):
-            # The settings go to the brokers a topic's route names and are refused for an unknown group.
+            # The settings go to the brokers a topic's route names and are refused for an unknown
+            # group; the client says why only in its own log, but a route request answers with the
+            # proxy's own refusal (credentials refused by its ACL: 40100 UNAUTHORIZED).
             raise BrokerError(
                 f"RocketMQ {where}: the proxy accepted no settings for the consumer within "
                 f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
                 f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker"
+                f"{self._route_refusal()}"
             )
         self.max_deliveries = self._consumer.max_attempts
         self._check_order(where)
         self._start_at_first()
+
+    def _route_refusal(self) -> str:
+        """Why the proxy refuses the first topic's route, as a clause of an error message ("" if it does not)."""
+        name = next(iter(self._by_name))
+        why = rocketmq_client.route_refusal(self._consumer, name, min(self.timeout_s, 5.0))
+        return "" if why is None else f"; the proxy refuses the route of {name}: {why}"
 
     def _check_order(self, where: str) -> None:
         """A FIFO topic read by a group that is not orderly keeps no key order: the proxy receives
