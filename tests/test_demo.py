@@ -3,6 +3,8 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,8 @@ from tests.broker_inspect import amqp_queue, kafka_partitions, nats_subjects, wi
 from tests.conftest import REDIS_URL, require_service
 from zeroloss.cli import main
 from zeroloss.demo import run_demo
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +118,7 @@ def test_the_demo_on_an_unreachable_rocketmq_proxy_says_so_before_declaring_anyt
         f"error: RocketMQ proxy 127.0.0.1:{port} (the URL's HOST:PORT, gRPC) does not accept connections"
         in result.output
     )
+    assert "is started by: make services" in result.output  # the one command, as the Makefile has it
     assert "created" not in result.output
     assert "Traceback" not in result.output
 
@@ -130,3 +135,9 @@ def test_the_demo_on_an_unreachable_rocketmq_name_server_says_which_one() -> Non
     assert "while declaring" in result.output and "ConnectionRefusedError" in result.output
     assert "Traceback" not in result.output
     assert "s3cret-key" not in result.output  # the secret key of the URL is masked: rocketmq://ak:***@...
+
+
+def test_make_services_starts_the_rocketmq_server_the_demo_names() -> None:
+    """The demo's hint for a dead RocketMQ proxy names `make services`: that target must start it."""
+    dry = subprocess.run(["make", "-n", "services"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "tests.rocketmq_server start" in dry.stdout, dry.stdout
