@@ -152,6 +152,38 @@ def test_a_slow_handler_keeps_its_message_past_the_invisible_duration(rocketmq: 
     assert db.counts() == Counter({msg.id: 1}) and c.counters.duplicates == 0
 
 
+def test_a_refused_visibility_change_leaves_the_message_its_receipt_handle(
+    rocketmq: RocketMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rocketmq-python-client copies the answer's receipt handle into the message before it checks
+    the answer: a refused extension left it empty and the ack after the commit failed (50001
+    INTERNAL_SERVER_ERROR; the message came back after invisible_s, measured). The broker refuses an
+    invisible time over the proxy's 12 h maximum (40011), so asking 13 h makes a real refusal."""
+    topic = rocketmq_plain.unique("handle")
+    group = rocketmq_plain.prepare(rocketmq, topic, fifo=False)
+    publish(rocketmq, [new_message(topic, b"v", key=b"k")], fifo=False)
+    sub = RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], invisible_s=10)
+    try:
+        (d,) = fetch_all_unacked(sub, 1)
+        handle = d.token.receipt_handle
+        sub.invisible_s = 13 * 3600  # the next extension asks for more than the proxy allows
+        sub.touch(d)
+        sub.invisible_s = 10
+        assert "invisibleTime is too large" in caplog.text  # the broker did refuse it
+        assert d.token.receipt_handle == handle
+        sub.ack(d)  # before the fix: BrokerError, 50001, with the empty handle
+    finally:
+        sub.close()
+
+
+def fetch_all_unacked(sub: Subscription, want: int, timeout_s: float = 30.0) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        got.extend(sub.fetch(want - len(got), 1.0))
+    return got
+
+
 class Crash(BaseException):
     """Stands in for the process dying in the handler: nothing after it runs (no commit, no ack)."""
 

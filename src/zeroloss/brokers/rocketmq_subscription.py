@@ -142,6 +142,19 @@ def _settings_consumer(rmq: Any) -> Any:
 class _Held:
     message: Any  # the client's Message; its receipt handle changes at every extension
     extended: float  # monotonic time of the last receive or extension
+    # The last receipt handle the broker gave for it. rocketmq-python-client (5.1.x) copies the
+    # handle of every visibility-change answer into the message before it checks the answer's
+    # status: a refused change leaves the message with an empty handle, and the ack after the inbox
+    # commit then fails (50001) and the message comes back. The one kept here is put back.
+    handle: str
+
+    def latest_handle(self) -> None:
+        """Keep the message's receipt handle if it has one (a change that succeeded, even late,
+        gave a new one and retired the old), else give it back the last one it had."""
+        if self.message.receipt_handle:
+            self.handle = self.message.receipt_handle
+        else:
+            self.message.receipt_handle = self.handle
 
 
 class RocketMQSubscription:
@@ -293,7 +306,7 @@ class RocketMQSubscription:
         out = []
         with self._lock:
             for m in msgs:
-                self._held[id(m)] = _Held(m, now)
+                self._held[id(m)] = _Held(m, now, m.receipt_handle)
                 out.append(self._delivery(m))
         return out
 
@@ -318,6 +331,9 @@ class RocketMQSubscription:
 
     def ack(self, d: Delivery) -> None:
         with self._lock:
+            held = self._held.get(id(d.token))
+            if held is not None:  # a refused visibility change, even one answered late, blanks it
+                held.latest_handle()
             try:
                 self._consumer.ack(d.token)
             except Exception as exc:
@@ -352,6 +368,7 @@ class RocketMQSubscription:
         failed = self._invisible([h.message for h in helds], self.invisible_s)
         for held in helds:
             exc = failed[id(held.message)]
+            held.latest_handle()
             if exc is None:
                 held.extended = now
             else:
@@ -391,7 +408,9 @@ class RocketMQSubscription:
     def _give_back(self, msgs: Sequence[Any]) -> None:
         with self._lock:
             for m in msgs:
-                self._held.pop(id(m), None)
+                held = self._held.pop(id(m), None)
+                if held is not None:
+                    held.latest_handle()
             failed = self._invisible(msgs, 0)
         for m in msgs:
             if (exc := failed[id(m)]) is not None:
