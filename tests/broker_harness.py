@@ -274,7 +274,7 @@ def rocketmq_harness(url: str) -> BrokerHarness:
     from zeroloss.brokers.rocketmq_fields import rocketmq_topic
     from zeroloss.brokers.rocketmq_url import parse_url
 
-    admin = RocketMQAdmin(parse_url(url).namesrv)
+    admin = RocketMQAdmin.for_url(parse_url(url))
 
     def read(topic: str) -> Entries:
         out: Entries = []

@@ -98,12 +98,14 @@ MAIN_CLASS = {
 
 
 def acl_broker_props(credentials: tuple[str, str]) -> dict[str, str]:
-    """The broker side of a server whose gRPC proxy checks credentials (RocketMQ 5's ACL 2.0): the
-    broker keeps the users (one super user, ``credentials``, made at start) but checks nothing
-    itself, so the remoting protocol (zeroloss's admin, this module's set-up) stays unsigned."""
+    """The broker side of a server that checks credentials (RocketMQ 5's ACL 2.0): the broker keeps
+    the users (one super user, ``credentials``, made at start) and refuses remoting requests
+    (zeroloss's admin and reader, this module's set-up) not signed by one of them."""
     user, password = credentials
     return {
-        "authenticationEnabled": "false",
+        "authenticationEnabled": "true",
+        "authenticationProvider": "org.apache.rocketmq.auth.authentication.provider.DefaultAuthenticationProvider",
+        "innerClientAuthenticationCredentials": json.dumps({"accessKey": user, "secretKey": password}),
         "authenticationMetadataProvider": (
             "org.apache.rocketmq.auth.authentication.provider.LocalAuthenticationMetadataProvider"
         ),
@@ -405,7 +407,7 @@ class RocketMQServer:
     @property
     def rocketmq_admin(self) -> RocketMQAdmin:
         """The remoting-protocol admin client on this server's name server (what zeroloss itself uses)."""
-        return RocketMQAdmin(self.namesrv_addr)
+        return RocketMQAdmin(self.namesrv_addr, credentials=self.credentials)
 
     def remoting(
         self, port: int, code: int, fields: Mapping[str, str] | None = None, body: bytes = b"", timeout: float = 10.0
@@ -413,7 +415,7 @@ class RocketMQServer:
         """One request in RocketMQ's own remoting protocol (what mqadmin speaks), JSON headers, to the
         broker's or name server's port: (response header, response body). Milliseconds, where
         mqadmin takes a JVM start and 3-4 s per command."""
-        return remoting_call(("127.0.0.1", port), code, fields, body, timeout)
+        return remoting_call(("127.0.0.1", port), code, fields, body, timeout, self.credentials)
 
     def create_topics(self, topics: Mapping[str, str], queues: int = 4) -> None:
         """Create or update topics, name -> message type (NORMAL, FIFO, DELAY, TRANSACTION), on the

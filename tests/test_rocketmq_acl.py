@@ -1,10 +1,13 @@
 """``rocketmq://AK:SK@HOST:PORT`` against a RocketMQ 5.5.0 whose gRPC proxy enforces its ACL: with
 the URL's credentials the publisher, the consumer and the half-message producer work; with a
 wrong secret or none each is refused with an error that says so (the proxy's 40100
-UNAUTHORIZED), and no error carries the secret. Before the fix the consumer and the half-message
-producer sent no credentials at all, whatever the URL said.
+UNAUTHORIZED), and no error carries the secret. The remoting protocol (admin: init, doctor; the
+reader: dlq, the demo's read-back) signs its requests as RocketMQ's AclClientRPCHook does. Before
+the fix the consumer, the half-message producer and the remoting requests carried no credentials
+at all, whatever the URL said.
 
-A throwaway server of its own (the shared one has no ACL), so this lives in ``make chaos``
+A throwaway server of its own (the shared one has no ACL; this one checks gRPC at the proxy and
+remoting at the broker), so this lives in ``make chaos``
 (about 8 s to start on an idle machine, 45 s on a busy one)."""
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from tests import rocketmq_plain
 from tests.conftest import only_in_the_full_crash_matrix
 from tests.rocketmq_server import RocketMQServer
 from zeroloss.brokers.base import Status
+from zeroloss.brokers.rocketmq_fields import rocketmq_topic
 from zeroloss.errors import BrokerError
 from zeroloss.message import new_message
 
@@ -89,6 +93,8 @@ def check_acl(server: RocketMQServer) -> None:
         committed = half.send(tx_topic, b"half", lambda half_id: half_id)
     assert committed.settled
 
+    check_remoting(server, good, [topic, f"{topic}.dlq"], {sent.id})
+
     for t, g, want in ((topic, group, sent.id), (tx_topic, f"g-{tx_topic}", committed.id)):
         sub = RocketMQSubscription(good, g, [t], invisible_s=10, settle_s=10)
         try:
@@ -101,3 +107,25 @@ def check_acl(server: RocketMQServer) -> None:
         finally:
             sub.close()
         assert got == [want]
+
+
+def check_remoting(server: RocketMQServer, good: str, topics: list[str], stored: set[str]) -> None:
+    """The remoting protocol (init, doctor, dlq, the demo's read-back) signed with the URL's
+    credentials passes the broker's ACL; unsigned or wrongly signed requests are refused."""
+    from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
+    from zeroloss.brokers.rocketmq_reader import RocketMQReader
+    from zeroloss.brokers.rocketmq_url import parse_url
+    from zeroloss.doctor.rocketmq import rocketmq_checks
+
+    for bad in (url(server, f"{USER}:wrong@"), url(server, "")):
+        with pytest.raises(BrokerError, match=r"(?i)signature|username|auth") as refused:
+            RocketMQAdmin.for_url(parse_url(bad)).topic_config(rocketmq_topic(topics[0]))
+        assert "wrong" not in str(refused.value)
+    admin = RocketMQAdmin.for_url(parse_url(good))
+    assert all(admin.topic_config(rocketmq_topic(t)) is not None for t in topics)
+    assert {s.id for s in RocketMQReader(good).read(topics[0])} == stored
+    verdicts = {c.name: c.verdict.name for c in rocketmq_checks(good, topic=topics[0])}
+    # read through signed requests: the broker's configuration and the topic's (its role FAILs
+    # for another reason: one master, no replica)
+    assert verdicts["broker broker-a flushDiskType"] == "OK", verdicts
+    assert verdicts[f"topic {rocketmq_topic(topics[0])}"] == "OK", verdicts

@@ -100,6 +100,20 @@ def test_the_publisher_the_dead_letter_sender_and_half_messages_sign_with_the_ur
     assert_signed_with_the_urls_credentials(half._client_config, "127.0.0.1:18081")
 
 
+def test_the_admin_and_the_reader_sign_their_remoting_requests_with_the_urls_credentials() -> None:
+    from zeroloss.brokers.rocketmq import RocketMQBroker
+    from zeroloss.brokers.rocketmq_reader import RocketMQReader
+    from zeroloss.brokers.rocketmq_remoting import signed
+
+    url = f"{CREDENTIALS}127.0.0.1:18081?namesrv=127.0.0.1:19876&cluster=C"
+    admin = RocketMQBroker(url).admin()
+    assert (admin.credentials, admin.cluster, admin.namesrvs) == (("AK1", "S3cr/t"), "C", (("127.0.0.1", 19876),))
+    assert RocketMQReader(url).credentials == ("AK1", "S3cr/t")
+    assert RocketMQReader("rocketmq://127.0.0.1:18081").credentials is None  # no credentials: unsigned
+    fields = signed({"topic": "t"}, b"", ("AK1", "S3cr/t"))
+    assert fields["AccessKey"] == "AK1" and "S3cr" not in str(fields)  # the secret signs, never travels
+
+
 def test_a_half_message_producer_that_cannot_start_does_not_print_the_secret(caplog: pytest.LogCaptureFixture) -> None:
     from zeroloss.half_messages import HalfMessageProducer, Resolution
 

@@ -161,7 +161,7 @@ class _RocketMQReader:
 
         config = parse_url(url)
         self.idle_s = idle_s
-        self.admin = RocketMQAdmin(config.namesrv, timeout_s=min(timeout_s, 10.0), cluster=config.cluster)
+        self.admin = RocketMQAdmin.for_url(config, timeout_s=min(timeout_s, 10.0))
         self.admin.masters()  # an unreachable name server says so now, even with nothing to check
         self._topics: dict[str, bool] = {}
 

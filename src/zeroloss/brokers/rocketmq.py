@@ -309,7 +309,7 @@ class RocketMQBroker:
 
     def admin(self) -> RocketMQAdmin:
         """The remoting-protocol admin client on the URL's name server."""
-        return RocketMQAdmin(self.config.namesrv, timeout_s=min(self.timeout_s, 10.0), cluster=self.config.cluster)
+        return RocketMQAdmin.for_url(self.config, timeout_s=min(self.timeout_s, 10.0))
 
     def _admin_call(self, doing: str, call: Callable[[RocketMQAdmin], T]) -> T:
         """Run ``call`` with the admin client; an unreachable name server says which one was tried."""

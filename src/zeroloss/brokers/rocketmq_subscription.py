@@ -273,7 +273,7 @@ class RocketMQSubscription:
         The proxy would start them at the last message and skip the backlog
         (:meth:`~zeroloss.brokers.rocketmq_admin.RocketMQAdmin.start_group_at_first`). This needs
         the name server; without it the consumer still runs, on the offsets it has, and says so."""
-        admin = RocketMQAdmin(self.config.namesrv, timeout_s=min(self.timeout_s, 10.0), cluster=self.config.cluster)
+        admin = RocketMQAdmin.for_url(self.config, timeout_s=min(self.timeout_s, 10.0))
         try:
             started = admin.start_group_at_first(self.group, list(self._by_name))
         except BrokerError as exc:

@@ -27,6 +27,11 @@ class RocketMQURL:
     secret_key: str = field(default="", repr=False)
 
     @property
+    def credentials(self) -> tuple[str, str] | None:
+        """(access key, secret key) to sign requests with; None when the URL names none."""
+        return (self.access_key, self.secret_key) if self.access_key else None
+
+    @property
     def namesrvs(self) -> tuple[tuple[str, int], ...]:
         """The name servers, in the order written (checked by :func:`parse_url`)."""
         return namesrv_addresses(self.namesrv)

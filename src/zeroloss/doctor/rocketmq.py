@@ -29,7 +29,7 @@ def rocketmq_checks(
 
     config = parse_url(url)
     checks = [_proxy_check(config.endpoint, timeout_s)]
-    admin = RocketMQAdmin(config.namesrv, timeout_s=timeout_s, cluster=config.cluster)
+    admin = RocketMQAdmin.for_url(config, timeout_s=timeout_s)
     try:
         info = admin.cluster_info()
         masters = info.masters(config.cluster)
