@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # Start any local service that does not answer (commands from the machine's env page).
 # The RocketMQ test server too (rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876, ~7 s to start,
-# ~560 MiB, ~5 % of a core idle): `zeroloss demo --target rocketmq://...` works after this alone.
+# ~570 MiB, ~5 % of a core idle): `zeroloss demo --target rocketmq://...` works after this alone.
 services: install
 	bash scripts/services.sh
 	$(BIN)/python -m tests.rocketmq_server start
