@@ -272,9 +272,9 @@ def rocketmq_harness(url: str) -> BrokerHarness:
     from zeroloss.brokers.rocketmq import RocketMQBroker
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
     from zeroloss.brokers.rocketmq_fields import rocketmq_topic
-    from zeroloss.brokers.rocketmq_url import check_url
+    from zeroloss.brokers.rocketmq_url import parse_url
 
-    admin = RocketMQAdmin(check_url(url).namesrv)
+    admin = RocketMQAdmin.for_url(parse_url(url))
 
     def read(topic: str) -> Entries:
         out: Entries = []

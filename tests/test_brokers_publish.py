@@ -429,13 +429,13 @@ def test_kafka_in_sync_replicas_below_the_minimum_is_an_outage_that_spends_no_at
 
 def test_rocketmq_urls_name_the_proxy_the_name_server_and_credentials() -> None:
     from zeroloss.brokers.rocketmq_fields import rocketmq_topic
-    from zeroloss.brokers.rocketmq_url import check_url
+    from zeroloss.brokers.rocketmq_url import parse_url
 
-    u = check_url("rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876")
+    u = parse_url("rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876")
     assert (u.endpoint, u.namesrv, u.cluster, u.access_key) == ("127.0.0.1:18081", "127.0.0.1:19876", None, "")
-    u = check_url("rocketmq://ak:s%2Fk@mq.example")  # RocketMQ's default ports: proxy 8081, name server 9876
+    u = parse_url("rocketmq://ak:s%2Fk@mq.example")  # RocketMQ's default ports: proxy 8081, name server 9876
     assert (u.endpoint, u.namesrv, u.access_key, u.secret_key) == ("mq.example:8081", "mq.example:9876", "ak", "s/k")
-    assert check_url("rocketmq://h:1?namesrv=a:1;b:2&cluster=C").cluster == "C"
+    assert parse_url("rocketmq://h:1?namesrv=a:1;b:2&cluster=C").cluster == "C"
     for bad, why in (
         ("kafka://h:1", "not a RocketMQ URL"),
         ("rocketmq://h:1?queues=3", "unknown setting"),
@@ -444,7 +444,7 @@ def test_rocketmq_urls_name_the_proxy_the_name_server_and_credentials() -> None:
         ("rocketmq://h:x", "bad port"),
     ):
         with pytest.raises(ConfigError, match=why):
-            check_url(bad)
+            parse_url(bad)
     assert rocketmq_topic("orders.dlq") == "orders_dlq"  # RocketMQ allows no '.' in a topic name
     with pytest.raises(ValueError, match="cannot be a RocketMQ topic"):
         rocketmq_topic("x" * 200)  # zeroloss allows 249 characters, RocketMQ 127

@@ -3,6 +3,9 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,8 @@ from tests.broker_inspect import amqp_queue, kafka_partitions, nats_subjects, wi
 from tests.conftest import REDIS_URL, require_service
 from zeroloss.cli import main
 from zeroloss.demo import run_demo
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +119,7 @@ def test_the_demo_on_an_unreachable_rocketmq_proxy_says_so_before_declaring_anyt
         f"error: RocketMQ proxy 127.0.0.1:{port} (the URL's HOST:PORT, gRPC) does not accept connections"
         in result.output
     )
+    assert "is started by: make services" in result.output  # the one command, as the Makefile has it
     assert "created" not in result.output
     assert "Traceback" not in result.output
 
@@ -130,3 +136,25 @@ def test_the_demo_on_an_unreachable_rocketmq_name_server_says_which_one() -> Non
     assert "while declaring" in result.output and "ConnectionRefusedError" in result.output
     assert "Traceback" not in result.output
     assert "s3cret-key" not in result.output  # the secret key of the URL is masked: rocketmq://ak:***@...
+
+
+def test_make_services_starts_the_rocketmq_server_the_demo_names() -> None:
+    """The demo's hint for a dead RocketMQ proxy names `make services`: that target must start it."""
+    dry = subprocess.run(["make", "-n", "services"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "tests.rocketmq_server start" in dry.stdout, dry.stdout
+
+
+def test_make_services_on_a_machine_without_java_says_so_and_goes_on() -> None:
+    """As the rocketmq fixture skips there, the RocketMQ line of make services does not fail
+    (it does under CI, where the tests would fail anyway)."""
+    env = {"PATH": str(REPO / ".venv" / "bin"), "HOME": str(Path.home())}  # no java on it, no JAVA_HOME
+    for ci, code in ((None, 0), ("1", 1)):
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.rocketmq_server", "start"],
+            cwd=REPO,
+            env={**env, **({"CI": ci} if ci else {})},
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == code, done.stderr
+        assert "not started: no java" in done.stderr  # "or mvn" too while the jars are not cached

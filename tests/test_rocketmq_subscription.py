@@ -68,9 +68,9 @@ def fetch_all(sub: Subscription, want: int, timeout_s: float = 30.0) -> list[Any
 def test_names_and_urls() -> None:
     assert rocketmq_topic("orders") == "orders"
     assert rocketmq_topic("orders.dlq") == "orders_dlq"  # as the relay's publishing side names it
-    assert parse_url("rocketmq://h:8081").namesrv == ("h", 9876)
-    assert parse_url("rocketmq://h:8081?namesrv=n:19876").namesrv == ("n", 19876)
-    for bad in ("rocketmq://h", "kafka://h:1", "rocketmq://h:1?namesrv=n"):
+    assert parse_url("rocketmq://h:8081").namesrvs == (("h", 9876),)
+    assert parse_url("rocketmq://h:8081?namesrv=n:19876").namesrvs == (("n", 19876),)
+    for bad in ("rocketmq://h:x", "kafka://h:1", "rocketmq://h:1?namesrv=n:x"):
         with pytest.raises(ConfigError):
             parse_url(bad)
     with pytest.raises(ConfigError, match="10 s"):
@@ -150,6 +150,38 @@ def test_a_slow_handler_keeps_its_message_past_the_invisible_duration(rocketmq: 
         c.close()
     assert stolen == [], "another consumer of the group got the message while its handler still ran"
     assert db.counts() == Counter({msg.id: 1}) and c.counters.duplicates == 0
+
+
+def test_a_refused_visibility_change_leaves_the_message_its_receipt_handle(
+    rocketmq: RocketMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rocketmq-python-client copies the answer's receipt handle into the message before it checks
+    the answer: a refused extension left it empty and the ack after the commit failed (50001
+    INTERNAL_SERVER_ERROR; the message came back after invisible_s, measured). The broker refuses an
+    invisible time over the proxy's 12 h maximum (40011), so asking 13 h makes a real refusal."""
+    topic = rocketmq_plain.unique("handle")
+    group = rocketmq_plain.prepare(rocketmq, topic, fifo=False)
+    publish(rocketmq, [new_message(topic, b"v", key=b"k")], fifo=False)
+    sub = RocketMQSubscription(rocketmq_plain.url(rocketmq), group, [topic], invisible_s=10)
+    try:
+        (d,) = fetch_all_unacked(sub, 1)
+        handle = d.token.receipt_handle
+        sub.invisible_s = 13 * 3600  # the next extension asks for more than the proxy allows
+        sub.touch(d)
+        sub.invisible_s = 10
+        assert "invisibleTime is too large" in caplog.text  # the broker did refuse it
+        assert d.token.receipt_handle == handle
+        sub.ack(d)  # before the fix: BrokerError, 50001, with the empty handle
+    finally:
+        sub.close()
+
+
+def fetch_all_unacked(sub: Subscription, want: int, timeout_s: float = 30.0) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        got.extend(sub.fetch(want - len(got), 1.0))
+    return got
 
 
 class Crash(BaseException):
@@ -363,7 +395,7 @@ def test_errors_never_print_the_urls_secret_key() -> None:
     from zeroloss.brokers.rocketmq_url import parse_url
 
     with pytest.raises(ConfigError) as bad:
-        parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere")
+        parse_url("rocketmq://ak:SECRET@127.0.0.1:1?namesrv=nowhere:x")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

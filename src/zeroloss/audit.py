@@ -157,11 +157,11 @@ class _RocketMQReader:
 
     def __init__(self, url: str, *, timeout_s: float, idle_s: float) -> None:
         from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
-        from zeroloss.brokers.rocketmq_url import check_url
+        from zeroloss.brokers.rocketmq_url import parse_url
 
-        config = check_url(url)
+        config = parse_url(url)
         self.idle_s = idle_s
-        self.admin = RocketMQAdmin(config.namesrv, timeout_s=min(timeout_s, 10.0), cluster=config.cluster)
+        self.admin = RocketMQAdmin.for_url(config, timeout_s=min(timeout_s, 10.0))
         self.admin.masters()  # an unreachable name server says so now, even with nothing to check
         self._topics: dict[str, bool] = {}
 

@@ -28,7 +28,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from zeroloss.brokers.base import GroupAdmin, Reachable, TopicAdmin, TopicSpec
 from zeroloss.consumer import Consumer, ConsumerSettings, Received
 from zeroloss.embedded_broker import EmbeddedBroker
-from zeroloss.errors import ConfigError
+from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.inbox import SqlInbox
 from zeroloss.outbox.base import State
 from zeroloss.outbox.sql import SqlOutbox
@@ -47,6 +47,11 @@ BROKER_NAMES = {
     "redis": "Redis Streams",
     "rediss": "Redis Streams",
     "rocketmq": "RocketMQ",
+}
+# What a dead endpoint's error adds for the servers this repository runs for trying zeroloss out.
+SERVER_HINTS = {
+    "rocketmq": "the repository's RocketMQ test server (rocketmq://127.0.0.1:18081?namesrv=127.0.0.1:19876) "
+    "is started by: make services",
 }
 
 shop = MetaData()
@@ -164,7 +169,13 @@ def run_demo(orders: int = 3000, echo: Callable[[str], None] = print, target: st
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="zeroloss-demo-"))
         echo(f"broker {safe_url(run.url)} ({BROKER_NAMES.get(scheme_of(run.url), '?')}), topic {run.topic}")
         if isinstance(admin, Reachable):  # else a dead endpoint shows only as the relay's 2-minute wait
-            admin.check_reachable()  # before declaring, which would leave a topic behind
+            try:
+                admin.check_reachable()  # before declaring, which would leave a topic behind
+            except BrokerError as exc:
+                hint = SERVER_HINTS.get(scheme_of(run.url))
+                if hint is None:
+                    raise
+                raise BrokerError(f"{exc}; {hint}", retriable=exc.retriable) from exc
         for declared in admin.declare([run.topic], TopicSpec(group=run.group)):
             echo(f"  {declared}")
         code = _run(orders, run, Path(tmp), echo, started)

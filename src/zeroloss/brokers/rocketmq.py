@@ -21,7 +21,7 @@ from zeroloss.brokers.base import Declared, Outcome, Status, TopicSpec, with_dea
 from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
 from zeroloss.brokers.rocketmq_client import rocketmq_module
 from zeroloss.brokers.rocketmq_fields import index_key, message_group, rocketmq_topic, user_properties
-from zeroloss.brokers.rocketmq_url import check_url
+from zeroloss.brokers.rocketmq_url import parse_url
 from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import Message
 from zeroloss.urls import safe_url
@@ -82,7 +82,7 @@ class RocketMQBroker:
     def __init__(self, url: str, *, timeout_s: float = 30.0, queues: int = 4) -> None:
         self._rmq = rocketmq_module()
         self.url = url
-        self.config = check_url(url)
+        self.config = parse_url(url)
         self.timeout_s = timeout_s
         self.queues = queues
         # request_timeout is whole seconds on the wire (a protobuf Duration's seconds).
@@ -97,12 +97,7 @@ class RocketMQBroker:
     # -- the client -----------------------------------------------------------------------------
 
     def client_config(self) -> Any:
-        rmq = self._rmq
-        return rmq.ClientConfiguration(
-            self.config.endpoint,
-            rmq.Credentials(self.config.access_key, self.config.secret_key),
-            request_timeout=self.request_timeout,
-        )
+        return rocketmq_client.client_config(self.config, self.request_timeout)
 
     def _ensure_producer(self) -> Any:
         if self._producer is not None and not self._broken:
@@ -314,7 +309,7 @@ class RocketMQBroker:
 
     def admin(self) -> RocketMQAdmin:
         """The remoting-protocol admin client on the URL's name server."""
-        return RocketMQAdmin(self.config.namesrv, timeout_s=min(self.timeout_s, 10.0), cluster=self.config.cluster)
+        return RocketMQAdmin.for_url(self.config, timeout_s=min(self.timeout_s, 10.0))
 
     def _admin_call(self, doing: str, call: Callable[[RocketMQAdmin], T]) -> T:
         """Run ``call`` with the admin client; an unreachable name server says which one was tried."""

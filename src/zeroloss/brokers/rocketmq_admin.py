@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeroloss.brokers.rocketmq_remoting import (
+    Credentials,
     RemotingError,
     RequestCode,
     ResponseCode,
@@ -24,6 +25,7 @@ from zeroloss.brokers.rocketmq_remoting import (
     parse_address,
     remoting_call,
 )
+from zeroloss.brokers.rocketmq_url import RocketMQURL, namesrv_addresses
 from zeroloss.errors import BrokerError, ConfigError
 
 MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION")
@@ -51,11 +53,25 @@ class RocketMQAdmin:
     """Admin requests through the name server at ``namesrv`` (``host:port``); every failure to reach
     it or a broker is a retriable :class:`BrokerError`, a refused request a :class:`RemotingError`."""
 
-    def __init__(self, namesrv: str, *, timeout_s: float = 10.0, cluster: str | None = None) -> None:
+    def __init__(
+        self,
+        namesrv: str,
+        *,
+        timeout_s: float = 10.0,
+        cluster: str | None = None,
+        credentials: Credentials | None = None,
+    ) -> None:
         self.namesrv = namesrv
-        self.address = parse_address(namesrv)
+        self.credentials = credentials  # every request signed with them (a broker with ACL checks)
+        self.namesrvs = namesrv_addresses(namesrv)  # several: each is asked in turn until one answers
+        self.address = self.namesrvs[0]
         self.timeout_s = timeout_s
         self.cluster = cluster
+
+    @classmethod
+    def for_url(cls, config: RocketMQURL, timeout_s: float = 10.0) -> RocketMQAdmin:
+        """The admin of a parsed ``rocketmq://`` URL: its name servers, cluster and credentials."""
+        return cls(config.namesrv, timeout_s=timeout_s, cluster=config.cluster, credentials=config.credentials)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -64,12 +80,16 @@ class RocketMQAdmin:
     ) -> tuple[dict[str, Any], bytes]:
         """One request to ``address`` (the name server's or a broker's); the answer as it is."""
         where = parse_address(address, 10911) if isinstance(address, str) else address
-        try:
-            return remoting_call(where, code, fields, body, self.timeout_s)
-        except (OSError, ValueError) as exc:  # ValueError: an answer that is not a remoting frame
-            raise BrokerError(
-                f"RocketMQ at {where[0]}:{where[1]} (request {code}): {type(exc).__name__}: {exc}", retriable=True
-            ) from exc
+        # The name servers share nothing and each knows every broker: the next one answers as well.
+        tried = self.namesrvs if where == self.address else (where,)
+        failures = []
+        for one in tried:
+            try:
+                return remoting_call(one, code, fields, body, self.timeout_s, self.credentials)
+            except (OSError, ValueError) as exc:  # ValueError: an answer that is not a remoting frame
+                failures.append(f"{one[0]}:{one[1]} (request {code}): {type(exc).__name__}: {exc}")
+                error = exc
+        raise BrokerError(f"RocketMQ at {'; at '.join(failures)}", retriable=True) from error
 
     def request(
         self,

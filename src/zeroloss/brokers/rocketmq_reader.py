@@ -36,12 +36,14 @@ class RocketMQReader:
 
     def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
         self.url = url
-        self.namesrv = parse_url(url).namesrv
+        config = parse_url(url)
+        self.namesrv = config.namesrvs[0]  # the first: reading is a tool's job, not failover's
+        self.credentials = config.credentials
         self.timeout_s = timeout_s
 
     def _call(self, address: tuple[str, int], code: int, fields: dict[str, str]) -> tuple[dict[str, Any], bytes]:
         try:
-            return remoting_call(address, code, fields, timeout=self.timeout_s)
+            return remoting_call(address, code, fields, timeout=self.timeout_s, credentials=self.credentials)
         except (OSError, ValueError) as exc:
             raise BrokerError(
                 f"RocketMQ at {address[0]}:{address[1]} (remoting protocol): {type(exc).__name__}: {exc}"

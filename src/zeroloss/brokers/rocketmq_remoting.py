@@ -1,11 +1,15 @@
 """RocketMQ's remoting protocol (what ``mqadmin`` and the brokers speak, no client library): one
-request/response per TCP connection with a JSON header, its lenient JSON, the request and answer
-codes used here, and the commit-log record format of pulled or queried messages. Used by
+request/response per TCP connection with a JSON header, signed when credentials are given (what
+RocketMQ's AclClientRPCHook does), its lenient JSON, the request and answer codes used here, and
+the commit-log record format of pulled or queried messages. Used by
 :mod:`zeroloss.brokers.rocketmq_admin` and :mod:`zeroloss.brokers.rocketmq_reader`."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import socket
 import struct
@@ -66,12 +70,26 @@ class RemotingError(BrokerError):
         self.remark = remark
 
 
+Credentials = tuple[str, str]  # (access key, secret key)
+
+
+def signed(fields: Mapping[str, str], body: bytes, credentials: Credentials) -> dict[str, str]:
+    """``fields`` with the ``AccessKey`` and the ``Signature`` a broker with ACL checks: HMAC-SHA1
+    (base64) by the secret key of every field's value in key order, then the body."""
+    access_key, secret_key = credentials
+    out = {**fields, "AccessKey": access_key}
+    content = "".join(v for k, v in sorted(out.items()) if k != "Signature").encode() + body
+    out["Signature"] = base64.b64encode(hmac.new(secret_key.encode(), content, hashlib.sha1).digest()).decode()
+    return out
+
+
 def remoting_call(
     address: tuple[str, int],
     code: int,
     fields: Mapping[str, str] | None = None,
     body: bytes = b"",
     timeout: float = 10.0,
+    credentials: Credentials | None = None,
 ) -> tuple[dict[str, Any], bytes]:
     """One request/response of RocketMQ's remoting protocol with a JSON header; OSError when the
     address does not answer.
@@ -79,8 +97,9 @@ def remoting_call(
     A frame is: int32 length of what follows, int32 header length (its top byte the serialization,
     0 = JSON), the header, the body. The answer's header is JSON too; its body is whatever the
     request returns (see :func:`loads` for the JSON in it)."""
+    ext = signed(fields or {}, body, credentials) if credentials else dict(fields or {})
     header = json.dumps(
-        {"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0, "extFields": dict(fields or {})}
+        {"code": code, "language": "PYTHON", "version": 0, "opaque": 1, "flag": 0, "extFields": ext}
     ).encode()
     frame = struct.pack(">ii", 4 + len(header) + len(body), len(header)) + header + body
     with socket.create_connection(address, timeout=timeout) as s:

@@ -23,7 +23,7 @@ from zeroloss.brokers.base import Outcome, Status, publish_one
 from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
 from zeroloss.brokers.rocketmq_client import rocketmq_module
 from zeroloss.brokers.rocketmq_fields import is_system_property, key_text, rocketmq_topic
-from zeroloss.brokers.rocketmq_url import parse_url
+from zeroloss.brokers.rocketmq_url import RocketMQURL, parse_url
 from zeroloss.brokers.subscription import Delivery, check_id
 from zeroloss.errors import BrokerError, ConfigError
 from zeroloss.message import ID_HEADER, Message
@@ -46,11 +46,6 @@ _REFUSED = (
 )
 
 
-def client_config(url: str, timeout_s: float) -> Any:
-    rmq = rocketmq_module()
-    return rmq.ClientConfiguration(parse_url(url).proxy, rmq.Credentials(), request_timeout=max(1, int(timeout_s)))
-
-
 def _broker_error(what: str, exc: BaseException) -> BrokerError:
     return BrokerError(f"RocketMQ {what}: {type(exc).__name__}: {exc}")
 
@@ -64,15 +59,19 @@ class LetterPublisher:
     The letter goes as a NORMAL message with the key as message key; a dead-letter topic made FIFO
     gets the key (else the id) as message group instead of a refusal."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, config: RocketMQURL | None = None) -> None:
         self._rmq = rocketmq_module()
         self.url = url
+        self.config = config or parse_url(url)
         self.timeout_s = timeout_s
         self._producer: Any = None
 
+    def client_config(self) -> Any:
+        return rocketmq_client.client_config(self.config, int(self.timeout_s))
+
     def _started(self) -> Any:
         if self._producer is None:
-            producer = self._rmq.Producer(client_config(self.url, self.timeout_s))
+            producer = self._rmq.Producer(self.client_config())
             try:
                 rocketmq_client.start(producer)
             except Exception as exc:
@@ -143,6 +142,19 @@ def _settings_consumer(rmq: Any) -> Any:
 class _Held:
     message: Any  # the client's Message; its receipt handle changes at every extension
     extended: float  # monotonic time of the last receive or extension
+    # The last receipt handle the broker gave for it. rocketmq-python-client (5.1.x) copies the
+    # handle of every visibility-change answer into the message before it checks the answer's
+    # status: a refused change leaves the message with an empty handle, and the ack after the inbox
+    # commit then fails (50001) and the message comes back. The one kept here is put back.
+    handle: str
+
+    def latest_handle(self) -> None:
+        """Keep the message's receipt handle if it has one (a change that succeeded, even late,
+        gave a new one and retired the old), else give it back the last one it had."""
+        if self.message.receipt_handle:
+            self.handle = self.message.receipt_handle
+        else:
+            self.message.receipt_handle = self.handle
 
 
 class RocketMQSubscription:
@@ -165,6 +177,7 @@ class RocketMQSubscription:
     ) -> None:
         self._rmq = rocketmq_module()
         self.url = url
+        self.config = parse_url(url)
         self.group = group
         self.topics = list(topics)
         try:
@@ -181,11 +194,9 @@ class RocketMQSubscription:
         self._closed = threading.Event()
         # change_invisible_duration blocks in the client: a pool runs a batch's calls side by side.
         self._calls = concurrent.futures.ThreadPoolExecutor(MAX_RECEIVE_BATCH, f"zeroloss-rocketmq-{group}-calls")
-        self._letters = LetterPublisher(url, timeout_s=timeout_s)
+        self._letters = LetterPublisher(url, timeout_s=timeout_s, config=self.config)
         subscription = {name: self._rmq.FilterExpression() for name in self._by_name}
-        self._consumer = _settings_consumer(self._rmq)(
-            client_config(url, timeout_s), group, subscription, await_duration=1
-        )
+        self._consumer = _settings_consumer(self._rmq)(self.client_config(), group, subscription, await_duration=1)
         self._started = False
         try:
             self._open(settle_s)
@@ -195,11 +206,14 @@ class RocketMQSubscription:
         self._extender = threading.Thread(target=self._extend_loop, name=f"zeroloss-rocketmq-{group}", daemon=True)
         self._extender.start()
 
+    def client_config(self) -> Any:
+        return rocketmq_client.client_config(self.config, int(self.timeout_s))
+
     def _open(self, settle_s: float) -> None:
         where = f"at {safe_url(self.url)} (group {self.group}, topics {', '.join(self._by_name)})"
         # The client starts "successfully" with nothing to talk to, and says why only in its own
         # log: an unreachable proxy is told apart from a missing group or topic here.
-        refused = rocketmq_client.proxy_refusal(parse_url(self.url).proxy, min(self.timeout_s, 5.0))
+        refused = rocketmq_client.proxy_refusal(self.config.endpoint, min(self.timeout_s, 5.0))
         if refused is not None:
             raise BrokerError(f"RocketMQ {where}: the proxy does not answer: {refused}") from refused
         try:
@@ -209,15 +223,24 @@ class RocketMQSubscription:
         self._started = True
         event = self._consumer._init_settings_event
         if event is None or not event.wait(settle_s):
-            # The settings go to the brokers a topic's route names and are refused for an unknown group.
+            # The settings go to the brokers a topic's route names and are refused for an unknown
+            # group; the client says why only in its own log, but a route request answers with the
+            # proxy's own refusal (credentials refused by its ACL: 40100 UNAUTHORIZED).
             raise BrokerError(
                 f"RocketMQ {where}: the proxy accepted no settings for the consumer within "
                 f"{settle_s:.0f}s: the group or a topic does not exist (zeroloss init --target URL "
                 f"--group {self.group} TOPIC... creates them), or the proxy cannot reach the broker"
+                f"{self._route_refusal()}"
             )
         self.max_deliveries = self._consumer.max_attempts
         self._check_order(where)
         self._start_at_first()
+
+    def _route_refusal(self) -> str:
+        """Why the proxy refuses the first topic's route, as a clause of an error message ("" if it does not)."""
+        name = next(iter(self._by_name))
+        why = rocketmq_client.route_refusal(self._consumer, name, min(self.timeout_s, 5.0))
+        return "" if why is None else f"; the proxy refuses the route of {name}: {why}"
 
     def _check_order(self, where: str) -> None:
         """A FIFO topic read by a group that is not orderly keeps no key order: the proxy receives
@@ -250,18 +273,16 @@ class RocketMQSubscription:
         The proxy would start them at the last message and skip the backlog
         (:meth:`~zeroloss.brokers.rocketmq_admin.RocketMQAdmin.start_group_at_first`). This needs
         the name server; without it the consumer still runs, on the offsets it has, and says so."""
-        host, port = parse_url(self.url).namesrv
-        admin = RocketMQAdmin(f"{host}:{port}", timeout_s=min(self.timeout_s, 10.0))
+        admin = RocketMQAdmin.for_url(self.config, timeout_s=min(self.timeout_s, 10.0))
         try:
             started = admin.start_group_at_first(self.group, list(self._by_name))
         except BrokerError as exc:
             log.warning(
-                "RocketMQ group %s: could not check its offsets through the name server %s:%d (%s): on a "
+                "RocketMQ group %s: could not check its offsets through the name server %s (%s): on a "
                 "queue where it has none its first receive starts at the last message and skips the "
                 "backlog (zeroloss init --group %s sets them)",
                 self.group,
-                host,
-                port,
+                self.config.namesrv,
                 exc,
                 self.group,
             )
@@ -285,7 +306,7 @@ class RocketMQSubscription:
         out = []
         with self._lock:
             for m in msgs:
-                self._held[id(m)] = _Held(m, now)
+                self._held[id(m)] = _Held(m, now, m.receipt_handle)
                 out.append(self._delivery(m))
         return out
 
@@ -310,6 +331,9 @@ class RocketMQSubscription:
 
     def ack(self, d: Delivery) -> None:
         with self._lock:
+            held = self._held.get(id(d.token))
+            if held is not None:  # a refused visibility change, even one answered late, blanks it
+                held.latest_handle()
             try:
                 self._consumer.ack(d.token)
             except Exception as exc:
@@ -344,6 +368,7 @@ class RocketMQSubscription:
         failed = self._invisible([h.message for h in helds], self.invisible_s)
         for held in helds:
             exc = failed[id(held.message)]
+            held.latest_handle()
             if exc is None:
                 held.extended = now
             else:
@@ -383,7 +408,9 @@ class RocketMQSubscription:
     def _give_back(self, msgs: Sequence[Any]) -> None:
         with self._lock:
             for m in msgs:
-                self._held.pop(id(m), None)
+                held = self._held.pop(id(m), None)
+                if held is not None:
+                    held.latest_handle()
             failed = self._invisible(msgs, 0)
         for m in msgs:
             if (exc := failed[id(m)]) is not None:

@@ -25,11 +25,11 @@ def rocketmq_checks(
     from zeroloss.brokers.rocketmq import CLIENT_SEND_ATTEMPTS
     from zeroloss.brokers.rocketmq_admin import RocketMQAdmin
     from zeroloss.brokers.rocketmq_fields import rocketmq_topic
-    from zeroloss.brokers.rocketmq_url import check_url
+    from zeroloss.brokers.rocketmq_url import parse_url
 
-    config = check_url(url)
+    config = parse_url(url)
     checks = [_proxy_check(config.endpoint, timeout_s)]
-    admin = RocketMQAdmin(config.namesrv, timeout_s=timeout_s, cluster=config.cluster)
+    admin = RocketMQAdmin.for_url(config, timeout_s=timeout_s)
     try:
         info = admin.cluster_info()
         masters = info.masters(config.cluster)

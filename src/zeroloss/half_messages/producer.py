@@ -10,14 +10,15 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
-from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
 from zeroloss.brokers import rocketmq_client
-from zeroloss.errors import BrokerError, ConfigError, MessageError, MissingExtraError, StoreError
+from zeroloss.brokers.rocketmq_url import parse_url
+from zeroloss.errors import BrokerError, ConfigError, MessageError, StoreError
 from zeroloss.half_messages.table import CommitOutcomeUnknown, HalfMessageTable, Resolution
 from zeroloss.message import ID_HEADER, uuid7, validate_topic
+from zeroloss.urls import safe_url
 
 log = logging.getLogger("zeroloss.half_messages")  # one logger name for the feature, as before the split
 T = TypeVar("T")
@@ -53,22 +54,6 @@ class Sent(Generic[T]):
 CheckSource = HalfMessageTable | Callable[[CheckBack], Resolution]
 
 
-def _client_config(url: str, request_timeout: int) -> Any:
-    """``rocketmq://host:port`` (the gRPC proxy) → the client's ClientConfiguration."""
-    try:
-        from rocketmq import ClientConfiguration, Credentials
-    except ImportError as exc:
-        raise MissingExtraError("rocketmq-python-client", "rocketmq", "RocketMQ half messages") from exc
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"bad port in {url!r}: {exc}") from exc
-    if parts.scheme != "rocketmq" or not parts.hostname or port is None:
-        raise ConfigError(f"expected rocketmq://HOST:PORT (the broker's gRPC proxy), got {url!r}")
-    return ClientConfiguration(f"{parts.hostname}:{port}", Credentials(), request_timeout=request_timeout)
-
-
 class HalfMessageProducer:
     """A RocketMQ producer of transactional messages whose check-backs are answered by ``check``.
 
@@ -85,7 +70,8 @@ class HalfMessageProducer:
             raise ConfigError("check must be a HalfMessageTable or a callable(CheckBack) -> Resolution")
         self.check = check
         self.url = url
-        self._config = _client_config(url, request_timeout)
+        self.config = parse_url(url)
+        self._client_config = rocketmq_client.client_config(self.config, request_timeout)
         self._producer: Any = None
         self._lock = threading.Lock()
 
@@ -114,11 +100,11 @@ class HalfMessageProducer:
         with self._lock:
             if self._producer is not None:
                 return
-            producer = Producer(self._config, self.topics, _Checker())
+            producer = Producer(self._client_config, self.topics, _Checker())
             try:
                 rocketmq_client.start(producer)
             except Exception as exc:
-                raise BrokerError(f"cannot start a RocketMQ producer at {self.url}: {exc}") from exc
+                raise BrokerError(f"cannot start a RocketMQ producer at {safe_url(self.url)}: {exc}") from exc
             self._producer = producer
 
     def close(self) -> None:
