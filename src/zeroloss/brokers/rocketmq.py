@@ -2,7 +2,9 @@
 ``zeroloss[rocketmq]``) sends to the broker's gRPC proxy, synchronously acknowledged; delivered
 means SEND_OK. A key becomes the FIFO message group and a message key; a batch goes in key waves.
 Also RocketMQ's TopicAdmin, through :mod:`zeroloss.brokers.rocketmq_admin`. The URL, what
-SEND_OK means, order, what is carried and the outcomes: docs/design.md, "brokers/rocketmq.py"."""
+SEND_OK means, order, what is carried and the outcomes: docs/design.md, "brokers/rocketmq.py".
+(Over 400 lines: one class, the send and the mapping of its many failure answers to outcomes,
+which only make sense read together.)"""
 
 from __future__ import annotations
 

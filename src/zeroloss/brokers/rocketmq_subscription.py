@@ -3,7 +3,9 @@ received message stays invisible to the group while zeroloss holds it (extended 
 and is acked after the inbox commit; the group's retry limit is ``max_deliveries``; dead letters
 go to zeroloss's ``<topic>.dlq`` through :class:`LetterPublisher`. Reading a topic without
 consuming it is :mod:`zeroloss.brokers.rocketmq_reader`. Receiving, the delivery limit, dead
-letters, names and message fields: docs/design.md, "brokers/rocketmq_subscription.py"."""
+letters, names and message fields: docs/design.md, "brokers/rocketmq_subscription.py".
+(Over 400 lines: receive, hold, extend, ack and give back share the held messages and their
+receipt handles under one lock.)"""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ A message is handled in one inbox transaction (claim its id, run ``handler(msg, 
 a claim that exists already makes it a duplicate. What happens after is the broker's half, given
 as a :class:`Settlement` — Kafka marks an offset done and may pass the message to a retry topic,
 the others ack it or touch it while it waits.
-The details: docs/design.md, "consumer/handling.py"."""
+The details: docs/design.md, "consumer/handling.py". (Just over 400 lines: attempts, outages
+and shared transactions are one state machine.)"""
 
 from __future__ import annotations
 
