@@ -12,10 +12,18 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from tests.conftest import PG_URL, require_service
+from tests.conftest import PG_URL as SHARED_PG_URL
+from tests.conftest import require_service
 from zeroloss.cli import main
 from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
+
+# A database of this module's own: CREATE INDEX CONCURRENTLY waits for every older transaction
+# *of its database*, and in the shared one other workers' tests hold some past the 10 s an app's
+# create_schema() waits (seen in CI: "index … NOT added: a transaction open since before the build").
+PG_URL = SHARED_PG_URL.rsplit("/", 1)[0] + "/test_indexes"
+# One worker: this module's tests would otherwise hold back each other's builds the same way.
+pytestmark = pytest.mark.xdist_group("pg_indexes")
 
 PARTIAL = ("pending", "live", "wait", "done")
 OLD_DDL = {  # what the previous version's create_schema made, besides the primary key
@@ -37,9 +45,21 @@ def indexes(outbox: SqlOutbox) -> dict[str, bool]:
     return {name: valid for name, valid in rows}
 
 
-@pytest.fixture
-def pg_outbox() -> Iterator[SqlOutbox]:
+@pytest.fixture(scope="module")
+def own_database() -> None:
     require_service("postgres")
+    admin = sa.create_engine(SHARED_PG_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            name = PG_URL.rsplit("/", 1)[1]
+            if not conn.exec_driver_sql("SELECT 1 FROM pg_database WHERE datname = %(n)s", {"n": name}).scalar():
+                conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_outbox(own_database: None) -> Iterator[SqlOutbox]:
     outbox = SqlOutbox(PG_URL, table=f"zl_ix_{uuid.uuid4().hex[:10]}")
     yield outbox
     outbox.drop_schema()
