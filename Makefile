@@ -54,7 +54,7 @@ chaos: install services
 # target and met?; then every row again in one table (bench.summary). The output goes to
 # bench/results/make-bench.md (generated; latest.md keeps the hand-written notes). The cluster rows
 # are skipped unless `make cluster` is up. A script that fails is listed (FAILED) and fails the target.
-BENCH_SCRIPTS := relay_throughput cli_relay cluster enqueue consumer latency scale_out growth
+BENCH_SCRIPTS := relay_throughput cli_relay cluster enqueue consumer latency scale_out growth pg_hot_path
 bench: install services
 	mkdir -p bench/results
 	rows=$$(mktemp) && export ZEROLOSS_BENCH_ROWS=$$rows && \
@@ -74,6 +74,7 @@ bench-quick: install services
 	  $(BIN)/python -m bench.scale_out --messages 2000 --relays 1,2 --reps 1 && \
 	  $(BIN)/python -m bench.growth --messages 1000 --small-history 0 --large-history 20000 \
 	    --small-pending 1000 --large-pending 5000 --reps 1 && \
+	  $(BIN)/python -m bench.pg_hot_path --messages 2000 --batch 500 --pairs 1 && \
 	  $(BIN)/python -m bench.summary $$rows; st=$$?; rm -f $$rows; exit $$st
 
 # Three Apache Kafka brokers (KRaft) on 127.0.0.1:19092-19094 for fault tests; jars fetched once by Maven.
