@@ -5,7 +5,6 @@ producer, relay, operator and schema sides are its subclasses; ``SqlOutbox`` is 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -107,13 +106,6 @@ class SqlCore:
             "SELECT k.h, x.id FROM unnest(CAST(:keys AS text[]), CAST(:n AS int[])) AS k(h, n) "
             f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
             f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
-        )
-        # PostgreSQL: claims of every relay on this table take turns (a transaction-level advisory
-        # lock, released at commit), so no claim's SKIP LOCKED can pass over an earlier message of
-        # a key that another claim holds locked at that moment: no per-key re-check is needed.
-        digest = hashlib.blake2b(f"zeroloss claim {self.table.name}".encode(), digest_size=8).digest()
-        self._claim_turn_pg = sa.text("SELECT pg_advisory_xact_lock(:k)").bindparams(
-            k=int.from_bytes(digest, "big", signed=True)
         )
         self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
         self._claim_plan_pg = sa.text(

@@ -133,16 +133,11 @@ class SqlRelaySide(SqlCore):
             # arrived (not analyzed yet: the planner believes the table is nearly empty) was
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
             conn.execute(self._claim_plan_pg)
-        if self._dialect == "postgresql":
-            # Our turn among the claims of every relay on this table, before the blocked keys are
-            # read: what an earlier claim marked `sending` is committed and seen, and no other
-            # claim holds rows locked while ours skips them.
-            conn.execute(self._claim_turn_pg)
         rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
-        # Re-check after locking (MariaDB, SQLite): another relay may have claimed (or still hold
-        # locked) an earlier message of a candidate's key. The earliest non-candidate row per key
-        # that still has to go first blocks that key's candidates from there on.
-        keyed = [r for r in rows if r.key_hash is not None] if self._dialect != "postgresql" else []
+        # Re-check after locking: another relay may have claimed (or still hold locked) an
+        # earlier message of a candidate's key. The earliest non-candidate row per key that
+        # still has to go first blocks that key's candidates from there on.
+        keyed = [r for r in rows if r.key_hash is not None]
         blockers: dict[str, str] = {}
         if keyed:
             candidates = {r.id for r in rows}
