@@ -595,3 +595,40 @@ def test_a_claim_still_works_with_more_blocked_keys_than_the_server_takes_parame
     got = outbox.claim(100, lease_s=30)
     assert [m.id for m in got] == [free, unkeyed]
     assert outbox.get(parked)[0] is State.PENDING
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("isolation", ["AUTOCOMMIT", "REPEATABLE READ"])
+def test_a_claim_on_the_apps_engine_is_one_read_committed_transaction(isolation: str) -> None:
+    """The app's Engine may autocommit or run REPEATABLE READ; the outbox's own transactions run
+    READ COMMITTED whatever it says. On an autocommit engine a claim's row locks ended with each
+    statement, so another relay's claim took the same rows (4 relays, 30k messages over 100
+    keys: thousands of duplicates and keys out of order)."""
+    require_service("postgres")
+    owned = SqlOutbox(PG_URL, table=f"zl_iso_{uuid.uuid4().hex[:10]}")
+    owned.create_schema()
+    app = sa.create_engine(normalize_url(PG_URL), isolation_level=isolation)
+    shared = SqlOutbox(app, table=owned.table.name)
+    with owned.engine.begin() as conn:
+        ids = owned.add_many(conn, [{"topic": "t", "value": b"1", "key": b"k"}])
+    free_during_claim: list[list[str]] = []
+
+    def after_scan(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        if "FOR UPDATE" in statement and not free_during_claim:
+            with owned.engine.connect() as other, other.begin():
+                t = owned.table
+                free_during_claim.append(list(other.scalars(sa.select(t.c.id).with_for_update(skip_locked=True))))
+
+    sa.event.listen(app, "after_cursor_execute", after_scan)
+    try:
+        got = [m.id for m in shared.claim(10, lease_s=60)]
+        level = shared._tx(lambda c: c.exec_driver_sql("SHOW transaction_isolation").scalar(), "read", write=False)
+    finally:
+        sa.event.remove(app, "after_cursor_execute", after_scan)
+        shared.close()
+        app.dispose()
+        owned.drop_schema()
+        owned.close()
+    assert got == ids
+    assert free_during_claim == [[]]  # its row still locked after the scan, until the claim commits
+    assert level == "read committed"

@@ -153,7 +153,10 @@ class SqlCore:
                 with self.engine.connect() as conn:
                     if self._dialect == "sqlite" and write:
                         conn.execution_options(zeroloss_immediate=True)  # BEGIN IMMEDIATE: see sqlurl
-                    elif self._dialect == "mysql" and not self._owns_engine:
+                    elif self._dialect in ("mysql", "postgresql") and not self._owns_engine:
+                        # The app's Engine may autocommit (a claim's row locks would end with each
+                        # statement: another relay claims the same rows) or run REPEATABLE READ;
+                        # ours run as written.
                         conn.execution_options(isolation_level="READ COMMITTED")
                     with conn.begin():
                         return fn(conn)
