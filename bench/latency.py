@@ -32,12 +32,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from bench.common import PG, VALUE, Row, machine, report, say
 from zeroloss.brokers.kafka import kafka_module
 from zeroloss.consumer import Consumer, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.inbox import SqlInbox
 from zeroloss.outbox.sql import SqlOutbox
+from zeroloss.sqlurl import normalize_url
 
 WARM_UP_S = 1.0
 # Tansu answers a fetch only when fetch.wait.max.ms has passed, even with data waiting (Kafka
@@ -116,8 +119,12 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> tup
         if len(handled) >= total:
             c.stop()
 
+    # The app's own engine, a connection per writer thread (the outbox's pool holds 15: with 20
+    # writers, five waited out the pool's 30 s timeout and died).
+    app = sa.create_engine(normalize_url(PG), pool_size=writers, max_overflow=2)
+
     def send(i: int) -> None:
-        with outbox.engine.begin() as conn:
+        with app.begin() as conn:
             mid = outbox.add(conn, topic=topic, value=VALUE, key=b"k%d" % (i % 100))
         committed[mid] = time.time()
 
@@ -137,6 +144,7 @@ def ours(url: str, rate: float, seconds: float, writers: int, work: Path) -> tup
         relay.terminate()
         relay.wait(30)
         c.close()
+        app.dispose()
         outbox.drop_schema()
         outbox.close()
         inbox.drop_schema()
