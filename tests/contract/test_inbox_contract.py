@@ -268,6 +268,23 @@ def test_a_bulk_claim_returns_exactly_the_new_ids(sql_inbox: Any) -> None:
     assert not inbox.seen("g", "e")
 
 
+def test_a_bulk_claim_keeps_ids_that_mean_something_in_an_array_literal(sql_inbox: Any) -> None:
+    """PostgreSQL claims a run as one array of ids: an id that reads as NULL, a separator, a
+    brace, a quote or an escape in an array's text form must come back as itself, and only the
+    new ones of a long run that half-overlaps the last."""
+    inbox = sql_inbox
+    odd = ["NULL", "null", "a,b", "{x}", '"q"', "back\\slash", " lead", "t\tab", "é😀", "x" * 255]
+    with inbox.transaction() as tx:
+        assert inbox.claim_many(tx, "g", odd) == set(odd)
+    assert all(inbox.seen("g", m) for m in odd) and not inbox.seen("g", "x")
+    first = [f"m{i}" for i in range(600)]
+    with inbox.transaction() as tx:
+        assert inbox.claim_many(tx, "g", first) == set(first)
+    second = [f"m{i}" for i in range(300, 900)] + odd + ["new"] * 3
+    with inbox.transaction() as tx:
+        assert inbox.claim_many(tx, "g", second) == {f"m{i}" for i in range(600, 900)} | {"new"}
+
+
 def test_redis_pipeline_effects_commit_with_the_mark(redis_inbox: Any) -> None:
     inbox = redis_inbox
     counter = inbox.prefix + "effect"

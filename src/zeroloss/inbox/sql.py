@@ -106,6 +106,7 @@ class SqlInbox:
         self._insert = self._insert_statement()
         self._insert_returning: Any = None  # set at the first claim_many: see there
         self._returning_known = False
+        self._claim_array = self._array_statement()
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
         # the savepoint check of transaction(); a dialect zeroloss does not know goes without it
         self._marks = self.dialect in ("postgresql", "mysql", "mariadb", "sqlite")
@@ -141,6 +142,21 @@ class SqlInbox:
         else:  # any other dialect: a plain INSERT in a SAVEPOINT, IntegrityError = duplicate
             return None
         return stmt.execution_options(preserve_rowcount=True)  # SQLAlchemy keeps it only when asked
+
+    def _array_statement(self) -> sa.TextClause | None:
+        """PostgreSQL: a run's claims as one short statement over an array of ids. The general
+        ``INSERT … VALUES (…), (…) RETURNING`` that SQLAlchemy builds for many rows is a new, long
+        text for every run size: psycopg parses each such text again in Python (its cache keeps
+        only short ones), about 1 ms per run of 100, a quarter of the consumer's time (bench
+        profile in bench/results/latest.md, 2026-12-01); the server parses and plans it again too."""
+        if self.dialect != "postgresql":
+            return None
+        name = self.engine.dialect.identifier_preparer.quote(self.table.name)
+        return sa.text(
+            f"INSERT INTO {name} (group_name, message_id, processed_at) "
+            "SELECT :group_name, m, :processed_at FROM unnest(CAST(:message_ids AS TEXT[])) AS m "
+            "ON CONFLICT DO NOTHING RETURNING message_id"
+        )
 
     def create_schema(self) -> None:
         try:
@@ -225,24 +241,31 @@ class SqlInbox:
     def claim_many(self, tx: sa.Connection, group: str, message_ids: Sequence[str]) -> set[str]:
         """One statement for a consumer's whole run of messages (``INSERT … RETURNING`` of the
         rows that were new), where the database can say which rows it inserted; else one claim
-        each."""
+        each. A repeated id is claimed once (the relay's duplicates can sit side by side)."""
         for mid in message_ids:
             self._check(group, mid)
-        if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
-            self._returning_known = True
-            if self._insert is not None and tx.dialect.insert_returning:
-                self._insert_returning = self._insert.returning(self.table.c.message_id)
-        if self._insert_returning is None:
-            return {mid for mid in dict.fromkeys(message_ids) if self.claim(tx, group, mid)}
+        ids = list(dict.fromkeys(message_ids))
         now = self.clock()
-        rows = [{"group_name": group, "message_id": mid, "processed_at": now} for mid in dict.fromkeys(message_ids)]
+        stmt: Any
+        params: Any
+        if self._claim_array is not None:
+            stmt, params = self._claim_array, {"group_name": group, "message_ids": ids, "processed_at": now}
+        else:
+            if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
+                self._returning_known = True
+                if self._insert is not None and tx.dialect.insert_returning:
+                    self._insert_returning = self._insert.returning(self.table.c.message_id)
+            if self._insert_returning is None:
+                return {mid for mid in ids if self.claim(tx, group, mid)}
+            stmt = self._insert_returning
+            params = [{"group_name": group, "message_id": mid, "processed_at": now} for mid in ids]
         try:
-            return set(tx.execute(self._insert_returning, rows).scalars().all())
+            return set(tx.execute(stmt, params).scalars().all())
         except DataError as exc:  # which id? claimed one at a time, the culprit is dead-lettered
-            raise MessageError(f"the inbox refused a message id of {len(rows)} for {group}: {exc.orig}") from exc
+            raise MessageError(f"the inbox refused a message id of {len(ids)} for {group}: {exc.orig}") from exc
         except DBAPIError as exc:
             raise StoreError(
-                f"inbox claim of {len(rows)} messages failed for {group}: {brief(exc)}", retriable=True
+                f"inbox claim of {len(ids)} messages failed for {group}: {brief(exc)}", retriable=True
             ) from exc
 
     def _check(self, group: str, message_id: str) -> None:
