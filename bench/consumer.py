@@ -19,11 +19,12 @@ import sqlalchemy as sa
 
 from bench.common import PG, VALUE, Row, machine, report, say
 from zeroloss.brokers.kafka import kafka_module
-from zeroloss.consumer import Consumer, Received
+from zeroloss.consumer import Consumer, ConsumerSettings, Received
 from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.inbox import SqlInbox
 
 GROUP_CONF = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+TB = ConsumerSettings().transaction_batch  # the rows measure the default a user gets
 
 
 def fill(bootstrap: str, topic: str, n: int) -> None:
@@ -167,17 +168,17 @@ def main() -> None:
             rates["bare"].append(n / bare(broker.bootstrap, topic, n))
             say(f"rep {r + 1}: hand-written consumer, effect rows per batch, no dedup ...")
             rates["hand"].append(n / hand_written(broker.bootstrap, topic, n))
-            say(f"rep {r + 1}: zeroloss consumer, batch handler, 100 messages per inbox transaction ...")
-            rates["batch"].append(n / ours(broker.url, topic, n, 100, batch=True))
-            say(f"rep {r + 1}: zeroloss consumer, 100 messages per inbox transaction ...")
-            rates["batched"].append(n / ours(broker.url, topic, n, 100))
+            say(f"rep {r + 1}: zeroloss consumer, batch handler, {TB} messages per inbox transaction ...")
+            rates["batch"].append(n / ours(broker.url, topic, n, TB, batch=True))
+            say(f"rep {r + 1}: zeroloss consumer, {TB} messages per inbox transaction ...")
+            rates["batched"].append(n / ours(broker.url, topic, n, TB))
             say(f"rep {r + 1}: zeroloss consumer, one inbox transaction per message ...")
             rates["single"].append(single_n / ours(broker.url, topic, single_n, 1))
     med = {k: statistics.median(v) for k, v in rates.items()}
     report(
         [
             Row(
-                "consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch=100",
+                f"consumer + SqlInbox (PostgreSQL), batch handler (executemany), transaction_batch={TB}",
                 med["batch"],
                 "hand-written: effect rows per batch (executemany), then offsets, no dedup",
                 med["hand"],
@@ -185,7 +186,7 @@ def main() -> None:
                 min_ratio=0.5,
             ),
             Row(
-                "consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch=100",
+                f"consumer + SqlInbox (PostgreSQL), handler per message, transaction_batch={TB}",
                 med["batched"],
                 "hand-written, per batch",
                 med["hand"],
