@@ -343,3 +343,51 @@ def test_a_frozen_consumer_cannot_hold_a_message_forever() -> None:
         zombie.drop_schema()
         zombie.close()
         survivor.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first_commits", [True, False], ids=["commits", "rolls-back"])
+def test_a_bulk_claim_waits_for_another_consumer_s_claim_of_the_same_ids(first_commits: bool) -> None:
+    """Two consumers with overlapping runs (a rebalance hands a partition over while its old owner
+    is still in its transaction): the second's one array statement waits on the first's rows and
+    claims exactly what the first did not commit, so each effect happens once."""
+    from tests.waiting import wait_until
+
+    require_service("postgres")
+    table = f"zl_inbox_{uuid.uuid4().hex[:10]}"
+    old, new = SqlInbox(PG_URL, table=table), SqlInbox(PG_URL, table=table)
+    old.create_schema()
+    got: list[set[str]] = []
+    try:
+        with contextlib.suppress(RuntimeError), old.transaction() as tx:
+            assert old.claim_many(tx, "g", ["a", "b"]) == {"a", "b"}
+            pid = tx.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+
+            def second() -> None:
+                with new.transaction() as tx2:
+                    got.append(new.claim_many(tx2, "g", ["b", "c", "a"]))
+
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            with old.engine.connect() as probe:  # the second claim waits on a row lock the first holds
+                wait_until(
+                    lambda: (
+                        probe.exec_driver_sql(
+                            "SELECT count(*) FROM pg_locks w JOIN pg_locks h ON h.transactionid = w.transactionid "
+                            f"AND h.granted AND NOT w.granted WHERE h.pid = {int(pid)}"
+                        ).scalar_one()
+                        > 0
+                    ),
+                    timeout_s=20,
+                    what="the second claim to wait on the first's rows",
+                )
+            if not first_commits:
+                raise RuntimeError("the old owner's handler fails: its claims are rolled back")
+        waiter.join(20)
+        assert not waiter.is_alive()
+        assert got == ([{"c"}] if first_commits else [{"a", "b", "c"}])
+        assert all(old.seen("g", m) for m in "abc")
+    finally:
+        old.drop_schema()
+        old.close()
+        new.close()
