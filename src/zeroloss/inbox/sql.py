@@ -244,7 +244,10 @@ class SqlInbox:
         each. A repeated id is claimed once (the relay's duplicates can sit side by side)."""
         for mid in message_ids:
             self._check(group, mid)
-        ids = list(dict.fromkeys(message_ids))
+        # Sorted: every run locks its rows in one order, so two consumers holding the same ids in
+        # different orders (duplicate copies at competing consumers) wait for each other instead
+        # of deadlocking; the handlers still run in the run's own order.
+        ids = sorted(set(message_ids))
         now = self.clock()
         stmt: Any
         params: Any
