@@ -457,3 +457,35 @@ def test_bulk_claims_of_the_same_ids_in_opposite_orders_do_not_deadlock(kind: st
         first.drop_schema()
         first.close()
         second.close()
+
+
+@pytest.mark.postgres
+def test_a_bulk_claim_uses_the_table_an_engine_s_schema_translate_map_names() -> None:
+    """An app's Engine with one schema per tenant (``schema_translate_map``): every statement of
+    the inbox — the bulk claim too — must use the tenant's table. Claims written to another
+    table (the search path's one of the same name) made one tenant's messages duplicates of
+    another's (lost), and left a redelivery free to be claimed again (a second effect)."""
+    require_service("postgres")
+    base = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg"))
+    suffix = uuid.uuid4().hex[:8]
+    schemas, table = [f"zl_tenant1_{suffix}", f"zl_tenant2_{suffix}"], f"zl_inbox_{suffix}"
+    with base.begin() as c:  # the same table on the search path, where untranslated SQL goes
+        for s in schemas:
+            c.exec_driver_sql(f"CREATE SCHEMA {s}")
+    SqlInbox(base, table=table).create_schema()
+    tenants = [SqlInbox(base.execution_options(schema_translate_map={None: s}), table=table) for s in schemas]
+    try:
+        for t in tenants:
+            t.create_schema()
+            with t.transaction() as tx:
+                assert t.claim_many(tx, "g", ["x", "y"]) == {"x", "y"}  # each tenant's own first claim
+            assert t.seen("g", "x") and t.seen("g", "y")
+            with t.transaction() as tx:
+                assert t.claim(tx, "g", "x") is False  # the one-at-a-time path finds the bulk claim
+        assert not SqlInbox(base, table=table).seen("g", "x")
+    finally:
+        with base.begin() as c:
+            c.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+            for s in schemas:
+                c.exec_driver_sql(f"DROP SCHEMA {s} CASCADE")
+        base.dispose()
