@@ -111,6 +111,7 @@ class SqlCore:
         self._claim_plan_pg = sa.text(
             "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
         )  # this transaction only
+        self._index_names: frozenset[str] | None = None  # MariaDB/MySQL: read at the first claim
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
 
