@@ -95,19 +95,26 @@ class SqlRelaySide(SqlCore):
         if self._dialect != "mysql":
             return stmt
         name = f"ix_{self.table.name}_{suffix}"
-        if name not in self._mysql_indexes():
+        if name not in (self._index_names or ()):
             return stmt
         return stmt.with_hint(self.table, f"FORCE INDEX ({name})", "mysql").with_hint(
             self.table, f"FORCE INDEX ({name})", "mariadb"
         )
 
-    def _mysql_indexes(self) -> frozenset[str]:
-        """The table's index names (read once): FORCE INDEX on a missing one is an error."""
-        if self._index_names is None:
-            self._index_names = frozenset(
-                str(ix["name"]) for ix in sa.inspect(self.engine).get_indexes(self.table.name) if ix["name"]
+    def _read_index_names(self, conn: sa.Connection) -> None:
+        """MariaDB/MySQL: the table's index names, read at the first claim that finds the table
+        (FORCE INDEX naming a missing index is an error; a missing table is the claim's to report)."""
+        if self._dialect != "mysql" or self._index_names:
+            return
+        self._index_names = frozenset(
+            conn.scalars(
+                sa.text(
+                    "SELECT DISTINCT index_name FROM information_schema.statistics "
+                    "WHERE table_schema = DATABASE() AND table_name = :t"
+                ),
+                {"t": self.table.name},
             )
-        return self._index_names
+        )
 
     def _among(self, column: sa.Column[str], values: Sequence[str]) -> sa.ColumnElement[bool]:
         """``column IN values``; on PostgreSQL ``= ANY(array)``: one parameter and one statement
@@ -164,6 +171,7 @@ class SqlRelaySide(SqlCore):
             # arrived (not analyzed yet: the planner believes the table is nearly empty) was
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
             conn.execute(self._claim_plan_pg)
+        self._read_index_names(conn)
         rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
         # Re-check after locking: another relay may have claimed (or still hold locked) an
         # earlier message of a candidate's key. The earliest non-candidate row per key that
