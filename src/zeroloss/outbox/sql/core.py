@@ -111,6 +111,8 @@ class SqlCore:
         self._claim_plan_pg = sa.text(
             "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
         )  # this transaction only
+        # add() on SQLite/MariaDB: (dialect, driver, paramstyle) -> the INSERT's SQL, positional key order
+        self._insert_sql: dict[tuple[str, str, str], tuple[str, tuple[str, ...] | None]] = {}
         self._index_names: frozenset[str] | None = None  # MariaDB/MySQL: read at the first claim
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
