@@ -150,3 +150,17 @@ def test_the_insert_is_compiled_once_per_driver(sqlite: SqlOutbox) -> None:
             sqlite.add(conn, topic="t", value=b"x")
     assert list(sqlite._insert_sql) == [("sqlite", "pysqlite", "qmark")]
     assert sa.inspect(sqlite.engine).has_table(sqlite.table.name)
+
+
+@pytest.mark.mariadb
+def test_mariadb_an_index_dropped_under_a_running_relay_is_noticed(mariadb: SqlOutbox) -> None:
+    """The index names are read once; FORCE INDEX naming one dropped since (error 1176) makes
+    the claim read them again instead of failing until the relay restarts."""
+    outbox = mariadb
+    with outbox.engine.begin() as conn:
+        ids = outbox.add_many(conn, [{"topic": "t", "value": b"%d" % i, "key": b"k"} for i in range(4)])
+    first = outbox.claim(2, lease_s=60)
+    with outbox.engine.begin() as conn:
+        conn.exec_driver_sql(f"DROP INDEX ix_{outbox.table.name}_claim ON {outbox.table.name}")
+    rest = outbox.succeed_and_claim([Delivered(m, "t/0/0") for m in first], 10, lease_s=60)
+    assert [m.id for m in first + rest] == ids
