@@ -127,21 +127,57 @@ def test_delivered_mark_is_one_statement_and_keeps_every_location(kind: str, req
 
 
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
-def test_add_is_one_insert_and_a_translated_schema_takes_the_statement_path(
-    kind: str, request: pytest.FixtureRequest
-) -> None:
+def test_add_is_one_insert(kind: str, request: pytest.FixtureRequest) -> None:
     outbox: SqlOutbox = request.getfixturevalue(kind)
     with outbox.engine.begin() as conn:
         ran = _statements(outbox, lambda: outbox.add(conn, topic="t", value=b"1", key="k", headers={"h": b"\0"}))
     assert len(ran) == 1 and ran[0][0].startswith("INSERT"), ran
-    schema = "main" if kind == "sqlite" else outbox.engine.url.database
-    with outbox.engine.begin() as conn:
-        translated = conn.execution_options(schema_translate_map={None: schema})
-        ran = _statements(outbox, lambda: outbox.add(translated, topic="t", value=b"2"))
-    assert len(ran) == 1 and ran[0][0].startswith("INSERT"), ran
-    first, second = outbox.claim(10, lease_s=60)
+    (first,) = outbox.claim(10, lease_s=60)
     assert (first.topic, first.value, first.key, first.headers, first.attempts) == ("t", b"1", b"k", (("h", b"\0"),), 0)
-    assert (second.value, second.key, second.headers) == (b"2", None, ())
+
+
+@pytest.fixture
+def other_schema(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[SqlOutbox, sa.Engine, str]]:
+    """The outbox in its default schema, and an app engine that also reaches a second schema
+    (SQLite: an attached database; MariaDB: another database)."""
+    outbox: SqlOutbox = request.getfixturevalue(request.param)
+    if request.param == "sqlite":
+        schema = "other"
+        app = sa.create_engine(outbox.engine.url)
+        attach = f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS other"
+        event.listen(app, "connect", lambda dbapi_conn, _: dbapi_conn.execute(attach))
+    else:
+        schema = f"zl_other_{uuid.uuid4().hex[:8]}"
+        app = outbox.engine
+        with app.begin() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {schema}")
+    try:
+        yield outbox, app, schema
+    finally:
+        if request.param == "mariadb":
+            with app.begin() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE {schema}")
+        else:
+            app.dispose()
+
+
+@pytest.mark.parametrize("other_schema", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)], indirect=True)
+def test_add_on_a_schema_translated_connection_inserts_into_the_mapped_schema(
+    other_schema: tuple[SqlOutbox, sa.Engine, str],
+) -> None:
+    """The precompiled INSERT names no schema: on a connection with a schema_translate_map it
+    would land in the default schema's outbox table (which exists here), not the mapped one."""
+    outbox, app, schema = other_schema
+    with app.begin() as conn:
+        translated = conn.execution_options(schema_translate_map={None: schema})
+        outbox.table.metadata.create_all(translated)
+        mid = outbox.add(translated, topic="t", value=b"mapped")
+    t = outbox.table
+    with app.connect() as conn:  # execution_options sets the map on this connection itself
+        mapped = conn.execution_options(schema_translate_map={None: schema})
+        assert mapped.scalar(sa.select(t.c.value).where(t.c.id == mid)) == b"mapped"
+    with app.connect() as conn:
+        assert conn.scalar(sa.select(sa.func.count()).select_from(t)) == 0
 
 
 def test_the_insert_is_compiled_once_per_driver(sqlite: SqlOutbox) -> None:
