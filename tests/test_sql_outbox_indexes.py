@@ -12,8 +12,8 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
+from tests.conftest import MARIADB_URL, require_service
 from tests.conftest import PG_URL as SHARED_PG_URL
-from tests.conftest import require_service
 from zeroloss.cli import main
 from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
@@ -101,13 +101,43 @@ def test_a_new_postgresql_table_has_only_the_partial_indexes(pg_outbox: SqlOutbo
     drain_in_order(pg_outbox, add_keyed(pg_outbox, 10))
 
 
-def test_sqlite_keeps_the_full_indexes(tmp_path: Path) -> None:
+def test_sqlite_keeps_the_full_indexes_the_claim_reads(tmp_path: Path) -> None:
     outbox = SqlOutbox(f"sqlite:///{tmp_path / 'o.db'}", table="zl_ix")
     outbox.create_schema()
     try:
         names = {ix["name"] for ix in sa.inspect(outbox.engine).get_indexes("zl_ix")}
-        assert names == {f"ix_zl_ix_{s}" for s in OLD_DDL}
+        assert names == {f"ix_zl_ix_{s}" for s in ("claim", "done", "wait")}
     finally:
+        outbox.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("mariadb", marks=pytest.mark.mariadb)])
+def test_init_on_a_previous_version_table_says_the_key_index_may_be_dropped(kind: str, tmp_path: Path) -> None:
+    """MariaDB/SQLite tables of earlier versions have ix_key, which no statement reads and every
+    add writes: init says how to drop it, and claims work with it and after it is gone."""
+    if kind == "mariadb":
+        require_service("mariadb")
+    url = f"sqlite:///{tmp_path / 'o.db'}" if kind == "sqlite" else MARIADB_URL
+    outbox = SqlOutbox(url, table=f"zl_ix_{uuid.uuid4().hex[:8]}")
+    t = outbox.table.name
+    outbox.create_schema()
+    try:
+        with outbox.engine.begin() as conn:  # what the previous version's create_schema also made
+            conn.exec_driver_sql(f"CREATE INDEX ix_{t}_key ON {t} {OLD_DDL['key']}")
+        ids = add_keyed(outbox, 6)
+        drop = f"DROP INDEX ix_{t}_key" + (f" ON {t}" if kind == "mariadb" else "")
+        result = CliRunner().invoke(main, ["init", "--source", url, "--table", t])
+        assert result.exit_code == 0, result.output
+        assert f"index ix_{t}_key is no longer read" in result.output and drop in result.output, result.output
+        first = outbox.claim(3, lease_s=60)
+        outbox.succeed([Delivered(m, "t/0/0") for m in first])
+        with outbox.engine.begin() as conn:
+            conn.exec_driver_sql(drop)
+        assert outbox.create_schema() == []  # nothing more to say
+        assert [m.id for m in first] == ids[:3]
+        drain_in_order(outbox, ids[3:])
+    finally:
+        outbox.drop_schema()
         outbox.close()
 
 

@@ -111,6 +111,9 @@ class SqlCore:
         self._claim_plan_pg = sa.text(
             "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
         )  # this transaction only
+        # add() on SQLite/MariaDB: (dialect, driver, paramstyle) -> the INSERT's SQL, positional key order
+        self._insert_sql: dict[tuple[str, str, str], tuple[str, tuple[str, ...] | None]] = {}
+        self._index_names: frozenset[str] | None = None  # MariaDB/MySQL: read at the first claim
         self._listener: Any = None  # a pooled connection held in LISTEN by an idle relay
         self._can_listen = True
 
@@ -161,6 +164,17 @@ class SqlCore:
                     with conn.begin():
                         return fn(conn)
             except DBAPIError as exc:
+                args: tuple[object, ...] = getattr(exc.orig, "args", ())
+                if attempt < _TX_ATTEMPTS and args[:1] == (1176,) and self._index_names:
+                    # FORCE INDEX names an index dropped since it was read: read them again
+                    log.info(
+                        "%s: an index of %s was dropped (%s); reading its indexes again",
+                        what,
+                        self.table.name,
+                        exc.orig,
+                    )
+                    self._index_names = None
+                    continue
                 if attempt < _TX_ATTEMPTS and _is_transient(exc):
                     log.debug("%s: transient database conflict (%s), retrying", what, exc.orig)
                     time.sleep(random.uniform(0.002, 0.02) * attempt)

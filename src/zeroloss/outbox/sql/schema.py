@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from zeroloss.errors import ConfigError
 from zeroloss.outbox.sql.core import SqlCore
-from zeroloss.outbox.sql.table import PG_PARTIAL_INDEXES
+from zeroloss.outbox.sql.table import NON_PG_UNUSED_INDEXES, PG_PARTIAL_INDEXES
 
 log = logging.getLogger("zeroloss.outbox.sql")
 
@@ -67,6 +67,8 @@ class SqlSchema(SqlCore):
             self.table.metadata.create_all(self.engine, checkfirst=True)
             if self._dialect == "postgresql":
                 added += self._create_partial_indexes(existed, upgrade_wait_s)
+            elif existed:
+                added += self._unused_index_advice()
             if not notify:
                 return added
             if self._dialect != "postgresql":
@@ -150,6 +152,22 @@ class SqlSchema(SqlCore):
         for line in added:
             log.info("%s", line)
         return added
+
+    def _unused_index_advice(self) -> list[str]:
+        """MariaDB/SQLite, a table of an earlier version: how to drop the indexes nothing reads."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        have = {ix["name"] for ix in sa.inspect(self.engine).get_indexes(self.table.name)}
+        advice = []
+        for suffix in NON_PG_UNUSED_INDEXES:
+            name = f"ix_{self.table.name}_{suffix}"
+            if name in have:
+                on = f" ON {quote(self.table.name)}" if self._dialect == "mysql" else ""
+                advice.append(
+                    f"outbox table {self.table.name!r}: index {name} is no longer read and slows every "
+                    f"add; drop it (relays of any version work without it): DROP INDEX {quote(name)}{on}"
+                )
+                log.info("%s", advice[-1])
+        return advice
 
     def drop_schema(self) -> None:
         with self._errors("drop the outbox table"):

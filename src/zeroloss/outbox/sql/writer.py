@@ -100,6 +100,11 @@ class SqlWriter(SqlCore):
         return self._insert(conn, [row_of(m) for m in built], [m.id for m in built])
 
     def _insert(self, conn: object, rows: list[dict[str, Any]], result: T) -> T | Coroutine[Any, Any, T]:
+        if len(rows) == 1 and type(conn) is sa.Connection and (one := self._insert_one(conn, rows[0])):
+            with self._errors("add a message"):
+                conn.exec_driver_sql(*one)
+            metrics.outbox_added(1)
+            return result
         stmt = sa.insert(self.table)
         params: Any = rows[0] if len(rows) == 1 else rows
         if isinstance(conn, (sa.Connection, Session)):
@@ -121,6 +126,26 @@ class SqlWriter(SqlCore):
             "add() needs the caller's SQLAlchemy Connection, Session, AsyncConnection or AsyncSession, or "
             f"Django's connection (the one running the business transaction), got {type(conn).__name__}"
         )
+
+    def _insert_one(self, conn: sa.Connection, row: dict[str, Any]) -> tuple[str, Any] | None:
+        """One row's INSERT as the driver takes it, compiled once: SQLAlchemy's statement
+        execution (cache key, parameter processing, result setup) took ~40 of add's ~60 µs on
+        SQLite, a third of what it adds to an app's transaction. SQLite and MariaDB only: their
+        drivers take these columns' Python values as they are (str, bytes, int, float, None).
+        None: execute it as a statement (PostgreSQL, or a connection whose schema_translate_map
+        the driver-level SQL would skip)."""
+        dialect = conn.dialect  # the app's connection: its driver's parameter style
+        if dialect.name not in ("sqlite", "mysql", "mariadb") or conn.get_execution_options().get(
+            "schema_translate_map"
+        ):
+            return None
+        how = (dialect.name, dialect.driver, dialect.paramstyle)
+        if how not in self._insert_sql:
+            compiled = sa.insert(self.table).compile(dialect=dialect, column_keys=list(row))
+            # positional (qmark: sqlite3, format: PyMySQL) or named: either way the driver's own form
+            self._insert_sql[how] = (str(compiled), tuple(compiled.positiontup) if compiled.positiontup else None)
+        sql, keys = self._insert_sql[how]
+        return sql, tuple(row[k] for k in keys) if keys is not None else row
 
     async def _insert_async(self, conn: AsyncConnection | AsyncSession, stmt: sa.Insert, params: Any, result: T) -> T:
         if params is not None:
