@@ -9,14 +9,19 @@ as the table grows, two ways:
 Each repetition makes a fresh table, fills the history with one server-side
 ``INSERT … SELECT … generate_series`` (rows as the relay leaves them: UUIDv7 ids older than the
 new messages, same topic and keys, ``done_at``, ``location``, ``claimed_by``), runs
-``VACUUM ANALYZE``, adds N new messages (not timed) and times a relay drain.
+``VACUUM ANALYZE``, adds N new messages (not timed) and times a relay drain. ``--aged`` (the
+default) measures the large history a second way, as a relay's own table holds it: each row
+inserted new, claimed and recorded by UPDATEs, with a VACUUM at autovacuum's default threshold
+(1M rows: a primary key of 14.4k pages instead of 7.2k, a heap 13% larger, the new messages in
+the space VACUUM freed rather than after the history). Both are what autovacuum leaves: analyzed
+while the table held history only, so to the planner every partial index looks empty.
 
 Baseline: the small figure; ratio = large / small; target ≥ 0.8 for both. Below it, the script
 prints ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement of one claim on the large-history table
 (captured from ``SqlOutbox.claim`` itself, so it stays what the relay runs).
 
 Usage: python -m bench.growth [--messages N] [--small-history H] [--large-history H]
-                              [--small-pending P] [--large-pending P] [--reps R]
+                              [--small-pending P] [--large-pending P] [--reps R] [--no-aged]
 """
 
 from __future__ import annotations
@@ -214,9 +219,10 @@ def main() -> None:
     ap.add_argument("--explain", action="store_true", help="print the claim's plans even when the ratio is met")
     ap.add_argument(
         "--aged",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also the large history as a relay leaves it (written 3 times, VACUUMed as autovacuum "
-        "would): ~1 min per rep",
+        "would): ~1 min per rep at 1M",
     )
     args = ap.parse_args()
     n, reps, small, large = args.messages, args.reps, args.small_history, args.large_history
