@@ -16,7 +16,9 @@ inserted new, claimed and recorded by UPDATEs, with a VACUUM at autovacuum's def
 the space VACUUM freed rather than after the history). Both are what autovacuum leaves: analyzed
 while the table held history only, so to the planner every partial index looks empty.
 
-Baseline: the small figure; ratio = large / small; target ≥ 0.8 for both. Below it, the script
+Baseline: the small figure; ratio = large / small; target ≥ 0.8 for both. After an untimed
+warm-up drain, each repetition measures one of each in turn (small, large, aged), so a load that
+drifts on a shared machine falls on both sides of a ratio instead of on one block of them. Below it, the script
 prints ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement of one claim on the large-history table
 (captured from ``SqlOutbox.claim`` itself, so it stays what the relay runs).
 
@@ -233,23 +235,33 @@ def main() -> None:
     )
     plan: str | None = None
     with EmbeddedBroker() as broker:
-        say(f"{small:,} rows of history ...")
-        base = statistics.median(timed_run(broker.url, n, small, False)[0] for _ in range(reps))
-        say(f"{large:,} rows of history ...")
-        rates = []
+        # Interleaved, one of each per repetition: on a shared machine the load drifts over the
+        # minutes a block of repetitions takes, and blocks (all baselines first) measured the drift.
+        say("warm-up (the broker's first topic and producer, not counted) ...")
+        timed_run(broker.url, min(n, 2000), 0, False)
+        bases: list[float] = []
+        rates: list[float] = []
+        aged_rates: list[float] = []
         for rep in range(reps):
+            say(f"repetition {rep + 1}: {small:,} rows of history ...")
+            bases.append(timed_run(broker.url, n, small, False)[0])
+            say(f"repetition {rep + 1}: {large:,} rows of history ...")
             rate, p = timed_run(broker.url, n, large, rep == 0)
             rates.append(rate)
             plan = plan or p
-        ours = statistics.median(rates)
-        aged = None
-        if args.aged:
-            say(f"{large:,} rows of aged history ...")
-            aged = statistics.median(timed_run(broker.url, n, large, False, aged=True)[0] for _ in range(reps))
-        say(f"{args.small_pending:,} pending ...")
-        small_backlog = statistics.median(backlog_run(broker.url, args.small_pending) for _ in range(reps))
-        say(f"{args.large_pending:,} pending ...")
-        large_backlog = statistics.median(backlog_run(broker.url, args.large_pending) for _ in range(reps))
+            if args.aged:
+                say(f"repetition {rep + 1}: {large:,} rows of aged history ...")
+                aged_rates.append(timed_run(broker.url, n, large, False, aged=True)[0])
+        base, ours = statistics.median(bases), statistics.median(rates)
+        aged = statistics.median(aged_rates) if aged_rates else None
+        small_backlogs: list[float] = []
+        large_backlogs: list[float] = []
+        for rep in range(reps):
+            say(f"repetition {rep + 1}: {args.small_pending:,} pending ...")
+            small_backlogs.append(backlog_run(broker.url, args.small_pending))
+            say(f"repetition {rep + 1}: {args.large_pending:,} pending ...")
+            large_backlogs.append(backlog_run(broker.url, args.large_pending))
+        small_backlog, large_backlog = statistics.median(small_backlogs), statistics.median(large_backlogs)
     row = Row(
         f"relay in-process, PostgreSQL → Kafka, {n:,} new after {large:,} rows in success",
         ours,
