@@ -18,9 +18,9 @@ while the table held history only, so to the planner every partial index looks e
 
 Baseline: the small figure; ratio = large / small; target ≥ 0.8 for both. After an untimed
 warm-up drain, each repetition measures one of each in turn (small, large, aged), so a load that
-drifts on a shared machine falls on both sides of a ratio instead of on one block of them. Below it, the script
-prints ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement of one claim on the large-history table
-(captured from ``SqlOutbox.claim`` itself, so it stays what the relay runs).
+drifts on a shared machine falls on both sides of a ratio instead of on one block of them. Below
+it, the script prints ``EXPLAIN (ANALYZE, BUFFERS)`` of each statement of one claim on the
+large-history table (captured from ``SqlOutbox.claim`` itself, so it stays what the relay runs).
 
 Usage: python -m bench.growth [--messages N] [--small-history H] [--large-history H]
                               [--small-pending P] [--large-pending P] [--reps R] [--no-aged]
