@@ -5,6 +5,8 @@ Each test replays the relay's own statements under EXPLAIN ANALYZE, rolled back.
 
 from __future__ import annotations
 
+import random
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -120,3 +122,146 @@ def test_a_batch_recorded_twice_keeps_its_first_location(audited: SqlOutbox) -> 
         assert recorded(audited, slow[0].id) == first and first[:2] == ("success", "t/1/7")
     finally:
         other.close()
+
+
+# Review (rev-history): the recorded batch and the blocked keys, state by state, against what the
+# statements with the state check in their WHERE gave. These pass on the code before the change
+# too: they guard the CASEs and the wait-index query, not a plan.
+
+
+def set_states(outbox: SqlOutbox, ids: list[str], states: list[dict[str, Any]]) -> None:
+    t = outbox.table
+    with outbox.engine.begin() as conn:
+        for mid, values in zip(ids, states, strict=True):
+            if values:
+                conn.execute(sa.update(t).where(t.c.id == mid).values(**values))
+
+
+def test_recording_a_batch_moves_every_undelivered_state_and_keeps_a_delivered_row() -> None:
+    """A batch whose rows are in every state: pending (recovered), sending (this relay's, or
+    another relay's after the lease expired), failed, success; each undelivered one becomes
+    ``success`` at this record's location and time, the delivered one keeps its own."""
+    require_service("postgres")
+    outbox = SqlOutbox(PG_URL, table=f"zl_hist_{uuid.uuid4().hex[:10]}")
+    outbox.create_schema()
+    try:
+        with outbox.engine.begin() as conn:
+            ids = sorted(outbox.add_many(conn, [{"topic": "t", "value": b"v", "key": b"k"} for _ in range(5)]))
+        now = outbox.now()
+        set_states(
+            outbox,
+            ids,
+            [
+                {},
+                {"state": "sending", "lease_until": now + 60, "claimed_by": outbox._token},
+                {"state": "sending", "lease_until": now - 1, "claimed_by": "another relay"},
+                {"state": "failed", "attempts": 3, "last_error": "boom"},
+                {"state": "success", "location": "t/0/1", "done_at": now - 100},
+            ],
+        )
+        outbox.succeed([Delivered(outbox.get(mid)[1], f"t/9/{i}") for i, mid in enumerate(ids)])
+        rows = [recorded(outbox, mid) for mid in ids]
+        assert [r[:2] for r in rows] == [("success", f"t/9/{i}") for i in range(4)] + [("success", "t/0/1")]
+        assert rows[4][2] == now - 100 and all(r[2] >= now for r in rows[:4]), rows
+    finally:
+        outbox.drop_schema()
+        outbox.close()
+
+
+def test_two_relays_recording_one_batch_at_once_keep_the_first_record() -> None:
+    """The second UPDATE waits on the first's row locks and is then re-evaluated on the row the
+    first committed (READ COMMITTED): the CASEs must see ``success`` there, as the old WHERE did."""
+    require_service("postgres")
+    outbox = SqlOutbox(PG_URL, table=f"zl_hist_{uuid.uuid4().hex[:10]}")
+    outbox.create_schema()
+    stale = SqlOutbox(PG_URL, table=outbox.table.name)
+
+    def waiting_on_a_lock() -> int:
+        # a new transaction each time: pg_stat_activity is read once per transaction
+        with outbox.engine.connect() as probe:
+            return int(
+                probe.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %(q)s",
+                    {"q": f"UPDATE {outbox.table.name} %"},
+                ).scalar_one()
+            )
+
+    try:
+        with outbox.engine.begin() as conn:
+            outbox.add_many(conn, [{"topic": "t", "value": b"v", "key": b"k%d" % i} for i in range(20)])
+        batch = outbox.claim(20, lease_s=60)
+        ids = sorted(m.id for m in batch)
+        with outbox.engine.connect() as first:
+            tx = first.begin()
+            try:
+                first.execute(outbox._succeed_pg, {"ids": ids, "locs": ["t/1/1"] * 20, "now": outbox.now()})
+                waiting = threading.Thread(target=stale.succeed, args=([Delivered(m, "t/2/2") for m in batch],))
+                waiting.start()
+                wait_until(waiting_on_a_lock, what="the second record to wait on the first's row locks")
+                tx.commit()
+            finally:
+                if tx.is_active:
+                    tx.rollback()
+        waiting.join(10)
+        assert not waiting.is_alive()
+        assert {recorded(outbox, mid)[:2] for mid in ids} == {("success", "t/1/1")}
+    finally:
+        stale.close()
+        outbox.drop_schema()
+        outbox.close()
+
+
+def older_table(outbox: SqlOutbox) -> None:
+    """The table as an earlier zeroloss made it on PostgreSQL: full claim/key/done/wait indexes."""
+    name = outbox.table.name
+    with outbox.engine.begin() as conn:
+        conn.execute(sa.schema.CreateTable(outbox.table))
+        for suffix, columns in (
+            ("claim", "state, id, not_before"),
+            ("key", "key_hash, id"),
+            ("done", "state, done_at"),
+            ("wait", "state, not_before"),
+        ):
+            conn.exec_driver_sql(f"CREATE INDEX ix_{name}_{suffix} ON {name} ({columns})")
+
+
+@pytest.mark.parametrize("layout", ["partial", "older", "older-upgraded", "partial-without-wait"])
+def test_the_blocked_keys_are_the_same_set_either_way(layout: str) -> None:
+    """Keys in every state mix (sending with a live or expired lease, failed, pending due or in a
+    backoff, success with a future not_before, no key): the wait-index query returns exactly the
+    set the generic one does, on a table with the partial indexes, one an earlier version made
+    (before and after ``create_schema`` adds them) and one whose wait index is missing."""
+    require_service("postgres")
+    outbox = SqlOutbox(PG_URL, table=f"zl_hist_{uuid.uuid4().hex[:10]}")
+    try:
+        if layout.startswith("older"):
+            older_table(outbox)
+        if layout != "older":
+            outbox.create_schema()
+        if layout == "partial-without-wait":
+            with outbox.engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP INDEX ix_{outbox.table.name}_wait")
+        rng = random.Random(14)
+        with outbox.engine.begin() as conn:
+            keys = [b"k%d" % rng.randrange(120) if rng.random() < 0.9 else None for _ in range(400)]
+            ids = sorted(outbox.add_many(conn, [{"topic": "t", "value": b"v", "key": k} for k in keys]))
+        now = outbox.now()
+        mix = [
+            {},
+            {"not_before": now + 600},
+            {"not_before": now - 1},
+            {"state": "sending", "lease_until": now + 60},
+            {"state": "sending", "lease_until": now - 1},
+            {"state": "failed"},
+            {"state": "success", "done_at": now, "not_before": now + 600},
+        ]
+        set_states(outbox, ids, [rng.choice(mix) for _ in ids])
+        with outbox.engine.connect() as conn, conn.begin():
+            generic = outbox._blocked_keys(conn, now)
+            assert outbox._has_partial_indexes(conn) == (layout != "older")
+            conn.execute(outbox._claim_plan_pg)
+            wait_index = outbox._blocked_keys(conn, now, True)
+        assert 0 < len(generic) < 120 and wait_index == generic
+    finally:
+        outbox.drop_schema()
+        outbox.close()
