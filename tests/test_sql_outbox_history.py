@@ -246,7 +246,7 @@ def test_the_blocked_keys_are_the_same_set_either_way(layout: str) -> None:
             keys = [b"k%d" % rng.randrange(120) if rng.random() < 0.9 else None for _ in range(400)]
             ids = sorted(outbox.add_many(conn, [{"topic": "t", "value": b"v", "key": k} for k in keys]))
         now = outbox.now()
-        mix = [
+        mix: list[dict[str, Any]] = [
             {},
             {"not_before": now + 600},
             {"not_before": now - 1},
