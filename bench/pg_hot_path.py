@@ -47,7 +47,7 @@ def _claim_rows(outbox: SqlOutbox, conn: sa.Connection, limit: int, *, lease_fre
     t = outbox.table
     now = outbox.now()
     conn.execute(outbox._claim_plan_pg)
-    stmt = outbox.claim_statement(now, limit, tuple(outbox._blocked_keys(conn, now)))
+    stmt = outbox.claim_statement(now, limit, tuple(outbox._blocked_keys(conn, now, True)))
     if lease_free:
         stmt = stmt.where(sa.or_(t.c.lease_until.is_(None), t.c.lease_until < now))
     rows = conn.execute(stmt).all()

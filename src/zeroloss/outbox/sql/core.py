@@ -90,12 +90,18 @@ class SqlCore:
         self._token = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(6)}"
         self.channel = f"zeroloss_{self.table.name.lower()}"  # the NOTIFY channel of this table
         # succeed() on PostgreSQL. `id = ANY` keeps the primary-key index in the plan: joining on
-        # the unnest alone lets the planner scan the whole table, history included.
+        # the unnest alone lets the planner scan the whole table, history included. A row already
+        # in success keeps its done_at and location through the CASEs: a `state <> 'success'` in
+        # the WHERE is estimated at one row once the statistics are mostly history (a table kept
+        # for audit), and the planner re-read the whole unnest for each row it found: n x n id
+        # comparisons, 110-170 ms for 1,000 ids after 1M delivered rows instead of 8-15 ms.
         table = self.engine.dialect.identifier_preparer.quote(self.table.name)
         self._succeed_pg = sa.text(
-            f"UPDATE {table} AS t SET state = 'success', done_at = :now, lease_until = NULL, location = v.loc "
+            f"UPDATE {table} AS t SET state = 'success', lease_until = NULL, "
+            "done_at = CASE WHEN t.state = 'success' THEN t.done_at ELSE :now END, "
+            "location = CASE WHEN t.state = 'success' THEN t.location ELSE v.loc END "
             "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
-            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[])) AND t.state <> 'success'"
+            "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[]))"
         )
         # claim()'s per-key re-check on PostgreSQL: each key's first undelivered rows in id order,
         # one more than its candidates (enough to find the first that is not one). Per key, an
@@ -106,6 +112,18 @@ class SqlCore:
             "SELECT k.h, x.id FROM unnest(CAST(:keys AS text[]), CAST(:n AS int[])) AS k(h, n) "
             f"CROSS JOIN LATERAL (SELECT t.id FROM {table} AS t WHERE t.key_hash = k.h "
             f"AND t.state IN ({blocking}) AND t.id <= :max ORDER BY t.id LIMIT k.n) AS x"
+        )
+        # claim()'s blocked keys on PostgreSQL with its partial indexes, read from the `wait`
+        # index (state, not_before). Each part asks for that index's order, and the claim's
+        # transaction has sorting off, so no other index is chosen: once the statistics are
+        # mostly history, every partial index looks empty, and the planner took the `live` or
+        # `pending` one and filtered its whole backlog (9 ms per claim over 20k pending after 1M
+        # delivered rows; 0.6 ms through `wait`, the round trip included).
+        self._blocked_pg = sa.text(
+            f"(SELECT key_hash FROM {table} WHERE state IN ('sending', 'failed') AND key_hash IS NOT NULL "
+            "ORDER BY state, not_before) UNION "
+            f"(SELECT key_hash FROM {table} WHERE state = 'pending' AND not_before > :now AND key_hash IS NOT NULL "
+            "ORDER BY state, not_before)"
         )
         self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
         self._claim_plan_pg = sa.text(

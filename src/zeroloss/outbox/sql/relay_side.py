@@ -124,10 +124,13 @@ class SqlRelaySide(SqlCore):
             return column == sa.any_(sa.bindparam(None, list(values), type_=postgresql.ARRAY(sa.String)))
         return column.in_(values)
 
-    def _blocked_keys(self, conn: sa.Connection, now: float) -> set[str]:
+    def _blocked_keys(self, conn: sa.Connection, now: float, partial: bool = False) -> set[str]:
         """Keys with a message in ``sending``, ``failed`` or waiting out a backoff. Excluding them
         *before* the LIMIT keeps a parked key's backlog from filling every claim window and
-        starving the other keys. Each part is a small set reached through an index."""
+        starving the other keys. Each part is a small set reached through an index (``partial``:
+        PostgreSQL's ``wait`` index, in a transaction with sorting off)."""
+        if partial:
+            return set(conn.scalars(self._blocked_pg, {"now": now}))
         t = self.table
         keyed = t.c.key_hash.is_not(None)
         busy = self._force_index(
@@ -172,7 +175,7 @@ class SqlRelaySide(SqlCore):
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
             conn.execute(self._claim_plan_pg)
         self._read_index_names(conn)
-        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now)))).all()
+        rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now, partial)))).all()
         # Re-check after locking: another relay may have claimed (or still hold locked) an
         # earlier message of a candidate's key. The earliest non-candidate row per key that
         # still has to go first blocks that key's candidates from there on.
