@@ -288,3 +288,28 @@ def test_stats_show_the_oldest_age_of_every_non_empty_state(outbox: OutboxHarnes
     assert set(stats.oldest_age_s) == {State.FAILED, State.PENDING}
     assert 0 <= stats.oldest_age_s[State.PENDING] <= stats.oldest_age_s[State.FAILED] < 60
     assert stats.oldest_pending_age_s == stats.oldest_age_s[State.PENDING]
+
+
+def test_stats_of_the_backlog_only_match_the_full_stats_but_the_delivered(outbox: OutboxHarness) -> None:
+    """``stats(delivered=False)`` (the relay's drain check and progress line) leaves out the
+    delivered history and nothing else: every undelivered count, parked and ages as in full."""
+    delivered = outbox.add(topic="t", value=b"d")
+    [msg] = outbox.store.claim(1, lease_s=30)
+    outbox.store.succeed([Delivered(msg, "t/0/0")])
+    assert msg.id == delivered
+    _fail_one(outbox, b"f", key=b"K")
+    outbox.add(topic="t", value=b"parked", key=b"K")
+    outbox.add(topic="t", value=b"p1")
+    outbox.add(topic="t", value=b"p2")
+    outbox.store.claim(1, lease_s=30)  # one in sending
+    full, backlog = outbox.store.stats(), outbox.store.stats(delivered=False)
+    assert full.counts[State.SUCCESS] == 1 and backlog.counts[State.SUCCESS] == 0
+    assert State.SUCCESS in full.oldest_age_s and State.SUCCESS not in backlog.oldest_age_s
+    undelivered = (State.PENDING, State.SENDING, State.FAILED)
+    assert [backlog.counts[s] for s in undelivered] == [full.counts[s] for s in undelivered] == [2, 1, 1]
+    assert (backlog.parked, backlog.expired_leases, backlog.oldest_pending_error) == (
+        full.parked,
+        full.expired_leases,
+        full.oldest_pending_error,
+    )
+    assert backlog.parked == 1

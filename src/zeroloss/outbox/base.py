@@ -143,8 +143,11 @@ class OutboxStore(Protocol):
         """Delete ``success`` records older than ``older_than_s`` seconds (retention)."""
         ...
 
-    def stats(self) -> Stats:
-        """Counts per state and the ages an operator needs."""
+    def stats(self, *, delivered: bool = True) -> Stats:
+        """Counts per state and the ages an operator needs. ``delivered=False``: the ``success``
+        count and age are not read (left 0 / absent), for callers that need only the backlog
+        (the relay's drain check and progress line): counting the delivered history kept for
+        audit reads all of it, 150-360 ms at 1M rows on PostgreSQL."""
         ...
 
     def close(self) -> None:

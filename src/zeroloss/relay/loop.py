@@ -118,7 +118,8 @@ class Relay(RelayReports):
                         if self._progress.due():
                             self._report()
                         continue
-                    stats = self.store.stats()  # an empty claim recorded the last batch: nothing is held back
+                    # an empty claim recorded the last batch: nothing is held back
+                    stats = self.store.stats(delivered=False)
                     if stats.counts[State.SENDING] == 0 and stats.counts[State.PENDING] <= stats.parked:
                         return
                     if time.monotonic() > deadline:

@@ -135,7 +135,7 @@ class RelayReports:
         c = self.counters
         rate = self._progress.rate(c.delivered)
         try:
-            stats = self.store.stats()
+            stats = self.store.stats(delivered=False)  # the backlog only: not the audit history
         except StoreError as exc:  # the loop reports the outage itself
             log.debug("no progress line: %s", exc)
             return

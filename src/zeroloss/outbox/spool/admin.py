@@ -149,9 +149,14 @@ class SpoolAdmin(SpoolCore):
                 self._sync(State.PENDING, State.SUCCESS)
             return moved
 
-    def stats(self) -> Stats:
+    def stats(self, *, delivered: bool = True) -> Stats:
         with self._lock, self._translate("stats"):
-            names = {s: self._pending_names() if s is State.PENDING else self._names(s) for s in State}
+            names = {
+                s: self._pending_names() if s is State.PENDING else self._names(s)
+                for s in State
+                if delivered or s is not State.SUCCESS
+            }
+            names.setdefault(State.SUCCESS, [])
             counts = {s: len(n) for s, n in names.items()}
             counts[State.MALFORMED] = len(self._listdir(State.MALFORMED))
             now = time.time()

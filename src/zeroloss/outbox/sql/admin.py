@@ -139,7 +139,7 @@ class SqlAdmin(SqlCore):
         log.debug("%d messages back to pending to be sent again (%s): %s", n, _RESENT, ", ".join(ids))
         return n
 
-    def stats(self) -> Stats:
+    def stats(self, *, delivered: bool = True) -> Stats:
         t = self.table
         f = t.alias("f")
 
@@ -149,6 +149,8 @@ class SqlAdmin(SqlCore):
             ages: dict[State, float] = {}
             unknown: dict[str, int] = {}
             q = sa.select(t.c.state, sa.func.count(), sa.func.min(t.c.created_at)).group_by(t.c.state)
+            if not delivered:  # the backlog only, through its partial indexes on PostgreSQL
+                q = q.where(t.c.state.in_([s.value for s in (State.PENDING, State.SENDING, State.FAILED)]))
             for state, n, first in conn.execute(q):
                 if state in State._value2member_map_:
                     counts[State(state)] = n
