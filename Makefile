@@ -52,15 +52,15 @@ chaos: install services
 
 # Benchmarks print zeroloss's figure, a baseline measured in the same run, the ratio, the issue's
 # target and met?; then every row again in one table (bench.summary). The output goes to
-# bench/results/make-bench.md (generated; latest.md keeps the hand-written notes). The cluster rows
+# bench/results/latest.md (generated; notes.md keeps the hand-written notes). The cluster rows
 # are skipped unless `make cluster` is up. A script that fails is listed (FAILED) and fails the target.
 BENCH_SCRIPTS := relay_throughput cli_relay cluster enqueue consumer latency scale_out growth pg_hot_path
 bench: install services
 	mkdir -p bench/results
 	rows=$$(mktemp) && export ZEROLOSS_BENCH_ROWS=$$rows && \
 	  { for m in $(BENCH_SCRIPTS); do $(BIN)/python -m bench.$$m || echo "FAILED: bench.$$m exited $$?"; done; \
-	    $(BIN)/python -m bench.summary $$rows; } | tee bench/results/make-bench.md; rm -f $$rows
-	! grep -q '^FAILED' bench/results/make-bench.md
+	    $(BIN)/python -m bench.summary $$rows; } | tee bench/results/latest.md; rm -f $$rows
+	! grep -q '^FAILED' bench/results/latest.md
 
 # Small counts, to keep every benchmark script (and its rows) from rotting; not a pass/fail on speed.
 bench-quick: install services

@@ -40,7 +40,7 @@ class ConsumerSettings:
     """Up to this many messages share one inbox transaction (SQL inboxes). As many as a Kafka
     fetch brings (``batch_size``): each transaction's begin, savepoint check and commit cost as
     much for 1 message as for 500, and at 100 they were a sixth of the consumer's time
-    (bench/results/latest.md, 2026-12-01); a slow per-message handler's runs shrink anyway."""
+    (bench/results/notes.md, 2026-12-01); a slow per-message handler's runs shrink anyway."""
     parked_dir: str | os.PathLike[str] = "zeroloss-parked"
     """Where dead letters the broker refused for good are kept: a volume, not scratch space."""
     progress_every_s: float | None = 10.0

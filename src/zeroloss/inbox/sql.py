@@ -148,7 +148,7 @@ class SqlInbox:
         ``INSERT … VALUES (…), (…) RETURNING`` that SQLAlchemy builds for many rows is a new, long
         text for every run size: psycopg parses each such text again in Python (its cache keeps
         only short ones), about 1 ms per run of 100, a quarter of the consumer's time (bench
-        profile in bench/results/latest.md, 2026-12-01); the server parses and plans it again too.
+        profile in bench/results/notes.md, 2026-12-01); the server parses and plans it again too.
         Built with SQLAlchemy, not as text: an app's Engine may name the table's schema by its
         ``schema_translate_map`` (a schema per tenant), which only compiled statements follow."""
         if self.dialect != "postgresql":

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 NOT_STARTED = "not started yet"
 KAFKA_BATCH_SIZE = 2000
 """``zeroloss relay``'s batch for Kafka: 2000 drained a PostgreSQL backlog 1.26x faster than 500
-(bench/results/latest.md, 2026-12-01); the other brokers keep RelaySettings' 500."""
+(bench/results/notes.md, 2026-12-01); the other brokers keep RelaySettings' 500."""
 
 
 @dataclass(frozen=True, slots=True)

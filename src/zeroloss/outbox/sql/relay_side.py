@@ -275,7 +275,7 @@ class SqlRelaySide(SqlCore):
             return
         if self._dialect == "mysql":
             # One statement over one JSON parameter: PyMySQL's executemany sends an UPDATE per row
-            # (53% of a MariaDB relay's database time at 1,000 a batch: bench/results/latest.md).
+            # (53% of a MariaDB relay's database time at 1,000 a batch: bench/results/notes.md).
             pairs = json.dumps([[i, where[i]] for i in ids])
             conn.execute(self._succeed_mysql(), {"pairs": pairs, "now": now})
             return
