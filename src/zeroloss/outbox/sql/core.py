@@ -103,6 +103,18 @@ class SqlCore:
             "FROM unnest(CAST(:ids AS text[]), CAST(:locs AS text[])) AS v(id, loc) "
             "WHERE t.id = v.id AND t.id = ANY(CAST(:ids AS text[]))"
         )
+        # succeed() on MariaDB/MySQL: JSON_TABLE (MariaDB 10.6, MySQL 8.0) turns the pairs into
+        # rows, read first in array order (sorted ids: the lock order of every relay write), each
+        # joined to its row by primary key. STRAIGHT_JOIN fixes that order: on a small table the
+        # optimizer would scan the table and probe the pairs.
+        self._succeed_mysql = sa.text(
+            f"UPDATE JSON_TABLE(:pairs, '$[*]' COLUMNS("
+            "id VARCHAR(36) CHARACTER SET ascii COLLATE ascii_bin PATH '$[0]', "
+            "loc VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[1]')) AS v "
+            f"STRAIGHT_JOIN {table} AS t ON t.id = v.id "
+            "SET t.state = 'success', t.done_at = :now, t.lease_until = NULL, t.location = v.loc "
+            "WHERE t.state <> 'success'"
+        )
         # claim()'s per-key re-check on PostgreSQL: each key's first undelivered rows in id order,
         # one more than its candidates (enough to find the first that is not one). Per key, an
         # ORDER BY id LIMIT is answered from the (key_hash, id) indexes, and the partial one holds

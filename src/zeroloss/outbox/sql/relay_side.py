@@ -277,7 +277,7 @@ class SqlRelaySide(SqlCore):
             # One statement over one JSON parameter: PyMySQL's executemany sends an UPDATE per row
             # (53% of a MariaDB relay's database time at 1,000 a batch: bench/results/notes.md).
             pairs = json.dumps([[i, where[i]] for i in ids])
-            conn.execute(self._succeed_mysql(), {"pairs": pairs, "now": now})
+            conn.execute(self._succeed_mysql, {"pairs": pairs, "now": now})
             return
         stmt = (
             sa.update(t)
@@ -291,21 +291,6 @@ class SqlRelaySide(SqlCore):
         )
         # One executemany (pipelined by the driver) instead of a CASE with a branch per id.
         conn.execute(stmt, [{"b_id": i, "b_loc": where[i], "b_now": now} for i in ids])
-
-    def _succeed_mysql(self) -> sa.TextClause:
-        """MariaDB/MySQL's one-statement succeed: JSON_TABLE (MariaDB 10.6, MySQL 8.0) turns the
-        pairs into rows, read first in array order (sorted ids: the lock order of every relay
-        write), each joined to its row by primary key. STRAIGHT_JOIN fixes that order: on a small
-        table the optimizer would scan the table and probe the pairs."""
-        table = self.engine.dialect.identifier_preparer.quote(self.table.name)
-        return sa.text(
-            f"UPDATE JSON_TABLE(:pairs, '$[*]' COLUMNS("
-            "id VARCHAR(36) CHARACTER SET ascii COLLATE ascii_bin PATH '$[0]', "
-            "loc VARCHAR(255) CHARACTER SET utf8mb4 PATH '$[1]')) AS v "
-            f"STRAIGHT_JOIN {table} AS t ON t.id = v.id "
-            "SET t.state = 'success', t.done_at = :now, t.lease_until = NULL, t.location = v.loc "
-            "WHERE t.state <> 'success'"
-        )
 
     def retry(self, messages: Sequence[Message]) -> None:
         self._release(messages, State.PENDING)
