@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
@@ -369,9 +370,11 @@ def test_concurrent_transactions_share_directory_fsyncs(spool: FileSpool) -> Non
     transactions = threads * per_thread
     assert files(spool, State.PENDING) == sorted(f"{m}.zlm" for m in ids)
     assert len(set(ids)) == transactions and sorted(all_ids(spool.root)) == sorted(ids)
-    pending_sync = spool.dir_syncs[State.PENDING]
-    assert pending_sync.requests == transactions
-    assert 0 < pending_sync.fsyncs < transactions
+    promote = spool.promote_sync  # pending/ then tmp/, one wait per promotion
+    assert promote.requests == transactions
+    assert 0 < promote.fsyncs < transactions
+    assert spool.dir_syncs[State.PENDING].requests == 0
+    assert spool.dir_syncs[State.TMP].requests == transactions  # the add's: the name before the commit
     assert spool.dir_syncs[State.TMP].fsyncs < spool.dir_syncs[State.TMP].requests
 
 
@@ -425,6 +428,75 @@ def test_group_sync_reports_a_failed_fsync_to_every_caller_it_covered(
     sync.sync()  # the next fsync works again
     os.close(fd)
     assert sync.fsyncs == 2
+
+
+def test_group_sync_of_several_directories_fsyncs_each_in_order_and_fails_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "b").mkdir()
+    a, b = os.open(tmp_path, os.O_RDONLY), os.open(tmp_path / "b", os.O_RDONLY)
+    seen: list[int] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        seen.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    sync = _fsync.GroupSync((a, b))
+    sync.sync()
+    sync.sync()
+    assert seen == [a, b, a, b] and sync.fsyncs == 2
+
+    def second_fails(fd: int) -> None:
+        seen.append(fd)
+        if fd == b:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", second_fails)
+    with pytest.raises(OSError, match="directory fsync failed: Input/output error"):
+        sync.sync()  # the first directory's fsync worked: the generation failed all the same
+    monkeypatch.undo()
+    os.close(a)
+    os.close(b)
+
+
+def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writers = 8
+    pending_fd = spool._fds[State.PENDING]
+    real_fsync = os.fsync
+
+    def broken_pending(fd: int) -> None:
+        if fd == pending_fd:
+            # Hold the first failing fsync until every writer has asked for one: the other
+            # seven then wait on one shared generation, which fails too (the disk is broken).
+            wait_until(lambda: spool.promote_sync.requests == writers, what="every writer promoting")
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_pending)
+    outcomes: list[object] = []
+
+    def writer(n: int) -> None:
+        try:
+            outcomes.append(add(spool, b"%d" % n))
+        except StoreError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert len(outcomes) == writers
+    for outcome in outcomes:  # nobody was told its message is safely pending
+        assert isinstance(outcome, StoreError) and not outcome.retriable, outcome
+        assert "committed but promoting its messages failed" in str(outcome)
+        assert "Input/output error" in str(outcome)
+    assert spool.promote_sync.fsyncs == 2  # the leader's, then one for the seven followers
 
 
 # ---- a producer process killed mid-transaction -------------------------------------------

@@ -6,6 +6,10 @@ generation of the next fsync to start and waits until that one has finished. Who
 fsync under way leads: it optionally lingers a moment so more callers can join, then takes the
 generation and runs the fsync without holding the lock; everyone who arrived before it started
 is covered by it. Callers that arrive while it runs wait for the next generation.
+
+One helper may own several descriptors (a promotion's ``pending/`` and ``tmp/``): its leader
+fsyncs them one after the other, so a caller waits for one generation instead of one per
+directory, and a failure of either fails the generation.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 
 
 class GroupSync:
-    """Coalesces fsyncs of one directory (or any file descriptor) across threads."""
+    """Coalesces fsyncs of one directory (or any file descriptors, in order) across threads."""
 
-    def __init__(self, fd: int, *, window_s: float = 0.0, enabled: bool = True) -> None:
-        self._fd = fd
+    def __init__(self, fd: int | Sequence[int], *, window_s: float = 0.0, enabled: bool = True) -> None:
+        self._fds = (fd,) if isinstance(fd, int) else tuple(fd)
         self._window_s = window_s
         self._enabled = enabled
         self._cond = threading.Condition()
@@ -31,7 +36,8 @@ class GroupSync:
         self.requests = 0
         """How many times :meth:`sync` was called (with fsync enabled)."""
         self.fsyncs = 0
-        """How many fsyncs actually ran; lower than ``requests`` when callers shared them."""
+        """How many generations ran (each an fsync of every descriptor); lower than ``requests``
+        when callers shared them."""
 
     def sync(self, linger: bool = False) -> None:
         """Return once an fsync that started after this call has completed; raise its OSError
@@ -62,7 +68,8 @@ class GroupSync:
             self._next += 1
             self._cond.release()
             try:
-                os.fsync(self._fd)
+                for fd in self._fds:
+                    os.fsync(fd)
             except OSError as exc:
                 self._error = exc
             else:

@@ -93,7 +93,7 @@ class SpoolCore:
         *,
         fsync: bool = True,
         max_message_bytes: int = 1_000_000,
-        group_commit_window_s: float = 0.002,
+        group_commit_window_s: float = 0.0,
         tmp_grace_s: float = 60.0,
         create: bool = True,
     ) -> None:
@@ -123,6 +123,10 @@ class SpoolCore:
             s: GroupSync(fd, window_s=group_commit_window_s, enabled=fsync) for s, fd in self._fds.items()
         }
         """One group-commit helper per state directory; its counters show how fsyncs were shared."""
+        self.promote_sync = GroupSync(
+            (self._fds[State.PENDING], self._fds[State.TMP]), window_s=group_commit_window_s, enabled=fsync
+        )
+        """A promotion's fsyncs, ``pending/`` then ``tmp/``, as one group: a producer waits once."""
         self._lock = threading.RLock()  # relay and operator calls; producers never take it
         self._active = 0
         self._active_lock = threading.Lock()

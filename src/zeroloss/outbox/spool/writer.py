@@ -95,7 +95,7 @@ class SpoolWriter(SpoolCore):
                     os.rename(self._path(State.TMP, name), self._pending(mid))
                 except FileNotFoundError:
                     missing.append(mid)
-            self._sync(State.PENDING, State.TMP)
+            self.promote_sync.sync(linger=self._active > 1)
             if missing:
                 self._reclaim(txid, missing)
         except OSError as exc:
