@@ -461,17 +461,85 @@ def test_group_sync_of_several_directories_fsyncs_each_in_order_and_fails_as_one
     os.close(b)
 
 
-def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
-    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+def test_group_sync_reports_a_failure_to_the_callers_that_waited_while_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A writeback error is reported once per open file: the next generation's fsync succeeds,
+    yet the failed one may have been writing out the renames of those waiting for it to end
+    (main's GroupSync told 7 of these 8 callers their renames were durable)."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd)
+    real_fsync = os.fsync
+    calls = itertools.count()
+
+    def fails_once(fd: int) -> None:
+        if next(calls) == 0:
+            wait_until(lambda: sync.requests == 8, what="every caller waiting")
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fails_once)
+    told: list[str] = []
+
+    def caller() -> None:
+        try:
+            sync.sync()
+            told.append("durable")
+        except OSError:
+            told.append("error")
+
+    first = threading.Thread(target=caller)
+    first.start()
+    wait_until(lambda: sync.requests == 1, what="the first caller leading")
+    others = [threading.Thread(target=caller) for _ in range(7)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    monkeypatch.undo()
+    os.close(fd)
+    assert told == ["error"] * 8
+    assert sync.fsyncs == 2
+
+
+def test_group_sync_reports_a_failure_that_finished_after_the_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd)
+    sync.sync()
+    mark = sync.mark()  # this caller's changes come after it
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        sync.sync()  # another caller's fsync fails while writing out our changes too
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="directory fsync failed: Input/output error"):
+        sync.sync(since=mark)  # its own fsync succeeds, and proves nothing about them
+    sync.sync(since=sync.mark())  # changes made after the failure: fine
+    sync.sync()
+    os.close(fd)
+    assert sync.fsyncs == 5
+
+
+@pytest.mark.parametrize("fails", ["always", "once"])
+def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """ "once" is Linux's way: a writeback error is reported to one fsync of an open file, and the
+    next fsync succeeds although the renames it was writing out may be lost."""
     writers = 8
     pending_fd = spool._fds[State.PENDING]
     real_fsync = os.fsync
+    failures = itertools.count()
 
     def broken_pending(fd: int) -> None:
-        if fd == pending_fd:
+        if fd == pending_fd and (fails == "always" or next(failures) == 0):
             # Hold the first failing fsync until every writer has asked for one: the other
-            # seven then wait on one shared generation, which fails too (the disk is broken).
+            # seven then wait for the next generation while this one is writing their renames.
             wait_until(lambda: spool.promote_sync.requests == writers, what="every writer promoting")
             raise OSError(errno.EIO, "Input/output error")
         real_fsync(fd)
