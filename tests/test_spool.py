@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -565,6 +565,114 @@ def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
         assert "committed but promoting its messages failed" in str(outcome)
         assert "Input/output error" in str(outcome)
     assert spool.promote_sync.fsyncs == 2  # the leader's, then one for the seven followers
+
+
+class _WritebackErrors:
+    """os.fsync with Linux's writeback-error rule (errseq_t): an error is recorded on the inode
+    and reported once to each open file description that fsyncs it afterwards — a second fsync
+    of the same descriptor succeeds, a fsync of another descriptor of that directory fails."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None]) -> None:
+        self._real = os.fsync
+        self._errors: dict[int, int] = {}  # inode → writeback errors so far
+        self._seen: dict[int, int] = {}  # descriptor → errors already reported to it
+        self._before = before
+        monkeypatch.setattr(os, "fsync", self.fsync)
+
+    def fail(self, path: str) -> None:
+        """Writing out the directory at ``path`` failed (its blocks may never reach the disk)."""
+        ino = os.stat(path).st_ino
+        self._errors[ino] = self._errors.get(ino, 0) + 1
+
+    def fsync(self, fd: int) -> None:
+        self._before(fd)
+        self._real(fd)
+        errors = self._errors.get(os.fstat(fd).st_ino, 0)
+        if errors > self._seen.get(fd, 0):
+            self._seen[fd] = errors
+            raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_add_hears_of_a_tmp_fsync_failure_a_promotion_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An add's tmp/ fsync and a promotion's are in two groups: the error of writing out tmp/
+    while the add's new name was in it went to the promotion's fsync, and the add's own fsync,
+    on the same descriptor, then succeeded — the add returned, the app committed, and a crash
+    could leave no file at all (the name was never durable)."""
+    tmp_dir = os.path.join(spool.root, State.TMP.value)
+    tmp_ino = os.stat(tmp_dir).st_ino
+    told = threading.Event()
+
+    def before(fd: int) -> None:
+        if threading.current_thread().name == "adder" and os.fstat(fd).st_ino == tmp_ino:
+            wait_until(told.is_set, what="the promotion's tmp/ fsync told of the error")
+
+    errors = _WritebackErrors(monkeypatch, before)
+    outcome: list[object] = []
+
+    def adder() -> None:
+        try:
+            outcome.append(add(spool, b"a"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=adder, name="adder")
+    try:
+        with pytest.raises(StoreError, match="committed but promoting its messages failed"):
+            with spool.transaction() as other:
+                other.add(topic="t", value=b"other")
+                thread.start()
+                wait_until(lambda: spool.dir_syncs[State.TMP].requests == 2, what="the add's tmp/ fsync")
+                errors.fail(tmp_dir)  # writing out tmp/, the add's new name in it, failed
+            # leaving the block promoted `other`: pending/ then tmp/, and that fsync heard of it
+    finally:
+        told.set()
+        if thread.ident is not None:  # started
+            thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its name may not be durable"
+    assert "Input/output error" in str(outcome[0])
+
+
+def test_a_promotion_hears_of_a_pending_fsync_failure_the_relay_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's fsyncs of pending/ (claim, recover) and a promotion's are in two groups: the
+    error of writing out the promotion's rename must reach the promotion too, not only the
+    relay's fsync that happened to run first."""
+    pending_dir = os.path.join(spool.root, State.PENDING.value)
+    pending_ino = os.stat(pending_dir).st_ino
+    told = threading.Event()
+
+    def before(fd: int) -> None:
+        if threading.current_thread().name == "promoter" and os.fstat(fd).st_ino == pending_ino:
+            wait_until(told.is_set, what="the relay's pending/ fsync told of the error")
+
+    errors = _WritebackErrors(monkeypatch, before)
+    outcome: list[object] = []
+
+    def promoter() -> None:
+        try:
+            outcome.append(add(spool, b"p"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=promoter, name="promoter")
+    thread.start()
+    try:
+        wait_until(lambda: spool.promote_sync.requests == 1, what="the promotion's fsync")
+        errors.fail(pending_dir)  # writing out pending/, the renamed name in it, failed
+        with pytest.raises(OSError, match="Input/output error"):
+            spool.dir_syncs[State.PENDING].sync()  # as claim() and recover() sync pending/
+    finally:
+        told.set()
+        thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its rename may be lost"
+    assert "committed but promoting its messages failed" in str(outcome[0])
 
 
 # ---- a producer process killed mid-transaction -------------------------------------------
