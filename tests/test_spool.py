@@ -532,7 +532,7 @@ def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
     """ "once" is Linux's way: a writeback error is reported to one fsync of an open file, and the
     next fsync succeeds although the renames it was writing out may be lost."""
     writers = 8
-    pending_fd = spool._fds[State.PENDING]
+    pending_fd = spool._promote_fds[0]  # the promotion's own descriptor of pending/
     real_fsync = os.fsync
     failures = itertools.count()
 
@@ -619,12 +619,14 @@ def test_an_add_hears_of_a_tmp_fsync_failure_a_promotion_was_told_of(
 
     thread = threading.Thread(target=adder, name="adder")
     try:
-        with pytest.raises(StoreError, match="committed but promoting its messages failed"):
-            with spool.transaction() as other:
-                other.add(topic="t", value=b"other")
-                thread.start()
-                wait_until(lambda: spool.dir_syncs[State.TMP].requests == 2, what="the add's tmp/ fsync")
-                errors.fail(tmp_dir)  # writing out tmp/, the add's new name in it, failed
+        with (
+            pytest.raises(StoreError, match="committed but promoting its messages failed"),
+            spool.transaction() as other,
+        ):
+            other.add(topic="t", value=b"other")
+            thread.start()
+            wait_until(lambda: spool.dir_syncs[State.TMP].requests == 2, what="the add's tmp/ fsync")
+            errors.fail(tmp_dir)  # writing out tmp/, the add's new name in it, failed
             # leaving the block promoted `other`: pending/ then tmp/, and that fsync heard of it
     finally:
         told.set()
