@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -635,6 +636,7 @@ def test_an_add_hears_of_a_tmp_fsync_failure_a_promotion_was_told_of(
     monkeypatch.undo()
     assert len(outcome) == 1
     assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its name may not be durable"
+    assert "writing tmp/" in str(outcome[0]), "told only after the app committed"
     assert "Input/output error" in str(outcome[0])
 
 
@@ -675,6 +677,60 @@ def test_a_promotion_hears_of_a_pending_fsync_failure_the_relay_was_told_of(
     assert len(outcome) == 1
     assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its rename may be lost"
     assert "committed but promoting its messages failed" in str(outcome[0])
+
+
+@pytest.mark.parametrize("step", ["add", "promotion"])
+def test_a_failure_between_a_writers_changes_and_its_fsync_is_reported_to_it(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Another writer's fsync, run after this writer's new name (add) or rename (promotion) and
+    before this writer asks for its own, fails and takes the error; this writer's own fsync then
+    succeeds. Only the mark it took before its changes tells it (without ``since`` it returned)."""
+    state = State.TMP if step == "add" else State.PENDING
+    directory = os.path.join(spool.root, state.value)
+    failed = threading.Event()
+
+    def in_the_window() -> None:
+        if threading.current_thread().name == "writer":
+            wait_until(failed.is_set, what="the other writer's failed fsync")
+
+    def before(fd: int) -> None:
+        if step == "add" and stat.S_ISREG(os.fstat(fd).st_mode):  # its file's fsync: after the name
+            in_the_window()
+
+    errors = _WritebackErrors(monkeypatch, before)
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        real_rename(src, dst)
+        if step == "promotion" and dst.startswith(directory):
+            in_the_window()
+
+    monkeypatch.setattr(os, "rename", rename)
+    outcome: list[object] = []
+
+    def writer() -> None:
+        try:
+            outcome.append(add(spool, b"w"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer, name="writer")
+    thread.start()
+    try:
+        wait_until(lambda: os.listdir(directory), what=f"the writer's name in {state.value}/")
+        errors.fail(directory)  # writing out the directory, the writer's change in it, failed
+        with pytest.raises(StoreError, match="Input/output error"):
+            add(spool, b"other")  # its fsync of the directory is told
+    finally:
+        failed.set()
+        thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its {step} may be lost"
+    told = "writing tmp/" if step == "add" else "committed but promoting its messages failed"
+    assert told in str(outcome[0])  # an add's error before the app commits, not after
+    assert "Input/output error" in str(outcome[0])
 
 
 # ---- a producer process killed mid-transaction -------------------------------------------
