@@ -379,6 +379,13 @@ def test_concurrent_transactions_share_directory_fsyncs(spool: FileSpool) -> Non
     assert spool.dir_syncs[State.TMP].fsyncs < spool.dir_syncs[State.TMP].requests
 
 
+def test_stats_count_the_promotions_directory_fsyncs_too(spool: FileSpool) -> None:
+    for _ in range(10):  # one at a time: nothing shared, every request is an fsync
+        add(spool)
+    extra = spool.stats().extra  # tmp/ before each commit, then pending/ and tmp/ for each promotion
+    assert extra["dir_fsync_requests"] == extra["dir_fsyncs"] == 30
+
+
 def test_group_sync_covers_each_caller_with_an_fsync_that_started_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,6 +45,8 @@ class GroupSync:
         self.fsyncs = 0
         """How many generations ran (each an fsync of every descriptor); lower than ``requests``
         when callers shared them."""
+        self.descriptors = len(self._fds)
+        """How many descriptors each generation fsyncs (a promotion's: two)."""
 
     def mark(self) -> int:
         """Take before making the changes a later :meth:`sync` must cover (``since``)."""
