@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -369,10 +371,19 @@ def test_concurrent_transactions_share_directory_fsyncs(spool: FileSpool) -> Non
     transactions = threads * per_thread
     assert files(spool, State.PENDING) == sorted(f"{m}.zlm" for m in ids)
     assert len(set(ids)) == transactions and sorted(all_ids(spool.root)) == sorted(ids)
-    pending_sync = spool.dir_syncs[State.PENDING]
-    assert pending_sync.requests == transactions
-    assert 0 < pending_sync.fsyncs < transactions
+    promote = spool.promote_sync  # pending/ then tmp/, one wait per promotion
+    assert promote.requests == transactions
+    assert 0 < promote.fsyncs < transactions
+    assert spool.dir_syncs[State.PENDING].requests == 0
+    assert spool.dir_syncs[State.TMP].requests == transactions  # the add's: the name before the commit
     assert spool.dir_syncs[State.TMP].fsyncs < spool.dir_syncs[State.TMP].requests
+
+
+def test_stats_count_the_promotions_directory_fsyncs_too(spool: FileSpool) -> None:
+    for _ in range(10):  # one at a time: nothing shared, every request is an fsync
+        add(spool)
+    extra = spool.stats().extra  # tmp/ before each commit, then pending/ and tmp/ for each promotion
+    assert extra["dir_fsync_requests"] == extra["dir_fsyncs"] == 30
 
 
 def test_group_sync_covers_each_caller_with_an_fsync_that_started_after_it(
@@ -425,6 +436,308 @@ def test_group_sync_reports_a_failed_fsync_to_every_caller_it_covered(
     sync.sync()  # the next fsync works again
     os.close(fd)
     assert sync.fsyncs == 2
+
+
+def test_group_sync_of_several_directories_fsyncs_each_in_order_and_fails_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "b").mkdir()
+    a, b = os.open(tmp_path, os.O_RDONLY), os.open(tmp_path / "b", os.O_RDONLY)
+    seen: list[int] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        seen.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    sync = _fsync.GroupSync((a, b))
+    sync.sync()
+    sync.sync()
+    assert seen == [a, b, a, b] and sync.fsyncs == 2
+
+    def second_fails(fd: int) -> None:
+        seen.append(fd)
+        if fd == b:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", second_fails)
+    with pytest.raises(OSError, match="directory fsync failed: Input/output error"):
+        sync.sync()  # the first directory's fsync worked: the generation failed all the same
+    monkeypatch.undo()
+    os.close(a)
+    os.close(b)
+
+
+def test_group_sync_reports_a_failure_to_the_callers_that_waited_while_it_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writeback error is reported once per open file: the next generation's fsync succeeds,
+    yet the failed one may have been writing out the renames of those waiting for it to end
+    (main's GroupSync told 7 of these 8 callers their renames were durable)."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd)
+    real_fsync = os.fsync
+    calls = itertools.count()
+
+    def fails_once(fd: int) -> None:
+        if next(calls) == 0:
+            wait_until(lambda: sync.requests == 8, what="every caller waiting")
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fails_once)
+    told: list[str] = []
+
+    def caller() -> None:
+        try:
+            sync.sync()
+            told.append("durable")
+        except OSError:
+            told.append("error")
+
+    first = threading.Thread(target=caller)
+    first.start()
+    wait_until(lambda: sync.requests == 1, what="the first caller leading")
+    others = [threading.Thread(target=caller) for _ in range(7)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    monkeypatch.undo()
+    os.close(fd)
+    assert told == ["error"] * 8
+    assert sync.fsyncs == 2
+
+
+def test_group_sync_reports_a_failure_that_finished_after_the_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    sync = _fsync.GroupSync(fd)
+    sync.sync()
+    mark = sync.mark()  # this caller's changes come after it
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        sync.sync()  # another caller's fsync fails while writing out our changes too
+    monkeypatch.undo()
+    with pytest.raises(OSError, match="directory fsync failed: Input/output error"):
+        sync.sync(since=mark)  # its own fsync succeeds, and proves nothing about them
+    sync.sync(since=sync.mark())  # changes made after the failure: fine
+    sync.sync()
+    os.close(fd)
+    assert sync.fsyncs == 5
+
+
+@pytest.mark.parametrize("fails", ["always", "once"])
+def test_a_failed_promotion_fsync_fails_every_writer_waiting_on_it(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, fails: str
+) -> None:
+    """ "once" is Linux's way: a writeback error is reported to one fsync of an open file, and the
+    next fsync succeeds although the renames it was writing out may be lost."""
+    writers = 8
+    pending_fd = spool._promote_fds[0]  # the promotion's own descriptor of pending/
+    real_fsync = os.fsync
+    failures = itertools.count()
+
+    def broken_pending(fd: int) -> None:
+        if fd == pending_fd and (fails == "always" or next(failures) == 0):
+            # Hold the first failing fsync until every writer has asked for one: the other
+            # seven then wait for the next generation while this one is writing their renames.
+            wait_until(lambda: spool.promote_sync.requests == writers, what="every writer promoting")
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", broken_pending)
+    outcomes: list[object] = []
+
+    def writer(n: int) -> None:
+        try:
+            outcomes.append(add(spool, b"%d" % n))
+        except StoreError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert len(outcomes) == writers
+    for outcome in outcomes:  # nobody was told its message is safely pending
+        assert isinstance(outcome, StoreError) and not outcome.retriable, outcome
+        assert "committed but promoting its messages failed" in str(outcome)
+        assert "Input/output error" in str(outcome)
+    assert spool.promote_sync.fsyncs == 2  # the leader's, then one for the seven followers
+
+
+class _WritebackErrors:
+    """os.fsync with Linux's writeback-error rule (errseq_t): an error is recorded on the inode
+    and reported once to each open file description that fsyncs it afterwards — a second fsync
+    of the same descriptor succeeds, a fsync of another descriptor of that directory fails."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, before: Callable[[int], None]) -> None:
+        self._real = os.fsync
+        self._errors: dict[int, int] = {}  # inode → writeback errors so far
+        self._seen: dict[int, int] = {}  # descriptor → errors already reported to it
+        self._before = before
+        monkeypatch.setattr(os, "fsync", self.fsync)
+
+    def fail(self, path: str) -> None:
+        """Writing out the directory at ``path`` failed (its blocks may never reach the disk)."""
+        ino = os.stat(path).st_ino
+        self._errors[ino] = self._errors.get(ino, 0) + 1
+
+    def fsync(self, fd: int) -> None:
+        self._before(fd)
+        self._real(fd)
+        errors = self._errors.get(os.fstat(fd).st_ino, 0)
+        if errors > self._seen.get(fd, 0):
+            self._seen[fd] = errors
+            raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_add_hears_of_a_tmp_fsync_failure_a_promotion_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An add's tmp/ fsync and a promotion's are in two groups: the error of writing out tmp/
+    while the add's new name was in it went to the promotion's fsync, and the add's own fsync,
+    on the same descriptor, then succeeded — the add returned, the app committed, and a crash
+    could leave no file at all (the name was never durable)."""
+    tmp_dir = os.path.join(spool.root, State.TMP.value)
+    tmp_ino = os.stat(tmp_dir).st_ino
+    told = threading.Event()
+
+    def before(fd: int) -> None:
+        if threading.current_thread().name == "adder" and os.fstat(fd).st_ino == tmp_ino:
+            wait_until(told.is_set, what="the promotion's tmp/ fsync told of the error")
+
+    errors = _WritebackErrors(monkeypatch, before)
+    outcome: list[object] = []
+
+    def adder() -> None:
+        try:
+            outcome.append(add(spool, b"a"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=adder, name="adder")
+    try:
+        with (
+            pytest.raises(StoreError, match="committed but promoting its messages failed"),
+            spool.transaction() as other,
+        ):
+            other.add(topic="t", value=b"other")
+            thread.start()
+            wait_until(lambda: spool.dir_syncs[State.TMP].requests == 2, what="the add's tmp/ fsync")
+            errors.fail(tmp_dir)  # writing out tmp/, the add's new name in it, failed
+            # leaving the block promoted `other`: pending/ then tmp/, and that fsync heard of it
+    finally:
+        told.set()
+        if thread.ident is not None:  # started
+            thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its name may not be durable"
+    assert "writing tmp/" in str(outcome[0]), "told only after the app committed"
+    assert "Input/output error" in str(outcome[0])
+
+
+def test_a_promotion_hears_of_a_pending_fsync_failure_the_relay_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay's fsyncs of pending/ (claim, recover) and a promotion's are in two groups: the
+    error of writing out the promotion's rename must reach the promotion too, not only the
+    relay's fsync that happened to run first."""
+    pending_dir = os.path.join(spool.root, State.PENDING.value)
+    pending_ino = os.stat(pending_dir).st_ino
+    told = threading.Event()
+
+    def before(fd: int) -> None:
+        if threading.current_thread().name == "promoter" and os.fstat(fd).st_ino == pending_ino:
+            wait_until(told.is_set, what="the relay's pending/ fsync told of the error")
+
+    errors = _WritebackErrors(monkeypatch, before)
+    outcome: list[object] = []
+
+    def promoter() -> None:
+        try:
+            outcome.append(add(spool, b"p"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=promoter, name="promoter")
+    thread.start()
+    try:
+        wait_until(lambda: spool.promote_sync.requests == 1, what="the promotion's fsync")
+        errors.fail(pending_dir)  # writing out pending/, the renamed name in it, failed
+        with pytest.raises(OSError, match="Input/output error"):
+            spool.dir_syncs[State.PENDING].sync()  # as claim() and recover() sync pending/
+    finally:
+        told.set()
+        thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its rename may be lost"
+    assert "committed but promoting its messages failed" in str(outcome[0])
+
+
+@pytest.mark.parametrize("step", ["add", "promotion"])
+def test_a_failure_between_a_writers_changes_and_its_fsync_is_reported_to_it(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Another writer's fsync, run after this writer's new name (add) or rename (promotion) and
+    before this writer asks for its own, fails and takes the error; this writer's own fsync then
+    succeeds. Only the mark it took before its changes tells it (without ``since`` it returned)."""
+    state = State.TMP if step == "add" else State.PENDING
+    directory = os.path.join(spool.root, state.value)
+    failed = threading.Event()
+
+    def in_the_window() -> None:
+        if threading.current_thread().name == "writer":
+            wait_until(failed.is_set, what="the other writer's failed fsync")
+
+    def before(fd: int) -> None:
+        if step == "add" and stat.S_ISREG(os.fstat(fd).st_mode):  # its file's fsync: after the name
+            in_the_window()
+
+    errors = _WritebackErrors(monkeypatch, before)
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        real_rename(src, dst)
+        if step == "promotion" and dst.startswith(directory):
+            in_the_window()
+
+    monkeypatch.setattr(os, "rename", rename)
+    outcome: list[object] = []
+
+    def writer() -> None:
+        try:
+            outcome.append(add(spool, b"w"))
+        except StoreError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer, name="writer")
+    thread.start()
+    try:
+        wait_until(lambda: os.listdir(directory), what=f"the writer's name in {state.value}/")
+        errors.fail(directory)  # writing out the directory, the writer's change in it, failed
+        with pytest.raises(StoreError, match="Input/output error"):
+            add(spool, b"other")  # its fsync of the directory is told
+    finally:
+        failed.set()
+        thread.join()
+    monkeypatch.undo()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StoreError), f"add returned {outcome[0]} though its {step} may be lost"
+    told = "writing tmp/" if step == "add" else "committed but promoting its messages failed"
+    assert told in str(outcome[0])  # an add's error before the app commits, not after
+    assert "Input/output error" in str(outcome[0])
 
 
 # ---- a producer process killed mid-transaction -------------------------------------------

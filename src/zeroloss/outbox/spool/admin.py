@@ -180,6 +180,7 @@ class SpoolAdmin(SpoolCore):
                     mtimes.append(os.stat(self._path(State.MALFORMED, name)).st_mtime)
             if mtimes:
                 oldest[State.MALFORMED] = max(0.0, now - min(mtimes))
+            groups = [*self.dir_syncs.values(), self.promote_sync]
             return Stats(
                 counts=counts,
                 oldest_pending_age_s=oldest.get(State.PENDING),
@@ -190,8 +191,9 @@ class SpoolAdmin(SpoolCore):
                 disk_free_bytes=vfs.f_bavail * vfs.f_frsize,
                 disk_total_bytes=(vfs.f_blocks - vfs.f_bfree + vfs.f_bavail) * vfs.f_frsize,  # used + available, as df
                 extra={
-                    "dir_fsyncs": sum(g.fsyncs for g in self.dir_syncs.values()),
-                    "dir_fsync_requests": sum(g.requests for g in self.dir_syncs.values()),
+                    # Every directory fsync, the promotions' too (one group, two directories).
+                    "dir_fsyncs": sum(g.fsyncs * g.descriptors for g in groups),
+                    "dir_fsync_requests": sum(g.requests * g.descriptors for g in groups),
                     "pending_listings": self._index.listings if self._index is not None else None,
                 },
             )

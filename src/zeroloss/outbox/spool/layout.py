@@ -93,7 +93,7 @@ class SpoolCore:
         *,
         fsync: bool = True,
         max_message_bytes: int = 1_000_000,
-        group_commit_window_s: float = 0.002,
+        group_commit_window_s: float = 0.0,
         tmp_grace_s: float = 60.0,
         create: bool = True,
     ) -> None:
@@ -123,6 +123,15 @@ class SpoolCore:
             s: GroupSync(fd, window_s=group_commit_window_s, enabled=fsync) for s, fd in self._fds.items()
         }
         """One group-commit helper per state directory; its counters show how fsyncs were shared."""
+        # Descriptors of its own: Linux reports a writeback error once per open file description,
+        # so on the ones the adds' and the relay's groups fsync, their fsync could take the error
+        # of writing out this group's renames (or this group theirs) and the other be told all is
+        # well; GroupSync only passes an error on to the callers of its own group.
+        self._promote_fds = tuple(
+            os.open(self._dir[s], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for s in (State.PENDING, State.TMP)
+        )
+        self.promote_sync = GroupSync(self._promote_fds, window_s=group_commit_window_s, enabled=fsync)
+        """A promotion's fsyncs, ``pending/`` then ``tmp/``, as one group: a producer waits once."""
         self._lock = threading.RLock()  # relay and operator calls; producers never take it
         self._active = 0
         self._active_lock = threading.Lock()
@@ -185,7 +194,7 @@ class SpoolCore:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            for fd in self._fds.values():
+            for fd in (*self._fds.values(), *self._promote_fds):
                 os.close(fd)
             if self._index is not None:
                 self._index.close()

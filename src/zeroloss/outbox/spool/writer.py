@@ -83,19 +83,22 @@ class SpoolWriter(SpoolCore):
 
     def _write_tmp(self, name: str, data: bytes) -> None:
         with self._translate(f"writing tmp/{name}"):
+            tmp_sync = self.dir_syncs[State.TMP]
+            mark = tmp_sync.mark()
             self._write_file(os.path.join(self._dir[State.TMP], name), data)
-            self._sync(State.TMP)  # the new name must be durable before the app commits
+            tmp_sync.sync(linger=self._active > 1, since=mark)  # the name is durable before the app commits
 
     def _promote(self, txid: str, names: Sequence[str]) -> None:
         missing: list[str] = []
         try:
+            mark = self.promote_sync.mark()
             for name in names:
                 mid = name[:ID_LEN]
                 try:
                     os.rename(self._path(State.TMP, name), self._pending(mid))
                 except FileNotFoundError:
                     missing.append(mid)
-            self._sync(State.PENDING, State.TMP)
+            self.promote_sync.sync(linger=self._active > 1, since=mark)
             if missing:
                 self._reclaim(txid, missing)
         except OSError as exc:
