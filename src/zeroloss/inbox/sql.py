@@ -86,6 +86,31 @@ def _sqlite_outside_transaction(conn: sa.Connection, cursor: Any, statement: str
         )
 
 
+def _pg_begin_in_one_query(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
+    """do_execute for :meth:`SqlInbox._begin` on psycopg 3: ``BEGIN; SET LOCAL …; SAVEPOINT …`` as
+    one simple query through libpq (``PGconn.exec_``). psycopg sends a BEGIN of its own, in a round
+    trip of its own, before a statement on an idle connection; this one starts the transaction
+    itself and psycopg, which reads the server's status, sends none. Errors reach SQLAlchemy as
+    psycopg's own, so a lost connection is seen and invalidated as for any statement."""
+    if not (statement.startswith("BEGIN; ") and statement.endswith(_MARK)):
+        return None
+    raw = cursor.connection
+    result = raw.pgconn.exec_(statement.encode())
+    if result.status != _COMMAND_OK:
+        raise _pg_error(result, raw.info.encoding)
+    return True
+
+
+def _pg_error(result: Any, encoding: str) -> Exception:
+    from psycopg.errors import error_from_result  # psycopg 3 is installed: its connection ran this
+
+    return error_from_result(result, encoding=encoding)
+
+
+_COMMAND_OK = 1  # libpq's PGRES_COMMAND_OK
+_PQTRANS_IDLE = 0
+
+
 class SqlInbox:
     """The inbox as a table in the handler's own database; effects written with ``tx`` are
     exactly-once."""
@@ -116,6 +141,8 @@ class SqlInbox:
         self._marks = self.dialect in ("postgresql", "mysql", "mariadb", "sqlite")
         # PostgreSQL: the check and the commit in one round trip (_release_and_commit)
         self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if self.dialect == "postgresql" else None
+        if self.dialect == "postgresql" and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
+            event.listen(self.engine, "do_execute", _pg_begin_in_one_query)
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
         """Why: a consumer frozen mid-handler (SIGSTOP, a GC pause, a hung host) keeps its
@@ -234,8 +261,26 @@ class SqlInbox:
                 info["zeroloss_inbox_limits"] = limits
             limits = None
         statement = "; ".join(x for x in (limits, mark) if x is not None)  # PostgreSQL: SET LOCAL; SAVEPOINT
+        if statement and self._release_commit is not None and self._begins_itself(conn):
+            statement = "BEGIN; " + statement  # one round trip instead of two: _pg_begin_in_one_query
         if statement:
             conn.exec_driver_sql(statement)
+
+    @staticmethod
+    def _begins_itself(conn: sa.Connection) -> bool:
+        """Whether :func:`_pg_begin_in_one_query` may start this transaction: psycopg 3 with no
+        transaction open and the plain BEGIN it would send itself (no isolation level, read-only or
+        deferrable setting, which its BEGIN would carry; not autocommit)."""
+        raw: Any = conn.connection.driver_connection
+        if getattr(raw, "pgconn", None) is None:  # psycopg2, or another driver
+            return False
+        return bool(
+            raw.info.transaction_status == _PQTRANS_IDLE
+            and not raw.autocommit
+            and raw.isolation_level is None
+            and raw.read_only is None
+            and raw.deferrable is None
+        )
 
     def _still_open(self, conn: sa.Connection) -> None:
         """Release the savepoint of :meth:`_begin`; only the transaction that took it can."""
