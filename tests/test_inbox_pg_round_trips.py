@@ -1,0 +1,185 @@
+"""SqlInbox on PostgreSQL with psycopg 3: a transaction begins with one query (``BEGIN; SET LOCAL
+…; SAVEPOINT …``, sent through libpq) and ends with one (``RELEASE SAVEPOINT …; COMMIT``); each
+way either can fail must still commit nothing, and say which failure it was."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+
+from tests.conftest import PG_URL, require_service
+from tests.waiting import wait_until
+from zeroloss.errors import StoreError, TransactionLostError
+from zeroloss.inbox import SqlInbox
+
+pytestmark = pytest.mark.postgres
+
+
+def _engine(**kwargs: Any) -> sa.Engine:
+    return sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg"), **kwargs)
+
+
+@contextlib.contextmanager
+def _inbox(engine: sa.Engine | None = None) -> Iterator[SqlInbox]:
+    """An inbox on a table of its own, on ``engine`` (an app's: disposed here too) or its own."""
+    require_service("postgres")
+    inbox = SqlInbox(engine if engine is not None else PG_URL, table=f"zl_inbox_{uuid.uuid4().hex[:10]}")
+    inbox.create_schema()
+    try:
+        yield inbox
+    finally:
+        inbox.drop_schema()
+        inbox.close()
+        if engine is not None:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def _effects(inbox: SqlInbox, constraint: str = "") -> Iterator[str]:
+    name = f"zl_fx_{uuid.uuid4().hex[:10]}"
+    with inbox.engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE {name} (mid TEXT{constraint})")
+    try:
+        yield name
+    finally:
+        with inbox.engine.begin() as conn:
+            conn.exec_driver_sql(f"DROP TABLE {name}")
+
+
+def _rows(inbox: SqlInbox, table: str) -> list[str]:
+    with inbox.engine.connect() as conn:
+        return sorted(conn.exec_driver_sql(f"SELECT mid FROM {table}").scalars())
+
+
+def _terminate(inbox: SqlInbox, pid: int) -> None:
+    """End a session from another connection, and wait until the server has ended it."""
+    engine = _engine(poolclass=sa.NullPool, isolation_level="AUTOCOMMIT")  # a new stats snapshot per query
+    with engine.connect() as other:
+        other.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        wait_until(
+            lambda: (
+                other.exec_driver_sql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {int(pid)}").scalar_one() == 0
+            ),
+            what=f"session {pid} to end",
+        )
+    engine.dispose()
+
+
+def test_a_transaction_is_one_query_to_begin_one_to_claim_and_one_to_commit() -> None:
+    """The statements the inbox sends, in order, and no BEGIN from psycopg besides its own (the
+    server warns of a BEGIN inside a transaction: no such notice)."""
+    with _inbox() as inbox, _effects(inbox) as fx:
+        sent: list[str] = []
+        notices: list[str] = []
+
+        def log(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            sent.append(statement)
+
+        event.listen(inbox.engine, "before_cursor_execute", log)
+        for _ in range(2):  # a fresh connection, then the pool's
+            sent.clear()
+            with inbox.transaction() as tx:
+                tx.connection.driver_connection.add_notice_handler(lambda d: notices.append(d.message_primary))
+                assert inbox.claim_many(tx, "g", [f"m{len(notices)}-{uuid.uuid4().hex}"])
+                tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('x')")
+            assert sent[0] == (
+                "BEGIN; SET LOCAL lock_timeout = 10000; SET LOCAL idle_in_transaction_session_timeout = 60000; "
+                "SAVEPOINT zeroloss_inbox_open"
+            )
+            assert sent[1].startswith(f"INSERT INTO {inbox.table.name} ")
+            assert sent[2:] == [f"INSERT INTO {fx} VALUES ('x')", "RELEASE SAVEPOINT zeroloss_inbox_open; COMMIT"]
+        assert notices == [] and _rows(inbox, fx) == ["x", "x"]
+
+
+def test_a_handler_that_swallowed_an_error_commits_nothing() -> None:
+    """PostgreSQL aborted the transaction at the handler's error: the RELEASE of the one-query
+    commit fails, the COMMIT after it never runs, and the message is the handler's failure."""
+    with _inbox() as inbox, _effects(inbox) as fx:
+        with pytest.raises(TransactionLostError, match="had ended before its commit"), inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('before')")
+            with contextlib.suppress(DBAPIError):
+                tx.exec_driver_sql("SELECT 1 / 0")
+        assert not inbox.seen("g", "m") and _rows(inbox, fx) == []
+        with inbox.transaction() as tx:  # the retry does it, once
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('again')")
+        assert inbox.seen("g", "m") and _rows(inbox, fx) == ["again"]
+
+
+def test_a_handler_that_committed_by_itself_has_what_followed_rolled_back() -> None:
+    """The handler's own COMMIT ends the inbox's transaction (its savepoint with it); what it
+    writes next runs in a new one, which the RELEASE finds without the savepoint and rolls back."""
+    with _inbox() as inbox, _effects(inbox) as fx:
+        with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql("COMMIT")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('after')")
+        assert _rows(inbox, fx) == []
+
+
+def test_a_commit_that_fails_is_a_store_error_not_the_handler_s() -> None:
+    """A deferred constraint fails at the COMMIT, after the RELEASE succeeded: the database refused
+    the commit (retriable, like any failed commit), not a transaction that ended under its block.
+    Nothing of it is kept."""
+    with _inbox() as inbox, _effects(inbox, " UNIQUE DEFERRABLE INITIALLY DEFERRED") as fx:
+        with pytest.raises(StoreError, match="inbox commit failed") as info, inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('same'), ('same')")
+        assert info.value.retriable and not isinstance(info.value, TransactionLostError)
+        assert not inbox.seen("g", "m") and _rows(inbox, fx) == []
+
+
+def test_a_connection_lost_before_the_commit_commits_nothing_and_the_next_transaction_works() -> None:
+    with _inbox() as inbox, _effects(inbox) as fx:
+        with pytest.raises(StoreError, match="connection is lost") as info, inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('lost')")
+            _terminate(inbox, tx.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+        assert info.value.retriable
+        assert not inbox.seen("g", "m") and _rows(inbox, fx) == []
+        with inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+        assert inbox.seen("g", "m")
+
+
+@pytest.mark.parametrize("pre_ping", [False, True], ids=["no-pre-ping", "pre-ping"])
+def test_a_connection_lost_while_idle_in_the_pool_fails_the_one_query_begin_cleanly(pre_ping: bool) -> None:
+    """The begin is the first thing a pooled connection sends. Without the pool's pre-ping, a
+    session the server ended while idle fails it: a retriable StoreError, the connection is
+    dropped, and the next transaction gets a new one. With the pre-ping (zeroloss's own
+    engines) the pool replaces it before the begin, unseen."""
+    with _inbox(_engine(pool_pre_ping=pre_ping)) as inbox:
+        with inbox.transaction() as tx:
+            pid = tx.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        _terminate(inbox, pid)
+        if not pre_ping:
+            with pytest.raises(StoreError, match="inbox database unavailable") as info, inbox.transaction():
+                pass
+            assert info.value.retriable
+        with inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m")
+            assert tx.exec_driver_sql("SELECT pg_backend_pid()").scalar_one() != pid
+        assert inbox.seen("g", "m")
+
+
+def test_a_connection_with_an_isolation_level_keeps_psycopg_s_begin() -> None:
+    """An app's Engine at REPEATABLE READ: psycopg's BEGIN carries the level, so the inbox leaves
+    the BEGIN to it; the transaction runs at that level and the savepoint check still holds."""
+    with _inbox(_engine(isolation_level="REPEATABLE READ")) as inbox, _effects(inbox) as fx:
+        with inbox.transaction() as tx:
+            assert tx.exec_driver_sql("SHOW transaction_isolation").scalar_one() == "repeatable read"
+            assert inbox.claim(tx, "g", "m")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('x')")
+        with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+            assert inbox.claim(tx, "g", "m2")
+            tx.exec_driver_sql("ROLLBACK")
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('after')")
+        assert inbox.seen("g", "m") and not inbox.seen("g", "m2") and _rows(inbox, fx) == ["x"]
