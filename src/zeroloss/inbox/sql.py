@@ -30,6 +30,7 @@ _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 # How PostgreSQL refuses the RELEASE of _release_and_commit: no such savepoint (the transaction
 # that took it has ended, this is a new one) or a transaction already aborted by an error.
 _RELEASE_FAILED = frozenset({"3B001", "25P02"})
+_UNIQUE_VIOLATION = "23505"
 
 _PQTRANS_INERROR = 3  # libpq's PQTRANS_INERROR: psycopg 3 reports an IntEnum, psycopg2 a plain int
 
@@ -107,6 +108,17 @@ def _pg_error(result: Any, encoding: str) -> Exception:
     return error_from_result(result, encoding=encoding)
 
 
+# In a connection's info while nothing has run since the savepoint SqlInbox.transaction() took at
+# its start: a claim sent then may be undone by a rollback to that savepoint alone (_claim_new).
+_FRESH = "zeroloss_inbox_fresh"
+
+
+def _pg_not_fresh(conn: sa.Connection, *_: Any) -> None:
+    """before_cursor_execute: a statement has run since the savepoint (a dict lookup, no round trip)."""
+    if _FRESH in conn.info:
+        del conn.info[_FRESH]
+
+
 _COMMAND_OK = 1  # libpq's PGRES_COMMAND_OK
 _PQTRANS_IDLE = 0
 
@@ -136,6 +148,7 @@ class SqlInbox:
         self._insert_returning: Any = None  # set at the first claim_many: see there
         self._returning_known = False
         self._claim_array = self._array_statement()
+        self._insert_array: Any = self._array_insert() if self.dialect == "postgresql" else None  # see _claim_new
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
         # the savepoint check of transaction(); a dialect zeroloss does not know goes without it
         self._marks = self.dialect in ("postgresql", "mysql", "mariadb", "sqlite")
@@ -143,6 +156,8 @@ class SqlInbox:
         self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if self.dialect == "postgresql" else None
         if self.dialect == "postgresql" and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
             event.listen(self.engine, "do_execute", _pg_begin_in_one_query)
+        if self.dialect == "postgresql" and not event.contains(self.engine, "before_cursor_execute", _pg_not_fresh):
+            event.listen(self.engine, "before_cursor_execute", _pg_not_fresh)
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
         """Why: a consumer frozen mid-handler (SIGSTOP, a GC pause, a hung host) keeps its
@@ -186,15 +201,15 @@ class SqlInbox:
         ``schema_translate_map`` (a schema per tenant), which only compiled statements follow."""
         if self.dialect != "postgresql":
             return None
+        insert = self._array_insert()
+        return insert.on_conflict_do_nothing().returning(self.table.c.message_id)
+
+    def _array_insert(self) -> Any:
+        """PostgreSQL: the rows of a run's claims from one array of ids (see :meth:`_array_statement`)."""
         t = self.table
         ids = sa.func.unnest(sa.bindparam("message_ids", type_=postgresql.ARRAY(sa.Text))).column_valued("m")
         rows = sa.select(sa.bindparam("group_name", type_=sa.Text), ids, sa.bindparam("processed_at", type_=sa.Double))
-        return (
-            postgresql.insert(t)
-            .from_select(["group_name", "message_id", "processed_at"], rows)
-            .on_conflict_do_nothing()
-            .returning(t.c.message_id)
-        )
+        return postgresql.insert(t).from_select(["group_name", "message_id", "processed_at"], rows)
 
     def create_schema(self) -> None:
         try:
@@ -265,6 +280,8 @@ class SqlInbox:
             statement = "BEGIN; " + statement  # one round trip instead of two: _pg_begin_in_one_query
         if statement:
             conn.exec_driver_sql(statement)
+        if self._insert_array is not None and mark is not None:
+            conn.info[_FRESH] = True  # nothing has run since the savepoint: _pg_not_fresh clears it
 
     @staticmethod
     def _begins_itself(conn: sa.Connection) -> bool:
@@ -332,7 +349,10 @@ class SqlInbox:
         stmt: Any
         params: Any
         if self._claim_array is not None:
-            stmt, params = self._claim_array, {"group_name": group, "message_ids": ids, "processed_at": now}
+            params = {"group_name": group, "message_ids": ids, "processed_at": now}
+            if tx.info.pop(_FRESH, False) and self._claim_new(tx, group, params):
+                return set(ids)
+            stmt = self._claim_array
         else:
             if not self._returning_known:  # only a connected dialect knows (MariaDB: from its version)
                 self._returning_known = True
@@ -350,6 +370,31 @@ class SqlInbox:
             raise StoreError(
                 f"inbox claim of {len(ids)} messages failed for {group}: {brief(exc)}", retriable=True
             ) from exc
+
+    def _claim_new(self, tx: sa.Connection, group: str, params: dict[str, Any]) -> bool:
+        """PostgreSQL, first in its transaction: claim the run with a plain INSERT, True when every
+        id was new — the usual case, and a quarter cheaper for the server than ``ON CONFLICT DO
+        NOTHING RETURNING`` (no speculative insertion, no rows back: 2.9 vs 4.0 ms per 500 with the
+        commit, bench/results/notes.md, branch cons). A claim that exists already is a unique
+        violation: the rollback to the transaction's savepoint, taken just before, undoes the
+        insert and nothing else, and False sends the run through the usual statement, which says
+        which ids were new. A concurrent claim of an id waits on its row lock as before."""
+        try:
+            tx.execute(self._insert_array, params)
+            return True
+        except IntegrityError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise StoreError(f"inbox claim failed for {group}: {brief(exc)}", retriable=True) from exc
+        except DataError as exc:
+            n = len(params["message_ids"])
+            raise MessageError(f"the inbox refused a message id of {n} for {group}: {exc.orig}") from exc
+        except DBAPIError as exc:
+            raise StoreError(f"inbox claim failed for {group}: {brief(exc)}", retriable=True) from exc
+        try:
+            tx.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {_MARK}")
+        except DBAPIError as exc:
+            raise StoreError(f"inbox claim failed for {group}: {brief(exc)}", retriable=True) from exc
+        return False
 
     def _check(self, group: str, message_id: str) -> None:
         check_ids(group, message_id)
