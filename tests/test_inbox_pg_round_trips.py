@@ -183,3 +183,50 @@ def test_a_connection_with_an_isolation_level_keeps_psycopg_s_begin() -> None:
             tx.exec_driver_sql("ROLLBACK")
             tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('after')")
         assert inbox.seen("g", "m") and not inbox.seen("g", "m2") and _rows(inbox, fx) == ["x"]
+
+
+def test_a_run_s_claim_first_in_its_transaction_is_a_plain_insert_and_falls_back_on_a_claimed_id() -> None:
+    """Claims first in their transaction: one plain INSERT when every id is new; with an id claimed
+    before, the unique violation is rolled back to the transaction's savepoint and the usual
+    statement says which ids were new — the handler then runs once per new id."""
+    with _inbox() as inbox:
+        sent: list[str] = []
+        event.listen(inbox.engine, "before_cursor_execute", lambda c, cur, statement, *_: sent.append(statement))
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["a", "b", "a"]) == {"a", "b"}
+        assert [s for s in sent if "INSERT" in s and "ON CONFLICT" not in s] == sent[1:2]
+        sent.clear()
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["c", "b", "d", "c"]) == {"c", "d"}
+        assert sent[2:4] == ["ROLLBACK TO SAVEPOINT zeroloss_inbox_open", sent[3]] and "ON CONFLICT" in sent[3]
+        assert all(inbox.seen("g", m) for m in "abcd")
+
+
+def test_a_claim_after_the_handler_s_own_statements_never_rolls_them_back() -> None:
+    """A statement before the claim (an app using the inbox by hand) makes the claim take the
+    usual statement: a rollback to the savepoint would undo that statement with the claim."""
+    with _inbox() as inbox, _effects(inbox) as fx:
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["old"]) == {"old"}
+        with inbox.transaction() as tx:
+            tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('before the claim')")
+            assert inbox.claim_many(tx, "g", ["old", "new"]) == {"new"}
+        assert _rows(inbox, fx) == ["before the claim"] and inbox.seen("g", "new")
+
+
+def test_a_plain_insert_claim_waiting_on_another_consumer_s_lock_times_out_retriably() -> None:
+    """An id another consumer holds in an open transaction: the plain INSERT waits on its row lock
+    like the usual claim, up to the lock timeout, and fails retriably (not read as a duplicate)."""
+    with _inbox() as holder:
+        waiter = SqlInbox(PG_URL, table=holder.table.name, lock_timeout_s=0.3)
+        try:
+            with holder.transaction() as tx:
+                assert holder.claim_many(tx, "g", ["held"]) == {"held"}
+                with pytest.raises(StoreError) as info, waiter.transaction() as tx2:
+                    waiter.claim_many(tx2, "g", ["free", "held"])
+                assert info.value.retriable and "lock" in str(info.value).lower()
+            assert not waiter.seen("g", "free")
+            with waiter.transaction() as tx2:  # the holder committed: a duplicate now
+                assert waiter.claim_many(tx2, "g", ["free", "held"]) == {"free"}
+        finally:
+            waiter.close()
