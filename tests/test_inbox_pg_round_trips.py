@@ -230,3 +230,21 @@ def test_a_plain_insert_claim_waiting_on_another_consumer_s_lock_times_out_retri
                 assert waiter.claim_many(tx2, "g", ["free", "held"]) == {"free"}
         finally:
             waiter.close()
+
+
+def test_on_psycopg2_the_inbox_keeps_separate_statements_and_no_second_commit() -> None:
+    """psycopg2 keeps its own idea of an open transaction: a COMMIT sent inside a statement would
+    be followed by its own (a server WARNING per transaction). Its inbox sends RELEASE and COMMIT
+    apart, and the checks hold as on psycopg 3."""
+    pytest.importorskip("psycopg2")
+    with _inbox(sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))) as inbox:
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["a", "b"]) == {"a", "b"}
+            raw = tx.connection.driver_connection
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["b", "c"]) == {"c"}
+        assert raw.notices == []
+        with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["d"]) == {"d"}
+            tx.exec_driver_sql("ROLLBACK")
+        assert not inbox.seen("g", "d") and inbox.seen("g", "c")

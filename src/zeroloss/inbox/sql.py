@@ -32,6 +32,12 @@ _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 _RELEASE_FAILED = frozenset({"3B001", "25P02"})
 _UNIQUE_VIOLATION = "23505"
 
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    """The SQLSTATE of a PostgreSQL error: ``sqlstate`` on psycopg 3, ``pgcode`` on psycopg2."""
+    return getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+
+
 _PQTRANS_INERROR = 3  # libpq's PQTRANS_INERROR: psycopg 3 reports an IntEnum, psycopg2 a plain int
 
 
@@ -152,9 +158,12 @@ class SqlInbox:
         self._session_limits = self._limits_statement(lock_timeout_s, idle_in_transaction_timeout_s)
         # the savepoint check of transaction(); a dialect zeroloss does not know goes without it
         self._marks = self.dialect in ("postgresql", "mysql", "mariadb", "sqlite")
-        # PostgreSQL: the check and the commit in one round trip (_release_and_commit)
-        self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if self.dialect == "postgresql" else None
-        if self.dialect == "postgresql" and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
+        # PostgreSQL on psycopg 3: the check and the commit in one round trip (_release_and_commit).
+        # Not psycopg2: it keeps its own idea of an open transaction and would send a second COMMIT
+        # (a server WARNING "there is no transaction in progress" per transaction).
+        psycopg3 = self.dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
+        self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if psycopg3 else None
+        if psycopg3 and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
             event.listen(self.engine, "do_execute", _pg_begin_in_one_query)
         if self.dialect == "postgresql" and not event.contains(self.engine, "before_cursor_execute", _pg_not_fresh):
             event.listen(self.engine, "before_cursor_execute", _pg_not_fresh)
@@ -327,7 +336,7 @@ class SqlInbox:
         except DBAPIError as exc:
             if exc.connection_invalidated:  # unknown whether the COMMIT ran: a retry's claim will say
                 raise StoreError(f"inbox commit failed, the connection is lost: {brief(exc)}", retriable=True) from exc
-            if getattr(exc.orig, "sqlstate", None) in _RELEASE_FAILED:
+            if _sqlstate(exc) in _RELEASE_FAILED:
                 raise TransactionLostError(
                     "the inbox transaction had ended before its commit: the database rolled it back after an "
                     "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
@@ -383,7 +392,7 @@ class SqlInbox:
             tx.execute(self._insert_array, params)
             return True
         except IntegrityError as exc:
-            if getattr(exc.orig, "sqlstate", None) != _UNIQUE_VIOLATION:
+            if _sqlstate(exc) != _UNIQUE_VIOLATION:
                 raise StoreError(f"inbox claim failed for {group}: {brief(exc)}", retriable=True) from exc
         except DataError as exc:
             n = len(params["message_ids"])
