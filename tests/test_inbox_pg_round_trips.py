@@ -86,7 +86,8 @@ def test_a_transaction_is_one_query_to_begin_one_to_claim_and_one_to_commit() ->
         for _ in range(2):  # a fresh connection, then the pool's
             sent.clear()
             with inbox.transaction() as tx:
-                tx.connection.driver_connection.add_notice_handler(lambda d: notices.append(d.message_primary))
+                driver: Any = tx.connection.driver_connection
+                driver.add_notice_handler(lambda d: notices.append(d.message_primary))
                 assert inbox.claim_many(tx, "g", [f"m{len(notices)}-{uuid.uuid4().hex}"])
                 tx.exec_driver_sql(f"INSERT INTO {fx} VALUES ('x')")
             assert sent[0] == (
@@ -240,7 +241,7 @@ def test_on_psycopg2_the_inbox_keeps_separate_statements_and_no_second_commit() 
     with _inbox(sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))) as inbox:
         with inbox.transaction() as tx:
             assert inbox.claim_many(tx, "g", ["a", "b"]) == {"a", "b"}
-            raw = tx.connection.driver_connection
+            raw: Any = tx.connection.driver_connection
         with inbox.transaction() as tx:
             assert inbox.claim_many(tx, "g", ["b", "c"]) == {"c"}
         assert raw.notices == []
