@@ -249,3 +249,16 @@ def test_on_psycopg2_the_inbox_keeps_separate_statements_and_no_second_commit() 
             assert inbox.claim_many(tx, "g", ["d"]) == {"d"}
             tx.exec_driver_sql("ROLLBACK")
         assert not inbox.seen("g", "d") and inbox.seen("g", "c")
+
+
+def test_a_block_that_fails_before_its_claim_leaves_no_flag_for_the_next_user_of_the_connection() -> None:
+    """The flag that allows the plain-INSERT claim lives on the pooled connection: a block that
+    raised before any statement must not leave it there for a claim in a transaction the inbox did
+    not begin (no savepoint to roll back to: that claim must take the usual statement)."""
+    with _inbox() as inbox:
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["old"]) == {"old"}
+        with pytest.raises(RuntimeError), inbox.transaction():
+            raise RuntimeError("the handler's setup failed before the claim")
+        with inbox.engine.begin() as conn:  # an app claiming by hand in its own transaction
+            assert inbox.claim_many(conn, "g", ["old", "new"]) == {"new"}

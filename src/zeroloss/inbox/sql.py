@@ -270,6 +270,8 @@ class SqlInbox:
             except DBAPIError as exc:
                 raise StoreError(f"inbox commit failed: {brief(exc)}", retriable=True) from exc
         finally:
+            if not conn.invalidated:  # the flag of _begin lives on the pooled connection: not past here
+                conn.info.pop(_FRESH, None)
             conn.close()
 
     def _begin(self, conn: sa.Connection) -> None:
