@@ -262,3 +262,28 @@ def test_a_block_that_fails_before_its_claim_leaves_no_flag_for_the_next_user_of
             raise RuntimeError("the handler's setup failed before the claim")
         with inbox.engine.begin() as conn:  # an app claiming by hand in its own transaction
             assert inbox.claim_many(conn, "g", ["old", "new"]) == {"new"}
+
+
+def test_on_a_driver_without_psycopg_s_error_codes_a_duplicate_is_still_a_duplicate() -> None:
+    """An app's Engine on pg8000 (its errors carry the SQLSTATE in a dict, no ``sqlstate`` or
+    ``pgcode``): the plain INSERT's unique violation must still fall back to the usual claim,
+    not fail every redelivery as a retriable StoreError, which never passes."""
+    pytest.importorskip("pg8000")
+    with _inbox(sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+pg8000"))) as inbox:
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["a", "b"]) == {"a", "b"}
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["b", "c"]) == {"c"}
+        assert inbox.seen("g", "c")
+
+
+def test_a_plain_insert_claim_refused_for_another_cause_than_a_duplicate_is_a_store_error() -> None:
+    """An inbox table an app altered (a NOT NULL column without a default): the plain INSERT's
+    integrity error is not a duplicate; the usual statement after the rollback fails the same way,
+    a retriable StoreError, and nothing of the transaction is kept."""
+    with _inbox() as inbox, _effects(inbox) as fx:
+        with inbox.engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {inbox.table.name} ADD COLUMN tenant TEXT NOT NULL")
+        with pytest.raises(StoreError, match="not-null") as info, inbox.transaction() as tx:
+            inbox.claim_many(tx, "g", ["a"])
+        assert info.value.retriable and _rows(inbox, fx) == [] and not inbox.seen("g", "a")

@@ -30,7 +30,6 @@ _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,49}$")
 # How PostgreSQL refuses the RELEASE of _release_and_commit: no such savepoint (the transaction
 # that took it has ended, this is a new one) or a transaction already aborted by an error.
 _RELEASE_FAILED = frozenset({"3B001", "25P02"})
-_UNIQUE_VIOLATION = "23505"
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:
@@ -393,9 +392,11 @@ class SqlInbox:
         try:
             tx.execute(self._insert_array, params)
             return True
-        except IntegrityError as exc:
-            if _sqlstate(exc) != _UNIQUE_VIOLATION:
-                raise StoreError(f"inbox claim failed for {group}: {brief(exc)}", retriable=True) from exc
+        except IntegrityError:
+            # Any integrity error, not only a unique violation's SQLSTATE: drivers spell it differently
+            # (pg8000 has neither ``sqlstate`` nor ``pgcode``), and the usual statement after the
+            # rollback fails again, as a StoreError, for any other cause (a NOT NULL an older table added).
+            pass
         except DataError as exc:
             n = len(params["message_ids"])
             raise MessageError(f"the inbox refused a message id of {n} for {group}: {exc.orig}") from exc
