@@ -5,6 +5,11 @@ way either can fail must still commit nothing, and say which failure it was."""
 from __future__ import annotations
 
 import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -287,3 +292,89 @@ def test_a_plain_insert_claim_refused_for_another_cause_than_a_duplicate_is_a_st
         with pytest.raises(StoreError, match="not-null") as info, inbox.transaction() as tx:
             inbox.claim_many(tx, "g", ["a"])
         assert info.value.retriable and _rows(inbox, fx) == [] and not inbox.seen("g", "a")
+
+
+class _StallingProxy:
+    """A TCP relay to PostgreSQL that, once armed, holds the server's answer to the inbox's one-query
+    BEGIN (a stalled network) until another connection arrives — psycopg's cancel request on Ctrl-C."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._listener.accept()
+                if self.holding.is_set():
+                    self._released.set()
+                server = socket.create_connection(("127.0.0.1", sa.make_url(PG_URL).port or 5432))
+                threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+                threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if not from_client and self.holding.is_set():
+                    self._released.wait()
+                dst.sendall(data)
+                if from_client and self.armed.is_set() and b"BEGIN; SET LOCAL" in data:
+                    self.holding.set()
+        for sock in (src, dst):  # shutdown, not close: it wakes the other direction's recv at once
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        src.close()  # each socket is one pump's source: closed by that pump
+
+    def close(self) -> None:
+        self._released.set()
+        self._listener.close()
+
+
+_STALLED_CHILD = """
+import sys
+from zeroloss.inbox import SqlInbox
+inbox = SqlInbox(sys.argv[1], table=sys.argv[2])
+with inbox.transaction():
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    with inbox.transaction():
+        pass
+except KeyboardInterrupt:
+    sys.exit(3)
+"""
+
+
+def test_ctrl_c_interrupts_a_one_query_begin_that_waits_on_a_stalled_network() -> None:
+    """The one-query BEGIN waits through psycopg's own loop: Ctrl-C (SIGINT, KeyboardInterrupt in
+    an app that keeps Python's handler) gets through while the server's answer is held, as it does
+    for psycopg's own BEGIN; libpq's blocking PQexec held the signal until the network came back."""
+    with _inbox() as inbox:
+        proxy = _StallingProxy()
+        url = sa.make_url(PG_URL).set(host="127.0.0.1", port=proxy.port).update_query_dict({"sslmode": "disable"})
+        url_text = url.render_as_string(hide_password=False)  # in clear text, for the proxy to see the BEGIN
+        with subprocess.Popen(
+            [sys.executable, "-c", _STALLED_CHILD, url_text, inbox.table.name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as child:
+            try:
+                assert child.stdout is not None and child.stdin is not None
+                assert child.stdout.readline().strip() == "ready"
+                proxy.armed.set()
+                child.stdin.write("\n")
+                child.stdin.flush()
+                wait_until(proxy.holding.is_set, what="the BEGIN's answer to be held")
+                child.send_signal(signal.SIGINT)
+                wait_until(lambda: child.poll() is not None, what="the child to stop on Ctrl-C during the stall")
+                assert child.returncode == 3  # KeyboardInterrupt, raised in the BEGIN
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                proxy.close()

@@ -97,20 +97,20 @@ def _pg_begin_in_one_query(cursor: Any, statement: str, parameters: Any, context
     one simple query through libpq (``PGconn.exec_``). psycopg sends a BEGIN of its own, in a round
     trip of its own, before a statement on an idle connection; this one starts the transaction
     itself and psycopg, which reads the server's status, sends none. Errors reach SQLAlchemy as
-    psycopg's own, so a lost connection is seen and invalidated as for any statement."""
+    psycopg's own, so a lost connection is seen and invalidated as for any statement. Sent and
+    awaited through psycopg's own wait loop, not libpq's blocking ``PQexec``: in a stalled network
+    Ctrl-C (KeyboardInterrupt) interrupts it, as it does any psycopg statement."""
     if not (statement.startswith("BEGIN; ") and statement.endswith(_MARK)):
         return None
+    from psycopg import generators  # psycopg 3 is installed: its connection ran this
+    from psycopg.errors import error_from_result
+
     raw = cursor.connection
-    result = raw.pgconn.exec_(statement.encode())
-    if result.status != _COMMAND_OK:
-        raise _pg_error(result, raw.info.encoding)
+    raw.pgconn.send_query(statement.encode())
+    for result in raw.wait(generators.execute(raw.pgconn)):
+        if result.status != _COMMAND_OK:
+            raise error_from_result(result, encoding=raw.info.encoding)
     return True
-
-
-def _pg_error(result: Any, encoding: str) -> Exception:
-    from psycopg.errors import error_from_result  # psycopg 3 is installed: its connection ran this
-
-    return error_from_result(result, encoding=encoding)
 
 
 # In a connection's info while nothing has run since the savepoint SqlInbox.transaction() took at
