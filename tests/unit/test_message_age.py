@@ -28,6 +28,7 @@ def test_a_uuid7_id_gives_the_time_in_it() -> None:
         "0193a7b2-1111-7222-c333-444455556666",  # variant not RFC 4122
         "0193a7b2-1111-7222-8333-44445555666g",  # not hex
         "0193a7b2-1111+7222-8333-444455556666",  # a hyphen missing
+        "-193a7b2-1111-7222-8333-444455556666",  # int() would read a sign (uuid.UUID: 31 digits)
         "x" * 36,
     ],
 )

@@ -56,7 +56,13 @@ def _created(msg: Received) -> float:
     from the id's canonical text (version digit 7, RFC 4122 variant) without building a UUID:
     ``uuid.UUID`` twice cost 2.2 µs a message, ~5% of a batch-handled message's whole cost."""
     mid = msg.id
-    if len(mid) == 36 and mid[14] == "7" and mid[19] in "89abAB" and mid[8] == mid[13] == mid[18] == mid[23] == "-":
+    if (
+        len(mid) == 36
+        and mid[14] == "7"
+        and mid[19] in "89abAB"
+        and mid[8] == mid[13] == mid[18] == mid[23] == "-"
+        and mid[0] != "-"  # int() reads a leading minus as a sign: a time before 1970
+    ):
         try:
             return (int(mid[:8] + mid[9:13] + mid[14:18] + mid[19:23] + mid[24:], 16) >> 80) / 1000.0
         except ValueError:  # not hex: not one of our ids
