@@ -294,6 +294,22 @@ def test_a_plain_insert_claim_refused_for_another_cause_than_a_duplicate_is_a_st
         assert info.value.retriable and _rows(inbox, fx) == [] and not inbox.seen("g", "a")
 
 
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+@pytest.mark.filterwarnings("ignore:transaction already deassociated")  # the inbox's rollback of the ended one
+def test_a_block_that_ended_its_transaction_by_sqlalchemy_before_claiming_is_a_lost_transaction(end: str) -> None:
+    """``tx.commit()`` / ``tx.rollback()`` send no statement event: the flag must go with the
+    transaction, or a redelivered id's plain INSERT, now in a new transaction, rolls back to a
+    savepoint that is gone — a StoreError (retried, never counted) instead of the block's own
+    failure. The claim then takes the usual statement and the RELEASE finds the transaction lost."""
+    with _inbox() as inbox:
+        with inbox.transaction() as tx:
+            assert inbox.claim_many(tx, "g", ["old"]) == {"old"}
+        with pytest.raises(TransactionLostError), inbox.transaction() as tx:
+            getattr(tx, end)()
+            assert inbox.claim_many(tx, "g", ["old", "new"]) == {"new"}
+        assert not inbox.seen("g", "new")
+
+
 class _StallingProxy:
     """A TCP relay to PostgreSQL that, once armed, holds the server's answer to the inbox's one-query
     BEGIN (a stalled network) until another connection arrives — psycopg's cancel request on Ctrl-C."""

@@ -119,8 +119,11 @@ _FRESH = "zeroloss_inbox_fresh"
 
 
 def _pg_not_fresh(conn: sa.Connection, *_: Any) -> None:
-    """before_cursor_execute: a statement has run since the savepoint (a dict lookup, no round trip)."""
-    if _FRESH in conn.info:
+    """before_cursor_execute, commit, rollback: a statement has run since the savepoint, or the
+    transaction that took it has ended (a dict lookup, no round trip). Not on an invalidated
+    connection (a rollback after a lost connection): its info cannot be read, and the pool clears
+    it before the connection is used again."""
+    if not conn.invalidated and _FRESH in conn.info:
         del conn.info[_FRESH]
 
 
@@ -164,8 +167,11 @@ class SqlInbox:
         self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if psycopg3 else None
         if psycopg3 and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
             event.listen(self.engine, "do_execute", _pg_begin_in_one_query)
-        if self.dialect == "postgresql" and not event.contains(self.engine, "before_cursor_execute", _pg_not_fresh):
-            event.listen(self.engine, "before_cursor_execute", _pg_not_fresh)
+        # the flag of _claim_new: cleared by any statement, and by a commit or rollback through
+        # SQLAlchemy's API (tx.commit(), tx.rollback(): no statement event; the savepoint goes with it)
+        for name in ("before_cursor_execute", "commit", "rollback"):
+            if self.dialect == "postgresql" and not event.contains(self.engine, name, _pg_not_fresh):
+                event.listen(self.engine, name, _pg_not_fresh)
 
     def _limits_statement(self, lock_s: float, idle_s: float) -> str | None:
         """Why: a consumer frozen mid-handler (SIGSTOP, a GC pause, a hung host) keeps its
