@@ -92,27 +92,6 @@ def _sqlite_outside_transaction(conn: sa.Connection, cursor: Any, statement: str
         )
 
 
-def _pg_begin_in_one_query(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
-    """do_execute for :meth:`SqlInbox._begin` on psycopg 3: ``BEGIN; SET LOCAL …; SAVEPOINT …`` as
-    one simple query through libpq (``PGconn.exec_``). psycopg sends a BEGIN of its own, in a round
-    trip of its own, before a statement on an idle connection; this one starts the transaction
-    itself and psycopg, which reads the server's status, sends none. Errors reach SQLAlchemy as
-    psycopg's own, so a lost connection is seen and invalidated as for any statement. Sent and
-    awaited through psycopg's own wait loop, not libpq's blocking ``PQexec``: in a stalled network
-    Ctrl-C (KeyboardInterrupt) interrupts it, as it does any psycopg statement."""
-    if not (statement.startswith("BEGIN; ") and statement.endswith(_MARK)):
-        return None
-    from psycopg import generators  # psycopg 3 is installed: its connection ran this
-    from psycopg.errors import error_from_result
-
-    raw = cursor.connection
-    raw.pgconn.send_query(statement.encode())
-    for result in raw.wait(generators.execute(raw.pgconn)):
-        if result.status != _COMMAND_OK:
-            raise error_from_result(result, encoding=raw.info.encoding)
-    return True
-
-
 # In a connection's info while nothing has run since the savepoint SqlInbox.transaction() took at
 # its start: a claim sent then may be undone by a rollback to that savepoint alone (_claim_new).
 _FRESH = "zeroloss_inbox_fresh"
@@ -125,10 +104,6 @@ def _pg_not_fresh(conn: sa.Connection, *_: Any) -> None:
     it before the connection is used again."""
     if not conn.invalidated and _FRESH in conn.info:
         del conn.info[_FRESH]
-
-
-_COMMAND_OK = 1  # libpq's PGRES_COMMAND_OK
-_PQTRANS_IDLE = 0
 
 
 class SqlInbox:
@@ -165,8 +140,6 @@ class SqlInbox:
         # (a server WARNING "there is no transaction in progress" per transaction).
         psycopg3 = self.dialect == "postgresql" and self.engine.dialect.driver == "psycopg"
         self._release_commit = f"RELEASE SAVEPOINT {_MARK}; COMMIT" if psycopg3 else None
-        if psycopg3 and not event.contains(self.engine, "do_execute", _pg_begin_in_one_query):
-            event.listen(self.engine, "do_execute", _pg_begin_in_one_query)
         # the flag of _claim_new: cleared by any statement, and by a commit or rollback through
         # SQLAlchemy's API (tx.commit(), tx.rollback(): no statement event; the savepoint goes with it)
         for name in ("before_cursor_execute", "commit", "rollback"):
@@ -292,28 +265,10 @@ class SqlInbox:
                 info["zeroloss_inbox_limits"] = limits
             limits = None
         statement = "; ".join(x for x in (limits, mark) if x is not None)  # PostgreSQL: SET LOCAL; SAVEPOINT
-        if statement and self._release_commit is not None and self._begins_itself(conn):
-            statement = "BEGIN; " + statement  # one round trip instead of two: _pg_begin_in_one_query
         if statement:
             conn.exec_driver_sql(statement)
         if self._insert_array is not None and mark is not None:
             conn.info[_FRESH] = True  # nothing has run since the savepoint: _pg_not_fresh clears it
-
-    @staticmethod
-    def _begins_itself(conn: sa.Connection) -> bool:
-        """Whether :func:`_pg_begin_in_one_query` may start this transaction: psycopg 3 with no
-        transaction open and the plain BEGIN it would send itself (no isolation level, read-only or
-        deferrable setting, which its BEGIN would carry; not autocommit)."""
-        raw: Any = conn.connection.driver_connection
-        if getattr(raw, "pgconn", None) is None:  # psycopg2, or another driver
-            return False
-        return bool(
-            raw.info.transaction_status == _PQTRANS_IDLE
-            and not raw.autocommit
-            and raw.isolation_level is None
-            and raw.read_only is None
-            and raw.deferrable is None
-        )
 
     def _still_open(self, conn: sa.Connection) -> None:
         """Release the savepoint of :meth:`_begin`; only the transaction that took it can."""
