@@ -110,7 +110,7 @@ def report(probe: Probe, totals: list[float], wall: float, n: int) -> None:
         )
     rest = tx_total - stmt_sum
     say(
-        f"| the rest (checkout/pre-ping, BEGIN, COMMIT, Python) | {rest:.3f} | {rest / tx_total:.0%} | "
+        f"| the rest (BEGIN, checkout, Python) | {rest:.3f} | {rest / tx_total:.0%} | "
         f"{1000 * rest / len(totals):.2f} | | | {len(totals)} |"
     )
     s = sorted(totals)
