@@ -27,6 +27,7 @@ from bench.scale_out import fill
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered
 from zeroloss.outbox.sql import SqlOutbox
+from zeroloss.sqlurl import make_engine
 
 
 def kind(statement: str) -> str:
@@ -87,7 +88,10 @@ class Probe:
         self._t0 = time.perf_counter()
 
     def _after(self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        self.times[kind(statement)].append(time.perf_counter() - self._t0)
+        took = time.perf_counter() - self._t0
+        self.times[kind(statement)].append(took)
+        if self.explain and kind(statement) != "explain":
+            self.plans[kind(statement)] += f"\n(the statement itself, just before: {1000 * took:.2f} ms)"
 
     def claimed(self) -> None:
         self.per_claim.append(self._n)
@@ -132,8 +136,11 @@ def main() -> None:
     ap.add_argument("--trickle", type=int, default=20, help="trickle: new messages before each claim")
     ap.add_argument("--history", type=int, default=20_000, help="trickle: delivered rows before")
     ap.add_argument("--cycles", type=int, default=500, help="trickle: claims")
+    ap.add_argument("--prepare-threshold", default="5", help="psycopg's (5, its default; none: never prepare)")
     args = ap.parse_args()
-    outbox = SqlOutbox(PG, table=f"prof_{uuid.uuid4().hex[:8]}")
+    threshold = None if args.prepare_threshold == "none" else int(args.prepare_threshold)
+    engine = make_engine(PG, connect_args={"prepare_threshold": threshold})
+    outbox = SqlOutbox(engine, table=f"prof_{uuid.uuid4().hex[:8]}")
     outbox.create_schema()
     try:
         topic = "prof"
@@ -178,6 +185,7 @@ def main() -> None:
     finally:
         outbox.drop_schema()
         outbox.close()
+        engine.dispose()
 
 
 if __name__ == "__main__":

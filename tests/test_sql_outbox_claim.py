@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import PG_URL, require_service
+from tests.test_sql_outbox_history import plan_of, statements_of
 from zeroloss.errors import UnknownMessageError
 from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.sql import SqlOutbox
@@ -123,6 +124,26 @@ def test_a_table_without_the_partial_indexes_claims_through_the_older_statements
         assert [m.id for m in outbox.claim(10, lease_s=60)] == [b1]  # a2 waits behind a1
         assert outbox.get(a2)[0] is State.PENDING
         assert outbox._partial_indexes is False and not any("WITH cand" in s for s in seen)
+    finally:
+        outbox.close()
+
+
+def test_a_small_claim_after_a_backlog_reads_no_table_whole(table: str) -> None:
+    """The 1,000 msg/s case after a backlog drained: the statistics still see 10k pending rows,
+    the claim finds 20. The UPDATE joined to the chosen rows was estimated at hundreds of rows and
+    planned as a scan of the whole table (7 ms a claim at 22k rows, growing with the table)."""
+    outbox = relay(table)
+    try:
+        add(outbox, [b"k%d" % (i % 100) for i in range(10_000)])
+        with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"VACUUM ANALYZE {table}")
+        while batch := outbox.claim(2000, lease_s=60):
+            outbox.succeed([Delivered(m, "t/0/0") for m in batch])
+        add(outbox, [b"k%d" % i for i in range(20)])
+        statements = statements_of(outbox, lambda: outbox.claim(2000, lease_s=60))
+        add(outbox, [b"k%d" % i for i in range(20, 40)])  # the claim's statements, on 20 new ones
+        plan = plan_of(outbox, statements, "WITH cand")
+        assert "Seq Scan" not in plan and "rows=20 loops=1" in plan, plan
     finally:
         outbox.close()
 

@@ -109,8 +109,10 @@ def test_the_blocked_keys_are_read_from_the_wait_index(audited: SqlOutbox, one_s
     t = audited.table.name
     if one_statement:
         whole, plan = plan, plan[plan.index("InitPlan") : plan.index("LockRows")]
-        scan = [line for line in whole[whole.index("LockRows") :].splitlines() if "Scan" in line][0]
+        scan = next(line for line in whole[whole.index("LockRows") :].splitlines() if "Scan" in line)
         assert f"Index Scan using ix_{t}_pending" in scan and "Sort" not in whole, whole
+        # Each part by index: joined to the chosen rows, the UPDATE read the whole table.
+        assert "Seq Scan" not in whole, whole
     assert f"ix_{t}_wait" in plan and f"ix_{t}_live" not in plan and f"ix_{t}_pending" not in plan, plan
     assert "Rows Removed by Filter" not in plan, plan
 
