@@ -4,8 +4,9 @@ BUFFERS) of each statement (run in a savepoint rolled back just before the real 
 
 Two shapes (issue 14): ``drain`` (N pending over K keys, VACUUM ANALYZE, claims of ``--batch``
 recording the previous batch, as ``relay --drain`` does) and ``trickle`` (the 1,000 msg/s
-latency case: ``--trickle`` new messages committed before each claim, after a history of
-``--history`` delivered rows).
+latency case: ``--trickle`` new messages committed before each claim, after ``--history``
+messages of which at most 10,000 (one claim's cap) are delivered before the VACUUM ANALYZE and the
+rest drained by the first claims: the statistics still see a backlog that is gone, as after a burst).
 
 Usage: python -m bench.pg_claim [--mode drain|trickle] [--messages N] [--keys K] [--batch B]
 [--explain-at I] [--trickle T] [--history H] [--cycles C]
@@ -147,8 +148,8 @@ def main() -> None:
         delivered: list[Delivered] = []
         if args.mode == "trickle":
             fill(outbox, topic, args.history, args.keys)
-            got = outbox.claim(args.history, 30)
-            outbox.succeed([Delivered(m, "prof/0/0") for m in got])
+            history = outbox.claim(args.history, 30)
+            outbox.succeed([Delivered(m, "prof/0/0") for m in history])
         else:
             fill(outbox, topic, args.messages, args.keys)
         with outbox.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
