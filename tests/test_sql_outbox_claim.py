@@ -231,3 +231,20 @@ def test_relays_of_both_shapes_recover_and_requeue_racing_on_three_keys_keep_key
             o.close()
     assert problems == []
     assert done == set(ids)
+
+
+def test_a_claim_through_a_psycopg2_engine_hands_out_bytes(table: str) -> None:
+    """A user's own engine on psycopg2 returns bytea as memoryview: the claim's Messages still
+    carry ``bytes`` (as the older statements' rows did), not a view that has no ``decode``."""
+    pytest.importorskip("psycopg2")
+    engine = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))
+    outbox = SqlOutbox(engine, table=table)
+    try:
+        with engine.begin() as conn:
+            outbox.add_many(conn, [{"topic": "t", "value": b"v", "key": b"k"}, {"topic": "t", "value": b"w"}])
+        got = outbox.claim(10, lease_s=60)
+        assert [(type(m.value), type(m.key)) for m in got] == [(bytes, bytes), (bytes, type(None))]
+        assert [(m.value, m.key) for m in got] == [(b"v", b"k"), (b"w", None)]
+    finally:
+        outbox.close()
+        engine.dispose()
