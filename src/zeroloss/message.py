@@ -97,6 +97,24 @@ def id_time(message_id: str) -> float:
     return (uuid.UUID(message_id).int >> 80) / 1000.0
 
 
+def uuid7_time(text: str) -> float | None:
+    """The creation time in ``text`` if it is a UUIDv7 in canonical form (hyphens, version 7,
+    RFC 4122 variant), else None. Read from the text without building a UUID: ``uuid.UUID``
+    twice cost 2.2 µs a message, ~5% of a batch-handled message's cost in the consumer."""
+    if (
+        len(text) == 36
+        and text[14] == "7"
+        and text[19] in "89abAB"
+        and text[8] == text[13] == text[18] == text[23] == "-"
+        and text[0] != "-"  # int() reads a leading minus as a sign: a time before 1970
+    ):
+        try:
+            return (int(text[:8] + text[9:13] + text[14:18] + text[19:23] + text[24:], 16) >> 80) / 1000.0
+        except ValueError:  # not hex: not a UUID
+            return None
+    return None
+
+
 def validate_topic(topic: object) -> str:
     """Return ``topic`` if it is a legal topic name, else raise MessageError saying why."""
     if not isinstance(topic, str):

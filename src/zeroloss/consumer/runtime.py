@@ -30,6 +30,7 @@ from zeroloss.errors import ConfigError
 from zeroloss.http import HealthServer
 from zeroloss.inbox import BatchInbox, Inbox, id_problem, open_inbox
 from zeroloss.logs import Progress, age
+from zeroloss.message import uuid7_time
 from zeroloss.received import Received
 from zeroloss.registry import SUBSCRIPTION_SCHEMES, open_subscription, scheme_of
 
@@ -52,22 +53,9 @@ class ConsumerCounters:
 
 
 def _created(msg: Received) -> float:
-    """When the message was made: the time in its UUIDv7 id, else the record's timestamp. Read
-    from the id's canonical text (version digit 7, RFC 4122 variant) without building a UUID:
-    ``uuid.UUID`` twice cost 2.2 µs a message, ~5% of a batch-handled message's whole cost."""
-    mid = msg.id
-    if (
-        len(mid) == 36
-        and mid[14] == "7"
-        and mid[19] in "89abAB"
-        and mid[8] == mid[13] == mid[18] == mid[23] == "-"
-        and mid[0] != "-"  # int() reads a leading minus as a sign: a time before 1970
-    ):
-        try:
-            return (int(mid[:8] + mid[9:13] + mid[14:18] + mid[19:23] + mid[24:], 16) >> 80) / 1000.0
-        except ValueError:  # not hex: not one of our ids
-            pass
-    return msg.timestamp_ms / 1000
+    """When the message was made: the time in its UUIDv7 id, else the record's timestamp."""
+    created = uuid7_time(msg.id)
+    return created if created is not None else msg.timestamp_ms / 1000
 
 
 class Consumer:
