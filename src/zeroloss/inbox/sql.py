@@ -92,6 +92,15 @@ def _sqlite_outside_transaction(conn: sa.Connection, cursor: Any, statement: str
         )
 
 
+def _ended_before_commit(exc: DBAPIError) -> TransactionLostError:
+    """The savepoint taken at the transaction's start could not be released: not this transaction."""
+    return TransactionLostError(
+        "the inbox transaction had ended before its commit: the database rolled it back after an "
+        "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
+        f"rolled back itself; nothing of it is committed and the message counts as failed ({exc.orig})"
+    )
+
+
 # In a connection's info while nothing has run since the savepoint SqlInbox.transaction() took at
 # its start: a claim sent then may be undone by a rollback to that savepoint alone (_claim_new).
 _FRESH = "zeroloss_inbox_fresh"
@@ -279,11 +288,7 @@ class SqlInbox:
         except DBAPIError as exc:
             if exc.connection_invalidated:  # the connection broke: nothing was committed, an outage
                 raise StoreError(f"inbox commit failed, the connection is lost: {brief(exc)}", retriable=True) from exc
-            raise TransactionLostError(
-                "the inbox transaction had ended before its commit: the database rolled it back after an "
-                "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
-                f"rolled back itself; nothing of it is committed and the message counts as failed ({exc.orig})"
-            ) from exc
+            raise _ended_before_commit(exc) from exc
 
     def _release_and_commit(self, conn: sa.Connection) -> None:
         """PostgreSQL: :meth:`_still_open`'s check and the commit as one simple query. The server
@@ -299,11 +304,7 @@ class SqlInbox:
             if exc.connection_invalidated:  # unknown whether the COMMIT ran: a retry's claim will say
                 raise StoreError(f"inbox commit failed, the connection is lost: {brief(exc)}", retriable=True) from exc
             if _sqlstate(exc) in _RELEASE_FAILED:
-                raise TransactionLostError(
-                    "the inbox transaction had ended before its commit: the database rolled it back after an "
-                    "error the handler caught (a deadlock, a lock-wait timeout), or the handler committed or "
-                    f"rolled back itself; nothing of it is committed and the message counts as failed ({exc.orig})"
-                ) from exc
+                raise _ended_before_commit(exc) from exc
             raise StoreError(f"inbox commit failed: {brief(exc)}", retriable=True) from exc
 
     def claim_many(self, tx: sa.Connection, group: str, message_ids: Sequence[str]) -> set[str]:
