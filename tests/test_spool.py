@@ -784,15 +784,29 @@ def _parked_by_recover(spool: FileSpool, txid: str) -> str:
     return mid
 
 
-def test_a_claim_hears_of_a_pending_fsync_failure_a_reclaim_was_told_of(
-    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("move", ["claim", "requeue", "resend"])
+def test_a_relay_or_operator_move_hears_of_a_pending_fsync_failure_a_reclaim_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, move: str
 ) -> None:
-    """claim() renames pending → sending, fsyncs sending/, then pending/. In between, a producer
-    taking back what recover() had parked (_reclaim, no spool lock) fsyncs pending/ on the same
-    descriptor and is told of the error of writing it out with the claim's removals; the claim's
-    own fsync then succeeds (main: the claim returned its batch)."""
+    """claim() renames pending → sending (requeue failed → pending, resend success → pending) and
+    fsyncs the directories. Before its fsync of pending/, a producer taking back what recover()
+    had parked (_reclaim, no spool lock) fsyncs pending/ on the same descriptor and is told of the
+    error of writing it out with this call's renames; this call's own fsync then succeeds (main:
+    the claim returned its batch; requeue and resend — audit --repair's, the one whose undoing
+    leaves a message the broker lost unsent — reported done)."""
     parked = _parked_by_recover(spool, "slow")
-    add(spool, b"c")
+    mid = add(spool, b"c")
+    if move != "claim":
+        [m] = spool.claim(10, lease_s=30)
+        if move == "requeue":
+            spool.fail([m])
+        else:
+            spool.succeed([Delivered(m, "t/0/0")])
+    moves: dict[str, Callable[[], object]] = {
+        "claim": lambda: spool.claim(10, lease_s=30),
+        "requeue": lambda: spool.requeue([mid]),
+        "resend": lambda: spool.resend([mid]),
+    }
     pending_dir = os.path.join(spool.root, State.PENDING.value)
     errors = _WritebackErrors(monkeypatch, lambda fd: None)
     reclaimed: list[object] = []
@@ -802,9 +816,10 @@ def test_a_claim_hears_of_a_pending_fsync_failure_a_reclaim_was_told_of(
         reclaimed.append(_in_a_thread("producer", lambda: spool._reclaim("slow", [parked])))
 
     _before_its_sync(monkeypatch, spool.dir_syncs[State.PENDING], window)
-    with pytest.raises(StoreError, match=f"claim: the fsync of {pending_dir} failed") as told:
-        spool.claim(10, lease_s=30)
-    assert "Input/output error" in str(told.value) and "restart the relay" in str(told.value)
+    with pytest.raises(StoreError, match=f"{move}: the fsync of {pending_dir} failed") as told:
+        moves[move]()
+    assert "Input/output error" in str(told.value)
+    assert ("restart the relay" if move == "claim" else "repeat the command") in str(told.value)
     assert isinstance(reclaimed[0], (StoreError, OSError)), reclaimed  # its own fsync was told
 
 
