@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +24,7 @@ from zeroloss.embedded_broker import EmbeddedBroker
 from zeroloss.errors import BrokerError
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, State
+from zeroloss.outbox.spool import FileSpool
 from zeroloss.outbox.sql import SqlOutbox
 from zeroloss.readback import read_topic
 from zeroloss.relay import Relay, RelaySettings
@@ -172,6 +177,45 @@ def test_deliveries_a_failed_claim_did_not_record_are_recorded_once_the_store_is
         t.join(10)
     assert not t.is_alive()
     assert relay.counters.delivered == 30 and outbox.store.stats().counts[State.SENDING] == 0
+
+
+def test_a_relay_does_not_count_a_batch_delivered_whose_success_fsync_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FileSpool whose fsync of success/ failed (once, as Linux reports a lost write): succeed()
+    raises, the relay backs off and calls it again with the same batch — which main's spool found
+    already moved (in memory) and returned from, so the relay counted it delivered though the
+    renames may never reach the disk. The spool now refuses every move until it is reopened."""
+    spool = FileSpool(tmp_path / "spool")
+    for i in range(5):
+        with spool.transaction() as tx:
+            tx.add(topic="t", value=b"%d" % i)
+    success_fd = spool._fds[State.SUCCESS]
+    real_fsync = os.fsync
+    failures = itertools.count()
+
+    def fails_once(fd: int) -> None:
+        if fd == success_fd and next(failures) == 0:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fails_once)
+    relay = Relay(spool, ScriptedBroker([]), replace(FAST, recover_every_s=3600))
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(
+            lambda: relay.counters.store_errors >= 3 or relay.counters.delivered > 0,
+            what="the relay trying to record the batch again",
+        )
+    finally:
+        relay.stop()
+        t.join(10)
+        monkeypatch.undo()
+        spool.close()
+    assert not t.is_alive()
+    assert relay.counters.delivered == 0
+    assert relay._store_problem is not None and "success failed (Input/output error)" in relay._store_problem
 
 
 def test_a_relay_records_its_deliveries_before_it_backs_off_or_idles(outbox: OutboxHarness) -> None:

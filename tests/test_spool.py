@@ -740,6 +740,223 @@ def test_a_failure_between_a_writers_changes_and_its_fsync_is_reported_to_it(
     assert "Input/output error" in str(outcome[0])
 
 
+# ---- the relay's and the operators' fsyncs: every caller hears of a failure that may cover it --
+
+
+def _before_its_sync(monkeypatch: pytest.MonkeyPatch, group: _fsync.GroupSync, other: Callable[[], None]) -> None:
+    """Run ``other`` once when this thread next asks ``group`` for its fsync: after its changes,
+    before its own fsync — where another caller's fsync of the same descriptor can take the
+    error of writing them out."""
+    caller = threading.get_ident()
+    real = group.sync
+    ran: list[bool] = []
+
+    def sync(linger: bool = False, since: int | None = None) -> None:
+        if threading.get_ident() == caller and not ran:
+            ran.append(True)
+            other()
+        real(linger=linger, since=since)
+
+    monkeypatch.setattr(group, "sync", sync)
+
+
+def _in_a_thread(name: str, fn: Callable[[], object]) -> object:
+    """What ``fn`` returned or raised, run to its end in a thread called ``name``."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(fn())
+        except Exception as exc:  # what it raised is the outcome
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name=name)
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+def _parked_by_recover(spool: FileSpool, txid: str) -> str:
+    """A slow transaction's message that a recover() without resolver moved to doubt/: the
+    producer's promotion will take it back (_reclaim)."""
+    [mid] = _crashed_transaction(spool, txid, 1)
+    assert spool.recover().doubt == 1
+    return mid
+
+
+@pytest.mark.parametrize("move", ["claim", "requeue", "resend"])
+def test_a_relay_or_operator_move_hears_of_a_pending_fsync_failure_a_reclaim_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, move: str
+) -> None:
+    """claim() renames pending → sending (requeue failed → pending, resend success → pending) and
+    fsyncs the directories. Before its fsync of pending/, a producer taking back what recover()
+    had parked (_reclaim, no spool lock) fsyncs pending/ on the same descriptor and is told of the
+    error of writing it out with this call's renames; this call's own fsync then succeeds (main:
+    the claim returned its batch; requeue and resend — audit --repair's, the one whose undoing
+    leaves a message the broker lost unsent — reported done)."""
+    parked = _parked_by_recover(spool, "slow")
+    mid = add(spool, b"c")
+    if move != "claim":
+        [m] = spool.claim(10, lease_s=30)
+        if move == "requeue":
+            spool.fail([m])
+        else:
+            spool.succeed([Delivered(m, "t/0/0")])
+    moves: dict[str, Callable[[], object]] = {
+        "claim": lambda: spool.claim(10, lease_s=30),
+        "requeue": lambda: spool.requeue([mid]),
+        "resend": lambda: spool.resend([mid]),
+    }
+    pending_dir = os.path.join(spool.root, State.PENDING.value)
+    errors = _WritebackErrors(monkeypatch, lambda fd: None)
+    reclaimed: list[object] = []
+
+    def window() -> None:
+        errors.fail(pending_dir)
+        reclaimed.append(_in_a_thread("producer", lambda: spool._reclaim("slow", [parked])))
+
+    _before_its_sync(monkeypatch, spool.dir_syncs[State.PENDING], window)
+    with pytest.raises(StoreError, match=f"{move}: the fsync of {pending_dir} failed") as told:
+        moves[move]()
+    assert "Input/output error" in str(told.value)
+    assert ("restart the relay" if move == "claim" else "repeat the command") in str(told.value)
+    assert isinstance(reclaimed[0], (StoreError, OSError)), reclaimed  # its own fsync was told
+
+
+def test_a_reclaim_hears_of_a_pending_fsync_failure_a_claim_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other way round: the relay's claim fsyncs pending/ between the producer's rename
+    doubt/ → pending/ and its fsync, and takes the error (main: the producer was told its
+    message is pending; a crash could leave it in doubt/, waiting for a person)."""
+    parked = _parked_by_recover(spool, "slow")
+    add(spool, b"c")
+    pending_dir = os.path.join(spool.root, State.PENDING.value)
+    errors = _WritebackErrors(monkeypatch, lambda fd: None)
+    claims: list[object] = []
+
+    def window() -> None:
+        errors.fail(pending_dir)
+        claims.append(_in_a_thread("relay", lambda: spool.claim(10, lease_s=30)))
+
+    _before_its_sync(monkeypatch, spool.dir_syncs[State.PENDING], window)
+    with pytest.raises(StoreError, match=f"the fsync of {pending_dir} failed") as told:
+        spool._reclaim("slow", [parked])
+    assert f"messages {parked} were moved back from doubt/" in str(told.value)
+    assert "zeroloss doubt retry" in str(told.value) and not told.value.retriable
+    assert isinstance(claims[0], StoreError), claims  # the claim's own fsync was told
+
+
+def test_recover_hears_of_a_tmp_fsync_failure_an_add_was_told_of(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recover() promotes a committed leftover out of tmp/ and fsyncs tmp/ first; an add's fsync
+    of tmp/ in between is told of the error of writing out tmp/ (main: recover reported the
+    promotion done, though after a crash the tmp/ file could come back and be sent twice)."""
+    [mid] = _crashed_transaction(spool, "tx-commit", 1)
+    tmp_dir = os.path.join(spool.root, State.TMP.value)
+    errors = _WritebackErrors(monkeypatch, lambda fd: None)
+    adds: list[object] = []
+
+    def window() -> None:
+        errors.fail(tmp_dir)
+        adds.append(_in_a_thread("adder", lambda: add(spool, b"a")))
+
+    _before_its_sync(monkeypatch, spool.dir_syncs[State.TMP], window)
+    with pytest.raises(StoreError, match=f"recover: the fsync of {tmp_dir} failed"):
+        spool.recover(lambda txid: True)
+    assert isinstance(adds[0], StoreError) and "writing tmp/" in str(adds[0]), adds
+    assert spool.get(mid)[0] is State.PENDING  # done in memory; not said to be durable
+
+
+def test_after_a_failed_fsync_the_relays_moves_are_refused_until_the_spool_is_reopened(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A succeed() whose success/ fsync failed raises; the relay then calls it again with the same
+    batch, which finds nothing left in sending/ and (main) returned as if the moves were durable:
+    no later fsync can tell, the kernel reported the lost write once. So every later move of this
+    FileSpool is refused, reads still work, and a reopened spool goes on from what it finds."""
+    for i in range(3):
+        add(spool, b"%d" % i)
+    batch = spool.claim(10, lease_s=30)
+    success_fd = spool._fds[State.SUCCESS]
+    real_fsync = os.fsync
+    failures = itertools.count()
+
+    def fails_once(fd: int) -> None:
+        if fd == success_fd and next(failures) == 0:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fails_once)
+    delivered = [Delivered(m, f"t/0/{i}") for i, m in enumerate(batch)]
+    success_dir = os.path.join(spool.root, State.SUCCESS.value)
+    with pytest.raises(StoreError, match="Input/output error") as first:
+        spool.succeed(delivered)
+    with pytest.raises(StoreError) as again:
+        spool.succeed(delivered)  # the same batch again: the relay must not count it recorded
+    assert f"succeed: the fsync of {success_dir} failed (Input/output error)" in str(first.value)
+    assert "restart the relay" in str(first.value) and not first.value.retriable
+    assert "succeed refused: an earlier succeed: the fsync of" in str(again.value)
+    add(spool, b"later")  # producers are told of their own fsyncs' failures only: they go on
+    moves: list[Callable[[], object]] = [
+        lambda: spool.claim(10, lease_s=30),
+        lambda: spool.extend(batch, 30),
+        lambda: spool.retry(batch),
+        lambda: spool.fail(batch),
+        lambda: spool.recover(),
+        lambda: spool.purge_success(0),
+        lambda: spool.requeue([batch[0].id]),
+        lambda: spool.resend([batch[0].id]),
+        lambda: spool.purge(State.FAILED),
+    ]
+    for move in moves:
+        with pytest.raises(StoreError, match="refused: an earlier succeed"):
+            move()
+    counts = spool.stats().counts
+    assert counts[State.SUCCESS] == 3 and counts[State.PENDING] == 1
+    monkeypatch.undo()
+    spool.close()
+    reopened = FileSpool(spool.root)
+    try:
+        [later] = reopened.claim(10, lease_s=30)
+        assert later.value == b"later"
+        reopened.succeed([Delivered(later, "t/0/3")])
+        assert reopened.stats().counts[State.SUCCESS] == 4
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize("command", ["retry", "purge"])
+def test_an_operators_command_whose_fsync_failed_exits_1_naming_the_directory(
+    spool: FileSpool, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from click.testing import CliRunner
+
+    from zeroloss.cli import main
+
+    mid = add(spool, b"f")
+    spool.fail(spool.claim(10, lease_s=30))
+    spool.close()
+    real_fsync = os.fsync
+    target = State.PENDING if command == "retry" else State.FAILED
+    ino = os.stat(os.path.join(spool.root, target.value)).st_ino
+
+    def broken(fd: int) -> None:
+        if os.fstat(fd).st_ino == ino:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", broken)
+    args = ["failed", command, mid, "--source", f"spool://{spool.root}"] + (["--yes"] if command == "purge" else [])
+    result = CliRunner().invoke(main, args)
+    monkeypatch.undo()
+    assert result.exit_code == 1, result.output
+    directory = os.path.join(spool.root, target.value)
+    assert f"the fsync of {directory} failed (Input/output error)" in result.output
+    assert "check the disk" in result.output and "repeat the command" in result.output
+
+
 # ---- a producer process killed mid-transaction -------------------------------------------
 
 _CHILD = """

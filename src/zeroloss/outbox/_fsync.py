@@ -11,7 +11,8 @@ A failed fsync is reported to every caller whose changes it may have been writin
 to those it covered: Linux reports a writeback error once per open file, so the next fsync of the
 same descriptor succeeds although the changes may be lost. A caller that took :meth:`mark` before
 its changes hears of any generation that failed after the mark; one that did not, of a generation
-that was running when it called.
+that was running when it called — not of one that ran between its changes and its call, so every
+caller in the spool takes a mark.
 
 One helper may own several descriptors (a promotion's ``pending/`` and ``tmp/``): its leader
 fsyncs them one after the other, so a caller waits for one generation instead of one per

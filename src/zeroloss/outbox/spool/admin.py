@@ -14,7 +14,7 @@ from urllib.parse import unquote
 from zeroloss.errors import MalformedMessageError, UnknownMessageError
 from zeroloss.message import Message, decode, id_time
 from zeroloss.outbox.base import Delivered, State, Stats, check_purgeable, id_floor
-from zeroloss.outbox.spool.layout import ID_LEN, SUFFIX, SpoolCore, lease_ms, split_name
+from zeroloss.outbox.spool.layout import ADMIN_REMEDY, ID_LEN, SUFFIX, SpoolCore, lease_ms, split_name
 
 log = logging.getLogger("zeroloss.outbox.spool")
 
@@ -49,7 +49,8 @@ class SpoolAdmin(SpoolCore):
         return [self._path(State.MALFORMED, n) for n in sorted(self._listdir(State.MALFORMED))]
 
     def requeue(self, message_ids: Sequence[str]) -> int:
-        with self._lock, self._translate("requeue"):
+        with self._lock, self._moving("requeue", ADMIN_REMEDY):
+            marks = self._marks(State.PENDING, State.FAILED, State.DOUBT)
             where = {s: dict(self._names(s)) for s in (State.FAILED, State.DOUBT)}
             found: dict[str, tuple[State, str]] = {}
             for mid in message_ids:
@@ -72,12 +73,13 @@ class SpoolAdmin(SpoolCore):
                 os.rename(src, self._pending(mid))
                 moved += 1
                 log.debug("message %s: requeued from %s/", mid, state.value)
-            self._sync(State.PENDING, State.FAILED, State.DOUBT)
+            self._sync(marks)
             return moved
 
     def purge(self, state: State, message_ids: Sequence[str] | None = None) -> int:
         check_purgeable(state)
-        with self._lock, self._translate(f"purge {state.value}/"):
+        with self._lock, self._moving(f"purge {state.value}/", ADMIN_REMEDY):
+            marks = self._marks(state)
             if state is State.MALFORMED:  # quarantined files are named by their file name
                 where = {n: n for n in self._listdir(State.MALFORMED)}
             else:
@@ -99,7 +101,7 @@ class SpoolAdmin(SpoolCore):
                     purged += 1
                     log.debug("purged %s/%s", state.value, name)
             if purged:
-                self._sync(state)
+                self._sync(marks)
             return purged
 
     def transaction_ids(self, state: State = State.DOUBT) -> dict[str, str]:
@@ -127,7 +129,8 @@ class SpoolAdmin(SpoolCore):
         return out
 
     def resend(self, message_ids: Sequence[str]) -> int:
-        with self._lock, self._translate("resend"):
+        with self._lock, self._moving("resend", ADMIN_REMEDY):
+            marks = self._marks(State.PENDING, State.SUCCESS)
             where = dict(self._names(State.SUCCESS))
             unknown = [mid for mid in message_ids if mid not in where]
             if unknown:
@@ -146,7 +149,7 @@ class SpoolAdmin(SpoolCore):
                 moved += 1
                 log.debug("message %s: back to pending to be sent again (%s)", mid, _RESENT)
             if moved:
-                self._sync(State.PENDING, State.SUCCESS)
+                self._sync(marks)
             return moved
 
     def stats(self, *, delivered: bool = True) -> Stats:

@@ -14,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -35,6 +35,25 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 NAME_MAX = 255
 BLOCKING = (State.FAILED, State.DOUBT, State.SENDING)
 """A message in one of these holds back the later messages of its key."""
+RELAY_REMEDY = (
+    "check the disk and the filesystem (dmesg), then restart the relay: this FileSpool makes no more "
+    "moves until it is reopened; a move a crash undoes is redone by recover() (a message whose success/ "
+    "rename is undone is sent again, a duplicate the consumers' inboxes drop), none is lost"
+)
+ADMIN_REMEDY = (
+    "check the disk and the filesystem (dmesg); the moves show as done but a crash may undo them: once the "
+    "disk is sound, see where the messages are (zeroloss show ID) and repeat the command for those that "
+    "are back where they were"
+)
+
+
+class DirSyncError(OSError):
+    """The fsync of a spool directory failed, or one did that may have been writing out the
+    caller's changes there (another caller's fsync of the same descriptor was told of it)."""
+
+    def __init__(self, directory: str, error: OSError) -> None:
+        super().__init__(error.errno, os.strerror(error.errno) if error.errno else str(error))
+        self.directory = directory
 
 
 def split_name(name: str) -> tuple[str, str] | None:
@@ -142,11 +161,23 @@ class SpoolCore:
         self._relay_fd: int | None = None  # relay.lock, held from the first claim or recover (relay side)
         self._relay_release: Callable[[], object] | None = None  # closes it, also if never close()d
         self._index: PendingIndex | None = None  # pending/ as the relay sees it, from then on
+        self._lost: tuple[str, DirSyncError] | None = None  # a relay's or operator's fsync failed: (what, error)
 
-    def _sync(self, *states: State) -> None:
+    def _marks(self, *states: State) -> dict[State, int]:
+        """Take before changing ``states``' directories; :meth:`_sync` then fsyncs them in this
+        order (a destination before its source)."""
+        return {state: self.dir_syncs[state].mark() for state in states}
+
+    def _sync(self, marks: Mapping[State, int]) -> None:
+        """Make the changes made since ``marks`` durable; DirSyncError if any fsync that may have
+        been writing them out failed: this caller's, or another's of the same directory (Linux
+        reports a writeback error to one fsync per open file; GroupSync passes it on)."""
         linger = self._active > 1  # waiting for company only pays when others are committing
-        for state in states:
-            self.dir_syncs[state].sync(linger=linger)
+        for state, mark in marks.items():
+            try:
+                self.dir_syncs[state].sync(linger=linger, since=mark)
+            except OSError as exc:
+                raise DirSyncError(self._dir[state], exc) from exc
 
     def _write_file(self, path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -297,6 +328,7 @@ class SpoolCore:
         dst = self._path(State.MALFORMED, name)
         if os.path.lexists(dst):
             dst = f"{dst}.{time.time_ns()}"
+        marks = self._marks(State.MALFORMED, state)
         try:
             os.rename(self._path(state, name), dst)
         except FileNotFoundError:
@@ -306,7 +338,7 @@ class SpoolCore:
             self._index.discard(name)
         self._quarantined += 1
         log.error("quarantined %s/%s as malformed: %s", state.value, name, reason)
-        self._sync(State.MALFORMED, state)
+        self._sync(marks)
 
     def _prune(self) -> None:
         # The cache only needs ids still in pending/ or a blocking state; drop the rest now and then.
@@ -331,11 +363,37 @@ class SpoolCore:
         return f"{mid}.{loc}{SUFFIX}"
 
     @contextlib.contextmanager
-    def _translate(self, what: str) -> Iterator[None]:
+    def _moving(self, what: str, remedy: str = RELAY_REMEDY) -> Iterator[None]:
+        """A relay's or an operator's moves (under the lock). Once a directory fsync of theirs
+        failed, this FileSpool refuses every later one: the failed writes cannot be made durable
+        by another fsync (the kernel reports a lost write once and forgets the data), and a call
+        that finds its work done in memory — the relay's succeed() of the same batch again —
+        would report it durable."""
+        with self._translate(what, remedy):
+            if self._lost is not None:
+                earlier, exc = self._lost
+                refused = self._lost_writes(f"{what} refused: an earlier {earlier}", exc, remedy)
+                raise StoreError(refused, retriable=False)
+            try:
+                yield
+            except DirSyncError as exc:
+                self._lost = (what, exc)
+                raise
+
+    def _lost_writes(self, what: str, exc: DirSyncError, remedy: str) -> str:
+        return (
+            f"spool {self.root}: {what}: the fsync of {exc.directory} failed ({exc.strerror}), so the "
+            f"moves made there may not be on disk; {remedy}"
+        )
+
+    @contextlib.contextmanager
+    def _translate(self, what: str, remedy: str = RELAY_REMEDY) -> Iterator[None]:
         if self._closed:
             raise StoreError(f"spool {self.root} is closed")
         try:
             yield
+        except DirSyncError as exc:
+            raise StoreError(self._lost_writes(what, exc, remedy), retriable=False) from exc
         except OSError as exc:
             if exc.errno in NO_SPACE:
                 raise SpoolFullError(

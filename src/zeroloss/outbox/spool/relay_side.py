@@ -71,7 +71,8 @@ class RelaySide(SpoolCore):
         if limit <= 0:
             return []
         self._relay_lock()
-        with self._lock, self._translate("claim"):
+        with self._lock, self._moving("claim"):
+            marks = self._marks(State.SENDING, State.PENDING)
             now = time.time()
             lease_ms = math.floor((now + lease_s) * 1000)  # lease_s=0: expired at once
             # key -> its earliest id in failed/, doubt/ or sending/: a later message of the key waits
@@ -137,7 +138,7 @@ class RelaySide(SpoolCore):
                 if msg is not None:
                     out.append(msg)
             if out:
-                self._sync(State.SENDING, State.PENDING)
+                self._sync(marks)
             self._prune()
             return out
 
@@ -145,7 +146,8 @@ class RelaySide(SpoolCore):
         return time.time()  # one machine: the spool's directory is local
 
     def extend(self, messages: Sequence[Message], lease_s: float) -> int:
-        with self._lock, self._translate("renew leases"):
+        with self._lock, self._moving("renew leases"):
+            marks = self._marks(State.SENDING)
             sending: dict[str, str] = dict(self._names(State.SENDING))
             lease_ms = math.floor((time.time() + lease_s) * 1000)
             held = 0
@@ -159,7 +161,7 @@ class RelaySide(SpoolCore):
                     )
                     held += 1
             if held:
-                self._sync(State.SENDING)
+                self._sync(marks)
             return held
 
     def _unsettled_tmp(self, now: float) -> list[tuple[str, bytes | None]]:
@@ -185,7 +187,8 @@ class RelaySide(SpoolCore):
         return out
 
     def succeed(self, delivered: Sequence[Delivered]) -> None:
-        with self._lock, self._translate("succeed"):
+        with self._lock, self._moving("succeed"):
+            marks = self._marks(State.SUCCESS, State.SENDING)
             sending: dict[str, str] = dict(self._names(State.SENDING))
             moved = 0
             for d in delivered:
@@ -200,7 +203,7 @@ class RelaySide(SpoolCore):
                 self._cache.pop(mid, None)  # delivered: it blocks no key any more
                 moved += 1
             if moved:
-                self._sync(State.SUCCESS, State.SENDING)
+                self._sync(marks)
 
     def retry(self, messages: Sequence[Message]) -> None:
         self._finish(messages, State.PENDING)
@@ -209,7 +212,8 @@ class RelaySide(SpoolCore):
         self._finish(messages, State.FAILED)
 
     def _finish(self, messages: Sequence[Message], target: State) -> None:
-        with self._lock, self._translate(f"moving messages to {target.value}"):
+        with self._lock, self._moving(f"moving messages to {target.value}"):
+            marks = self._marks(target, State.SENDING)
             sending: dict[str, str] = dict(self._names(State.SENDING))
             moved = 0
             for m in messages:
@@ -228,11 +232,12 @@ class RelaySide(SpoolCore):
                 if target is State.FAILED:
                     log.warning("message %s failed after %d attempt(s): %s", m.id, m.attempts, m.last_error)
             if moved:
-                self._sync(target, State.SENDING)
+                self._sync(marks)
 
     def recover(self, resolver: Resolver | None = None) -> RecoveryReport:
         self._relay_lock()
-        with self._lock, self._translate("recover"):
+        with self._lock, self._moving("recover"):
+            marks = self._marks(*State)
             report = RecoveryReport()
             quarantined = self._quarantined
             self._recover_tmp(resolver, report)
@@ -270,7 +275,7 @@ class RelaySide(SpoolCore):
                 self._info(State.PENDING, name, mid)
             report.malformed = self._quarantined - quarantined
             if dropped or report != RecoveryReport():
-                self._sync(*State)
+                self._sync(marks)
             self._prune()
             return report
 
@@ -347,7 +352,8 @@ class RelaySide(SpoolCore):
             return exc
 
     def purge_success(self, older_than_s: float) -> int:
-        with self._lock, self._translate("purge_success"):
+        with self._lock, self._moving("purge_success"):
+            marks = self._marks(State.SUCCESS)
             cutoff = time.time() - older_than_s
             purged = 0
             with os.scandir(self._dir[State.SUCCESS]) as it:
@@ -357,5 +363,5 @@ class RelaySide(SpoolCore):
                             os.unlink(entry.path)
                             purged += 1
             if purged:
-                self._sync(State.SUCCESS)
+                self._sync(marks)
             return purged

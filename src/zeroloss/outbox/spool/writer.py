@@ -14,7 +14,7 @@ from zeroloss import metrics
 from zeroloss.errors import StoreError
 from zeroloss.message import encode, new_message, uuid7
 from zeroloss.outbox.base import State
-from zeroloss.outbox.spool.layout import ID_LEN, SUFFIX, TXID_RE, SpoolCore
+from zeroloss.outbox.spool.layout import ID_LEN, SUFFIX, TXID_RE, DirSyncError, SpoolCore
 
 log = logging.getLogger("zeroloss.outbox.spool")
 
@@ -113,14 +113,26 @@ class SpoolWriter(SpoolCore):
     def _reclaim(self, txid: str, mids: Sequence[str]) -> None:
         """A recover() took tmp files of this (slow) transaction; take back what it parked."""
         lost = []
+        back = []
+        marks = self._marks(State.PENDING, State.DOUBT)
         for mid in mids:
             try:
                 os.rename(self._path(State.DOUBT, f"{mid}.{txid}{SUFFIX}"), self._pending(mid))
+                back.append(mid)
                 log.warning("message %s: moved back from doubt/ after its transaction %s committed", mid, txid)
             except FileNotFoundError:
                 if self._locate(mid) is None:
                     lost.append(mid)
-        self._sync(State.PENDING, State.DOUBT)
+        try:
+            self._sync(marks)
+        except DirSyncError as exc:
+            raise StoreError(
+                f"spool {self.root}: transaction {txid} committed and its messages {', '.join(back) or 'none'} "
+                f"were moved back from doubt/ (a recover() had parked them), but the fsync of {exc.directory} "
+                f"failed ({exc.strerror}): a crash may put them back in doubt/; check the disk, then requeue "
+                f"what is in doubt/ again (zeroloss doubt retry ID)",
+                retriable=False,
+            ) from exc
         if lost:
             log.error("transaction %s committed but recover() discarded messages %s", txid, lost)
             raise StoreError(
