@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql
 from zeroloss.message import Message
 from zeroloss.outbox.base import Delivered, RecoveryReport, Resolver, State
 from zeroloss.outbox.sql.core import BLOCKING, CHUNK, SqlCore, chunks
-from zeroloss.outbox.sql.table import message_of
+from zeroloss.outbox.sql.table import message_of, messages_of
 
 log = logging.getLogger("zeroloss.outbox.sql")
 
@@ -29,6 +29,11 @@ _MAX_CLAIM = 10_000  # keeps a claim's bind parameters under SQLite's limit
 
 class SqlRelaySide(SqlCore):
     """What the relay calls; retry/fail/extend touch only rows this instance still owns."""
+
+    _claim_in_one_statement = True
+    """PostgreSQL with the partial indexes: claim in one statement (``_claim_pg``). False: the
+    statements of the versions before it (blocked keys, candidates, re-check, UPDATE), which relays
+    not yet upgraded still run beside new ones; the tests run both shapes together."""
 
     def wait_for_work(self, timeout_s: float, interrupt: threading.Event) -> None:
         """Return when a message may be waiting: on PostgreSQL at the first NOTIFY of a committed
@@ -174,6 +179,11 @@ class SqlRelaySide(SqlCore):
             # arrived (not analyzed yet: the planner believes the table is nearly empty) was
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
             conn.execute(self._claim_plan_pg)
+            if self._claim_in_one_statement:
+                claimed = conn.exec_driver_sql(
+                    self._claim_pg, {"now": now, "limit": limit, "until": now + lease_s, "token": self._token}
+                ).all()
+                return messages_of(sorted(claimed, key=lambda r: r[0]))  # id order: a hash join may reorder
         self._read_index_names(conn)
         rows = conn.execute(self.claim_statement(now, limit, tuple(self._blocked_keys(conn, now, partial)))).all()
         # Re-check after locking: another relay may have claimed (or still hold locked) an
