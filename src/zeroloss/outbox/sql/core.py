@@ -139,7 +139,11 @@ class SqlCore:
         )
         # claim() on PostgreSQL with its partial indexes: one statement (was four round trips:
         # blocked keys, candidates, re-check, UPDATE → sending). `cand` locks the due pending rows
-        # of keys not blocked, oldest first (the blocked keys an InitPlan of it, read as before);
+        # of keys not blocked, oldest first (the blocked keys read as before, as a hashed subplan:
+        # as an InitPlan array, `key_hash <> ALL(ARRAY(…))`, each scanned row, those other relays
+        # hold locked included, was compared with every blocked key in turn — 1.0-1.9 s a claim
+        # of 1,000 with 3 other relays holding 3,000 keys, where main's array parameter, a
+        # constant to the planner, is hashed: the 0.55x of 4 relays, bench/results/notes.md);
         # `blockers` is the re-check: per candidate key, the first undelivered row up to the key's
         # last candidate that is not a candidate (a row another relay holds locked or claimed);
         # (`NOT IN` a hashed subplan: `NOT EXISTS` was planned as a nested-loop anti join over the
@@ -155,11 +159,11 @@ class SqlCore:
         cols = "id, topic, msg_key, key_hash, value, headers, created_at, attempts, not_before, last_error"
         self._claim_pg = (
             f"WITH cand AS MATERIALIZED (SELECT {cols} FROM {table} "
-            "WHERE state = 'pending' AND not_before <= %(now)s AND (key_hash IS NULL OR key_hash <> ALL(ARRAY("
+            "WHERE state = 'pending' AND not_before <= %(now)s AND (key_hash IS NULL OR key_hash NOT IN ("
             f"(SELECT key_hash FROM {table} WHERE state IN ('sending', 'failed') AND key_hash IS NOT NULL "
             "ORDER BY state, not_before) UNION "
             f"(SELECT key_hash FROM {table} WHERE state = 'pending' AND not_before > %(now)s "
-            "AND key_hash IS NOT NULL ORDER BY state, not_before)))) "
+            "AND key_hash IS NOT NULL ORDER BY state, not_before))) "
             "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED), "
             "keys AS (SELECT key_hash AS h, count(*) + 1 AS n, max(id) AS last FROM cand "
             "WHERE key_hash IS NOT NULL GROUP BY key_hash), "
@@ -176,6 +180,16 @@ class SqlCore:
         self._partial_indexes: bool | None = None  # PostgreSQL: unknown until the first claim
         self._claim_plan_pg = sa.text(
             "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
+        )  # this transaction only
+        # The one-statement claim's: the same, and room enough that its blocked keys are always a
+        # hashed subplan (a hash table probed once per scanned row). The planner hashes a subplan
+        # only if its *estimated* size fits in hash_mem (work_mem x hash_mem_multiplier, 8 MB by
+        # default); a table whose statistics count many failed rows would get a plain subplan,
+        # the blocked keys read again for every row the candidate scan passes. The real table is
+        # as large as the blocked keys, as the array main's statements pass.
+        self._claim_plan_one_pg = sa.text(
+            "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true), "
+            "set_config('hash_mem_multiplier', '1000', true)"
         )  # this transaction only
         # add() on SQLite/MariaDB: (dialect, driver, paramstyle) -> the INSERT's SQL, positional key order
         self._insert_sql: dict[tuple[str, str, str], tuple[str, tuple[str, ...] | None]] = {}

@@ -178,8 +178,9 @@ class SqlRelaySide(SqlCore):
             # Walk the indexes in id order, whatever the statistics say. A backlog that just
             # arrived (not analyzed yet: the planner believes the table is nearly empty) was
             # planned as a bitmap scan of every pending row, sorted on disk, for each claim.
-            conn.execute(self._claim_plan_pg)
-            if self._claim_in_one_statement:
+            one = self._claim_in_one_statement and (conn.dialect.server_version_info or (0,)) >= (13,)
+            conn.execute(self._claim_plan_one_pg if one else self._claim_plan_pg)
+            if one:  # hash_mem_multiplier (the blocked keys' hash) is PostgreSQL 13's
                 claimed = conn.exec_driver_sql(
                     self._claim_pg, {"now": now, "limit": limit, "until": now + lease_s, "token": self._token}
                 ).all()
