@@ -336,3 +336,18 @@ def test_the_blocked_keys_stay_hashed_when_the_statistics_count_many_failed_rows
         assert fresh
     finally:
         outbox.close()
+
+
+def test_before_postgresql_13_the_claim_runs_the_older_statements(table: str) -> None:
+    """hash_mem_multiplier, which keeps the blocked keys hashed, came with PostgreSQL 13: on an
+    older server the one-statement claim is not sent (nor the setting, an error there)."""
+    outbox = relay(table)
+    try:
+        _a1, b1, a2 = add(outbox, [b"a", b"b", b"a"])
+        outbox.claim(1, lease_s=60)  # connects: the server's version is read
+        outbox.engine.dialect.server_version_info = (12, 22)
+        seen = [s for s, _ in statements_of(outbox, lambda: outbox.claim(10, lease_s=60))]
+        assert not any("WITH cand" in s or "hash_mem_multiplier" in s for s in seen), seen
+        assert outbox.get(b1)[0] is State.SENDING and outbox.get(a2)[0] is State.PENDING  # a2 behind a1
+    finally:
+        outbox.close()
