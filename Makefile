@@ -54,7 +54,7 @@ chaos: install services
 # target and met?; then every row again in one table (bench.summary). The output goes to
 # bench/results/latest.md (generated; notes.md keeps the hand-written notes). The cluster rows
 # are skipped unless `make cluster` is up. A script that fails is listed (FAILED) and fails the target.
-BENCH_SCRIPTS := relay_throughput cli_relay cluster enqueue consumer latency scale_out growth pg_hot_path
+BENCH_SCRIPTS := relay_throughput cli_relay cluster enqueue consumer latency scale_out growth pg_hot_path pg_claim
 bench: install services
 	mkdir -p bench/results
 	rows=$$(mktemp) && export ZEROLOSS_BENCH_ROWS=$$rows && \
@@ -75,6 +75,7 @@ bench-quick: install services
 	  $(BIN)/python -m bench.growth --messages 1000 --small-history 0 --large-history 20000 \
 	    --small-pending 1000 --large-pending 5000 --reps 1 && \
 	  $(BIN)/python -m bench.pg_hot_path --messages 2000 --batch 500 --pairs 1 && \
+	  $(BIN)/python -m bench.pg_claim --messages 2000 --batch 500 && \
 	  $(BIN)/python -m bench.summary $$rows; st=$$?; rm -f $$rows; exit $$st
 
 # Three Apache Kafka brokers (KRaft) on 127.0.0.1:19092-19094 for fault tests; jars fetched once by Maven.

@@ -214,14 +214,18 @@ def main() -> None:
         bare = median_rate(lambda: bare_producer(broker.bootstrap, n), reps)
         for keys in key_counts:
             say(f"{keys_name(keys)} ...")
-            ours = statistics.median(
-                cli_relay(broker.url, n, keys, args.batch_size, args.profile, args.analyze) for _ in range(reps)
-            )
+            mine: list[float] = []
+            theirs: list[float] = []
+            for _ in range(reps):  # interleaved, so a load that comes and goes falls on both
+                mine.append(cli_relay(broker.url, n, keys, args.batch_size, args.profile, args.analyze))
+                if args.compare_src is not None:
+                    theirs.append(cli_relay(broker.url, n, keys, args.batch_size, None, args.analyze, args.compare_src))
+                    load = os.getloadavg()[0]
+                    a, b = mine[-1], theirs[-1]
+                    say(f"  pair: ours {a:,.0f} vs theirs {b:,.0f} msg/s = {a / b:.2f}x (load {load:.1f})")
+            ours = statistics.median(mine)
             if args.compare_src is not None:
-                old = statistics.median(
-                    cli_relay(broker.url, n, keys, args.batch_size, None, args.analyze, args.compare_src)
-                    for _ in range(reps)
-                )
+                old = statistics.median(theirs)
                 rows.append(
                     Row(
                         f"`zeroloss relay` vs {args.compare_src}'s, {keys_name(keys)}",

@@ -96,13 +96,27 @@ def test_recording_a_batch_reads_its_ids_once(audited: SqlOutbox) -> None:
     assert audited.stats().counts[State.SENDING] == 500
 
 
-def test_the_blocked_keys_are_read_from_the_wait_index(audited: SqlOutbox) -> None:
+@pytest.mark.parametrize("one_statement", [True, False], ids=["one-statement", "older-statements"])
+def test_the_blocked_keys_are_read_from_the_wait_index(audited: SqlOutbox, one_statement: bool) -> None:
     """Every partial index looks empty to the planner here (its last VACUUM saw no backlog); the
-    blocked keys were read by filtering the whole backlog in ``live`` or ``pending``."""
+    blocked keys were read by filtering the whole backlog in ``live`` or ``pending``. In the
+    one-statement claim they are the candidate scan's hashed subplan, and the candidates still
+    come from ``pending`` in id order (no Sort)."""
+    audited._claim_in_one_statement = one_statement
     assert len(audited.claim(100, lease_s=60)) == 100  # one sending message per key: all blocked
     statements = statements_of(audited, lambda: audited.claim(100, lease_s=60))
     plan = plan_of(audited, statements, "UNION")
     t = audited.table.name
+    if one_statement:
+        whole, lines = plan, plan.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.strip() == "SubPlan 1")
+        end = next(i for i, line in enumerate(lines) if i > start and line.startswith("  CTE "))
+        plan = "\n".join(lines[start:end])
+        scan = next(line for line in whole[whole.index("LockRows") :].splitlines() if "Scan" in line)
+        assert "hashed SubPlan 1" in whole, whole
+        assert f"Index Scan using ix_{t}_pending" in scan and "Sort" not in whole, whole
+        # Each part by index: joined to the chosen rows, the UPDATE read the whole table.
+        assert "Seq Scan" not in whole, whole
     assert f"ix_{t}_wait" in plan and f"ix_{t}_live" not in plan and f"ix_{t}_pending" not in plan, plan
     assert "Rows Removed by Filter" not in plan, plan
 
