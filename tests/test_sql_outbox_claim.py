@@ -351,3 +351,107 @@ def test_before_postgresql_13_the_claim_runs_the_older_statements(table: str) ->
         assert outbox.get(b1)[0] is State.SENDING and outbox.get(a2)[0] is State.PENDING  # a2 behind a1
     finally:
         outbox.close()
+
+
+def test_relays_of_both_shapes_with_backoffs_and_expiring_leases_keep_key_order(table: str) -> None:
+    """As above, with what that test leaves out: retries into a backoff (``not_before`` ahead, the
+    key blocked only through it), leases of 0.5 s that expire under a relay that stalls or
+    abandons its batch (a crash: recover() hands the rows back, another relay claims them
+    again), four keys. A claim must never hand out a message while an earlier one of its key is
+    neither delivered nor in the same batch before it (a re-delivery after an expired lease is
+    allowed: at-least-once)."""
+    outboxes = [relay(table), relay(table), relay(table, one_statement=False)]
+    admin = relay(table)
+    keys = [None if i % 10 == 0 else b"k%d" % (i % 4) for i in range(1200)]
+    ids = add(admin, keys)
+    key_of = dict(zip(ids, keys, strict=True))
+    by_key: dict[bytes, list[str]] = {}
+    for i in ids:
+        k = key_of[i]
+        if k is not None:
+            by_key.setdefault(k, []).append(i)
+    lock = threading.Lock()
+    done: set[str] = set()
+    failed: set[str] = set()
+    problems: list[str] = []
+    seen = {"backoff": 0, "abandoned": 0}
+    stop = threading.Event()
+
+    def run(outbox: SqlOutbox, seed: int) -> None:
+        rnd = random.Random(seed)
+        unrecorded: list[Delivered] = []
+        try:
+            while not stop.is_set():
+                batch = outbox.succeed_and_claim(unrecorded, rnd.randint(1, 40), lease_s=0.5)
+                unrecorded = []
+                if not batch:
+                    time.sleep(0.002)
+                    continue
+                batch_ids = {m.id for m in batch}
+                with lock:
+                    for m in batch:
+                        k = key_of[m.id]
+                        early = [i for i in by_key[k] if i < m.id and i not in done and i not in batch_ids] if k else []
+                        if early:
+                            problems.append(f"{m.id} handed out before {early[0]} of its key")
+                    if rnd.random() < 0.03:  # crash: the batch is dropped, its lease runs out
+                        seen["abandoned"] += 1
+                        continue
+                    bad = [m for m in batch if rnd.random() < 0.02]
+                    back = [m for m in batch if m not in bad and rnd.random() < 0.03]
+                    cut: dict[bytes, str] = {}
+                    for m in batch:
+                        k = key_of[m.id]
+                        if (m in bad or m in back) and k is not None and k not in cut:
+                            cut[k] = m.id
+                    later = [
+                        m for m in batch if m not in bad and m not in back and m.id > cut.get(key_of[m.id] or b"", "~")
+                    ]
+                    ok = [m for m in batch if m not in bad and m not in back and m not in later]
+                    done.update(m.id for m in ok)
+                    failed.update(m.id for m in bad)
+                    seen["backoff"] += len(back)
+                now = outbox.now()
+                backoff = [replace(m, attempts=m.attempts + 1, not_before=now + rnd.uniform(0.01, 0.3)) for m in back]
+                outbox.retry(later + backoff)
+                outbox.fail([replace(m, attempts=m.attempts + 1, last_error="x") for m in bad])
+                unrecorded = [Delivered(m, "t/0/0") for m in ok]
+                if rnd.random() < 0.05:  # a stalled relay: its lease may expire under it
+                    time.sleep(rnd.uniform(0.3, 0.7))
+        except BaseException as exc:
+            problems.append(f"relay crashed: {exc!r}")
+
+    def operate() -> None:
+        while not stop.is_set():
+            admin.recover()
+            with lock:
+                todo = sorted(failed)
+            for i in todo:
+                try:
+                    admin.requeue([i])
+                except UnknownMessageError:
+                    continue  # not failed yet: its relay's fail() has not committed
+                with lock:
+                    failed.discard(i)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=run, args=(outboxes[i % 3], i)) for i in range(6)]
+    operator = threading.Thread(target=operate)
+    for th in [*threads, operator]:
+        th.start()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not problems:
+            with lock:
+                if len(done) == len(ids):
+                    break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for th in [*threads, operator]:
+            th.join()
+        for o in [*outboxes, admin]:
+            o.close()
+    assert problems == []
+    assert done == set(ids)
+    assert seen["backoff"] > 0 and seen["abandoned"] > 0  # the paths this test is for were taken
