@@ -957,6 +957,35 @@ def test_a_reclaim_whose_fsync_failed_still_names_the_messages_recover_discarded
         spool.close()
 
 
+def test_recover_fsyncs_each_destination_before_its_source(spool: FileSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recover() promotes a committed leftover tmp/ → pending/ and puts an expired lease
+    sending/ → pending/: pending/ must be made durable before the sources are, as every other
+    move does (claim, succeed, requeue, the promotion), or a crash between the two fsyncs on a
+    filesystem whose renames are not atomic (ext4 without a journal) leaves the message in
+    neither directory. gsync fsynced tmp/ first (``_marks(*State)``: the enum's order)."""
+    [committed] = _crashed_transaction(spool, "tx-commit", 1)
+    add(spool, b"e")
+    [expired] = spool.claim(10, lease_s=0)
+    inodes = {os.stat(os.path.join(spool.root, s.value)).st_ino: s for s in State}
+    order: list[State] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        state = inodes.get(os.fstat(fd).st_ino)
+        if state is not None:
+            order.append(state)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    report = spool.recover(lambda txid: True)
+    monkeypatch.undo()
+    assert report.promoted == 1 and report.lease_expired == 1
+    assert order.index(State.PENDING) < order.index(State.TMP), order
+    assert order.index(State.PENDING) < order.index(State.SENDING), order
+    assert order.index(State.DOUBT) < order.index(State.TMP), order
+    assert {spool.get(committed)[0], spool.get(expired.id)[0]} == {State.PENDING}
+
+
 @pytest.mark.parametrize("command", ["retry", "purge"])
 def test_an_operators_command_whose_fsync_failed_exits_1_naming_the_directory(
     spool: FileSpool, monkeypatch: pytest.MonkeyPatch, command: str
