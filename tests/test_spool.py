@@ -927,6 +927,65 @@ def test_after_a_failed_fsync_the_relays_moves_are_refused_until_the_spool_is_re
         reopened.close()
 
 
+def test_a_reclaim_whose_fsync_failed_still_names_the_messages_recover_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction slower than tmp_grace_s whose tmp files a resolver asked too early had
+    discarded: its commit must say they are gone (the app's committed messages will never be
+    sent). If the fsync of pending/ after the take-back fails as well, that error must not hide
+    it (gsync: "its messages none were moved back from doubt/ ... requeue what is in doubt/",
+    sending the operator to look for them where they are not)."""
+    spool = FileSpool(tmp_path / "s", tmp_grace_s=0)
+    pending_fd = spool._fds[State.PENDING]  # the take-back's group, not the promotion's own fds
+    real_fsync = os.fsync
+
+    def broken(fd: int) -> None:
+        if fd == pending_fd:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    try:
+        with pytest.raises(StoreError) as told, spool.transaction("slower") as tx:
+            mid = tx.add(topic="t", value=b"y")
+            assert spool.recover(lambda txid: False).discarded == 1  # a resolver asked too early
+            monkeypatch.setattr(os, "fsync", broken)
+        monkeypatch.undo()
+        assert f"already discarded its messages {mid}" in str(told.value), told.value
+        assert "tmp_grace_s" in str(told.value) and "Input/output error" in str(told.value)
+        assert not told.value.retriable
+    finally:
+        spool.close()
+
+
+def test_recover_fsyncs_each_destination_before_its_source(spool: FileSpool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """recover() promotes a committed leftover tmp/ → pending/ and puts an expired lease
+    sending/ → pending/: pending/ must be made durable before the sources are, as every other
+    move does (claim, succeed, requeue, the promotion), or a crash between the two fsyncs on a
+    filesystem whose renames are not atomic (ext4 without a journal) leaves the message in
+    neither directory. gsync fsynced tmp/ first (``_marks(*State)``: the enum's order)."""
+    [committed] = _crashed_transaction(spool, "tx-commit", 1)
+    add(spool, b"e")
+    [expired] = spool.claim(10, lease_s=0)
+    inodes = {os.stat(os.path.join(spool.root, s.value)).st_ino: s for s in State}
+    order: list[State] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        state = inodes.get(os.fstat(fd).st_ino)
+        if state is not None:
+            order.append(state)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    report = spool.recover(lambda txid: True)
+    monkeypatch.undo()
+    assert report.promoted == 1 and report.lease_expired == 1
+    assert order.index(State.PENDING) < order.index(State.TMP), order
+    assert order.index(State.PENDING) < order.index(State.SENDING), order
+    assert order.index(State.DOUBT) < order.index(State.TMP), order
+    assert {spool.get(committed)[0], spool.get(expired.id)[0]} == {State.PENDING}
+
+
 @pytest.mark.parametrize("command", ["retry", "purge"])
 def test_an_operators_command_whose_fsync_failed_exits_1_naming_the_directory(
     spool: FileSpool, monkeypatch: pytest.MonkeyPatch, command: str

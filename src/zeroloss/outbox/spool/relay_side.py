@@ -34,6 +34,15 @@ log = logging.getLogger("zeroloss.outbox.spool")
 
 _DEDUP_ORDER = (State.FAILED, State.PENDING, State.SENDING, State.DOUBT)
 _VALIDATE_AT_RECOVER = 1000
+_RECOVER_SYNC_ORDER = (
+    State.PENDING,  # where tmp/ leftovers and expired leases go
+    State.DOUBT,  # where unresolved tmp/ leftovers go
+    State.MALFORMED,
+    State.FAILED,
+    State.SUCCESS,
+    State.SENDING,  # sources last: an entry leaves for good only once its new one is durable
+    State.TMP,
+)
 
 
 class RelaySide(SpoolCore):
@@ -237,7 +246,8 @@ class RelaySide(SpoolCore):
     def recover(self, resolver: Resolver | None = None) -> RecoveryReport:
         self._relay_lock()
         with self._lock, self._moving("recover"):
-            marks = self._marks(*State)
+            # Destinations (pending/, doubt/) before sources (sending/, tmp/), as every other move.
+            marks = self._marks(*_RECOVER_SYNC_ORDER)
             report = RecoveryReport()
             quarantined = self._quarantined
             self._recover_tmp(resolver, report)

@@ -123,24 +123,27 @@ class SpoolWriter(SpoolCore):
             except FileNotFoundError:
                 if self._locate(mid) is None:
                     lost.append(mid)
+        discarded = (
+            f"transaction {txid} committed, but recover() had already discarded its messages "
+            f"{', '.join(lost)} because its resolver said it had not committed: tmp_grace_s="
+            f"{self.tmp_grace_s} is shorter than this transaction took"
+        )
+        if lost:
+            log.error("transaction %s committed but recover() discarded messages %s", txid, lost)
         try:
             self._sync(marks)
         except DirSyncError as exc:
+            # Said with the discarded ones, if any: a failed fsync must not hide messages gone for good.
             raise StoreError(
-                f"spool {self.root}: transaction {txid} committed and its messages {', '.join(back) or 'none'} "
+                (f"{discarded}; also, " if lost else "")
+                + f"spool {self.root}: transaction {txid} committed and its messages {', '.join(back) or 'none'} "
                 f"were moved back from doubt/ (a recover() had parked them), but the fsync of {exc.directory} "
                 f"failed ({exc.strerror}): a crash may put them back in doubt/; check the disk, then requeue "
                 f"what is in doubt/ again (zeroloss doubt retry ID)",
                 retriable=False,
             ) from exc
         if lost:
-            log.error("transaction %s committed but recover() discarded messages %s", txid, lost)
-            raise StoreError(
-                f"transaction {txid} committed, but recover() had already discarded its messages "
-                f"{', '.join(lost)} because its resolver said it had not committed: tmp_grace_s="
-                f"{self.tmp_grace_s} is shorter than this transaction took",
-                retriable=False,
-            )
+            raise StoreError(discarded, retriable=False)
 
     def _abort(self, txid: str, names: Sequence[str]) -> None:
         for name in names:
