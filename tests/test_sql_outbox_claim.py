@@ -296,7 +296,8 @@ def test_the_blocked_keys_are_looked_up_in_a_hash_not_compared_one_by_one(table:
                 .values(state=State.SENDING.value, lease_until=outbox.now() + 600, claimed_by="x")
             )
         held = add(outbox, [b"held%d" % i for i in range(1000)])
-        free = add(outbox, [b"busy%d" % i for i in range(500)] + [b"free%d" % i for i in range(1000)])
+        later: list[bytes | None] = [b"busy%d" % i for i in range(500)]
+        free = add(outbox, later + [b"free%d" % i for i in range(1000)])
         with other.engine.connect() as holder, holder.begin():
             holder.execute(sa.select(t.c.id).where(t.c.id.in_(held)).with_for_update())  # another claim, open
             statements = statements_of(outbox, lambda: outbox.claim(1000, lease_s=60))
