@@ -451,7 +451,37 @@ def _start_nats_cluster(
             pytest.fail("a nats-server of the test cluster exited:\n" + "\n".join(texts))
         assert time.monotonic() < deadline, "the NATS cluster elected no JetStream meta leader"
         time.sleep(0.1)
+    # A meta leader is not yet a cluster that answers a three-replica stream's creation: on a
+    # loaded machine (CI's three workers) the tests' own R3 `init` then timed out after 30 s.
+    # Wait until a probe R3 stream can be made, each try bounded, then remove it.
+    url = f"nats://127.0.0.1:{ports[0][0]}"
+    while not asyncio.run(_r3_probe(url)):
+        assert time.monotonic() < deadline, "the NATS cluster made no three-replica stream in 60 s"
+        time.sleep(0.5)
     return True
+
+
+async def _r3_probe(url: str) -> bool:
+    """True once a three-replica stream could be created (and is removed again)."""
+    import nats
+    import nats.errors
+    import nats.js.api
+    import nats.js.errors
+
+    try:
+        nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    except (nats.errors.Error, OSError):
+        return False
+    try:
+        js = nc.jetstream(timeout=5)
+        name = "ZL_PROBE_R3"
+        await js.add_stream(nats.js.api.StreamConfig(name=name, subjects=["zl-probe-r3"], num_replicas=3))
+        await js.delete_stream(name)
+        return True
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+        return False
+    finally:
+        await nc.close()
 
 
 @pytest.fixture
