@@ -87,15 +87,19 @@ class ParkingLot:
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
         tmp, path = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name + PARKED_SUFFIX)
         data = encode(replace(letter, last_error=why))
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+        # Opened before the rename: Linux reports a writeback error to each descriptor open when
+        # it happened, once. A descriptor opened after another park's fsync took the error (of
+        # writing out our rename too) would be told nothing, and the letter acked while its name
+        # may not be on the disk.
         dirfd = os.open(self.root, os.O_RDONLY)
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
             os.fsync(dirfd)
         finally:
             os.close(dirfd)
