@@ -145,7 +145,9 @@ class Relay(RelayReports):
                 self._record()
             except StoreError as exc:  # under their lease still: recovered and sent again, never lost
                 log.warning(
-                    "%d delivered messages not marked delivered (%s): they will be sent again once their lease expires",
+                    "%d delivered messages may not be marked delivered (%s): any the store did not record "
+                    "stay under their lease and are sent again when it expires (same zeroloss-id; an inbox "
+                    "drops the copy)",
                     len(self._unrecorded),
                     exc,
                 )
