@@ -1,7 +1,9 @@
-"""What the spool's test files share: writing a message, listing a state's files, a small tmpfs."""
+"""What the spool's test files share: writing a message, listing a state's files, a small tmpfs,
+an fsync that fails once."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -20,6 +22,22 @@ def add(spool: FileSpool, value: bytes = b"v", key: bytes | None = None, txid: s
 
 def files(spool: FileSpool, state: State) -> list[str]:
     return sorted(os.listdir(os.path.join(spool.root, state.value)))
+
+
+def fsync_fails_once(monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
+    """The next os.fsync of ``fd`` raises EIO, the later ones succeed: Linux reports a lost write
+    once to each open file, so a second fsync cannot tell the writes were lost."""
+    real_fsync = os.fsync
+    failed = False
+
+    def fails_once(called: int) -> None:
+        nonlocal failed
+        if called == fd and not failed:
+            failed = True
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(called)
+
+    monkeypatch.setattr(os, "fsync", fails_once)
 
 
 def all_ids(root: str | Path) -> list[str]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import errno
-import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -16,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import OutboxHarness, unique_topic
+from tests.spool_helpers import fsync_fails_once
 from tests.waiting import wait_until
 from zeroloss import metrics
 from zeroloss.brokers.base import Outcome, Status
@@ -190,16 +188,7 @@ def test_a_relay_does_not_count_a_batch_delivered_whose_success_fsync_failed(
     for i in range(5):
         with spool.transaction() as tx:
             tx.add(topic="t", value=b"%d" % i)
-    success_fd = spool._fds[State.SUCCESS]
-    real_fsync = os.fsync
-    failures = itertools.count()
-
-    def fails_once(fd: int) -> None:
-        if fd == success_fd and next(failures) == 0:
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fails_once)
+    fsync_fails_once(monkeypatch, spool._fds[State.SUCCESS])
     relay = Relay(spool, ScriptedBroker([]), replace(FAST, recover_every_s=3600))
     t = threading.Thread(target=relay.run)
     t.start()

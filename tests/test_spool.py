@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.spool_helpers import add, all_ids, files, small_tmpfs  # noqa: F401  (a fixture)
+from tests.spool_helpers import add, all_ids, files, fsync_fails_once, small_tmpfs  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
@@ -879,16 +879,7 @@ def test_after_a_failed_fsync_the_relays_moves_are_refused_until_the_spool_is_re
     for i in range(3):
         add(spool, b"%d" % i)
     batch = spool.claim(10, lease_s=30)
-    success_fd = spool._fds[State.SUCCESS]
-    real_fsync = os.fsync
-    failures = itertools.count()
-
-    def fails_once(fd: int) -> None:
-        if fd == success_fd and next(failures) == 0:
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fails_once)
+    fsync_fails_once(monkeypatch, spool._fds[State.SUCCESS])
     delivered = [Delivered(m, f"t/0/{i}") for i, m in enumerate(batch)]
     success_dir = os.path.join(spool.root, State.SUCCESS.value)
     with pytest.raises(StoreError, match="Input/output error") as first:
