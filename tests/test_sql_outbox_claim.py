@@ -1,7 +1,8 @@
 """PostgreSQL's claim in one statement (``_claim_pg``) against the statements before it: a key
 behind a row in a backoff, failed, sending or held locked by another relay's claim is never
-overtaken; relays of both shapes, recover() and requeue racing on three keys keep per-key order;
-a table without the partial indexes still claims through the older statements."""
+overtaken, nor fills a claim with its backlog while it waits out a backoff; relays of both
+shapes, recover() and requeue racing on three keys keep per-key order; a table without the
+partial indexes still claims through the older statements."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import pytest
 import sqlalchemy as sa
@@ -37,6 +38,60 @@ def table() -> Iterator[str]:
     finally:
         outbox.drop_schema()
         outbox.close()
+
+
+@dataclass
+class _Race:
+    """What six relay threads (two on each of three outboxes) and an operator thread share: the
+    operator runs recover() all along and requeues what the relays failed, until every message is
+    done, a problem is seen, or 120 s pass. Every outbox is closed at the end."""
+
+    lock: threading.Lock
+    stop: threading.Event
+    done: set[str]
+    failed: set[str]
+    problems: list[str]
+
+    def run(
+        self,
+        relay_thread: Callable[[SqlOutbox, int], None],
+        outboxes: list[SqlOutbox],
+        admin: SqlOutbox,
+        total: int,
+        *,
+        operator_pause_s: float,
+    ) -> None:
+        threads = [threading.Thread(target=relay_thread, args=(outboxes[i % 3], i)) for i in range(6)]
+        operator = threading.Thread(target=self._operate, args=(admin, operator_pause_s))
+        for th in [*threads, operator]:
+            th.start()
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not self.problems:
+                with self.lock:
+                    if len(self.done) == total:
+                        break
+                time.sleep(0.05)
+        finally:
+            self.stop.set()
+            for th in [*threads, operator]:
+                th.join()
+            for o in [*outboxes, admin]:
+                o.close()
+
+    def _operate(self, admin: SqlOutbox, pause_s: float) -> None:
+        while not self.stop.is_set():
+            admin.recover()
+            with self.lock:
+                todo = sorted(self.failed)
+            for i in todo:
+                try:
+                    admin.requeue([i])
+                except UnknownMessageError:
+                    continue  # not failed yet: its relay's fail() has not committed
+                with self.lock:
+                    self.failed.discard(i)
+            time.sleep(pause_s)
 
 
 def relay(table: str, one_statement: bool = True) -> SqlOutbox:
@@ -88,6 +143,25 @@ def test_a_key_whose_first_message_must_go_first_is_not_overtaken(table: str, on
     finally:
         outbox.close()
         other.close()
+
+
+@pytest.mark.parametrize("one_statement", SHAPES)
+def test_a_key_in_a_backoff_does_not_fill_the_claim_with_its_backlog(table: str, one_statement: bool) -> None:
+    """Key b's first message waits out a backoff, its 50 later ones are due, and 10 of other keys
+    come after them. A claim of 20 must return the 10: the backoff blocks b before the LIMIT. With
+    only the re-check (which drops b's rows after the LIMIT) the claim took 20 of b's backlog,
+    dropped them all and returned nothing while the others waited."""
+    outbox = relay(table, one_statement)
+    try:
+        ids = add(outbox, [b"b"] * 51 + [b"k%d" % i for i in range(10)])
+        t = outbox.table
+        with outbox.engine.begin() as conn:
+            conn.execute(sa.update(t).where(t.c.id == ids[0]).values(not_before=outbox.now() + 600))
+        got = [m.id for m in outbox.claim(20, lease_s=60)]
+        assert got == ids[51:]
+        assert {outbox.get(i)[0] for i in ids[:51]} == {State.PENDING}
+    finally:
+        outbox.close()
 
 
 @pytest.mark.parametrize("one_statement", SHAPES)
@@ -199,37 +273,8 @@ def test_relays_of_both_shapes_recover_and_requeue_racing_on_three_keys_keep_key
         except BaseException as exc:
             problems.append(f"relay crashed: {exc!r}")
 
-    def operate() -> None:
-        while not stop.is_set():
-            admin.recover()
-            with lock:
-                todo = sorted(failed)
-            for i in todo:
-                try:
-                    admin.requeue([i])
-                except UnknownMessageError:
-                    continue  # not failed yet: its relay's fail() has not committed
-                with lock:
-                    failed.discard(i)
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=run, args=(outboxes[i % 3], i)) for i in range(6)]
-    operator = threading.Thread(target=operate)
-    for th in [*threads, operator]:
-        th.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not problems:
-            with lock:
-                if len(done) == len(ids):
-                    break
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for th in [*threads, operator]:
-            th.join()
-        for o in [*outboxes, admin]:
-            o.close()
+    race = _Race(lock, stop, done, failed, problems)
+    race.run(run, outboxes, admin, len(ids), operator_pause_s=0.01)
     assert problems == []
     assert done == set(ids)
 
@@ -422,37 +467,8 @@ def test_relays_of_both_shapes_with_backoffs_and_expiring_leases_keep_key_order(
         except BaseException as exc:
             problems.append(f"relay crashed: {exc!r}")
 
-    def operate() -> None:
-        while not stop.is_set():
-            admin.recover()
-            with lock:
-                todo = sorted(failed)
-            for i in todo:
-                try:
-                    admin.requeue([i])
-                except UnknownMessageError:
-                    continue  # not failed yet: its relay's fail() has not committed
-                with lock:
-                    failed.discard(i)
-            time.sleep(0.02)
-
-    threads = [threading.Thread(target=run, args=(outboxes[i % 3], i)) for i in range(6)]
-    operator = threading.Thread(target=operate)
-    for th in [*threads, operator]:
-        th.start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not problems:
-            with lock:
-                if len(done) == len(ids):
-                    break
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        for th in [*threads, operator]:
-            th.join()
-        for o in [*outboxes, admin]:
-            o.close()
+    race = _Race(lock, stop, done, failed, problems)
+    race.run(run, outboxes, admin, len(ids), operator_pause_s=0.02)
     assert problems == []
     assert done == set(ids)
     assert seen["backoff"] > 0 and seen["abandoned"] > 0  # the paths this test is for were taken
