@@ -153,7 +153,8 @@ def test_a_key_in_a_backoff_does_not_fill_the_claim_with_its_backlog(table: str,
     dropped them all and returned nothing while the others waited."""
     outbox = relay(table, one_statement)
     try:
-        ids = add(outbox, [b"b"] * 51 + [b"k%d" % i for i in range(10)])
+        keys: list[bytes | None] = [b"b"] * 51 + [b"k%d" % i for i in range(10)]
+        ids = add(outbox, keys)
         t = outbox.table
         with outbox.engine.begin() as conn:
             conn.execute(sa.update(t).where(t.c.id == ids[0]).values(not_before=outbox.now() + 600))
