@@ -153,7 +153,7 @@ def test_a_key_in_a_backoff_does_not_fill_the_claim_with_its_backlog(table: str,
     dropped them all and returned nothing while the others waited."""
     outbox = relay(table, one_statement)
     try:
-        keys: list[bytes | None] = [b"b"] * 51 + [b"k%d" % i for i in range(10)]
+        keys: list[bytes | None] = [b"b" if i < 51 else b"k%d" % i for i in range(61)]
         ids = add(outbox, keys)
         t = outbox.table
         with outbox.engine.begin() as conn:
