@@ -150,6 +150,19 @@ def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_fo
     assert 'role "nobody" does not exist' in result.output and "waiting will not fix this" in result.output
 
 
+def test_a_draining_relay_on_an_outbox_without_its_table_exits_2_like_a_running_one(tmp_path: Path) -> None:
+    """``relay --drain`` (the tour's form) on a database where ``init`` was not run: the same exit 2
+    and hint as ``relay`` without ``--drain``, not exit 1 as if the job had found a problem."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    for drain in ([], ["--drain"]):
+        result = CliRunner().invoke(
+            main, ["relay", "--source", url, "--target", "kafka://127.0.0.1:1", "--timeout-s", "1", *drain]
+        )
+        assert result.exit_code == 2, (drain, result.output)
+        assert f"create it with: zeroloss init --source {url}" in result.output
+        assert "waiting will not fix this" in result.output
+
+
 def _crashed_spool(root: Path, txids: list[str]) -> dict[str, str]:
     """A spool whose app died inside each transaction's block: tmp files, made old. id → txid."""
     import os
