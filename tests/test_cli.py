@@ -104,6 +104,14 @@ def test_only_init_makes_a_spool_and_a_file_is_no_spool(command: list[str], tmp_
     assert code == 2 and "is a file, not a directory" in out and "Traceback" not in out, out
 
 
+def test_init_of_a_spool_it_cannot_make_exits_2_naming_the_directory() -> None:
+    """Not a traceback: a path where no directory can be made (under /proc, as a read-only or
+    unwritable parent would be for a non-root user) is a configuration error."""
+    code, out = run("init", "--source", "spool:///proc/zeroloss-no-spool-here")
+    assert code == 2 and "cannot make the spool directory /proc/zeroloss-no-spool-here" in out, out
+    assert "Traceback" not in out
+
+
 def test_status_before_init_tells_to_run_init(tmp_path: Path) -> None:
     code, out = run("status", "--source", f"sqlite:///{tmp_path / 'fresh.db'}")
     assert code != 0
