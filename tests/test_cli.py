@@ -104,6 +104,20 @@ def test_only_init_makes_a_spool_and_a_file_is_no_spool(command: list[str], tmp_
     assert code == 2 and "is a file, not a directory" in out and "Traceback" not in out, out
 
 
+def test_the_init_hint_for_a_missing_table_names_the_table_so_it_fixes_the_error(tmp_path: Path) -> None:
+    """`--table orders_outbox` missing: the hint must be `init ... --table orders_outbox`; the bare
+    `init --source URL` it gave creates zeroloss_outbox and the same error comes back."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    hint = f"zeroloss init --source {url} --table orders_outbox"
+    for command in (["status"], ["failed", "list"], ["doctor"]):
+        code, out = run(*command, "--source", url, "--table", "orders_outbox")
+        assert code != 0 and hint in out, (command, out)
+    assert run("init", "--source", url, "--table", "orders_outbox")[0] == 0  # the hint, followed
+    assert run("status", "--source", url, "--table", "orders_outbox")[0] == 0
+    code, out = run("status", "--source", url)  # the default table: the hint as before
+    assert f"zeroloss init --source {url}\n" in out + "\n" and "--table" not in out, out
+
+
 def test_init_of_a_spool_it_cannot_make_exits_2_naming_the_directory() -> None:
     """Not a traceback: a path where no directory can be made (under /proc, as a read-only or
     unwritable parent would be for a non-root user) is a configuration error."""
