@@ -219,3 +219,4 @@ def test_rabbitmq_dead_letters_are_not_read_and_the_reason_is_given() -> None:
     out = CliRunner().invoke(main, ["dlq", "list", "--target", "amqp://guest:guest@127.0.0.1/", "orders"])
     assert out.exit_code == 2, out.output
     assert "cannot be read without taking messages off it" in out.output
+    assert "zeroloss dlq reads Kafka, NATS, Redis and RocketMQ" in out.output  # what it does read, all of it
