@@ -118,6 +118,19 @@ def test_the_init_hint_for_a_missing_table_names_the_table_so_it_fixes_the_error
     assert f"zeroloss init --source {url}\n" in out + "\n" and "--table" not in out, out
 
 
+@pytest.mark.parametrize(
+    "target", ["amqp://guest:guest@127.0.0.1/", "nats://127.0.0.1:4222", "redis://127.0.0.1:6379/0"]
+)
+def test_audit_of_a_broker_it_cannot_read_back_says_which_it_reads_and_what_to_use(target: str, tmp_path: Path) -> None:
+    """The README: audit reads Kafka at recorded offsets, RocketMQ by recorded id. Another broker is
+    bad usage (exit 2) naming both and the inbox check, not 'not a Kafka URL' (nothing connects)."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    assert run("init", "--source", url)[0] == 0
+    code, out = run("audit", "--source", url, "--target", target)
+    assert code == 2, out
+    assert "Kafka and RocketMQ only" in out and "--inbox URL --group G" in out, out
+
+
 def test_init_of_a_spool_it_cannot_make_exits_2_naming_the_directory() -> None:
     """Not a traceback: a path where no directory can be made (under /proc, as a read-only or
     unwritable parent would be for a non-root user) is a configuration error."""
