@@ -16,7 +16,7 @@ from tests.conftest import REDIS_URL, OutboxHarness, require_service
 from zeroloss.cli import main
 from zeroloss.inbox import RedisInbox, SqlInbox
 from zeroloss.message import new_message, uuid7
-from zeroloss.outbox.base import Delivered
+from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.spool import FileSpool
 
 
@@ -151,3 +151,22 @@ def test_show_reads_a_redis_inbox(tmp_path: Path) -> None:
         inbox.client.delete(inbox.key(group, mid))
         inbox.close()
     spool.close()
+
+
+def test_show_with_an_inbox_url_that_has_no_inbox_says_what_to_check(tmp_path: Path) -> None:
+    """--inbox pointing at a database without the inbox table (the app's instead of the consumer's,
+    or a consumer that never ran): the error names what to check and who makes the table."""
+    from zeroloss import SqlOutbox
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    outbox = SqlOutbox(url)
+    outbox.create_schema()
+    with outbox.engine.begin() as conn:
+        outbox.add(conn, topic="orders", value=b"x")
+    mid = outbox.list(State.PENDING)[0].id
+    outbox.close()
+    result = CliRunner().invoke(
+        main, ["show", mid, "--source", url, "--inbox", f"sqlite:///{tmp_path / 'other.db'}", "--group", "billing"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "no such table: zeroloss_inbox" in result.output and "consumer.inbox.create_schema()" in result.output
