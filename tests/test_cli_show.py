@@ -75,6 +75,22 @@ def test_show_answers_for_pending_sending_success_failed_and_an_unknown_id(outbo
     assert code == 2 and "in any state" in out and "check the id and --source" in out, out
 
 
+def test_show_of_a_message_parked_behind_a_failed_one_of_its_key_says_so(outbox: OutboxHarness) -> None:
+    """`status` counts it parked; `show` said "waiting for the relay", which the relay never does
+    until a person retries or purges the failed one. Another key's pending message is not parked."""
+    src = source(outbox)
+    first = outbox.add(topic="orders", key=b"k", value=b"1")
+    behind = outbox.add(topic="orders", key=b"k", value=b"2")
+    other = outbox.add(topic="orders", key=b"j", value=b"3")
+    batch = {m.id: m for m in outbox.store.claim(1, 30)}
+    outbox.store.fail([replace(batch[first], attempts=10, last_error="rejected")])
+
+    doc = show_json(behind, *src)
+    assert doc["state"] == "pending" and doc["next"].startswith(f"parked: failed message {first} of its key"), doc
+    assert f"zeroloss failed retry {first}" in doc["next"]
+    assert show_json(other, *src)["next"] == "waiting for the relay"
+
+
 def crashed_transaction(spool: FileSpool, txid: str) -> str:
     tx = spool.transaction(txid).__enter__()
     mid = tx.add(topic="orders", value=b"d0")
