@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -196,6 +197,7 @@ def test_dead_letters_on_nats_and_redis_are_listed_shown_and_replayed_once(name:
 
             shown = run(main, ["dlq", "show", "--target", h.url, "--topic", f"{topic}.dlq", bad.id])
             assert shown.exit_code == 0 and "total is negative" in shown.output, shown.output
+            assert re.search(r"^first_failure +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", shown.output, re.M)
             assert run(main, ["dlq", "show", "--target", h.url, "--topic", topic, uuid7()]).exit_code == 2
 
             broken = False
