@@ -104,6 +104,41 @@ def test_only_init_makes_a_spool_and_a_file_is_no_spool(command: list[str], tmp_
     assert code == 2 and "is a file, not a directory" in out and "Traceback" not in out, out
 
 
+def test_the_init_hint_for_a_missing_table_names_the_table_so_it_fixes_the_error(tmp_path: Path) -> None:
+    """`--table orders_outbox` missing: the hint must be `init ... --table orders_outbox`; the bare
+    `init --source URL` it gave creates zeroloss_outbox and the same error comes back."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    hint = f"zeroloss init --source {url} --table orders_outbox"
+    for command in (["status"], ["failed", "list"], ["doctor"]):
+        code, out = run(*command, "--source", url, "--table", "orders_outbox")
+        assert code != 0 and hint in out, (command, out)
+    assert run("init", "--source", url, "--table", "orders_outbox")[0] == 0  # the hint, followed
+    assert run("status", "--source", url, "--table", "orders_outbox")[0] == 0
+    code, out = run("status", "--source", url)  # the default table: the hint as before
+    assert f"zeroloss init --source {url}\n" in out + "\n" and "--table" not in out, out
+
+
+@pytest.mark.parametrize(
+    "target", ["amqp://guest:guest@127.0.0.1/", "nats://127.0.0.1:4222", "redis://127.0.0.1:6379/0"]
+)
+def test_audit_of_a_broker_it_cannot_read_back_says_which_it_reads_and_what_to_use(target: str, tmp_path: Path) -> None:
+    """The README: audit reads Kafka at recorded offsets, RocketMQ by recorded id. Another broker is
+    bad usage (exit 2) naming both and the inbox check, not 'not a Kafka URL' (nothing connects)."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    assert run("init", "--source", url)[0] == 0
+    code, out = run("audit", "--source", url, "--target", target)
+    assert code == 2, out
+    assert "Kafka and RocketMQ only" in out and "--inbox URL --group G" in out, out
+
+
+def test_init_of_a_spool_it_cannot_make_exits_2_naming_the_directory() -> None:
+    """Not a traceback: a path where no directory can be made (under /proc, as a read-only or
+    unwritable parent would be for a non-root user) is a configuration error."""
+    code, out = run("init", "--source", "spool:///proc/zeroloss-no-spool-here")
+    assert code == 2 and "cannot make the spool directory /proc/zeroloss-no-spool-here" in out, out
+    assert "Traceback" not in out
+
+
 def test_status_before_init_tells_to_run_init(tmp_path: Path) -> None:
     code, out = run("status", "--source", f"sqlite:///{tmp_path / 'fresh.db'}")
     assert code != 0
@@ -148,6 +183,19 @@ def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_fo
     )
     assert result.exit_code == 2, result.output
     assert 'role "nobody" does not exist' in result.output and "waiting will not fix this" in result.output
+
+
+def test_a_draining_relay_on_an_outbox_without_its_table_exits_2_like_a_running_one(tmp_path: Path) -> None:
+    """``relay --drain`` (the tour's form) on a database where ``init`` was not run: the same exit 2
+    and hint as ``relay`` without ``--drain``, not exit 1 as if the job had found a problem."""
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    for drain in ([], ["--drain"]):
+        result = CliRunner().invoke(
+            main, ["relay", "--source", url, "--target", "kafka://127.0.0.1:1", "--timeout-s", "1", *drain]
+        )
+        assert result.exit_code == 2, (drain, result.output)
+        assert f"create it with: zeroloss init --source {url}" in result.output
+        assert "waiting will not fix this" in result.output
 
 
 def _crashed_spool(root: Path, txids: list[str]) -> dict[str, str]:

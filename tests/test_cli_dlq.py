@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -196,6 +197,7 @@ def test_dead_letters_on_nats_and_redis_are_listed_shown_and_replayed_once(name:
 
             shown = run(main, ["dlq", "show", "--target", h.url, "--topic", f"{topic}.dlq", bad.id])
             assert shown.exit_code == 0 and "total is negative" in shown.output, shown.output
+            assert re.search(r"^first_failure +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00$", shown.output, re.M)
             assert run(main, ["dlq", "show", "--target", h.url, "--topic", topic, uuid7()]).exit_code == 2
 
             broken = False
@@ -219,3 +221,4 @@ def test_rabbitmq_dead_letters_are_not_read_and_the_reason_is_given() -> None:
     out = CliRunner().invoke(main, ["dlq", "list", "--target", "amqp://guest:guest@127.0.0.1/", "orders"])
     assert out.exit_code == 2, out.output
     assert "cannot be read without taking messages off it" in out.output
+    assert "zeroloss dlq reads Kafka, NATS, Redis and RocketMQ" in out.output  # what it does read, all of it

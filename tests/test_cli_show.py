@@ -16,7 +16,7 @@ from tests.conftest import REDIS_URL, OutboxHarness, require_service
 from zeroloss.cli import main
 from zeroloss.inbox import RedisInbox, SqlInbox
 from zeroloss.message import new_message, uuid7
-from zeroloss.outbox.base import Delivered
+from zeroloss.outbox.base import Delivered, State
 from zeroloss.outbox.spool import FileSpool
 
 
@@ -73,6 +73,22 @@ def test_show_answers_for_pending_sending_success_failed_and_an_unknown_id(outbo
 
     code, out = show(uuid7(), *src)
     assert code == 2 and "in any state" in out and "check the id and --source" in out, out
+
+
+def test_show_of_a_message_parked_behind_a_failed_one_of_its_key_says_so(outbox: OutboxHarness) -> None:
+    """`status` counts it parked; `show` said "waiting for the relay", which the relay never does
+    until a person retries or purges the failed one. Another key's pending message is not parked."""
+    src = source(outbox)
+    first = outbox.add(topic="orders", key=b"k", value=b"1")
+    behind = outbox.add(topic="orders", key=b"k", value=b"2")
+    other = outbox.add(topic="orders", key=b"j", value=b"3")
+    batch = {m.id: m for m in outbox.store.claim(1, 30)}
+    outbox.store.fail([replace(batch[first], attempts=10, last_error="rejected")])
+
+    doc = show_json(behind, *src)
+    assert doc["state"] == "pending" and doc["next"].startswith(f"parked: failed message {first} of its key"), doc
+    assert f"zeroloss failed retry {first}" in doc["next"]
+    assert show_json(other, *src)["next"] == "waiting for the relay"
 
 
 def crashed_transaction(spool: FileSpool, txid: str) -> str:
@@ -151,3 +167,22 @@ def test_show_reads_a_redis_inbox(tmp_path: Path) -> None:
         inbox.client.delete(inbox.key(group, mid))
         inbox.close()
     spool.close()
+
+
+def test_show_with_an_inbox_url_that_has_no_inbox_says_what_to_check(tmp_path: Path) -> None:
+    """--inbox pointing at a database without the inbox table (the app's instead of the consumer's,
+    or a consumer that never ran): the error names what to check and who makes the table."""
+    from zeroloss import SqlOutbox
+
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    outbox = SqlOutbox(url)
+    outbox.create_schema()
+    with outbox.engine.begin() as conn:
+        outbox.add(conn, topic="orders", value=b"x")
+    mid = outbox.list(State.PENDING)[0].id
+    outbox.close()
+    result = CliRunner().invoke(
+        main, ["show", mid, "--source", url, "--inbox", f"sqlite:///{tmp_path / 'other.db'}", "--group", "billing"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "no such table: zeroloss_inbox" in result.output and "consumer.inbox.create_schema()" in result.output

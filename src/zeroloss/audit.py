@@ -146,8 +146,14 @@ def repair(store: OutboxAdmin, ids: Iterable[str], chunk: int = 1000) -> int:
 def _reader(url: str, *, timeout_s: float, idle_s: float) -> _BrokerReader | _RocketMQReader:
     from zeroloss.registry import scheme_of
 
-    if scheme_of(url) == "rocketmq":
+    scheme = scheme_of(url)
+    if scheme == "rocketmq":
         return _RocketMQReader(url, timeout_s=timeout_s, idle_s=idle_s)
+    if scheme != "kafka":  # RabbitMQ, NATS, Redis: no position recorded that could be read back
+        raise ConfigError(
+            f"audit --target reads messages back from Kafka and RocketMQ only, not {scheme}://; "
+            "check that the consumers got them with --inbox URL --group G instead"
+        )
     return _BrokerReader(url, timeout_s=timeout_s, idle_s=idle_s)
 
 

@@ -209,7 +209,12 @@ def _cli_urls(work: Path, broker: EmbeddedBroker) -> list[Case]:
             2,
             "is not HOST:PORT",
         ),
-        ("audit: target not kafka", ["audit", "--source", src, "--target", "mqtt://h:1883"], 2, "not a Kafka URL"),
+        (
+            "audit: target not kafka",
+            ["audit", "--source", src, "--target", "mqtt://h:1883"],
+            2,
+            "Kafka and RocketMQ only",
+        ),
         ("doctor: unknown target scheme", ["doctor", "--target", "mqtt://h:1883"], 2, "not 'mqtt'"),
         ("status: database unreachable", ["status", "--source", pg_down], 2, "cannot read the outbox"),
         (

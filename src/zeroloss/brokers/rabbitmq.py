@@ -204,7 +204,7 @@ class RabbitBroker:
             f"reading {topic!r} on RabbitMQ is not supported: a queue cannot be read without "
             "taking messages off it, and requeueing them counts toward a quorum queue's delivery "
             "limit (RabbitMQ 4.0-4.2 drop a message past it by default; the management UI's Get "
-            "messages requeues the same way). zeroloss dlq reads Kafka, NATS and Redis"
+            "messages requeues the same way). zeroloss dlq reads Kafka, NATS, Redis and RocketMQ"
         )
 
     async def _delete(self, topics: Sequence[str]) -> None:

@@ -103,7 +103,10 @@ def errors_to_exit_codes(fn: F) -> F:
 SOURCE_HELP = "Outbox: spool:///DIR, sqlite:///FILE, postgresql://..., mysql://..."
 SPOOL_HELP = "The file spool: spool:///DIR (doubt and malformed messages occur only in a spool)."
 TABLE_HELP = "SQL outbox table name (a spool has none)."
-TARGET_HELP = "Broker: kafka://HOST:PORT, amqp://USER:PASS@HOST/, nats://HOST:4222, redis://HOST:6379/0"
+TARGET_HELP = (
+    "Broker: kafka://HOST:PORT, amqp://USER:PASS@HOST/, nats://HOST:4222, redis://HOST:6379/0 "
+    "or rocketmq://HOST:8081?namesrv=HOST:9876"
+)
 
 
 def source_options(*, required: bool = True, spool_only: bool = False) -> Callable[[F], F]:

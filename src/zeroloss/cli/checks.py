@@ -142,7 +142,7 @@ def doctor(
     "--target",
     envvar="ZEROLOSS_TARGET",
     metavar="URL",
-    help="Broker to read delivered messages back from: kafka://HOST:PORT",
+    help="Broker to read delivered messages back from: kafka://HOST:PORT or rocketmq://HOST:8081?namesrv=HOST:9876",
 )
 @option("--inbox", "inbox_url", metavar="URL", help="The consumer's inbox (SQL URL or redis://).")
 @option("--inbox-table", default="zeroloss_inbox", show_default=True, help="The SQL inbox's table name.")

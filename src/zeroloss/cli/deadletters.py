@@ -97,6 +97,8 @@ def show(target: str, topic: str | None, args: tuple[str, ...], as_json: bool) -
         click.echo(json.dumps(d, indent=2))
         return
     for k, v in d.items():
+        if k == "first_failure" and isinstance(v, (int, float)):  # as `dlq list` shows it, not epoch seconds
+            v = dt.datetime.fromtimestamp(v, dt.UTC).isoformat(timespec="milliseconds")
         click.echo(f"{k:<20} {v}")
 
 

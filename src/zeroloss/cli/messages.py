@@ -408,6 +408,12 @@ def _describe(store: OutboxAdmin, message_id: str, full: bool) -> dict[str, Any]
         doc["location"] = store.location(m.id)
     if state is State.PENDING and m.not_before > store.now():
         doc["next"] = f"waiting out a retry backoff until {_when(m.not_before)}, then the relay sends it again"
+    if state is State.PENDING and (blocker := _parked_behind(store, m.id, m.key)) is not None:
+        blocked_by, blocked_in = blocker
+        doc["next"] = (
+            f"parked: {blocked_in.value} message {blocked_by} of its key came first and waits for a person "
+            f"(`zeroloss {blocked_in.value} retry {blocked_by}` or `purge`); the relay sends this one after it"
+        )
     doc.update({
         "headers": {k: _text_or_hex(v, True)[0] for k, v in m.headers}, "created_at": _when(m.created_at),
         "attempts": m.attempts, "not_before": _when(m.not_before), "last_error": m.last_error,
@@ -418,6 +424,21 @@ def _describe(store: OutboxAdmin, message_id: str, full: bool) -> dict[str, Any]
         if get is not None and (tx := get(state).get(m.id)) is not None:
             doc["transaction"] = tx
     return doc
+
+
+def _parked_behind(store: OutboxAdmin, message_id: str, key: bytes | None) -> tuple[str, State] | None:
+    """The earlier failed (spool: or doubt) message of the same key that a pending message waits
+    behind, as ``status`` counts it parked; None if there is none (among the oldest 10,000)."""
+    if key is None:
+        return None
+    for state in (State.FAILED, State.DOUBT):
+        if state in store.states:
+            for other in store.list(state, limit=10_000):  # oldest first
+                if other.id >= message_id:
+                    break
+                if other.key == key:
+                    return other.id, state
+    return None
 
 
 def _malformed_doc(store: OutboxAdmin, name: str, full: bool) -> dict[str, Any]:

@@ -20,10 +20,13 @@ log = logging.getLogger("zeroloss.doctor.checks")  # doctor's logger name, as be
 def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
     from zeroloss.registry import open_store
 
+    init = f"zeroloss init --source {url}"
+    if table != "zeroloss_outbox" and not url.startswith("spool:"):
+        init += f" --table {table}"  # without it init makes zeroloss_outbox, and this check fails again
     try:
         store = open_store(url, table=table)
     except ConfigError as exc:  # a spool that is not there: the same verdict as an uninitialised table
-        return [Check("outbox reachable", Verdict.FAIL, str(exc), f"zeroloss init --source {url}")]
+        return [Check("outbox reachable", Verdict.FAIL, str(exc), init)]
     try:
         stats: Stats | None = None
         try:
@@ -34,7 +37,7 @@ def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
                     "outbox reachable",
                     Verdict.FAIL,
                     str(exc),
-                    f"start the database, or create the outbox: zeroloss init --source {url}",
+                    f"start the database, or create the outbox: {init}",
                 )
             ]
         else:

@@ -406,7 +406,9 @@ class SqlInbox:
                 return conn.execute(q).first() is not None
         except DBAPIError as exc:  # a missing table is the usual one: the message names it
             raise StoreError(
-                f"cannot read the inbox table {t.name!r}: {brief(exc)}", retriable=exc.connection_invalidated
+                f"cannot read the inbox table {t.name!r}: {brief(exc)}; check that the URL is the consumer "
+                "group's database and the table its inbox (the consumer makes it: consumer.inbox.create_schema())",
+                retriable=exc.connection_invalidated,
             ) from exc
 
     def purge(self, older_than_s: float) -> int:

@@ -94,15 +94,19 @@ class Relay(RelayReports):
             try:
                 handled = self.run_once()
             except StoreError as exc:
-                if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
-                    # Wrong role, password, database or table at start-up: waiting cannot fix it.
-                    raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
+                self._refuse_a_wrong_store(exc)
                 self._store_failed(exc)
                 continue
             if self._progress.due():
                 self._report()
             if handled == 0:
                 self._idle()
+
+    def _refuse_a_wrong_store(self, exc: StoreError) -> None:
+        """Wrong role, password, database or table at start-up: waiting cannot fix it, so a
+        ConfigError (the CLI's exit 2), in ``run()`` and ``drain()`` alike."""
+        if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
+            raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
 
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
@@ -114,7 +118,12 @@ class Relay(RelayReports):
             self._prepare()
             with self._recording_with_the_next_claim():
                 while not self._stop.is_set():
-                    if self.run_once():
+                    try:
+                        moved = self.run_once()
+                    except StoreError as exc:
+                        self._refuse_a_wrong_store(exc)
+                        raise
+                    if moved:
                         if self._progress.due():
                             self._report()
                         continue

@@ -135,8 +135,10 @@ class SpoolCore:
         for path in missing:
             try:
                 os.makedirs(path, exist_ok=True)
-            except (NotADirectoryError, FileExistsError) as exc:
-                raise ConfigError(f"cannot make the spool directory {path}: {exc.strerror}") from exc
+            except OSError as exc:  # a file in the way, no such parent (/proc), no permission, read-only
+                raise ConfigError(
+                    f"cannot make the spool directory {path}: {exc.strerror}; give a directory this user can create"
+                ) from exc
         self._fds = {s: os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for s, p in self._dir.items()}
         self.dir_syncs = {
             s: GroupSync(fd, window_s=group_commit_window_s, enabled=fsync) for s, fd in self._fds.items()

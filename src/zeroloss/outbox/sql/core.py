@@ -268,6 +268,11 @@ class SqlCore:
         except DBAPIError as exc:
             raise self._store_error(exc, what) from exc
 
+    def _table_option(self) -> str:
+        """`` --table NAME`` for a hint's command when the table is not the default: without it
+        the command would create ``zeroloss_outbox`` and leave the error as it was."""
+        return "" if self.table.name == "zeroloss_outbox" else f" --table {self.table.name}"
+
     def _store_error(self, exc: DBAPIError, what: str) -> StoreError:
         detail = str(exc.orig).strip()
         args: tuple[object, ...] = getattr(exc.orig, "args", ())
@@ -275,7 +280,7 @@ class SqlCore:
         if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
             return StoreError(
                 f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
-                f"create it with: zeroloss init --source {self.url}",
+                f"create it with: zeroloss init --source {self.url}{self._table_option()}",
                 retriable=False,
             )
         if "unable to open database file" in detail:
