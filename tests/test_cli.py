@@ -198,6 +198,37 @@ def test_a_draining_relay_on_an_outbox_without_its_table_exits_2_like_a_running_
         assert "waiting will not fix this" in result.output
 
 
+_SHOW = ["show", "0190f0f0-0000-7000-8000-000000000000"]
+
+
+@pytest.mark.parametrize(
+    ("command", "wrong"),
+    [
+        (_SHOW, "no-table"),
+        (["failed", "list"], "no-table"),
+        (_SHOW, "no-database"),
+        (["failed", "list"], "no-database"),
+        (["init"], "no-database"),
+    ],
+    ids=["show-no-table", "failed-no-table", "show-no-database", "failed-no-database", "init-no-database"],
+)
+def test_an_outbox_table_or_database_that_is_not_there_exits_2_as_configuration(
+    command: list[str], wrong: str, tmp_path: Path
+) -> None:
+    """A missing outbox table, or a database the server does not have, is configuration: exit 2
+    with what to do, as the README's exit codes say (they exited 1, as if the job found a problem)."""
+    from tests.conftest import require_service
+
+    if wrong == "no-table":
+        url, needle, table = f"sqlite:///{tmp_path / 'app.db'}", "create it with: zeroloss init", "zl_not_made"
+    else:
+        require_service("postgres")
+        url, needle, table = "postgresql://postgres@127.0.0.1:5432/zl_no_such_db", "refused us", "zeroloss_outbox"
+    code, out = run(*command, "--source", url, "--table", table)
+    assert code == 2, out
+    assert needle in out
+
+
 def _crashed_spool(root: Path, txids: list[str]) -> dict[str, str]:
     """A spool whose app died inside each transaction's block: tmp files, made old. id → txid."""
     import os

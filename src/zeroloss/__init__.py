@@ -18,6 +18,7 @@ from zeroloss.errors import (
     MissingExtraError,
     SpoolFullError,
     StoreError,
+    StoreSetupError,
     UnknownMessageError,
     ZerolossError,
 )
@@ -113,6 +114,7 @@ __all__ = [
     "Stats",
     "Status",
     "StoreError",
+    "StoreSetupError",
     "UnknownMessageError",
     "ZerolossError",
     "logging_setup",

@@ -47,6 +47,11 @@ class StoreError(ZerolossError):
     """The outbox or inbox store failed; ``retriable`` says whether trying again can help."""
 
 
+class StoreSetupError(StoreError):
+    """The store cannot be used as configured (its table or database file is missing, the server
+    refused the login or database): waiting will not fix it, so the command line exits 2."""
+
+
 class SpoolFullError(StoreError):
     """The spool's filesystem is full: nothing was written, the caller's transaction should roll back."""
 

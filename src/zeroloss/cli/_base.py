@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from zeroloss.errors import ConfigError, UnknownMessageError, ZerolossError
+from zeroloss.errors import ConfigError, StoreSetupError, UnknownMessageError, ZerolossError
 from zeroloss.outbox.base import OutboxAdmin
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -90,7 +90,7 @@ def errors_to_exit_codes(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, UnknownMessageError) as exc:
+        except (ConfigError, StoreSetupError, UnknownMessageError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         except ZerolossError as exc:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-from zeroloss.errors import ConfigError, StoreError
+from zeroloss.errors import ConfigError, StoreError, StoreSetupError
 from zeroloss.logs import first_line
 from zeroloss.outbox.base import State
 from zeroloss.outbox.sql.table import outbox_table
@@ -278,16 +278,14 @@ class SqlCore:
         args: tuple[object, ...] = getattr(exc.orig, "args", ())
         code = args[0] if args else None
         if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
-            return StoreError(
+            return StoreSetupError(
                 f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
                 f"create it with: zeroloss init --source {self.url}{self._table_option()}",
-                retriable=False,
             )
         if "unable to open database file" in detail:
-            return StoreError(
+            return StoreSetupError(
                 f"cannot {what}: cannot open the SQLite database {self.url} ({detail}); "
                 f"check that its directory exists and is writable",
-                retriable=False,
             )
         sqlstate = getattr(exc.orig, "sqlstate", None)
         refused = (
@@ -304,12 +302,11 @@ class SqlCore:
             or code in (1044, 1045, 1049, 1698)
             or (isinstance(exc, sa.exc.OperationalError) and any(r in detail for r in refused))
         ):
-            return StoreError(
+            return StoreSetupError(
                 f"cannot {what}: {self.url} refused us: {detail.splitlines()[0] if detail else detail}; "
                 "check the user, password and database name in the URL",
-                retriable=False,
             )
         if code == 1064 and "SKIP LOCKED" in (exc.statement or ""):
-            return StoreError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
+            return StoreSetupError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
         return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
