@@ -13,9 +13,8 @@ PUBLIC = [
     "Inbox", "KafkaBroker", "MalformedMessageError", "Message", "MessageError", "MissingExtraError", "NatsBroker",
     "Outcome", "OutboxAdmin", "OutboxStore", "PoisonMessage", "RabbitBroker", "Received", "RedisInbox",
     "RedisStreamBroker", "Relay", "RelaySettings", "SpoolFullError", "SqlInbox", "SqlOutbox", "State",
-    "Stats", "Status", "StoreError", "UnknownMessageError", "ZerolossError", "logging_setup", "new_message",
-    "open_broker",
-    "open_store", "uuid7",
+    "Stats", "Status", "StoreError", "StoreSetupError", "UnknownMessageError", "ZerolossError", "logging_setup",
+    "new_message", "open_broker", "open_store", "uuid7",
 ]  # fmt: skip
 
 
