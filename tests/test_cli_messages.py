@@ -74,6 +74,10 @@ def test_retry_moves_failed_to_pending_and_an_unknown_id_changes_nothing(outbox:
     assert code == 2, out
     assert f"{pending} (pending)" in out and "(no such message)" in out and "nothing was changed" in out
     assert outbox.store.stats().counts[State.FAILED] == 3
+    code, out = run("failed", "show", pending, *source(outbox))  # show changes nothing: no such promise
+    assert code == 2, out
+    assert f"not failed: {pending} (pending)" in out and "nothing was changed" not in out
+    assert "`zeroloss show ID` shows a message in any state" in out
     code, out = run("failed", "retry", ids[0], *source(outbox))
     assert code == 0, out
     state, msg = outbox.store.get(ids[0])
@@ -180,7 +184,10 @@ def test_malformed_list_show_purge_by_file_name(tmp_path: Path) -> None:
     assert doc["bytes"] == 13 and "truncated" in doc["why"] and "content_hex" in doc
     code, out = run("malformed", "show", "notes.txt", *src)
     assert code == 0 and "hello" in out
-    assert run("malformed", "retry", "notes.txt", *src)[0] == 2  # no such command: it cannot be sent
+    code, out = run("malformed", "retry", "notes.txt", *src)  # it cannot be sent: the refusal says why
+    assert code == 2 and "cannot be retried" in out and "malformed purge NAME --yes" in out, out
+    assert "No such command" not in out
+    assert "notes.txt" in [os.path.basename(p) for p in spool.malformed_paths()]
     code, out = run("malformed", "purge", "nope.zlm", "--yes", *src)
     assert code == 2 and "no such file in malformed/" in out
     assert run("malformed", "purge", "notes.txt", "--yes", *src)[0] == 0

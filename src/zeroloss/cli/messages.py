@@ -125,8 +125,9 @@ def _why_malformed(data: bytes) -> str:
     return "decodes now; it was quarantined for its name or an id that did not match its file name"
 
 
-def _resolve(store: OutboxAdmin, state: State, ids: Sequence[str], all_: bool) -> list[str]:
-    """The ids the command acts on, all checked to be in ``state``; exit 2 naming the others."""
+def _resolve(store: OutboxAdmin, state: State, ids: Sequence[str], all_: bool, changes: bool = True) -> list[str]:
+    """The ids the command acts on, all checked to be in ``state``; exit 2 naming the others.
+    ``changes``: the command would change them (retry, purge), so the refusal says nothing was."""
     if bool(ids) == all_:
         raise click.UsageError("give message ids or --all (not both)")
     if state is State.MALFORMED:
@@ -149,7 +150,10 @@ def _resolve(store: OutboxAdmin, state: State, ids: Sequence[str], all_: bool) -
                 wrong.append(f"{mid} ({where})")
     if wrong:
         note = _not_here(store, state) or f"`zeroloss {state.value} list` shows the {state.value} ones"
-        click.echo(f"error: not {state.value}, so nothing was changed: {', '.join(wrong)}; {note}", err=True)
+        if not changes and state is not State.MALFORMED:
+            note += "; `zeroloss show ID` shows a message in any state"
+        refused = f"not {state.value}, so nothing was changed" if changes else f"not {state.value}"
+        click.echo(f"error: {refused}: {', '.join(wrong)}; {note}", err=True)
         sys.exit(EXIT_USAGE)
     return list(dict.fromkeys(ids))
 
@@ -224,7 +228,7 @@ def _state_group(state: State) -> click.Group:
     def show(source: str, table: str, as_json: bool, message_id: str, full: bool) -> None:
         """Every field of one message; the value as text if UTF-8, else hex."""
         with opened_store(source, table) as store:
-            _resolve(store, state, [message_id], False)
+            _resolve(store, state, [message_id], False, changes=False)
             if state is State.MALFORMED:
                 path = _malformed_path(store, message_id)
                 with open(path, "rb") as f:
@@ -264,7 +268,21 @@ def _state_group(state: State) -> click.Group:
         for k, v in doc.items():
             click.echo(f"{k + ':':<16}{v}")
 
-    if state is not State.MALFORMED:
+    if state is State.MALFORMED:
+
+        @group.command("retry", hidden=True, context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+        def no_retry(args: tuple[str, ...]) -> None:
+            """Refused: there is no message to send again, only bytes that did not decode."""
+            click.echo(
+                "error: a malformed file cannot be retried: its bytes do not decode as a message, so there is "
+                "nothing to send again. `zeroloss malformed show NAME` says why it was quarantined; if the "
+                "message matters, add it again from the application, then `zeroloss malformed purge NAME --yes`",
+                err=True,
+            )
+            sys.exit(EXIT_USAGE)
+
+    else:
 
         @group.command("retry")
         @source_opt
