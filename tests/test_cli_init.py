@@ -169,6 +169,35 @@ def test_an_unreachable_broker_is_reported_with_its_address() -> None:
     assert "NATS at nats://127.0.0.1:4999" in out and "cannot connect" in out
 
 
+def test_an_unreachable_rabbitmq_is_reported_once_in_our_words() -> None:
+    """aiormq's own ERROR line ("error when creating transport") came before ours."""
+    import subprocess
+    import sys
+
+    from zeroloss.embedded_broker import free_port
+
+    port = free_port()
+    proc = subprocess.run(
+        [sys.executable, "-m", "zeroloss", "init", "--target", f"amqp://guest:guest@127.0.0.1:{port}/", "--topic", "t"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr  # refused at once: no --timeout-s to wait out
+    assert f"error: RabbitMQ at 127.0.0.1:{port}/: cannot connect" in proc.stderr
+    assert "aiormq" not in proc.stderr and "creating transport" not in proc.stderr, proc.stderr
+
+
+def test_an_unreachable_kafka_is_reported_with_what_to_check() -> None:
+    """librdkafka's own words ("Failed while waiting for controller") name its wait, not the cause."""
+    from zeroloss.embedded_broker import free_port
+
+    port = free_port()
+    code, out = run("init", "--target", f"kafka://127.0.0.1:{port}", "--topic", "t", "--timeout-s", "2")
+    assert code == 1, out  # the broker may just be down: a problem found, not bad usage
+    assert f"no Kafka broker answered at 127.0.0.1:{port} within 2 s" in out and "check that it runs" in out
+
+
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("ZEROLOSS_TARGET", raising=False)

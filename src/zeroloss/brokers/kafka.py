@@ -23,6 +23,7 @@ from zeroloss.brokers.kafka_client import (
     PERMANENT_ERRORS,
     SIZE_ERRORS,
     TRANSACTION_LOG,
+    UNANSWERED,
     RepeatFilter,
     admin_module,
     ensure_topics,
@@ -179,6 +180,11 @@ class KafkaBroker:
         if err is not None and err.name() in ADMIN_CONFIG_ERRORS:
             return ConfigError(f"Kafka at {self.bootstrap} refused to {doing}: {err.name()}: {err.str()}")
         why = f"{err.name()}: {err.str()}" if err is not None else f"{type(exc).__name__}: {exc}"
+        if err is not None and err.name() in UNANSWERED:  # librdkafka's words name its wait, not the cause
+            why += (
+                f"; no Kafka broker answered at {self.bootstrap} within {self.timeout_s:g} s: check that it "
+                "runs and that this host can reach it (the URL's host and port), then try again"
+            )
         return BrokerError(f"Kafka at {self.bootstrap}: cannot {doing}: {why}")
 
     def declare(self, topics: Sequence[str], spec: TopicSpec | None = None) -> list[Declared]:

@@ -66,6 +66,9 @@ ADMIN_CONFIG_ERRORS = frozenset(
         "TOPIC_DELETION_DISABLED",
     }
 )
+# librdkafka's local errors when no broker answered an admin request in time ("Failed while waiting
+# for controller"): the error says what it waited for; the hint says what to check.
+UNANSWERED = frozenset({"_TIMED_OUT", "_TRANSPORT", "_ALL_BROKERS_DOWN", "_RESOLVE"})
 
 
 TRANSACTION_LOG = "__transaction_state"

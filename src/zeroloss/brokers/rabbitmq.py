@@ -25,11 +25,23 @@ DEADLINE_GRACE_S = 2.0  # past the batch's own deadline: for the cancellation of
 DELIVERY_COUNT_HEADER = "x-delivery-count"
 
 
+class _ConnectErrorRaisedToUs(logging.Filter):
+    """aiormq logs a failed connect at ERROR and raises it; the adapters raise it again as a
+    BrokerError naming the broker, which the caller reports: the ERROR line said it twice, first
+    in the library's words."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
 def aio_pika_module() -> Any:
     try:
         import aio_pika
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise MissingExtraError("aio-pika", "rabbitmq", "the RabbitMQ broker adapter") from exc
+    connection_log = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _ConnectErrorRaisedToUs) for f in connection_log.filters):
+        connection_log.addFilter(_ConnectErrorRaisedToUs())
     return aio_pika
 
 
