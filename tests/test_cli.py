@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -188,6 +189,7 @@ def test_a_relay_the_database_refuses_exits_2_at_start_up_instead_of_retrying_fo
 def test_a_draining_relay_on_an_outbox_without_its_table_exits_2_like_a_running_one(tmp_path: Path) -> None:
     """``relay --drain`` (the tour's form) on a database where ``init`` was not run: the same exit 2
     and hint as ``relay`` without ``--drain``, not exit 1 as if the job had found a problem."""
+    sqlite3.connect(tmp_path / "app.db").close()  # the database is there, its outbox table is not
     url = f"sqlite:///{tmp_path / 'app.db'}"
     for drain in ([], ["--drain"]):
         result = CliRunner().invoke(
@@ -196,6 +198,33 @@ def test_a_draining_relay_on_an_outbox_without_its_table_exits_2_like_a_running_
         assert result.exit_code == 2, (drain, result.output)
         assert f"create it with: zeroloss init --source {url}" in result.output
         assert "waiting will not fix this" in result.output
+
+
+def test_a_relay_names_a_missing_table_before_it_waits_for_an_unreachable_broker(tmp_path: Path) -> None:
+    """Both wrong: the table is named at once; the broker's connect (30 s by default) is not
+    waited out first."""
+    sqlite3.connect(tmp_path / "app.db").close()
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    proc = subprocess.run(  # a process: its log lines go to its stderr (under pytest, to pytest's capture)
+        [
+            sys.executable,
+            "-m",
+            "zeroloss",
+            "relay",
+            "--source",
+            url,
+            "--target",
+            "kafka://127.0.0.1:1",
+            "--timeout-s",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "create it with: zeroloss init" in proc.stderr
+    assert "relay started" in proc.stderr and "broker unavailable" not in proc.stderr  # it was not tried
 
 
 _SHOW = ["show", "0190f0f0-0000-7000-8000-000000000000"]
@@ -220,6 +249,7 @@ def test_an_outbox_table_or_database_that_is_not_there_exits_2_as_configuration(
     from tests.conftest import require_service
 
     if wrong == "no-table":
+        sqlite3.connect(tmp_path / "app.db").close()
         url, needle, table = f"sqlite:///{tmp_path / 'app.db'}", "create it with: zeroloss init", "zl_not_made"
     else:
         require_service("postgres")
@@ -227,6 +257,42 @@ def test_an_outbox_table_or_database_that_is_not_there_exits_2_as_configuration(
     code, out = run(*command, "--source", url, "--table", table)
     assert code == 2, out
     assert needle in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], _SHOW, ["failed", "list"], ["audit"], ["relay", "--target", "kafka://127.0.0.1:1", "--drain"]],
+    ids=["status", "show", "failed-list", "audit", "relay-drain"],
+)
+def test_a_sqlite_path_that_does_not_exist_exits_2_and_is_not_created(command: list[str], tmp_path: Path) -> None:
+    """A mistyped SQLite path: exit 2 naming the path and the init command; no empty database is
+    left behind (sqlite3 makes the file on connect: status then blamed a missing table)."""
+    db = tmp_path / "typo.db"
+    code, out = run(*command, "--source", f"sqlite:///{db}", "--table", "orders_outbox")
+    assert code == 2, out
+    assert f"no SQLite database at {db}" in out
+    assert f"create it with: zeroloss init --source sqlite:///{db} --table orders_outbox" in out
+    assert not db.exists()
+
+
+@pytest.mark.postgres
+def test_the_init_hint_says_where_the_masked_password_goes() -> None:
+    """The hint's URL masks the password (it is not printed), so pasted as is it would not log in:
+    the hint says so."""
+    from tests.conftest import require_service
+
+    require_service("postgres")  # trust auth: the password is not checked, the table is missing
+    code, out = run("status", "--source", "postgresql://postgres:s3cret@127.0.0.1:5432/test", "--table", "zl_nope")
+    assert code == 2, out
+    assert "zeroloss init --source postgresql://postgres:***@127.0.0.1:5432/test --table zl_nope" in out
+    assert "your password in place of ***" in out and "s3cret" not in out
+
+
+def test_init_still_creates_a_sqlite_database(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    code, out = run("init", "--source", f"sqlite:///{db}")
+    assert code == 0, out
+    assert db.exists()
 
 
 def _crashed_spool(root: Path, txids: list[str]) -> dict[str, str]:

@@ -444,3 +444,26 @@ def test_a_store_that_refuses_us_at_start_up_stops_the_relay_with_a_config_error
     relay = Relay(_StoreDown(retriable=False), _NoBroker())
     with pytest.raises(ConfigError, match=r"role refused.*waiting will not fix this"):
         relay.run()
+
+
+def test_a_broker_unreachable_at_start_up_counts_in_the_closing_summary(tmp_path: Path) -> None:
+    """An idle relay whose broker never answered said "0 broker failures" when it stopped: only
+    failed publishes were counted, not the failed connects before the first batch."""
+    from zeroloss.embedded_broker import free_port
+
+    store = SqlOutbox(f"sqlite:///{tmp_path / 'app.db'}")
+    store.create_schema()
+    # transactional: its prepare() connects now (to fence a predecessor), and fails
+    broker = KafkaBroker(f"kafka://127.0.0.1:{free_port()}", transactional_id="zl-unreachable", timeout_s=1)
+    relay = Relay(store, broker, RelaySettings(idle_wait_s=0.05))
+    runner = threading.Thread(target=relay.run)
+    runner.start()
+    try:
+        wait_until(lambda: relay.counters.broker_errors >= 1, 60, "the relay to count the failed connect")
+    finally:
+        relay.stop()
+        runner.join(30)
+        broker.close()
+        store.close()
+    assert not runner.is_alive()
+    assert f"{relay.counters.broker_errors} broker and" in relay.summary()

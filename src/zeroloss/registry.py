@@ -14,7 +14,7 @@ from typing import Any
 
 from zeroloss.brokers.base import Broker
 from zeroloss.brokers.subscription import Subscription
-from zeroloss.errors import ConfigError
+from zeroloss.errors import ConfigError, StoreSetupError
 from zeroloss.outbox.base import OutboxAdmin
 from zeroloss.urls import safe_url as safe_url  # re-exported: the CLI and the demo print URLs
 from zeroloss.urls import scheme_of as scheme_of
@@ -35,9 +35,9 @@ def spool_path(url: str) -> str:
 def open_store(
     url: str, *, table: str | None = None, create: bool = False, tmp_grace_s: float | None = None
 ) -> OutboxAdmin:
-    """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool
-    must exist unless ``create`` (``zeroloss init``): a typo must not become an empty spool.
-    ``tmp_grace_s``: a spool's, when not the default."""
+    """The outbox store behind a source URL (``table``: the SQL outbox table's name). A spool or
+    a SQLite file must exist unless ``create`` (``zeroloss init``): a typo must not become an empty
+    spool or database file. ``tmp_grace_s``: a spool's, when not the default."""
     scheme = scheme_of(url)
     if scheme == "spool":
         from zeroloss.outbox.spool import FileSpool
@@ -47,9 +47,30 @@ def open_store(
         return FileSpool(spool_path(url), create=create, tmp_grace_s=tmp_grace_s)
     if scheme in SQL_SCHEMES:
         from zeroloss.outbox.sql import SqlOutbox
+        from zeroloss.outbox.sql.core import table_option
 
+        if scheme == "sqlite" and not create:
+            _sqlite_file_must_exist(url, table_option(table))
         return SqlOutbox(url, table=table or "zeroloss_outbox")
     raise ConfigError(f"unknown source scheme {scheme!r} in {url!r}; use one of: {', '.join(SOURCE_SCHEMES)}")
+
+
+def _sqlite_file_must_exist(url: str, table_option: str) -> None:
+    # sqlite3 creates a missing file on connect: status or show on a mistyped path would leave an
+    # empty database behind and then report a missing table, not the path.
+    import sqlalchemy as sa
+
+    try:
+        path = sa.engine.make_url(url).database
+    except sa.exc.ArgumentError:
+        return  # SqlOutbox names what is wrong with the URL
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not os.path.exists(path):
+        raise StoreSetupError(
+            f"no SQLite database at {os.path.abspath(path)}: check --source; if the outbox belongs "
+            f"there, create it with: zeroloss init --source {url}{table_option}"
+        )
 
 
 def default_relay_id(source: str = "", table: str | None = None) -> str:

@@ -196,8 +196,13 @@ def relay(
         # on a terminal, a drain's bar is redrawn often; elsewhere a progress line every progress_s
         progress_every_s=drain_bar.EVERY_S if bar_wanted else progress_s or None,
     )
-    store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
+    # the broker first: a bad target URL is named before a missing SQLite file or spool
     broker = open_broker(target, relay_id=relay_id or default_relay_id(source, table), timeout_s=timeout_s)
+    try:
+        store = open_store(source, table=table, tmp_grace_s=tmp_grace_s if source.startswith("spool:") else None)
+    except BaseException:
+        broker.close()
+        raise
     r = Relay(store, broker, settings, resolver=resolver)
     relays.append(r)
     if stopping.is_set():

@@ -83,6 +83,7 @@ class Relay(RelayReports):
         log.info("relay started: %s", self.describe())
         self._progress = Progress(self.settings.progress_every_s)
         try:
+            self._refuse_a_wrong_store_first()
             self._prepare()
             with self._recording_with_the_next_claim():
                 self._run()
@@ -108,6 +109,15 @@ class Relay(RelayReports):
         if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
             raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
 
+    def _refuse_a_wrong_store_first(self) -> None:
+        """A missing table or a refused login is said before the broker is connected: with a broker
+        down too, the error waited out the broker's connect timeout (30 s by default). An outage
+        is left to the loop, which retries it."""
+        try:
+            self.store.stats(delivered=False)
+        except StoreError as exc:
+            self._refuse_a_wrong_store(exc)
+
     def drain(self, timeout_s: float = 60.0) -> None:
         """Relay until nothing is left to send but parked messages (tests, ``relay --drain``);
         messages waiting out a backoff are waited for. TimeoutError past the deadline."""
@@ -115,6 +125,7 @@ class Relay(RelayReports):
         log.info("relay started (until drained): %s", self.describe())
         self._progress = Progress(self.settings.progress_every_s)
         try:
+            self._refuse_a_wrong_store_first()
             self._prepare()
             with self._recording_with_the_next_claim():
                 while not self._stop.is_set():
@@ -194,6 +205,8 @@ class Relay(RelayReports):
             prepare()
             self._prepared = True
         except BrokerError as exc:
+            self.counters.broker_errors += 1  # the closing summary and the metric count it too
+            metrics.relay_error("broker")
             self._broker_failed(exc, "not reachable yet, trying again while idle")
             return
         self._broker_answered()

@@ -84,6 +84,7 @@ class SqlCore:
         self.engine, self._owns_engine = engine_of(given, "SqlOutbox")
         shown = sa.engine.make_url(url) if isinstance(url, str) else self.engine.url
         self.url = shown.render_as_string(hide_password=True)  # as the user wrote it, password masked
+        self._url_masks_a_password = shown.password is not None
         self.max_message_bytes = max_message_bytes
         name = self.engine.dialect.name
         self._dialect = "mysql" if name in ("mysql", "mariadb") else name
@@ -269,9 +270,7 @@ class SqlCore:
             raise self._store_error(exc, what) from exc
 
     def _table_option(self) -> str:
-        """`` --table NAME`` for a hint's command when the table is not the default: without it
-        the command would create ``zeroloss_outbox`` and leave the error as it was."""
-        return "" if self.table.name == "zeroloss_outbox" else f" --table {self.table.name}"
+        return table_option(self.table.name)
 
     def _store_error(self, exc: DBAPIError, what: str) -> StoreError:
         detail = str(exc.orig).strip()
@@ -280,7 +279,8 @@ class SqlCore:
         if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
             return StoreSetupError(
                 f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
-                f"create it with: zeroloss init --source {self.url}{self._table_option()}",
+                f"create it with: zeroloss init --source {self.url}{self._table_option()}"
+                + (" (your password in place of ***: it is not printed)" if self._url_masks_a_password else ""),
             )
         if "unable to open database file" in detail:
             return StoreSetupError(
@@ -310,3 +310,9 @@ class SqlCore:
             return StoreSetupError(f"{self.url}: the SQL outbox needs MariaDB 10.6+ or MySQL 8.0+ (SKIP LOCKED)")
         transient = isinstance(exc, sa.exc.OperationalError) or exc.connection_invalidated
         return StoreError(f"cannot {what} in {self.url}: {first_line(detail)}", retriable=transient)
+
+
+def table_option(table: str | None) -> str:
+    """`` --table NAME`` for a hint's command when the table is not the default: without it
+    the command would create ``zeroloss_outbox`` and leave the error as it was."""
+    return "" if table in (None, "zeroloss_outbox") else f" --table {table}"
