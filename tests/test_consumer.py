@@ -736,6 +736,86 @@ def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
     assert len(back) == 1 and back[0].levelno == logging.INFO, back
 
 
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+        pytest.param("psycopg2", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
+def test_an_outbox_table_not_made_under_a_handler_is_the_deployments_fault(kind: str, tmp_path: Path) -> None:
+    """A handler that writes to the outbox in its transaction (consume, then produce) on a
+    database whose outbox table was never made gets StoreSetupError (not retriable: the relay's
+    and the command line's reading). For the consumer it is the same as a table of its own that
+    is not there: an outage that spends no attempt, not a failure that dead-letters every message."""
+    from zeroloss.errors import StoreSetupError
+    from zeroloss.outbox.sql import SqlOutbox
+
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'x.db'}",
+        "postgresql": PG_URL,
+        "psycopg2": PG_URL,
+        "mariadb": MARIADB_URL,
+    }[kind]
+    if kind != "sqlite":
+        require_service("mariadb" if kind == "mariadb" else "postgres")
+    if kind == "psycopg2":  # a user's own Engine on the other PostgreSQL driver (pgcode, not sqlstate)
+        pytest.importorskip("psycopg2")
+        engine = sa.create_engine(sa.make_url(PG_URL).set(drivername="postgresql+psycopg2"))
+    else:
+        engine = make_engine(url)
+    outbox = SqlOutbox(engine, table=f"zl_not_made_{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(StoreSetupError) as caught, engine.begin() as conn:
+            outbox.add(conn, topic="t", value=b"v")
+        assert is_outage(caught.value)
+        assert schema_problem(caught.value) == "no such table", caught.value
+        assert not is_outage(StoreError("a handler's own store failure", retriable=False))  # as before
+    finally:
+        engine.dispose()
+
+
+def test_a_handler_whose_outbox_table_is_not_made_holds_the_messages_until_it_is(
+    kafka: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consume-then-produce handler on a database without its outbox table (zeroloss init not
+    run): the consumer backs off without spending attempts and dead-letters nothing (on main it
+    spent max_attempts and dead-lettered every message); once the table is made, all are handled."""
+    from zeroloss.outbox.sql import SqlOutbox
+
+    db = next(iter(gen := make_db("sqlite", tmp_path)))
+    topic = unique_topic("setup")
+    outbox = SqlOutbox(db.inbox.engine, table=f"zl_later_{uuid.uuid4().hex[:8]}")
+    publish(kafka.url, [new_message(topic, b"%d" % i, key=b"k") for i in range(3)])
+    c = consumer(kafka, topic, db.inbox, max_attempts=2, max_backoff_s=0.2)
+    c.handler(lambda msg, tx: outbox.add(tx, topic=topic + "-out", value=msg.value))
+    runner = threading.Thread(target=c.run)
+    caplog.set_level(logging.DEBUG, logger="zeroloss")
+    runner.start()
+    try:
+        deadline = time.monotonic() + 90
+        while c.counters.store_errors < 4:  # backed off a few times, past max_attempts
+            assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
+            time.sleep(0.05)
+        assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+        outbox.create_schema()  # zeroloss init runs
+        while c.counters.processed < 3:
+            assert time.monotonic() < deadline, c.counters
+            time.sleep(0.05)
+    finally:
+        c.stop()
+        runner.join(30)
+        c.close()
+        gen.close()
+    assert c.counters.dead_lettered == 0
+    assert not dlq.list_dead_letters(kafka.url, topic)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "not set up for it, no such table" in errors[0], errors
+    assert "zeroloss init" in errors[0], errors
+
+
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_a_batch_handler_gets_runs_of_messages_and_applies_each_effect_once(
     kafka: EmbeddedBroker, tmp_path: Path, kind: str

@@ -75,3 +75,86 @@ def test_a_park_is_durable_and_readable(tmp_path: Path) -> None:
     assert found == path
     assert (letter.topic, letter.key, letter.value, letter.last_error) == ("t", b"k", b"v", "refused: too big")
     assert not [n for n in os.listdir(tmp_path / "lot") if n.endswith(".tmp")]
+
+
+def test_a_park_that_makes_its_directory_fsyncs_the_parents_of_what_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first park makes the lot (and any missing parent): each new directory's name is an
+    entry of its parent, so a crash before that parent is written out takes the directory, and
+    the letter already acked, with it. The parents of what it made are fsynced before it returns."""
+    root = tmp_path / "a" / "parked"
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ParkingLot(root).park(new_message(topic="t", value=b"v"), "refused")
+    assert os.stat(tmp_path).st_ino in synced  # where "a" was made
+    assert os.stat(tmp_path / "a").st_ino in synced  # where "parked" was made
+    assert os.stat(root).st_ino in synced  # where the letter was renamed
+    synced.clear()
+    ParkingLot(root).park(new_message(topic="t", value=b"v"), "refused")  # there now: nothing more
+    assert os.stat(root).st_ino in synced and os.stat(tmp_path / "a").st_ino not in synced
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_park_that_fails_before_its_rename_leaves_no_part_written_file(
+    failing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or a failed write-out) fails the park and the consumer tries again, holding
+    the message; each try must not leave a temporary file behind, which nothing lists or removes
+    and which keeps the disk full."""
+    root = tmp_path / "parked"
+    root.mkdir()
+    real = getattr(os, failing)
+
+    def fail(fd: int, *args: object) -> object:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).endswith(".tmp"):
+            if failing == "write":
+                real(fd, b"part")  # a part written first, as a disk that fills up midway does
+            raise OSError(errno.ENOSPC if failing == "write" else errno.EIO, "injected")
+        return real(fd, *args)
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, failing, fail)
+    for _ in range(3):
+        with pytest.raises(OSError, match="injected"):
+            ParkingLot(root).park(new_message(topic="t", value=b"v" * 1000), "refused")
+    monkeypatch.undo()
+    assert os.listdir(root) == []
+    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor left open by a failed park
+    ParkingLot(root).park(new_message(topic="t", value=b"v"), "refused")  # once the disk has room
+    assert len(parked(root)) == 1
+
+
+def test_a_park_whose_directory_fsync_fails_leaves_no_second_copy_for_its_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The directory fsync after the rename fails once (a writeback error): the park fails, the
+    consumer holds the message and parks it again. The first try's file, complete and renamed
+    into place, must not stay: once the directory is written out it would be a second parked
+    copy of the same letter (main's code left it: two files, one letter)."""
+    root = tmp_path / "parked"
+    root.mkdir()
+    ino, real_fsync, failed = os.stat(root).st_ino, os.fsync, []
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if not failed and os.fstat(fd).st_ino == ino:
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    letter = new_message(topic="t", value=b"v")
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Input/output error"):
+        ParkingLot(root).park(letter, "refused")
+    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor left open by a failed park
+    path = ParkingLot(root).park(letter, "refused")  # the consumer's next try
+    monkeypatch.undo()
+    assert [(p, m.id) for p, m in parked(root)] == [(path, letter.id)]
+    assert os.listdir(root) == [os.path.basename(path)]

@@ -467,3 +467,149 @@ def test_a_broker_unreachable_at_start_up_counts_in_the_closing_summary(tmp_path
         store.close()
     assert not runner.is_alive()
     assert f"{relay.counters.broker_errors} broker and" in relay.summary()
+
+
+@pytest.mark.postgres
+def test_a_role_whose_connections_are_all_taken_is_waited_for_not_refused_as_configuration() -> None:
+    """PostgreSQL's 'too many connections for role "app"' (SQLSTATE 53300: the role's CONNECTION
+    LIMIT reached, for as long as other sessions hold them) names a role, as a refused login
+    does; it is not one. The relay starting then retries (main's code: exit 2, 'waiting will not
+    fix this', 'check the user, password and database name')."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from tests.conftest import PG_URL, require_service
+    from zeroloss.errors import StoreError, StoreSetupError
+    from zeroloss.sqlurl import make_engine
+
+    require_service("postgres")
+    role = f"zl_busy_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))  # every slot taken
+    outbox = SqlOutbox(str(sa.make_url(PG_URL).set(username=role)))
+    try:
+        with pytest.raises(StoreError) as caught:
+            outbox.stats()
+        assert f'too many connections for role "{role}"' in str(caught.value), caught.value
+        assert not isinstance(caught.value, StoreSetupError) and caught.value.retriable, caught.value
+        relay = Relay(outbox, _NoBroker())
+        waits: list[float | None] = []
+
+        def record(delay: float | None = None) -> bool:
+            waits.append(delay)
+            if len(waits) >= 3:
+                relay.stop()
+            return False
+
+        relay._stop.wait = record  # type: ignore[method-assign,assignment]
+        relay.run()  # retries the store until stopped: no ConfigError
+        assert relay.counters.store_errors == 3
+        assert "too many connections" in relay.readiness()[1]
+    finally:
+        outbox.close()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_a_relay_started_while_the_database_refused_it_for_a_moment_then_finding_no_table_exits_2() -> None:
+    """Start-up lasts until the store first answers. A relay started while PostgreSQL turned it
+    away for a moment (its role's connections all taken; the same for 'the database system is
+    starting up') retries; when the database then lets it in and has no outbox table, that is the
+    configuration error it is at any start (exit 2 with the init hint), not an outage retried
+    forever with the hint said only at DEBUG under the first failure's ERROR line."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from tests.conftest import PG_URL, require_service
+    from zeroloss.errors import ConfigError
+    from zeroloss.sqlurl import make_engine
+
+    require_service("postgres")
+    role = f"zl_busy_{uuid.uuid4().hex[:8]}"
+    admin = make_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0"))
+    outbox = SqlOutbox(str(sa.make_url(PG_URL).set(username=role)), table=f"zl_never_made_{uuid.uuid4().hex[:8]}")
+    relay = Relay(outbox, _NoBroker())
+    waits: list[float | None] = []
+
+    def record(delay: float | None = None) -> bool:
+        waits.append(delay)
+        if len(waits) == 1:  # the moment is over: the role may log in
+            with admin.begin() as conn:
+                conn.execute(sa.text(f"ALTER ROLE {role} CONNECTION LIMIT -1"))
+        elif len(waits) >= 5:  # retrying a table that is not there: stop (the test fails below)
+            relay.stop()
+        return False
+
+    relay._stop.wait = record  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(ConfigError, match=r"create it with: zeroloss init.*waiting will not fix this"):
+            relay.run()
+        assert len(waits) == 1, waits  # the refusal for a moment was waited out, once
+    finally:
+        outbox.close()
+        with admin.begin() as conn:
+            conn.execute(sa.text(f"DROP ROLE IF EXISTS {role}"))
+        admin.dispose()
+
+
+class _StoreScript:
+    """An outbox that answers once (nothing to claim), then fails with each error in turn."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.errors = errors
+        self.answered = False
+
+    def claim(self, limit: int, lease_s: float) -> list[Message]:
+        if not self.answered:
+            self.answered = True
+            return []
+        raise self.errors.pop(0) if self.errors else AssertionError("stopped after the script")
+
+    def recover(self, resolver: Any = None) -> Any:
+        from zeroloss.outbox.base import RecoveryReport
+
+        return RecoveryReport()
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(name)
+
+
+def test_an_outage_that_turns_into_a_missing_table_is_said_at_error_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A running relay's database goes away (ERROR, then DEBUG while it lasts) and comes back
+    without the outbox table (restored from the wrong backup, another volume): that is said at
+    ERROR with its hint, not at DEBUG as more of the same outage."""
+    from zeroloss.errors import StoreError, StoreSetupError
+
+    store = _StoreScript(
+        [
+            StoreError("connection refused", retriable=True),
+            StoreError("connection refused", retriable=True),
+            StoreSetupError("the outbox table does not exist; create it with: zeroloss init"),
+            StoreSetupError("the outbox table does not exist; create it with: zeroloss init"),
+        ]
+    )
+    relay = Relay(store, _NoBroker(), RelaySettings(stats_every_s=None, success_retention_s=None))  # type: ignore[arg-type]
+    waits: list[float | None] = []
+
+    def record(delay: float | None = None) -> bool:
+        waits.append(delay)
+        if not store.errors:
+            relay.stop()
+        return False
+
+    relay._stop.wait = record  # type: ignore[method-assign,assignment]
+    caplog.set_level(logging.DEBUG, logger="zeroloss")
+    relay.run()  # mid-run: retried, not refused
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, errors
+    assert "connection refused" in errors[0] and "create it with: zeroloss init" in errors[1], errors
+    assert relay.counters.store_errors == 4

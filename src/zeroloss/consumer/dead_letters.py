@@ -3,6 +3,7 @@ The details: docs/design.md, "consumer/dead_letters.py"."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -83,7 +84,7 @@ class ParkingLot:
     def park(self, letter: Message, why: str) -> str:
         """Write ``letter`` durably (file and directory fsynced) and return its path; OSError if
         it could not be: then nothing may be acked."""
-        os.makedirs(self.root, exist_ok=True)
+        _make_durable_dirs(self.root)  # not only once: an operator may remove it once it is empty
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
         tmp, path = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name + PARKED_SUFFIX)
         data = encode(replace(letter, last_error=why))
@@ -95,15 +96,51 @@ class ParkingLot:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                # Not left behind: each try of a full disk would add one more part-written file
+                # that parked() never lists and nothing ever removes.
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             os.rename(tmp, path)
-            os.fsync(dirfd)
+            try:
+                os.fsync(dirfd)
+            except OSError:
+                # The message is held and parked again on the next try: this copy would be a
+                # second file of the same letter once the directory is written out after all.
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                raise
         finally:
             os.close(dirfd)
         return path
+
+
+def _make_durable_dirs(root: str) -> None:
+    """``os.makedirs(root)``, with the parent of each directory it makes fsynced: a directory's
+    own name is an entry of its parent, and until that is on the disk a crash can take the
+    directory, and every letter parked in it, with it. Nothing is fsynced when ``root`` is there."""
+    missing = []
+    at = root
+    while not os.path.isdir(at) and os.path.dirname(at) != at:
+        missing.append(at)
+        at = os.path.dirname(at)
+    for directory in reversed(missing):  # the first that was not there first
+        parent = os.open(os.path.dirname(directory), os.O_RDONLY)  # before the mkdir, as in park()
+        try:
+            try:
+                os.mkdir(directory)
+            except FileExistsError:  # another consumer's, maybe not fsynced yet: fsync it anyway
+                if not os.path.isdir(directory):
+                    raise
+            os.fsync(parent)
+        finally:
+            os.close(parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:

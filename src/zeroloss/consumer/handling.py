@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from zeroloss.backoff import backoff_s
 from zeroloss.consumer.dead_letters import ParkingLot
 from zeroloss.consumer.kafka_txn import KafkaTransactions, Outbound, TxnAborted
-from zeroloss.errors import MalformedMessageError, MessageError, StoreError, TransactionLostError
+from zeroloss.errors import MalformedMessageError, MessageError, StoreError, StoreSetupError, TransactionLostError
 from zeroloss.inbox import BatchInbox, Inbox, transaction_aborted
 from zeroloss.logs import age, brief
 from zeroloss.received import BatchHandler, Handler, Received
@@ -76,10 +76,14 @@ _SCHEMA_SQLITE = re.compile(r"^(?:(no such (?:table|column|function))|table \S+ 
 
 def schema_problem(exc: BaseException) -> str | None:
     """What is missing from the database, when ``exc`` says the handler's schema is not there."""
+    if isinstance(exc, StoreSetupError):  # the handler's outbox.add(tx, ...): its table never made
+        return (schema_problem(exc.__cause__) if exc.__cause__ is not None else None) or "its outbox not set up"
     if not isinstance(exc, DBAPIError):
         return None
     orig = exc.orig
-    if (state := getattr(orig, "sqlstate", None)) in _SCHEMA_SQLSTATES:
+    if (
+        state := getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    ) in _SCHEMA_SQLSTATES:  # psycopg2: pgcode
         return _SCHEMA_SQLSTATES[state]
     args: tuple[object, ...] = getattr(orig, "args", ())
     if args and isinstance(args[0], int) and args[0] in _SCHEMA_MYSQL:
@@ -92,6 +96,8 @@ def schema_problem(exc: BaseException) -> str | None:
 def is_outage(exc: BaseException) -> bool:
     """A failure of the infrastructure or the deployment rather than of the message: do not spend
     an attempt (the database is down, or not set up for the handler: :func:`schema_problem`)."""
+    if isinstance(exc, StoreSetupError):
+        return True  # an outbox the handler writes to, not set up: the deployment's, as schema_problem
     if isinstance(exc, StoreError):
         return exc.retriable
     return isinstance(exc, DBAPIError) and (bool(exc.connection_invalidated) or schema_problem(exc) is not None)

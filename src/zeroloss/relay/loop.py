@@ -51,6 +51,8 @@ class Relay(RelayReports):
         self._next_stats = 0.0
         self._store_problem: str | None = NOT_STARTED  # for readiness; None once the store answers
         self._store_failures = 0  # consecutive store failures, for their own backoff
+        self._store_ever_answered = False  # until then a store refusing us is a start-up's: exit 2
+        self._store_failing_retriably = False  # the store's outage so far was one waiting may end
         self._broker_problem: str | None = None
         self._prepared = False  # has the broker been connected (Kafka: predecessor fenced)?
         self._progress = Progress(self.settings.progress_every_s)
@@ -105,8 +107,10 @@ class Relay(RelayReports):
 
     def _refuse_a_wrong_store(self, exc: StoreError) -> None:
         """Wrong role, password, database or table at start-up: waiting cannot fix it, so a
-        ConfigError (the CLI's exit 2), in ``run()`` and ``drain()`` alike."""
-        if not exc.retriable and self._store_failures == 0 and self._store_problem == NOT_STARTED:
+        ConfigError (the CLI's exit 2), in ``run()`` and ``drain()`` alike. Start-up lasts until
+        the store first answers: a relay started while the database was coming up (refused for a
+        moment, retried) and then finding no table is refused too, not left retrying forever."""
+        if not exc.retriable and not self._store_ever_answered:
             raise ConfigError(f"{exc} (waiting will not fix this; the relay did not start)") from exc
 
     def _refuse_a_wrong_store_first(self) -> None:

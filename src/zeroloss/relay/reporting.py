@@ -51,6 +51,8 @@ class RelayReports:
     _outage: int
     _store_problem: str | None
     _store_failures: int
+    _store_ever_answered: bool
+    _store_failing_retriably: bool
     _store_down_since: float | None
     _broker_problem: str | None
     _broker_down_since: float | None
@@ -94,8 +96,12 @@ class RelayReports:
         self._store_problem = str(exc)
         metrics.relay_error("store")
         delay = backoff_s(self._store_failures, self.settings.backoff_base_s, self.settings.max_backoff_s)
-        if self._store_down_since is None:
-            self._store_down_since = time.monotonic()
+        # An outage that turns into a refusal waiting will not end (the database back without the
+        # outbox table, or refusing the login) is said at ERROR too, not at DEBUG under the first.
+        worse = self._store_down_since is not None and self._store_failing_retriably and not exc.retriable
+        self._store_failing_retriably = exc.retriable
+        if self._store_down_since is None or worse:
+            self._store_down_since = self._store_down_since or time.monotonic()
             log.error("outbox store failed: %s; retrying with backoff (next in %.1fs)", exc, delay)
         else:
             log.debug("outbox store still failing: %s; next try in %.1fs", exc, delay)
@@ -111,6 +117,7 @@ class RelayReports:
             self._store_down_since = None
         self._store_problem = None
         self._store_failures = 0
+        self._store_ever_answered = True
 
     def _broker_failed(self, exc: BrokerError, what: str) -> None:
         """The first failure of an outage is a WARNING; the tries after it are DEBUG."""

@@ -276,7 +276,9 @@ class SqlCore:
         detail = str(exc.orig).strip()
         args: tuple[object, ...] = getattr(exc.orig, "args", ())
         code = args[0] if args else None
-        if getattr(exc.orig, "sqlstate", None) == "42P01" or code == 1146 or "no such table" in detail:
+        # psycopg 3 says ``sqlstate``, psycopg2 (a user's own Engine) ``pgcode``
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if sqlstate == "42P01" or code == 1146 or "no such table" in detail:
             return StoreSetupError(
                 f"cannot {what}: the outbox table {self.table.name!r} does not exist in {self.url}; "
                 f"create it with: zeroloss init --source {self.url}{self._table_option()}"
@@ -287,10 +289,9 @@ class SqlCore:
                 f"cannot {what}: cannot open the SQLite database {self.url} ({detail}); "
                 f"check that its directory exists and is writable",
             )
-        sqlstate = getattr(exc.orig, "sqlstate", None)
         refused = (
             "password authentication failed",
-            'role "',
+            "is not permitted to log in",  # not 'role "': 'too many connections for role "app"' waits
             "does not exist",
             "Access denied",
             "Unknown database",
