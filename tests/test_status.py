@@ -98,6 +98,7 @@ def test_an_unreadable_store_is_critical_and_says_what_to_do(tmp_path: Path) -> 
     assert code == 2
     doc = json.loads(out)
     assert doc["verdict"] == "critical" and "zeroloss init" in doc["reasons"][0]
+    assert "no SQLite database at" in doc["reasons"][0] and not (tmp_path / "nothing.db").exists()
 
 
 def test_the_help_explains_that_2_is_also_bad_usage() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -22,7 +23,7 @@ from zeroloss.cli._base import (
     source_options,
     target_options,
 )
-from zeroloss.errors import ConfigError, ZerolossError
+from zeroloss.errors import ConfigError, StoreSetupError, ZerolossError
 from zeroloss.outbox.base import Stats
 
 
@@ -161,7 +162,13 @@ def status(
 
     watch: float | None = prefer(watch_s, watch_old)
     thresholds = st.Thresholds(max_pending_age_s=max_pending_age_s)
-    with opened_store(source, table) as store:
+    with contextlib.ExitStack() as opened:
+        try:
+            store = opened.enter_context(opened_store(source, table))
+        except StoreSetupError as exc:  # a SQLite file that is not there: unreadable, as a missing table is
+            verdict = st.unreadable(exc)
+            click.echo(json.dumps(st.as_dict(None, verdict), indent=2) if as_json else st.render(None, verdict))
+            sys.exit(int(verdict.level))
 
         def frame() -> tuple[st.Level, str]:
             stats: Stats | None = None

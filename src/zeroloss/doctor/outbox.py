@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from zeroloss.doctor.base import Check, Verdict
-from zeroloss.errors import ConfigError, ZerolossError
+from zeroloss.errors import ConfigError, StoreSetupError, ZerolossError
 
 if TYPE_CHECKING:
     from zeroloss.outbox.base import Stats
@@ -25,7 +25,7 @@ def source_checks(url: str, table: str = "zeroloss_outbox") -> list[Check]:
         init += f" --table {table}"  # without it init makes zeroloss_outbox, and this check fails again
     try:
         store = open_store(url, table=table)
-    except ConfigError as exc:  # a spool that is not there: the same verdict as an uninitialised table
+    except (ConfigError, StoreSetupError) as exc:  # a spool or SQLite file not there: as an uninitialised table
         return [Check("outbox reachable", Verdict.FAIL, str(exc), init)]
     try:
         stats: Stats | None = None
