@@ -140,7 +140,8 @@ def test_a_park_whose_directory_fsync_fails_leaves_no_second_copy_for_its_next_t
     copy of the same letter (main's code left it: two files, one letter)."""
     root = tmp_path / "parked"
     root.mkdir()
-    ino, real_fsync, failed = os.stat(root).st_ino, os.fsync, []
+    ino, real_fsync = os.stat(root).st_ino, os.fsync
+    failed: list[int] = []
 
     def fsync(fd: int) -> None:
         real_fsync(fd)

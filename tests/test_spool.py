@@ -1128,3 +1128,24 @@ def test_threads_of_one_relay_share_its_relay_lock(tmp_path: Path) -> None:
             t.join()
         spool.close()
         assert not errors, errors
+
+
+def test_a_new_spool_makes_its_directories_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spool's directories are entries of their parents: until those are written out, a crash
+    soon after the spool was made could take pending/ and every message the app was told was
+    committed in it. The parent of each directory made is fsynced; a spool already there, nothing."""
+    root = tmp_path / "a" / "spool"
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    FileSpool(root).close()
+    for made_in in (tmp_path, tmp_path / "a", root):  # where a, spool and the state directories were made
+        assert os.stat(made_in).st_ino in synced, made_in
+    synced.clear()
+    FileSpool(root).close()
+    assert os.stat(root).st_ino not in synced and os.stat(tmp_path).st_ino not in synced

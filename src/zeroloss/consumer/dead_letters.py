@@ -16,6 +16,7 @@ from typing import Any
 from zeroloss.backoff import backoff_s
 from zeroloss.brokers.base import DLQ_SUFFIX, dlq_topic, publish_one
 from zeroloss.brokers.kafka import KafkaBroker
+from zeroloss.durable_dirs import make_durable_dirs
 from zeroloss.errors import BrokerError
 from zeroloss.message import ID_HEADER, Headers, Message, decode, encode
 
@@ -84,7 +85,7 @@ class ParkingLot:
     def park(self, letter: Message, why: str) -> str:
         """Write ``letter`` durably (file and directory fsynced) and return its path; OSError if
         it could not be: then nothing may be acked."""
-        _make_durable_dirs(self.root)  # not only once: an operator may remove it once it is empty
+        make_durable_dirs(self.root)  # not only once: an operator may remove it once it is empty
         name = f"{time.time_ns()}-{uuid.uuid4().hex[:12]}"
         tmp, path = os.path.join(self.root, f".{name}.tmp"), os.path.join(self.root, name + PARKED_SUFFIX)
         data = encode(replace(letter, last_error=why))
@@ -119,28 +120,6 @@ class ParkingLot:
         finally:
             os.close(dirfd)
         return path
-
-
-def _make_durable_dirs(root: str) -> None:
-    """``os.makedirs(root)``, with the parent of each directory it makes fsynced: a directory's
-    own name is an entry of its parent, and until that is on the disk a crash can take the
-    directory, and every letter parked in it, with it. Nothing is fsynced when ``root`` is there."""
-    missing = []
-    at = root
-    while not os.path.isdir(at) and os.path.dirname(at) != at:
-        missing.append(at)
-        at = os.path.dirname(at)
-    for directory in reversed(missing):  # the first that was not there first
-        parent = os.open(os.path.dirname(directory), os.O_RDONLY)  # before the mkdir, as in park()
-        try:
-            try:
-                os.mkdir(directory)
-            except FileExistsError:  # another consumer's, maybe not fsynced yet: fsync it anyway
-                if not os.path.isdir(directory):
-                    raise
-            os.fsync(parent)
-        finally:
-            os.close(parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:

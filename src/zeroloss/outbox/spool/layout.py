@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from zeroloss.durable_dirs import make_durable_dirs
 from zeroloss.errors import ConfigError, MalformedMessageError, SpoolFullError, StoreError
 from zeroloss.message import Message, decode, encode
 from zeroloss.outbox._fsync import GroupSync
@@ -134,7 +135,12 @@ class SpoolCore:
             )
         for path in missing:
             try:
-                os.makedirs(path, exist_ok=True)
+                # its name durable too: a crash soon after init could otherwise take the directory
+                # and the messages the app was told were committed in it
+                if fsync:
+                    make_durable_dirs(path)
+                else:
+                    os.makedirs(path, exist_ok=True)
             except OSError as exc:  # a file in the way, no such parent (/proc), no permission, read-only
                 raise ConfigError(
                     f"cannot make the spool directory {path}: {exc.strerror}; give a directory this user can create"
