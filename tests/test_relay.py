@@ -577,6 +577,9 @@ class _StoreScript:
 
         return RecoveryReport()
 
+    def stats(self, *, delivered: bool = True) -> None:
+        """The relay's start check (e312780): it answers; the relay ignores what it says."""
+
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(name)
 
