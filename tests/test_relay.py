@@ -577,6 +577,9 @@ class _StoreScript:
 
         return RecoveryReport()
 
+    def stats(self, *, delivered: bool = True) -> None:
+        """The relay's start check (e312780): it answers; the relay ignores what it says."""
+
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(name)
 
@@ -613,3 +616,39 @@ def test_an_outage_that_turns_into_a_missing_table_is_said_at_error_again(
     assert len(errors) == 2, errors
     assert "connection refused" in errors[0] and "create it with: zeroloss init" in errors[1], errors
     assert relay.counters.store_errors == 4
+
+
+def test_a_stop_during_the_start_up_connect_is_not_counted_as_a_broker_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stop() interrupts a connect still under way: the broker did not fail, so the closing
+    summary and the error metric must not say it did (nor warn 'broker unavailable')."""
+    from zeroloss.embedded_broker import free_port
+
+    store = SqlOutbox(f"sqlite:///{tmp_path / 'app.db'}")
+    store.create_schema()
+    broker = KafkaBroker(f"kafka://127.0.0.1:{free_port()}", transactional_id="zl-stopped-early", timeout_s=60)
+    relay = Relay(store, broker, RelaySettings(idle_wait_s=0.05))
+    before = _relay_errors("broker")
+    caplog.set_level(logging.DEBUG, logger="zeroloss")
+    runner = threading.Thread(target=relay.run)
+    runner.start()
+    try:  # the connect (60 s) is under way or about to be: stop() interrupts it either way
+        wait_until(
+            lambda: any("relay started" in r.getMessage() for r in list(caplog.records)),
+            30,
+            "the relay to start",
+        )
+    finally:
+        relay.stop()
+        runner.join(30)
+        broker.close()
+        store.close()
+    assert not runner.is_alive()
+    assert relay.counters.broker_errors == 0
+    assert _relay_errors("broker") == before
+    assert not any("broker unavailable" in r.getMessage() for r in caplog.records)
+
+
+def _relay_errors(kind: str) -> float:
+    return metrics.REGISTRY.get_sample_value("zeroloss_relay_errors_total", {"kind": kind}) or 0.0

@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from zeroloss.cli import main
+from zeroloss.errors import StoreSetupError
 from zeroloss.outbox.base import State, Stats
 from zeroloss.outbox.spool import FileSpool
+from zeroloss.registry import open_store
 from zeroloss.status import Level, Thresholds, assess
 
 
@@ -146,3 +148,23 @@ def test_watch_refreshes_until_ctrl_c_and_exits_with_the_last_verdict(tmp_path: 
     assert all(f["verdict"] == "critical" and f["counts"]["failed"] == 1 for f in frames)
     spool.close()
     assert os.path.exists(tmp_path / "spool" / "failed")
+
+
+@pytest.mark.parametrize(
+    "form",
+    ["sqlite:///file:{db}?uri=true", "sqlite:///file://{db}?uri=true", "sqlite:///file:{db}?uri=true&mode=rwc"],
+)
+def test_a_sqlite_uri_filename_that_is_not_there_is_refused_and_not_made(tmp_path: Path, form: str) -> None:
+    # sqlite3 creates the file of a URI filename (?uri=true) as of a plain path: a typo there must
+    # not become an empty database either
+    db = tmp_path / "typo.db"
+    with pytest.raises(StoreSetupError, match="no SQLite database at"):
+        open_store(form.format(db=db))
+    assert not db.exists()
+
+
+def test_a_sqlite_uri_filename_that_is_there_or_in_memory_opens(tmp_path: Path) -> None:
+    db = tmp_path / "there.db"
+    open_store(f"sqlite:///{db}", create=True).create_schema()
+    open_store(f"sqlite:///file:{db}?uri=true").stats()
+    open_store("sqlite:///file::memory:?uri=true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,10 +62,16 @@ def _sqlite_file_must_exist(url: str, table_option: str) -> None:
     import sqlalchemy as sa
 
     try:
-        path = sa.engine.make_url(url).database
+        parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
         return  # SqlOutbox names what is wrong with the URL
-    if not path or path == ":memory:" or path.startswith("file:"):
+    path = parsed.database
+    if path and path.startswith("file:") and parsed.query.get("uri") in ("true", "1"):
+        # a URI filename (?uri=true): sqlite3 creates its file too unless mode=ro/rw/memory says not
+        if parsed.query.get("mode") == "memory":
+            return
+        path = urllib.parse.unquote(urllib.parse.urlsplit(path).path)
+    if not path or path == ":memory:":
         return
     if not os.path.exists(path):
         raise StoreSetupError(

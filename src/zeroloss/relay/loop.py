@@ -209,6 +209,8 @@ class Relay(RelayReports):
             prepare()
             self._prepared = True
         except BrokerError as exc:
+            if self._stop.is_set():  # stop() interrupted the connect: not a broker failure
+                return
             self.counters.broker_errors += 1  # the closing summary and the metric count it too
             metrics.relay_error("broker")
             self._broker_failed(exc, "not reachable yet, trying again while idle")
