@@ -600,7 +600,7 @@ def test_an_outage_that_turns_into_a_missing_table_is_said_at_error_again(
             StoreSetupError("the outbox table does not exist; create it with: zeroloss init"),
         ]
     )
-    relay = Relay(store, _NoBroker(), RelaySettings(stats_every_s=None, success_retention_s=None))
+    relay = Relay(store, _NoBroker(), RelaySettings(stats_every_s=None, success_retention_s=None))  # type: ignore[arg-type]
     waits: list[float | None] = []
 
     def record(delay: float | None = None) -> bool:

@@ -18,6 +18,7 @@ from zeroloss.cli import main
 from zeroloss.errors import StoreSetupError
 from zeroloss.outbox.base import State, Stats
 from zeroloss.outbox.spool import FileSpool
+from zeroloss.outbox.sql import SqlOutbox
 from zeroloss.registry import open_store
 from zeroloss.status import Level, Thresholds, assess
 
@@ -165,6 +166,6 @@ def test_a_sqlite_uri_filename_that_is_not_there_is_refused_and_not_made(tmp_pat
 
 def test_a_sqlite_uri_filename_that_is_there_or_in_memory_opens(tmp_path: Path) -> None:
     db = tmp_path / "there.db"
-    open_store(f"sqlite:///{db}", create=True).create_schema()
+    SqlOutbox(f"sqlite:///{db}").create_schema()
     open_store(f"sqlite:///file:{db}?uri=true").stats()
     open_store("sqlite:///file::memory:?uri=true")
