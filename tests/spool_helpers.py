@@ -40,6 +40,19 @@ def fsync_fails_once(monkeypatch: pytest.MonkeyPatch, fd: int) -> None:
     monkeypatch.setattr(os, "fsync", fails_once)
 
 
+def fsynced_inodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the inode of every file or directory fsynced (the fsync itself still runs)."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
 def all_ids(root: str | Path) -> list[str]:
     """Every message id that has a file anywhere in the spool (duplicates kept)."""
     return [n[:36] for s in State for n in os.listdir(os.path.join(root, s.value)) if n.endswith(".zlm")]

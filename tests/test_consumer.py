@@ -501,6 +501,15 @@ def test_a_handler_that_swallows_a_database_error_does_not_lose_its_run(
         _swallowed_error_does_not_lose_its_run(kafka, db, per_transaction)
 
 
+def _held_past_max_attempts_without_spending_one(c: Consumer, deadline: float) -> None:
+    """Wait until ``c`` has backed off a few times, past max_attempts, on an outage: nothing
+    dead-lettered, no attempt spent, nothing processed."""
+    while c.counters.store_errors < 4:
+        assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
+        time.sleep(0.05)
+    assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+
+
 def _swallowed_error_does_not_lose_its_run(kafka: EmbeddedBroker, db: Db, per_transaction: int) -> None:
     topic = unique_topic("swallow")
     msgs = [new_message(topic, b"%d" % i, key=b"k") for i in range(10)]
@@ -712,10 +721,7 @@ def test_a_missing_table_in_the_handler_holds_the_messages_until_it_exists(
     runner.start()
     try:
         deadline = time.monotonic() + 90
-        while c.counters.store_errors < 4:  # backed off a few times, past max_attempts
-            assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
-            time.sleep(0.05)
-        assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+        _held_past_max_attempts_without_spending_one(c, deadline)
         invoices.create(db.inbox.engine)  # the migration runs
         while c.counters.processed < 3:
             assert time.monotonic() < deadline, c.counters
@@ -796,10 +802,7 @@ def test_a_handler_whose_outbox_table_is_not_made_holds_the_messages_until_it_is
     runner.start()
     try:
         deadline = time.monotonic() + 90
-        while c.counters.store_errors < 4:  # backed off a few times, past max_attempts
-            assert time.monotonic() < deadline and c.counters.dead_lettered == 0, c.counters
-            time.sleep(0.05)
-        assert c.counters.dead_lettered == 0 and c.counters.retries == 0 and c.counters.processed == 0
+        _held_past_max_attempts_without_spending_one(c, deadline)
         outbox.create_schema()  # zeroloss init runs
         while c.counters.processed < 3:
             assert time.monotonic() < deadline, c.counters

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.spool_helpers import fsynced_inodes
 from zeroloss.consumer.dead_letters import ParkingLot, parked
 from zeroloss.message import new_message
 
@@ -84,14 +85,7 @@ def test_a_park_that_makes_its_directory_fsyncs_the_parents_of_what_it_made(
     entry of its parent, so a crash before that parent is written out takes the directory, and
     the letter already acked, with it. The parents of what it made are fsynced before it returns."""
     root = tmp_path / "a" / "parked"
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        synced.append(os.fstat(fd).st_ino)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = fsynced_inodes(monkeypatch)
     ParkingLot(root).park(new_message(topic="t", value=b"v"), "refused")
     assert os.stat(tmp_path).st_ino in synced  # where "a" was made
     assert os.stat(tmp_path / "a").st_ino in synced  # where "parked" was made

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.spool_helpers import add, all_ids, files, fsync_fails_once, small_tmpfs  # noqa: F401  (a fixture)
+from tests.spool_helpers import add, all_ids, files, fsync_fails_once, fsynced_inodes, small_tmpfs  # noqa: F401  (a fixture)
 from tests.waiting import wait_until
 from zeroloss.errors import ConfigError, MessageError, SpoolFullError, StoreError, UnknownMessageError
 from zeroloss.message import decode, encode, new_message
@@ -1135,14 +1135,7 @@ def test_a_new_spool_makes_its_directories_durable(tmp_path: Path, monkeypatch: 
     soon after the spool was made could take pending/ and every message the app was told was
     committed in it. The parent of each directory made is fsynced; a spool already there, nothing."""
     root = tmp_path / "a" / "spool"
-    synced: list[int] = []
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        real_fsync(fd)
-        synced.append(os.fstat(fd).st_ino)
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    synced = fsynced_inodes(monkeypatch)
     FileSpool(root).close()
     for made_in in (tmp_path, tmp_path / "a", root):  # where a, spool and the state directories were made
         assert os.stat(made_in).st_ino in synced, made_in
