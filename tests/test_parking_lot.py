@@ -113,14 +113,16 @@ def test_a_park_that_fails_before_its_rename_leaves_no_part_written_file(
             raise OSError(errno.ENOSPC if failing == "write" else errno.EIO, "injected")
         return real(fd, *args)
 
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = set(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(os, failing, fail)
     for _ in range(3):
         with pytest.raises(OSError, match="injected"):
             ParkingLot(root).park(new_message(topic="t", value=b"v" * 1000), "refused")
     monkeypatch.undo()
     assert os.listdir(root) == []
-    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor left open by a failed park
+    # no descriptor left open by a failed park (a set, not a count: the worker's other threads may
+    # close theirs meanwhile, as a count of 53 against 55 once showed in CI)
+    assert not set(os.listdir("/proc/self/fd")) - fds
     ParkingLot(root).park(new_message(topic="t", value=b"v"), "refused")  # once the disk has room
     assert len(parked(root)) == 1
 
@@ -145,10 +147,12 @@ def test_a_park_whose_directory_fsync_fails_leaves_no_second_copy_for_its_next_t
 
     monkeypatch.setattr(os, "fsync", fsync)
     letter = new_message(topic="t", value=b"v")
-    fds = len(os.listdir("/proc/self/fd"))
+    fds = set(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError, match="Input/output error"):
         ParkingLot(root).park(letter, "refused")
-    assert len(os.listdir("/proc/self/fd")) == fds  # no descriptor left open by a failed park
+    # no descriptor left open by a failed park (a set, not a count: the worker's other threads may
+    # close theirs meanwhile, as a count of 53 against 55 once showed in CI)
+    assert not set(os.listdir("/proc/self/fd")) - fds
     path = ParkingLot(root).park(letter, "refused")  # the consumer's next try
     monkeypatch.undo()
     assert [(p, m.id) for p, m in parked(root)] == [(path, letter.id)]
